@@ -1,0 +1,126 @@
+"""Adapter registry. Adapters are the only code that knows a model family's module names.
+
+An adapter, for the model families it matches (by module *type*):
+
+* ``wrap(model)`` swaps attention for our :class:`~vitq.nn.QAttention` family and Linear / Conv
+  layers for their Q versions, tagging every slot with a :class:`~vitq.roles.Role`. The wrapped
+  model holds no quantizer yet and computes exactly what the float model computes.
+* ``ln_consumers(model)`` lists LayerNorm -> consuming Linear pairs (reparameterization targets).
+* ``chain(model)`` lists the model as a sequence of pieces (reconstruction units).
+
+A feature the adapter cannot handle raises :class:`~vitq.errors.ModelError`; nothing is silently
+left in float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
+
+from torch import nn
+
+from ..errors import ModelError
+from ..nn import QConv2d, QLinear
+from ..roles import Role
+
+
+@dataclass(frozen=True)
+class LNPair:
+    """A LayerNorm and the Linear layers that read its output directly."""
+
+    ln_name: str
+    consumer_names: tuple[str, ...]
+    role: Role
+
+
+class Adapter:
+    name = "base"
+    description = ""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ModelError for any feature this adapter does not support."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def ln_consumers(self, model: nn.Module) -> list[LNPair]:
+        raise NotImplementedError
+
+
+ADAPTERS: list[type[Adapter]] = []
+A = TypeVar("A", bound=type[Adapter])
+
+
+def register_adapter(cls: A) -> A:
+    ADAPTERS.append(cls)
+    return cls
+
+
+def supported_models() -> list[str]:
+    return [a.description for a in ADAPTERS]
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls()
+    raise ModelError(
+        f"unsupported model type {type(model).__module__}.{type(model).__name__}: "
+        f"vitq supports {'; '.join(supported_models())}"
+    )
+
+
+# -- helpers shared by adapters ---------------------------------------------------------------
+def swap_linear(parent: nn.Module, attr: str, role: Role) -> QLinear:
+    lin = getattr(parent, attr)
+    if isinstance(lin, QLinear):
+        return lin
+    if type(lin) is not nn.Linear:
+        raise ModelError(f"expected nn.Linear at {attr}, found {type(lin).__name__}: not supported")
+    q = QLinear.from_float(lin, role)
+    setattr(parent, attr, q)
+    return q
+
+
+def swap_conv(parent: nn.Module, attr: str, role: Role) -> QConv2d:
+    conv = getattr(parent, attr)
+    if isinstance(conv, QConv2d):
+        return conv
+    if type(conv) is not nn.Conv2d:
+        raise ModelError(f"expected nn.Conv2d at {attr}, found {type(conv).__name__}: not supported")
+    q = QConv2d.from_float(conv, role)
+    setattr(parent, attr, q)
+    return q
+
+
+def require_type(module: Optional[nn.Module], types: tuple[type, ...], what: str, where: str) -> None:
+    if module is None or not isinstance(module, types) or type(module) not in types:
+        found = "nothing" if module is None else type(module).__name__
+        raise ModelError(
+            f"unsupported {what} at {where}: found {found}, vitq supports {', '.join(t.__name__ for t in types)}"
+        )
+
+
+def check_nothing_left(model: nn.Module) -> None:
+    """After wrapping, any plain Linear / Conv2d left would silently stay float: refuse."""
+    left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    if left:
+        raise ModelError(
+            f"the adapter does not know layer(s) {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}:"
+            " this model variant is not supported yet"
+        )
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parts = name.split(".")
+    mod = model
+    for p in parts[:-1]:
+        mod = getattr(mod, p)
+    return mod, parts[-1]
+
+
+Hook = Callable[[nn.Module], None]

@@ -1,0 +1,236 @@
+"""``vitq`` command line: thin - parse, build the recipe and context, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import VitqError
+
+log = logging.getLogger("vitq")
+
+DEFAULT_MODEL = "fmnist-vit"
+DEFAULT_DATA = "fashion-mnist"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"reference model name, timm model name (with --checkpoint), a pickled model file "
+                        f"(with --trust-pickle) or a vitq export folder (default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", help="weights for a timm model name: .pth/.pt state dict or .safetensors")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow MODEL to be a pickled nn.Module file (unpickling runs code from the file)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build a timm model with random weights (cost measurements only)")
+    p.add_argument("--num-classes", type=int, help="classifier size of a timm model (default: from checkpoint)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="'fashion-mnist', 'fashion-mnist:DIR' or an ImageFolder root with train/ and val/ "
+                        f"(default {DEFAULT_DATA})")
+    p.add_argument("--eval-size", type=int, help="evaluate on the first N images of the test/val split")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation / calibration batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vitq", description="Post-training quantization of Vision Transformers.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate a quantized model, evaluate FP vs quantized top-1")
+    _add_model_args(q)
+    q.add_argument("--recipe", default="minmax", help="recipe name (see `vitq list`) or a recipe YAML file")
+    q.add_argument("--bits", default="W8A8", help="WxAy with x, y in 2..8, e.g. W8A8, W4A4, W4A8")
+    q.add_argument("--calib-size", type=int, help="number of calibration images (default: the recipe's)")
+    q.add_argument("--exclude", action="append", default=[], metavar="ROLE|REGEX",
+                   help="leave sites in float: a role (e.g. HEAD_IN) or a module-name regex; repeatable")
+    q.add_argument("--out", help="save the quantized model (safetensors + vitq.json) and results here")
+    q.add_argument("--skip-fp", action="store_true", help="do not evaluate the float model")
+
+    e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
+    _add_model_args(e)
+
+    sub.add_parser("list", help="list recipes, quantizers, reference models and supported model types")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "list":
+            return cmd_list()
+        if args.command == "eval":
+            return cmd_eval(args)
+        return cmd_quantize(args)
+    except VitqError as e:
+        print(f"vitq: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("vitq: interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------------------------
+def cmd_list() -> int:
+    from .adapters import supported_models
+    from .quantizers import QUANTIZERS
+    from .recipes import list_recipes, load_recipe
+    from .reference import list_reference_models, reference_fp_top1
+
+    print("recipes:")
+    for r in list_recipes():
+        desc = " ".join(load_recipe(r).description.split())
+        print(f"  {r:<12} {desc[:100]}{'...' if len(desc) > 100 else ''}")
+    print("quantizers:\n  " + ", ".join(sorted(QUANTIZERS)))
+    print("reference models (Fashion-MNIST, FP test top-1):")
+    for n in list_reference_models():
+        acc = reference_fp_top1(n)
+        print(f"  {n:<22} {'-' if acc is None else f'{acc:.2f}'}")
+    print("supported model types:")
+    for s in supported_models():
+        print(f"  {s}")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .models import ModelSource, load_model
+
+    p = Path(args.model)
+    if p.is_dir() and (p / "vitq.json").is_file():
+        from .export import load_quantized
+
+        return load_quantized(p, trust_pickle=args.trust_pickle), ModelSource("export", str(p))
+    return load_model(args.model, checkpoint=args.checkpoint, trust_pickle=args.trust_pickle,
+                      random_weights=args.random_weights, num_classes=args.num_classes)
+
+
+def _eval_loader(args: argparse.Namespace, model: Any) -> Any:
+    from .data import DataSpec, Preprocess, PreprocessConfig, build_dataset, eval_subset, make_loader
+
+    spec = DataSpec.parse(args.data)
+    pre = Preprocess(PreprocessConfig.from_model(model))
+    ds = eval_subset(build_dataset(spec, "eval", pre), args.eval_size)
+    return spec, pre, make_loader(ds, batch_size=args.batch_size)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, peak_rss_mb
+
+    model, source = _load(args)
+    _, _, loader = _eval_loader(args, model)
+    res = evaluate(model, loader, progress=not args.no_progress)
+    out = {"model": args.model, "source": source.to_dict(), "data": args.data, "top1": round(res["top1"], 2),
+           "top5": round(res["top5"], 2), "eval_size": res["n"], "eval_seconds": round(res["seconds"], 2),
+           "peak_rss_mb": round(peak_rss_mb(), 1)}
+    print(f"{args.model}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  on {res['n']} images "
+          f"({out['eval_seconds']:.1f}s)")
+    _write_json(args.json, out)
+    return 0
+
+
+def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
+    from .roles import Role
+
+    out: list[tuple[str, str, None]] = []
+    roles = {r.value for r in Role}
+    for p in patterns:
+        if p.upper() in roles:
+            out.append(("role", p.upper(), None))
+        else:
+            out.append(("*", p, None))
+    return out
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .bits import Bits
+    from .data import build_dataset, calibration_subset, make_loader
+    from .evaluate import evaluate, peak_rss_mb
+    from .export import save_quantized
+    from .pipeline import Context, manifest, run_recipe
+    from .recipes import load_recipe
+
+    bits = Bits.parse(args.bits)  # validate cheap inputs before loading anything
+    recipe = load_recipe(args.recipe)
+    excl = _exclusions(args.exclude)
+    recipe = recipe.with_overrides([e for e in excl if e[0] != "role"])
+    role_excl = [e[1] for e in excl if e[0] == "role"]
+    if role_excl:
+        recipe = _exclude_roles(recipe, role_excl)
+    calib_size = args.calib_size if args.calib_size is not None else recipe.calib_size
+    if calib_size <= 0:
+        from .errors import DataError
+
+        raise DataError(f"calibration size must be positive, got {calib_size}: pass --calib-size N with N >= 1")
+
+    model, source = _load(args)
+    spec, pre, eval_loader = _eval_loader(args, model)
+    progress = not args.no_progress
+    calib_ds = calibration_subset(build_dataset(spec, "train", pre), calib_size, args.seed)
+    calib_loader = make_loader(calib_ds, batch_size=min(args.batch_size, calib_size))
+
+    fp = None
+    if not args.skip_fp:
+        fp = evaluate(model, eval_loader, progress=progress, desc="eval fp")
+    qmodel = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    ctx = Context(calib=calib_loader, bits=bits, seed=args.seed, batch_size=args.batch_size, progress=progress)
+    run_recipe(qmodel, recipe, ctx)
+    calib_seconds = time.perf_counter() - t0
+    q = evaluate(qmodel, eval_loader, progress=progress, desc="eval quantized")
+
+    result: dict[str, Any] = {
+        "model": args.model, "source": source.to_dict(), "data": str(spec), "recipe": recipe.name,
+        "bits": str(bits), "calib_size": calib_size, "eval_size": q["n"], "seed": args.seed,
+        "fp_top1": None if fp is None else round(fp["top1"], 2), "q_top1": round(q["top1"], 2),
+        "fp_top5": None if fp is None else round(fp["top5"], 2), "q_top5": round(q["top5"], 2),
+        "drop": None if fp is None else round(fp["top1"] - q["top1"], 2),
+        "calib_seconds": round(calib_seconds, 2), "eval_seconds": round(q["seconds"], 2),
+        "fp_eval_seconds": None if fp is None else round(fp["seconds"], 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
+    }
+    n_q = sum(1 for m in result["manifest"] if m["quantizer"] != "float")
+    fp_txt = "-" if fp is None else f"{fp['top1']:.2f}"
+    drop_txt = "" if fp is None else f"  (drop {fp['top1'] - q['top1']:+.2f})"
+    print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp_txt}%  quantized top-1 {q['top1']:.2f}%{drop_txt}  "
+          f"[{n_q}/{len(result['manifest'])} sites quantized, calib {calib_seconds:.1f}s, "
+          f"{q['n']} eval images, peak RSS {result['peak_rss_mb']:.0f} MB]")
+    if args.out:
+        out = save_quantized(qmodel, args.out, source, extra={"result": {k: v for k, v in result.items()
+                                                                         if k not in ("manifest", "recipe_config")}})
+        (Path(out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved to {out}")
+    _write_json(args.json, result)
+    return 0
+
+
+def _exclude_roles(recipe: Any, roles: list[str]) -> Any:
+    from .recipes import Recipe
+
+    rules = dict(recipe.rules)
+    for r in roles:
+        rules[f"act:{r}"] = None
+        rules[f"weight:{r}"] = None
+    return Recipe(recipe.name, recipe.description, recipe.paper, recipe.calib_size, tuple(rules.items()),
+                  recipe.overrides, recipe.passes, recipe.version)
+
+
+def _write_json(path: Optional[str], obj: dict[str, Any]) -> None:
+    if not path:
+        return
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Save and load quantized models: ``model.safetensors`` + ``vitq.json``.
+
+The JSON records how to rebuild the float architecture (model source), the full recipe and
+bits, so loading = rebuild -> prepare (same structure, empty quantizers) -> load every tensor,
+including each FakeQuant's parameters. What you calibrated is exactly what you load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from ..bits import Bits
+from ..errors import ModelError
+from ..models import ModelSource, load_into, rebuild
+from ..pipeline import prepare
+from ..recipes import Recipe
+
+EXPORT_FORMAT = "vitq.quantized/1"
+
+
+def save_quantized(model: nn.Module, out_dir: "str | Path", source: ModelSource,
+                   extra: Optional[dict[str, Any]] = None) -> Path:
+    recipe: Optional[Recipe] = getattr(model, "vitq_recipe", None)
+    bits: Optional[Bits] = getattr(model, "vitq_bits", None)
+    if recipe is None or bits is None:
+        raise ModelError("only a model quantized by vitq (run_recipe / quantize) can be saved with save_quantized")
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / "model.safetensors"))
+    meta = {"format": EXPORT_FORMAT, "source": source.to_dict(), "recipe": recipe.to_dict(), "bits": str(bits),
+            "pretrained_cfg": _jsonable(getattr(model, "pretrained_cfg", {}) or {}), **(extra or {})}
+    (out / "vitq.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
+    p = Path(path)
+    meta_file, weights = p / "vitq.json", p / "model.safetensors"
+    if not meta_file.is_file() or not weights.is_file():
+        raise ModelError(f"{p} is not a vitq export (needs vitq.json and model.safetensors): pass the --out folder of vitq quantize")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ModelError(f"{meta_file} has format {meta.get('format')!r}, this vitq reads {EXPORT_FORMAT}")
+    src = meta["source"]
+    model = rebuild(ModelSource(src["kind"], src["name"], src.get("checkpoint"), src.get("num_classes")), trust_pickle)
+    recipe = Recipe.from_dict(meta["recipe"], str(meta_file))
+    prepare(model, recipe, meta["bits"])
+    from ..models import load_state_file
+
+    load_into(model, load_state_file(weights), f"export {weights}")
+    if meta.get("pretrained_cfg"):
+        model.pretrained_cfg = meta["pretrained_cfg"]
+    return model.eval()
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = list(v)
+    return out
+
+
+__all__ = ["save_quantized", "load_quantized", "EXPORT_FORMAT"]

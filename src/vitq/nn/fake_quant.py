@@ -1,0 +1,113 @@
+"""FakeQuant: one quantization site (spec + observer + parameters held as buffers)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CalibrationError
+from ..granularity import PerToken
+from ..observers import Observer, weight_params
+from ..quantizers.base import Params, QuantSpec, fake_quant, get_quantizer
+from ..roles import Role
+
+
+class FakeQuant(nn.Module):
+    """Simulated quantization of one tensor: ``x -> dequantize(quantize(x))``.
+
+    States, all explicit (see :func:`vitq.nn.calibrate` / :func:`vitq.nn.disabled`):
+
+    * ``enabled`` False: identity;
+    * ``calibrating`` True: identity, and the observer records ``x``;
+    * otherwise: fake-quantize with the parameters in the buffers. A site that was never
+      calibrated raises instead of guessing ("no lazy initialise on first forward").
+
+    Per-token specs are dynamic: their parameters come from each input's own min / max.
+    """
+
+    def __init__(self, spec: QuantSpec, role: Role, site: str = "", kind: str = "act") -> None:
+        super().__init__()
+        self.spec = spec
+        self.role = role
+        self.site = site
+        self.kind = kind  # "act" | "weight"
+        self.enabled = True
+        self.calibrating = False
+        self.observer: Optional[Observer] = None
+        self.quantizer = get_quantizer(spec.quantizer)
+        self.register_buffer("initialized", torch.tensor(False))
+        for name in self.quantizer.param_names:
+            self.register_buffer(name, torch.empty(0))
+
+    # -- parameters -------------------------------------------------------------------------
+    @property
+    def params(self) -> Params:
+        return {n: getattr(self, n) for n in self.quantizer.param_names}
+
+    def set_params(self, p: Params) -> None:
+        for n in self.quantizer.param_names:
+            setattr(self, n, p[n].detach().clone().float())
+        self.initialized = torch.tensor(True)
+
+    def adopt_shapes(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Parameter shapes are only known after calibration: take the stored ones before loading."""
+        for n in (*self.quantizer.param_names, "initialized"):
+            key = prefix + n
+            if key in state_dict:
+                setattr(self, n, torch.empty_like(state_dict[key]))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.adopt_shapes(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- calibration ------------------------------------------------------------------------
+    def start_calibration(self, max_elements: Optional[int] = None, seed: int = 0) -> None:
+        kw = {} if max_elements is None else {"max_elements": max_elements}
+        self.observer = Observer(self.spec, self.site, seed=seed, **kw)
+        self.calibrating = True
+
+    def finish_calibration(self) -> None:
+        self.calibrating = False
+        if self.observer is None:
+            return
+        if not self.spec.dynamic:
+            self.set_params(self.observer.compute())
+        else:
+            self.initialized = torch.tensor(True)
+        self.observer = None
+
+    def calibrate_weight(self, w: Tensor) -> None:
+        if self.spec.dynamic:
+            self.initialized = torch.tensor(True)
+            return
+        self.set_params(weight_params(w.detach(), self.spec, self.site))
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self.calibrating:
+            assert self.observer is not None
+            self.observer.observe(x)
+            return x
+        if isinstance(self.spec.granularity, PerToken):
+            return fake_quant(x, self._dynamic_params(x), self.spec)
+        if not bool(self.initialized):
+            raise CalibrationError(
+                f"quantization site {self.site} ({self.role}) has no parameters: calibrate the model "
+                "(vitq.calibrate / run_recipe) before running it quantized"
+            )
+        return fake_quant(x, self.params, self.spec)
+
+    def _dynamic_params(self, x: Tensor) -> Params:
+        xd = x.detach()
+        return self.quantizer.init_params(xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True), self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.site}: {self.role} {self.kind} {self.spec.describe()}"
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"site": self.site, "role": str(self.role), "kind": self.kind, **self.spec.to_dict(),
+                "calibrated": bool(self.initialized)}

@@ -1,0 +1,95 @@
+"""Quantizable layers: QLinear, QConv2d, QMatMul.
+
+Each layer has *slots* - named places where a :class:`FakeQuant` may sit - tagged with a role by
+the adapter that created the layer. A slot holding ``None`` is not quantized, so a freshly wrapped
+model computes exactly what the float model computes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..roles import Role
+from .fake_quant import FakeQuant
+
+
+class QuantSlots:
+    """Mixin: ``slot_roles`` maps slot attribute -> (role, kind)."""
+
+    slot_roles: dict[str, tuple[Role, str]]
+
+    def slots(self) -> Iterator[tuple[str, Role, str]]:
+        for slot, (role, kind) in self.slot_roles.items():
+            yield slot, role, kind
+
+
+class QLinear(nn.Linear, QuantSlots):
+    """``nn.Linear`` with an input and a weight quantization slot. Same parameter names as Linear."""
+
+    input_quant: Optional[FakeQuant]
+    weight_quant: Optional[FakeQuant]
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, role: Role) -> "QLinear":
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = lin.in_features, lin.out_features
+        q.weight, q.bias = lin.weight, lin.bias
+        q.input_quant = None
+        q.weight_quant = None
+        q.slot_roles = {"input_quant": (role, "act"), "weight_quant": (role, "weight")}
+        q.role = role
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        w = self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        return F.linear(x, w, self.bias)
+
+
+class QConv2d(nn.Conv2d, QuantSlots):
+    """``nn.Conv2d`` with an input and a weight quantization slot."""
+
+    input_quant: Optional[FakeQuant]
+    weight_quant: Optional[FakeQuant]
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, role: Role) -> "QConv2d":
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "transposed", "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(q, attr, getattr(conv, attr))
+        q.weight, q.bias = conv.weight, conv.bias
+        q.input_quant = None
+        q.weight_quant = None
+        q.slot_roles = {"input_quant": (role, "act"), "weight_quant": (role, "weight")}
+        q.role = role
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        w = self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        return self._conv_forward(x, w, self.bias)
+
+
+class QMatMul(nn.Module, QuantSlots):
+    """``a @ b`` with a quantization slot on each operand."""
+
+    def __init__(self, role_a: Role, role_b: Role) -> None:
+        super().__init__()
+        self.quant_a: Optional[FakeQuant] = None
+        self.quant_b: Optional[FakeQuant] = None
+        self.slot_roles = {"quant_a": (role_a, "act"), "quant_b": (role_b, "act")}
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.quant_a is not None:
+            a = self.quant_a(a)
+        if self.quant_b is not None:
+            b = self.quant_b(b)
+        return a @ b

@@ -1,0 +1,128 @@
+"""Observers: calibration statistics -> quantizer value range -> parameters.
+
+* ``minmax``     - exact running min / max.
+* ``percentile`` - the ``p`` and ``1 - p`` quantiles of the observed values.
+* ``mse``        - search of a clipping ratio on a grid, minimising ``||fake_quant(x) - x||^2``
+                   per granularity group (OMSE). The search calls the quantizer's ``fake_quant``.
+
+Observed values are kept as a bounded random sample of rows (``max_elements``), seeded, so the
+memory of a site does not grow with the calibration set; min / max are tracked exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .errors import CalibrationError
+from .granularity import PerChannel, param_shape, to_rows
+from .quantizers.base import Params, QuantSpec, fake_quant, init_params
+
+#: clipping ratios searched by the ``mse`` observer (1.0 = min-max range)
+MSE_GRID = tuple(round(1.0 - 0.01 * i, 2) for i in range(80))
+DEFAULT_MAX_ELEMENTS = 1 << 20
+
+
+class Observer:
+    """Collects statistics of one site during calibration and turns them into parameters."""
+
+    def __init__(self, spec: QuantSpec, site: str = "", max_elements: int = DEFAULT_MAX_ELEMENTS,
+                 seed: int = 0) -> None:
+        self.spec = spec
+        self.site = site
+        self.max_elements = max_elements
+        self.gen = torch.Generator().manual_seed(seed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.lo: Optional[Tensor] = None
+        self.hi: Optional[Tensor] = None
+        self.sample: Optional[Tensor] = None
+        self.shape: Optional[torch.Size] = None
+        self.count = 0
+
+    @property
+    def keeps_sample(self) -> bool:
+        return self.spec.observer in ("percentile", "mse")
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        x = x.detach().float()
+        if not torch.isfinite(x).all():
+            bad = "NaN" if torch.isnan(x).any() else "Inf"
+            raise CalibrationError(
+                f"{bad} values reached quantization site {self.site or '?'} during calibration: "
+                "check the input images and the model in float first (vitq eval)"
+            )
+        g = self.spec.granularity
+        if self.shape is not None and isinstance(g, PerChannel) and x.shape[g.axis] != self.shape[g.axis]:
+            raise CalibrationError(f"site {self.site}: channel count changed during calibration")
+        self.shape = x.shape
+        rows = to_rows(x, g)
+        lo, hi = rows.amin(0), rows.amax(0)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        self.count += rows.shape[0]
+        if self.keeps_sample:
+            self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
+            max_rows = max(1, self.max_elements // rows.shape[1])
+            if self.sample.shape[0] > max_rows:
+                keep = torch.randperm(self.sample.shape[0], generator=self.gen)[:max_rows]
+                self.sample = self.sample[keep.sort().values]
+
+    def compute(self) -> Params:
+        if self.lo is None or self.hi is None or self.shape is None:
+            raise CalibrationError(
+                f"quantization site {self.site or '?'} saw no data during calibration: "
+                "the calibration set is empty or the model never ran this layer"
+            )
+        spec = self.spec
+        shape = param_shape(self.shape, spec.granularity)
+        lo, hi = self.lo, self.hi
+        if spec.observer == "percentile":
+            assert self.sample is not None
+            lo, hi = quantile_range(self.sample, spec.percentile)
+        params = init_params(lo, hi, spec)
+        if spec.observer == "mse":
+            assert self.sample is not None
+            params = mse_search(self.sample, lo, hi, spec)
+        return {k: v.reshape(shape) for k, v in params.items()}
+
+
+def quantile_range(rows: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Per-column ``(1-p, p)`` quantiles of a 2-D sample."""
+    if p >= 1.0:
+        return rows.amin(0), rows.amax(0)
+    n = rows.shape[0]
+    k_hi = min(n, max(1, int(round(p * n))))
+    k_lo = max(1, min(n, int(round((1 - p) * n)) + 1))
+    hi = rows.kthvalue(k_hi, dim=0).values
+    lo = rows.kthvalue(k_lo, dim=0).values
+    return torch.minimum(lo, hi), hi
+
+
+def mse_search(rows: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec,
+               grid: tuple[float, ...] = MSE_GRID) -> Params:
+    """Clip ratio per group that minimises the mean squared quantization error (calls fake_quant)."""
+    best_err: Optional[Tensor] = None
+    best: Optional[Params] = None
+    for r in grid:
+        p = init_params(lo * r, hi * r, spec)
+        err = (fake_quant(rows, p, spec) - rows).pow(2).mean(0)
+        if best is None or best_err is None:
+            best, best_err = p, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = {k: torch.where(better, p[k], best[k]) for k in p}
+    assert best is not None
+    return best
+
+
+def weight_params(w: Tensor, spec: QuantSpec, site: str = "") -> Params:
+    """Parameters of a weight quantizer, computed from the weight itself."""
+    obs = Observer(spec, site, max_elements=max(DEFAULT_MAX_ELEMENTS, w.numel()))
+    obs.observe(w)
+    return obs.compute()

@@ -1,0 +1,1 @@
+"""Method steps as passes: each takes a model + context and a frozen config."""

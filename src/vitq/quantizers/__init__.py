@@ -1,0 +1,12 @@
+"""Pure quantizer maths. Importing this package registers every quantizer."""
+
+from . import log2, uniform  # noqa: F401  (registration)
+from .base import (
+    QUANTIZERS, Params, QuantSpec, dequantize, fake_quant, get_quantizer, init_params, quantize,
+    register_quantizer, round_ste,
+)
+
+__all__ = [
+    "QUANTIZERS", "Params", "QuantSpec", "dequantize", "fake_quant", "get_quantizer", "init_params",
+    "quantize", "register_quantizer", "round_ste",
+]

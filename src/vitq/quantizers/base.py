@@ -1,0 +1,146 @@
+"""Quantizer spec and registry.
+
+A quantizer is a small bundle of *pure* tensor functions, registered by name:
+
+* ``init_params(lo, hi, spec) -> dict[str, Tensor]`` - parameters from a value range
+  (``lo``/``hi`` are tensors with one value per granularity group);
+* ``quantize(x, p, spec) -> codes`` (int32 tensor in ``[0, 2**bits)`` or the signed range);
+* ``dequantize(codes, p, spec) -> Tensor``;
+* ``fake_quant(x, p, spec) -> Tensor`` - ``dequantize(quantize(x))`` with a straight-through
+  gradient. It is the only place a quantizer's formula lives: observers' searches, optimizers and
+  modules call it, they never re-derive it.
+
+Parameters are plain tensors so that :class:`vitq.nn.FakeQuant` can hold them as buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..granularity import Granularity, PerTensor, PerToken, parse_granularity
+
+Params = dict[str, Tensor]
+
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a quantization site does. Frozen; unknown keys in :meth:`from_dict` are errors.
+
+    ``options`` holds quantizer-specific settings as a sorted tuple of ``(key, value)`` pairs, so
+    the spec stays hashable and serialisable.
+    """
+
+    quantizer: str = "uniform"
+    bits: int = 8
+    symmetric: bool = False
+    granularity: Granularity = field(default_factory=PerTensor)
+    observer: str = "minmax"
+    percentile: float = 0.9999
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"unknown quantizer {self.quantizer!r}: use one of {', '.join(sorted(QUANTIZERS))}")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ConfigError(f"bit-width {self.bits!r} is out of range: use an integer from 2 to 16")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"unknown observer {self.observer!r}: use one of {', '.join(OBSERVERS)}")
+        if not 0.5 < self.percentile <= 1.0:
+            raise ConfigError(f"percentile {self.percentile} must be in (0.5, 1]")
+        object.__setattr__(self, "granularity", parse_granularity(self.granularity))
+        if isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
+        QUANTIZERS[self.quantizer].check_spec(self)
+
+    @property
+    def dynamic(self) -> bool:
+        return isinstance(self.granularity, PerToken)
+
+    def opt(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+    def with_(self, **kw: Any) -> "QuantSpec":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantizer": self.quantizer, "bits": self.bits, "symmetric": self.symmetric,
+            "granularity": str(self.granularity), "observer": self.observer,
+            "percentile": self.percentile, "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown quantizer spec key(s) {sorted(unknown)}: allowed are {sorted(known)}")
+        return cls(**dict(d))
+
+    def describe(self) -> str:
+        s = f"{self.quantizer}{self.bits}"
+        if self.quantizer == "uniform":
+            s += "-sym" if self.symmetric else "-asym"
+        return f"{s}/{self.granularity}/{self.observer}"
+
+
+class Quantizer(Protocol):
+    name: str
+    param_names: tuple[str, ...]
+
+    def check_spec(self, spec: QuantSpec) -> None: ...
+    def init_params(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params: ...
+    def quantize(self, x: Tensor, p: Params, spec: QuantSpec) -> Tensor: ...
+    def dequantize(self, codes: Tensor, p: Params, spec: QuantSpec) -> Tensor: ...
+    def fake_quant(self, x: Tensor, p: Params, spec: QuantSpec) -> Tensor: ...
+    def code_range(self, spec: QuantSpec) -> tuple[int, int]: ...
+
+
+QUANTIZERS: dict[str, Quantizer] = {}
+
+
+def register_quantizer(q: Quantizer) -> Quantizer:
+    QUANTIZERS[q.name] = q
+    return q
+
+
+def get_quantizer(name: str) -> Quantizer:
+    try:
+        return QUANTIZERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown quantizer {name!r}: use one of {', '.join(sorted(QUANTIZERS))}") from None
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest with a straight-through (identity) gradient."""
+    return (torch.round(x) - x).detach() + x
+
+
+def fake_quant(x: Tensor, p: Params, spec: QuantSpec) -> Tensor:
+    return QUANTIZERS[spec.quantizer].fake_quant(x, p, spec)
+
+
+def quantize(x: Tensor, p: Params, spec: QuantSpec) -> Tensor:
+    return QUANTIZERS[spec.quantizer].quantize(x, p, spec)
+
+
+def dequantize(codes: Tensor, p: Params, spec: QuantSpec) -> Tensor:
+    return QUANTIZERS[spec.quantizer].dequantize(codes, p, spec)
+
+
+def init_params(lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
+    return QUANTIZERS[spec.quantizer].init_params(lo, hi, spec)
+
+
+__all__ = [
+    "Params", "QuantSpec", "Quantizer", "QUANTIZERS", "register_quantizer", "get_quantizer",
+    "round_ste", "fake_quant", "quantize", "dequantize", "init_params",
+]
+

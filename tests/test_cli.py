@@ -1,0 +1,195 @@
+"""CLI: every bad input gives exit code 2 and a one-line error; end-to-end runs write JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import has_fashion_mnist, has_reference_weights, tiny_vit
+
+from vitq.cli import main
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expect_error(args: list[str], capsys, pattern: str) -> str:
+    import re
+
+    code, out, err = run(args, capsys)
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vitq: error: ")
+    assert "Traceback" not in err
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def pickled_vit(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny_vit.pt"
+    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
+    m.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
+                        "interpolation": "bilinear"}
+    torch.save(m, p)
+    return p
+
+
+def q(model: str, data: str, *extra: str) -> list[str]:
+    return ["quantize", model, "--data", data, "--no-progress", *extra]
+
+
+def test_unknown_model(capsys, fmnist_dir: Path) -> None:
+    expect_error(q("no-such-model", f"fashion-mnist:{fmnist_dir}"), capsys, "unknown model 'no-such-model'")
+
+
+def test_unknown_recipe(capsys, fmnist_dir: Path, pickled_vit: Path) -> None:
+    expect_error(q(str(pickled_vit), f"fashion-mnist:{fmnist_dir}", "--recipe", "magic", "--trust-pickle"),
+                 capsys, "unknown recipe 'magic'")
+
+
+@pytest.mark.parametrize("bits", ["W9A8", "8bit", "W4", "W1A1"])
+def test_malformed_bits(capsys, bits: str) -> None:
+    expect_error(["quantize", "fmnist-vit", "--bits", bits], capsys, "bit-width")
+
+
+def test_timm_name_needs_checkpoint(capsys) -> None:
+    expect_error(["quantize", "vit_tiny_patch16_224"], capsys, "needs its weights as --checkpoint")
+
+
+def test_missing_checkpoint(capsys, tmp_path: Path) -> None:
+    expect_error(["quantize", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "nope.pth")], capsys,
+                 "does not exist")
+
+
+def test_truncated_and_corrupt_checkpoints(capsys, tmp_path: Path) -> None:
+    sd = tiny_vit().state_dict()
+    p = tmp_path / "w.pth"
+    torch.save(sd, p)
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    expect_error(["quantize", "vit_tiny_patch16_224", "--checkpoint", str(p)], capsys, "truncated or corrupt")
+    s = tmp_path / "w.safetensors"
+    s.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    expect_error(["quantize", "vit_tiny_patch16_224", "--checkpoint", str(s)], capsys, "truncated or corrupt")
+    e = tmp_path / "empty.pth"
+    e.write_bytes(b"")
+    expect_error(["quantize", "vit_tiny_patch16_224", "--checkpoint", str(e)], capsys, "is empty")
+
+
+def test_checkpoint_mismatch_names_keys(capsys, tmp_path: Path) -> None:
+    p = tmp_path / "other.pth"
+    torch.save(tiny_vit(num_classes=1000).state_dict(), p)  # wrong size for vit_tiny
+    line = expect_error(["quantize", "vit_tiny_patch16_224", "--checkpoint", str(p)], capsys,
+                        "does not match the architecture")
+    assert "missing keys blocks.2" in line or "shape mismatch" in line
+
+
+def test_checkpoint_with_pickled_objects(capsys, tmp_path: Path) -> None:
+    p = tmp_path / "obj.pth"
+    import argparse
+
+    torch.save({"state_dict": tiny_vit().state_dict(), "args": argparse.Namespace(lr=0.1)}, p)
+    expect_error(["quantize", "vit_tiny_patch16_224", "--checkpoint", str(p)], capsys,
+                 "pickled Python objects|truncated or corrupt|cannot be read")
+
+
+def test_pickle_needs_trust(capsys, pickled_vit: Path) -> None:
+    expect_error(["quantize", str(pickled_vit)], capsys, "unpickling runs code.*--trust-pickle")
+
+
+def test_pickle_not_a_module(capsys, tmp_path: Path) -> None:
+    p = tmp_path / "dict.pt"
+    torch.save({"a": 1}, p)
+    expect_error(["quantize", str(p), "--trust-pickle"], capsys, "not an nn.Module")
+
+
+def test_unsupported_model_type(capsys, tmp_path: Path, fmnist_dir: Path) -> None:
+    p = tmp_path / "mlp.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), p)
+    expect_error(q(str(p), f"fashion-mnist:{fmnist_dir}", "--trust-pickle", "--skip-fp"), capsys,
+                 "unsupported model type .*vitq supports .*SwinTransformer")
+
+
+@pytest.mark.parametrize("size,pattern", [("0", "must be positive"), ("-3", "must be positive"),
+                                          ("65", "larger than the train split")])
+def test_bad_calibration_size(capsys, fmnist_dir: Path, pickled_vit: Path, size: str, pattern: str) -> None:
+    expect_error(q(str(pickled_vit), f"fashion-mnist:{fmnist_dir}", "--trust-pickle", "--calib-size", size),
+                 capsys, pattern)
+
+
+def test_missing_data(capsys, tmp_path: Path, fmnist_dir: Path, pickled_vit: Path) -> None:
+    expect_error(q(str(pickled_vit), f"fashion-mnist:{tmp_path / 'none'}", "--trust-pickle"), capsys,
+                 "does not exist")
+    (fmnist_dir / "train-images-idx3-ubyte.gz").unlink()
+    expect_error(q(str(pickled_vit), f"fashion-mnist:{fmnist_dir}", "--trust-pickle"), capsys,
+                 "missing Fashion-MNIST file train-images-idx3-ubyte")
+    expect_error(q(str(pickled_vit), str(tmp_path / "no_such_folder"), "--trust-pickle"), capsys,
+                 "neither 'fashion-mnist'")
+
+
+def test_empty_imagefolder(capsys, tmp_path: Path, pickled_vit: Path) -> None:
+    root = tmp_path / "imgs"
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+    expect_error(q(str(pickled_vit), str(root), "--trust-pickle"), capsys, "empty or unreadable|holds no images")
+
+
+def test_nan_during_calibration(capsys, tmp_path: Path, fmnist_dir: Path) -> None:
+    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
+    with torch.no_grad():
+        m.blocks[0].norm1.weight[3] = float("nan")
+    p = tmp_path / "nan.pt"
+    torch.save(m, p)
+    expect_error(q(str(p), f"fashion-mnist:{fmnist_dir}", "--trust-pickle", "--skip-fp", "--calib-size", "8"),
+                 capsys, r"NaN values reached quantization site blocks\.0\.attn\.qkv\.input_quant")
+
+
+def test_quantize_json_export_and_eval(capsys, tmp_path: Path, fmnist_dir: Path, pickled_vit: Path) -> None:
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    code, stdout, err = run(q(str(pickled_vit), f"fashion-mnist:{fmnist_dir}", "--trust-pickle", "--bits", "W4A8",
+                              "--calib-size", "16", "--eval-size", "20", "--out", str(out), "--json", str(js)), capsys)
+    assert code == 0, err
+    r = json.loads(js.read_text())
+    for k in ("fp_top1", "q_top1", "recipe", "bits", "calib_size", "eval_size", "seed", "calib_seconds",
+              "eval_seconds", "peak_rss_mb", "manifest"):
+        assert k in r, k
+    assert r["bits"] == "W4A8" and r["calib_size"] == 16 and r["eval_size"] == 20
+    assert (out / "model.safetensors").is_file() and (out / "vitq.json").is_file()
+    code, stdout, err = run(["eval", str(out), "--data", f"fashion-mnist:{fmnist_dir}", "--eval-size", "20",
+                             "--no-progress", "--trust-pickle", "--json", str(tmp_path / "e.json")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["top1"] == r["q_top1"]
+
+
+def test_list(capsys) -> None:
+    code, out, _ = run(["list"], capsys)
+    assert code == 0
+    for word in ("minmax", "percentile", "omse", "log_sqrt2", "fmnist-swin-outlier", "SwinTransformer"):
+        assert word in out
+
+
+def test_console_exit_code_and_no_traceback() -> None:
+    r = subprocess.run([sys.executable, "-m", "vitq", "quantize", "nope-model"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (has_reference_weights("fmnist-vit") and has_fashion_mnist()),
+                    reason="reference weights or Fashion-MNIST missing")
+def test_reference_w8a8_minmax_loses_at_most_one_point(capsys, tmp_path: Path) -> None:
+    js = tmp_path / "r.json"
+    code, out, err = run(["quantize", "fmnist-vit", "--recipe", "minmax", "--bits", "W8A8", "--eval-size", "2000",
+                          "--no-progress", "--json", str(js)], capsys)
+    assert code == 0, err
+    r = json.loads(js.read_text())
+    assert r["fp_top1"] - r["q_top1"] <= 1.0, r
+    assert r["fp_top1"] > 50
