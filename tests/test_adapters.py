@@ -100,3 +100,31 @@ def test_unsupported_features_raise() -> None:
     m.blocks[0].extra = torch.nn.Linear(4, 4)  # a layer the adapter does not know: never silently float
     with pytest.raises(ModelError, match="does not know layer"):
         vitq.wrap(m)
+
+
+@pytest.mark.parametrize("make,size", [(tiny_vit, 16), (tiny_deit, 16), (tiny_swin, 32)])
+def test_chain_composes_to_the_model(make, size: int) -> None:
+    from vitq.adapters import run_chain
+
+    model = vitq.wrap(unfuse(make()))
+    x = torch.randn(3, 3, size, size)
+    pieces = get_adapter(model).chain(model)
+    kinds = [p.kind for p in pieces]
+    assert kinds[0] == "embed" and kinds[-1] == "head" and "attn" in kinds and "mlp" in kinds
+    assert torch.equal(run_chain(pieces, x), model(x))
+    if make is tiny_swin:
+        assert "merge" in kinds and {p.stage for p in pieces if p.kind == "attn"} == {0, 1}
+
+
+@pytest.mark.parametrize("make,size", [(tiny_vit, 16), (tiny_swin, 32)])
+def test_fully_quantized_slots_exist_and_are_float_when_empty(make, size: int) -> None:
+    from vitq.nn import QAdd, QLayerNorm, QSoftmax
+
+    model = unfuse(make())
+    x = torch.randn(2, 3, size, size)
+    wrapped = vitq.wrap(copy.deepcopy(model))
+    assert any(isinstance(m, QLayerNorm) for m in wrapped.modules())
+    assert sum(isinstance(m, QAdd) for m in wrapped.modules()) == 2 * sum(isinstance(m, QSoftmax) for m in wrapped.modules())
+    assert torch.equal(wrapped(x), model(x))
+    again = copy.deepcopy(wrapped)  # wrapped models deep-copy (and pickle) cleanly
+    assert torch.equal(again(x), model(x))

@@ -34,6 +34,9 @@ class Role(str, Enum):
 
 #: Roles whose inputs come straight out of a LayerNorm (RepQ / MOSF reparameterization targets).
 POST_LN_ROLES = frozenset({Role.QKV_IN, Role.FC1_IN, Role.REDUCTION_IN})
+#: Sites of fully-quantized mode (FQ-ViT, TSPTQ-ViT, AOCQ). A recipe's wildcard rule ``act:*`` does
+#: not reach them: they are quantized only where a rule names them.
+FULL_QUANT_ROLES = frozenset({Role.LN_IN, Role.SOFTMAX_IN, Role.RESIDUAL})
 LAYER_ROLES = frozenset({Role.PATCH_EMBED, Role.QKV_IN, Role.PROJ_IN, Role.FC1_IN, Role.FC2_IN,
                          Role.REDUCTION_IN, Role.HEAD_IN})
 

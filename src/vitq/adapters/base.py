@@ -17,11 +17,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..nn import QConv2d, QLinear
 from ..roles import Role
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One link of a model's chain: ``fn(x) -> y``. A reconstruction unit is a contiguous slice.
+
+    ``kind`` is one of ``embed``, ``attn`` (attention half-block with its residual), ``mlp``
+    (MLP half-block with its residual), ``merge`` (Swin patch merging), ``head``. ``block`` and
+    ``stage`` index the transformer block / Swin stage the piece belongs to (-1: none).
+    ``modules`` are the modules whose parameters the piece owns.
+    """
+
+    name: str
+    kind: str
+    fn: Callable[[Tensor], Tensor]
+    modules: tuple[nn.Module, ...]
+    block: int = -1
+    stage: int = -1
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,16 @@ class Adapter:
 
     def ln_consumers(self, model: nn.Module) -> list[LNPair]:
         raise NotImplementedError
+
+    def chain(self, model: nn.Module) -> list[Piece]:
+        """The wrapped model as a chain of pieces: ``model(x) == run_chain(chain, x)``."""
+        raise NotImplementedError
+
+
+def run_chain(pieces: "list[Piece]", x: Tensor) -> Tensor:
+    for p in pieces:
+        x = p.fn(x)
+    return x
 
 
 ADAPTERS: list[type[Adapter]] = []
@@ -86,6 +114,14 @@ def swap_linear(parent: nn.Module, attr: str, role: Role) -> QLinear:
     return q
 
 
+def swap_layernorm(parent: nn.Module, attr: str) -> None:
+    from ..nn import QLayerNorm
+
+    ln = getattr(parent, attr, None)
+    if isinstance(ln, nn.LayerNorm) and not isinstance(ln, QLayerNorm):
+        setattr(parent, attr, QLayerNorm.from_float(ln))
+
+
 def swap_conv(parent: nn.Module, attr: str, role: Role) -> QConv2d:
     conv = getattr(parent, attr)
     if isinstance(conv, QConv2d):
@@ -98,7 +134,9 @@ def swap_conv(parent: nn.Module, attr: str, role: Role) -> QConv2d:
 
 
 def require_type(module: Optional[nn.Module], types: tuple[type, ...], what: str, where: str) -> None:
-    if module is None or not isinstance(module, types) or type(module) not in types:
+    t = type(module)
+    exact = t in types or (getattr(t, "_vitq_q", False) and any(b in types for b in t.__mro__[1:]))
+    if module is None or not exact:
         found = "nothing" if module is None else type(module).__name__
         raise ModelError(
             f"unsupported {what} at {where}: found {found}, vitq supports {', '.join(t.__name__ for t in types)}"

@@ -6,9 +6,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ModelError
-from ..nn import QAttention
+from torch import Tensor
+
+from ..nn import QAttention, QBlock
 from ..roles import Role
-from .base import Adapter, LNPair, check_nothing_left, register_adapter, require_type, swap_conv, swap_linear
+from .base import (
+    Adapter, LNPair, Piece, check_nothing_left, register_adapter, require_type, swap_conv, swap_layernorm,
+    swap_linear,
+)
 
 
 @register_adapter
@@ -45,7 +50,12 @@ class TimmViTAdapter(Adapter):
     def wrap(self, model: nn.Module) -> nn.Module:
         self.check(model)
         swap_conv(model.patch_embed, "proj", Role.PATCH_EMBED)
+        for attr in ("norm_pre", "norm", "fc_norm"):
+            swap_layernorm(model, attr)
         for blk in model.blocks:
+            QBlock.from_float(blk)
+            swap_layernorm(blk, "norm1")
+            swap_layernorm(blk, "norm2")
             if not isinstance(blk.attn, QAttention):
                 blk.attn = QAttention(blk.attn)
             swap_linear(blk.attn, "qkv", Role.QKV_IN)
@@ -64,3 +74,30 @@ class TimmViTAdapter(Adapter):
             pairs.append(LNPair(f"blocks.{i}.norm1", (f"blocks.{i}.attn.qkv",), Role.QKV_IN))
             pairs.append(LNPair(f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",), Role.FC1_IN))
         return pairs
+
+    def chain(self, model: nn.Module) -> list[Piece]:
+        """embed (patch embed, position embedding, norm_pre) | per block: attn half, mlp half |
+        head (final norm, pooling, fc_norm, head / head_dist)."""
+        if not getattr(model, "vitq_wrapped", False) and not isinstance(model.blocks[0], QBlock):
+            self.wrap(model)
+
+        def embed(x: Tensor) -> Tensor:
+            x = model.patch_embed(x)
+            x = model._pos_embed(x)
+            x = model.patch_drop(x)
+            return model.norm_pre(x)
+
+        def head(x: Tensor) -> Tensor:
+            return model.forward_head(model.norm(x))
+
+        embed_mods = tuple(m for m in (model.patch_embed, model.norm_pre) if isinstance(m, nn.Module))
+        pieces = [Piece("embed", "embed", embed, embed_mods)]
+        for i, blk in enumerate(model.blocks):
+            pieces.append(Piece(f"blocks.{i}.attn", "attn", blk.forward_attn, (blk.norm1, blk.attn, blk.ls1, blk.add1),
+                                block=i))
+            pieces.append(Piece(f"blocks.{i}.mlp", "mlp", blk.forward_mlp, (blk.norm2, blk.mlp, blk.ls2, blk.add2),
+                                block=i))
+        head_mods = tuple(m for m in (model.norm, model.fc_norm, model.head, getattr(model, "head_dist", None))
+                          if isinstance(m, nn.Module))
+        pieces.append(Piece("head", "head", head, head_mods))
+        return pieces

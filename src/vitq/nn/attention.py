@@ -6,7 +6,7 @@ dicts are unchanged) and compute attention explicitly, in exactly timm's non-fus
 operations, through two :class:`QMatMul` layers:
 
     matmul_qk: (q * scale) @ k^T      slots ATTN_Q, ATTN_K
-    softmax                          (float; fully-quantized mode adds slots)
+    softmax                          QSoftmax: slot SOFTMAX_IN, pluggable implementation
     matmul_av: attn @ v              slots ATTN_PROBS (post-Softmax), ATTN_V
 """
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..roles import Role
+from .blocks import QSoftmax
 from .modules import QMatMul
 
 
@@ -50,6 +51,7 @@ class QAttention(nn.Module):
         self.proj = attn.proj
         self.proj_drop = attn.proj_drop
         self.matmul_qk = QMatMul(Role.ATTN_Q, Role.ATTN_K)
+        self.softmax = QSoftmax(dim=-1)
         self.matmul_av = QMatMul(Role.ATTN_PROBS, Role.ATTN_V)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -63,7 +65,7 @@ class QAttention(nn.Module):
         bias = _self_attn_bias(N, attn, attn_mask, is_causal)
         if bias is not None:
             attn = attn + bias
-        attn = attn.softmax(dim=-1)
+        attn = self.softmax(attn)
         attn = self.attn_drop(attn)
         x = self.matmul_av(attn, v)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
@@ -92,7 +94,7 @@ class QWindowAttention(nn.Module):
         self.attn_drop = attn.attn_drop
         self.proj = attn.proj
         self.proj_drop = attn.proj_drop
-        self.softmax = nn.Softmax(dim=-1)
+        self.softmax = QSoftmax(dim=-1)
         self.matmul_qk = QMatMul(Role.ATTN_Q, Role.ATTN_K)
         self.matmul_av = QMatMul(Role.ATTN_PROBS, Role.ATTN_V)
 

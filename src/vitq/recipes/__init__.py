@@ -5,7 +5,8 @@ A recipe is a YAML file (``recipes/*.yaml`` ship with vitq; a user may pass a pa
 Loading validates everything: an unknown key, role, quantizer or pass is an error, never ignored.
 
 Rule resolution for a site (kind ``act`` or ``weight``, role R, module name N):
-``overrides`` matching N (first match) > ``kind:R`` > ``kind:*``. A rule value of ``null`` means
+``overrides`` matching N (first match) > ``kind:R`` > ``kind:*``; the wildcard does not reach the
+fully-quantized roles (LN_IN, SOFTMAX_IN, RESIDUAL), which a recipe must name. A rule value of ``null`` means
 "leave this site in float". A rule's ``bits`` is ``W``, ``A`` (taken from the run's WxAy) or an int.
 """
 
@@ -22,7 +23,7 @@ import yaml
 from ..bits import Bits
 from ..errors import ConfigError
 from ..quantizers.base import QuantSpec
-from ..roles import Role, parse_role
+from ..roles import FULL_QUANT_ROLES, Role, parse_role
 
 RECIPE_DIR = Path(str(resources.files(__package__)))
 FORMAT_VERSION = 1
@@ -99,6 +100,8 @@ class Recipe:
         table = dict(self.rules)
         if f"{kind}:{role.value}" in table:
             return table[f"{kind}:{role.value}"]
+        if role in FULL_QUANT_ROLES:
+            return None  # fully-quantized sites only by name
         return table.get(f"{kind}:*")
 
     def with_overrides(self, extra: list[tuple[str, str, Optional[SiteRule]]]) -> "Recipe":
