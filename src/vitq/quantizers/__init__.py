@@ -1,6 +1,7 @@
 """Pure quantizer maths. Importing this package registers every quantizer."""
 
 from . import log2, uniform  # noqa: F401  (registration)
+from . import tan  # noqa: F401  (registration: TanQ, our reconstruction)
 from .base import (
     QUANTIZERS, Params, QuantSpec, dequantize, fake_quant, get_quantizer, init_params, quantize,
     register_quantizer, round_ste,
