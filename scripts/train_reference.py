@@ -2,7 +2,8 @@
 """Train the Fashion-MNIST reference models on the CPU and write their weights + metadata.
 
     python scripts/train_reference.py fmnist-vit --epochs 10
-    python scripts/train_reference.py fmnist-deit --teacher fmnist-vit   # DeiT hard distillation
+    python scripts/train_reference.py fmnist-deit --teacher fmnist-vit --init-from fmnist-vit --epochs 4
+                                                                        # DeiT hard distillation
     python scripts/train_reference.py --outliers-only fmnist-vit         # (re)compute outlier scales
 
 Writes ``src/vitq/reference/weights/<name>.safetensors`` and ``<name>.json`` (architecture, FP
@@ -56,10 +57,28 @@ def evaluate(model: torch.nn.Module, pre: Preprocess, ds: FashionMNIST, bs: int 
     return 100.0 * correct / len(ds)
 
 
-def train(name: str, epochs: int, lr: float, bs: int, seed: int, teacher_name: str | None) -> None:
+def train(name: str, epochs: int, lr: float, bs: int, seed: int, teacher_name: str | None,
+          init_from: str | None = None) -> None:
     torch.manual_seed(seed)
     spec = REFERENCE_MODELS[name]
     model = build_architecture(spec)
+    if init_from:
+        # start from a trained model of the same width/depth (e.g. DeiT from ViT): shared weights copied,
+        # new ones (distillation token, distillation head) from their initialisation
+        src = load_reference(init_from).state_dict()
+        own = model.state_dict()
+        for k, v in src.items():
+            if k in own and own[k].shape == v.shape:
+                own[k] = v
+            elif k == "pos_embed" and k in own:  # one more (distillation) token: copy the class-token slot
+                own[k][:, :1] = v[:, :1]
+                own[k][:, 1:2] = v[:, :1]
+                own[k][:, 2:] = v[:, 1:]
+        if "head_dist.weight" in own and "head.weight" in src:
+            own["head_dist.weight"], own["head_dist.bias"] = src["head.weight"].clone(), src["head.bias"].clone()
+        if "dist_token" in own and "cls_token" in src:
+            own["dist_token"] = src["cls_token"].clone()
+        model.load_state_dict(own)
     pre = Preprocess(PreprocessConfig.from_model(model))
     train_ds, test_ds = FashionMNIST(None, "train"), FashionMNIST(None, "test")
     teacher = load_reference(teacher_name) if teacher_name else None
@@ -103,7 +122,7 @@ def train(name: str, epochs: int, lr: float, bs: int, seed: int, teacher_name: s
         log.info("%s epoch %d/%d loss %.4f test top-1 %.2f (%.0fs)", name, ep + 1, epochs,
                  run_loss / steps_per_epoch, acc, time.time() - t0)
         save(name, model, acc, dict(epochs=epochs, epochs_done=ep + 1, lr=lr, batch_size=bs, seed=seed,
-                                    teacher=teacher_name, seconds=round(time.time() - t0, 1),
+                                    teacher=teacher_name, init_from=init_from, seconds=round(time.time() - t0, 1),
                                     threads=torch.get_num_threads()))
 
 
@@ -145,13 +164,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--teacher", default=None, help="reference model used as DeiT hard-distillation teacher")
+    ap.add_argument("--init-from", default=None, help="start from this reference model's weights where shapes match")
     ap.add_argument("--outliers-only", action="store_true", help="only (re)compute the outlier-variant scales")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.outliers_only:
-        train(args.name, args.epochs, args.lr, args.batch_size, args.seed, args.teacher)
+        train(args.name, args.epochs, args.lr, args.batch_size, args.seed, args.teacher, args.init_from)
     outliers(args.name, args.seed)
 
 

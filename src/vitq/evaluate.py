@@ -13,8 +13,27 @@ from torch.utils.data import DataLoader
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    """Peak resident memory of this process, MiB: since the last :func:`reset_peak_rss` where Linux
+    allows resetting it (``VmHWM``), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak-RSS mark (Linux ``clear_refs`` 5), so that the next
+    :func:`peak_rss_mb` measures one run. Returns False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 @torch.no_grad()

@@ -119,6 +119,10 @@ def load_reference(name: str, weights: bool = True) -> nn.Module:
     model = build_architecture(spec)
     meta = load_meta(base)
     if weights:
+        tr = meta.get("train") or {}
+        if tr.get("epochs_done", tr.get("epochs")) != tr.get("epochs"):
+            raise ModelError(f"reference model {base} is still being trained (epoch {tr.get('epochs_done')}/"
+                             f"{tr.get('epochs')}): wait for scripts/train_reference.py to finish")
         wp = weights_path(base)
         if not wp.is_file():
             raise ModelError(

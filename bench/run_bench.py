@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Accuracy / cost benchmark: every reference model x recipe x bit-width.
+
+    python bench/run_bench.py                                  # foundation recipes, all bits, all models
+    python bench/run_bench.py --recipes repq ptq4vit --bits W4A4 --eval-size 10000
+    python bench/run_bench.py --name baselines                  # results file stem
+
+Rows are merged into ``bench/results/<name>.json`` (keyed by model, recipe, bits) and the whole
+table is re-rendered to ``bench/results/<name>.md``: FP top-1, quantized top-1, drop, calibration
+seconds, peak RSS of the run (the process's peak-RSS mark is reset before each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vitq.bits import Bits  # noqa: E402
+from vitq.data import (  # noqa: E402
+    DataSpec, Preprocess, PreprocessConfig, build_dataset, calibration_subset, eval_subset, make_loader,
+)
+from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
+from vitq.pipeline import Context, manifest, run_recipe  # noqa: E402
+from vitq.recipes import load_recipe  # noqa: E402
+from vitq.reference import list_reference_models, load_reference, weights_path  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+DEFAULT_RECIPES = ["minmax", "percentile", "omse"]
+DEFAULT_BITS = ["W8A8", "W6A6", "W4A4", "W3A3"]
+log = logging.getLogger("bench")
+
+
+def available_models(names: list[str]) -> list[str]:
+    out = []
+    for n in names:
+        base = n.removesuffix("-outlier")
+        if weights_path(base).is_file():
+            out.append(n)
+        else:
+            log.warning("skipping %s: weights of %s missing", n, base)
+    return out
+
+
+def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: int | None, calib_size: int | None,
+                seed: int, batch_size: int) -> list[dict[str, Any]]:
+    model = load_reference(name)
+    pre = Preprocess(PreprocessConfig.from_model(model))
+    spec = DataSpec.parse("fashion-mnist")
+    eval_loader = make_loader(eval_subset(build_dataset(spec, "eval", pre), eval_size), batch_size=batch_size)
+    train = build_dataset(spec, "train", pre)
+    fp = evaluate(model, eval_loader)
+    rows = []
+    for rname in recipes:
+        recipe = load_recipe(rname)
+        n_cal = calib_size or recipe.calib_size
+        calib = make_loader(calibration_subset(train, n_cal, seed), batch_size=min(batch_size, n_cal))
+        for bits in bits_list:
+            reset_peak_rss()
+            q = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            run_recipe(q, recipe, Context(calib=calib, bits=Bits.parse(bits), seed=seed, batch_size=batch_size))
+            calib_s = time.perf_counter() - t0
+            res = evaluate(q, eval_loader)
+            man = manifest(q)
+            row = {
+                "model": name, "recipe": rname, "bits": bits, "fp_top1": round(fp["top1"], 2),
+                "q_top1": round(res["top1"], 2), "drop": round(fp["top1"] - res["top1"], 2),
+                "calib_size": n_cal, "eval_size": res["n"], "seed": seed, "calib_seconds": round(calib_s, 2),
+                "eval_seconds": round(res["seconds"], 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+                "sites_quantized": sum(1 for m in man if m["quantizer"] != "float"), "sites_total": len(man),
+            }
+            log.info("%s", row)
+            print(f"{name:<22} {rname:<12} {bits}: FP {row['fp_top1']:6.2f}  Q {row['q_top1']:6.2f}  "
+                  f"drop {row['drop']:+6.2f}  calib {calib_s:6.1f}s  rss {row['peak_rss_mb']:.0f} MB", flush=True)
+            rows.append(row)
+            del q
+    return rows
+
+
+def merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    key = lambda r: (r["model"], r["recipe"], r["bits"])  # noqa: E731
+    table = {key(r): r for r in old}
+    for r in rows:
+        table[key(r)] = r
+    return sorted(table.values(), key=lambda r: (r["model"], r["recipe"], -int(r["bits"][1]), r["bits"]))
+
+
+def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"# {meta['title']}", "", meta["note"], "",
+             f"Machine: {meta['machine']}; torch {meta['torch']}; threads {meta['threads']}.", "",
+             "| model | recipe | bits | FP top-1 | Q top-1 | drop | calib imgs | eval imgs | calib s | peak RSS MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['fp_top1']:.2f} | {r['q_top1']:.2f} | "
+                     f"{r['drop']:+.2f} | {r['calib_size']} | {r['eval_size']} | {r['calib_seconds']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list_reference_models())
+    ap.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    ap.add_argument("--bits", nargs="+", default=DEFAULT_BITS)
+    ap.add_argument("--eval-size", type=int, default=None, help="first N test images (default: all 10000)")
+    ap.add_argument("--calib-size", type=int, default=None, help="default: each recipe's own")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--name", default="baselines", help="results file stem in bench/results/")
+    ap.add_argument("--title", default="Baseline recipes on the Fashion-MNIST reference models")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for b in args.bits:
+        Bits.parse(b)
+    rows: list[dict[str, Any]] = []
+    for name in available_models(args.models):
+        rows += bench_model(name, args.recipes, args.bits, args.eval_size, args.calib_size, args.seed,
+                            args.batch_size)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jpath = RESULTS / f"{args.name}.json"
+    all_rows = merge(jpath, rows)
+    meta = {"title": args.title,
+            "note": "Fashion-MNIST test split, top-1 %. Calibration images: a seeded sample of the train split. "
+                    "drop = FP - quantized. Sites: inputs and weights of every Linear, both operands of both "
+                    "attention matmuls, patch-embed weight (its input, the image, stays float), head.",
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    jpath.write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(render(all_rows, meta))
+    print(f"wrote {jpath} and {jpath.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
