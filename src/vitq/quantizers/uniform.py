@@ -5,6 +5,9 @@ Asymmetric (RepQ-ViT / QDrop default; METHODS.md "Notation"):
     s = (hi - lo) / (2^b - 1),  z = round(-lo / s)     with lo <= 0 <= hi enforced.
 Symmetric (PTQ4ViT base quantizer): codes in [-2^(b-1), 2^(b-1) - 1], z = 0,
     s = max(|lo|, |hi|) / (2^(b-1) - 0.5).
+Learned rounding (AdaRound, Nagel et al. 2020, eq. 22): when the parameters carry
+``round_offset`` = h in [0, 1] (same shape as x), the code is ``clamp(floor(x / s) + h + z)``
+instead of round-to-nearest; ``vitq.recon.adaround`` supplies h(V) during reconstruction.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from torch import Tensor
 from .base import Params, QuantSpec, register_quantizer, round_ste
 
 EPS = 1e-8
+#: optional parameter key: learned rounding offset h in [0, 1] (AdaRound), see the module docstring
+ROUND_OFFSET = "round_offset"
 
 
 class UniformQuantizer:
@@ -44,6 +49,10 @@ class UniformQuantizer:
 
     def _codes(self, x: Tensor, p: Params, spec: QuantSpec, rnd) -> Tensor:  # type: ignore[no-untyped-def]
         qmin, qmax = self.code_range(spec)
+        if ROUND_OFFSET in p:
+            # AdaRound: no rounding here - a soft h (training) must reach the output so its gradient flows;
+            # a hard h in {0, 1} gives integer codes. z is an integer, so floor(x/s) + z = floor(x/s + z).
+            return torch.clamp(torch.floor(x / p["scale"]) + p[ROUND_OFFSET] + p["zero_point"], qmin, qmax)
         # clamp before rounding: same codes (integer bounds and zero point), and the straight-through
         # gradient is 1 exactly inside the representable range, 0 outside (as in LSQ)
         return rnd(torch.clamp(x / p["scale"] + p["zero_point"], qmin, qmax))
