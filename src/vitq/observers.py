@@ -11,14 +11,14 @@ memory of a site does not grow with the calibration set; min / max are tracked e
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .errors import CalibrationError
 from .granularity import PerChannel, param_shape, to_rows
-from .quantizers.base import Params, QuantSpec, fake_quant, init_params
+from .quantizers.base import Params, QuantSpec, fake_quant, get_quantizer, init_params
 
 #: clipping ratios searched by the ``mse`` observer (1.0 = min-max range)
 MSE_GRID = tuple(round(1.0 - 0.01 * i, 2) for i in range(80))
@@ -45,7 +45,7 @@ class Observer:
 
     @property
     def keeps_sample(self) -> bool:
-        return self.spec.observer in ("percentile", "mse")
+        return self.spec.observer in ("percentile", "mse") or _sample_hook(self.spec) is not None
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -84,11 +84,21 @@ class Observer:
         if spec.observer == "percentile":
             assert self.sample is not None
             lo, hi = quantile_range(self.sample, spec.percentile)
-        params = init_params(lo, hi, spec)
-        if spec.observer == "mse":
+        hook = _sample_hook(spec)
+        if hook is not None:  # quantizers that search their own parameters on the raw sample
+            assert self.sample is not None
+            params = hook(self.sample, lo, hi, spec)
+        else:
+            params = init_params(lo, hi, spec)
+        if spec.observer == "mse" and hook is None:
             assert self.sample is not None
             params = mse_search(self.sample, lo, hi, spec)
         return {k: v.reshape(shape) for k, v in params.items()}
+
+
+def _sample_hook(spec: QuantSpec) -> Optional[Callable[..., Params]]:
+    """A quantizer's optional ``init_from_sample(rows, lo, hi, spec) -> Params`` (rows: (N, groups))."""
+    return getattr(get_quantizer(spec.quantizer), "init_from_sample", None)
 
 
 def quantile_range(rows: Tensor, p: float) -> tuple[Tensor, Tensor]:
