@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave sites in float: a role (e.g. HEAD_IN) or a module-name regex; repeatable")
     q.add_argument("--out", help="save the quantized model (safetensors + vitq.json) and results here")
     q.add_argument("--skip-fp", action="store_true", help="do not evaluate the float model")
+    q.add_argument("--iters", type=int, metavar="N",
+                   help="iterations per unit of the recipe's reconstruction passes (trade time for accuracy)")
+    q.add_argument("--max-cache-gb", type=float, metavar="GB",
+                   help="memory budget of reconstruction caches; larger caches stream from disk")
+    q.add_argument("--resume-dir", metavar="DIR",
+                   help="save reconstruction state here after every unit; rerun with the same arguments to resume")
 
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
     _add_model_args(e)
@@ -165,6 +171,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     role_excl = [e[1] for e in excl if e[0] == "role"]
     if role_excl:
         recipe = _exclude_roles(recipe, role_excl)
+    from .passes.reconstruct import override_pass_options
+
+    recipe = override_pass_options(recipe, iters=args.iters, max_cache_gb=args.max_cache_gb, run_dir=args.resume_dir)
     calib_size = args.calib_size if args.calib_size is not None else recipe.calib_size
     if calib_size <= 0:
         from .errors import DataError
@@ -197,6 +206,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "fp_eval_seconds": None if fp is None else round(fp["seconds"], 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
     }
+    if getattr(qmodel, "vitq_reconstruction", None):
+        result["reconstruction"] = qmodel.vitq_reconstruction
     n_q = sum(1 for m in result["manifest"] if m["quantizer"] != "float")
     fp_txt = "-" if fp is None else f"{fp['top1']:.2f}"
     drop_txt = "" if fp is None else f"  (drop {fp['top1'] - q['top1']:+.2f})"

@@ -46,3 +46,4 @@ def get_pass(name: str) -> PassInfo:
 def _ensure_loaded() -> None:
     from . import calibrate  # noqa: F401  (registration)
     from . import tanq_calib  # noqa: F401  (registration: tanq_calibrate)
+    from . import oas, reconstruct  # noqa: F401  (registration: reconstruct, oas)

@@ -1,0 +1,188 @@
+"""``oas`` pass: Outlier-aware Slicing (Ma et al., ICML 2024) - pick the reconstruction granularity,
+then reconstruct with it.
+
+The paper's Algorithm 1 ("Granularity and Optimization") is not available (METHODS.md §2e, §8).
+Everything below the candidate list is OUR reconstruction [R], kept as options:
+
+1. **Candidates** (``candidates: auto``): uniform slicings per architecture - ``half``, ``block``,
+   ``blocks:k`` for every k dividing the (stage) depth, ``stage`` (multi-stage models) and ``model``.
+   A list of slicing strings replaces them (``cuts:`` / ``groups:`` allowed: MRECG-style lists).
+2. **Proxy** (``select: proxy``, the default, no training): the float activation entering each
+   piece is measured on ``outlier_images`` calibration images; ratio_t = max_c‖X_{:,c}‖∞ /
+   median_c‖X_{:,c}‖∞ (:mod:`vitq.recon.outliers`). A slicing costs
+   J(S) = Σ_{cuts t of S} log(ratio_t / τ): a cut at an outlier-heavy boundary (ratio > τ) costs,
+   a cut at a clean boundary pays, so the proxy trades "fewer outlier boundaries" (coarser units,
+   the paper's argument for ViT/DeiT) against "smaller units are easier to optimise" (finer units,
+   its finding for Swin). Why not the plain Σ ratio_t of METHODS.md §2b: every term is ≥ 1, so it
+   always picks the coarsest candidate. τ (``tau: auto``) = 2^(A−1): the ratio above which a
+   b-bit per-tensor grid spanning the outlier channel leaves the median channel ≤ 2 levels per
+   side, i.e. the boundary error is outlier-dominated. Ties go to the finer slicing.
+3. **Validation** (``select: validate``, optional): each candidate (or the ``top_k`` best by the
+   proxy) is reconstructed on a copy with ``val_iters`` iterations per unit on all but the last
+   ``val_images`` calibration images; the one with the smallest KL(softmax(FP logits) ‖
+   softmax(quantized logits)) on those held-out images wins.
+
+The choice is recorded in the run report (``model.vitq_reconstruction[-1]["oas"]``) and logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..adapters import Piece, get_adapter
+from ..errors import ConfigError
+from ..recon.engine import RECON_DEFAULTS, ReconConfig, collect_images, float_copy, reconstruct
+from ..recon.outliers import boundary_outlier_ratios, proxy_score
+from ..recon.slicing import Slicing, blocks_per_unit
+from .reconstruct import pass_run_dir
+from .registry import register_pass
+
+log = logging.getLogger(__name__)
+
+SELECT_MODES = ("proxy", "validate")
+OAS_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in RECON_DEFAULTS.items() if k != "slicing"},
+    "qdrop_p": 0.5,
+    "candidates": "auto", "select": "proxy", "tau": "auto", "val_iters": 200, "val_images": 128, "top_k": 0,
+    "outlier_images": 256,
+}
+
+
+def auto_candidates(chain: Sequence[Piece]) -> list[str]:
+    """Uniform slicings for this chain: half, block, blocks:k (k dividing a stage depth), stage, model."""
+    stages: dict[int, set[int]] = {}
+    for p in chain:
+        if p.block >= 0:
+            stages.setdefault(p.stage, set()).add(p.block)
+    depths = [len(b) for b in stages.values()]
+    if not depths:
+        raise ConfigError("OAS needs a model with transformer blocks in its chain")
+    multi = len(stages) > 1 or any(s >= 0 for s in stages)
+    ks = sorted({k for d in depths for k in range(2, d) if d % k == 0})
+    out = ["half", "block"] + [f"blocks:{k}" for k in ks]
+    out += ["stage", "model"] if multi else ["model"]
+    return out
+
+
+def _dedupe(chain: Sequence[Piece], names: Sequence[str]) -> list[tuple[Slicing, list[tuple[int, int]]]]:
+    seen, out = set(), []
+    for n in names:
+        s = Slicing.parse(n)
+        units = s.units(chain)
+        key = tuple(units)
+        if key not in seen:
+            seen.add(key)
+            out.append((s, units))
+    return out
+
+
+@torch.no_grad()
+def logits_kl(fp_model: nn.Module, model: nn.Module, images: Tensor, batch_size: int = 64) -> float:
+    """Mean KL(softmax(FP logits) ‖ softmax(quantized logits)) over ``images``."""
+    dev = next(iter(model.parameters())).device
+    tot, n = 0.0, 0
+    for s in range(0, images.shape[0], batch_size):
+        x = images[s:s + batch_size].to(dev)
+        p = F.softmax(fp_model(x), dim=-1)
+        q = F.log_softmax(model(x), dim=-1)
+        tot += float(F.kl_div(q, p, reduction="sum"))
+        n += x.shape[0]
+    return tot / max(n, 1)
+
+
+def select_slicing(model: nn.Module, ctx: Any, cfg: ReconConfig, images: Tensor, fp: nn.Module,
+                   candidates: Any = "auto", select: str = "proxy", tau: Any = "auto", val_iters: int = 200,
+                   val_images: int = 128, top_k: int = 0, outlier_images: int = 256) -> dict[str, Any]:
+    """Score the candidate slicings and pick one; returns the JSON-able record."""
+    if select not in SELECT_MODES:
+        raise ConfigError(f"oas select={select!r}: use one of {', '.join(SELECT_MODES)}")
+    adapter = getattr(ctx, "adapter", None) or get_adapter(model)
+    fp_chain = adapter.chain(fp)
+    names = auto_candidates(fp_chain) if candidates in ("auto", None) else (
+        [candidates] if isinstance(candidates, str) else list(candidates))
+    if not names:
+        raise ConfigError("oas candidates is empty: use 'auto' or a list such as [block, 'blocks:2']")
+    cands = _dedupe(fp_chain, names)
+    a_bits = int(getattr(getattr(ctx, "bits", None), "a", 4))
+    t = 2.0 ** (a_bits - 1) if tau in ("auto", None) else float(tau)
+    if t <= 0:
+        raise ConfigError(f"oas tau={tau} must be > 0 (or 'auto' = 2^(A-1))")
+    dev = next(iter(model.parameters())).device
+    ratios = boundary_outlier_ratios(fp_chain, images[: int(outlier_images)].to(dev))
+    rows = []
+    for s, units in cands:
+        cuts = [a for a, _ in units if a > 0]
+        rows.append({"slicing": str(s), "units": len(units), "blocks_per_unit": round(blocks_per_unit(fp_chain, units), 3),
+                     "proxy": round(proxy_score(cuts, ratios, t), 4)})
+    # ties (and near-ties) go to the finer slicing: candidates are listed fine -> coarse
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["proxy"], rows[i]["blocks_per_unit"]))
+    record: dict[str, Any] = {
+        "method": "oas [R]", "select": select, "tau": t, "candidates": rows,
+        "boundary_ratios": {fp_chain[i].name: round(r, 3) for i, r in enumerate(ratios) if i > 0},
+    }
+    if select == "proxy":
+        chosen = rows[order[0]]["slicing"]
+    else:
+        v = int(val_images)
+        if not 0 < v < images.shape[0]:
+            raise ConfigError(f"oas val_images={val_images} must be between 1 and the number of calibration "
+                              f"images - 1 ({images.shape[0] - 1}): lower val_images or raise num_samples")
+        train, held = images[:-v], images[-v:]
+        pick = order[: int(top_k)] if int(top_k) > 0 else list(range(len(rows)))
+        for i in pick:
+            m = copy.deepcopy(model)
+            short = cfg.with_(slicing=rows[i]["slicing"], iters=int(val_iters), run_dir=None)
+            reconstruct(m, short, ctx, images=train, fp_model=fp, name=f"oas-validate {rows[i]['slicing']}")
+            rows[i]["val_kl"] = logits_kl(fp, m, held)
+            log.info("oas: %s proxy %.3f val KL %.5g", rows[i]["slicing"], rows[i]["proxy"], rows[i]["val_kl"])
+            del m
+        best = min(pick, key=lambda i: (rows[i]["val_kl"], rows[i]["blocks_per_unit"]))
+        chosen = rows[best]["slicing"]
+        record["val_iters"], record["val_images"] = int(val_iters), v
+    record["chosen"] = chosen
+    log.info("oas: chose slicing %s among %s", chosen, ", ".join(r["slicing"] for r in rows))
+    return record
+
+
+@register_pass("oas", **OAS_DEFAULTS)
+def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str = "proxy", tau: Any = "auto",
+             val_iters: int = 200, val_images: int = 128, top_k: int = 0, outlier_images: int = 256,
+             **opts: Any) -> nn.Module:
+    """Outlier-aware Slicing [R]: pick the unit granularity (proxy or short validation), then reconstruct."""
+    opts = {**{k: v for k, v in OAS_DEFAULTS.items() if k in RECON_DEFAULTS}, **opts}
+    cfg = ReconConfig.from_options(slicing="block", **opts)
+    run_dir = pass_run_dir(ctx, cfg.run_dir, "oas")
+    fp = float_copy(model, ctx)
+    images = collect_images(ctx, cfg.num_samples, desc="oas")
+    sel_opts = {"candidates": candidates, "select": select, "tau": tau, "val_iters": val_iters,
+                "val_images": val_images, "top_k": top_k, "outlier_images": outlier_images}
+    record = None
+    sel_file = Path(run_dir) / "oas.json" if run_dir else None
+    if sel_file is not None and sel_file.is_file():
+        saved = json.loads(sel_file.read_text())
+        if saved.get("options") != json.loads(json.dumps(sel_opts)):
+            raise ConfigError(f"run directory {run_dir} holds an OAS search with other options: "
+                              "pass another --resume-dir or delete that folder")
+        record = saved["record"]
+        log.info("oas: reusing the slicing chosen in %s: %s", sel_file, record["chosen"])
+    if record is None:
+        record = select_slicing(model, ctx, cfg, images, fp, **sel_opts)
+        if sel_file is not None:
+            sel_file.parent.mkdir(parents=True, exist_ok=True)
+            sel_file.write_text(json.dumps({"options": sel_opts, "record": record}, indent=2) + "\n")
+    final = cfg.with_(slicing=record["chosen"], run_dir=str(Path(run_dir) / "recon") if run_dir else None)
+    report = reconstruct(model, final, ctx, images=images, fp_model=fp, name="oas")
+    report["oas"] = record
+    model.vitq_oas = record
+    return model
+
+
+__all__ = ["auto_candidates", "logits_kl", "oas_pass", "select_slicing"]

@@ -1,0 +1,331 @@
+"""Reconstruction engine (AdaRound / BRECQ / QDrop), slicings, OAS, resumability."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_deit, tiny_swin, tiny_vit
+
+import vitq
+from vitq.adapters import get_adapter, run_chain
+from vitq.bits import Bits
+from vitq.errors import ConfigError
+from vitq.nn import FakeQuant, QLinear
+from vitq.pipeline import Context, run_recipe
+from vitq.quantizers import fake_quant
+from vitq.recon import ReconConfig, Slicing, reconstruct, register_loss
+from vitq.recon.engine import qdrop
+from vitq.recon.losses import LOSSES, lp_loss
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are op-overhead bound: a second intra-op thread only waits on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def calibrated(make=tiny_vit, n: int = 32, bits: str = "W4A4", recipe: str = "minmax", seed: int = 1):
+    torch.manual_seed(seed)
+    size = 32 if make is tiny_swin else 16
+    x = torch.randn(n, 3, size, size)
+    model = make()
+    q = vitq.quantize(copy.deepcopy(model), recipe, bits, calib_data=x)
+    return model, q, x
+
+
+def ctx_for(x: torch.Tensor, bits: str = "W4A4", batch_size: int = 16) -> Context:
+    return Context(calib=x, bits=Bits.parse(bits), batch_size=batch_size)
+
+
+def small(**kw) -> ReconConfig:
+    base = dict(iters=20, batch_size=8, num_samples=32, chunk_size=16)
+    base.update(kw)
+    return ReconConfig(**base)
+
+
+def out_err(model, fp, x) -> float:
+    with torch.no_grad():
+        return float((model(x) - fp(x)).pow(2).mean())
+
+
+# -- invariants ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_zero_iterations_is_identity(make) -> None:
+    _, q, x = calibrated(make)
+    ref = copy.deepcopy(q)
+    reconstruct(q, small(iters=0, qdrop_p=0.5), ctx_for(x))
+    with torch.no_grad():
+        assert torch.equal(q(x), ref(x))
+    sd, rsd = q.state_dict(), ref.state_dict()
+    assert all(torch.equal(sd[k], rsd[k]) for k in rsd)
+
+
+def test_reconstruction_lowers_output_error() -> None:
+    fp, q, x = calibrated(tiny_vit, n=48)
+    before = out_err(q, fp, x)
+    rep = reconstruct(q, small(iters=150, num_samples=48, lr_act=1e-3), ctx_for(x))
+    after = out_err(q, fp, x)
+    assert after < before
+    units = rep["unit_reports"]
+    assert sum(u["loss_after"] for u in units) < sum(u["loss_before"] for u in units)
+
+
+def test_adaround_hard_rounding_on_grid_within_one_step() -> None:
+    _, q, x = calibrated(tiny_vit)
+    layers = [m for m in q.modules() if isinstance(m, QLinear) and isinstance(m.weight_quant, FakeQuant)]
+    w0 = {id(m): m.weight.detach().clone() for m in layers}
+    reconstruct(q, small(iters=60, acts="none", lr_round=1e-2), ctx_for(x))
+    moved = 0
+    for m in layers:
+        fq = m.weight_quant
+        s, z = fq.scale, fq.zero_point
+        codes = m.weight / s + z
+        assert torch.allclose(codes, codes.round(), atol=1e-3), fq.site  # on the grid
+        assert torch.equal(fq(m.weight), m.weight)  # the weight quantizer maps it to itself
+        rtn = fake_quant(w0[id(m)], fq.params, fq.spec)
+        step = (m.weight - rtn).abs() / s
+        assert float(step.max().detach()) <= 1.0 + 1e-4, fq.site  # within one step of round-to-nearest
+        moved += int((step > 0.5).sum())
+    assert moved > 0  # AdaRound changed some rounding decisions
+
+
+def test_qdrop_keep_one_equals_no_drop_and_keep_zero_equals_float() -> None:
+    _, q, x = calibrated(tiny_vit)
+    sites = [fq for fq in q.modules() if isinstance(fq, FakeQuant) and fq.kind == "act"]
+    with torch.no_grad():
+        ref = q(x)
+        gen = torch.Generator().manual_seed(0)
+        with qdrop(sites, 1.0, gen):
+            assert torch.equal(q(x), ref)
+        with qdrop(sites, 1e-12, gen):
+            act_float = q(x)
+        assert not torch.equal(q(x), act_float)  # the hooks are gone after the block
+        for fq in sites:
+            fq.enabled = False
+        assert torch.equal(q(x), act_float)
+
+
+def test_qdrop_runs_and_is_deterministic() -> None:
+    _, q, x = calibrated(tiny_vit)
+    a, b = copy.deepcopy(q), copy.deepcopy(q)
+    reconstruct(a, small(qdrop_p=0.5), ctx_for(x))
+    reconstruct(b, small(qdrop_p=0.5), ctx_for(x))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_streaming_from_disk_equals_in_memory() -> None:
+    _, q, x = calibrated(tiny_swin, n=24)
+    mem, disk = copy.deepcopy(q), copy.deepcopy(q)
+    r1 = reconstruct(mem, small(num_samples=24, chunk_size=8, iters=8, qdrop_p=0.5, slicing="half"), ctx_for(x))
+    r2 = reconstruct(disk, small(num_samples=24, chunk_size=8, iters=8, qdrop_p=0.5, slicing="half",
+                                 max_cache_gb=0.0), ctx_for(x))
+    assert not r1["cache_on_disk"] and r2["cache_on_disk"]
+    assert r2["cache_estimate_gb"] > 0
+    sd = disk.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in mem.state_dict().items())
+
+
+def test_fisher_and_registered_loss() -> None:
+    _, q, x = calibrated(tiny_vit)
+    rep = reconstruct(copy.deepcopy(q), small(loss="fisher_diag", iters=5), ctx_for(x))
+    assert all(u["loss_after"] > 0 for u in rep["unit_reports"])
+    calls = []
+
+    @register_loss("test_token_weighted")
+    def _tok(pred, target, grad, p):
+        """Stand-in for the AOCQ token-norm loss."""
+        calls.append(1)
+        return lp_loss(pred, target, p)
+
+    try:
+        reconstruct(copy.deepcopy(q), small(loss="test_token_weighted", iters=3), ctx_for(x))
+        assert calls
+    finally:
+        LOSSES.pop("test_token_weighted")
+
+
+def test_bad_options_are_one_line_config_errors() -> None:
+    for kw, pat in [({"weights": "magic"}, "weights="), ({"qdrop_p": 0.0}, "qdrop_p"), ({"loss": "l9"}, "unknown reconstruction loss"),
+                    ({"slicing": "blocks:x"}, "malformed slicing"), ({"acts": "lsq", "act_quant": False}, "act_quant"),
+                    ({"iters": -1}, "iters")]:
+        with pytest.raises(ConfigError, match=pat) as e:
+            ReconConfig(**kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="unknown reconstruction option"):
+        ReconConfig.from_options(iterations=3)
+
+
+def test_brecq_two_passes_use_the_float_targets() -> None:
+    fp, q, x = calibrated(tiny_vit, recipe="minmax")
+    from vitq.passes.reconstruct import override_pass_options
+    from vitq.recipes import load_recipe
+
+    r = override_pass_options(load_recipe("brecq"), iters=10)
+    q2 = vitq.prepare(copy.deepcopy(fp), r, "W4A4")
+    ctx = ctx_for(x)
+    ctx.batch_size = 16
+    run_recipe(q2, r, ctx)
+    hist = q2.vitq_reconstruction
+    assert [h["config"]["weights"] for h in hist] == ["adaround", "none"]
+    assert [h["config"]["acts"] for h in hist] == ["none", "lsq"]
+    fp_copy = ctx.extras["vitq.recon.fp_model"]
+    fsd = fp.state_dict()  # targets of both passes: the untouched float model
+    assert all(torch.equal(v, fsd[k]) for k, v in fp_copy.state_dict().items() if k in fsd)
+    with torch.no_grad():
+        torch.testing.assert_close(fp_copy(x), fp(x), atol=1e-5, rtol=1e-5)  # timm's fused SDPA vs ours
+    qsd = q2.state_dict()
+    assert any(not torch.equal(qsd[k], fsd[k]) for k in fsd if k.endswith("weight"))  # pass 1 rounded weights
+
+
+# -- slicings --------------------------------------------------------------------------------------
+SLICINGS = ["half", "block", "blocks:2", "blocks:3", "model", "stage", "groups:1,3", "cuts:0,2,3"]
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_vit(depth=4), lambda: tiny_deit(depth=4),
+                                  lambda: tiny_swin(depths=(2, 2), num_heads=(2, 4))])
+def test_slicings_cover_the_chain_exactly_once(make) -> None:
+    model = vitq.wrap(make())
+    chain = get_adapter(model).chain(model)
+    swin = any(p.kind == "merge" for p in chain)
+    for text in SLICINGS:
+        s = Slicing.parse(text)
+        assert Slicing.parse(str(s)) == s
+        if text == "stage" and not swin:
+            with pytest.raises(ConfigError, match="multi-stage"):
+                s.units(chain)
+            continue
+        units = s.units(chain)
+        assert units[0][0] == 0 and units[-1][1] == len(chain)
+        assert all(a < b for a, b in units) and all(units[i][1] == units[i + 1][0] for i in range(len(units) - 1))
+        if s.kind != "cuts":
+            assert chain[units[0][0]].kind == "embed" and units[0][1] == 1  # embed alone
+            assert units[-1] == (len(chain) - 1, len(chain))  # head alone
+        if s.kind not in ("half", "cuts"):  # no unit splits a block
+            for a, b in units:
+                for blk in {p.block for p in chain[a:b] if p.block >= 0}:
+                    assert all(a <= i < b for i, p in enumerate(chain) if p.block == blk)
+        if s.kind == "blocks" and swin:  # never across a patch merging
+            for a, b in units:
+                assert len({p.stage for p in chain[a:b]}) == 1
+        if s.kind == "stage":
+            merges = [i for i, p in enumerate(chain) if p.kind == "merge"]
+            assert all(any(a == m for a, _ in units) for m in merges)  # a merge opens its stage
+    with pytest.raises(ConfigError, match="sum to"):
+        Slicing.parse("groups:1,1").units(chain)
+    explicit = Slicing.from_units(chain, [[p.name] for p in chain])
+    assert explicit.units(chain) == Slicing.parse("half").units(chain)
+
+
+def test_chain_composition_equals_model() -> None:  # the engine relies on it
+    model = vitq.wrap(tiny_swin())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(run_chain(get_adapter(model).chain(model), x), model(x))
+
+
+# -- OAS -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("select", ["proxy", "validate"])
+def test_oas_picks_and_records_a_slicing(select: str, tmp_path: Path) -> None:
+    f = tmp_path / "oas_small.yaml"
+    f.write_text("extends: oas\npasses:\n  - pass: calibrate\n  - pass: oas\n"
+                 f"    select: {select}\n    iters: 4\n    val_iters: 2\n    val_images: 8\n"
+                 "    num_samples: 24\n    batch_size: 8\n")
+    x = torch.randn(24, 3, 32, 32)
+    q = vitq.quantize(tiny_swin(), str(f), "W4A4", calib_data=x, batch_size=8)
+    rec = q.vitq_oas
+    names = [c["slicing"] for c in rec["candidates"]]
+    assert set(names) >= {"half", "block", "stage", "model"}
+    assert rec["chosen"] in names
+    assert q.vitq_reconstruction[-1]["slicing"] == rec["chosen"]
+    assert q.vitq_reconstruction[-1]["oas"]["chosen"] == rec["chosen"]
+    if select == "validate":
+        assert all("val_kl" in c for c in rec["candidates"])
+    assert all(v >= 1.0 for v in rec["boundary_ratios"].values())
+
+
+def test_cli_iters_override_and_errors(tmp_path: Path, fmnist_dir: Path, capsys) -> None:
+    from vitq.cli import main
+
+    p = tmp_path / "tiny.pt"
+    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
+    m.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
+                        "interpolation": "bilinear"}
+    torch.save(m, p)
+    out = tmp_path / "r.json"
+    code = main(["quantize", str(p), "--trust-pickle", "--data", f"fashion-mnist:{fmnist_dir}", "--no-progress",
+                 "--recipe", "qdrop", "--bits", "W4A4", "--calib-size", "16", "--eval-size", "8", "--iters", "3",
+                 "--max-cache-gb", "0", "--skip-fp", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    rec = res["reconstruction"][0]
+    assert rec["config"]["iters"] == 3 and rec["cache_on_disk"]
+    code = main(["quantize", str(p), "--trust-pickle", "--data", f"fashion-mnist:{fmnist_dir}", "--no-progress",
+                 "--recipe", "minmax", "--iters", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no reconstruction pass" in err[0]
+
+
+# -- resumability with a real kill -----------------------------------------------------------------
+RUN_SCRIPT = r"""
+import sys, json
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from conftest import tiny_vit
+import vitq
+from vitq.bits import Bits
+from vitq.pipeline import Context
+from vitq.recon import ReconConfig, reconstruct
+torch.manual_seed(3)
+x = torch.randn(32, 3, 16, 16)
+q = vitq.quantize(tiny_vit(depth=3), "minmax", "W4A4", calib_data=x)
+cfg = ReconConfig(iters={iters}, batch_size=8, num_samples=32, chunk_size=16, slicing="half", qdrop_p=0.5,
+                  run_dir=sys.argv[1])
+rep = reconstruct(q, cfg, Context(calib=x, bits=Bits.parse("W4A4"), batch_size=16))
+torch.save(q.state_dict(), sys.argv[2])
+json.dump({{"resumed_from_unit": rep.get("resumed_from_unit"), "units": rep["units"]}}, open(sys.argv[2] + ".json", "w"))
+"""
+
+
+def test_resume_after_sigkill_gives_the_same_result(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT.format(tests=str(TESTS), iters=40))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent / "src")}
+    full_dir, kill_dir = tmp_path / "full", tmp_path / "killed"
+    full = subprocess.run([sys.executable, str(script), str(full_dir), str(tmp_path / "full.pt")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([sys.executable, str(script), str(kill_dir), str(tmp_path / "resumed.pt")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = kill_dir / "state.pt"
+    t0 = time.time()
+    while not state.exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: raise iters"
+    done = torch.load(state, weights_only=True)["done"]
+    assert done >= 1
+    again = subprocess.run([sys.executable, str(script), str(kill_dir), str(tmp_path / "resumed.pt")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    meta = json.loads((tmp_path / "resumed.pt.json").read_text())
+    assert meta["resumed_from_unit"] is not None and 1 <= meta["resumed_from_unit"] < meta["units"]
+    a = torch.load(tmp_path / "full.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
