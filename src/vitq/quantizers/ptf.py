@@ -46,6 +46,8 @@ from .base import Params, QuantSpec, register_quantizer, round_ste
 EPS = 1e-8
 PTF_K = 3
 SHIFT_RULES = ("l2", "range")
+#: observers whose per-group range search would break a shared base scale / own search
+SEARCH_OBSERVERS = ("mse", "pct_mse")
 
 
 def effective_scale(p: Params) -> Tensor:
@@ -84,7 +86,7 @@ class ShiftedUniform:
             raise ConfigError(f"{self.name} is asymmetric with a zero point: set symmetric: false")
         if not isinstance(spec.granularity, PerChannel):
             raise ConfigError(f"{self.name} needs per-channel statistics: set granularity: channel")
-        if spec.observer == "mse":
+        if spec.observer in SEARCH_OBSERVERS:
             raise ConfigError(f"{self.name} chooses its own per-channel shifts: use observer minmax or percentile")
         unknown = sorted(k for k, _ in spec.options if k not in self.options)
         if unknown:
@@ -187,4 +189,5 @@ def best_shift_per_channel(rows: Tensor, p: Params, spec: QuantSpec, shifts: "ra
 
 register_quantizer(PTFQuantizer())
 
-__all__ = ["PTFQuantizer", "ShiftedUniform", "best_shift_per_channel", "effective_scale", "integer_values", "PTF_K"]
+__all__ = ["PTFQuantizer", "ShiftedUniform", "best_shift_per_channel", "effective_scale", "integer_values", "PTF_K",
+           "SEARCH_OBSERVERS"]

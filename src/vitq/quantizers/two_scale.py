@@ -99,7 +99,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..granularity import PerTensor
 from .base import Params, QuantSpec, fake_quant, register_quantizer, round_ste
-from .ptf import ShiftedUniform
+from .ptf import SEARCH_OBSERVERS, ShiftedUniform
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class _TwoScale:
             raise ConfigError(f"{who} sets its own code layout: set symmetric: false")
         if not isinstance(spec.granularity, PerTensor):
             raise ConfigError(f"{who} supports per-tensor granularity only: set granularity: tensor")
-        if spec.observer == "mse":
+        if spec.observer in SEARCH_OBSERVERS:
             raise ConfigError(f"{who} searches its own parameters (options: search): use observer minmax or percentile")
         if spec.bits < 3 and _layout(spec) == "gelu3":
             raise ConfigError(f"{who} gelu with negative {spec.opt('negative', 'own_scale')} needs at least 3 bits: "
