@@ -49,6 +49,17 @@ def _uniform_ints(codes: Tensor, p: Params, spec: QuantSpec) -> tuple[Tensor, Te
     return codes.long() - z, p["scale"]
 
 
+def _int_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Exact integer matmul: int64 on CPU; elsewhere (no int64 GEMM on CUDA) float64, which is
+    exact for the integer sums checked below 2^53."""
+    if a.device.type == "cpu":
+        return torch.matmul(a, b)
+    bound = int(a.abs().max()) * int(b.abs().max()) * a.shape[-1]
+    if bound >= 2 ** 53:
+        raise ConfigError("two_scale_matmul: sums too large for the exact float64 path: run it on CPU tensors")
+    return torch.matmul(a.double(), b.double()).round().long()
+
+
 def two_scale_matmul(a_codes: Tensor, a_params: Params, a_spec: QuantSpec,
                      b_codes: Tensor, b_params: Params, b_spec: QuantSpec) -> dict[str, object]:
     """Integer ``Â @ B̂`` from codes. Returns ``out`` (float32), the per-scale-family integer
@@ -62,7 +73,7 @@ def two_scale_matmul(a_codes: Tensor, a_params: Params, a_spec: QuantSpec,
     acc: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.long))
     peak = 0
     for region, m in decompose(a_codes, a_params, a_spec):
-        part = torch.matmul(m, b_int)  # int64 matmul of one region's signed magnitudes
+        part = _int_matmul(m, b_int)  # one region's signed magnitudes times B's integers
         peak = max(peak, int(part.abs().max()) if part.numel() else 0)
         shift = int(region.shift.reshape(-1)[0])
         acc[region.unit] = acc[region.unit] + (part << shift)
