@@ -180,3 +180,21 @@ def test_calibrate_context_restores_on_error() -> None:
         with calibrate(model):
             raise RuntimeError("boom")
     assert not any(fq.calibrating for fq in model.modules() if isinstance(fq, FakeQuant))
+
+
+def test_weight_cache_follows_changes() -> None:
+    from vitq.nn import QLinear, calibrate_weights
+
+    x = torch.randn(4, 3, 16, 16)
+    q = vitq.quantize(tiny_vit(), "minmax", "W4A8", calib_data=x)
+    with torch.no_grad():
+        a = q(x)
+        assert torch.equal(q(x), a)  # cached path equals itself
+        lin = next(m for m in q.modules() if isinstance(m, QLinear))
+        lin.weight.mul_(2.0)          # in-place change of a weight: the cache must notice
+        calibrate_weights(q)
+        b = q(x)
+    assert not torch.equal(a, b)
+    fresh = copy.deepcopy(q)
+    with torch.enable_grad():
+        assert torch.allclose(fresh(x), b, atol=1e-5)  # uncached path agrees with the cached one

@@ -9,11 +9,34 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..roles import Role
 from .fake_quant import FakeQuant
+
+
+def quantized_weight(layer: nn.Module) -> Tensor:
+    """The layer's weight through its weight quantizer.
+
+    In inference (no grad, eval mode) the result is cached and reused until the weight or any of the
+    quantizer's parameter tensors change (tracked by identity and version counter), since weights do
+    not change between batches: evaluation then costs one weight fake-quant per layer, not per batch.
+    """
+    wq = layer.weight_quant
+    w = layer.weight
+    if wq is None:
+        return w
+    if torch.is_grad_enabled() or layer.training or not wq.enabled or wq.calibrating:
+        return wq(w)
+    key = (id(w), w._version, wq.spec) + tuple((id(t), t._version) for t in wq.params.values())
+    cache = layer.__dict__.get("_wq_cache")
+    if cache is not None and cache[0] == key:
+        return cache[1]
+    out = wq(w)
+    layer.__dict__["_wq_cache"] = (key, out)
+    return out
 
 
 class QuantSlots:
@@ -47,8 +70,7 @@ class QLinear(nn.Linear, QuantSlots):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        w = self.weight if self.weight_quant is None else self.weight_quant(self.weight)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, quantized_weight(self), self.bias)
 
 
 class QConv2d(nn.Conv2d, QuantSlots):
@@ -74,8 +96,7 @@ class QConv2d(nn.Conv2d, QuantSlots):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        w = self.weight if self.weight_quant is None else self.weight_quant(self.weight)
-        return self._conv_forward(x, w, self.bias)
+        return self._conv_forward(x, quantized_weight(self), self.bias)
 
 
 class QMatMul(nn.Module, QuantSlots):
