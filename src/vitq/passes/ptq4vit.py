@@ -1,0 +1,240 @@
+"""``ptq4vit_search`` pass: PTQ4ViT's search of quantization parameters by layer-output error.
+
+PTQ4ViT (Yuan et al., ECCV 2022; METHODS.md §5, [V-code] hahnyuan/PTQ4ViT configs/PTQ4ViT.py,
+quant_layers/{linear,matmul}.py, utils/quant_calib.py). For every quantizable layer - a
+:class:`~vitq.nn.QLinear`, :class:`~vitq.nn.QConv2d` or :class:`~vitq.nn.QMatMul`, found by type -
+whose FakeQuants the ``calibrate`` pass has initialised:
+
+1. *parallel* calibration: the layer's inputs ``X`` and output ``O`` are captured from the **float**
+   model (every FakeQuant off), so no layer sees another layer's quantization error;
+2. for the ``hessian`` metric, ``g = ∂L/∂O`` is captured in one backward pass (see ``grad`` below);
+3. each FakeQuant of the layer is searched in turn - weight then input for Linear / Conv, ``A``
+   then ``B`` for MatMul - for ``rounds`` alternating rounds, the others held at their current
+   values. Candidates for a uniform quantizer are ``Δ = [α + i(β-α)/n]·Δ_init``, ``i = 0..n``
+   (``Δ_init`` from the calibrate pass); a quantizer with its own ``candidates(lo, hi, spec)``
+   (``twin_uniform``: split ``2^-i`` for post-Softmax, ``Δ_pos`` grid for post-GELU) supplies them,
+   given this pass's ``α, β, n`` where it takes them (one grid for every site).
+   Each candidate is scored by ``metric(layer(X), O, g)``: the layer's own forward, so the
+   quantizer's ``fake_quant`` is the only formula used.
+
+All layers are searched against the *initial* quantized state, then the results are written
+together (parallel semantics: the order of layers does not matter).
+
+``grad`` - where the KL gradient is taken. PTQ4ViT's released parallel calibration takes it with the
+model in float, where ``KL(p_fp ‖ p_fp)`` has zero gradient: its weights are floating-point noise
+(hahnyuan/PTQ4ViT#23). We do not copy that. ``quant`` (default): the gradient of
+``KL(p_fp ‖ q)`` with the model quantized at its *initial* parameters (the calibrate pass's), the
+paper's stated objective at a point where it is not degenerate. ``fisher``: the float model,
+cross-entropy against labels sampled from ``p_fp`` (the Fisher diagonal = the Hessian of the KL at
+``q = p_fp``).
+
+Departures from the released code, all deliberate and listed in the ``ptq4vit`` recipe: qkv weights
+get one scale (PTQ4ViT splits q / k / v rows into 3 groups), matmul inputs one scale per tensor
+(PTQ4ViT: per head), the gradient point (above).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CalibrationError, ConfigError
+from ..granularity import PerToken
+from ..metrics import GRADIENT_METRICS, get_metric, kl_to_reference, output_grads, sampled_nll
+from ..nn import FakeQuant, QConv2d, QLinear, QMatMul, disabled
+from ..quantizers.base import Params, QuantSpec
+from ..roles import parse_role
+from .registry import register_pass
+
+log = logging.getLogger(__name__)
+
+LAYER_TYPES = (QLinear, QConv2d, QMatMul)
+#: which positional input of a layer's forward an activation slot quantizes
+SLOT_ARG = {"input_quant": 0, "quant_a": 0, "quant_b": 1}
+#: per layer type, the order in which its slots are searched (PTQ4ViT: W then A; A then B)
+SLOT_ORDER = {QLinear: ("weight_quant", "input_quant"), QConv2d: ("weight_quant", "input_quant"),
+              QMatMul: ("quant_a", "quant_b")}
+GRAD_MODES = ("quant", "fisher")
+
+
+def _searchable(fq: Any) -> bool:
+    return (isinstance(fq, FakeQuant) and fq.enabled and bool(fq.initialized)
+            and not isinstance(fq.spec.granularity, PerToken))
+
+
+def search_layers(model: nn.Module, roles: Optional[Sequence[str]] = None) -> list[tuple[nn.Module, list[str]]]:
+    """``(layer, slots to search)`` for every quantizable layer with a searchable FakeQuant."""
+    keep = None if roles is None else {parse_role(r) for r in roles}
+    out = []
+    for m in model.modules():
+        if not isinstance(m, LAYER_TYPES):
+            continue
+        slots = [s for s in SLOT_ORDER[type(m)] if _searchable(getattr(m, s, None))
+                 and (keep is None or getattr(m, s).role in keep)]
+        if slots:
+            out.append((m, slots))
+    return out
+
+
+def grid(alpha: float, beta: float, steps: int) -> list[float]:
+    """PTQ4ViT's candidate ratios ``α + i(β-α)/n``, ``i = 0..n``."""
+    return [alpha + i * (beta - alpha) / steps for i in range(steps + 1)]
+
+
+def _with_grid(spec: QuantSpec, alpha: float, beta: float, steps: int) -> QuantSpec:
+    """``spec`` with the pass's grid as its own search options, where the quantizer has them
+    (twin_uniform gelu: ``search_alpha/beta/steps``), so one grid governs every site."""
+    opts = {**dict(spec.options), "search_alpha": alpha, "search_beta": beta, "search_steps": steps}
+    try:
+        return spec.with_(options=tuple(sorted(opts.items())))
+    except ConfigError:
+        return spec
+
+
+def candidates(fq: FakeQuant, x: Tensor, ratios: Sequence[float], alpha: float = 0.01, beta: float = 1.2,
+               steps: int = 100) -> list[Params]:
+    """Candidate parameters of ``fq`` for the tensor ``x`` it quantizes (shapes as its buffers)."""
+    cur = {k: v.detach().clone() for k, v in fq.params.items()}
+    own = getattr(fq.quantizer, "candidates", None)
+    if own is not None:
+        lo, hi = x.detach().min().reshape(1).float(), x.detach().max().reshape(1).float()
+        out = []
+        for p in own(lo.cpu(), hi.cpu(), _with_grid(fq.spec, alpha, beta, steps)):
+            out.append({k: (v.reshape(cur[k].shape) if v.numel() == cur[k].numel() else v).to(cur[k].device)
+                        for k, v in p.items()})
+        return out
+    if "scale" not in cur:
+        return []
+    return [{**cur, "scale": cur["scale"] * r} for r in ratios]
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, x: Tensor, layers: Sequence[nn.Module]) -> list[tuple[tuple[Tensor, ...], Tensor]]:
+    """Inputs and output of every layer on ``x`` (one forward, as the model runs now)."""
+    got: list[Optional[tuple[tuple[Tensor, ...], Tensor]]] = [None] * len(layers)
+
+    def hook(i: int):  # type: ignore[no-untyped-def]
+        def fn(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            got[i] = (tuple(a.detach() for a in args), out.detach())
+        return fn
+
+    hs = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
+    try:
+        model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    if any(g is None for g in got):
+        raise CalibrationError("ptq4vit_search: a quantizable layer did not run on the calibration images")
+    return got  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def search_layer(layer: nn.Module, slots: Sequence[str], args: tuple[Tensor, ...], out_fp: Tensor,
+                 grad: Optional[Tensor], metric_name: str, rounds: int, alpha: float = 0.01, beta: float = 1.2,
+                 steps: int = 100) -> dict[str, Params]:
+    """Alternating search of ``slots`` of one layer; returns the best parameters per slot.
+
+    The layer's FakeQuants are left at the returned values.
+    """
+    metric = get_metric(metric_name)
+    fqs = {s: getattr(layer, s) for s in slots}
+    ratios = grid(alpha, beta, steps)
+    cands = {s: candidates(fq, layer.weight if s == "weight_quant" else args[SLOT_ARG[s]], ratios, alpha, beta, steps)
+             for s, fq in fqs.items()}
+    for _ in range(rounds):
+        for s, fq in fqs.items():
+            if not cands[s]:
+                continue
+            # the other activation slots are fixed while this one is searched: quantize their inputs once
+            frozen = [o for o in fqs if o != s and o in SLOT_ARG]
+            a = list(args)
+            for o in frozen:
+                a[SLOT_ARG[o]] = fqs[o](a[SLOT_ARG[o]])
+                fqs[o].enabled = False
+            try:
+                best: Optional[Params] = None
+                best_err = math.inf
+                for cand in cands[s]:
+                    fq.set_params(cand)
+                    err = float(metric(layer(*a), out_fp, grad))
+                    if err < best_err:  # ties keep the earlier (smaller) candidate
+                        best, best_err = cand, err
+            finally:
+                for o in frozen:
+                    fqs[o].enabled = True
+            if best is None:
+                raise CalibrationError(f"ptq4vit_search: every candidate of {fq.site} gave a non-finite error")
+            fq.set_params(best)
+    return {s: {k: v.clone() for k, v in fq.params.items()} for s, fq in fqs.items()}
+
+
+@register_pass("ptq4vit_search", metric="hessian", alpha=0.01, beta=1.2, steps=100, rounds=3, grad="quant",
+               max_images=32, roles=None)
+def ptq4vit_search_pass(model: nn.Module, ctx: Any, metric: str = "hessian", alpha: float = 0.01,
+                        beta: float = 1.2, steps: int = 100, rounds: int = 3, grad: str = "quant",
+                        max_images: int = 32, roles: Optional[Sequence[str]] = None) -> nn.Module:
+    """PTQ4ViT: per-layer search of quantizer scales by (Hessian-guided) layer-output error."""
+    get_metric(metric)
+    if grad not in GRAD_MODES:
+        raise ConfigError(f"ptq4vit_search grad {grad!r} is unknown: use one of {', '.join(GRAD_MODES)}")
+    if not (0 < float(alpha) <= float(beta)):
+        raise ConfigError(f"ptq4vit_search needs 0 < alpha <= beta, got alpha={alpha} beta={beta}")
+    if int(steps) < 1 or int(rounds) < 1 or int(max_images) < 1:
+        raise ConfigError("ptq4vit_search steps, rounds and max_images must be >= 1")
+    layers = search_layers(model, roles)
+    if not layers:
+        log.warning("ptq4vit_search: no calibrated quantization site to search; nothing to do")
+        return model
+    x = _calib_images(ctx, int(max_images))
+    mods = [m for m, _ in layers]
+    with disabled(model):
+        captured = _capture(model, x, mods)  # parallel: float inputs and outputs
+        ref = model(x).detach()
+    grads: list[Optional[Tensor]] = [None] * len(mods)
+    if metric in GRADIENT_METRICS:
+        grads = list(_gradients(model, x, mods, ref, grad, ctx.seed))
+    initial = [{s: {k: v.clone() for k, v in getattr(m, s).params.items()} for s in slots} for m, slots in layers]
+    results = []
+    for (m, slots), (args, out), g in zip(layers, captured, grads, strict=True):
+        results.append(search_layer(m, slots, args, out, g, metric, int(rounds), float(alpha), float(beta),
+                                    int(steps)))
+        for s in slots:  # parallel semantics: later layers are searched against the initial state
+            getattr(m, s).set_params(initial[len(results) - 1][s])
+    for (m, slots), best in zip(layers, results, strict=True):
+        for s in slots:
+            getattr(m, s).set_params(best[s])
+    log.info("ptq4vit_search: %d layers, metric %s, %d grid points, %d rounds, %d images",
+             len(layers), metric, int(steps) + 1, rounds, x.shape[0])
+    return model
+
+
+def _calib_images(ctx: Any, max_images: int) -> Tensor:
+    xs, n = [], 0
+    for b in ctx.calib_batches(desc="ptq4vit_search"):
+        xs.append(b[: max_images - n])
+        n += xs[-1].shape[0]
+        if n >= max_images:
+            break
+    if n == 0:
+        raise CalibrationError("ptq4vit_search saw no calibration images: pass at least one")
+    return torch.cat(xs)
+
+
+def _gradients(model: nn.Module, x: Tensor, mods: Sequence[nn.Module], ref_logits: Tensor, mode: str,
+               seed: int) -> list[Tensor]:
+    p_fp = ref_logits.softmax(-1)
+    if mode == "quant":
+        return output_grads(model, x, mods, lambda logits: kl_to_reference(logits, p_fp))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    labels = torch.multinomial(p_fp.float().cpu(), 1, generator=gen).squeeze(1).to(ref_logits.device)
+    with disabled(model):
+        return output_grads(model, x, mods, lambda logits: sampled_nll(logits, labels))
+
+
+__all__ = ["GRAD_MODES", "candidates", "grid", "ptq4vit_search_pass", "search_layer", "search_layers"]
