@@ -4,6 +4,9 @@
 * ``percentile`` - the ``p`` and ``1 - p`` quantiles of the observed values.
 * ``mse``        - search of a clipping ratio on a grid, minimising ``||fake_quant(x) - x||^2``
                    per granularity group (OMSE). The search calls the quantizer's ``fake_quant``.
+* ``pct_mse``    - RepQ-ViT's range search: the ``(1-p, p)`` quantiles for ``p`` in
+                   ``PCT_GRID`` = {0.999, 0.9999, 0.99999}, the one with the least squared error of
+                   ``fake_quant`` per group (zkkli/RepQ-ViT quant/quantizer.py, METHODS.md Notation).
 
 Observed values are kept as a bounded random sample of rows (``max_elements``), seeded, so the
 memory of a site does not grow with the calibration set; min / max are tracked exactly.
@@ -22,6 +25,8 @@ from .quantizers.base import Params, QuantSpec, fake_quant, get_quantizer, init_
 
 #: clipping ratios searched by the ``mse`` observer (1.0 = min-max range)
 MSE_GRID = tuple(round(1.0 - 0.01 * i, 2) for i in range(80))
+#: percentiles tried by the ``pct_mse`` observer (RepQ-ViT's activation and weight grid)
+PCT_GRID = (0.999, 0.9999, 0.99999)
 DEFAULT_MAX_ELEMENTS = 1 << 20
 
 
@@ -45,7 +50,7 @@ class Observer:
 
     @property
     def keeps_sample(self) -> bool:
-        return self.spec.observer in ("percentile", "mse") or _sample_hook(self.spec) is not None
+        return self.spec.observer in ("percentile", "mse", "pct_mse") or _sample_hook(self.spec) is not None
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -93,6 +98,9 @@ class Observer:
         if spec.observer == "mse" and hook is None:
             assert self.sample is not None
             params = mse_search(self.sample, lo, hi, spec)
+        if spec.observer == "pct_mse" and hook is None:
+            assert self.sample is not None
+            params = percentile_search(self.sample, spec)
         return {k: v.reshape(shape) for k, v in params.items()}
 
 
@@ -120,6 +128,23 @@ def mse_search(rows: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec,
     best: Optional[Params] = None
     for r in grid:
         p = init_params(lo * r, hi * r, spec)
+        err = (fake_quant(rows, p, spec) - rows).pow(2).mean(0)
+        if best is None or best_err is None:
+            best, best_err = p, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = {k: torch.where(better, p[k], best[k]) for k in p}
+    assert best is not None
+    return best
+
+
+def percentile_search(rows: Tensor, spec: QuantSpec, grid: tuple[float, ...] = PCT_GRID) -> Params:
+    """Per group, the percentile range of ``grid`` with the least squared error (calls fake_quant)."""
+    best_err: Optional[Tensor] = None
+    best: Optional[Params] = None
+    for pct in grid:
+        p = init_params(*quantile_range(rows, pct), spec)
         err = (fake_quant(rows, p, spec) - rows).pow(2).mean(0)
         if best is None or best_err is None:
             best, best_err = p, err

@@ -46,4 +46,5 @@ def get_pass(name: str) -> PassInfo:
 def _ensure_loaded() -> None:
     from . import calibrate  # noqa: F401  (registration)
     from . import tanq_calib  # noqa: F401  (registration: tanq_calibrate)
+    from . import ptq4vit, repq  # noqa: F401  (registration: ptq4vit_search, reparam)
     from . import oas, reconstruct  # noqa: F401  (registration: reconstruct, oas)

@@ -26,7 +26,7 @@ from ..granularity import Granularity, PerTensor, PerToken, parse_granularity
 
 Params = dict[str, Tensor]
 
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "percentile", "mse", "pct_mse")
 
 
 @dataclass(frozen=True)
