@@ -224,14 +224,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _exclude_roles(recipe: Any, roles: list[str]) -> Any:
-    from .recipes import Recipe
+    from dataclasses import replace
 
     rules = dict(recipe.rules)
     for r in roles:
         rules[f"act:{r}"] = None
         rules[f"weight:{r}"] = None
-    return Recipe(recipe.name, recipe.description, recipe.paper, recipe.calib_size, tuple(rules.items()),
-                  recipe.overrides, recipe.passes, recipe.version)
+    return replace(recipe, rules=tuple(rules.items()))
 
 
 def _write_json(path: Optional[str], obj: dict[str, Any]) -> None:

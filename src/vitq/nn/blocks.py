@@ -73,7 +73,10 @@ class QSoftmax(nn.Module, QuantSlots):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return SOFTMAX_IMPLS[self.impl](x, self.dim)
+        fn = SOFTMAX_IMPLS[self.impl]
+        if getattr(fn, "takes_input_quant", False):  # integer softmax needs the input's grid
+            return fn(x, self.dim, self.input_quant)
+        return fn(x, self.dim)
 
 
 def _float_softmax(x: Tensor, dim: int) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..bits import Bits
-from ..nn import FakeQuant, QuantSlots
+from ..nn import FakeQuant, QSoftmax, QuantSlots
 from ..recipes import Recipe
 
 
@@ -24,6 +24,9 @@ def insert_quantizers(model: nn.Module, recipe: Recipe, bits: Bits) -> nn.Module
         rule = recipe.rule_for(kind, role, name)
         fq = None if rule is None else FakeQuant(rule.resolve(bits), role, site=f"{name}.{slot}", kind=kind)
         setattr(mod, slot, fq)
+    for mod in model.modules():
+        if isinstance(mod, QSoftmax):
+            mod.impl = recipe.softmax
     return model
 
 
@@ -36,4 +39,6 @@ def manifest(model: nn.Module) -> list[dict[str, Any]]:
             out.append(fq.manifest_entry())
         else:
             out.append({"site": f"{name}.{slot}", "role": str(role), "kind": kind, "quantizer": "float"})
+        if isinstance(mod, QSoftmax):
+            out[-1]["softmax"] = mod.impl
     return out

@@ -6,14 +6,20 @@ Loading validates everything: an unknown key, role, quantizer or pass is an erro
 
 Rule resolution for a site (kind ``act`` or ``weight``, role R, module name N):
 ``overrides`` matching N (first match) > ``kind:R`` > ``kind:*``; the wildcard does not reach the
-fully-quantized roles (LN_IN, SOFTMAX_IN, RESIDUAL), which a recipe must name. A rule value of ``null`` means
-"leave this site in float". A rule's ``bits`` is ``W``, ``A`` (taken from the run's WxAy) or an int.
+fully-quantized roles (LN_IN, SOFTMAX_IN, RESIDUAL), which a recipe must name - unless it sets
+``full_quant: true`` (fully-quantized mode: those sites then follow ``act:*`` too, unless named). A rule
+value of ``null`` means "leave this site in float". A rule's ``bits`` is ``W``, ``A`` (taken from the
+run's WxAy) or an int. ``softmax`` names the :class:`~vitq.nn.QSoftmax` implementation (``float``, or
+``int_exp``: FQ-ViT / I-BERT integer exponent). ``extends`` takes a recipe or a list of recipes,
+merged left to right: rules accumulate (later wins per key); any other key of a later base wins
+where it is not the default; the recipe's own keys win over all (``extends: [fq, repq]`` = repq,
+fully quantized).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -92,6 +98,8 @@ class Recipe:
     overrides: tuple[tuple[str, str, Optional[SiteRule]], ...] = ()  # (kind, regex, rule)
     passes: tuple[PassConfig, ...] = (PassConfig("calibrate"),)
     version: int = FORMAT_VERSION
+    full_quant: bool = False  # fully-quantized mode: LN_IN / SOFTMAX_IN / RESIDUAL follow act:*
+    softmax: str = "float"  # QSoftmax implementation (vitq.nn.SOFTMAX_IMPLS)
 
     def rule_for(self, kind: str, role: Role, module_name: str) -> Optional[SiteRule]:
         for k, pattern, rule in self.overrides:
@@ -100,7 +108,7 @@ class Recipe:
         table = dict(self.rules)
         if f"{kind}:{role.value}" in table:
             return table[f"{kind}:{role.value}"]
-        if role in FULL_QUANT_ROLES:
+        if role in FULL_QUANT_ROLES and not self.full_quant:
             return None  # fully-quantized sites only by name
         return table.get(f"{kind}:*")
 
@@ -110,8 +118,7 @@ class Recipe:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"bad module-name pattern {pattern!r} ({e}): use a Python regular expression") from None
-        return Recipe(self.name, self.description, self.paper, self.calib_size, self.rules,
-                      tuple(extra) + self.overrides, self.passes, self.version)
+        return replace(self, overrides=tuple(extra) + self.overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +128,7 @@ class Recipe:
             "overrides": [{"kind": k, "pattern": p, "rule": None if r is None else r.to_dict()}
                           for k, p, r in self.overrides],
             "passes": [p.to_dict() for p in self.passes],
+            "full_quant": self.full_quant, "softmax": self.softmax,
         }
 
     @classmethod
@@ -128,13 +136,19 @@ class Recipe:
         from ..passes.registry import validate_pass
 
         allowed = {"type", "version", "name", "description", "paper", "calib_size", "rules", "overrides",
-                   "passes", "extends"}
+                   "passes", "extends", "full_quant", "softmax"}
         unknown = set(d) - allowed
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}; allowed are {sorted(allowed)}")
         base: dict[str, Any] = {}
-        if d.get("extends"):
-            base = load_recipe(str(d["extends"])).to_dict()
+        ext = d.get("extends")
+        defaults = cls(name="").to_dict()
+        for i, name in enumerate([] if not ext else ext if isinstance(ext, list) else [ext]):
+            b = load_recipe(str(name)).to_dict()
+            # a later base overrides an earlier one only where it differs from the defaults, so
+            # extends: [fq, repq] is repq in fully-quantized mode
+            b = {k: v for k, v in b.items() if i == 0 or k == "name" or v != defaults.get(k)}
+            base = {**base, **b, "rules": {**(base.get("rules") or {}), **(b.get("rules") or {})}}
         rules_in = {**(base.get("rules") or {}), **(d.get("rules") or {})}
         rules: list[tuple[str, Optional[SiteRule]]] = []
         for key, val in rules_in.items():
@@ -158,12 +172,20 @@ class Recipe:
                 raise ConfigError(f"{source}: every pass needs a 'pass: NAME' entry")
             validate_pass(name, p, source)
             passes.append(PassConfig(name, tuple(sorted(p.items()))))
+        full_quant = d.get("full_quant", base.get("full_quant", False))
+        if not isinstance(full_quant, bool):
+            raise ConfigError(f"{source}: full_quant must be true or false, got {full_quant!r}")
+        softmax = str(d.get("softmax", base.get("softmax", "float")))
+        from ..nn import SOFTMAX_IMPLS
+
+        if softmax not in SOFTMAX_IMPLS:
+            raise ConfigError(f"{source}: unknown softmax {softmax!r}: use one of {', '.join(sorted(SOFTMAX_IMPLS))}")
         return cls(
             name=str(d.get("name", base.get("name", source))),
             description=str(d.get("description", "")), paper=str(d.get("paper", "")),
             calib_size=int(d.get("calib_size", base.get("calib_size", 32))),
             rules=tuple(rules), overrides=tuple(overrides), passes=tuple(passes),
-            version=int(d.get("version", FORMAT_VERSION)),
+            version=int(d.get("version", FORMAT_VERSION)), full_quant=full_quant, softmax=softmax,
         )
 
 
