@@ -329,3 +329,21 @@ def test_resume_after_sigkill_gives_the_same_result(tmp_path: Path) -> None:
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reconstructed_model_saves_and_loads_identically(tmp_path: Path) -> None:
+    from vitq.export import load_quantized, save_quantized
+    from vitq.models import ModelSource
+
+    model = tiny_vit()
+    src = tmp_path / "float.pt"
+    torch.save(model, src)
+    x = torch.randn(16, 3, 16, 16)
+    f = tmp_path / "q.yaml"
+    f.write_text("extends: qdrop\npasses:\n  - pass: calibrate\n  - pass: reconstruct\n    iters: 5\n"
+                 "    batch_size: 8\n    num_samples: 16\n    qdrop_p: 0.5\n")
+    q = vitq.quantize(copy.deepcopy(model), str(f), "W4A4", calib_data=x, batch_size=8)
+    out = save_quantized(q, tmp_path / "exp", ModelSource("pickle", str(src)))
+    loaded = load_quantized(out, trust_pickle=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))

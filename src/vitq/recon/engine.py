@@ -285,7 +285,8 @@ def estimate_cache_bytes(shapes: Sequence[tuple[int, ...]], units: Sequence[tupl
     for a, b in units:
         x_in = math.prod(shapes[a])
         y_out = math.prod(shapes[b])
-        best = max(best, 2 * x_in + (2 if with_grad else 1) * y_out)
+        n_in = 1 if a == 0 else 2  # the first unit's quantized and float inputs are the same images
+        best = max(best, n_in * x_in + (2 if with_grad else 1) * y_out)
     return best * n * itemsize
 
 
@@ -534,6 +535,7 @@ class Reconstructor:
             bar = tqdm(total=cfg.iters, desc=f"{self.name} {u + 1}/{len(self.units)} {self.unit_names[u]}",
                        unit="it", leave=False)
         cur_c, cur = -1, None
+        t_train = time.perf_counter()
         try:
             drop = qdrop(act_sites(mods), float(cfg.qdrop_p), dev_gen) if cfg.qdrop_p < 1.0 else nullcontext()
             with torch.enable_grad(), drop:
@@ -581,6 +583,7 @@ class Reconstructor:
             for t in (*scales, *fp_params):
                 t.requires_grad_(False)
                 t.grad = None
+        counts["train_seconds"] = round(time.perf_counter() - t_train, 4)
         k = max(1, min(50, len(losses) // 10 or 1))
         counts["train_loss_first"] = sum(losses[:k]) / k if losses else None
         counts["train_loss_last"] = sum(losses[-k:]) / k if losses else None

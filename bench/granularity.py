@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Granularity curve: top-1 vs reconstruction-unit size at W4A4, per reference architecture.
+
+    python bench/granularity.py                       # every base reference model that exists
+    python bench/granularity.py --iters 200 --bits W4A4 --eval-size 10000
+
+For each model: one calibration (the ``qdrop`` recipe's quantizer set-up: weights per-channel, activations
+per-tensor, MSE-searched ranges, 1024 images), then the ``qdrop`` reconstruction (AdaRound + LSQ jointly,
+drop 0.5) with every candidate slicing OAS considers (half, block, blocks:k, stage, model), the same
+iterations per unit for every run. The slicing the ``oas`` recipe's proxy picks is marked.
+Writes ``bench/results/granularity.{json,md,png}``. Rows are cached in the JSON (``--fresh`` redoes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recon_common import RESULTS, Data, available, calibrate_once, fp_top1, load_rows, run_rest, save_rows, setup  # noqa: E402
+
+from vitq.adapters import get_adapter  # noqa: E402
+from vitq.bits import Bits  # noqa: E402
+from vitq.evaluate import evaluate  # noqa: E402
+from vitq.passes.oas import auto_candidates, select_slicing  # noqa: E402
+from vitq.pipeline import Context  # noqa: E402
+from vitq.recon import ReconConfig, float_copy  # noqa: E402
+from vitq.reference import load_reference  # noqa: E402
+
+log = logging.getLogger("bench.granularity")
+OUT = RESULTS / "granularity"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=["fmnist-vit", "fmnist-deit", "fmnist-swin"])
+    ap.add_argument("--bits", default="W4A4")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--lr-scale", type=float, default=10.0,
+                    help="multiply AdaRound / LSQ learning rates (fewer iterations than the published 20k)")
+    ap.add_argument("--eval-size", type=int, default=None)
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    setup()
+    models, missing = available(args.models)
+    if missing:
+        log.warning("missing reference models (skipped): %s", ", ".join(missing))
+    path = OUT.with_suffix(".json")
+    rows = [] if args.fresh else load_rows(path)
+    lr = {"lr_round": 1e-3 * args.lr_scale, "lr_act": 4e-5 * args.lr_scale}
+    meta = {"bits": args.bits, "iters_per_unit": args.iters, "lr_scale": args.lr_scale, **lr,
+            "recipe": "qdrop (slicing varied)", "calib_size": 1024, "missing_models": missing}
+    for name in models:
+        model = load_reference(name)
+        data = Data(model, 1024, args.eval_size)
+        done = {(r["model"], r["bits"], r["slicing"], r["iters"], r.get("lr_scale")) for r in rows}
+        fp = fp_top1(model, data)
+        qcal, cal_s, cal_rss = calibrate_once(model, "qdrop", args.bits, data)
+        chain = get_adapter(qcal).chain(qcal)
+        cands = auto_candidates(chain)
+        ctx = Context(calib=data.calib, bits=Bits.parse(args.bits), batch_size=64)
+        fp_model = float_copy(qcal)
+        pick = select_slicing(qcal, ctx, ReconConfig(), data.calib, fp_model)
+        if ("calib-only",) not in {(r["slicing"],) for r in rows if r["model"] == name and r["bits"] == args.bits}:
+            res = evaluate(qcal, data.eval_loader)
+            rows.append({"model": name, "bits": args.bits, "slicing": "calib-only", "iters": 0, "lr_scale": None,
+                         "fp_top1": fp, "q_top1": round(res["top1"], 2), "eval_size": res["n"],
+                         "calib_seconds": round(cal_s, 1), "blocks_per_unit": None})
+            save_rows(path, rows, meta)
+        for s in cands:
+            if (name, args.bits, s, args.iters, args.lr_scale) in done:
+                continue
+            log.info("%s %s slicing %s, %d iterations per unit", name, args.bits, s, args.iters)
+            q, secs, rss = run_rest(qcal, "qdrop", args.bits, data, {"slicing": s, "iters": args.iters, "lr_scale": args.lr_scale})
+            res = evaluate(q, data.eval_loader)
+            rep = q.vitq_reconstruction[-1]
+            rows.append({"model": name, "bits": args.bits, "slicing": s, "iters": args.iters, "lr_scale": args.lr_scale,
+                         "fp_top1": fp, "q_top1": round(res["top1"], 2), "eval_size": res["n"],
+                         "blocks_per_unit": rep["blocks_per_unit"], "units": rep["units"],
+                         "recon_seconds": round(secs, 1), "calib_seconds": round(cal_s + secs, 1),
+                         "peak_rss_mb": round(max(rss, cal_rss), 1), "oas_pick": s == pick["chosen"],
+                         "oas_proxy": next(c["proxy"] for c in pick["candidates"] if c["slicing"] == s),
+                         "final_unit_loss": sum(u["loss_after"] for u in rep["unit_reports"])})
+            save_rows(path, rows, {**meta, f"oas_{name}": {k: pick[k] for k in ("chosen", "tau", "boundary_ratios")}})
+            del q
+        for r in rows:
+            if r["model"] == name and r["slicing"] not in ("calib-only",):
+                r["oas_pick"] = r["slicing"] == pick["chosen"]
+        meta[f"oas_{name}"] = {k: pick[k] for k in ("chosen", "tau", "boundary_ratios")}
+        save_rows(path, rows, meta)
+        del qcal, fp_model
+    write_report(path)
+    return 0
+
+
+def write_report(path: Path) -> None:
+    import json
+
+    d = json.loads(path.read_text())
+    rows, meta = d["rows"], d["meta"]
+    lines = [f"# Granularity curve ({meta['bits']}, qdrop reconstruction, {meta['iters_per_unit']} iterations per unit)",
+             "", f"Same iterations per unit in every run; AdaRound lr {meta['lr_round']:g}, LSQ lr {meta['lr_act']:g} "
+             f"(published 1e-3 / 4e-5 for 20k iterations, scaled x{meta['lr_scale']:g} for the CPU budget). "
+             "1024 calibration images, top-1 on the Fashion-MNIST test split. `*` = the slicing the `oas` "
+             "proxy picks (chosen before any reconstruction).", ""]
+    if meta.get("missing_models"):
+        lines += [f"Missing (not trained yet): {', '.join(meta['missing_models'])}.", ""]
+    lines += ["| model | FP | calib only | slicing | blocks / unit | units | top-1 | drop | recon s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mr = [r for r in rows if r["model"] == model]
+        cal = next((r for r in mr if r["slicing"] == "calib-only"), None)
+        for r in sorted((r for r in mr if r["slicing"] != "calib-only"), key=lambda r: r["blocks_per_unit"]):
+            mark = " *" if r.get("oas_pick") else ""
+            lines.append(f"| {model} | {r['fp_top1']:.2f} | {cal['q_top1'] if cal else '-'} | {r['slicing']}{mark} | "
+                         f"{r['blocks_per_unit']:g} | {r['units']} | {r['q_top1']:.2f} | {r['fp_top1'] - r['q_top1']:+.2f} | "
+                         f"{r['recon_seconds']:.0f} |")
+    for k, v in meta.items():
+        if k.startswith("oas_"):
+            ratios = v["boundary_ratios"]
+            lines += ["", f"OAS on {k[4:]}: tau = {v['tau']:g}, boundary outlier ratios max/median channel "
+                          f"inf-norm: min {min(ratios.values()):.2f}, max {max(ratios.values()):.2f} -> chose {v['chosen']}"]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mr = sorted((r for r in rows if r["model"] == model and r["slicing"] != "calib-only"),
+                        key=lambda r: r["blocks_per_unit"])
+            if not mr:
+                continue
+            xs, ys = [r["blocks_per_unit"] for r in mr], [r["q_top1"] for r in mr]
+            (line,) = ax.plot(xs, ys, "o-", label=model)
+            for r in mr:
+                ax.annotate(r["slicing"], (r["blocks_per_unit"], r["q_top1"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+                if r.get("oas_pick"):
+                    ax.plot([r["blocks_per_unit"]], [r["q_top1"]], "*", ms=16, color=line.get_color(),
+                            markeredgecolor="k")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("blocks per reconstruction unit (log2)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{meta['bits']} qdrop, {meta['iters_per_unit']} it/unit; star = OAS pick")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".png"), dpi=120)
+    except ImportError:
+        log.warning("matplotlib missing: no plot")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Shared plumbing of the reconstruction benchmarks (granularity.py, recon.py, recon_cost.py).
+
+Each benchmark row is one ``run_recipe`` on a fresh copy of a reference model with 1024 calibration
+images (seeded sample of the Fashion-MNIST train split) and top-1 on the Fashion-MNIST test split.
+Rows are merged into a JSON file keyed by their identity, so an interrupted benchmark continues
+where it stopped (``--fresh`` starts over).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vitq.bits import Bits  # noqa: E402
+from vitq.data import (  # noqa: E402
+    DataSpec,
+    Preprocess,
+    PreprocessConfig,
+    build_dataset,
+    calibration_subset,
+    eval_subset,
+    make_loader,
+    stack_images,
+)
+from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
+from vitq.passes.reconstruct import override_pass_options  # noqa: E402
+from vitq.pipeline import Context, run_recipe  # noqa: E402
+from vitq.recipes import list_recipes, load_recipe  # noqa: E402
+from vitq.reference import load_reference, weights_path  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+MODELS = ["fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-deit-outlier", "fmnist-swin", "fmnist-swin-outlier"]
+log = logging.getLogger("bench")
+
+
+def setup(threads: int = 1) -> None:
+    # tiny models are op-overhead bound: on the shared 2-core box a second intra-op thread only spins
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("vitq.passes", "vitq.pipeline"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def available(names: list[str]) -> tuple[list[str], list[str]]:
+    """(usable, missing) reference models: weights present and training finished."""
+    ok, missing = [], []
+    for n in names:
+        base = n.removesuffix("-outlier")
+        if not weights_path(base).is_file():
+            missing.append(n)
+            continue
+        try:
+            load_reference(n)
+            ok.append(n)
+        except Exception as e:  # still training, or no outlier scales yet
+            log.warning("skipping %s: %s", n, e)
+            missing.append(n)
+    return ok, missing
+
+
+class Data:
+    """Calibration images (tensor) and the evaluation loader of one reference model."""
+
+    def __init__(self, model: torch.nn.Module, calib_size: int = 1024, eval_size: Optional[int] = None,
+                 seed: int = 0, batch_size: int = 256) -> None:
+        pre = Preprocess(PreprocessConfig.from_model(model))
+        spec = DataSpec.parse("fashion-mnist")
+        self.calib, _ = stack_images(calibration_subset(build_dataset(spec, "train", pre), calib_size, seed))
+        self.eval_loader = make_loader(eval_subset(build_dataset(spec, "eval", pre), eval_size), batch_size=batch_size)
+
+
+def quantize_row(name: str, model: torch.nn.Module, data: Data, recipe: str, bits: str,
+                 overrides: Optional[dict[str, Any]] = None, seed: int = 0,
+                 extra: Optional[Callable[[torch.nn.Module], dict[str, Any]]] = None) -> dict[str, Any]:
+    r = scaled_recipe(recipe, overrides)
+    reset_peak_rss()
+    q = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    run_recipe(q, r, Context(calib=data.calib, bits=Bits.parse(bits), seed=seed, batch_size=64))
+    secs = time.perf_counter() - t0
+    res = evaluate(q, data.eval_loader)
+    rec = getattr(q, "vitq_reconstruction", []) or []
+    row: dict[str, Any] = {
+        "model": name, "recipe": recipe, "bits": bits, "q_top1": round(res["top1"], 2), "eval_size": res["n"],
+        "calib_size": int(data.calib.shape[0]), "calib_seconds": round(secs, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "overrides": overrides or {},
+        "slicing": rec[-1]["slicing"] if rec else None,
+        "blocks_per_unit": rec[-1]["blocks_per_unit"] if rec else None,
+        "units": rec[-1]["units"] if rec else None,
+        "iters": rec[-1]["config"]["iters"] if rec else 0,
+        "oas": rec[-1].get("oas") if rec else None,
+    }
+    if extra is not None:
+        row.update(extra(q))
+    return row
+
+
+def fp_top1(model: torch.nn.Module, data: Data) -> float:
+    return round(evaluate(model, data.eval_loader)["top1"], 2)
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    if path.is_file():
+        return list(json.loads(path.read_text()).get("rows", []))
+    return []
+
+
+def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+def has_recipe(name: str) -> bool:
+    return name in list_recipes()
+
+
+def calibrate_once(model: torch.nn.Module, recipe: str, bits: str, data: Data,
+                   seed: int = 0) -> tuple[torch.nn.Module, float, float]:
+    """Prepare + the recipe's leading ``calibrate`` pass only: (model, seconds, peak RSS MB). Rows that
+    share a recipe's quantizer set-up start from a deep copy of this and add these seconds."""
+    from dataclasses import replace
+
+    r = load_recipe(recipe)
+    if not r.passes or r.passes[0].name != "calibrate":
+        raise ValueError(f"recipe {recipe} does not start with a calibrate pass")
+    reset_peak_rss()
+    q = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    run_recipe(q, replace(r, passes=r.passes[:1]), Context(calib=data.calib, bits=Bits.parse(bits), seed=seed,
+                                                           batch_size=64))
+    return q, time.perf_counter() - t0, peak_rss_mb()
+
+
+def run_rest(calibrated: torch.nn.Module, recipe: str, bits: str, data: Data, overrides: Optional[dict[str, Any]] = None,
+             seed: int = 0) -> tuple[torch.nn.Module, float, float]:
+    """The recipe's passes after ``calibrate`` on a deep copy of ``calibrated``: (model, seconds, peak RSS MB)."""
+    from vitq.passes.registry import get_pass
+
+    r = scaled_recipe(recipe, overrides)
+    reset_peak_rss()
+    q = copy.deepcopy(calibrated)
+    ctx = Context(calib=data.calib, bits=Bits.parse(bits), seed=seed, batch_size=64)
+    t0 = time.perf_counter()
+    for pc in r.passes[1:]:
+        get_pass(pc.name).fn(q, ctx, **dict(pc.options))
+    return q, time.perf_counter() - t0, peak_rss_mb()
+
+
+def same_setup(a: str, b: str) -> bool:
+    """Do two recipes insert and calibrate the same quantizers (so one calibration serves both)?"""
+    ra, rb = load_recipe(a), load_recipe(b)
+    return (ra.rules == rb.rules and ra.overrides == rb.overrides and ra.passes[:1] == rb.passes[:1]
+            and ra.calib_size == rb.calib_size)
+
+
+LR_OPTIONS = ("lr_round", "lr_act", "lr_weight")
+
+
+def scaled_recipe(recipe: str, overrides: Optional[dict[str, Any]] = None) -> Any:
+    """``recipe`` with ``overrides`` applied to every pass that has the option; the special key
+    ``lr_scale`` multiplies each reconstruction pass's own learning rates (BRECQ's two passes keep
+    their ratio), for runs with far fewer iterations than the published 20k."""
+    from dataclasses import replace
+
+    from vitq.passes.registry import get_pass
+    from vitq.recipes import PassConfig
+
+    ov = dict(overrides or {})
+    scale = float(ov.pop("lr_scale", 1.0))
+    r = load_recipe(recipe)
+    if ov:
+        r = override_pass_options(r, **ov)
+    if scale != 1.0:
+        passes = []
+        for pc in r.passes:
+            allowed = get_pass(pc.name).options
+            opts = dict(pc.options)
+            for k in LR_OPTIONS:
+                if k in allowed:
+                    opts[k] = float(opts.get(k, allowed[k])) * scale
+            passes.append(PassConfig(pc.name, tuple(sorted(opts.items()))))
+        r = replace(r, passes=tuple(passes))
+    return r
