@@ -37,7 +37,9 @@ from vitq.recipes import load_recipe  # noqa: E402
 from vitq.reference import list_reference_models, load_reference, weights_path  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_RECIPES = ["minmax", "percentile", "omse"]
+DEFAULT_RECIPES = ["minmax", "percentile", "omse", "ptq4vit", "repq", "fqvit"]
+#: fully-quantized variants (FQ-ViT Table 2 protocol), benchmarked at W8A8: --recipes ... --bits W8A8
+FULL_QUANT_RECIPES = ["fq", "percentile-fq", "omse-fq", "ptq4vit-fq", "fqvit"]
 DEFAULT_BITS = ["W8A8", "W6A6", "W4A4", "W3A3"]
 log = logging.getLogger("bench")
 

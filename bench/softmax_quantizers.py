@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import platform
@@ -49,7 +50,7 @@ from vitq.nn import FakeQuant, QAttention, QWindowAttention
 from vitq.passes.tanq_calib import capture_attention
 from vitq.quantizers import get_quantizer
 from vitq.quantizers.tan import THETA_GRID, attention_output_error
-from vitq.reference import list_reference_models, load_reference
+from vitq.reference import OUTLIER_SUFFIX, list_reference_models, load_reference, weights_path
 
 log = logging.getLogger("softmax_quantizers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +72,10 @@ CANDIDATES = (
               note="asymmetric uniform, min-max range (BasePTQ)"),
     Candidate("log2", {"quantizer": "log2", "observer": "minmax"},
               note="FQ-ViT log2, s = max A; top code = 0"),
-    Candidate("log_sqrt2", {"quantizer": "log_sqrt2", "observer": "mse"},
-              note="RepQ-ViT log-sqrt2, s by MSE clip search; top code = 0"),
+    Candidate("log_sqrt2", {"quantizer": "log_sqrt2", "observer": "minmax"},
+              note="RepQ-ViT log-sqrt2, s = max A; top code = 0"),
+    Candidate("log_sqrt2-mse", {"quantizer": "log_sqrt2", "observer": "mse"},
+              note="log-sqrt2, s by our OMSE clip search (ratio 1.00..0.21 of max A, value MSE); top code = 0"),
     Candidate("tanq", {"quantizer": "tanq", "observer": "minmax", "options": {"theta": 0.9}},
               note="TanQ [R] Variant A, θ = 0.9, s = max A"),
     Candidate("tanq-search", {"quantizer": "tanq", "observer": "minmax"}, search=True,
@@ -84,7 +87,8 @@ CANDIDATES = (
 
 def recipe_for(cand: Candidate, calib_images: int) -> Recipe:
     """A user-style recipe: everything float (``extends: fp``) except the post-Softmax site."""
-    passes: list[dict[str, Any]] = [{"pass": "calibrate"}]
+    # a 256k-value sample per site is plenty for a scalar range and keeps the MSE search cheap
+    passes: list[dict[str, Any]] = [{"pass": "calibrate", "max_elements": 1 << 18}]
     if cand.search:
         passes.append({"pass": "tanq_calibrate", "thetas": list(THETA_GRID), "scales": ["one", "quantile"],
                        "max_images": calib_images})
@@ -120,6 +124,23 @@ def load_data(model: nn.Module, calib_size: int, eval_size: int | None, error_im
     # attention maps for the error come from the END of the test split: never calibration images
     err_x, _ = stack_images(torch.utils.data.Subset(test, list(range(len(test) - error_images, len(test)))))
     return calib_x, loader, err_x
+
+
+def weights_sha256(name: str) -> str:
+    base = name[: -len(OUTLIER_SUFFIX)] if name.endswith(OUTLIER_SUFFIX) else name
+    return hashlib.sha256(weights_path(base).read_bytes()).hexdigest()
+
+
+def reusable(path: Path, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-model results of an earlier run with the same settings (``--reuse``), by model name."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    keys = ("bits", "quantizers", "eval_size", "calib_size", "error_images", "seed", "theta_grid", "recipes")
+    if any(old.get("config", {}).get(k) != config[k] for k in keys):
+        log.info("--reuse: %s was made with other settings; measuring everything", path)
+        return {}
+    return {m["model"]: m for m in old.get("models", [])}
 
 
 def run_model(name: str, args: argparse.Namespace, fig_values: dict[str, Tensor]) -> dict[str, Any]:
@@ -161,8 +182,8 @@ def run_model(name: str, args: argparse.Namespace, fig_values: dict[str, Tensor]
             rows.append(row)
             log.info("%s A%d %-19s top-1 %6.2f (%+.2f)  err mean %.4g worst %.4g (layer %d)", name, bits,
                      cand.label, row["top1"], row["delta_top1"], row["err_mean"], row["err_worst"], worst)
-    return {"model": name, "fp_top1": fp["top1"], "n_eval": fp["n"], "n_layers": len(cores),
-            "rows": rows, "seconds": time.perf_counter() - t0}
+    return {"model": name, "weights_sha256": weights_sha256(name), "fp_top1": fp["top1"], "n_eval": fp["n"],
+            "n_layers": len(cores), "rows": rows, "seconds": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +214,12 @@ def markdown(result: dict[str, Any]) -> str:
     for c in CANDIDATES:
         if not cfg["quantizers"] or c.label in cfg["quantizers"]:
             lines.append(f"- `{c.label}`: {c.note}")
+    ses = [(100 * (m["fp_top1"] / 100 * (1 - m["fp_top1"] / 100) / m["n_eval"]) ** 0.5, m["n_eval"])
+           for m in result["models"]]
+    if ses:
+        se, n = max(ses)
+        lines += ["", f"Noise: one standard error of a top-1 measured on {n} images is about {se:.2f} points "
+                      "(binomial, at the FP accuracy); top-1 differences below ~2 SE are not meaningful."]
     if result["missing"]:
         lines += ["", f"Missing (no weights yet, not measured): {', '.join(result['missing'])}."]
     models = list(result["models"])
@@ -283,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench/results/softmax_quantizers"))
     ap.add_argument("--figure", default=str(ROOT / "docs/softmax_levels.png"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the models of an earlier --out JSON made with the same settings and weights")
     args = ap.parse_args(argv)
     args.eval_size = None if args.eval_size == "full" else int(args.eval_size)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -290,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
+    config = {"models": args.models, "bits": args.bits, "quantizers": args.quantizers,
+              "eval_size": args.eval_size, "calib_size": args.calib_size,
+              "error_images": args.error_images, "seed": args.seed, "threads": args.threads,
+              "theta_grid": list(THETA_GRID),
+              "recipes": {c.label: recipe_for(c, args.calib_size).to_dict() for c in CANDIDATES}}
+    out = Path(args.out)
+    old = reusable(out.with_suffix(".json"), config) if args.reuse else {}
     models, missing = [], []
     fig_values: dict[str, Tensor] = {}
     for name in args.models:
@@ -299,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("skipping %s: %s", name, e)
             missing.append(name)
             continue
+        prev = old.get(name)
+        if prev is not None and prev.get("weights_sha256") == weights_sha256(name) and \
+                (name != "fmnist-vit" or not args.figure):
+            log.info("%s: reusing the results in %s (same settings and weights)", name, out.with_suffix(".json"))
+            models.append(prev)
+            continue
         models.append(run_model(name, args, fig_values))
     if not models:
         log.error("no reference model has weights yet: nothing measured")
@@ -307,14 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "type": "vitq.bench.softmax_quantizers", "version": 1, "vitq": vitq.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(terse=True),
         "torch": torch.__version__, "python": sys.version.split()[0],
-        "config": {"models": args.models, "bits": args.bits, "quantizers": args.quantizers,
-                   "eval_size": args.eval_size, "calib_size": args.calib_size,
-                   "error_images": args.error_images, "seed": args.seed, "threads": args.threads,
-                   "theta_grid": list(THETA_GRID),
-                   "recipes": {c.label: recipe_for(c, args.calib_size).to_dict() for c in CANDIDATES}},
-        "missing": missing, "models": models, "seconds": time.perf_counter() - t0,
+        "config": config, "missing": missing, "models": models, "seconds": time.perf_counter() - t0,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
