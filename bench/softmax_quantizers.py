@@ -76,6 +76,9 @@ CANDIDATES = (
               note="RepQ-ViT log-sqrt2, s = max A; top code = 0"),
     Candidate("log_sqrt2-mse", {"quantizer": "log_sqrt2", "observer": "mse"},
               note="log-sqrt2, s by our OMSE clip search (ratio 1.00..0.21 of max A, value MSE); top code = 0"),
+    Candidate("log_sqrt2-pct", {"quantizer": "log_sqrt2", "observer": "pct_mse"},
+              note="log-sqrt2, s = the quantile q_p, p in {0.999, 0.9999, 0.99999}, with least value MSE "
+                   "(RepQ-ViT's search); top code = 0"),
     Candidate("tanq", {"quantizer": "tanq", "observer": "minmax", "options": {"theta": 0.9}},
               note="TanQ [R] Variant A, θ = 0.9, s = max A"),
     Candidate("tanq-search", {"quantizer": "tanq", "observer": "minmax"}, search=True,
@@ -132,18 +135,26 @@ def weights_sha256(name: str) -> str:
 
 
 def reusable(path: Path, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-model results of an earlier run with the same settings (``--reuse``), by model name."""
+    """``--reuse``: rows of an earlier run made with the same data settings, by model name and
+    ``(bits, quantizer)``; a row is kept only if its quantizer's recipe is unchanged."""
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    keys = ("bits", "quantizers", "eval_size", "calib_size", "error_images", "seed", "theta_grid", "recipes")
-    if any(old.get("config", {}).get(k) != config[k] for k in keys):
-        log.info("--reuse: %s was made with other settings; measuring everything", path)
+    oc = old.get("config", {})
+    keys = ("eval_size", "calib_size", "error_images", "seed", "theta_grid")
+    if any(oc.get(k) != config[k] for k in keys):
+        log.info("--reuse: %s was made with other data settings; measuring everything", path)
         return {}
-    return {m["model"]: m for m in old.get("models", [])}
+    same = {lab for lab, r in oc.get("recipes", {}).items() if config["recipes"].get(lab) == r}
+    out: dict[str, dict[str, Any]] = {}
+    for m in old.get("models", []):
+        rows = {(r["bits"], r["quantizer"]): r for r in m["rows"] if r["quantizer"] in same}
+        out[m["model"]] = {"sha": m.get("weights_sha256"), "rows": rows}
+    return out
 
 
-def run_model(name: str, args: argparse.Namespace, fig_values: dict[str, Tensor]) -> dict[str, Any]:
+def run_model(name: str, args: argparse.Namespace, fig_values: dict[str, Tensor],
+              done: dict[tuple[int, str], dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     base = load_reference(name)
     calib_x, loader, err_x = load_data(base, args.calib_size, args.eval_size, args.error_images, args.seed)
@@ -161,6 +172,9 @@ def run_model(name: str, args: argparse.Namespace, fig_values: dict[str, Tensor]
     for bits in args.bits:
         for cand in CANDIDATES:
             if args.quantizers and cand.label not in args.quantizers:
+                continue
+            if (bits, cand.label) in done:
+                rows.append(done[(bits, cand.label)])
                 continue
             t1 = time.perf_counter()
             model = copy.deepcopy(base)
@@ -225,7 +239,7 @@ def markdown(result: dict[str, Any]) -> str:
     models = list(result["models"])
     # summary: mean over models
     lines += ["", "## Summary (mean over the measured models)", "",
-              "| bits | quantizer | top-1 | Δ top-1 vs FP | attn-out err, layer mean | attn-out err, worst layer |",
+              "| bits | quantizer | top-1 | Δ top-1 vs FP | attn-out err, layer mean | attn-out err, worst layer (max over models) |",
               "|---|---|---|---|---|---|"]
     for bits in cfg["bits"]:
         for c in CANDIDATES:
@@ -336,12 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(name)
             continue
         prev = old.get(name)
-        if prev is not None and prev.get("weights_sha256") == weights_sha256(name) and \
-                (name != "fmnist-vit" or not args.figure):
-            log.info("%s: reusing the results in %s (same settings and weights)", name, out.with_suffix(".json"))
-            models.append(prev)
-            continue
-        models.append(run_model(name, args, fig_values))
+        done = prev["rows"] if prev is not None and prev["sha"] == weights_sha256(name) else {}
+        if done:
+            log.info("%s: reusing %d rows of %s (same settings, recipe and weights)", name, len(done),
+                     out.with_suffix(".json"))
+        models.append(run_model(name, args, fig_values, done))
     if not models:
         log.error("no reference model has weights yet: nothing measured")
         return 1
