@@ -29,6 +29,13 @@ re-calibrated on the new weights (RepQ-ViT test_quant.py, [V-code]).
 ``zero_point_target`` (default: the same as ``target``) chooses ``zt`` separately - METHODS.md
 §1b(ii) leaves MOSF's zero-point handling open [R].
 
+``clip_mad_k`` (default ``None``: off) - MOSF-MAD, **our reconstruction [R]** of DopQ-ViT v3's
+"MAD-guided" MOSF (METHODS.md §1e.3): before folding, every channel scale is clipped,
+``Δ_c <- min(Δ_c, median(Δ) + k·MAD(Δ))`` (equivalently ``r_c <= median(r) + k·MAD(r)``), the
+channel zero points ``z_c`` kept. Unlike a target statistic this changes the quantized model:
+channel c is then gridded with ``(Δ'_c, z_c)``, i.e. outlier channels lose range (are clipped) for
+finer steps. The float function is unchanged (the folding is exact for any ``r``).
+
 What the target changes (measured in tests/test_baselines.py, derivation ours): the *scale* target
 cancels - activation codes are those of the channel-wise grid for any ``Δt``, and ``W·diag(r)``
 changes only by a global factor that a per-output-channel weight quantizer absorbs - so two scale
@@ -95,11 +102,31 @@ def get_target(name: str) -> Target:
         raise ConfigError(f"unknown reparameterization target {name!r}: use one of {', '.join(sorted(TARGETS))}") from None
 
 
+def clip_scales_mad(scale: Tensor, k: float) -> Tensor:
+    """MOSF-MAD [R, ours]: ``min(Δ_c, median(Δ) + k·MAD(Δ))``, MAD = median absolute deviation."""
+    med = scale.median()
+    mad = (scale - med).abs().median()
+    return torch.minimum(scale, med + float(k) * mad)
+
+
+def check_clip_mad_k(k: Any) -> Optional[float]:
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not float(k) >= 0:
+        raise ConfigError(f"reparam clip_mad_k {k!r} must be a number >= 0 (e.g. 3) or null for no clipping")
+    return float(k)
+
+
 def reparam_scales(scale: Tensor, zero_point: Tensor, target: str = "mean", round_zero_point: bool = False,
-                   zero_point_target: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(r, b, Δt, zt)`` of the equations above from per-channel ``Δ_c``, ``z_c`` (shape (C,))."""
+                   zero_point_target: Optional[str] = None, clip_mad_k: Optional[float] = None,
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(r, b, Δt, zt)`` of the equations above from per-channel ``Δ_c``, ``z_c`` (shape (C,));
+    with ``clip_mad_k`` the scales are MAD-clipped first (:func:`clip_scales_mad`)."""
     fn, zfn = get_target(target), get_target(zero_point_target or target)
+    k = check_clip_mad_k(clip_mad_k)
     scale, zero_point = scale.reshape(-1).double(), zero_point.reshape(-1).double()
+    if k is not None:
+        scale = clip_scales_mad(scale, k)
     dt, zt = fn(scale), zfn(zero_point)
     if round_zero_point:
         zt = zt.round()
@@ -118,7 +145,8 @@ def _act_slot(mod: nn.Module) -> str:
 
 @torch.no_grad()
 def reparameterize(model: nn.Module, target: str = "mean", round_zero_point: bool = False,
-                   adapter: Any = None, zero_point_target: Optional[str] = None) -> int:
+                   adapter: Any = None, zero_point_target: Optional[str] = None,
+                   clip_mad_k: Optional[float] = None) -> int:
     """Fold every channel-wise post-LN input quantizer into its LayerNorm (see module docstring).
 
     Pairs whose consumers have no enabled, calibrated, channel-wise uniform input quantizer are
@@ -126,6 +154,7 @@ def reparameterize(model: nn.Module, target: str = "mean", round_zero_point: boo
     """
     get_target(target)
     get_target(zero_point_target or target)
+    check_clip_mad_k(clip_mad_k)
     adapter = adapter or get_adapter(model)
     done = 0
     for pair in adapter.ln_consumers(model):
@@ -146,7 +175,8 @@ def reparameterize(model: nn.Module, target: str = "mean", round_zero_point: boo
             if fq.spec != fq0.spec or any(not torch.equal(fq.params[k], fq0.params[k]) for k in fq0.params):
                 raise ModelError(f"reparam: consumers of {pair.ln_name} have different input quantizers; "
                                  "they share one LayerNorm, so give them one rule")
-        r, b, dt, zt = reparam_scales(fq0.scale, fq0.zero_point, target, round_zero_point, zero_point_target)
+        r, b, dt, zt = reparam_scales(fq0.scale, fq0.zero_point, target, round_zero_point, zero_point_target,
+                                    clip_mad_k)
         fold_ln_affine(ln, consumers, r.to(ln.weight.device), b.to(ln.weight.device))
         spec = fq0.spec.with_(granularity=PerTensor())
         for c, s, fq in zip(consumers, slots, fqs, strict=True):
@@ -158,18 +188,20 @@ def reparameterize(model: nn.Module, target: str = "mean", round_zero_point: boo
     return done
 
 
-@register_pass("reparam", target="mean", round_zero_point=False, zero_point_target=None)
+@register_pass("reparam", target="mean", round_zero_point=False, zero_point_target=None, clip_mad_k=None)
 def reparam_pass(model: nn.Module, ctx: Any, target: str = "mean", round_zero_point: bool = False,
-                 zero_point_target: Optional[str] = None) -> nn.Module:
+                 zero_point_target: Optional[str] = None, clip_mad_k: Optional[float] = None) -> nn.Module:
     """RepQ-ViT: fold channel-wise post-LayerNorm quantizers into LayerNorm + Linear (per-tensor after)."""
-    n = reparameterize(model, target, bool(round_zero_point), getattr(ctx, "adapter", None), zero_point_target)
+    n = reparameterize(model, target, bool(round_zero_point), getattr(ctx, "adapter", None), zero_point_target,
+                       clip_mad_k)
     if n == 0:
         log.warning("reparam: no LayerNorm consumer has a channel-wise uniform input quantizer; nothing to do "
                     "(give act:QKV_IN / act:FC1_IN / act:REDUCTION_IN granularity: channel)")
     else:
-        log.info("reparam: %d LayerNorms reparameterized (target %s)", n, target)
+        log.info("reparam: %d LayerNorms reparameterized (target %s%s)", n, target,
+                 "" if clip_mad_k is None else f", scales MAD-clipped at k={clip_mad_k}")
     return model
 
 
-__all__ = ["MAD_CLIP_K", "TARGETS", "get_target", "register_target", "reparam_pass", "reparam_scales",
+__all__ = ["MAD_CLIP_K", "TARGETS", "check_clip_mad_k", "clip_scales_mad", "get_target", "register_target", "reparam_pass", "reparam_scales",
            "reparameterize"]
