@@ -13,6 +13,9 @@ For unit U (pieces a..b) with float function F_U and quantized function F̂_U:
   ``lr_round``), LSQ activation step sizes (``acts="lsq"``: the FakeQuant ``scale`` buffers are
   trained, Adam lr ``lr_act``, cosine), FP weights (``weights="fp"``, I&S-ViT mode: weight and
   bias of the unit's quantized layers, Adam lr ``lr_weight``, cosine, straight-through rounding).
+* ``act_quant`` / ``weight_quant`` false switch every activation / weight FakeQuant off for the
+  pass (I&S-ViT's stage 1 is ``weights="fp", acts="none", weight_quant=false``: activations
+  quantized, weights float and trained; METHODS.md §1b(iv)).
 * At the end of a unit AdaRound is hard-rounded (h = 1[V ≥ 0]) and the quantized weight is
   written into the layer's ``weight`` (it lies on the grid, so the unchanged weight FakeQuant maps
   it to itself and a saved model needs no extra state); LSQ scales stay in the ``scale`` buffers.
@@ -76,6 +79,7 @@ class ReconConfig:
     weights: str = "adaround"
     acts: str = "lsq"
     act_quant: bool = True
+    weight_quant: bool = True
     qdrop_p: float = 1.0
     loss: str = "mse"
     loss_p: float = 2.0
@@ -108,6 +112,8 @@ class ReconConfig:
         need(0.0 < float(self.qdrop_p) <= 1.0, f"qdrop_p={self.qdrop_p} must be in (0, 1]: 1.0 means no drop, QDrop uses 0.5")
         need(not (self.acts == "lsq" and not self.act_quant),
              "acts=lsq trains activation step sizes but act_quant is false: set act_quant true or acts none")
+        need(not (self.weights == "adaround" and not self.weight_quant),
+             "weights=adaround learns weight rounding but weight_quant is false: set weight_quant true or weights fp/none")
         need(not (self.qdrop_p < 1.0 and not self.act_quant), "qdrop_p < 1 needs act_quant true (QDrop drops activation quantization)")
         need(0.0 <= float(self.warmup) < 1.0, f"warmup={self.warmup} must be in [0, 1)")
         need(float(self.loss_p) > 0, f"loss_p={self.loss_p} must be > 0")
@@ -200,14 +206,15 @@ def act_sites(mods: Sequence[nn.Module]) -> list[FakeQuant]:
     return [m for m in mods if isinstance(m, FakeQuant) and m.kind == "act" and m.enabled]
 
 
-def weight_slots(mods: Sequence[nn.Module]) -> list[tuple[nn.Module, str, FakeQuant]]:
-    """``(layer, slot, FakeQuant)`` for every enabled weight quantizer of a unit."""
+def weight_slots(mods: Sequence[nn.Module], only: Optional[set[int]] = None) -> list[tuple[nn.Module, str, FakeQuant]]:
+    """``(layer, slot, FakeQuant)`` for every enabled weight quantizer of a unit (or, with ``only``,
+    every one whose ``id`` is in it, enabled or not)."""
     out = []
     for m in mods:
         if isinstance(m, QuantSlots):
             for slot, _role, kind in m.slots():
                 fq = getattr(m, slot, None)
-                if kind == "weight" and isinstance(fq, FakeQuant) and fq.enabled:
+                if kind == "weight" and isinstance(fq, FakeQuant) and (fq.enabled if only is None else id(fq) in only):
                     out.append((m, slot, fq))
     return out
 
@@ -353,11 +360,16 @@ class Reconstructor:
         }
         saved_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         saved_act = [(fq, fq.enabled) for fq in self.model.modules() if isinstance(fq, FakeQuant) and fq.kind == "act"]
+        saved_w = [(fq, fq.enabled) for fq in self.model.modules() if isinstance(fq, FakeQuant) and fq.kind == "weight"]
+        self._weight_sites = {id(fq) for fq, e in saved_w if e}  # the layers weights="fp" trains
         try:
             for p, _ in saved_grad:
                 p.requires_grad_(False)
             if not cfg.act_quant:
                 for fq, _ in saved_act:
+                    fq.enabled = False
+            if not cfg.weight_quant:
+                for fq, _ in saved_w:
                     fq.enabled = False
             start = 0
             fp_key = _fingerprint(cfg, self.chain, self.units, self.images, self.model, self.seed) if run_dir else ""
@@ -378,7 +390,7 @@ class Reconstructor:
         finally:
             for p, g in saved_grad:
                 p.requires_grad_(g)
-            for fq, e in saved_act:
+            for fq, e in (*saved_act, *saved_w):
                 fq.enabled = e
             store.close()
             if tmp is not None:
@@ -506,7 +518,7 @@ class Reconstructor:
                 ada.append((layer, slot, fq, mode))
         fp_params: list[nn.Parameter] = []
         if cfg.weights == "fp":
-            for layer, _slot, _fq in weight_slots(mods):
+            for layer, _slot, _fq in weight_slots(mods, only=self._weight_sites):
                 fp_params += [p for p in (layer.weight, getattr(layer, "bias", None)) if isinstance(p, nn.Parameter)]
         scales = [fq.scale for fq in lsq_sites(mods)] if cfg.acts == "lsq" else []
         counts = {"adaround": len(ada), "lsq": len(scales), "fp_weights": len(fp_params)}
