@@ -100,10 +100,10 @@ def _infer_num_classes(sd: dict[str, torch.Tensor]) -> Optional[int]:
 
 def load_into(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict`` that names the mismatching keys in one line."""
-    from .nn import FakeQuant
+    from .nn import FakeQuant, QLayerNorm
 
     for name, m in model.named_modules():
-        if isinstance(m, FakeQuant):
+        if isinstance(m, (FakeQuant, QLayerNorm)):
             m.adopt_shapes(sd, f"{name}." if name else "")
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))

@@ -51,6 +51,42 @@ class LNPair:
     role: Role
 
 
+@dataclass(frozen=True)
+class StreamWriter:
+    """Something that writes a residual stream, channels on its output axis.
+
+    ``kind``: ``rows`` - a Linear / Conv2d whose output channels are added into (or are) the
+    stream (weight rows, bias); ``affine`` - a LayerNorm whose output *is* the stream (weight,
+    bias); ``param`` - a parameter concatenated or added into the stream (class / distillation /
+    register token, position embedding), channels on its last axis.
+    """
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class StreamReader:
+    """A module that reads a residual stream: ``ln`` - a LayerNorm on its input; ``cols`` - a
+    Linear reading it directly. Its input holds the stream's channels ``tile`` times, channel
+    index fastest (Swin patch merging concatenates 2x2 neighbours: 4)."""
+
+    name: str
+    kind: str
+    tile: int = 1
+
+
+@dataclass(frozen=True)
+class ResidualStream:
+    """One stretch of the residual stream of constant width: every module that writes it and every
+    module that reads it (Add_alpha rescales a stream's channels between the two)."""
+
+    name: str
+    width: int
+    writers: tuple[StreamWriter, ...]
+    readers: tuple[StreamReader, ...]
+
+
 class Adapter:
     name = "base"
     description = ""
@@ -71,6 +107,11 @@ class Adapter:
     def chain(self, model: nn.Module) -> list[Piece]:
         """The wrapped model as a chain of pieces: ``model(x) == run_chain(chain, x)``."""
         raise NotImplementedError
+
+    def residual_streams(self, model: nn.Module) -> list[ResidualStream]:
+        """The residual streams: for each, the modules writing it (embedding, the last Linear of
+        every residual branch, Swin patch-merging reduction) and the ones reading it."""
+        raise ModelError(f"adapter {self.name} does not describe residual streams: Add_alpha is not supported for it")
 
 
 def run_chain(pieces: "list[Piece]", x: Tensor) -> Tensor:

@@ -11,8 +11,8 @@ from torch import Tensor
 from ..nn import QSwinBlock, QWindowAttention
 from ..roles import Role
 from .base import (
-    Adapter, LNPair, Piece, check_nothing_left, register_adapter, require_type, swap_conv, swap_layernorm,
-    swap_linear,
+    Adapter, LNPair, Piece, ResidualStream, StreamReader, StreamWriter, check_nothing_left, register_adapter,
+    require_type, swap_conv, swap_layernorm, swap_linear,
 )
 
 
@@ -81,6 +81,45 @@ class TimmSwinAdapter(Adapter):
                 pairs.append(LNPair(f"{p}.norm1", (f"{p}.attn.qkv",), Role.QKV_IN))
                 pairs.append(LNPair(f"{p}.norm2", (f"{p}.mlp.fc1",), Role.FC1_IN))
         return pairs
+
+    def residual_streams(self, model: nn.Module) -> list[ResidualStream]:
+        """One stream per run of stages between patch mergings. Stage 0's is written by the patch
+        embedding (its norm if present, else its conv), a later stage's by its patch-merging
+        reduction; within a stage by attn.proj / mlp.fc2 of every block. Read by norm1 / norm2, and
+        at the end by the next patch merging's norm (which sees the 2x2 neighbours concatenated:
+        the channels 4 times, channel fastest) or the final norm."""
+        streams: list[ResidualStream] = []
+        w: list[StreamWriter] = []
+        r: list[StreamReader] = []
+        width = 0
+
+        def close() -> None:
+            if w:
+                streams.append(ResidualStream(f"stage{len(streams)}", width, tuple(w), tuple(r)))
+
+        pe_norm = getattr(model.patch_embed, "norm", None)
+        if isinstance(pe_norm, nn.LayerNorm):
+            w.append(StreamWriter("patch_embed.norm", "affine"))
+        elif isinstance(pe_norm, (nn.Identity, type(None))):
+            w.append(StreamWriter("patch_embed.proj", "rows"))
+        else:
+            raise ModelError(f"patch-embedding norm {type(pe_norm).__name__} is not supported by Add_alpha")
+        width = int(model.patch_embed.proj.out_channels)
+        for si, stage in enumerate(model.layers):
+            if not isinstance(stage.downsample, nn.Identity):
+                r.append(StreamReader(f"layers.{si}.downsample.norm", "ln", tile=4))
+                close()
+                w, r = [StreamWriter(f"layers.{si}.downsample.reduction", "rows")], []
+                width = int(stage.downsample.reduction.out_features)
+            for bi, _ in enumerate(stage.blocks):
+                p = f"layers.{si}.blocks.{bi}"
+                w += [StreamWriter(f"{p}.attn.proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
+                r += [StreamReader(f"{p}.norm1", "ln"), StreamReader(f"{p}.norm2", "ln")]
+        if not isinstance(model.norm, nn.LayerNorm):
+            raise ModelError("Swin without a final LayerNorm is not supported by Add_alpha")
+        r.append(StreamReader("norm", "ln"))
+        close()
+        return streams
 
     def chain(self, model: nn.Module) -> list[Piece]:
         """embed (patch embed) | per stage: merge (patch merging), then per block: attn half, mlp

@@ -11,8 +11,8 @@ from torch import Tensor
 from ..nn import QAttention, QBlock
 from ..roles import Role
 from .base import (
-    Adapter, LNPair, Piece, check_nothing_left, register_adapter, require_type, swap_conv, swap_layernorm,
-    swap_linear,
+    Adapter, LNPair, Piece, ResidualStream, StreamReader, StreamWriter, check_nothing_left, register_adapter,
+    require_type, swap_conv, swap_layernorm, swap_linear,
 )
 
 
@@ -74,6 +74,41 @@ class TimmViTAdapter(Adapter):
             pairs.append(LNPair(f"blocks.{i}.norm1", (f"blocks.{i}.attn.qkv",), Role.QKV_IN))
             pairs.append(LNPair(f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",), Role.FC1_IN))
         return pairs
+
+    def residual_streams(self, model: nn.Module) -> list[ResidualStream]:
+        """One stream: written by the embedding (norm_pre if it is a LayerNorm; else the patch
+        embedding's norm or conv, plus the prefix tokens and position embedding) and by attn.proj /
+        mlp.fc2 of every block; read by norm1 / norm2 and the final norm (fc_norm, or the heads'
+        columns, when the final norm is absent)."""
+        w: list[StreamWriter] = []
+        if isinstance(model.norm_pre, nn.LayerNorm):
+            w.append(StreamWriter("norm_pre", "affine"))
+        else:
+            pe_norm = getattr(model.patch_embed, "norm", None)
+            if isinstance(pe_norm, nn.LayerNorm):
+                w.append(StreamWriter("patch_embed.norm", "affine"))
+            elif isinstance(pe_norm, (nn.Identity, type(None))):
+                w.append(StreamWriter("patch_embed.proj", "rows"))
+            else:
+                raise ModelError(f"patch-embedding norm {type(pe_norm).__name__} is not supported by Add_alpha")
+            for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+                if isinstance(getattr(model, tok, None), nn.Parameter):
+                    w.append(StreamWriter(tok, "param"))
+        r: list[StreamReader] = []
+        for i, _ in enumerate(model.blocks):
+            w += [StreamWriter(f"blocks.{i}.attn.proj", "rows"), StreamWriter(f"blocks.{i}.mlp.fc2", "rows")]
+            r += [StreamReader(f"blocks.{i}.norm1", "ln"), StreamReader(f"blocks.{i}.norm2", "ln")]
+        # pooling (class token / average / max) commutes with a positive per-channel scale
+        if isinstance(model.norm, nn.LayerNorm):
+            r.append(StreamReader("norm", "ln"))
+        elif isinstance(model.fc_norm, nn.LayerNorm):
+            r.append(StreamReader("fc_norm", "ln"))
+        else:
+            heads = [h for h in ("head", "head_dist") if isinstance(getattr(model, h, None), nn.Linear)]
+            if not heads:
+                raise ModelError("the residual stream is the model output (no final norm, no head): Add_alpha cannot undo it")
+            r += [StreamReader(h, "cols") for h in heads]
+        return [ResidualStream("stream", int(model.embed_dim), tuple(w), tuple(r))]
 
     def chain(self, model: nn.Module) -> list[Piece]:
         """embed (patch embed, position embedding, norm_pre) | per block: attn half, mlp half |

@@ -15,8 +15,9 @@ With every slot empty each of these computes exactly what the timm module comput
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -26,7 +27,13 @@ from .modules import QuantSlots
 
 
 class QLayerNorm(nn.LayerNorm, QuantSlots):
+    """LayerNorm with an input slot and an optional per-channel ``input_scale`` buffer (``None``:
+    identity). AOCQ's Add_alpha stores the residual stream divided per channel by alpha (powers of
+    two); the LayerNorm reading it multiplies the (quantized) input back before its statistics, the
+    shift an integer LayerNorm would do (``vitq.passes.outlier``)."""
+
     input_quant: Optional[FakeQuant]
+    input_scale: Optional[Tensor]
 
     @classmethod
     def from_float(cls, ln: nn.LayerNorm) -> "QLayerNorm":
@@ -37,12 +44,26 @@ class QLayerNorm(nn.LayerNorm, QuantSlots):
         q.elementwise_affine = ln.elementwise_affine
         q.weight, q.bias = ln.weight, ln.bias
         q.input_quant = None
+        q.register_buffer("input_scale", None)
         q.slot_roles = {"input_quant": (Role.LN_IN, "act")}
         return q
+
+    def adopt_shapes(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """A checkpoint of an Add_alpha model holds ``input_scale``: make room before loading."""
+        key = prefix + "input_scale"
+        if key in state_dict and getattr(self, "input_scale", None) is None:
+            self.input_scale = torch.empty_like(state_dict[key])
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.adopt_shapes(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
+        scale = getattr(self, "input_scale", None)
+        if scale is not None:
+            x = x * scale
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 

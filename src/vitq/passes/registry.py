@@ -48,3 +48,4 @@ def _ensure_loaded() -> None:
     from . import tanq_calib  # noqa: F401  (registration: tanq_calibrate)
     from . import ptq4vit, repq  # noqa: F401  (registration: ptq4vit_search, reparam)
     from . import oas, reconstruct  # noqa: F401  (registration: reconstruct, oas)
+    from . import outlier, scale_search  # noqa: F401  (registration: aocq_balance, aocq_act_scales)
