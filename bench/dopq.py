@@ -78,8 +78,8 @@ def dopq_recipe(iters: int | None, calib_size: int | None) -> Recipe:
     r = load_recipe("dopq")
     if iters is not None:
         r = with_pass_options(r, "reconstruct", iters=iters)
-    if calib_size is not None:
-        r = with_pass_options(replace(r, calib_size=calib_size), "reconstruct", num_samples=calib_size)
+    if calib_size is not None:  # the reconstruction uses every calibration image up to num_samples (1024)
+        r = replace(r, calib_size=calib_size)
     return r
 
 
