@@ -12,7 +12,8 @@ measure:
 * post-GELU: ``||x̂ − x||² / ||x||²``, mean over layers.
 
 Every quantizer is calibrated with :class:`vitq.observers.Observer` (so ``twin_uniform`` / ``v2sf``
-run their own MSE search on the calibration sample); the ``…-avmetric`` rows instead call
+run their own MSE search on the calibration sample; ``uniform`` is min-max, ``uniform-mse`` the
+``mse`` observer's clipping search, for a fair searched baseline); the ``…-avmetric`` rows instead call
 :func:`vitq.quantizers.two_scale.search_params` with an attention-output metric closure (the hook the
 Hessian-guided metric of PTQ4ViT uses).
 
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SOFTMAX: dict[str, dict[str, Any]] = {
     "uniform": dict(quantizer="uniform"),
+    "uniform-mse": dict(quantizer="uniform", observer="mse"),
     "twin_uniform": dict(quantizer="twin_uniform"),
     "v2sf": dict(quantizer="v2sf"),
     "v2sf-threshold": dict(quantizer="v2sf", options={"split_rule": "threshold"}),
@@ -59,6 +61,7 @@ SOFTMAX: dict[str, dict[str, Any]] = {
 }
 GELU: dict[str, dict[str, Any]] = {
     "uniform": dict(quantizer="uniform"),
+    "uniform-mse": dict(quantizer="uniform", observer="mse"),
     "twin_uniform": dict(quantizer="twin_uniform", options={"mode": "gelu"}),
     "v2sf own_scale": dict(quantizer="v2sf", options={"mode": "gelu"}),
     "v2sf own_scale threshold": dict(quantizer="v2sf", options={"mode": "gelu", "split_rule": "threshold"}),
@@ -110,7 +113,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for bits in args.bits:
         for label, kw in SOFTMAX.items():
-            spec = QuantSpec(kw["quantizer"], bits, options=kw.get("options", {}))
+            spec = QuantSpec(kw["quantizer"], bits, observer=kw.get("observer", "minmax"), options=kw.get("options", {}))
             errs, params = [], []
             for (a, v), (ae, ve) in zip(av_c, av_e, strict=True):
                 if kw.get("avmetric"):
@@ -122,7 +125,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"site": "post-softmax", "quantizer": label, "bits": bits, "errors": errs,
                          "mean": sum(errs) / len(errs), "params": params})
         for label, kw in GELU.items():
-            spec = QuantSpec(kw["quantizer"], bits, options=kw.get("options", {}))
+            spec = QuantSpec(kw["quantizer"], bits, observer=kw.get("observer", "minmax"), options=kw.get("options", {}))
             errs, params = [], []
             for g, ge in zip(gelu_c, gelu_e, strict=True):
                 p = calibrated(spec, g)

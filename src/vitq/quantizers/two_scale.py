@@ -79,10 +79,12 @@ values sit on the side of zero where the normal channels have few codes (e.g. an
 outlier channel with ``z_n`` near the top), which is why it is not the default. A 2-level special
 case of FQ-ViT's PTF: the formula is :class:`vitq.quantizers.ptf.ShiftedUniform`'s, params
 ``scale`` (``S_n`` in every channel), ``zero_point`` (``z_n`` or ``z_o``) and ``shift`` (0 or ``n``).
-The integer LayerNorm works on ``(q - z_c) << shift_c`` either way. Why κ = 4: a channel whose range exceeds ``4×`` the median forces a single
-scale to spend at least two of the median channel's bits on it; ViT LayerNorm inputs have outlier
-channels one to two orders of magnitude above the median (METHODS.md §3a: ~40×), well clear of 4,
-while ordinary channels vary by less than 4× (METHODS.md §3b suggests κ ∈ 4..8).
+The integer LayerNorm works on ``(q - z_c) << shift_c`` either way.
+
+Why κ = 4: a channel whose range exceeds ``4×`` the median forces a single
+scale to spend at least two of the median channel's bits on it; the LayerNorm-input outliers
+TSPTQ-ViT addresses are ~40× the median (METHODS.md §3a), well clear of 4, while ordinary channels
+vary by less (at most 3.9× in our reference models; METHODS.md §3b suggests κ ∈ 4..8).
 """
 
 from __future__ import annotations
