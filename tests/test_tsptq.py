@@ -1,0 +1,77 @@
+"""TSPTQ-ViT recipe (``tsptq``) and its ablations: end to end on tiny ViT / DeiT / Swin, manifest, W8A8 error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_deit, tiny_swin, tiny_vit, unfuse
+
+from vitq.bits import Bits
+from vitq.pipeline import Context, manifest, run_recipe
+from vitq.recipes import load_recipe
+
+
+def _size(make) -> int:
+    return 32 if make is tiny_swin else 16
+
+
+def _run(make, recipe: str, bits: str = "W8A8"):
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, _size(make), _size(make))
+    model = unfuse(make())
+    q = run_recipe(copy.deepcopy(model), load_recipe(recipe), Context(calib=x, bits=Bits.parse(bits), batch_size=2))
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    return q, ref, out
+
+
+def _by_role(q) -> dict[str, set[str]]:
+    roles: dict[str, set[str]] = {}
+    for e in manifest(q):
+        if e["kind"] == "act":
+            roles.setdefault(e["role"], set()).add(e["quantizer"])
+    return roles
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_deit, tiny_swin])
+def test_tsptq_end_to_end_w8a8(make) -> None:
+    q, ref, out = _run(make, "tsptq")
+    assert torch.isfinite(out).all()
+    roles = _by_role(q)
+    assert roles["ATTN_PROBS"] == {"v2sf"} and roles["FC2_IN"] == {"v2sf"}
+    assert roles["LN_IN"] == {"o2sf"} and roles["RESIDUAL"] == {"o2sf"}
+    assert roles["SOFTMAX_IN"] == {"uniform"}
+    # fully quantized: every Linear / matmul input and every weight; only the image stays float
+    float_sites = [e for e in manifest(q) if e["quantizer"] == "float"]
+    assert [(e["kind"], e["role"]) for e in float_sites] == [("act", "PATCH_EMBED")]
+    # random-weight tiny models (flat logits), so the bound is loose; float vs W8A8 logits
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 0.35, rel
+
+
+def test_tsptq_lower_bits() -> None:
+    q, ref, out = _run(tiny_vit, "tsptq", "W4A4")
+    assert torch.isfinite(out).all()
+    ps = [e for e in manifest(q) if e["role"] == "ATTN_PROBS" and e["kind"] == "act"]
+    assert ps and all(e["quantizer"] == "v2sf" and e["bits"] == 4 for e in ps)
+
+
+def _rules(name: str) -> dict[str, str]:
+    r = load_recipe(name)
+    assert r.full_quant
+    return {k: (v.quantizer if v is not None else "float") for k, v in r.rules}
+
+
+def test_tsptq_ablations() -> None:
+    full = _rules("tsptq")
+    v2sf_only, o2sf_only = _rules("tsptq-v2sf-only"), _rules("tsptq-o2sf-only")
+    assert full["act:LN_IN"] == full["act:RESIDUAL"] == "o2sf"
+    assert full["act:ATTN_PROBS"] == full["act:FC2_IN"] == "v2sf"
+    assert v2sf_only["act:LN_IN"] == v2sf_only["act:RESIDUAL"] == "uniform"
+    assert v2sf_only["act:ATTN_PROBS"] == v2sf_only["act:FC2_IN"] == "v2sf"
+    assert o2sf_only["act:ATTN_PROBS"] == o2sf_only["act:FC2_IN"] == "uniform"
+    assert o2sf_only["act:LN_IN"] == o2sf_only["act:RESIDUAL"] == "o2sf"
+    for name in ("tsptq", "tsptq-v2sf-only", "tsptq-o2sf-only"):
+        assert "[R]" in load_recipe(name).paper
