@@ -37,7 +37,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.data import (  # noqa: E402
-    DataSpec, Preprocess, PreprocessConfig, build_dataset, calibration_subset, eval_subset, make_loader, stack_images,
+    DataSpec,
+    Preprocess,
+    PreprocessConfig,
+    build_dataset,
+    calibration_subset,
+    eval_subset,
+    make_loader,
+    stack_images,
 )
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
@@ -280,11 +287,11 @@ def errors(args: argparse.Namespace) -> None:
             ad = get_adapter(model)
             cap: dict[Any, torch.Tensor] = {}
             hooks = [model.get_submodule(p.ln_name).register_forward_hook(
-                lambda _m, _i, y, n=p.ln_name: cap.__setitem__(n, y.detach())) for p in ad.ln_consumers(model)]
+                lambda _m, _i, y, n=p.ln_name, c=cap: c.__setitem__(n, y.detach())) for p in ad.ln_consumers(model)]
             for st in ad.residual_streams(model):
                 for rd in st.readers:
                     hooks.append(model.get_submodule(rd.name).register_forward_pre_hook(
-                        lambda _m, a, k=(st.name, rd.name), t=rd.tile: cap.__setitem__(
+                        lambda _m, a, k=(st.name, rd.name), t=rd.tile, c=cap: c.__setitem__(
                             k, a[0].detach().reshape(-1, t, a[0].shape[-1] // t))))
             with torch.no_grad():
                 model(x)

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recon_common import RESULTS, Data, available, calibrate_once, fp_top1, load_rows, run_rest, save_rows, setup  # noqa: E402
 
+import vitq  # noqa: E402
 from vitq.adapters import get_adapter  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import evaluate  # noqa: E402
@@ -42,13 +43,20 @@ def main() -> int:
                     help="multiply AdaRound / LSQ learning rates (fewer iterations than the published 20k)")
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="re-render the .md / .png from the JSON")
     args = ap.parse_args()
     setup()
+    if args.report_only:
+        fill_oas_meta(OUT.with_suffix(".json"))
+        write_report(OUT.with_suffix(".json"))
+        return 0
     models, missing = available(args.models)
     if missing:
         log.warning("missing reference models (skipped): %s", ", ".join(missing))
     path = OUT.with_suffix(".json")
-    rows = [] if args.fresh else load_rows(path)
+    if args.fresh:
+        path.unlink(missing_ok=True)
+    rows = load_rows(path)
     lr = {"lr_round": 1e-3 * args.lr_scale, "lr_act": 4e-5 * args.lr_scale}
     meta = {"bits": args.bits, "iters_per_unit": args.iters, "lr_scale": args.lr_scale, **lr,
             "recipe": "qdrop (slicing varied)", "calib_size": 1024, "missing_models": missing}
@@ -122,6 +130,7 @@ def write_report(path: Path) -> None:
             ratios = v["boundary_ratios"]
             lines += ["", f"OAS on {k[4:]}: tau = {v['tau']:g}, boundary outlier ratios max/median channel "
                           f"inf-norm: min {min(ratios.values()):.2f}, max {max(ratios.values()):.2f} -> chose {v['chosen']}"]
+    lines += tau_ablation(meta)
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -152,6 +161,63 @@ def write_report(path: Path) -> None:
         fig.savefig(path.with_suffix(".png"), dpi=120)
     except ImportError:
         log.warning("matplotlib missing: no plot")
+
+
+TAUS = (1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
+
+
+def fill_oas_meta(path: Path) -> None:
+    """Boundary ratios for models whose OAS record is missing from the meta (the proxy needs only the
+    float model and the same first 256 calibration images)."""
+    import json
+
+    from vitq.recon.outliers import boundary_outlier_ratios
+
+    d = json.loads(path.read_text())
+    meta = d["meta"]
+    for name in dict.fromkeys(r["model"] for r in d["rows"]):
+        if f"oas_{name}" in meta:
+            continue
+        model = load_reference(name)
+        data = Data(model, 1024, 16)
+        wrapped = vitq.wrap(model)
+        chain = get_adapter(wrapped).chain(wrapped)
+        ratios = boundary_outlier_ratios(chain, data.calib[:256])
+        chosen = next((r["slicing"] for r in d["rows"] if r["model"] == name and r.get("oas_pick")), None)
+        meta[f"oas_{name}"] = {"chosen": chosen, "tau": 2.0 ** (Bits.parse(meta["bits"]).a - 1),
+                               "boundary_ratios": {chain[i].name: round(r, 3) for i, r in enumerate(ratios) if i > 0}}
+    save_rows(path, [], meta)
+
+
+def tau_ablation(meta: dict) -> list[str]:
+    """[R] ablation without training: the proxy's pick as a function of tau, from the recorded ratios."""
+    from vitq.recon.outliers import proxy_score
+    from vitq.recon.slicing import Slicing
+
+    out = ["", "## Proxy pick vs tau (ablation of the [R] threshold; tau = 2^(A-1) = 8 at A4 is the default)", "",
+           "| model | " + " | ".join(f"tau {t:g}" for t in TAUS) + " |", "|---|" + "---|" * len(TAUS)]
+    for k, v in meta.items():
+        if not k.startswith("oas_"):
+            continue
+        name = k[4:]
+        try:
+            model = vitq.wrap(load_reference(name))
+        except Exception:
+            continue
+        chain = get_adapter(model).chain(model)
+        index = {p.name: i for i, p in enumerate(chain)}
+        ratios = [float("nan")] * len(chain)
+        for pn, r in v["boundary_ratios"].items():
+            ratios[index[pn]] = r
+        picks = []
+        for t in TAUS:
+            scored = []
+            for c in auto_candidates(chain):
+                units = Slicing.parse(c).units(chain)
+                scored.append((proxy_score([a for a, _ in units if a > 0], ratios, t), len(units) * -1, c))
+            picks.append(min(scored)[2])
+        out.append(f"| {name} | " + " | ".join(picks) + " |")
+    return out
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def main() -> int:
     if absent:
         log.warning("recipes not available (skipped): %s", ", ".join(absent))
     path = OUT.with_suffix(".json")
-    rows = [] if args.fresh else load_rows(path)
+    if args.fresh:
+        path.unlink(missing_ok=True)
+    rows = load_rows(path)
     meta = {"iters_per_unit": args.iters, "lr_scale": args.lr_scale, "calib_size": 1024,
             "missing_models": missing, "missing_recipes": absent}
     ov = {"iters": args.iters, "lr_scale": args.lr_scale}
@@ -76,45 +78,48 @@ def main() -> int:
                    and r.get("iters") in (args.iters, 0, None) and r.get("lr_scale") in (args.lr_scale, None)
                    for r in rows)
 
-    for name in models:
-        model = load_reference(name)
-        data = Data(model, 1024, args.eval_size)
-        fp = None
-        for bits in args.bits:
-            todo = [r for r in recipes if not done(name, r, bits)]
-            shared = [r for r in todo if (r in RECON or r in VARIANTS) and same_setup(VARIANTS.get(r, (r,))[0], "qdrop")]
-            if not todo and done(name, "calib-only", bits):
-                continue
-            fp = fp if fp is not None else fp_top1(model, data)
-            if shared or not done(name, "calib-only", bits):
-                qcal, cal_s, cal_rss = calibrate_once(model, "qdrop", bits, data)
-                if not done(name, "calib-only", bits):
-                    res = evaluate(qcal, data.eval_loader)
-                    rows.append({"model": name, "recipe": "calib-only", "bits": bits, "fp_top1": fp,
-                                 "q_top1": round(res["top1"], 2), "eval_size": res["n"], "iters": 0,
-                                 "calib_seconds": round(cal_s, 1), "peak_rss_mb": round(cal_rss, 1)})
-                    save_rows(path, rows, meta)
-                for recipe in shared:
-                    log.info("%s %s %s", name, bits, recipe)
-                    base, extra = VARIANTS.get(recipe, (recipe, {}))
-                    q, secs, rss = run_rest(qcal, base, bits, data, {**ov, **extra})
-                    res = evaluate(q, data.eval_loader)
-                    rep = q.vitq_reconstruction
-                    rows.append({"model": name, "recipe": recipe, "bits": bits, "fp_top1": fp,
-                                 "q_top1": round(res["top1"], 2), "eval_size": res["n"], "iters": args.iters,
-                                 "lr_scale": args.lr_scale, "slicing": rep[-1]["slicing"],
-                                 "calib_seconds": round(cal_s + secs, 1), "recon_seconds": round(secs, 1),
-                                 "peak_rss_mb": round(max(rss, cal_rss), 1),
-                                 "oas_chosen": (rep[-1].get("oas") or {}).get("chosen")})
-                    save_rows(path, rows, meta)
-                    del q
-                del qcal
-            for recipe in [r for r in todo if r not in shared]:
-                log.info("%s %s %s (own calibration)", name, bits, recipe)
-                row = quantize_row(name, model, data, recipe, bits, ov if recipe in RECON else None)
-                row.update({"fp_top1": fp, "lr_scale": args.lr_scale if recipe in RECON else None})
-                rows.append(row)
+    loaded: dict[str, tuple] = {}
+    fps: dict[str, float] = {}
+    for bits, name in [(b, n) for b in args.bits for n in models]:  # every model at the first bits first
+        if name not in loaded:
+            m = load_reference(name)
+            loaded[name] = (m, Data(m, 1024, args.eval_size))
+        model, data = loaded[name]
+        fp = fps.get(name)
+        todo = [r for r in recipes if not done(name, r, bits)]
+        shared = [r for r in todo if (r in RECON or r in VARIANTS) and same_setup(VARIANTS.get(r, (r,))[0], "qdrop")]
+        if not todo and done(name, "calib-only", bits):
+            continue
+        fp = fps[name] = fp if fp is not None else fp_top1(model, data)
+        if shared or not done(name, "calib-only", bits):
+            qcal, cal_s, cal_rss = calibrate_once(model, "qdrop", bits, data)
+            if not done(name, "calib-only", bits):
+                res = evaluate(qcal, data.eval_loader)
+                rows.append({"model": name, "recipe": "calib-only", "bits": bits, "fp_top1": fp,
+                             "q_top1": round(res["top1"], 2), "eval_size": res["n"], "iters": 0,
+                             "calib_seconds": round(cal_s, 1), "peak_rss_mb": round(cal_rss, 1)})
                 save_rows(path, rows, meta)
+            for recipe in shared:
+                log.info("%s %s %s", name, bits, recipe)
+                base, extra = VARIANTS.get(recipe, (recipe, {}))
+                q, secs, rss = run_rest(qcal, base, bits, data, {**ov, **extra})
+                res = evaluate(q, data.eval_loader)
+                rep = q.vitq_reconstruction
+                rows.append({"model": name, "recipe": recipe, "bits": bits, "fp_top1": fp,
+                             "q_top1": round(res["top1"], 2), "eval_size": res["n"], "iters": args.iters,
+                             "lr_scale": args.lr_scale, "slicing": rep[-1]["slicing"],
+                             "calib_seconds": round(cal_s + secs, 1), "recon_seconds": round(secs, 1),
+                             "peak_rss_mb": round(max(rss, cal_rss), 1),
+                             "oas_chosen": (rep[-1].get("oas") or {}).get("chosen")})
+                save_rows(path, rows, meta)
+                del q
+            del qcal
+        for recipe in [r for r in todo if r not in shared]:
+            log.info("%s %s %s (own calibration)", name, bits, recipe)
+            row = quantize_row(name, model, data, recipe, bits, ov if recipe in RECON else None)
+            row.update({"fp_top1": fp, "lr_scale": args.lr_scale if recipe in RECON else None})
+            rows.append(row)
+            save_rows(path, rows, meta)
     save_rows(path, rows, meta)
     write_report(path)
     return 0

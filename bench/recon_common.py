@@ -116,11 +116,34 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return []
 
 
+ROW_KEY = ("part", "model", "bits", "recipe", "slicing", "mode", "iters", "lr_scale")
+
+
+def _key(r: dict[str, Any]) -> str:
+    return json.dumps([r.get(k) for k in ROW_KEY])
+
+
 def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Merge ``rows`` into the file (several benchmark processes may share it), under a lock."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**meta, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old_meta: dict[str, Any] = {}
+        merged: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            d = json.loads(path.read_text())
+            old_meta = d.get("meta", {})
+            merged = {_key(r): r for r in d.get("rows", [])}
+        merged.update({_key(r): r for r in rows})
+        if "missing_models" in old_meta and "missing_models" in meta:  # missing = missing in every process
+            meta = {**meta, "missing_models": sorted(set(old_meta["missing_models"]) & set(meta["missing_models"]))}
+        meta = {**old_meta, **meta, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "torch": torch.__version__, "threads": torch.get_num_threads()}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": list(merged.values())}, indent=2) + "\n")
+        tmp.replace(path)
 
 
 def has_recipe(name: str) -> bool:

@@ -159,6 +159,7 @@ def main() -> int:
     if not args.skip_deit_small:
         rows += part_b(args.deit_iters, args.deit_images, args.chunk_size, args.threads)
     path = OUT.with_suffix(".json")
+    path.unlink(missing_ok=True)  # one consistent measurement per file
     save_rows(path, rows, {"missing_models": missing, "ref_iters": args.ref_iters, "deit_iters": args.deit_iters})
     write_report(path)
     return 0
