@@ -14,7 +14,7 @@ memory of a site does not grow with the calibration set; min / max are tracked e
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -121,13 +121,12 @@ def quantile_range(rows: Tensor, p: float) -> tuple[Tensor, Tensor]:
     return torch.minimum(lo, hi), hi
 
 
-def mse_search(rows: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec,
-               grid: tuple[float, ...] = MSE_GRID) -> Params:
-    """Clip ratio per group that minimises the mean squared quantization error (calls fake_quant)."""
+def best_per_group(rows: Tensor, candidates: Iterable[Params], spec: QuantSpec) -> Params:
+    """Of several parameter candidates, per granularity group the one with the least mean squared
+    quantization error of ``rows`` (every candidate is scored through fake_quant)."""
     best_err: Optional[Tensor] = None
     best: Optional[Params] = None
-    for r in grid:
-        p = init_params(lo * r, hi * r, spec)
+    for p in candidates:
         err = (fake_quant(rows, p, spec) - rows).pow(2).mean(0)
         if best is None or best_err is None:
             best, best_err = p, err
@@ -137,23 +136,17 @@ def mse_search(rows: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec,
         best = {k: torch.where(better, p[k], best[k]) for k in p}
     assert best is not None
     return best
+
+
+def mse_search(rows: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec,
+               grid: tuple[float, ...] = MSE_GRID) -> Params:
+    """Clip ratio per group that minimises the mean squared quantization error (calls fake_quant)."""
+    return best_per_group(rows, (init_params(lo * r, hi * r, spec) for r in grid), spec)
 
 
 def percentile_search(rows: Tensor, spec: QuantSpec, grid: tuple[float, ...] = PCT_GRID) -> Params:
     """Per group, the percentile range of ``grid`` with the least squared error (calls fake_quant)."""
-    best_err: Optional[Tensor] = None
-    best: Optional[Params] = None
-    for pct in grid:
-        p = init_params(*quantile_range(rows, pct), spec)
-        err = (fake_quant(rows, p, spec) - rows).pow(2).mean(0)
-        if best is None or best_err is None:
-            best, best_err = p, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = {k: torch.where(better, p[k], best[k]) for k in p}
-    assert best is not None
-    return best
+    return best_per_group(rows, (init_params(*quantile_range(rows, pct), spec) for pct in grid), spec)
 
 
 def weight_params(w: Tensor, spec: QuantSpec, site: str = "") -> Params:

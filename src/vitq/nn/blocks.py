@@ -128,14 +128,7 @@ class QBlock(nn.Module):
 
     @staticmethod
     def from_float(block: nn.Module) -> nn.Module:
-        base = type(block)
-        if not getattr(base, "_vitq_q", False):
-            base = _qclass(base, QBlock)
-        block.__class__ = base
-        if "add1" not in block._modules:
-            block.add1 = QAdd()
-            block.add2 = QAdd()
-        return block
+        return _mix_in(block, QBlock)
 
     def forward_attn(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         return self.add1(x, self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
@@ -156,14 +149,7 @@ class QSwinBlock(nn.Module):
 
     @staticmethod
     def from_float(block: nn.Module) -> nn.Module:
-        base = type(block)
-        if not getattr(base, "_vitq_q", False):
-            base = _qclass(base, QSwinBlock)
-        block.__class__ = base
-        if "add1" not in block._modules:
-            block.add1 = QAdd()
-            block.add2 = QAdd()
-        return block
+        return _mix_in(block, QSwinBlock)
 
     def forward_attn(self, x: Tensor) -> Tensor:
         return self.add1(x, self.drop_path1(self._attn(self.norm1(x))))
@@ -176,6 +162,17 @@ class QSwinBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_mlp(self.forward_attn(x))
+
+
+def _mix_in(block: nn.Module, mixin: type) -> nn.Module:
+    """Change ``block``'s class in place to ``mixin`` + its timm class and give it the two QAdds."""
+    base = type(block)
+    if not getattr(base, "_vitq_q", False):
+        block.__class__ = _qclass(base, mixin)
+    if "add1" not in block._modules:
+        block.add1 = QAdd()
+        block.add2 = QAdd()
+    return block
 
 
 _QCLASSES: dict[tuple[type, type], type] = {}
