@@ -74,8 +74,19 @@ def with_pass_options(recipe: Recipe, name: str, **opts: Any) -> Recipe:
     return replace(recipe, passes=tuple(passes))
 
 
-def dopq_recipe(iters: int | None, calib_size: int | None) -> Recipe:
-    r = load_recipe("dopq")
+def with_post_softmax(recipe: Recipe, quantizer: str) -> Recipe:
+    """``recipe`` with the ATTN_PROBS rule of ``repq`` (``log_sqrt2``) instead of TanQ."""
+    if quantizer == "tanq":
+        return recipe
+    if quantizer != "log_sqrt2":
+        raise SystemExit(f"--post-softmax {quantizer}: use tanq or log_sqrt2")
+    rules = dict(recipe.rules)
+    rules["act:ATTN_PROBS"] = dict(load_recipe("repq").rules)["act:ATTN_PROBS"]
+    return replace(recipe, rules=tuple(rules.items()))
+
+
+def dopq_recipe(iters: int | None, calib_size: int | None, post_softmax: str = "tanq") -> Recipe:
+    r = with_post_softmax(load_recipe("dopq"), post_softmax)
     if iters is not None:
         r = with_pass_options(r, "reconstruct", iters=iters)
     if calib_size is not None:  # the reconstruction uses every calibration image up to num_samples (1024)
@@ -188,30 +199,33 @@ def bench_model(name: str, bits_list: list[str], args: argparse.Namespace, doc: 
     def todo(pipeline: str, variant: str, bits: str) -> bool:
         return args.fresh or key({"model": name, "pipeline": pipeline, "variant": variant, "bits": bits}) not in done
 
+    soft = args.post_softmax
+    tag = "" if soft == "tanq" else f"[{soft}]"
+    variants_all = list(VARIANTS) if soft == "tanq" else ["median"]
     for bits in bits_list:
         b = Bits.parse(bits)
         # repq (its own recipe, mean target)
-        if todo("repq", "mean", bits):
+        if soft == "tanq" and todo("repq", "mean", bits):
             r = load_recipe("repq")
             q, t0 = copy.deepcopy(model), time.perf_counter()
             run_recipe(q, r, Context(calib=data.calib(r.calib_size), bits=b, seed=args.seed, batch_size=64))
             add(row(name, "repq", "mean", bits, fp, scores(logits(q, data.x_eval), z_fp, data.y_eval),
                     time.perf_counter() - t0, r.calib_size, len(data.y_eval)))
         # dopq-calib, three targets
-        for v, opts in VARIANTS.items():
-            if not todo("dopq-calib", v, bits):
+        for v in variants_all:
+            if not todo("dopq-calib" + tag, v, bits):
                 continue
-            r = with_pass_options(load_recipe("dopq-calib"), "reparam", **opts)
+            r = with_pass_options(with_post_softmax(load_recipe("dopq-calib"), soft), "reparam", **VARIANTS[v])
             q, t0 = copy.deepcopy(model), time.perf_counter()
             run_recipe(q, r, Context(calib=data.calib(r.calib_size), bits=b, seed=args.seed, batch_size=64))
-            add(row(name, "dopq-calib", v, bits, fp, scores(logits(q, data.x_eval), z_fp, data.y_eval),
+            add(row(name, "dopq-calib" + tag, v, bits, fp, scores(logits(q, data.x_eval), z_fp, data.y_eval),
                     time.perf_counter() - t0, r.calib_size, len(data.y_eval)))
         # dopq: stage 1 once, then each target
-        variants = list(VARIANTS) if bits in ABLATION_BITS else ["median"]
-        variants = [v for v in variants if todo("dopq", v, bits)]
+        variants = variants_all if bits in ABLATION_BITS else ["median"]
+        variants = [v for v in variants if todo("dopq" + tag, v, bits)]
         if not variants:
             continue
-        r = dopq_recipe(args.iters, args.calib_size)
+        r = dopq_recipe(args.iters, args.calib_size, soft)
         head, tail = split_at_reparam(r)
         q1, t0 = copy.deepcopy(model), time.perf_counter()
         ctx1 = Context(calib=data.calib(r.calib_size), bits=b, seed=args.seed, batch_size=64)
@@ -225,7 +239,7 @@ def bench_model(name: str, bits_list: list[str], args: argparse.Namespace, doc: 
                                 if p.name == "reparam" else p for p in tail), ctx)
             t_tail = time.perf_counter() - t1
             iters = [rep["config"]["iters"] for rep in q.vitq_reconstruction]
-            add(row(name, "dopq", v, bits, fp, scores(logits(q, data.x_eval), z_fp, data.y_eval), t_head + t_tail,
+            add(row(name, "dopq" + tag, v, bits, fp, scores(logits(q, data.x_eval), z_fp, data.y_eval), t_head + t_tail,
                     r.calib_size, len(data.y_eval), iters=iters, stage1_seconds=round(t_head, 1),
                     stage1_act_only_top1=s1["q_top1"], stage1_act_only_logit_rel_mse=s1["logit_rel_mse"],
                     stage3_loss_after=[round(u["loss_after"], 5) for u in q.vitq_reconstruction[-1]["unit_reports"]]))
@@ -291,6 +305,18 @@ def render(doc: dict[str, Any]) -> str:
                     cells.append(f"{x['q_top1']:.2f} / {x['logit_rel_mse']:.2e}" if x else "—")
                 if any(c != "—" for c in cells):
                     out.append(f"| {m} | {b} | {p} | " + " | ".join(cells) + " |")
+    if any(r["pipeline"].endswith("[log_sqrt2]") for r in rows):
+        out += ["", "## Post-Softmax quantizer inside the DopQ pipelines: TanQ [R] vs log-sqrt2 (median target; "
+                "top-1 % / relative logit error)", "",
+                "| model | bits | repq | dopq-calib TanQ | dopq-calib log-sqrt2 | dopq TanQ | dopq log-sqrt2 |",
+                "|---|---|---|---|---|---|---|"]
+        for m in models:
+            for b in bits_all:
+                keys = [(m, "repq", "mean", b), (m, "dopq-calib", "median", b), (m, "dopq-calib[log_sqrt2]", "median", b),
+                        (m, "dopq", "median", b), (m, "dopq[log_sqrt2]", "median", b)]
+                if by.get(keys[2]) or by.get(keys[4]):
+                    cells = [f"{by[k]['q_top1']:.2f} / {by[k]['logit_rel_mse']:.2e}" if k in by else "—" for k in keys]
+                    out.append(f"| {m} | {b} | " + " | ".join(cells) + " |")
     if stats:
         out += ["", "## Post-LayerNorm channel scales (repq channel-wise calibration, A4, 32 images)", "",
                 "| model | sites | mean/median (avg, max) | max/median (avg, max) | channels clipped by MAD k=3 |",
@@ -301,12 +327,13 @@ def render(doc: dict[str, Any]) -> str:
                 out.append(f"| {m} | {s['sites']} | {s['mean_over_median']:.2f}, {s['mean_over_median_max']:.2f} | "
                            f"{s['max_over_median']:.1f}, {s['max_over_median_max']:.1f} | "
                            f"{100 * s['frac_clipped_mad3']:.1f} % |")
-    dq = [r for r in rows if r["pipeline"] == "dopq"]
+    dq = [r for r in rows if r["pipeline"].startswith("dopq") and "stage1_seconds" in r]
     if dq:
         out += ["", "## dopq cost and stage 1", "",
-                "| model | bits | variant | stage-1 act-only top-1 | seconds (stage 1 + rest) |", "|---|---|---|---:|---:|"]
+                "| model | pipeline | bits | variant | stage-1 act-only top-1 | seconds (stage 1 + rest) |",
+                "|---|---|---|---|---:|---:|"]
         for r in dq:
-            out.append(f"| {r['model']} | {r['bits']} | {r['variant']} | {r['stage1_act_only_top1']:.2f} | "
+            out.append(f"| {r['model']} | {r['pipeline']} | {r['bits']} | {r['variant']} | {r['stage1_act_only_top1']:.2f} | "
                        f"{r['stage1_seconds']:.0f} + {r['seconds'] - r['stage1_seconds']:.0f} |")
     return "\n".join(out) + "\n"
 
@@ -323,6 +350,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="recompute rows already in the results file")
     ap.add_argument("--verify-split", action="store_true", help="check the stage-1 sharing on fmnist-vit and exit")
     ap.add_argument("--name", default="dopq")
+    ap.add_argument("--post-softmax", default="tanq", choices=["tanq", "log_sqrt2"],
+                    help="log_sqrt2: dopq-calib and dopq (median) with repq's post-Softmax quantizer instead of TanQ")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
