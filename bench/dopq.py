@@ -197,6 +197,8 @@ def bench_model(name: str, bits_list: list[str], args: argparse.Namespace, doc: 
         save(path, doc)
 
     def todo(pipeline: str, variant: str, bits: str) -> bool:
+        if pipeline.split("[")[0] not in args.pipelines or variant not in args.variants:
+            return False
         return args.fresh or key({"model": name, "pipeline": pipeline, "variant": variant, "bits": bits}) not in done
 
     soft = args.post_softmax
@@ -350,6 +352,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="recompute rows already in the results file")
     ap.add_argument("--verify-split", action="store_true", help="check the stage-1 sharing on fmnist-vit and exit")
     ap.add_argument("--name", default="dopq")
+    ap.add_argument("--pipelines", nargs="+", default=["repq", "dopq-calib", "dopq"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--post-softmax", default="tanq", choices=["tanq", "log_sqrt2"],
                     help="log_sqrt2: dopq-calib and dopq (median) with repq's post-Softmax quantizer instead of TanQ")
     args = ap.parse_args()
