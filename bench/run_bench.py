@@ -4,6 +4,7 @@
     python bench/run_bench.py                                  # foundation recipes, all bits, all models
     python bench/run_bench.py --recipes repq ptq4vit --bits W4A4 --eval-size 10000
     python bench/run_bench.py --name baselines                  # results file stem
+    python bench/run_bench.py --recipes fq --bits W8A8 --name baselines tsptq   # rows into both tables
 
 Rows are merged into ``bench/results/<name>.json`` (keyed by model, recipe, bits) and the whole
 table is re-rendered to ``bench/results/<name>.md``: FP top-1, quantized top-1, drop, calibration
@@ -39,7 +40,7 @@ from vitq.reference import list_reference_models, load_reference, weights_path  
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_RECIPES = ["minmax", "percentile", "omse", "ptq4vit", "repq", "fqvit"]
 #: fully-quantized variants (FQ-ViT Table 2 protocol), benchmarked at W8A8: --recipes ... --bits W8A8
-FULL_QUANT_RECIPES = ["fq", "percentile-fq", "omse-fq", "ptq4vit-fq", "fqvit"]
+FULL_QUANT_RECIPES = ["fq", "percentile-fq", "omse-fq", "ptq4vit-fq", "repq-fq", "fqvit"]
 DEFAULT_BITS = ["W8A8", "W6A6", "W4A4", "W3A3"]
 log = logging.getLogger("bench")
 
@@ -121,8 +122,10 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=None, help="default: each recipe's own")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=250)
-    ap.add_argument("--name", default="baselines", help="results file stem in bench/results/")
-    ap.add_argument("--title", default="Baseline recipes on the Fashion-MNIST reference models")
+    ap.add_argument("--name", nargs="+", default=["baselines"],
+                    help="results file stem(s) in bench/results/; the rows are merged into each")
+    ap.add_argument("--title", default=None,
+                    help="table title (default: the file's own, else the baselines title)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for b in args.bits:
@@ -132,16 +135,21 @@ def main() -> None:
         rows += bench_model(name, args.recipes, args.bits, args.eval_size, args.calib_size, args.seed,
                             args.batch_size)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    jpath = RESULTS / f"{args.name}.json"
+    for name in args.name:
+        write(RESULTS / f"{name}.json", rows, args.title)
+
+
+def write(jpath: Path, rows: list[dict[str, Any]], title: str | None) -> None:
+    old_title = json.loads(jpath.read_text())["meta"].get("title") if jpath.is_file() else None
     all_rows = merge(jpath, rows)
-    meta = {"title": args.title,
+    meta = {"title": title or old_title or "Baseline recipes on the Fashion-MNIST reference models",
             "note": "Fashion-MNIST test split, top-1 %. Calibration images: a seeded sample of the train split. "
                     "drop = FP - quantized. Sites: inputs and weights of every Linear, both operands of both "
                     "attention matmuls, patch-embed weight (its input, the image, stays float), head.",
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     jpath.write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(render(all_rows, meta))
+    jpath.with_suffix(".md").write_text(render(all_rows, meta))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")
 
 

@@ -334,7 +334,7 @@ FAST = {"ptq4vit_search": {"steps": 4, "rounds": 1}}
 
 
 @pytest.mark.parametrize("make,size", MODELS)
-@pytest.mark.parametrize("name", ["ptq4vit", "baseptq", "repq", "repq-twin", "fqvit", "ptq4vit-fq"])
+@pytest.mark.parametrize("name", ["ptq4vit", "baseptq", "repq", "repq-twin", "fqvit", "ptq4vit-fq", "repq-fq"])
 def test_recipes_end_to_end(make, size: int, name: str) -> None:
     model = make()
     torch.manual_seed(3)
