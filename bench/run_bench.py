@@ -56,20 +56,44 @@ def available_models(names: list[str]) -> list[str]:
     return out
 
 
+def reusable(tables: list[str]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Rows of results tables, keyed by (model, recipe, bits): same code, same settings."""
+    out: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for table in tables:
+        path = RESULTS / f"{table}.json"
+        for r in json.loads(path.read_text())["rows"] if path.is_file() else []:
+            out.setdefault((r["model"], r["recipe"], r["bits"]), []).append(r)
+    return out
+
+
 def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: int | None, calib_size: int | None,
-                seed: int, batch_size: int) -> list[dict[str, Any]]:
+                seed: int, batch_size: int, reuse: dict[tuple[str, str, str], list[dict[str, Any]]] | None = None,
+                ) -> list[dict[str, Any]]:
+    reuse = reuse or {}
+    rows = []
+    todo = []
+    for rname in recipes:
+        for bits in bits_list:
+            old = next((r for r in reuse.get((name, rname, bits), []) if r["eval_size"] == (eval_size or 10000)
+                        and r["seed"] == seed and calib_size in (None, r["calib_size"])), None)
+            if old:
+                print(f"{name:<22} {rname:<12} {bits}: reused (Q {old['q_top1']:6.2f})", flush=True)
+                rows.append(old)
+            else:
+                todo.append((rname, bits))
+    if not todo:
+        return rows
     model = load_reference(name)
     pre = Preprocess(PreprocessConfig.from_model(model))
     spec = DataSpec.parse("fashion-mnist")
     eval_loader = make_loader(eval_subset(build_dataset(spec, "eval", pre), eval_size), batch_size=batch_size)
     train = build_dataset(spec, "train", pre)
     fp = evaluate(model, eval_loader)
-    rows = []
     for rname in recipes:
         recipe = load_recipe(rname)
         n_cal = calib_size or recipe.calib_size
         calib = make_loader(calibration_subset(train, n_cal, seed), batch_size=min(batch_size, n_cal))
-        for bits in bits_list:
+        for bits in [b for b in bits_list if (rname, b) in todo]:
             reset_peak_rss()
             q = copy.deepcopy(model)
             t0 = time.perf_counter()
@@ -124,6 +148,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--name", nargs="+", default=["baselines"],
                     help="results file stem(s) in bench/results/; the rows are merged into each")
+    ap.add_argument("--reuse-from", nargs="+", default=[], metavar="TABLE",
+                    help="copy rows (same model, recipe, bits, eval size, seed) from bench/results/TABLE.json "
+                         "instead of recomputing them (name the output table itself to skip rows already done)")
     ap.add_argument("--title", default=None,
                     help="table title (default: the file's own, else the baselines title)")
     args = ap.parse_args()
@@ -133,7 +160,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in available_models(args.models):
         rows += bench_model(name, args.recipes, args.bits, args.eval_size, args.calib_size, args.seed,
-                            args.batch_size)
+                            args.batch_size, reusable(args.reuse_from))
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.name:
         write(RESULTS / f"{name}.json", rows, args.title)
