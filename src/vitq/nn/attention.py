@@ -63,9 +63,7 @@ class QAttention(nn.Module):
         q = q * self.scale
         attn = self.matmul_qk(q, k.transpose(-2, -1))
         bias = _self_attn_bias(N, attn, attn_mask, is_causal)
-        if bias is not None:
-            attn = attn + bias
-        attn = self.softmax(attn)
+        attn = self.softmax(attn, bias)  # the mask is added after SOFTMAX_IN quantization
         attn = self.attn_drop(attn)
         x = self.matmul_av(attn, v)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
@@ -110,11 +108,11 @@ class QWindowAttention(nn.Module):
         q = q * self.scale
         attn = self.matmul_qk(q, k.transpose(-2, -1))
         attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.softmax(attn)
+        if mask is not None:  # (num_win, N, N) -> (B_, 1, N, N), window index fastest as in B_
+            mask = mask.unsqueeze(1).repeat(B_ // mask.shape[0], 1, 1, 1)
+        # the shifted-window mask (-100) is added after SOFTMAX_IN quantization: it is structure, not
+        # a logit, and would otherwise stretch the per-tensor range by ~100
+        attn = self.softmax(attn, mask)
         attn = self.attn_drop(attn)
         x = self.matmul_av(attn, v)
         x = x.transpose(1, 2).reshape(B_, N, -1)

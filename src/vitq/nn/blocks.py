@@ -81,8 +81,9 @@ class QAdd(nn.Module, QuantSlots):
 
 
 class QSoftmax(nn.Module, QuantSlots):
-    """Softmax over the last dim with an input slot. ``impl`` names the softmax implementation:
-    ``float`` (torch) here; integer approximations register more (see fully-quantized recipes)."""
+    """Softmax over the last dim with an input slot and an optional additive mask applied after it.
+    ``impl`` names the softmax implementation: ``float`` (torch) here; integer approximations register
+    more (see fully-quantized recipes)."""
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__()
@@ -91,9 +92,16 @@ class QSoftmax(nn.Module, QuantSlots):
         self.impl = "float"
         self.slot_roles = {"input_quant": (Role.SOFTMAX_IN, "act")}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``mask``: an additive structural mask (0 where attended, a large negative number or
+        ``-inf`` where not: Swin's shifted-window mask, a user's attention mask). It is added *after*
+        the input quantizer, so its -100s never enter the calibrated range (a masked logit is
+        "not attended", not a value to represent); the float result is ``softmax(x + mask)`` as before.
+        """
         if self.input_quant is not None:
             x = self.input_quant(x)
+        if mask is not None:
+            x = x + mask
         fn = SOFTMAX_IMPLS[self.impl]
         if getattr(fn, "takes_input_quant", False):  # integer softmax needs the input's grid
             return fn(x, self.dim, self.input_quant)
