@@ -6,6 +6,7 @@
     python bench/aocq.py errors     [--models ...]       # per-tensor error of balanced tensors, rule median / mse
     python bench/aocq.py density    [--model fmnist-vit-outlier]      # docs/aocq_density.png
     python bench/aocq.py render                                       # bench/results/aocq.md from the JSON
+    python bench/aocq.py table --eval-size 10000 --name aocq_eval10k  # a separate table (rows keyed without eval size)
 
 Every row is one ``run_recipe`` on a fresh copy of a reference model, top-1 on the first
 ``--eval-size`` Fashion-MNIST test images; calibration images are a seeded sample of the train
@@ -420,7 +421,10 @@ def main() -> None:
     ap.add_argument("--model", default="fmnist-vit-outlier", help="density: the reference model")
     ap.add_argument("--ln-index", type=int, default=4, help="density: which LayerNorm (adapter ln_consumers order)")
     ap.add_argument("--density-bits", type=int, default=4)
+    ap.add_argument("--name", default="aocq", help="results file stem in bench/results/ (table, ablation, render)")
     args = ap.parse_args()
+    global JSON, MD
+    JSON, MD = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.md"
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.part == "table":
