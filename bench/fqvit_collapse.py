@@ -25,26 +25,16 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recon_common import RESULTS, Data  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
-from vitq.data import (  # noqa: E402
-    DataSpec,
-    Preprocess,
-    PreprocessConfig,
-    build_dataset,
-    calibration_subset,
-    eval_subset,
-    make_loader,
-)
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.nn import FakeQuant  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import load_recipe  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 OUT = RESULTS / "fqvit_collapse"
 FULL = ("LN_IN", "RESIDUAL", "SOFTMAX_IN")
 #: variant -> roles left in float
@@ -103,11 +93,8 @@ def main() -> None:
     recipe = load_recipe("fqvit")
     for name in args.models:
         model = load_reference(name)
-        pre = Preprocess(PreprocessConfig.from_model(model))
-        spec = DataSpec.parse("fashion-mnist")
-        ev = make_loader(eval_subset(build_dataset(spec, "eval", pre), args.eval_size), batch_size=250)
-        calib = make_loader(calibration_subset(build_dataset(spec, "train", pre), recipe.calib_size, 0),
-                            batch_size=250)
+        data = Data(model, recipe.calib_size, args.eval_size, seed=0, batch_size=250)
+        calib, ev = data.calib, data.eval_loader
         fp = evaluate(model, ev)["top1"]
         for bits in args.bits:
             q = copy.deepcopy(model)

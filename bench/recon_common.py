@@ -1,4 +1,4 @@
-"""Shared plumbing of the reconstruction benchmarks (granularity.py, recon.py, recon_cost.py).
+"""Shared plumbing of the benchmarks (granularity.py, recon.py, recon_cost.py, fqvit_collapse.py).
 
 Each benchmark row is one ``run_recipe`` on a fresh copy of a reference model with 1024 calibration
 images (seeded sample of the Fashion-MNIST train split) and top-1 on the Fashion-MNIST test split.
