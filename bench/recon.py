@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reconstruction recipes on every reference model: brecq, qdrop, oas (and repq when it exists).
+"""Reconstruction recipes on every reference model: brecq, qdrop, oas, repq, and qdrop-repq / oas-repq.
 
     python bench/recon.py                               # W4A4 and W3A3, every reference model present
     python bench/recon.py --bits W4A4 --models fmnist-vit --iters 200
@@ -43,6 +43,8 @@ from vitq.reference import load_reference  # noqa: E402
 log = logging.getLogger("bench.recon")
 OUT = RESULTS / "reconstruction"
 RECON = ["brecq", "qdrop", "oas"]
+#: reconstruction on a RepQ-ViT start (channel-wise post-LN calibration + reparameterization): our compositions
+RECON_REPQ = ["qdrop-repq", "oas-repq"]
 #: extra rows: the oas recipe with its optional short-run validation instead of the proxy
 VARIANTS = {"oas-validate": ("oas", {"select": "validate", "val_iters": 50, "val_images": 128})}
 
@@ -51,7 +53,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=MODELS)
     ap.add_argument("--bits", nargs="*", default=["W4A4", "W3A3"])
-    ap.add_argument("--recipes", nargs="*", default=RECON + ["repq"])
+    ap.add_argument("--recipes", nargs="*", default=RECON + ["repq"] + RECON_REPQ)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--lr-scale", type=float, default=10.0)
     ap.add_argument("--eval-size", type=int, default=None)
@@ -116,8 +118,9 @@ def main() -> int:
             del qcal
         for recipe in [r for r in todo if r not in shared]:
             log.info("%s %s %s (own calibration)", name, bits, recipe)
-            row = quantize_row(name, model, data, recipe, bits, ov if recipe in RECON else None)
-            row.update({"fp_top1": fp, "lr_scale": args.lr_scale if recipe in RECON else None})
+            recon = recipe in RECON or recipe in RECON_REPQ
+            row = quantize_row(name, model, data, recipe, bits, ov if recon else None)
+            row.update({"fp_top1": fp, "lr_scale": args.lr_scale if recon else None})
             rows.append(row)
             save_rows(path, rows, meta)
     save_rows(path, rows, meta)
@@ -128,13 +131,15 @@ def main() -> int:
 def write_report(path: Path) -> None:
     d = json.loads(path.read_text())
     rows, meta = d["rows"], d["meta"]
-    order = {"calib-only": 0, "repq": 1, "brecq": 2, "qdrop": 3, "oas": 4, "oas-validate": 5}
+    order = {"calib-only": 0, "repq": 1, "brecq": 2, "qdrop": 3, "oas": 4, "oas-validate": 5, "qdrop-repq": 6, "oas-repq": 7}
     lines = [f"# Reconstruction recipes ({meta['iters_per_unit']} iterations per unit, learning rates x{meta['lr_scale']:g})",
              "", "Published settings are 20k iterations per unit (BRECQ's activation pass 5k); on the shared 2-core CPU "
              f"every reconstruction pass runs {meta['iters_per_unit']} iterations per unit with its learning rates "
              f"multiplied by {meta['lr_scale']:g}. 1024 calibration images; top-1 on the Fashion-MNIST test split; "
              "seconds = calibration + reconstruction wall time (1 thread); peak RSS of the run.",
-             "`calib only` = the shared brecq/qdrop/oas quantizer set-up (MSE-searched ranges) without reconstruction.", ""]
+             "`calib only` = the shared brecq/qdrop/oas quantizer set-up (MSE-searched ranges) without reconstruction. "
+             "`qdrop-repq` / `oas-repq` (our compositions [R]): the same reconstruction on a RepQ-ViT start "
+             "(post-LayerNorm activations calibrated channel-wise and reparameterized to per-tensor).", ""]
     if meta.get("missing_models"):
         lines += [f"Missing models (not trained yet): {', '.join(meta['missing_models'])}."]
     if meta.get("missing_recipes"):

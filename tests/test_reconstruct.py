@@ -257,6 +257,35 @@ def test_oas_picks_and_records_a_slicing(select: str, tmp_path: Path) -> None:
     assert all(v >= 1.0 for v in rec["boundary_ratios"].values())
 
 
+@pytest.mark.parametrize("base", ["oas", "qdrop"])
+def test_repq_start_reparameterizes_before_reconstruction(base: str, tmp_path: Path) -> None:
+    """oas-repq / qdrop-repq: post-LN sites end per-tensor (folded into LayerNorm) and, with planted
+    outlier channels, the result is far closer to float than the same reconstruction without it."""
+    from vitq.adapters import get_adapter
+    from vitq.passes.reparam import apply_channel_scales
+    from vitq.passes.quantize import manifest
+
+    torch.manual_seed(3)
+    fp = tiny_vit()
+    pairs = get_adapter(fp).ln_consumers(fp)
+    apply_channel_scales(fp, {p.ln_name: {0: 32.0, 3: 16.0} for p in pairs})
+    x = torch.randn(32, 3, 16, 16)
+    errs = {}
+    for name in (base, f"{base}-repq"):
+        f = tmp_path / f"{name}.yaml"
+        recon = "oas" if base == "oas" else "reconstruct"
+        passes = "  - pass: calibrate\n" + ("  - pass: reparam\n    target: mean\n" if name.endswith("-repq") else "")
+        f.write_text(f"extends: {name}\npasses:\n{passes}  - pass: {recon}\n    iters: 20\n"
+                     "    num_samples: 32\n    batch_size: 8\n" + ("    slicing: block\n" if recon == "reconstruct" else ""))
+        q = vitq.quantize(copy.deepcopy(fp), str(f), "W4A4", calib_data=x, batch_size=8)
+        assert q.vitq_reconstruction and q.vitq_reconstruction[-1]["units"] > 1
+        if name.endswith("-repq"):
+            post_ln = [e for e in manifest(q) if e["role"] in ("QKV_IN", "FC1_IN") and e["kind"] == "act"]
+            assert post_ln and all(e["granularity"] == "tensor" for e in post_ln)
+        errs[name] = out_err(q, fp, x)
+    assert errs[f"{base}-repq"] < 0.5 * errs[base], errs
+
+
 def test_cli_iters_override_and_errors(tmp_path: Path, fmnist_dir: Path, capsys) -> None:
     from vitq.cli import main
 
