@@ -262,8 +262,8 @@ def test_repq_start_reparameterizes_before_reconstruction(base: str, tmp_path: P
     """oas-repq / qdrop-repq: post-LN sites end per-tensor (folded into LayerNorm) and, with planted
     outlier channels, the result is far closer to float than the same reconstruction without it."""
     from vitq.adapters import get_adapter
-    from vitq.passes.reparam import apply_channel_scales
     from vitq.passes.quantize import manifest
+    from vitq.passes.reparam import apply_channel_scales
 
     torch.manual_seed(3)
     fp = tiny_vit()

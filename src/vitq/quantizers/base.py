@@ -16,7 +16,7 @@ Parameters are plain tensors so that :class:`vitq.nn.FakeQuant` can hold them as
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 from torch import Tensor
