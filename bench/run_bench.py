@@ -32,6 +32,7 @@ from vitq.bits import Bits  # noqa: E402
 from vitq.data import (  # noqa: E402
     DataSpec, Preprocess, PreprocessConfig, build_dataset, calibration_subset, eval_subset, make_loader,
 )
+from vitq.errors import VitqError  # noqa: E402
 from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
 from vitq.pipeline import Context, manifest, run_recipe  # noqa: E402
 from vitq.recipes import load_recipe  # noqa: E402
@@ -68,7 +69,8 @@ def reusable(tables: list[str]) -> dict[tuple[str, str, str], list[dict[str, Any
 
 def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: int | None, calib_size: int | None,
                 seed: int, batch_size: int, reuse: dict[tuple[str, str, str], list[dict[str, Any]]] | None = None,
-                ) -> list[dict[str, Any]]:
+                ) -> tuple[list[dict[str, Any]], int]:
+    """Rows of one model, and how many failed (a failing recipe is reported on one line and skipped)."""
     reuse = reuse or {}
     rows = []
     todo = []
@@ -82,7 +84,8 @@ def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: 
             else:
                 todo.append((rname, bits))
     if not todo:
-        return rows
+        return rows, 0
+    errors = 0
     model = load_reference(name)
     pre = Preprocess(PreprocessConfig.from_model(model))
     spec = DataSpec.parse("fashion-mnist")
@@ -97,7 +100,12 @@ def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: 
             reset_peak_rss()
             q = copy.deepcopy(model)
             t0 = time.perf_counter()
-            run_recipe(q, recipe, Context(calib=calib, bits=Bits.parse(bits), seed=seed, batch_size=batch_size))
+            try:
+                run_recipe(q, recipe, Context(calib=calib, bits=Bits.parse(bits), seed=seed, batch_size=batch_size))
+            except VitqError as e:
+                print(f"{name:<22} {rname:<12} {bits}: FAILED: {e}", flush=True)
+                errors += 1
+                continue
             calib_s = time.perf_counter() - t0
             res = evaluate(q, eval_loader)
             man = manifest(q)
@@ -113,7 +121,7 @@ def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: 
                   f"drop {row['drop']:+6.2f}  calib {calib_s:6.1f}s  rss {row['peak_rss_mb']:.0f} MB", flush=True)
             rows.append(row)
             del q
-    return rows
+    return rows, errors
 
 
 def merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,13 +165,16 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for b in args.bits:
         Bits.parse(b)
-    rows: list[dict[str, Any]] = []
-    for name in available_models(args.models):
-        rows += bench_model(name, args.recipes, args.bits, args.eval_size, args.calib_size, args.seed,
-                            args.batch_size, reusable(args.reuse_from))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in args.name:
-        write(RESULTS / f"{name}.json", rows, args.title)
+    failed = 0
+    for name in available_models(args.models):  # written after every model: a later failure loses nothing
+        rows, errors = bench_model(name, args.recipes, args.bits, args.eval_size, args.calib_size, args.seed,
+                                   args.batch_size, reusable(args.reuse_from))
+        failed += errors
+        for table in args.name:
+            write(RESULTS / f"{table}.json", rows, args.title)
+    if failed:
+        raise SystemExit(f"{failed} row(s) failed (see the FAILED lines above); the other rows were written")
 
 
 def write(jpath: Path, rows: list[dict[str, Any]], title: str | None) -> None:

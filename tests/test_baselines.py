@@ -133,6 +133,34 @@ def test_ptq4vit_search_never_worse_than_init() -> None:
     assert {e["role"] for e in twin} == {"FC2_IN", "ATTN_PROBS"}
 
 
+def test_ptq4vit_search_is_scale_free_in_the_gradient() -> None:
+    """A collapsed low-bit model gives straight-through KL gradients of ~1e21, whose square overflows
+    float32: the search must choose as with the same gradient at a sane scale, and a non-finite
+    gradient must be a one-line CalibrationError."""
+    from vitq.errors import CalibrationError
+    from vitq.passes.ptq4vit import search_layer
+
+    torch.manual_seed(0)
+    model, calib = tiny_vit(), torch.randn(8, 3, 16, 16)
+    q = vitq.quantize(copy.deepcopy(model), _recipe("ptq4vit", passes=[{"pass": "calibrate"}]), "W4A4",
+                      calib_data=calib)
+    layer, slots = search_layers(q)[1]
+    x = torch.randn(8, 5, layer.in_features)
+    with disabled(q), torch.no_grad():
+        out = layer(x)
+    g = torch.randn_like(out)
+    init = {s: {k: v.clone() for k, v in getattr(layer, s).params.items()} for s in slots}
+    picks = []
+    for factor in (1.0, 1e25):
+        for s in slots:
+            getattr(layer, s).set_params(init[s])
+        picks.append(search_layer(layer, slots, (x,), out, g * factor, "hessian", 1, steps=20))
+    for s in slots:
+        assert all(torch.equal(picks[0][s][k], picks[1][s][k]) for k in picks[0][s])
+    with pytest.raises(CalibrationError, match="not finite.*grad: fisher or metric: mse"):
+        search_layer(layer, slots, (x,), out, g * float("inf"), "hessian", 1, steps=20)
+
+
 @pytest.mark.parametrize("grad", ["quant", "fisher"])
 def test_ptq4vit_hessian_search_runs(grad: str) -> None:
     model, calib, x = tiny_vit(), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)

@@ -134,6 +134,18 @@ def _capture(model: nn.Module, x: Tensor, layers: Sequence[nn.Module]) -> list[t
     return got  # type: ignore[return-value]
 
 
+def unit_max(grad: Tensor, where: str) -> Tensor:
+    """``grad / max|grad|``. The per-layer search compares candidates under one ``grad``, so a positive
+    factor does not change its choice; without it, the straight-through gradients of a model that
+    collapses at low bits (1e21 measured on a fully-quantized W4A4 Swin) square to inf in float32
+    and every candidate ties at a non-finite error."""
+    if not bool(torch.isfinite(grad).all()):
+        raise CalibrationError(f"ptq4vit_search: the KL gradient at {where} is not finite (the quantized model is "
+                               "numerically broken at these bits); use grad: fisher or metric: mse")
+    top = grad.abs().amax()
+    return grad / top if float(top) > 0 else grad
+
+
 @torch.no_grad()
 def search_layer(layer: nn.Module, slots: Sequence[str], args: tuple[Tensor, ...], out_fp: Tensor,
                  grad: Optional[Tensor], metric_name: str, rounds: int, alpha: float = 0.01, beta: float = 1.2,
@@ -143,6 +155,8 @@ def search_layer(layer: nn.Module, slots: Sequence[str], args: tuple[Tensor, ...
     The layer's FakeQuants are left at the returned values.
     """
     metric = get_metric(metric_name)
+    if grad is not None:
+        grad = unit_max(grad, getattr(layer, slots[0]).site if slots else type(layer).__name__)
     fqs = {s: getattr(layer, s) for s in slots}
     ratios = grid(alpha, beta, steps)
     cands = {s: candidates(fq, layer.weight if s == "weight_quant" else args[SLOT_ARG[s]], ratios, alpha, beta, steps)
@@ -237,4 +251,4 @@ def _gradients(model: nn.Module, x: Tensor, mods: Sequence[nn.Module], ref_logit
         return output_grads(model, x, mods, lambda logits: sampled_nll(logits, labels))
 
 
-__all__ = ["GRAD_MODES", "candidates", "grid", "ptq4vit_search_pass", "search_layer", "search_layers"]
+__all__ = ["GRAD_MODES", "candidates", "grid", "ptq4vit_search_pass", "search_layer", "search_layers", "unit_max"]
