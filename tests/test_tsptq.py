@@ -75,3 +75,32 @@ def test_tsptq_ablations() -> None:
     assert o2sf_only["act:LN_IN"] == o2sf_only["act:RESIDUAL"] == "o2sf"
     for name in ("tsptq", "tsptq-v2sf-only", "tsptq-o2sf-only"):
         assert "[R]" in load_recipe(name).paper
+
+
+def test_tsptq_repq_keeps_tsptq_sites_and_folds_post_ln_outliers() -> None:
+    """tsptq-repq (our composition): the tsptq quantizers stay, post-LN sites end per-tensor after the
+    fold, and on a model with planted LayerNorm-output outlier channels it is far closer to float."""
+    from vitq.adapters import get_adapter
+    from vitq.passes.reparam import apply_channel_scales
+
+    torch.manual_seed(5)
+    model = unfuse(tiny_vit())
+    pairs = get_adapter(model).ln_consumers(model)
+    apply_channel_scales(model, {p.ln_name: {0: 32.0, 2: 16.0} for p in pairs})
+    x = torch.randn(8, 3, 16, 16)
+    err = {}
+    for name in ("tsptq", "tsptq-repq"):
+        q = run_recipe(copy.deepcopy(model), load_recipe(name), Context(calib=x, bits=Bits.parse("W6A6"), batch_size=8))
+        outs = []
+        for m in (q, model):  # the first qkv output: the site whose input carries the planted channels
+            h = m.get_submodule("blocks.0.attn.qkv").register_forward_hook(lambda _m, _a, o: outs.append(o))
+            with torch.no_grad():
+                m(x)
+            h.remove()
+        err[name] = float((outs[0] - outs[1]).pow(2).mean() / outs[1].pow(2).mean())
+        if name == "tsptq-repq":
+            roles = _by_role(q)
+            assert roles["ATTN_PROBS"] == {"v2sf"} and roles["LN_IN"] == {"o2sf"}
+            post = [e for e in manifest(q) if e["kind"] == "act" and e["role"] in ("QKV_IN", "FC1_IN")]
+            assert post and all(e["granularity"] == "tensor" for e in post)
+    assert err["tsptq-repq"] < 0.5 * err["tsptq"], err
