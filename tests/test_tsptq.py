@@ -93,7 +93,7 @@ def test_tsptq_repq_keeps_tsptq_sites_and_folds_post_ln_outliers() -> None:
         q = run_recipe(copy.deepcopy(model), load_recipe(name), Context(calib=x, bits=Bits.parse("W6A6"), batch_size=8))
         outs = []
         for m in (q, model):  # the first qkv output: the site whose input carries the planted channels
-            h = m.get_submodule("blocks.0.attn.qkv").register_forward_hook(lambda _m, _a, o: outs.append(o))
+            h = m.get_submodule("blocks.0.attn.qkv").register_forward_hook(lambda _m, _a, o, outs=outs: outs.append(o))
             with torch.no_grad():
                 m(x)
             h.remove()
