@@ -58,6 +58,8 @@ def main() -> int:
     ap.add_argument("--lr-scale", type=float, default=10.0)
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="calibration sample and training seed")
+    ap.add_argument("--name", default="reconstruction", help="results file stem in bench/results/")
     args = ap.parse_args()
     setup()
     models, missing = available(args.models)
@@ -67,11 +69,11 @@ def main() -> int:
         log.warning("missing reference models (skipped): %s", ", ".join(missing))
     if absent:
         log.warning("recipes not available (skipped): %s", ", ".join(absent))
-    path = OUT.with_suffix(".json")
+    path = (RESULTS / args.name).with_suffix(".json")
     if args.fresh:
         path.unlink(missing_ok=True)
     rows = load_rows(path)
-    meta = {"iters_per_unit": args.iters, "lr_scale": args.lr_scale, "calib_size": 1024,
+    meta = {"iters_per_unit": args.iters, "lr_scale": args.lr_scale, "calib_size": 1024, "seed": args.seed,
             "missing_models": missing, "missing_recipes": absent}
     ov = {"iters": args.iters, "lr_scale": args.lr_scale}
 
@@ -85,7 +87,7 @@ def main() -> int:
     for bits, name in [(b, n) for b in args.bits for n in models]:  # every model at the first bits first
         if name not in loaded:
             m = load_reference(name)
-            loaded[name] = (m, Data(m, 1024, args.eval_size))
+            loaded[name] = (m, Data(m, 1024, args.eval_size, seed=args.seed))
         model, data = loaded[name]
         fp = fps.get(name)
         todo = [r for r in recipes if not done(name, r, bits)]
@@ -94,7 +96,7 @@ def main() -> int:
             continue
         fp = fps[name] = fp if fp is not None else fp_top1(model, data)
         if shared or not done(name, "calib-only", bits):
-            qcal, cal_s, cal_rss = calibrate_once(model, "qdrop", bits, data)
+            qcal, cal_s, cal_rss = calibrate_once(model, "qdrop", bits, data, seed=args.seed)
             if not done(name, "calib-only", bits):
                 res = evaluate(qcal, data.eval_loader)
                 rows.append({"model": name, "recipe": "calib-only", "bits": bits, "fp_top1": fp,
@@ -104,7 +106,7 @@ def main() -> int:
             for recipe in shared:
                 log.info("%s %s %s", name, bits, recipe)
                 base, extra = VARIANTS.get(recipe, (recipe, {}))
-                q, secs, rss = run_rest(qcal, base, bits, data, {**ov, **extra})
+                q, secs, rss = run_rest(qcal, base, bits, data, {**ov, **extra}, seed=args.seed)
                 res = evaluate(q, data.eval_loader)
                 rep = q.vitq_reconstruction
                 rows.append({"model": name, "recipe": recipe, "bits": bits, "fp_top1": fp,
@@ -119,7 +121,7 @@ def main() -> int:
         for recipe in [r for r in todo if r not in shared]:
             log.info("%s %s %s (own calibration)", name, bits, recipe)
             recon = recipe in RECON or recipe in RECON_REPQ
-            row = quantize_row(name, model, data, recipe, bits, ov if recon else None)
+            row = quantize_row(name, model, data, recipe, bits, ov if recon else None, seed=args.seed)
             row.update({"fp_top1": fp, "lr_scale": args.lr_scale if recon else None})
             rows.append(row)
             save_rows(path, rows, meta)
@@ -136,7 +138,8 @@ def write_report(path: Path) -> None:
              "", "Published settings are 20k iterations per unit (BRECQ's activation pass 5k); on the shared 2-core CPU "
              f"every reconstruction pass runs {meta['iters_per_unit']} iterations per unit with its learning rates "
              f"multiplied by {meta['lr_scale']:g}. 1024 calibration images; top-1 on the Fashion-MNIST test split; "
-             "seconds = calibration + reconstruction wall time (1 thread); peak RSS of the run.",
+             "seconds = calibration + reconstruction wall time (1 thread); peak RSS of the run. "
+             f"Seed (calibration sample, training) {meta.get('seed', 0)}.",
              "`calib only` = the shared brecq/qdrop/oas quantizer set-up (MSE-searched ranges) without reconstruction. "
              "`qdrop-repq` / `oas-repq` (our compositions [R]): the same reconstruction on a RepQ-ViT start "
              "(post-LayerNorm activations calibrated channel-wise and reparameterized to per-tensor).", ""]
