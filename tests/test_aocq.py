@@ -275,7 +275,8 @@ def test_aocq_end_to_end(make, bits) -> None:
     torch.manual_seed(4)
     x = torch.randn(8, 3, _size(make), _size(make))
     model = unbalanced(make)
-    ref = model(x)
+    with torch.no_grad():
+        ref = model(x)
     q = run_recipe(copy.deepcopy(model), small_aocq(), Context(calib=x, bits=Bits.parse(bits), batch_size=8))
     with torch.no_grad():
         out = q(x)
