@@ -104,3 +104,36 @@ def test_tsptq_repq_keeps_tsptq_sites_and_folds_post_ln_outliers() -> None:
             post = [e for e in manifest(q) if e["kind"] == "act" and e["role"] in ("QKV_IN", "FC1_IN")]
             assert post and all(e["granularity"] == "tensor" for e in post)
     assert err["tsptq-repq"] < 0.5 * err["tsptq"], err
+
+
+def test_tsptq_hessian_search_touches_only_v2sf_sites() -> None:
+    """tsptq re-chooses V-2SF's parameters with PTQ4ViT's Hessian-guided search (ptq4vit_search,
+    quantizers: [v2sf]); every other quantizer is exactly as in tsptq-v2sf-mse (MSE choice only)."""
+    from vitq.errors import ConfigError
+    from vitq.nn import FakeQuant
+    from vitq.passes.ptq4vit import search_layers
+
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 16, 16)
+    model = unfuse(tiny_vit())
+    ctx = lambda: Context(calib=x, bits=Bits.parse("W4A4"), batch_size=8)  # noqa: E731
+    a = run_recipe(copy.deepcopy(model), load_recipe("tsptq"), ctx())
+    b = run_recipe(copy.deepcopy(model), load_recipe("tsptq-v2sf-mse"), ctx())
+    fb = {n: m for n, m in b.named_modules() if isinstance(m, FakeQuant)}
+    changed = 0
+    for n, fq in a.named_modules():
+        if not isinstance(fq, FakeQuant):
+            continue
+        same = all(torch.equal(v, fb[n].params[k]) for k, v in fq.params.items())
+        if fq.spec.quantizer == "v2sf":
+            changed += not same
+        else:
+            assert same, n
+    assert changed > 0
+    layers = search_layers(a, quantizers=["v2sf"])
+    assert layers and all(getattr(m, s).spec.quantizer == "v2sf" for m, slots in layers for s in slots)
+    bad = load_recipe("tsptq").to_dict()
+    bad["passes"][-1]["quantizers"] = ["v2sff"]
+    from vitq.recipes import Recipe
+    with pytest.raises(ConfigError, match="unknown quantizer 'v2sff'"):
+        run_recipe(copy.deepcopy(model), Recipe.from_dict(bad), ctx())

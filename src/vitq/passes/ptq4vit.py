@@ -47,7 +47,7 @@ from ..errors import CalibrationError, ConfigError
 from ..granularity import PerToken
 from ..metrics import GRADIENT_METRICS, get_metric, kl_to_reference, output_grads, sampled_nll
 from ..nn import FakeQuant, QConv2d, QLinear, QMatMul, disabled
-from ..quantizers.base import Params, QuantSpec
+from ..quantizers.base import Params, QuantSpec, get_quantizer
 from ..roles import parse_role
 from .registry import register_pass
 
@@ -67,15 +67,19 @@ def _searchable(fq: Any) -> bool:
             and not isinstance(fq.spec.granularity, PerToken))
 
 
-def search_layers(model: nn.Module, roles: Optional[Sequence[str]] = None) -> list[tuple[nn.Module, list[str]]]:
-    """``(layer, slots to search)`` for every quantizable layer with a searchable FakeQuant."""
+def search_layers(model: nn.Module, roles: Optional[Sequence[str]] = None,
+                  quantizers: Optional[Sequence[str]] = None) -> list[tuple[nn.Module, list[str]]]:
+    """``(layer, slots to search)`` for every quantizable layer with a searchable FakeQuant (optionally
+    only the FakeQuants of the given roles and / or quantizer names)."""
     keep = None if roles is None else {parse_role(r) for r in roles}
+    names = None if quantizers is None else set(quantizers)
     out = []
     for m in model.modules():
         if not isinstance(m, LAYER_TYPES):
             continue
         slots = [s for s in SLOT_ORDER[type(m)] if _searchable(getattr(m, s, None))
-                 and (keep is None or getattr(m, s).role in keep)]
+                 and (keep is None or getattr(m, s).role in keep)
+                 and (names is None or getattr(m, s).spec.quantizer in names)]
         if slots:
             out.append((m, slots))
     return out
@@ -189,10 +193,11 @@ def search_layer(layer: nn.Module, slots: Sequence[str], args: tuple[Tensor, ...
 
 
 @register_pass("ptq4vit_search", metric="hessian", alpha=0.01, beta=1.2, steps=100, rounds=3, grad="quant",
-               max_images=32, roles=None)
+               max_images=32, roles=None, quantizers=None)
 def ptq4vit_search_pass(model: nn.Module, ctx: Any, metric: str = "hessian", alpha: float = 0.01,
                         beta: float = 1.2, steps: int = 100, rounds: int = 3, grad: str = "quant",
-                        max_images: int = 32, roles: Optional[Sequence[str]] = None) -> nn.Module:
+                        max_images: int = 32, roles: Optional[Sequence[str]] = None,
+                        quantizers: Optional[Sequence[str]] = None) -> nn.Module:
     """PTQ4ViT: per-layer search of quantizer scales by (Hessian-guided) layer-output error."""
     get_metric(metric)
     if grad not in GRAD_MODES:
@@ -201,7 +206,11 @@ def ptq4vit_search_pass(model: nn.Module, ctx: Any, metric: str = "hessian", alp
         raise ConfigError(f"ptq4vit_search needs 0 < alpha <= beta, got alpha={alpha} beta={beta}")
     if int(steps) < 1 or int(rounds) < 1 or int(max_images) < 1:
         raise ConfigError("ptq4vit_search steps, rounds and max_images must be >= 1")
-    layers = search_layers(model, roles)
+    roles = [roles] if isinstance(roles, str) else roles  # `roles: QKV_IN` in YAML means one role
+    quantizers = [quantizers] if isinstance(quantizers, str) else quantizers
+    for name in quantizers or ():
+        get_quantizer(name)  # unknown name: one-line ConfigError
+    layers = search_layers(model, roles, quantizers)
     if not layers:
         log.warning("ptq4vit_search: no calibrated quantization site to search; nothing to do")
         return model
