@@ -154,7 +154,7 @@ def test_nan_during_calibration(capsys, tmp_path: Path, fmnist_dir: Path) -> Non
 
 def test_quantize_json_export_and_eval(capsys, tmp_path: Path, fmnist_dir: Path, pickled_vit: Path) -> None:
     out, js = tmp_path / "out", tmp_path / "r.json"
-    code, stdout, err = run(q(str(pickled_vit), f"fashion-mnist:{fmnist_dir}", "--trust-pickle", "--bits", "W4A8",
+    code, qout, err = run(q(str(pickled_vit), f"fashion-mnist:{fmnist_dir}", "--trust-pickle", "--bits", "W4A8",
                               "--calib-size", "16", "--eval-size", "20", "--out", str(out), "--json", str(js)), capsys)
     assert code == 0, err
     r = json.loads(js.read_text())
@@ -167,6 +167,41 @@ def test_quantize_json_export_and_eval(capsys, tmp_path: Path, fmnist_dir: Path,
                              "--no-progress", "--trust-pickle", "--json", str(tmp_path / "e.json")], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "e.json").read_text())["top1"] == r["q_top1"]
+    # the paired test against the float model rides along with every quantize run
+    vs = r["vs_fp"]
+    assert vs["n"] == 20 and vs["top1_a"] == r["fp_top1"] and vs["top1_b"] == r["q_top1"]
+    assert vs["diff"] == pytest.approx(-r["drop"], abs=0.01) and 0.0 <= vs["p_value"] <= 1.0
+    assert "McNemar" in qout
+
+
+def test_compare_two_exports(capsys, tmp_path: Path, fmnist_dir: Path, pickled_vit: Path) -> None:
+    data = f"fashion-mnist:{fmnist_dir}"
+    for bits in ("W8A8", "W3A3"):
+        code, _, err = run(q(str(pickled_vit), data, "--trust-pickle", "--bits", bits, "--calib-size", "8",
+                             "--eval-size", "30", "--skip-fp", "--out", str(tmp_path / bits),
+                             "--json", str(tmp_path / f"{bits}.json")), capsys)
+        assert code == 0, err
+    js = tmp_path / "cmp.json"
+    code, out, err = run(["compare", str(tmp_path / "W8A8"), str(tmp_path / "W3A3"), "--data", data,
+                          "--eval-size", "30", "--no-progress", "--trust-pickle", "--json", str(js)], capsys)
+    assert code == 0, err
+    c = json.loads(js.read_text())
+    r8, r3 = (json.loads((tmp_path / f"{b}.json").read_text())["q_top1"] for b in ("W8A8", "W3A3"))
+    assert c["n"] == 30 and c["top1_a"] == r8 and c["top1_b"] == r3
+    assert c["diff"] == pytest.approx(r3 - r8, abs=0.01)
+    assert c["only_a_correct"] - c["only_b_correct"] == round((r8 - r3) * 30 / 100)
+    assert "McNemar" in out
+    # a model compared with itself: no difference, p = 1
+    code, out, err = run(["compare", str(tmp_path / "W8A8"), str(tmp_path / "W8A8"), "--data", data,
+                          "--eval-size", "30", "--no-progress", "--trust-pickle", "--json", str(js)], capsys)
+    assert code == 0, err
+    c = json.loads(js.read_text())
+    assert c["diff"] == 0 and c["p_value"] == 1.0 and c["agree"] == 100.0 and not c["significant_5pct"]
+
+
+def test_compare_missing_second_model(capsys, fmnist_dir: Path, pickled_vit: Path) -> None:
+    expect_error(["compare", str(pickled_vit), "no-such-model", "--trust-pickle", "--data",
+                  f"fashion-mnist:{fmnist_dir}", "--no-progress"], capsys, "no-such-model")
 
 
 def test_list(capsys) -> None:

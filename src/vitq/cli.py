@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
     _add_model_args(e)
 
+    c = sub.add_parser("compare", help="paired comparison of two models on the same images (McNemar test, 95%% CI)")
+    _add_model_args(c)
+    c.add_argument("model_b", help="the second model: same forms as MODEL (e.g. two `vitq quantize --out` folders)")
+    c.add_argument("--checkpoint-b", help="weights for MODEL_B when it is a timm model name")
+
     sub.add_parser("list", help="list recipes, quantizers, reference models and supported model types")
     return ap
 
@@ -76,6 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_list()
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_quantize(args)
     except VitqError as e:
         print(f"vitq: error: {e}", file=sys.stderr)
@@ -143,6 +150,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .evaluate import compare_paired, evaluate
+
+    model_a, _ = _load(args)
+    args_b = copy.copy(args)
+    args_b.model, args_b.checkpoint = args.model_b, args.checkpoint_b
+    model_b, _ = _load(args_b)
+    _, pre_a, loader_a = _eval_loader(args, model_a)
+    _, pre_b, loader_b = _eval_loader(args_b, model_b)
+    if pre_a.cfg != pre_b.cfg:
+        raise ConfigError(f"{args.model} and {args.model_b} preprocess images differently ({pre_a.cfg} vs "
+                          f"{pre_b.cfg}): compare quantized versions of the same float model")
+    progress = not args.no_progress
+    ra = evaluate(model_a, loader_a, progress=progress, desc="eval A")
+    rb = evaluate(model_b, loader_b, progress=progress, desc="eval B")
+    cmp = compare_paired(ra["predictions"], rb["predictions"])
+    print(f"A {args.model}: top-1 {ra['top1']:.2f}%\nB {args.model_b}: top-1 {rb['top1']:.2f}%")
+    print(cmp.summary("A", "B"))
+    _write_json(args.json, {"model_a": args.model, "model_b": args.model_b, "data": args.data, **cmp.to_dict(),
+                            "significant_5pct": cmp.significant()})
+    return 0
+
+
 def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
     from .roles import Role
 
@@ -159,7 +190,7 @@ def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .bits import Bits
     from .data import build_dataset, calibration_subset, make_loader
-    from .evaluate import evaluate, peak_rss_mb
+    from .evaluate import compare_paired, evaluate, peak_rss_mb
     from .export import save_quantized
     from .pipeline import Context, manifest, run_recipe
     from .recipes import load_recipe
@@ -195,6 +226,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     run_recipe(qmodel, recipe, ctx)
     calib_seconds = time.perf_counter() - t0
     q = evaluate(qmodel, eval_loader, progress=progress, desc="eval quantized")
+    vs_fp = None if fp is None else compare_paired(fp["predictions"], q["predictions"])
 
     result: dict[str, Any] = {
         "model": args.model, "source": source.to_dict(), "data": str(spec), "recipe": recipe.name,
@@ -204,7 +236,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "drop": None if fp is None else round(fp["top1"] - q["top1"], 2),
         "calib_seconds": round(calib_seconds, 2), "eval_seconds": round(q["seconds"], 2),
         "fp_eval_seconds": None if fp is None else round(fp["seconds"], 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "vs_fp": None if vs_fp is None else vs_fp.to_dict(), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
     }
     if getattr(qmodel, "vitq_reconstruction", None):
         result["reconstruction"] = qmodel.vitq_reconstruction
@@ -214,6 +247,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp_txt}%  quantized top-1 {q['top1']:.2f}%{drop_txt}  "
           f"[{n_q}/{len(result['manifest'])} sites quantized, calib {calib_seconds:.1f}s, "
           f"{q['n']} eval images, peak RSS {result['peak_rss_mb']:.0f} MB]")
+    if vs_fp is not None:
+        print("  " + vs_fp.summary("FP", "quantized"))
     if args.out:
         out = save_quantized(qmodel, args.out, source, extra={"result": {k: v for k, v in result.items()
                                                                          if k not in ("manifest", "recipe_config")}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -36,12 +37,27 @@ def reset_peak_rss() -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Per-image predictions of one model on one evaluation set: ``topk`` (N, k) class indices, best
+    first, and ``labels`` (N,)."""
+
+    topk: Tensor
+    labels: Tensor
+    seconds: float
+
+    @property
+    def top1(self) -> Tensor:
+        return self.topk[:, 0]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, progress: bool = False, desc: str = "eval",
-             device: Optional[torch.device] = None) -> dict[str, Any]:
-    """Top-1 / top-5 (percent) of ``model`` over ``loader`` of ``(images, labels)``."""
+def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = False, desc: str = "eval",
+            device: Optional[torch.device] = None) -> Predictions:
+    """Top-``k`` class indices of ``model`` for every ``(images, labels)`` batch of ``loader``."""
     model.eval()
-    n = c1 = c5 = 0
+    tops: list[Tensor] = []
+    labels: list[Tensor] = []
     t0 = time.perf_counter()
     it: Iterable[Any] = loader
     if progress:
@@ -52,13 +68,120 @@ def evaluate(model: nn.Module, loader: DataLoader, progress: bool = False, desc:
         if device is not None:
             x, y = x.to(device), y.to(device)
         logits = model(x)
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        c1 += (top[:, 0] == y).sum().item()
-        c5 += (top == y.unsqueeze(-1)).any(-1).sum().item()
-        n += len(y)
+        tops.append(logits.topk(min(k, logits.shape[-1]), dim=-1).indices.cpu())
+        labels.append(torch.as_tensor(y).reshape(-1).cpu())
     dt = time.perf_counter() - t0
-    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "n": n, "seconds": dt}
+    if not tops:
+        return Predictions(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, dtype=torch.long), dt)
+    return Predictions(torch.cat(tops), torch.cat(labels), dt)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, progress: bool = False, desc: str = "eval",
+             device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Top-1 / top-5 (percent) of ``model`` over ``loader`` of ``(images, labels)``; ``predictions``
+    holds the per-image :class:`Predictions` (for :func:`compare_paired`)."""
+    p = predict(model, loader, k=5, progress=progress, desc=desc, device=device)
+    n = len(p.labels)
+    c1 = int((p.top1 == p.labels).sum()) if n else 0
+    c5 = int((p.topk == p.labels.unsqueeze(-1)).any(-1).sum()) if n else 0
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "n": n, "seconds": p.seconds,
+            "predictions": p}
+
+
+# ---------------------------------------------------------------------------------- paired test
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models' top-1 on the *same* images, compared pairwise.
+
+    Two quantized models of one float model make most of their mistakes on the same images, so the
+    difference of their accuracies is far less noisy than two independent accuracies would suggest,
+    and only the *discordant* images (one right, the other wrong) carry information. ``p_value`` is
+    the exact two-sided McNemar test on those (binomial, p = 1/2); ``ci95`` is the Wald interval of
+    the paired difference ``top1_b - top1_a`` in points. Neither says anything about another
+    calibration seed: repeat the run with other seeds for that.
+    """
+
+    n: int
+    top1_a: float
+    top1_b: float
+    only_a: int  # images A classifies correctly and B does not
+    only_b: int  # images B classifies correctly and A does not
+    agree: float  # percent of images where A and B predict the same class
+
+    @property
+    def diff(self) -> float:
+        """``top1_b - top1_a``, points."""
+        return 100.0 * (self.only_b - self.only_a) / self.n
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        d = (self.only_b - self.only_a) / self.n
+        var = max((self.only_a + self.only_b) / self.n - d * d, 0.0) / self.n
+        h = 1.959964 * math.sqrt(var)
+        return 100.0 * (d - h), 100.0 * (d + h)
+
+    @property
+    def p_value(self) -> float:
+        return mcnemar_exact(self.only_a, self.only_b)
+
+    def significant(self, alpha: float = 0.05) -> bool:
+        return self.p_value < alpha
+
+    def summary(self, name_a: str = "A", name_b: str = "B") -> str:
+        lo, hi = self.ci95
+        verdict = "significant" if self.significant() else "not significant"
+        return (f"{name_b} - {name_a}: {self.diff:+.2f} points (95% CI {lo:+.2f} .. {hi:+.2f}; McNemar p = "
+                f"{self.p_value:.3g}, {verdict} at 5%) on {self.n} images; {self.only_a} only {name_a} right, "
+                f"{self.only_b} only {name_b} right, predictions agree on {self.agree:.2f}%")
+
+    def to_dict(self) -> dict[str, Any]:
+        lo, hi = self.ci95
+        return {"n": self.n, "top1_a": round(self.top1_a, 2), "top1_b": round(self.top1_b, 2),
+                "diff": round(self.diff, 2), "ci95": [round(lo, 2), round(hi, 2)], "p_value": self.p_value,
+                "only_a_correct": self.only_a, "only_b_correct": self.only_b, "agree": round(self.agree, 2)}
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value for ``b`` and ``c`` discordant pairs: twice the binomial
+    tail P(X <= min(b, c)), X ~ Bin(b + c, 1/2), capped at 1 (computed with exact integers)."""
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b}, {c}")
+    m, k = b + c, min(b, c)
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**m)
+
+
+def compare_paired(pred_a: Tensor | Predictions, pred_b: Tensor | Predictions,
+                   labels: Optional[Tensor] = None) -> PairedComparison:
+    """Paired comparison of two models' top-1 predictions on the same images (see
+    :class:`PairedComparison`). ``pred_*`` are (N,) class indices, (N, k) top-k indices or
+    :class:`Predictions`; ``labels`` defaults to the labels carried by a :class:`Predictions`."""
+    from .errors import ConfigError
+
+    la = pred_a.labels if isinstance(pred_a, Predictions) else None
+    lb = pred_b.labels if isinstance(pred_b, Predictions) else None
+    for other in (la, lb):
+        if labels is None:
+            labels = other
+        elif other is not None and not torch.equal(other, labels):
+            raise ConfigError("the two prediction sets were made on different images (labels differ): "
+                              "evaluate both models on the same data and --eval-size")
+    if labels is None:
+        raise ConfigError("compare_paired needs labels: pass labels= or Predictions from vitq.evaluate.predict")
+    a = pred_a.top1 if isinstance(pred_a, Predictions) else (pred_a[:, 0] if pred_a.dim() == 2 else pred_a)
+    b = pred_b.top1 if isinstance(pred_b, Predictions) else (pred_b[:, 0] if pred_b.dim() == 2 else pred_b)
+    if not (a.shape == b.shape == labels.shape) or a.dim() != 1:
+        raise ConfigError(f"paired comparison needs predictions of the same images: got shapes "
+                          f"{tuple(a.shape)}, {tuple(b.shape)} and labels {tuple(labels.shape)}")
+    n = int(labels.numel())
+    if n == 0:
+        raise ConfigError("paired comparison of 0 images: evaluate on a non-empty set (--eval-size N, N >= 1)")
+    ra, rb = a == labels, b == labels
+    return PairedComparison(n=n, top1_a=100.0 * float(ra.float().mean()), top1_b=100.0 * float(rb.float().mean()),
+                            only_a=int((ra & ~rb).sum()), only_b=int((rb & ~ra).sum()),
+                            agree=100.0 * float((a == b).float().mean()))
 
 
 def sqnr_db(ref: Tensor, out: Tensor) -> float:

@@ -1,0 +1,87 @@
+"""Paired evaluation: predictions, the exact McNemar test and the paired confidence interval."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+from vitq.errors import ConfigError
+from vitq.evaluate import PairedComparison, compare_paired, evaluate, mcnemar_exact, predict
+
+
+def test_mcnemar_exact_known_values() -> None:
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    # b=1, c=9: 2 * (C(10,0) + C(10,1)) / 2^10
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    # large counts stay exact and finite (2^m overflows a float for m > 1023)
+    p = mcnemar_exact(1500, 1700)
+    assert 0.0 < p < 0.001
+    assert mcnemar_exact(1500, 1530) > 0.5
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 2)
+
+
+def test_compare_paired_counts_and_interval() -> None:
+    labels = torch.arange(100) % 10
+    a = labels.clone()
+    b = labels.clone()
+    a[:10] = (labels[:10] + 1) % 10       # A wrong on 10 images
+    b[5:25] = (labels[5:25] + 1) % 10     # B wrong on 20 images, 5 of them shared with A
+    c = compare_paired(a, b, labels)
+    assert (c.n, c.only_a, c.only_b) == (100, 15, 5)
+    assert c.top1_a == pytest.approx(90.0) and c.top1_b == pytest.approx(80.0)
+    assert c.diff == pytest.approx(c.top1_b - c.top1_a)
+    lo, hi = c.ci95
+    assert lo < c.diff < hi < 0          # B is worse and the interval says so
+    assert c.p_value == pytest.approx(mcnemar_exact(15, 5))
+    assert c.agree == pytest.approx(80.0)  # both wrong the same way on 5 images: they agree there
+    d = c.to_dict()
+    assert d["diff"] == -10.0 and d["only_a_correct"] == 15 and d["ci95"][0] < d["ci95"][1]
+    assert "not significant" in compare_paired(a, a, labels).summary()
+
+
+def test_compare_paired_identical_and_scale() -> None:
+    labels = torch.randint(0, 10, (1000,))
+    c = compare_paired(labels, labels, labels)
+    assert c.diff == 0.0 and c.p_value == 1.0 and c.agree == 100.0 and c.ci95 == (0.0, 0.0)
+    # the same discordance rate on 10x the images gives a ~sqrt(10)x narrower interval
+    small = PairedComparison(n=1000, top1_a=80, top1_b=81, only_a=20, only_b=30, agree=95)
+    big = PairedComparison(n=10000, top1_a=80, top1_b=81, only_a=200, only_b=300, agree=95)
+    w = lambda x: x.ci95[1] - x.ci95[0]  # noqa: E731
+    assert w(small) / w(big) == pytest.approx(math.sqrt(10), rel=1e-6)
+    assert big.p_value < small.p_value
+
+
+def test_compare_paired_bad_inputs() -> None:
+    labels = torch.zeros(5, dtype=torch.long)
+    with pytest.raises(ConfigError, match="same images"):
+        compare_paired(torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.long), labels)
+    with pytest.raises(ConfigError, match="0 images"):
+        e = torch.zeros(0, dtype=torch.long)
+        compare_paired(e, e, e)
+    with pytest.raises(ConfigError, match="needs labels"):
+        compare_paired(labels, labels)
+
+
+def test_predict_matches_evaluate_and_carries_labels() -> None:
+    torch.manual_seed(0)
+    m = tiny_vit(in_chans=1, img_size=28, patch_size=7, num_classes=10)
+    x = torch.randn(40, 1, 28, 28)
+    y = torch.randint(0, 10, (40,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    p = predict(m, loader)
+    assert p.topk.shape == (40, 5) and torch.equal(p.labels, y)
+    r = evaluate(m, loader)
+    assert r["top1"] == pytest.approx(100.0 * float((p.top1 == y).float().mean()))
+    assert torch.equal(r["predictions"].topk, p.topk)
+    # Predictions carry their labels; labels from another set are refused
+    assert compare_paired(p, r["predictions"]).agree == 100.0
+    other = type(p)(p.topk, (y + 1) % 10, 0.0)
+    with pytest.raises(ConfigError, match="different images"):
+        compare_paired(p, other)
