@@ -199,6 +199,30 @@ def test_compare_two_exports(capsys, tmp_path: Path, fmnist_dir: Path, pickled_v
     assert c["diff"] == 0 and c["p_value"] == 1.0 and c["agree"] == 100.0 and not c["significant_5pct"]
 
 
+def test_quantize_several_seeds(capsys, tmp_path: Path, fmnist_dir: Path, pickled_vit: Path) -> None:
+    data = f"fashion-mnist:{fmnist_dir}"
+    single = []
+    for seed in ("0", "1", "2"):
+        js = tmp_path / f"s{seed}.json"
+        code, _, err = run(q(str(pickled_vit), data, "--trust-pickle", "--bits", "W3A3", "--calib-size", "4",
+                             "--eval-size", "32", "--seed", seed, "--json", str(js)), capsys)
+        assert code == 0, err
+        single.append(json.loads(js.read_text())["q_top1"])
+    js = tmp_path / "multi.json"
+    code, out, err = run(q(str(pickled_vit), data, "--trust-pickle", "--bits", "W3A3", "--calib-size", "4",
+                           "--eval-size", "32", "--seed", "0", "1", "2", "--json", str(js)), capsys)
+    assert code == 0, err
+    r = json.loads(js.read_text())
+    assert r["seeds"] == [0, 1, 2] and [x["q_top1"] for x in r["per_seed"]] == single  # each seed as if alone
+    import statistics
+    assert r["q_top1"] == pytest.approx(statistics.fmean(single), abs=0.006)
+    assert r["q_top1_std"] == pytest.approx(statistics.stdev(single), abs=0.01)  # singles are rounded
+    assert r["drop"] == pytest.approx(r["fp_top1"] - statistics.fmean(single), abs=0.011)
+    assert "mean ± std over 3 seeds" in out
+    expect_error(q(str(pickled_vit), data, "--trust-pickle", "--seed", "0", "1", "--out", str(tmp_path / "o")),
+                 capsys, "single --seed")
+
+
 def test_compare_missing_second_model(capsys, fmnist_dir: Path, pickled_vit: Path) -> None:
     expect_error(["compare", str(pickled_vit), "no-such-model", "--trust-pickle", "--data",
                   f"fashion-mnist:{fmnist_dir}", "--no-progress"], capsys, "no-such-model")

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_DATA})")
     p.add_argument("--eval-size", type=int, help="evaluate on the first N images of the test/val split")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation / calibration batch size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="calibration sample / training seed; quantize takes several (--seed 0 1 2) to repeat the "
+                        "calibration and report mean and std over seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -211,44 +214,71 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         raise DataError(f"calibration size must be positive, got {calib_size}: pass --calib-size N with N >= 1")
 
+    seeds = list(dict.fromkeys(args.seed))
+    if args.out and len(seeds) > 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--out saves one model but {len(seeds)} seeds were given: pass a single --seed with --out")
+
     model, source = _load(args)
     spec, pre, eval_loader = _eval_loader(args, model)
     progress = not args.no_progress
-    calib_ds = calibration_subset(build_dataset(spec, "train", pre), calib_size, args.seed)
-    calib_loader = make_loader(calib_ds, batch_size=min(args.batch_size, calib_size))
+    train = build_dataset(spec, "train", pre)
+    calib_sets = {seed: calibration_subset(train, calib_size, seed) for seed in seeds}  # bad sizes fail here
 
     fp = None
     if not args.skip_fp:
         fp = evaluate(model, eval_loader, progress=progress, desc="eval fp")
-    qmodel = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    ctx = Context(calib=calib_loader, bits=bits, seed=args.seed, batch_size=args.batch_size, progress=progress)
-    run_recipe(qmodel, recipe, ctx)
-    calib_seconds = time.perf_counter() - t0
-    q = evaluate(qmodel, eval_loader, progress=progress, desc="eval quantized")
-    vs_fp = None if fp is None else compare_paired(fp["predictions"], q["predictions"])
+    runs: list[dict[str, Any]] = []
+    qmodel: Any = None
+    for seed in seeds:
+        calib_loader = make_loader(calib_sets[seed], batch_size=min(args.batch_size, calib_size))
+        qm = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        ctx = Context(calib=calib_loader, bits=bits, seed=seed, batch_size=args.batch_size, progress=progress)
+        run_recipe(qm, recipe, ctx)
+        secs = time.perf_counter() - t0
+        res = evaluate(qm, eval_loader, progress=progress, desc=f"eval quantized (seed {seed})")
+        runs.append({"seed": seed, "res": res, "calib_seconds": secs,
+                     "vs_fp": None if fp is None else compare_paired(fp["predictions"], res["predictions"])})
+        if qmodel is None:
+            qmodel = qm  # the first seed's model gives the manifest and the export
+        if len(seeds) > 1:
+            print(f"  seed {seed}: quantized top-1 {res['top1']:.2f}%  (calib {secs:.1f}s)")
+    q, vs_fp, calib_seconds = runs[0]["res"], runs[0]["vs_fp"], runs[0]["calib_seconds"]
+    top1s = [r["res"]["top1"] for r in runs]
+    q_top1 = sum(top1s) / len(top1s)
+    q_std = statistics.stdev(top1s) if len(top1s) > 1 else None
 
     result: dict[str, Any] = {
         "model": args.model, "source": source.to_dict(), "data": str(spec), "recipe": recipe.name,
-        "bits": str(bits), "calib_size": calib_size, "eval_size": q["n"], "seed": args.seed,
-        "fp_top1": None if fp is None else round(fp["top1"], 2), "q_top1": round(q["top1"], 2),
+        "bits": str(bits), "calib_size": calib_size, "eval_size": q["n"], "seed": seeds[0],
+        "fp_top1": None if fp is None else round(fp["top1"], 2), "q_top1": round(q_top1, 2),
         "fp_top5": None if fp is None else round(fp["top5"], 2), "q_top5": round(q["top5"], 2),
-        "drop": None if fp is None else round(fp["top1"] - q["top1"], 2),
+        "drop": None if fp is None else round(fp["top1"] - q_top1, 2),
         "calib_seconds": round(calib_seconds, 2), "eval_seconds": round(q["seconds"], 2),
         "fp_eval_seconds": None if fp is None else round(fp["seconds"], 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "vs_fp": None if vs_fp is None else vs_fp.to_dict(), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
     }
+    if len(seeds) > 1:
+        result.update(seeds=seeds, q_top1_std=round(q_std or 0.0, 3), q_top5=None, per_seed=[
+            {"seed": r["seed"], "q_top1": round(r["res"]["top1"], 2), "q_top5": round(r["res"]["top5"], 2),
+             "calib_seconds": round(r["calib_seconds"], 2),
+             "vs_fp": None if r["vs_fp"] is None else r["vs_fp"].to_dict()} for r in runs])
     if getattr(qmodel, "vitq_reconstruction", None):
         result["reconstruction"] = qmodel.vitq_reconstruction
     n_q = sum(1 for m in result["manifest"] if m["quantizer"] != "float")
     fp_txt = "-" if fp is None else f"{fp['top1']:.2f}"
-    drop_txt = "" if fp is None else f"  (drop {fp['top1'] - q['top1']:+.2f})"
-    print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp_txt}%  quantized top-1 {q['top1']:.2f}%{drop_txt}  "
+    drop_txt = "" if fp is None else f"  (drop {fp['top1'] - q_top1:+.2f})"
+    q_txt = f"{q_top1:.2f}%" if q_std is None else f"{q_top1:.2f} ± {q_std:.2f}% (mean ± std over {len(seeds)} seeds)"
+    print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp_txt}%  quantized top-1 {q_txt}{drop_txt}  "
           f"[{n_q}/{len(result['manifest'])} sites quantized, calib {calib_seconds:.1f}s, "
           f"{q['n']} eval images, peak RSS {result['peak_rss_mb']:.0f} MB]")
-    if vs_fp is not None:
-        print("  " + vs_fp.summary("FP", "quantized"))
+    for r in runs:
+        if r["vs_fp"] is not None:
+            tag = "quantized" if len(runs) == 1 else f"seed {r['seed']}"
+            print("  " + r["vs_fp"].summary("FP", tag))
     if args.out:
         out = save_quantized(qmodel, args.out, source, extra={"result": {k: v for k, v in result.items()
                                                                          if k not in ("manifest", "recipe_config")}})
