@@ -10,6 +10,8 @@ quantizer set-up (weights per-channel, activations per-tensor, MSE-searched rang
 one calibration per (model, bits) serves all three; its seconds are added to each row, and the
 ``calib only`` row is that set-up without reconstruction. repq runs its own recipe end to end.
 Writes ``bench/results/reconstruction.{json,md}``; rows are cached in the JSON (``--fresh`` redoes them).
+A recipe name with a file ``bench/recipes/NAME.yaml`` (experimental compositions, not shipped) runs
+like the reconstruction recipes (``--recipes qdrop-repqfull --name recon_variants --no-calib-only``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ OUT = RESULTS / "reconstruction"
 RECON = ["brecq", "qdrop", "oas"]
 #: reconstruction on a RepQ-ViT start (channel-wise post-LN calibration + reparameterization): our compositions
 RECON_REPQ = ["qdrop-repq", "oas-repq"]
+#: experimental compositions (bench/recipes/NAME.yaml, not shipped): run like the reconstruction recipes
+BENCH_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def bench_recipe(name: str) -> bool:
+    return (BENCH_RECIPES / f"{name}.yaml").is_file()
+
+
 #: extra rows: the oas recipe with its optional short-run validation instead of the proxy
 VARIANTS = {"oas-validate": ("oas", {"select": "validate", "val_iters": 50, "val_images": 128})}
 
@@ -60,10 +70,11 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="calibration sample and training seed")
     ap.add_argument("--name", default="reconstruction", help="results file stem in bench/results/")
+    ap.add_argument("--no-calib-only", action="store_true", help="skip the calib-only rows")
     args = ap.parse_args()
     setup()
     models, missing = available(args.models)
-    recipes = [r for r in args.recipes if has_recipe(VARIANTS.get(r, (r,))[0])]
+    recipes = [r for r in args.recipes if has_recipe(VARIANTS.get(r, (r,))[0]) or bench_recipe(r)]
     absent = [r for r in args.recipes if r not in recipes]
     if missing:
         log.warning("missing reference models (skipped): %s", ", ".join(missing))
@@ -92,12 +103,12 @@ def main() -> int:
         fp = fps.get(name)
         todo = [r for r in recipes if not done(name, r, bits)]
         shared = [r for r in todo if (r in RECON or r in VARIANTS) and same_setup(VARIANTS.get(r, (r,))[0], "qdrop")]
-        if not todo and done(name, "calib-only", bits):
+        if not todo and (args.no_calib_only or done(name, "calib-only", bits)):
             continue
         fp = fps[name] = fp if fp is not None else fp_top1(model, data)
-        if shared or not done(name, "calib-only", bits):
+        if shared or (not args.no_calib_only and not done(name, "calib-only", bits)):
             qcal, cal_s, cal_rss = calibrate_once(model, "qdrop", bits, data, seed=args.seed)
-            if not done(name, "calib-only", bits):
+            if not args.no_calib_only and not done(name, "calib-only", bits):
                 res = evaluate(qcal, data.eval_loader)
                 rows.append({"model": name, "recipe": "calib-only", "bits": bits, "fp_top1": fp,
                              "q_top1": round(res["top1"], 2), "eval_size": res["n"], "iters": 0,
@@ -120,9 +131,10 @@ def main() -> int:
             del qcal
         for recipe in [r for r in todo if r not in shared]:
             log.info("%s %s %s (own calibration)", name, bits, recipe)
-            recon = recipe in RECON or recipe in RECON_REPQ
-            row = quantize_row(name, model, data, recipe, bits, ov if recon else None, seed=args.seed)
-            row.update({"fp_top1": fp, "lr_scale": args.lr_scale if recon else None})
+            recon = recipe in RECON or recipe in RECON_REPQ or bench_recipe(recipe)
+            source = str(BENCH_RECIPES / f"{recipe}.yaml") if bench_recipe(recipe) else recipe
+            row = quantize_row(name, model, data, source, bits, ov if recon else None, seed=args.seed)
+            row.update({"recipe": recipe, "fp_top1": fp, "lr_scale": args.lr_scale if recon else None})
             rows.append(row)
             save_rows(path, rows, meta)
     save_rows(path, rows, meta)
@@ -142,7 +154,8 @@ def write_report(path: Path) -> None:
              f"Seed (calibration sample, training) {meta.get('seed', 0)}.",
              "`calib only` = the shared brecq/qdrop/oas quantizer set-up (MSE-searched ranges) without reconstruction. "
              "`qdrop-repq` / `oas-repq` (our compositions [R]): the same reconstruction on a RepQ-ViT start "
-             "(post-LayerNorm activations calibrated channel-wise and reparameterized to per-tensor).", ""]
+             "(post-LayerNorm activations calibrated channel-wise and reparameterized to per-tensor). "
+             "Recipes from `bench/recipes/` are experimental compositions described in their YAML.", ""]
     if meta.get("missing_models"):
         lines += [f"Missing models (not trained yet): {', '.join(meta['missing_models'])}."]
     if meta.get("missing_recipes"):
