@@ -139,11 +139,23 @@ def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> N
         merged.update({_key(r): r for r in rows})
         if "missing_models" in old_meta and "missing_models" in meta:  # missing = missing in every process
             meta = {**meta, "missing_models": sorted(set(old_meta["missing_models"]) & set(meta["missing_models"]))}
-        meta = {**old_meta, **meta, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                "torch": torch.__version__, "threads": torch.get_num_threads()}
+        meta = {**old_meta, **meta, **machine_meta()}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "rows": list(merged.values())}, indent=2) + "\n")
         tmp.replace(path)
+
+
+def machine_meta() -> dict[str, Any]:
+    """Where a row was measured. Reconstruction runs are bit-reproducible on one machine but not across
+    CPUs (different SIMD paths round differently and 100+ optimizer steps amplify it), so record the CPU."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"machine": f"{platform.machine()} {cpu}".strip(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def has_recipe(name: str) -> bool:

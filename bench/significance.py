@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, ROOT, Data, calibrate_once, run_rest, scaled_recipe, setup  # noqa: E402
+from recon_common import RESULTS, ROOT, Data, calibrate_once, machine_meta, run_rest, scaled_recipe, setup  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.data import (  # noqa: E402
@@ -82,12 +82,13 @@ def cache_path(group: str, model: str, recipe: str, seed: int) -> Path:
     return CACHE / f"{group}_{model}_{recipe}_{BITS}_s{seed}.pt"
 
 
-def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_scale: float) -> None:
+def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_scale: float,
+              only: list[str] | None = None) -> None:
     g = GROUPS[group]
     for name in models:
         model = load_reference(name)
         for seed in seeds:
-            todo = [r for r in g["recipes"] if not cache_path(group, name, r, seed).is_file()]
+            todo = [r for r in g["recipes"] if not cache_path(group, name, r, seed).is_file() and (not only or r in only)]
             if not todo:
                 continue
             if group in ("recon", "variants"):
@@ -198,12 +199,13 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--iters", type=int, default=200, help="recon group: iterations per unit")
     ap.add_argument("--lr-scale", type=float, default=10.0, help="recon group: learning-rate multiplier")
+    ap.add_argument("--recipes", nargs="*", default=None, help="run only these of the group's recipes")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the tables from the cache")
     args = ap.parse_args()
     setup()
     models = args.models or GROUPS[args.group]["models"]
     if not args.report_only:
-        run_group(args.group, models, args.seeds, args.iters, args.lr_scale)
+        run_group(args.group, models, args.seeds, args.iters, args.lr_scale, args.recipes)
     import fcntl
 
     path = RESULTS / "significance.json"
@@ -214,7 +216,7 @@ def main() -> int:
         keys = {(r["group"], r["model"], r["a"], r["b"]) for r in new}
         doc["comparisons"] = [r for r in doc["comparisons"] if (r["group"], r["model"], r["a"], r["b"]) not in keys] + new
         doc["comparisons"].sort(key=lambda r: (r["group"], r["model"], r["a"], r["b"]))
-        meta = {"bits": BITS}
+        meta = {"bits": BITS, **machine_meta()}
         if args.group in ("recon", "variants"):
             meta.update(recon_iters=args.iters, recon_lr_scale=args.lr_scale)
         doc["meta"] = {**doc.get("meta", {}), **meta}
