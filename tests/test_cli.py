@@ -218,6 +218,7 @@ def test_quantize_several_seeds(capsys, tmp_path: Path, fmnist_dir: Path, pickle
     assert r["q_top1"] == pytest.approx(statistics.fmean(single), abs=0.006)
     assert r["q_top1_std"] == pytest.approx(statistics.stdev(single), abs=0.01)  # singles are rounded
     assert r["drop"] == pytest.approx(r["fp_top1"] - statistics.fmean(single), abs=0.011)
+    assert r["vs_fp"] is None and all(x["vs_fp"]["n"] == 32 for x in r["per_seed"])  # one paired test per seed
     assert "mean ± std over 3 seeds" in out
     expect_error(q(str(pickled_vit), data, "--trust-pickle", "--seed", "0", "1", "--out", str(tmp_path / "o")),
                  capsys, "single --seed")

@@ -262,7 +262,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "vs_fp": None if vs_fp is None else vs_fp.to_dict(), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
     }
     if len(seeds) > 1:
-        result.update(seeds=seeds, q_top1_std=round(q_std or 0.0, 3), q_top5=None, per_seed=[
+        # top-level numbers are over all seeds: mean top-1 and calibration time; each seed's own test vs FP
+        result.update(seeds=seeds, q_top1_std=round(q_std or 0.0, 3), q_top5=None, vs_fp=None,
+                      calib_seconds=round(sum(r["calib_seconds"] for r in runs) / len(runs), 2), per_seed=[
             {"seed": r["seed"], "q_top1": round(r["res"]["top1"], 2), "q_top5": round(r["res"]["top5"], 2),
              "calib_seconds": round(r["calib_seconds"], 2),
              "vs_fp": None if r["vs_fp"] is None else r["vs_fp"].to_dict()} for r in runs])
