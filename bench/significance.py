@@ -30,6 +30,7 @@ the comparisons go to ``bench/results/significance.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
@@ -50,6 +51,8 @@ from vitq.data import (  # noqa: E402
     PreprocessConfig,
     build_dataset,
     calibration_subset,
+    eval_subset,
+    make_loader,
     stack_images,
 )
 from vitq.evaluate import Predictions, compare_paired, evaluate  # noqa: E402
@@ -96,10 +99,8 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
                 loader = data.eval_loader
                 for r in [r for r in todo if (BENCH_RECIPES / f"{r}.yaml").is_file()]:
                     todo.remove(r)
-                    q, t0 = _copy(model), time.perf_counter()
                     rec = scaled_recipe(str(BENCH_RECIPES / f"{r}.yaml"), {"iters": iters, "lr_scale": lr_scale})
-                    run_recipe(q, rec, Context(calib=data.calib, bits=Bits.parse(BITS), seed=seed, batch_size=64))
-                    keep(group, name, r, seed, evaluate(q, loader), time.perf_counter() - t0)
+                    run_and_keep(group, name, r, seed, model, rec, data.calib, loader)
                 shared = [r for r in todo if r != "repq"]
                 if shared:
                     qcal, cal_s, _ = calibrate_once(model, "qdrop", BITS, data, seed=seed)
@@ -107,28 +108,25 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
                         q, secs, _ = run_rest(qcal, r, BITS, data, {"iters": iters, "lr_scale": lr_scale}, seed=seed)
                         keep(group, name, r, seed, evaluate(q, loader), cal_s + secs)
                 if "repq" in todo:
-                    q, t0 = _copy(model), time.perf_counter()
-                    run_recipe(q, load_recipe("repq"), Context(calib=data.calib, bits=Bits.parse(BITS), seed=seed,
-                                                               batch_size=64))
-                    keep(group, name, "repq", seed, evaluate(q, loader), time.perf_counter() - t0)
+                    run_and_keep(group, name, "repq", seed, model, load_recipe("repq"), data.calib, loader)
             else:
-                pre = Preprocess(PreprocessConfig.from_model(model))
-                train = build_dataset(DataSpec.parse("fashion-mnist"), "train", pre)
-                loader = Data(model, 1, None, seed=seed).eval_loader
+                pre, spec = Preprocess(PreprocessConfig.from_model(model)), DataSpec.parse("fashion-mnist")
+                train = build_dataset(spec, "train", pre)
+                loader = make_loader(eval_subset(build_dataset(spec, "eval", pre), None), batch_size=256)  # as Data
                 for r in todo:
                     rec = load_recipe(r.split("@")[0])
                     if "@" in r:  # name@slicing: the recipe's reconstruction passes at another granularity
                         rec = override_pass_options(rec, slicing=r.split("@")[1])
                     calib = stack_images(calibration_subset(train, rec.calib_size, seed))[0]
-                    q, t0 = _copy(model), time.perf_counter()
-                    run_recipe(q, rec, Context(calib=calib, bits=Bits.parse(BITS), seed=seed, batch_size=64))
-                    keep(group, name, r, seed, evaluate(q, loader), time.perf_counter() - t0)
+                    run_and_keep(group, name, r, seed, model, rec, calib, loader)
 
 
-def _copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
+def run_and_keep(group: str, name: str, r: str, seed: int, model: torch.nn.Module, recipe: Any,
+                 calib: torch.Tensor, loader: Any) -> None:
+    """One recipe end to end on a copy of ``model``; cache its predictions."""
+    q, t0 = copy.deepcopy(model), time.perf_counter()
+    run_recipe(q, recipe, Context(calib=calib, bits=Bits.parse(BITS), seed=seed, batch_size=64))
+    keep(group, name, r, seed, evaluate(q, loader), time.perf_counter() - t0)
 
 
 def keep(group: str, model: str, recipe: str, seed: int, res: dict[str, Any], secs: float) -> None:
