@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -33,26 +32,15 @@ from typing import Any, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recon_common import RESULTS, ROOT, FashionData, machine_meta  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
-from vitq.data import (  # noqa: E402
-    DataSpec,
-    Preprocess,
-    PreprocessConfig,
-    build_dataset,
-    calibration_subset,
-    eval_subset,
-    make_loader,
-    stack_images,
-)
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import PassConfig, Recipe, load_recipe  # noqa: E402
 from vitq.reference import list_reference_models, load_reference, weights_path  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 JSON = RESULTS / "aocq.json"
 MD = RESULTS / "aocq.md"
 PNG = ROOT / "docs" / "aocq_density.png"
@@ -103,19 +91,8 @@ def aocq_variant(variant: str, iters: int, search_samples: int, recon_samples: i
 
 
 # -- data ------------------------------------------------------------------------------------------
-class Data:
-    def __init__(self, model: torch.nn.Module, eval_size: int, seed: int = 0) -> None:
-        pre = Preprocess(PreprocessConfig.from_model(model))
-        spec = DataSpec.parse("fashion-mnist")
-        self.train = build_dataset(spec, "train", pre)
-        self.eval_loader = make_loader(eval_subset(build_dataset(spec, "eval", pre), eval_size), batch_size=250)
-        self.seed = seed
-        self._calib: dict[int, torch.Tensor] = {}
-
-    def calib(self, n: int) -> torch.Tensor:
-        if n not in self._calib:
-            self._calib[n] = stack_images(calibration_subset(self.train, n, self.seed))[0]
-        return self._calib[n]
+def Data(model: torch.nn.Module, eval_size: int, seed: int = 0) -> FashionData:  # noqa: N802
+    return FashionData(model, eval_size, seed, eval_batch_size=250)
 
 
 def model_size_mb(model: torch.nn.Module, wbits: int) -> float:
@@ -145,8 +122,7 @@ def _save_rows(rows: list[dict[str, Any]]) -> None:
     merged = {json.dumps([r.get(k) for k in KEY]): r for r in load_rows()}
     merged.update({json.dumps([r.get(k) for k in KEY]): r for r in rows})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    meta = machine_meta()
     JSON.write_text(json.dumps({"meta": meta, "rows": sorted(merged.values(), key=lambda r: [str(r.get(k)) for k in KEY])},
                                indent=1) + "\n")
 

@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -36,27 +35,17 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recon_common import RESULTS, FashionData, machine_meta  # noqa: E402
 
 from vitq.adapters import get_adapter  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
-from vitq.data import (  # noqa: E402
-    DataSpec,
-    Preprocess,
-    PreprocessConfig,
-    build_dataset,
-    calibration_subset,
-    eval_subset,
-    stack_images,
-)
 from vitq.passes.registry import get_pass  # noqa: E402
 from vitq.passes.repq import clip_scales_mad  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import PassConfig, Recipe, load_recipe  # noqa: E402
 from vitq.reference import list_reference_models, load_reference  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 VARIANTS: dict[str, dict[str, Any]] = {
     "mean": {"target": "mean"},
     "median": {"target": "median"},
@@ -105,19 +94,12 @@ def run_passes(model: torch.nn.Module, passes: tuple[PassConfig, ...], ctx: Cont
 
 
 # ------------------------------------------------------------------------------------ data
-class Data:
-    def __init__(self, model: torch.nn.Module, eval_size: int, seed: int) -> None:
-        pre = Preprocess(PreprocessConfig.from_model(model))
-        spec = DataSpec.parse("fashion-mnist")
-        self.train = build_dataset(spec, "train", pre)
-        self.x_eval, self.y_eval = stack_images(eval_subset(build_dataset(spec, "eval", pre), eval_size))
-        self.seed = seed
-        self._calib: dict[int, torch.Tensor] = {}
+class Data(FashionData):
+    """FashionData with the evaluation images as tensors ``x_eval`` / ``y_eval`` (logit comparisons)."""
 
-    def calib(self, n: int) -> torch.Tensor:
-        if n not in self._calib:
-            self._calib[n] = stack_images(calibration_subset(self.train, n, self.seed))[0]
-        return self._calib[n]
+    def __init__(self, model: torch.nn.Module, eval_size: int, seed: int) -> None:
+        super().__init__(model, eval_size, seed)
+        self.x_eval, self.y_eval = self.eval_tensors()
 
 
 @torch.no_grad()
@@ -374,8 +356,7 @@ def main() -> None:
                 "stage 2 MOSF; stage 3 W+A, FP weights trained), our schedule [R]. TanQ is our reconstruction [R], "
                 "not the paper's formula. Top-1 on 2000 images has a standard error of about 0.75 points at 87 %.",
         "eval_size": args.eval_size, "iters": r.passes[2].opt("iters"), "calib_size": r.calib_size,
-        "seed": args.seed, "machine": f"{platform.machine()} CPU", "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "seed": args.seed, **machine_meta(), "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     for name in args.models:
         bench_model(name, args.bits, args, doc, path)

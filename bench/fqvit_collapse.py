@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, Data  # noqa: E402
+from recon_common import RESULTS, Data, machine_meta  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import evaluate  # noqa: E402
@@ -108,8 +107,7 @@ def main() -> None:
                              "float_sites": n_float, "fp_top1": round(fp, 2), "q_top1": round(top1, 2),
                              "eval_size": args.eval_size, "seconds": round(time.perf_counter() - t0, 1)})
                 print(f"{name:<14} {bits} {label:<38} top-1 {top1:6.2f} (FP {fp:.2f})", flush=True)
-    meta = {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
-            "torch": torch.__version__, "calib_size": recipe.calib_size}
+    meta = {**machine_meta(), "calib_size": recipe.calib_size}
     OUT.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ranges": ranges}, indent=1) + "\n")
     OUT.with_suffix(".md").write_text(render(rows, ranges, meta))
     print(f"wrote {OUT.with_suffix('.md')}")

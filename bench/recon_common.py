@@ -69,15 +69,42 @@ def available(names: list[str]) -> tuple[list[str], list[str]]:
     return ok, missing
 
 
+class FashionData:
+    """Fashion-MNIST as one reference model sees it (its own preprocessing): the train split, from which
+    ``calib(n)`` draws the seeded calibration sample (memoised per size), and the first ``eval_size``
+    test images (all 10 000 when None) as ``eval_loader`` or, for benches that compare logits, as
+    tensors (``eval_tensors()``). Every bench loads its data through this class."""
+
+    def __init__(self, model: torch.nn.Module, eval_size: Optional[int] = None, seed: int = 0,
+                 eval_batch_size: int = 256) -> None:
+        pre = Preprocess(PreprocessConfig.from_model(model))
+        spec = DataSpec.parse("fashion-mnist")
+        self.train = build_dataset(spec, "train", pre)
+        self.eval_set = eval_subset(build_dataset(spec, "eval", pre), eval_size)
+        self.eval_loader = make_loader(self.eval_set, batch_size=eval_batch_size)
+        self.seed = seed
+        self._calib: dict[int, torch.Tensor] = {}
+        self._eval: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def calib(self, n: int) -> torch.Tensor:
+        if n not in self._calib:
+            self._calib[n] = stack_images(calibration_subset(self.train, n, self.seed))[0]
+        return self._calib[n]
+
+    def eval_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._eval is None:
+            self._eval = stack_images(self.eval_set)
+        return self._eval
+
+
 class Data:
-    """Calibration images (tensor) and the evaluation loader of one reference model."""
+    """One calibration sample (tensor ``calib``) and the evaluation loader of one reference model."""
 
     def __init__(self, model: torch.nn.Module, calib_size: int = 1024, eval_size: Optional[int] = None,
                  seed: int = 0, batch_size: int = 256) -> None:
-        pre = Preprocess(PreprocessConfig.from_model(model))
-        spec = DataSpec.parse("fashion-mnist")
-        self.calib, _ = stack_images(calibration_subset(build_dataset(spec, "train", pre), calib_size, seed))
-        self.eval_loader = make_loader(eval_subset(build_dataset(spec, "eval", pre), eval_size), batch_size=batch_size)
+        fd = FashionData(model, eval_size, seed, eval_batch_size=batch_size)
+        self.calib = fd.calib(calib_size)
+        self.eval_loader = fd.eval_loader
 
 
 def quantize_row(name: str, model: torch.nn.Module, data: Data, recipe: str, bits: str,

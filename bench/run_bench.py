@@ -17,28 +17,23 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recon_common import RESULTS, FashionData, machine_meta  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
-from vitq.data import (  # noqa: E402
-    DataSpec, Preprocess, PreprocessConfig, build_dataset, calibration_subset, eval_subset, make_loader,
-)
+from vitq.data import calibration_subset, make_loader  # noqa: E402
 from vitq.errors import VitqError  # noqa: E402
 from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
 from vitq.pipeline import Context, manifest, run_recipe  # noqa: E402
 from vitq.recipes import load_recipe  # noqa: E402
 from vitq.reference import list_reference_models, load_reference, weights_path  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 DEFAULT_RECIPES = ["minmax", "percentile", "omse", "ptq4vit", "repq", "fqvit"]
 #: fully-quantized variants (FQ-ViT Table 2 protocol), benchmarked at W8A8: --recipes ... --bits W8A8
 FULL_QUANT_RECIPES = ["fq", "percentile-fq", "omse-fq", "ptq4vit-fq", "repq-fq", "fqvit"]
@@ -87,10 +82,8 @@ def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: 
         return rows, 0
     errors = 0
     model = load_reference(name)
-    pre = Preprocess(PreprocessConfig.from_model(model))
-    spec = DataSpec.parse("fashion-mnist")
-    eval_loader = make_loader(eval_subset(build_dataset(spec, "eval", pre), eval_size), batch_size=batch_size)
-    train = build_dataset(spec, "train", pre)
+    fd = FashionData(model, eval_size, seed, eval_batch_size=batch_size)
+    eval_loader, train = fd.eval_loader, fd.train
     fp = evaluate(model, eval_loader)
     for rname in recipes:
         recipe = load_recipe(rname)
@@ -184,8 +177,7 @@ def write(jpath: Path, rows: list[dict[str, Any]], title: str | None) -> None:
             "note": "Fashion-MNIST test split, top-1 %. Calibration images: a seeded sample of the train split. "
                     "drop = FP - quantized. Sites: inputs and weights of every Linear, both operands of both "
                     "attention matmuls, patch-embed weight (its input, the image, stays float), head.",
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            **machine_meta()}
     jpath.write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=1) + "\n")
     jpath.with_suffix(".md").write_text(render(all_rows, meta))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")

@@ -21,7 +21,14 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   on RepQ-ViT's complete start), each run end to end with the same iterations and lr scale.
 * ``dopq`` (issue 4, bench/dopq.py): W4A4, repq on its recipe's 32 images, dopq on its recipe's
   256 images and 100 iterations per unit per stage; ``dopq@half`` is dopq with both reconstruction
-  stages at half-block granularity (the finer units OAS argues Swin prefers).
+  stages at half-block granularity (the finer units OAS argues Swin prefers); ``dopq@paper`` is dopq
+  at the I&S-ViT setting its recipe cites (1024 calibration images, 1000 iterations per unit per
+  stage, batch 64).
+* ``budget`` (issue 5): does a larger reconstruction budget close the gap? The recon group's rows
+  beside ``qdrop@it1000`` / ``oas@it1000`` (1000 iterations per unit instead of 200, same lr scale).
+
+A recipe name ``base@variant`` is ``base`` changed by ``variant``: a slicing (``half``, ``block``,
+...), ``itN`` (N iterations per unit) or ``paper`` (the setting above).
 
 Per-image predictions are cached in ``bench/cache/significance/`` (an interrupted run continues);
 the comparisons go to ``bench/results/significance.{json,md}``.
@@ -33,28 +40,20 @@ import argparse
 import copy
 import json
 import logging
+import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, ROOT, Data, calibrate_once, machine_meta, run_rest, scaled_recipe, setup  # noqa: E402
+from recon_common import RESULTS, ROOT, Data, FashionData, calibrate_once, machine_meta, run_rest, scaled_recipe, setup  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
-from vitq.data import (  # noqa: E402
-    DataSpec,
-    Preprocess,
-    PreprocessConfig,
-    build_dataset,
-    calibration_subset,
-    eval_subset,
-    make_loader,
-    stack_images,
-)
 from vitq.evaluate import Predictions, compare_paired, evaluate  # noqa: E402
 from vitq.passes.reconstruct import override_pass_options  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
@@ -71,16 +70,34 @@ GROUPS: dict[str, dict[str, Any]] = {
                  "recipes": ["repq", "qdrop", "qdrop-logsqrt2", "qdrop-tanq", "qdrop-repqfull"],
                  "pairs": [(a, v) for v in ("qdrop-logsqrt2", "qdrop-tanq", "qdrop-repqfull") for a in ("repq", "qdrop")],
                  "issue": 5, "target": "where the qdrop - repq gap comes from (bench/recipes/*.yaml)"},
-    "dopq": {"models": ["fmnist-swin"], "recipes": ["repq", "dopq", "dopq@half"],
-             "pairs": [("repq", "dopq"), ("repq", "dopq@half"), ("dopq", "dopq@half")], "issue": 4,
+    "dopq": {"models": ["fmnist-swin"], "recipes": ["repq", "dopq", "dopq@half", "dopq@paper"],
+             "pairs": [("repq", "dopq"), ("repq", "dopq@half"), ("dopq", "dopq@half"),
+                       ("repq", "dopq@paper"), ("dopq", "dopq@paper")], "issue": 4,
              "target": "dopq >= repq at W4A4"},
+    "budget": {"models": ["fmnist-swin"], "recipes": ["repq", "qdrop", "oas", "qdrop@it1000", "oas@it1000"],
+               "pairs": [("qdrop", "qdrop@it1000"), ("repq", "qdrop@it1000"), ("oas", "oas@it1000"),
+                         ("qdrop@it1000", "oas@it1000"), ("repq", "oas@it1000")], "issue": 5,
+               "target": "oas >= qdrop >= repq at W4A4 with 5x the reconstruction iterations"},
 }
+PAPER = {"iters": 1000, "batch_size": 64}  # dopq@paper: with calib_size 1024 (I&S-ViT's setting)
 BITS = "W4A4"
 log = logging.getLogger("bench.significance")
 
 
+def variant_options(recipe: str) -> dict[str, Any]:
+    """Pass-option overrides of ``base@variant`` (see the module docstring); {} for a plain name."""
+    if "@" not in recipe:
+        return {}
+    v = recipe.split("@", 1)[1]
+    if v == "paper":
+        return dict(PAPER)
+    if re.fullmatch(r"it\d+", v):
+        return {"iters": int(v[2:])}
+    return {"slicing": v}
+
+
 def cache_path(group: str, model: str, recipe: str, seed: int) -> Path:
-    if group == "variants" and recipe in ("repq", "qdrop", "oas"):
+    if group in ("variants", "budget") and recipe in ("repq", "qdrop", "oas"):
         group = "recon"  # the same rows as the recon group: share them
     return CACHE / f"{group}_{model}_{recipe}_{BITS}_s{seed}.pt"
 
@@ -94,7 +111,7 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
             todo = [r for r in g["recipes"] if not cache_path(group, name, r, seed).is_file() and (not only or r in only)]
             if not todo:
                 continue
-            if group in ("recon", "variants"):
+            if group in ("recon", "variants", "budget"):
                 data = Data(model, 1024, None, seed=seed)
                 loader = data.eval_loader
                 for r in [r for r in todo if (BENCH_RECIPES / f"{r}.yaml").is_file()]:
@@ -105,20 +122,21 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
                 if shared:
                     qcal, cal_s, _ = calibrate_once(model, "qdrop", BITS, data, seed=seed)
                     for r in shared:
-                        q, secs, _ = run_rest(qcal, r, BITS, data, {"iters": iters, "lr_scale": lr_scale}, seed=seed)
+                        ov = {"iters": iters, "lr_scale": lr_scale, **variant_options(r)}
+                        q, secs, _ = run_rest(qcal, r.split("@")[0], BITS, data, ov, seed=seed)
                         keep(group, name, r, seed, evaluate(q, loader), cal_s + secs)
                 if "repq" in todo:
                     run_and_keep(group, name, "repq", seed, model, load_recipe("repq"), data.calib, loader)
             else:
-                pre, spec = Preprocess(PreprocessConfig.from_model(model)), DataSpec.parse("fashion-mnist")
-                train = build_dataset(spec, "train", pre)
-                loader = make_loader(eval_subset(build_dataset(spec, "eval", pre), None), batch_size=256)  # as Data
+                fd = FashionData(model, None, seed)
+                loader = fd.eval_loader
                 for r in todo:
                     rec = load_recipe(r.split("@")[0])
-                    if "@" in r:  # name@slicing: the recipe's reconstruction passes at another granularity
-                        rec = override_pass_options(rec, slicing=r.split("@")[1])
-                    calib = stack_images(calibration_subset(train, rec.calib_size, seed))[0]
-                    run_and_keep(group, name, r, seed, model, rec, calib, loader)
+                    if "@" in r:  # the recipe's reconstruction passes changed (slicing, iterations, ...)
+                        rec = override_pass_options(rec, **variant_options(r))
+                    if r.endswith("@paper"):
+                        rec = replace(rec, calib_size=1024)
+                    run_and_keep(group, name, r, seed, model, rec, fd.calib(rec.calib_size), loader)
 
 
 def run_and_keep(group: str, name: str, r: str, seed: int, model: torch.nn.Module, recipe: Any,
@@ -215,7 +233,7 @@ def main() -> int:
         doc["comparisons"] = [r for r in doc["comparisons"] if (r["group"], r["model"], r["a"], r["b"]) not in keys] + new
         doc["comparisons"].sort(key=lambda r: (r["group"], r["model"], r["a"], r["b"]))
         meta = {"bits": BITS, **machine_meta()}
-        if args.group in ("recon", "variants"):
+        if args.group in ("recon", "variants", "budget"):
             meta.update(recon_iters=args.iters, recon_lr_scale=args.lr_scale)
         doc["meta"] = {**doc.get("meta", {}), **meta}
         path.write_text(json.dumps(doc, indent=1) + "\n")
