@@ -25,7 +25,8 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   at the I&S-ViT setting its recipe cites (1024 calibration images, 1000 iterations per unit per
   stage, batch 64).
 * ``budget`` (issue 5): does a larger reconstruction budget close the gap? The recon group's rows
-  beside ``qdrop@it1000`` / ``oas@it1000`` (1000 iterations per unit instead of 200, same lr scale).
+  beside ``qdrop@itN`` / ``oas@itN`` (N = 1000 or 2000 iterations per unit instead of 200, same lr
+  scale; ``--recipes`` picks which).
 
 A recipe name ``base@variant`` is ``base`` changed by ``variant``: a slicing (``half``, ``block``,
 ...), ``itN`` (N iterations per unit) or ``paper`` (the setting above).
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import json
 import logging
 import re
@@ -74,10 +76,12 @@ GROUPS: dict[str, dict[str, Any]] = {
              "pairs": [("repq", "dopq"), ("repq", "dopq@half"), ("dopq", "dopq@half"),
                        ("repq", "dopq@paper"), ("dopq", "dopq@paper")], "issue": 4,
              "target": "dopq >= repq at W4A4"},
-    "budget": {"models": ["fmnist-swin"], "recipes": ["repq", "qdrop", "oas", "qdrop@it1000", "oas@it1000"],
-               "pairs": [("qdrop", "qdrop@it1000"), ("repq", "qdrop@it1000"), ("oas", "oas@it1000"),
-                         ("qdrop@it1000", "oas@it1000"), ("repq", "oas@it1000")], "issue": 5,
-               "target": "oas >= qdrop >= repq at W4A4 with 5x the reconstruction iterations"},
+    "budget": {"models": ["fmnist-swin"],
+               "recipes": ["repq", "qdrop", "oas", "qdrop@it1000", "oas@it1000", "qdrop@it2000", "oas@it2000"],
+               "pairs": [(a, b) for n in (1000, 2000) for a, b in
+                         (("qdrop", f"qdrop@it{n}"), ("repq", f"qdrop@it{n}"), ("oas", f"oas@it{n}"),
+                          (f"qdrop@it{n}", f"oas@it{n}"), ("repq", f"oas@it{n}"))], "issue": 5,
+               "target": "oas >= qdrop >= repq at W4A4 with 5x / 10x the reconstruction iterations"},
 }
 PAPER = {"iters": 1000, "batch_size": 64}  # dopq@paper: with calib_size 1024 (I&S-ViT's setting)
 BITS = "W4A4"
@@ -155,13 +159,20 @@ def keep(group: str, model: str, recipe: str, seed: int, res: dict[str, Any], se
     log.info("%s %s %s seed %d: top-1 %.2f (%.0f s)", group, model, recipe, seed, res["top1"], secs)
 
 
-def collect(group: str, models: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+def cached_seeds(group: str, model: str, recipe: str) -> set[int]:
+    stem = cache_path(group, model, recipe, 0).name.removesuffix("0.pt")
+    return {int(p.name[len(stem):-3]) for p in CACHE.glob(f"{glob.escape(stem)}*.pt") if p.name[len(stem):-3].isdigit()}
+
+
+def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
+    """Every pair of the group over every seed cached for both recipes (not just this run's seeds, so a
+    run for one more seed adds to the table instead of replacing it)."""
     g = GROUPS[group]
     out = []
     for name in models:
         for a, b in g["pairs"]:
             per_seed = []
-            for seed in seeds:
+            for seed in sorted(cached_seeds(group, name, a) & cached_seeds(group, name, b)):
                 pa, pb = cache_path(group, name, a, seed), cache_path(group, name, b, seed)
                 if not (pa.is_file() and pb.is_file()):
                     continue
@@ -225,7 +236,7 @@ def main() -> int:
     import fcntl
 
     path = RESULTS / "significance.json"
-    new = collect(args.group, models, args.seeds)
+    new = collect(args.group, models)
     with open(path.with_suffix(".lock"), "w") as lock:  # several processes may merge into the file
         fcntl.flock(lock, fcntl.LOCK_EX)
         doc = json.loads(path.read_text()) if path.is_file() else {"comparisons": []}
