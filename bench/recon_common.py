@@ -73,7 +73,8 @@ class FashionData:
     """Fashion-MNIST as one reference model sees it (its own preprocessing): the train split, from which
     ``calib(n)`` draws the seeded calibration sample (memoised per size), and the first ``eval_size``
     test images (all 10 000 when None) as ``eval_loader`` or, for benches that compare logits, as
-    tensors (``eval_tensors()``). Every bench loads its data through this class."""
+    tensors (``eval_tensors()``). Shared by the benches that quantize whole reference models (recon*,
+    granularity, significance, aocq, dopq, run_bench, fqvit_collapse)."""
 
     def __init__(self, model: torch.nn.Module, eval_size: Optional[int] = None, seed: int = 0,
                  eval_batch_size: int = 256) -> None:
