@@ -28,6 +28,7 @@ from recon_common import (  # noqa: E402
     RESULTS,
     Data,
     available,
+    bench_recipe,
     calibrate_once,
     fp_top1,
     has_recipe,
@@ -47,14 +48,6 @@ OUT = RESULTS / "reconstruction"
 RECON = ["brecq", "qdrop", "oas"]
 #: reconstruction on a RepQ-ViT start (channel-wise post-LN calibration + reparameterization): our compositions
 RECON_REPQ = ["qdrop-repq", "oas-repq"]
-#: experimental compositions (bench/recipes/NAME.yaml, not shipped): run like the reconstruction recipes
-BENCH_RECIPES = Path(__file__).resolve().parent / "recipes"
-
-
-def bench_recipe(name: str) -> bool:
-    return (BENCH_RECIPES / f"{name}.yaml").is_file()
-
-
 #: extra rows: the oas recipe with its optional short-run validation instead of the proxy
 VARIANTS = {"oas-validate": ("oas", {"select": "validate", "val_iters": 50, "val_images": 128})}
 
@@ -74,7 +67,7 @@ def main() -> int:
     args = ap.parse_args()
     setup()
     models, missing = available(args.models)
-    recipes = [r for r in args.recipes if has_recipe(VARIANTS.get(r, (r,))[0]) or bench_recipe(r)]
+    recipes = [r for r in args.recipes if has_recipe(VARIANTS.get(r, (r,))[0]) or bench_recipe(r) is not None]
     absent = [r for r in args.recipes if r not in recipes]
     if missing:
         log.warning("missing reference models (skipped): %s", ", ".join(missing))
@@ -131,8 +124,8 @@ def main() -> int:
             del qcal
         for recipe in [r for r in todo if r not in shared]:
             log.info("%s %s %s (own calibration)", name, bits, recipe)
-            recon = recipe in RECON or recipe in RECON_REPQ or bench_recipe(recipe)
-            source = str(BENCH_RECIPES / f"{recipe}.yaml") if bench_recipe(recipe) else recipe
+            recon = recipe in RECON or recipe in RECON_REPQ or bench_recipe(recipe) is not None
+            source = bench_recipe(recipe) or recipe  # bench/recipes/ compositions run like the reconstruction recipes
             row = quantize_row(name, model, data, source, bits, ov if recon else None, seed=args.seed)
             row.update({"recipe": recipe, "fp_top1": fp, "lr_scale": args.lr_scale if recon else None})
             rows.append(row)

@@ -42,6 +42,14 @@ from vitq.reference import load_reference, weights_path  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 MODELS = ["fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-deit-outlier", "fmnist-swin", "fmnist-swin-outlier"]
 log = logging.getLogger("bench")
+#: experimental compositions (bench/recipes/NAME.yaml): measured by the benches, not shipped with the package
+BENCH_RECIPES = ROOT / "bench" / "recipes"
+
+
+def bench_recipe(name: str) -> Optional[str]:
+    """``bench/recipes/NAME.yaml`` as a recipe source for ``load_recipe``, or None when NAME is not one."""
+    p = BENCH_RECIPES / f"{name}.yaml"
+    return str(p) if p.is_file() else None
 
 
 def setup(threads: int = 1) -> None:

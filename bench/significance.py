@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, ROOT, Data, FashionData, calibrate_once, machine_meta, run_rest, scaled_recipe, setup  # noqa: E402
+from recon_common import RESULTS, ROOT, Data, FashionData, bench_recipe, calibrate_once, machine_meta, run_rest, scaled_recipe, setup  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import Predictions, compare_paired, evaluate  # noqa: E402
@@ -63,7 +63,6 @@ from vitq.recipes import load_recipe  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache" / "significance"
-BENCH_RECIPES = ROOT / "bench" / "recipes"  # experimental compositions, not shipped with the package
 GROUPS: dict[str, dict[str, Any]] = {
     "recon": {"models": ["fmnist-deit", "fmnist-swin"], "recipes": ["repq", "qdrop", "oas"],
               "pairs": [("repq", "qdrop"), ("qdrop", "oas"), ("repq", "oas")], "issue": 5,
@@ -83,7 +82,7 @@ GROUPS: dict[str, dict[str, Any]] = {
                           (f"qdrop@it{n}", f"oas@it{n}"), ("repq", f"oas@it{n}"))], "issue": 5,
                "target": "oas >= qdrop >= repq at W4A4 with 5x / 10x the reconstruction iterations"},
 }
-PAPER = {"iters": 1000, "batch_size": 64}  # dopq@paper: with calib_size 1024 (I&S-ViT's setting)
+PAPER, PAPER_CALIB_SIZE = {"iters": 1000, "batch_size": 64}, 1024  # dopq@paper: I&S-ViT's setting
 BITS = "W4A4"
 log = logging.getLogger("bench.significance")
 
@@ -118,9 +117,9 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
             if group in ("recon", "variants", "budget"):
                 data = Data(model, 1024, None, seed=seed)
                 loader = data.eval_loader
-                for r in [r for r in todo if (BENCH_RECIPES / f"{r}.yaml").is_file()]:
+                for r in [r for r in todo if bench_recipe(r)]:
                     todo.remove(r)
-                    rec = scaled_recipe(str(BENCH_RECIPES / f"{r}.yaml"), {"iters": iters, "lr_scale": lr_scale})
+                    rec = scaled_recipe(bench_recipe(r), {"iters": iters, "lr_scale": lr_scale})
                     run_and_keep(group, name, r, seed, model, rec, data.calib, loader)
                 shared = [r for r in todo if r != "repq"]
                 if shared:
@@ -139,7 +138,7 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
                     if "@" in r:  # the recipe's reconstruction passes changed (slicing, iterations, ...)
                         rec = override_pass_options(rec, **variant_options(r))
                     if r.endswith("@paper"):
-                        rec = replace(rec, calib_size=1024)
+                        rec = replace(rec, calib_size=PAPER_CALIB_SIZE)
                     run_and_keep(group, name, r, seed, model, rec, fd.calib(rec.calib_size), loader)
 
 
