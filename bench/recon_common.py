@@ -160,10 +160,16 @@ def _key(r: dict[str, Any]) -> str:
 
 
 def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Merge ``rows`` into the file (several benchmark processes may share it), under a lock."""
+    """Merge ``rows`` into the file (several benchmark processes may share it), under a lock.
+
+    A row this process measured (its key is new to the file, or its top-1 differs from the file's row)
+    is stamped with this machine (:func:`machine_meta`'s ``machine`` and ``cpu_capability``); rows
+    passed back unchanged keep whatever they had, so re-rendering cached rows on another host does not
+    claim them. The file's meta names the machine of the latest process that measured a row."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    here = machine_meta()
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old_meta: dict[str, Any] = {}
@@ -172,10 +178,16 @@ def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> N
             d = json.loads(path.read_text())
             old_meta = d.get("meta", {})
             merged = {_key(r): r for r in d.get("rows", [])}
+        measured = 0
+        for r in rows:
+            old = merged.get(_key(r))
+            if old is None or (old.get("q_top1") != r.get("q_top1") and "machine" not in r):
+                r.update(machine=here["machine"], cpu_capability=here["cpu_capability"])
+                measured += 1
         merged.update({_key(r): r for r in rows})
         if "missing_models" in old_meta and "missing_models" in meta:  # missing = missing in every process
             meta = {**meta, "missing_models": sorted(set(old_meta["missing_models"]) & set(meta["missing_models"]))}
-        meta = {**old_meta, **meta, **machine_meta()}
+        meta = {**old_meta, **meta, **(here if measured or not old_meta else {})}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "rows": list(merged.values())}, indent=2) + "\n")
         tmp.replace(path)
@@ -238,6 +250,9 @@ def same_setup(a: str, b: str) -> bool:
 
 
 LR_OPTIONS = ("lr_round", "lr_act", "lr_weight")
+#: the oas recipe with its optional short-run validation instead of the proxy, as the benches run it
+#: (every candidate 50 iterations per unit, KL of the logits on 128 held-out calibration images)
+OAS_VALIDATE: dict[str, Any] = {"select": "validate", "val_iters": 50, "val_images": 128}
 
 
 def scaled_recipe(recipe: str, overrides: Optional[dict[str, Any]] = None) -> Any:
