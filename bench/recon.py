@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recon_common import (  # noqa: E402
     MODELS,
+    OAS_VALIDATE,
     RESULTS,
     Data,
     available,
@@ -49,7 +50,7 @@ RECON = ["brecq", "qdrop", "oas"]
 #: reconstruction on a RepQ-ViT start (channel-wise post-LN calibration + reparameterization): our compositions
 RECON_REPQ = ["qdrop-repq", "oas-repq"]
 #: extra rows: the oas recipe with its optional short-run validation instead of the proxy
-VARIANTS = {"oas-validate": ("oas", {"select": "validate", "val_iters": 50, "val_images": 128})}
+VARIANTS = {"oas-validate": ("oas", OAS_VALIDATE)}
 
 
 def main() -> int:

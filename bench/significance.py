@@ -28,8 +28,14 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   beside ``qdrop@itN`` / ``oas@itN`` (N = 1000 or 2000 iterations per unit instead of 200, same lr
   scale; ``--recipes`` picks which).
 
+* ``select`` (issue 5): OAS choosing its slicing by short-run validation (``oas@validate``: every
+  candidate 50 iterations per unit, KL of the logits on 128 held-out calibration images, as
+  bench/recon.py's ``oas-validate`` row) instead of the proxy, beside the recon group's rows; the
+  per-seed table names the slicing it picked.
+
 A recipe name ``base@variant`` is ``base`` changed by ``variant``: a slicing (``half``, ``block``,
-...), ``itN`` (N iterations per unit) or ``paper`` (the setting above).
+...), ``itN`` (N iterations per unit), ``paper`` (the setting above) or ``validate`` (OAS selection
+by short-run validation).
 
 Per-image predictions are cached in ``bench/cache/significance/`` (an interrupted run continues);
 the comparisons go to ``bench/results/significance.{json,md}``.
@@ -53,7 +59,19 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, ROOT, Data, FashionData, bench_recipe, calibrate_once, machine_meta, run_rest, scaled_recipe, setup  # noqa: E402
+from recon_common import (  # noqa: E402
+    OAS_VALIDATE,
+    RESULTS,
+    ROOT,
+    Data,
+    FashionData,
+    bench_recipe,
+    calibrate_once,
+    machine_meta,
+    run_rest,
+    scaled_recipe,
+    setup,
+)
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import Predictions, compare_paired, evaluate  # noqa: E402
@@ -81,7 +99,12 @@ GROUPS: dict[str, dict[str, Any]] = {
                          (("qdrop", f"qdrop@it{n}"), ("repq", f"qdrop@it{n}"), ("oas", f"oas@it{n}"),
                           (f"qdrop@it{n}", f"oas@it{n}"), ("repq", f"oas@it{n}"))], "issue": 5,
                "target": "oas >= qdrop >= repq at W4A4 with 5x / 10x the reconstruction iterations"},
+    "select": {"models": ["fmnist-deit", "fmnist-swin"], "recipes": ["repq", "qdrop", "oas", "oas@validate"],
+               "pairs": [("oas", "oas@validate"), ("qdrop", "oas@validate"), ("repq", "oas@validate")], "issue": 5,
+               "target": "oas >= qdrop >= repq at W4A4 when OAS picks its slicing by short-run validation"},
 }
+#: groups that run in bench/recon.py's way (shared calibration, scaled iterations and learning rates)
+RECON_GROUPS = ("recon", "variants", "budget", "select")
 PAPER, PAPER_CALIB_SIZE = {"iters": 1000, "batch_size": 64}, 1024  # dopq@paper: I&S-ViT's setting
 BITS = "W4A4"
 log = logging.getLogger("bench.significance")
@@ -94,13 +117,15 @@ def variant_options(recipe: str) -> dict[str, Any]:
     v = recipe.split("@", 1)[1]
     if v == "paper":
         return dict(PAPER)
+    if v == "validate":
+        return dict(OAS_VALIDATE)
     if re.fullmatch(r"it\d+", v):
         return {"iters": int(v[2:])}
     return {"slicing": v}
 
 
 def cache_path(group: str, model: str, recipe: str, seed: int) -> Path:
-    if group in ("variants", "budget") and recipe in ("repq", "qdrop", "oas"):
+    if group in RECON_GROUPS and recipe in ("repq", "qdrop", "oas"):
         group = "recon"  # the same rows as the recon group: share them
     return CACHE / f"{group}_{model}_{recipe}_{BITS}_s{seed}.pt"
 
@@ -114,7 +139,7 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
             todo = [r for r in g["recipes"] if not cache_path(group, name, r, seed).is_file() and (not only or r in only)]
             if not todo:
                 continue
-            if group in ("recon", "variants", "budget"):
+            if group in RECON_GROUPS:
                 data = Data(model, 1024, None, seed=seed)
                 loader = data.eval_loader
                 for r in [r for r in todo if bench_recipe(r)]:
@@ -127,7 +152,7 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
                     for r in shared:
                         ov = {"iters": iters, "lr_scale": lr_scale, **variant_options(r)}
                         q, secs, _ = run_rest(qcal, r.split("@")[0], BITS, data, ov, seed=seed)
-                        keep(group, name, r, seed, evaluate(q, loader), cal_s + secs)
+                        keep(group, name, r, seed, evaluate(q, loader), cal_s + secs, chosen_slicing(q))
                 if "repq" in todo:
                     run_and_keep(group, name, "repq", seed, model, load_recipe("repq"), data.calib, loader)
             else:
@@ -150,12 +175,21 @@ def run_and_keep(group: str, name: str, r: str, seed: int, model: torch.nn.Modul
     keep(group, name, r, seed, evaluate(q, loader), time.perf_counter() - t0)
 
 
-def keep(group: str, model: str, recipe: str, seed: int, res: dict[str, Any], secs: float) -> None:
+def chosen_slicing(q: torch.nn.Module) -> str | None:
+    """The slicing an ``oas`` pass picked for ``q`` (None for other recipes)."""
+    rec = getattr(q, "vitq_reconstruction", None) or []
+    return rec[-1]["slicing"] if rec and "oas" in rec[-1] else None
+
+
+def keep(group: str, model: str, recipe: str, seed: int, res: dict[str, Any], secs: float,
+         slicing: str | None = None) -> None:
     p: Predictions = res["predictions"]
     path = cache_path(group, model, recipe, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"top1": p.top1.to(torch.int16), "labels": p.labels.to(torch.int16), "seconds": secs}, path)
-    log.info("%s %s %s seed %d: top-1 %.2f (%.0f s)", group, model, recipe, seed, res["top1"], secs)
+    torch.save({"top1": p.top1.to(torch.int16), "labels": p.labels.to(torch.int16), "seconds": secs,
+                "slicing": slicing}, path)
+    log.info("%s %s %s seed %d: top-1 %.2f (%.0f s)%s", group, model, recipe, seed, res["top1"], secs,
+             f", slicing {slicing}" if slicing else "")
 
 
 def cached_seeds(group: str, model: str, recipe: str) -> set[int]:
@@ -178,7 +212,8 @@ def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
                 da, db = torch.load(pa), torch.load(pb)
                 c = compare_paired(da["top1"].long(), db["top1"].long(), da["labels"].long())
                 per_seed.append({"seed": seed, **c.to_dict(), "significant_5pct": c.significant(),
-                                 "seconds_a": round(da["seconds"], 1), "seconds_b": round(db["seconds"], 1)})
+                                 "seconds_a": round(da["seconds"], 1), "seconds_b": round(db["seconds"], 1),
+                                 **{f"slicing_{k}": d["slicing"] for k, d in (("a", da), ("b", db)) if d.get("slicing")}})
             if per_seed:
                 diffs = [r["diff"] for r in per_seed]
                 out.append({"group": group, "issue": g["issue"], "model": name, "bits": BITS, "a": a, "b": b,
@@ -204,7 +239,8 @@ def render(doc: dict[str, Any]) -> str:
                   "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for r in rows:
             for s in r["per_seed"]:
-                lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {s['seed']} | {s['top1_a']:.2f} | "
+                a, b = (r[k] + (f" ({s['slicing_' + k]})" if s.get("slicing_" + k) else "") for k in ("a", "b"))
+                lines.append(f"| {r['model']} | {a} | {b} | {s['seed']} | {s['top1_a']:.2f} | "
                              f"{s['top1_b']:.2f} | {s['diff']:+.2f} | {s['ci95'][0]:+.2f} .. {s['ci95'][1]:+.2f} | "
                              f"{s['only_a_correct']} | {s['only_b_correct']} | {s['p_value']:.3f} |")
         lines += ["", "| model | A | B | seeds | mean diff B-A | std over seeds | seeds with B >= A | seeds significant |",
@@ -243,7 +279,7 @@ def main() -> int:
         doc["comparisons"] = [r for r in doc["comparisons"] if (r["group"], r["model"], r["a"], r["b"]) not in keys] + new
         doc["comparisons"].sort(key=lambda r: (r["group"], r["model"], r["a"], r["b"]))
         meta = {"bits": BITS, **machine_meta()}
-        if args.group in ("recon", "variants", "budget"):
+        if args.group in RECON_GROUPS:
             meta.update(recon_iters=args.iters, recon_lr_scale=args.lr_scale)
         doc["meta"] = {**doc.get("meta", {}), **meta}
         path.write_text(json.dumps(doc, indent=1) + "\n")
