@@ -30,12 +30,13 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
 
 * ``select`` (issue 5): OAS choosing its slicing by short-run validation (``oas@validate``: every
   candidate 50 iterations per unit, KL of the logits on 128 held-out calibration images, as
-  bench/recon.py's ``oas-validate`` row) instead of the proxy, beside the recon group's rows; the
-  per-seed table names the slicing it picked.
+  bench/recon.py's ``oas-validate`` row) instead of the proxy, beside the recon group's rows, and
+  ``oas@validate@it1000`` beside the budget group's 1000-iteration rows; the per-seed table names
+  the slicing it picked.
 
-A recipe name ``base@variant`` is ``base`` changed by ``variant``: a slicing (``half``, ``block``,
-...), ``itN`` (N iterations per unit), ``paper`` (the setting above) or ``validate`` (OAS selection
-by short-run validation).
+A recipe name ``base@variant`` is ``base`` changed by ``variant``, and variants chain
+(``oas@validate@it1000``): a slicing (``half``, ``block``, ...), ``itN`` (N iterations per unit),
+``paper`` (the setting above) or ``validate`` (OAS selection by short-run validation).
 
 Per-image predictions are cached in ``bench/cache/significance/`` (an interrupted run continues);
 the comparisons go to ``bench/results/significance.{json,md}``.
@@ -99,8 +100,10 @@ GROUPS: dict[str, dict[str, Any]] = {
                          (("qdrop", f"qdrop@it{n}"), ("repq", f"qdrop@it{n}"), ("oas", f"oas@it{n}"),
                           (f"qdrop@it{n}", f"oas@it{n}"), ("repq", f"oas@it{n}"))], "issue": 5,
                "target": "oas >= qdrop >= repq at W4A4 with 5x / 10x the reconstruction iterations"},
-    "select": {"models": ["fmnist-deit", "fmnist-swin"], "recipes": ["repq", "qdrop", "oas", "oas@validate"],
-               "pairs": [("oas", "oas@validate"), ("qdrop", "oas@validate"), ("repq", "oas@validate")], "issue": 5,
+    "select": {"models": ["fmnist-deit", "fmnist-swin"],
+               "recipes": ["repq", "qdrop", "oas", "oas@validate", "qdrop@it1000", "oas@it1000", "oas@validate@it1000"],
+               "pairs": [(a, f"oas@validate{n}") for n in ("", "@it1000") for a in (f"oas{n}", f"qdrop{n}", "repq")],
+               "issue": 5,
                "target": "oas >= qdrop >= repq at W4A4 when OAS picks its slicing by short-run validation"},
 }
 #: groups that run in bench/recon.py's way (shared calibration, scaled iterations and learning rates)
@@ -111,22 +114,25 @@ log = logging.getLogger("bench.significance")
 
 
 def variant_options(recipe: str) -> dict[str, Any]:
-    """Pass-option overrides of ``base@variant`` (see the module docstring); {} for a plain name."""
-    if "@" not in recipe:
-        return {}
-    v = recipe.split("@", 1)[1]
-    if v == "paper":
-        return dict(PAPER)
-    if v == "validate":
-        return dict(OAS_VALIDATE)
-    if re.fullmatch(r"it\d+", v):
-        return {"iters": int(v[2:])}
-    return {"slicing": v}
+    """Pass-option overrides of ``base@variant[@variant...]`` (see the module docstring); {} for a plain name."""
+    out: dict[str, Any] = {}
+    for v in recipe.split("@")[1:]:
+        if v == "paper":
+            out.update(PAPER)
+        elif v == "validate":
+            out.update(OAS_VALIDATE)
+        elif re.fullmatch(r"it\d+", v):
+            out["iters"] = int(v[2:])
+        else:
+            out["slicing"] = v
+    return out
 
 
 def cache_path(group: str, model: str, recipe: str, seed: int) -> Path:
     if group in RECON_GROUPS and recipe in ("repq", "qdrop", "oas"):
         group = "recon"  # the same rows as the recon group: share them
+    elif group in RECON_GROUPS and re.fullmatch(r"(qdrop|oas)@it\d+", recipe):
+        group = "budget"  # and the budget group's
     return CACHE / f"{group}_{model}_{recipe}_{BITS}_s{seed}.pt"
 
 
