@@ -94,7 +94,7 @@ GROUPS: dict[str, dict[str, Any]] = {
              "pairs": [("repq", "dopq"), ("repq", "dopq@half"), ("dopq", "dopq@half"),
                        ("repq", "dopq@paper"), ("dopq", "dopq@paper")], "issue": 4,
              "target": "dopq >= repq at W4A4"},
-    "budget": {"models": ["fmnist-swin"],
+    "budget": {"models": ["fmnist-deit", "fmnist-swin"],
                "recipes": ["repq", "qdrop", "oas", "qdrop@it1000", "oas@it1000", "qdrop@it2000", "oas@it2000"],
                "pairs": [(a, b) for n in (1000, 2000) for a, b in
                          (("qdrop", f"qdrop@it{n}"), ("repq", f"qdrop@it{n}"), ("oas", f"oas@it{n}"),
