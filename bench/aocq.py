@@ -33,7 +33,8 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, ROOT, FashionData, machine_meta  # noqa: E402
+from recon_common import RESULTS, ROOT, FashionData  # noqa: E402
+from recon_common import save_rows as shared_save_rows  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import evaluate  # noqa: E402
@@ -110,21 +111,7 @@ def load_rows() -> list[dict[str, Any]]:
 
 def save_rows(rows: list[dict[str, Any]]) -> None:
     """Merge ``rows`` into the JSON under a lock (the table and the ablation may run side by side)."""
-    import fcntl
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(JSON.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _save_rows(rows)
-
-
-def _save_rows(rows: list[dict[str, Any]]) -> None:
-    merged = {json.dumps([r.get(k) for k in KEY]): r for r in load_rows()}
-    merged.update({json.dumps([r.get(k) for k in KEY]): r for r in rows})
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = machine_meta()
-    JSON.write_text(json.dumps({"meta": meta, "rows": sorted(merged.values(), key=lambda r: [str(r.get(k)) for k in KEY])},
-                               indent=1) + "\n")
+    shared_save_rows(JSON, rows, {}, key=KEY, sort=True, indent=1)
 
 
 def done(part: str, model: str, recipe: str, bits: str, variant: str) -> bool:

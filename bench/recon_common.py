@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -155,15 +155,17 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 ROW_KEY = ("part", "model", "bits", "recipe", "slicing", "mode", "iters", "lr_scale")
 
 
-def _key(r: dict[str, Any]) -> str:
-    return json.dumps([r.get(k) for k in ROW_KEY])
+def _key(r: dict[str, Any], key: Sequence[str] = ROW_KEY) -> str:
+    return json.dumps([r.get(k) for k in key])
 
 
-def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Merge ``rows`` into the file (several benchmark processes may share it), under a lock.
+def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], key: Sequence[str] = ROW_KEY,
+              sort: bool = False, indent: int = 2) -> None:
+    """Merge ``rows`` into the file (several benchmark processes may share it), under a lock; a row
+    replaces the file's row with the same ``key`` fields; ``sort`` orders the rows by those fields.
 
-    A row this process measured (its key is new to the file, or its top-1 differs from the file's row)
-    is stamped with this machine (:func:`machine_meta`'s ``machine`` and ``cpu_capability``); rows
+    A row this process measured (no ``machine`` field yet, and its key is new to the file or its top-1
+    differs from the file's row) is stamped with this machine (:func:`machine_meta`'s ``machine`` and ``cpu_capability``); rows
     passed back unchanged keep whatever they had, so re-rendering cached rows on another host does not
     claim them. The file's meta names the machine of the latest process that measured a row."""
     import fcntl
@@ -177,19 +179,20 @@ def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> N
         if path.is_file():
             d = json.loads(path.read_text())
             old_meta = d.get("meta", {})
-            merged = {_key(r): r for r in d.get("rows", [])}
+            merged = {_key(r, key): r for r in d.get("rows", [])}
         measured = 0
         for r in rows:
-            old = merged.get(_key(r))
-            if old is None or (old.get("q_top1") != r.get("q_top1") and "machine" not in r):
+            old = merged.get(_key(r, key))
+            if "machine" not in r and (old is None or old.get("q_top1") != r.get("q_top1")):
                 r.update(machine=here["machine"], cpu_capability=here["cpu_capability"])
                 measured += 1
-        merged.update({_key(r): r for r in rows})
+        merged.update({_key(r, key): r for r in rows})
+        out = sorted(merged.values(), key=lambda r: [str(r.get(k)) for k in key]) if sort else list(merged.values())
         if "missing_models" in old_meta and "missing_models" in meta:  # missing = missing in every process
             meta = {**meta, "missing_models": sorted(set(old_meta["missing_models"]) & set(meta["missing_models"]))}
         meta = {**old_meta, **meta, **(here if measured or not old_meta else {})}
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": list(merged.values())}, indent=2) + "\n")
+        tmp.write_text(json.dumps({"meta": meta, "rows": out}, indent=indent) + "\n")
         tmp.replace(path)
 
 
