@@ -32,11 +32,17 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   candidate 50 iterations per unit, KL of the logits on 128 held-out calibration images, as
   bench/recon.py's ``oas-validate`` row) instead of the proxy, beside the recon group's rows, and
   ``oas@validate@it1000`` beside the budget group's 1000-iteration rows; the per-seed table names
-  the slicing it picked.
+  the slicing it picked; ``oas@validate@val_iters=200@it2000`` asks whether validation runs of 10 % of
+  the final budget pick the slicing that wins at 2000 iterations (beside the budget group's rows).
+* ``objective`` (issue 5): reconstruction on RepQ-ViT's complete start (``qdrop-repqfull``) loses to
+  repq on Swin although every unit's loss falls. Is it what the reconstruction trains (``acts=none``:
+  AdaRound only, RepQ's activation ranges kept) or what it minimises (``loss=fisher_diag``: BRECQ's
+  Fisher-weighted error instead of MSE)?
 
 A recipe name ``base@variant`` is ``base`` changed by ``variant``, and variants chain
 (``oas@validate@it1000``): a slicing (``half``, ``block``, ...), ``itN`` (N iterations per unit),
-``paper`` (the setting above) or ``validate`` (OAS selection by short-run validation).
+``paper`` (the setting above), ``validate`` (OAS selection by short-run validation) or ``key=value``
+(any reconstruction option: ``acts=none``, ``loss=fisher_diag``, ``val_iters=200``).
 
 Per-image predictions are cached in ``bench/cache/significance/`` (an interrupted run continues);
 the comparisons go to ``bench/results/significance.{json,md}``.
@@ -101,13 +107,23 @@ GROUPS: dict[str, dict[str, Any]] = {
                           (f"qdrop@it{n}", f"oas@it{n}"), ("repq", f"oas@it{n}"))], "issue": 5,
                "target": "oas >= qdrop >= repq at W4A4 with 5x / 10x the reconstruction iterations"},
     "select": {"models": ["fmnist-deit", "fmnist-swin"],
-               "recipes": ["repq", "qdrop", "oas", "oas@validate", "qdrop@it1000", "oas@it1000", "oas@validate@it1000"],
-               "pairs": [(a, f"oas@validate{n}") for n in ("", "@it1000") for a in (f"oas{n}", f"qdrop{n}", "repq")],
+               "recipes": ["repq", "qdrop", "oas", "oas@validate", "qdrop@it1000", "oas@it1000", "oas@validate@it1000",
+                           "qdrop@it2000", "oas@it2000", "oas@validate@val_iters=200@it2000"],
+               "pairs": [(a, f"oas@validate{v}{n}") for v, n in (("", ""), ("", "@it1000"), ("@val_iters=200", "@it2000"))
+                         for a in (f"oas{n}", f"qdrop{n}", "repq")],
                "issue": 5,
                "target": "oas >= qdrop >= repq at W4A4 when OAS picks its slicing by short-run validation"},
+    "objective": {"models": ["fmnist-deit", "fmnist-swin"],
+                  "recipes": ["repq", "qdrop", "qdrop-repqfull", "qdrop-repqfull@acts=none",
+                              "qdrop-repqfull@loss=fisher_diag", "qdrop@loss=fisher_diag"],
+                  "pairs": [(a, b) for b in ("qdrop-repqfull@acts=none", "qdrop-repqfull@loss=fisher_diag")
+                            for a in ("repq", "qdrop-repqfull")]
+                           + [("repq", "qdrop@loss=fisher_diag"), ("qdrop", "qdrop@loss=fisher_diag")],
+                  "issue": 5,
+                  "target": "does reconstruction lose to repq because of what it trains or what it minimises?"},
 }
 #: groups that run in bench/recon.py's way (shared calibration, scaled iterations and learning rates)
-RECON_GROUPS = ("recon", "variants", "budget", "select")
+RECON_GROUPS = ("recon", "variants", "budget", "select", "objective")
 PAPER, PAPER_CALIB_SIZE = {"iters": 1000, "batch_size": 64}, 1024  # dopq@paper: I&S-ViT's setting
 BITS = "W4A4"
 log = logging.getLogger("bench.significance")
@@ -123,16 +139,33 @@ def variant_options(recipe: str) -> dict[str, Any]:
             out.update(OAS_VALIDATE)
         elif re.fullmatch(r"it\d+", v):
             out["iters"] = int(v[2:])
+        elif "=" in v:  # any reconstruction option: acts=none, loss=fisher_diag, ...
+            k, val = v.split("=", 1)
+            out[k] = _scalar(val)
         else:
             out["slicing"] = v
     return out
 
 
+def _scalar(text: str) -> Any:
+    """``"none"`` -> str, ``"0.5"`` -> float, ``"64"`` -> int (a ``key=value`` variant's value)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def cache_path(group: str, model: str, recipe: str, seed: int) -> Path:
-    if group in RECON_GROUPS and recipe in ("repq", "qdrop", "oas"):
-        group = "recon"  # the same rows as the recon group: share them
-    elif group in RECON_GROUPS and re.fullmatch(r"(qdrop|oas)@it\d+", recipe):
-        group = "budget"  # and the budget group's
+    if group in RECON_GROUPS:
+        # a recipe that another recon-style group already measured the same way is the same row: share it
+        if recipe in ("repq", "qdrop", "oas"):
+            group = "recon"
+        elif re.fullmatch(r"(qdrop|oas)@it\d+", recipe):
+            group = "budget"
+        elif recipe in GROUPS["variants"]["recipes"]:
+            group = "variants"
     return CACHE / f"{group}_{model}_{recipe}_{BITS}_s{seed}.pt"
 
 
@@ -148,9 +181,10 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
             if group in RECON_GROUPS:
                 data = Data(model, 1024, None, seed=seed)
                 loader = data.eval_loader
-                for r in [r for r in todo if bench_recipe(r)]:
+                for r in [r for r in todo if bench_recipe(r.split("@")[0])]:
                     todo.remove(r)
-                    rec = scaled_recipe(bench_recipe(r), {"iters": iters, "lr_scale": lr_scale})
+                    rec = scaled_recipe(bench_recipe(r.split("@")[0]),
+                                        {"iters": iters, "lr_scale": lr_scale, **variant_options(r)})
                     run_and_keep(group, name, r, seed, model, rec, data.calib, loader)
                 shared = [r for r in todo if r != "repq"]
                 if shared:
