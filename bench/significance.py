@@ -82,6 +82,7 @@ from recon_common import (  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import Predictions, compare_paired, evaluate  # noqa: E402
+from vitq.passes.oas import OAS_DEFAULTS  # noqa: E402
 from vitq.passes.reconstruct import override_pass_options  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import load_recipe  # noqa: E402
@@ -141,6 +142,9 @@ def variant_options(recipe: str) -> dict[str, Any]:
             out["iters"] = int(v[2:])
         elif "=" in v:  # any reconstruction option: acts=none, loss=fisher_diag, ...
             k, val = v.split("=", 1)
+            if k not in OAS_DEFAULTS:  # every reconstruct / oas pass option (a typo must not be a silent no-op)
+                raise SystemExit(f"variant {v!r} of {recipe}: {k!r} is not a reconstruction option; "
+                                 f"use one of {', '.join(sorted(OAS_DEFAULTS))}")
             out[k] = _scalar(val)
         else:
             out["slicing"] = v
