@@ -23,7 +23,8 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   256 images and 100 iterations per unit per stage; ``dopq@half`` is dopq with both reconstruction
   stages at half-block granularity (the finer units OAS argues Swin prefers); ``dopq@paper`` is dopq
   at the I&S-ViT setting its recipe cites (1024 calibration images, 1000 iterations per unit per
-  stage, batch 64).
+  stage, batch 64); ``dopq@loss=fisher_diag`` / ``dopq@half@loss=fisher_diag`` train both stages on
+  BRECQ's Fisher-weighted error instead of MSE (our experiment, not DopQ's or I&S-ViT's objective).
 * ``budget`` (issue 5): does a larger reconstruction budget close the gap? The recon group's rows
   beside ``qdrop@itN`` / ``oas@itN`` (N = 1000 or 2000 iterations per unit instead of 200, same lr
   scale; ``--recipes`` picks which).
@@ -37,7 +38,8 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
 * ``objective`` (issue 5): reconstruction on RepQ-ViT's complete start (``qdrop-repqfull``) loses to
   repq on Swin although every unit's loss falls. Is it what the reconstruction trains (``acts=none``:
   AdaRound only, RepQ's activation ranges kept) or what it minimises (``loss=fisher_diag``: BRECQ's
-  Fisher-weighted error instead of MSE)?
+  Fisher-weighted error instead of MSE)? ``qdrop@loss=fisher_diag@it2000`` asks whether Fisher's gain
+  on plain qdrop at 200 iterations survives at 2000 (beside the budget group's ``qdrop@it2000``).
 
 A recipe name ``base@variant`` is ``base`` changed by ``variant``, and variants chain
 (``oas@validate@it1000``): a slicing (``half``, ``block``, ...), ``itN`` (N iterations per unit),
@@ -97,9 +99,14 @@ GROUPS: dict[str, dict[str, Any]] = {
                  "recipes": ["repq", "qdrop", "qdrop-logsqrt2", "qdrop-tanq", "qdrop-repqfull"],
                  "pairs": [(a, v) for v in ("qdrop-logsqrt2", "qdrop-tanq", "qdrop-repqfull") for a in ("repq", "qdrop")],
                  "issue": 5, "target": "where the qdrop - repq gap comes from (bench/recipes/*.yaml)"},
-    "dopq": {"models": ["fmnist-swin"], "recipes": ["repq", "dopq", "dopq@half", "dopq@paper"],
+    "dopq": {"models": ["fmnist-swin"],
+             "recipes": ["repq", "dopq", "dopq@half", "dopq@paper", "dopq@loss=fisher_diag",
+                         "dopq@half@loss=fisher_diag"],
              "pairs": [("repq", "dopq"), ("repq", "dopq@half"), ("dopq", "dopq@half"),
-                       ("repq", "dopq@paper"), ("dopq", "dopq@paper")], "issue": 4,
+                       ("repq", "dopq@paper"), ("dopq", "dopq@paper"),
+                       ("repq", "dopq@loss=fisher_diag"), ("dopq", "dopq@loss=fisher_diag"),
+                       ("repq", "dopq@half@loss=fisher_diag"), ("dopq@half", "dopq@half@loss=fisher_diag")],
+             "issue": 4,
              "target": "dopq >= repq at W4A4"},
     "budget": {"models": ["fmnist-deit", "fmnist-swin"],
                "recipes": ["repq", "qdrop", "oas", "qdrop@it1000", "oas@it1000", "qdrop@it2000", "oas@it2000"],
@@ -116,10 +123,13 @@ GROUPS: dict[str, dict[str, Any]] = {
                "target": "oas >= qdrop >= repq at W4A4 when OAS picks its slicing by short-run validation"},
     "objective": {"models": ["fmnist-deit", "fmnist-swin"],
                   "recipes": ["repq", "qdrop", "qdrop-repqfull", "qdrop-repqfull@acts=none",
-                              "qdrop-repqfull@loss=fisher_diag", "qdrop@loss=fisher_diag"],
+                              "qdrop-repqfull@loss=fisher_diag", "qdrop@loss=fisher_diag",
+                              "qdrop@it2000", "qdrop@loss=fisher_diag@it2000"],
                   "pairs": [(a, b) for b in ("qdrop-repqfull@acts=none", "qdrop-repqfull@loss=fisher_diag")
                             for a in ("repq", "qdrop-repqfull")]
-                           + [("repq", "qdrop@loss=fisher_diag"), ("qdrop", "qdrop@loss=fisher_diag")],
+                           + [("repq", "qdrop@loss=fisher_diag"), ("qdrop", "qdrop@loss=fisher_diag"),
+                              ("repq", "qdrop@loss=fisher_diag@it2000"),
+                              ("qdrop@it2000", "qdrop@loss=fisher_diag@it2000")],
                   "issue": 5,
                   "target": "does reconstruction lose to repq because of what it trains or what it minimises?"},
 }
