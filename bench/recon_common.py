@@ -34,7 +34,7 @@ from vitq.data import (  # noqa: E402
     stack_images,
 )
 from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
-from vitq.passes.reconstruct import override_pass_options  # noqa: E402
+from vitq.passes.registry import override_pass_options  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import list_recipes, load_recipe  # noqa: E402
 from vitq.reference import load_reference, weights_path  # noqa: E402

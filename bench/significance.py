@@ -85,7 +85,7 @@ from recon_common import (  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import Predictions, compare_paired, evaluate  # noqa: E402
 from vitq.passes.oas import OAS_DEFAULTS  # noqa: E402
-from vitq.passes.reconstruct import override_pass_options  # noqa: E402
+from vitq.passes.registry import override_pass_options, parse_assignments  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import load_recipe  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
@@ -151,24 +151,14 @@ def variant_options(recipe: str) -> dict[str, Any]:
         elif re.fullmatch(r"it\d+", v):
             out["iters"] = int(v[2:])
         elif "=" in v:  # any reconstruction option: acts=none, loss=fisher_diag, ...
-            k, val = v.split("=", 1)
+            k = v.split("=", 1)[0]
             if k not in OAS_DEFAULTS:  # every reconstruct / oas pass option (a typo must not be a silent no-op)
                 raise SystemExit(f"variant {v!r} of {recipe}: {k!r} is not a reconstruction option; "
                                  f"use one of {', '.join(sorted(OAS_DEFAULTS))}")
-            out[k] = _scalar(val)
+            out.update(parse_assignments([v], flag=f"variant of {recipe}:"))
         else:
             out["slicing"] = v
     return out
-
-
-def _scalar(text: str) -> Any:
-    """``"none"`` -> str, ``"0.5"`` -> float, ``"64"`` -> int (a ``key=value`` variant's value)."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def cache_path(group: str, model: str, recipe: str, seed: int) -> Path:

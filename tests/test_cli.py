@@ -232,7 +232,8 @@ def test_compare_missing_second_model(capsys, fmnist_dir: Path, pickled_vit: Pat
 def test_list(capsys) -> None:
     code, out, _ = run(["list"], capsys)
     assert code == 0
-    for word in ("minmax", "percentile", "omse", "log_sqrt2", "fmnist-swin-outlier", "SwinTransformer"):
+    for word in ("minmax", "percentile", "omse", "log_sqrt2", "fmnist-swin-outlier", "SwinTransformer",
+                 "reconstruct", "loss=mse", "select=proxy", "target=mean"):  # passes and their options
         assert word in out
 
 

@@ -171,7 +171,7 @@ def test_bad_options_are_one_line_config_errors() -> None:
 
 def test_brecq_two_passes_use_the_float_targets() -> None:
     fp, q, x = calibrated(tiny_vit, recipe="minmax")
-    from vitq.passes.reconstruct import override_pass_options
+    from vitq.passes.registry import override_pass_options
     from vitq.recipes import load_recipe
 
     r = override_pass_options(load_recipe("brecq"), iters=10)
@@ -306,6 +306,63 @@ def test_cli_iters_override_and_errors(tmp_path: Path, fmnist_dir: Path, capsys)
                  "--recipe", "minmax", "--iters", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no reconstruction pass" in err[0]
+
+
+def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path) -> None:
+    from vitq.passes.registry import override_pass_options, parse_assignments
+    from vitq.recipes import load_recipe
+
+    assert parse_assignments(["loss=fisher_diag", "iters=5", "lr_act=4e-5", "act_quant=false",
+                              "candidates=[half, block]", "run_dir=null"]) == {
+        "loss": "fisher_diag", "iters": 5, "lr_act": 4e-5, "act_quant": False, "candidates": ["half", "block"],
+        "run_dir": None}
+    for bad in ("loss", "=3", ""):
+        with pytest.raises(ConfigError, match="OPTION=VALUE"):
+            parse_assignments([bad])
+    r = override_pass_options(load_recipe("qdrop"), loss="fisher_diag", slicing="half")
+    opts = dict(r.passes[-1].options)
+    assert (opts["loss"], opts["slicing"], opts["qdrop_p"]) == ("fisher_diag", "half", 0.5)
+    assert dict(load_recipe("qdrop").passes[-1].options).get("slicing", "block") == "block"  # a copy, not in place
+    # every key must reach a pass: a typo beside a valid key is an error, not silently dropped
+    cases = [("qdrop", {"loss": "mse", "los": "mse"}, "no pass with option.*los.*take"),
+             ("minmax", {"loss": "mse"}, "no reconstruction pass"),
+             ("qdrop", {"loss": "fsher"}, "recipe qdrop: pass 'reconstruct': unknown reconstruction loss 'fsher'"),
+             ("qdrop", {"qdrop_p": 2}, "qdrop_p=2 must be in"),
+             ("qdrop", {"acts": "lsq", "act_quant": False}, "act_quant is false"),
+             ("oas", {"select": "vote"}, "oas select='vote'"),
+             ("oas", {"weights": "sgd"}, "weights='sgd'")]
+    for recipe, kw, pat in cases:
+        with pytest.raises(ConfigError, match=pat) as e:
+            override_pass_options(load_recipe(recipe), **kw)
+        assert "\n" not in str(e.value)
+    # the same check guards a recipe file: a bad value fails at load, before any calibration
+    f = tmp_path / "bad.yaml"
+    f.write_text("extends: qdrop\npasses:\n  - pass: calibrate\n  - pass: reconstruct\n    loss: fsher\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*unknown reconstruction loss 'fsher'"):
+        load_recipe(str(f))
+
+
+def test_cli_set_option(tmp_path: Path, fmnist_dir: Path, capsys) -> None:
+    from vitq.cli import main
+
+    p = tmp_path / "tiny.pt"
+    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
+    m.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
+                        "interpolation": "bilinear"}
+    torch.save(m, p)
+    base = ["quantize", str(p), "--trust-pickle", "--data", f"fashion-mnist:{fmnist_dir}", "--no-progress",
+            "--recipe", "qdrop", "--bits", "W4A4", "--calib-size", "16", "--eval-size", "8", "--skip-fp"]
+    out = tmp_path / "r.json"
+    code = main(base + ["--iters", "2", "--set", "loss=fisher_diag", "--set", "slicing=half", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    cfg = json.loads(out.read_text())["reconstruction"][0]["config"]
+    assert (cfg["loss"], cfg["slicing"], cfg["iters"]) == ("fisher_diag", "half", 2)
+    for extra, words in ((["--set", "los=mse"], ("los",)), (["--set", "loss"], ("OPTION=VALUE",)),
+                         (["--set", "iters=3", "--iters", "3"], ("iters", "--set")),
+                         (["--set", "loss=fsher"], ("fsher", "fisher_diag"))):
+        code = main(base + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and all(w in err[0] for w in words), err
 
 
 # -- resumability with a real kill -----------------------------------------------------------------

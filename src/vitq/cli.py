@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget of reconstruction caches; larger caches stream from disk")
     q.add_argument("--resume-dir", metavar="DIR",
                    help="save reconstruction state here after every unit; rerun with the same arguments to resume")
+    q.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="set_options",
+                   help="set a pass option of the recipe (every pass that has it), e.g. --set loss=fisher_diag "
+                        "--set slicing=half; repeatable; `vitq list` shows each pass's options")
 
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
     _add_model_args(e)
@@ -97,7 +100,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # ----------------------------------------------------------------------------------------------
 def cmd_list() -> int:
+    import textwrap
+
     from .adapters import supported_models
+    from .passes.registry import all_passes
     from .quantizers import QUANTIZERS
     from .recipes import list_recipes, load_recipe
     from .reference import list_reference_models, reference_fp_top1
@@ -107,6 +113,12 @@ def cmd_list() -> int:
         desc = " ".join(load_recipe(r).description.split())
         print(f"  {r:<12} {desc[:100]}{'...' if len(desc) > 100 else ''}")
     print("quantizers:\n  " + ", ".join(sorted(QUANTIZERS)))
+    print("passes (options and defaults; a recipe's pass options can be changed with quantize --set OPTION=VALUE):")
+    for name, info in sorted(all_passes().items()):
+        opts = " ".join(f"{k}={v}" for k, v in info.options.items())
+        print(f"  {name:<16} {info.doc}")
+        print(textwrap.fill(opts, width=110, initial_indent=" " * 19, subsequent_indent=" " * 19,
+                            break_on_hyphens=False))
     print("reference models (Fashion-MNIST, FP test top-1):")
     for n in list_reference_models():
         acc = reference_fp_top1(n)
@@ -205,9 +217,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     role_excl = [e[1] for e in excl if e[0] == "role"]
     if role_excl:
         recipe = _exclude_roles(recipe, role_excl)
-    from .passes.reconstruct import override_pass_options
+    from .passes.registry import override_pass_options, parse_assignments
 
-    recipe = override_pass_options(recipe, iters=args.iters, max_cache_gb=args.max_cache_gb, run_dir=args.resume_dir)
+    flags = {"iters": args.iters, "max_cache_gb": args.max_cache_gb, "run_dir": args.resume_dir}
+    sets = parse_assignments(args.set_options)
+    both = sorted(k for k, v in flags.items() if v is not None and k in sets)
+    if both:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{', '.join(both)} given both as a flag and with --set: use one of them")
+    recipe = override_pass_options(recipe, **sets, **flags)
     calib_size = args.calib_size if args.calib_size is not None else recipe.calib_size
     if calib_size <= 0:
         from .errors import DataError

@@ -152,7 +152,15 @@ def select_slicing(model: nn.Module, ctx: Any, cfg: ReconConfig, images: Tensor,
     return record
 
 
-@register_pass("oas", **OAS_DEFAULTS)
+def check_oas_options(opts: Any) -> None:
+    """The recipe-time check of an ``oas`` pass's options (the rest is checked when the search runs)."""
+    ReconConfig.from_options(slicing="block", **{k: v for k, v in {**OAS_DEFAULTS, **opts}.items() if k in RECON_DEFAULTS})
+    select = opts.get("select", OAS_DEFAULTS["select"])
+    if select not in SELECT_MODES:
+        raise ConfigError(f"oas select={select!r}: use one of {', '.join(SELECT_MODES)}")
+
+
+@register_pass("oas", check=check_oas_options, **OAS_DEFAULTS)
 def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str = "proxy", tau: Any = "auto",
              val_iters: int = 200, val_images: int = 128, top_k: int = 0, outlier_images: int = 256,
              **opts: Any) -> nn.Module:

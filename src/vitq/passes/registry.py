@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..errors import ConfigError
 
@@ -14,19 +14,23 @@ class PassInfo:
     fn: Callable[..., Any]
     options: Mapping[str, Any]  # option -> default
     doc: str
+    #: validates a recipe's (partial) options before anything runs; raises a one-line ConfigError
+    check: Optional[Callable[[Mapping[str, Any]], None]] = None
 
 
 PASSES: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_pass(name: str, *, check: Optional[Callable[[Mapping[str, Any]], None]] = None,
+                  **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        PASSES[name] = PassInfo(name, fn, dict(defaults), (fn.__doc__ or "").strip().splitlines()[0])
+        PASSES[name] = PassInfo(name, fn, dict(defaults), (fn.__doc__ or "").strip().splitlines()[0], check)
         return fn
     return deco
 
 
 def validate_pass(name: str, options: Mapping[str, Any], source: str = "recipe") -> None:
+    """Unknown pass or option, or (where the pass registered a ``check``) a bad value: one-line ConfigError."""
     _ensure_loaded()
     if name not in PASSES:
         raise ConfigError(f"{source}: unknown pass {name!r}; available: {', '.join(sorted(PASSES))}")
@@ -34,6 +38,83 @@ def validate_pass(name: str, options: Mapping[str, Any], source: str = "recipe")
     if unknown:
         raise ConfigError(f"{source}: pass {name!r} has no option(s) {sorted(unknown)}; "
                           f"allowed are {sorted(PASSES[name].options)}")
+    if PASSES[name].check is not None:
+        try:
+            PASSES[name].check(options)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: pass {name!r}: {e}") from None
+
+
+def parse_assignments(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
+    """``["loss=fisher_diag", "iters=500", "candidates=[half, block]"]`` -> ``{"loss": "fisher_diag", ...}``.
+
+    A value is an int, a float (``4e-5`` too) or YAML (``true``, ``null``, ``[a, b]``, a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: write OPTION=VALUE, e.g. {flag} loss=fisher_diag")
+        out[key] = _scalar(text.strip())
+    return out
+
+
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
+def override_pass_options(recipe: Any, **opts: Any) -> Any:
+    """A copy of ``recipe`` where every pass that has option ``k`` gets value ``v`` (``None`` values are
+    skipped). Every key must be an option of at least one of the recipe's passes, and the changed passes
+    are validated again, so a typo or a bad value fails here, before calibration. The CLI's ``--set`` /
+    ``--iters`` / ``--max-cache-gb`` / ``--resume-dir`` use this."""
+    from dataclasses import replace
+
+    from ..recipes import PassConfig
+
+    todo = {k: v for k, v in opts.items() if v is not None}
+    if not todo:
+        return recipe
+    if "iters" in todo and (not isinstance(todo["iters"], int) or isinstance(todo["iters"], bool) or todo["iters"] < 0):
+        raise ConfigError(f"--iters {todo['iters']} must be an integer >= 0 (0 = calibration only)")
+    if "max_cache_gb" in todo and (not isinstance(todo["max_cache_gb"], (int, float)) or todo["max_cache_gb"] < 0):
+        raise ConfigError(f"--max-cache-gb {todo['max_cache_gb']} must be a number >= 0 (0 streams every cache "
+                          "from disk)")
+    names = [pc.name for pc in recipe.passes]
+    homeless = sorted(k for k in todo if not any(k in get_pass(n).options for n in names))
+    if homeless:
+        recon = set(get_pass("reconstruct").options) | set(get_pass("oas").options)
+        if set(homeless) <= recon and not {"reconstruct", "oas"} & set(names):
+            hint = "it has no reconstruction pass: use a reconstruction recipe (brecq, qdrop, oas) or drop the option"
+        else:
+            takes = sorted({o for n in names for o in get_pass(n).options})
+            hint = f"its passes ({', '.join(dict.fromkeys(names))}) take {', '.join(takes)}"
+        raise ConfigError(f"recipe {recipe.name} has no pass with option(s) {', '.join(homeless)}: {hint}")
+    passes = []
+    for pc in recipe.passes:
+        new = dict(pc.options)
+        mine = {k: v for k, v in todo.items() if k in get_pass(pc.name).options}
+        if mine:
+            new.update(mine)
+            validate_pass(pc.name, new, f"recipe {recipe.name}")
+        passes.append(PassConfig(pc.name, tuple(sorted(new.items()))))
+    return replace(recipe, passes=tuple(passes))
+
+
+def all_passes() -> dict[str, PassInfo]:
+    """Every registered pass by name."""
+    _ensure_loaded()
+    return dict(PASSES)
 
 
 def get_pass(name: str) -> PassInfo:
