@@ -34,7 +34,9 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   bench/recon.py's ``oas-validate`` row) instead of the proxy, beside the recon group's rows, and
   ``oas@validate@it1000`` beside the budget group's 1000-iteration rows; the per-seed table names
   the slicing it picked; ``oas@validate@val_iters=200@it2000`` asks whether validation runs of 10 % of
-  the final budget pick the slicing that wins at 2000 iterations (beside the budget group's rows).
+  the final budget pick the slicing that wins at 2000 iterations (beside the budget group's rows), and
+  ``...@val_images=512@it2000`` whether a 4x larger held-out set (less noise in the KL that ranks the
+  candidates) steadies that pick. The cache keeps every candidate's proxy score and validation KL.
 * ``objective`` (issue 5): reconstruction on RepQ-ViT's complete start (``qdrop-repqfull``) loses to
   repq on Swin although every unit's loss falls. Is it what the reconstruction trains (``acts=none``:
   AdaRound only, RepQ's activation ranges kept) or what it minimises (``loss=fisher_diag``: BRECQ's
@@ -116,8 +118,10 @@ GROUPS: dict[str, dict[str, Any]] = {
                "target": "oas >= qdrop >= repq at W4A4 with 5x / 10x the reconstruction iterations"},
     "select": {"models": ["fmnist-deit", "fmnist-swin"],
                "recipes": ["repq", "qdrop", "oas", "oas@validate", "qdrop@it1000", "oas@it1000", "oas@validate@it1000",
-                           "qdrop@it2000", "oas@it2000", "oas@validate@val_iters=200@it2000"],
-               "pairs": [(a, f"oas@validate{v}{n}") for v, n in (("", ""), ("", "@it1000"), ("@val_iters=200", "@it2000"))
+                           "qdrop@it2000", "oas@it2000", "oas@validate@val_iters=200@it2000",
+                           "oas@validate@val_iters=200@val_images=512@it2000"],
+               "pairs": [(a, f"oas@validate{v}{n}") for v, n in (("", ""), ("", "@it1000"), ("@val_iters=200", "@it2000"),
+                                                                  ("@val_iters=200@val_images=512", "@it2000"))
                          for a in (f"oas{n}", f"qdrop{n}", "repq")],
                "issue": 5,
                "target": "oas >= qdrop >= repq at W4A4 when OAS picks its slicing by short-run validation"},
@@ -196,7 +200,7 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
                     for r in shared:
                         ov = {"iters": iters, "lr_scale": lr_scale, **variant_options(r)}
                         q, secs, _ = run_rest(qcal, r.split("@")[0], BITS, data, ov, seed=seed)
-                        keep(group, name, r, seed, evaluate(q, loader), cal_s + secs, chosen_slicing(q))
+                        keep(group, name, r, seed, evaluate(q, loader), cal_s + secs, oas_choice(q))
                 if "repq" in todo:
                     run_and_keep(group, name, "repq", seed, model, load_recipe("repq"), data.calib, loader)
             else:
@@ -219,21 +223,25 @@ def run_and_keep(group: str, name: str, r: str, seed: int, model: torch.nn.Modul
     keep(group, name, r, seed, evaluate(q, loader), time.perf_counter() - t0)
 
 
-def chosen_slicing(q: torch.nn.Module) -> str | None:
-    """The slicing an ``oas`` pass picked for ``q`` (None for other recipes)."""
+def oas_choice(q: torch.nn.Module) -> dict[str, Any] | None:
+    """What an ``oas`` pass picked for ``q`` and every candidate's proxy / validation score (None for
+    other recipes)."""
     rec = getattr(q, "vitq_reconstruction", None) or []
-    return rec[-1]["slicing"] if rec and "oas" in rec[-1] else None
+    return rec[-1]["oas"] if rec and "oas" in rec[-1] else None
 
 
 def keep(group: str, model: str, recipe: str, seed: int, res: dict[str, Any], secs: float,
-         slicing: str | None = None) -> None:
+         oas: dict[str, Any] | None = None) -> None:
     p: Predictions = res["predictions"]
     path = cache_path(group, model, recipe, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
+    slicing = oas["chosen"] if oas else None
     torch.save({"top1": p.top1.to(torch.int16), "labels": p.labels.to(torch.int16), "seconds": secs,
-                "slicing": slicing}, path)
+                "slicing": slicing, "oas_candidates": oas["candidates"] if oas else None}, path)
     log.info("%s %s %s seed %d: top-1 %.2f (%.0f s)%s", group, model, recipe, seed, res["top1"], secs,
-             f", slicing {slicing}" if slicing else "")
+             f", slicing {slicing} of " + ", ".join(f"{c['slicing']} (proxy {c['proxy']:.3f}"
+                                                     + (f", val KL {c['val_kl']:.5g})" if "val_kl" in c else ")")
+                                                     for c in oas["candidates"]) if oas else "")
 
 
 def cached_seeds(group: str, model: str, recipe: str) -> set[int]:
