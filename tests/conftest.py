@@ -87,6 +87,17 @@ def fmnist_dir(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture
+def pickled_vit(tmp_path: Path) -> Path:
+    """A tiny 1-channel 28x28 ViT pickled to a file (for ``--trust-pickle`` CLI tests)."""
+    p = tmp_path / "tiny_vit.pt"
+    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
+    m.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
+                        "interpolation": "bilinear"}
+    torch.save(m, p)
+    return p
+
+
 def has_reference_weights(name: str) -> bool:
     from vitq.reference import weights_path
 

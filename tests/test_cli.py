@@ -33,16 +33,6 @@ def expect_error(args: list[str], capsys, pattern: str) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def pickled_vit(tmp_path: Path) -> Path:
-    p = tmp_path / "tiny_vit.pt"
-    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
-    m.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
-                        "interpolation": "bilinear"}
-    torch.save(m, p)
-    return p
-
-
 def q(model: str, data: str, *extra: str) -> list[str]:
     return ["quantize", model, "--data", data, "--no-progress", *extra]
 

@@ -286,14 +286,10 @@ def test_repq_start_reparameterizes_before_reconstruction(base: str, tmp_path: P
     assert errs[f"{base}-repq"] < 0.5 * errs[base], errs
 
 
-def test_cli_iters_override_and_errors(tmp_path: Path, fmnist_dir: Path, capsys) -> None:
+def test_cli_iters_override_and_errors(tmp_path: Path, fmnist_dir: Path, pickled_vit: Path, capsys) -> None:
     from vitq.cli import main
 
-    p = tmp_path / "tiny.pt"
-    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
-    m.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
-                        "interpolation": "bilinear"}
-    torch.save(m, p)
+    p = pickled_vit
     out = tmp_path / "r.json"
     code = main(["quantize", str(p), "--trust-pickle", "--data", f"fashion-mnist:{fmnist_dir}", "--no-progress",
                  "--recipe", "qdrop", "--bits", "W4A4", "--calib-size", "16", "--eval-size", "8", "--iters", "3",
@@ -342,14 +338,10 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
         load_recipe(str(f))
 
 
-def test_cli_set_option(tmp_path: Path, fmnist_dir: Path, capsys) -> None:
+def test_cli_set_option(tmp_path: Path, fmnist_dir: Path, pickled_vit: Path, capsys) -> None:
     from vitq.cli import main
 
-    p = tmp_path / "tiny.pt"
-    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
-    m.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
-                        "interpolation": "bilinear"}
-    torch.save(m, p)
+    p = pickled_vit
     base = ["quantize", str(p), "--trust-pickle", "--data", f"fashion-mnist:{fmnist_dir}", "--no-progress",
             "--recipe", "qdrop", "--bits", "W4A4", "--calib-size", "16", "--eval-size", "8", "--skip-fp"]
     out = tmp_path / "r.json"
