@@ -326,11 +326,21 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
              ("qdrop", {"qdrop_p": 2}, "qdrop_p=2 must be in"),
              ("qdrop", {"acts": "lsq", "act_quant": False}, "act_quant is false"),
              ("oas", {"select": "vote"}, "oas select='vote'"),
+             ("qdrop", {"qdrop_p": "high"}, "qdrop_p='high' must be a number"),  # a string from --set / YAML
+             ("qdrop", {"act_quant": "no"}, "act_quant='no' must be true or false"),
+             ("qdrop", {"iters": -1}, "iters must be an integer >= 0"),
              ("oas", {"weights": "sgd"}, "weights='sgd'")]
     for recipe, kw, pat in cases:
         with pytest.raises(ConfigError, match=pat) as e:
             override_pass_options(load_recipe(recipe), **kw)
         assert "\n" not in str(e.value)
+    # an explicit null is a value for set_pass_options (--set), "not given" for override_pass_options (flags)
+    from vitq.passes.registry import set_pass_options
+
+    r = load_recipe("repq")
+    assert dict(set_pass_options(r, {"clip_mad_k": None}).passes[-1].options) == {
+        **dict(r.passes[-1].options), "clip_mad_k": None}
+    assert override_pass_options(r, clip_mad_k=None) is r
     # the same check guards a recipe file: a bad value fails at load, before any calibration
     f = tmp_path / "bad.yaml"
     f.write_text("extends: qdrop\npasses:\n  - pass: calibrate\n  - pass: reconstruct\n    loss: fsher\n")

@@ -217,7 +217,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     role_excl = [e[1] for e in excl if e[0] == "role"]
     if role_excl:
         recipe = _exclude_roles(recipe, role_excl)
-    from .passes.registry import override_pass_options, parse_assignments
+    from .passes.registry import override_pass_options, parse_assignments, set_pass_options
 
     flags = {"iters": args.iters, "max_cache_gb": args.max_cache_gb, "run_dir": args.resume_dir}
     sets = parse_assignments(args.set_options)
@@ -226,7 +226,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .errors import ConfigError
 
         raise ConfigError(f"{', '.join(both)} given both as a flag and with --set: use one of them")
-    recipe = override_pass_options(recipe, **sets, **flags)
+    recipe = override_pass_options(set_pass_options(recipe, sets), **flags)
     calib_size = args.calib_size if args.calib_size is not None else recipe.calib_size
     if calib_size <= 0:
         from .errors import DataError

@@ -73,25 +73,19 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def override_pass_options(recipe: Any, **opts: Any) -> Any:
-    """A copy of ``recipe`` where every pass that has option ``k`` gets value ``v`` (``None`` values are
-    skipped). Every key must be an option of at least one of the recipe's passes, and the changed passes
-    are validated again, so a typo or a bad value fails here, before calibration. The CLI's ``--set`` /
-    ``--iters`` / ``--max-cache-gb`` / ``--resume-dir`` use this."""
+def set_pass_options(recipe: Any, values: Mapping[str, Any]) -> Any:
+    """A copy of ``recipe`` where every pass that has option ``k`` gets ``values[k]`` (``None`` included:
+    it is a value, e.g. ``clip_mad_k: null``). Every key must be an option of at least one of the recipe's
+    passes, and the changed passes are validated again, so a typo or a bad value fails here, before
+    calibration. The CLI's ``--set`` uses this."""
     from dataclasses import replace
 
     from ..recipes import PassConfig
 
-    todo = {k: v for k, v in opts.items() if v is not None}
-    if not todo:
+    if not values:
         return recipe
-    if "iters" in todo and (not isinstance(todo["iters"], int) or isinstance(todo["iters"], bool) or todo["iters"] < 0):
-        raise ConfigError(f"--iters {todo['iters']} must be an integer >= 0 (0 = calibration only)")
-    if "max_cache_gb" in todo and (not isinstance(todo["max_cache_gb"], (int, float)) or todo["max_cache_gb"] < 0):
-        raise ConfigError(f"--max-cache-gb {todo['max_cache_gb']} must be a number >= 0 (0 streams every cache "
-                          "from disk)")
     names = [pc.name for pc in recipe.passes]
-    homeless = sorted(k for k in todo if not any(k in get_pass(n).options for n in names))
+    homeless = sorted(k for k in values if not any(k in get_pass(n).options for n in names))
     if homeless:
         recon = set(get_pass("reconstruct").options) | set(get_pass("oas").options)
         if set(homeless) <= recon and not {"reconstruct", "oas"} & set(names):
@@ -103,12 +97,18 @@ def override_pass_options(recipe: Any, **opts: Any) -> Any:
     passes = []
     for pc in recipe.passes:
         new = dict(pc.options)
-        mine = {k: v for k, v in todo.items() if k in get_pass(pc.name).options}
+        mine = {k: v for k, v in values.items() if k in get_pass(pc.name).options}
         if mine:
             new.update(mine)
             validate_pass(pc.name, new, f"recipe {recipe.name}")
         passes.append(PassConfig(pc.name, tuple(sorted(new.items()))))
     return replace(recipe, passes=tuple(passes))
+
+
+def override_pass_options(recipe: Any, **opts: Any) -> Any:
+    """:func:`set_pass_options` for optional settings: ``None`` means "not given" and is skipped (the
+    CLI's ``--iters`` / ``--max-cache-gb`` / ``--resume-dir``, the benches' variants)."""
+    return set_pass_options(recipe, {k: v for k, v in opts.items() if v is not None})
 
 
 def all_passes() -> dict[str, PassInfo]:

@@ -95,12 +95,22 @@ class ReconConfig:
     run_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        Slicing.parse(self.slicing)
-        get_loss(self.loss)
-
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
+
+        for f in fields(self):  # types first, so a string from a recipe or --set is a clear error
+            d, v = f.default, getattr(self, f.name)
+            if isinstance(d, bool):
+                need(isinstance(v, bool), f"{f.name}={v!r} must be true or false")
+            elif isinstance(d, (int, float)):
+                need(isinstance(v, (int, float)) and not isinstance(v, bool), f"{f.name}={v!r} must be a number")
+            elif isinstance(d, str):
+                need(isinstance(v, str), f"{f.name}={v!r} must be a string")
+            elif d is None:
+                need(v is None or isinstance(v, str), f"{f.name}={v!r} must be a path or null")
+        Slicing.parse(self.slicing)
+        get_loss(self.loss)
 
         need(isinstance(self.iters, int) and self.iters >= 0, f"iters must be an integer >= 0, got {self.iters!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
