@@ -329,6 +329,9 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
              ("qdrop", {"qdrop_p": "high"}, "qdrop_p='high' must be a number"),  # a string from --set / YAML
              ("qdrop", {"act_quant": "no"}, "act_quant='no' must be true or false"),
              ("qdrop", {"iters": -1}, "iters must be an integer >= 0"),
+             ("dopq", {"target": "medain"}, "recipe dopq: pass 'reparam': unknown reparameterization target"),
+             ("dopq", {"target": ["median"]}, "pass 'reparam': bad option value"),
+             ("dopq", {"clip_mad_k": -1}, "clip_mad_k -1 must be a number >= 0"),
              ("oas", {"weights": "sgd"}, "weights='sgd'")]
     for recipe, kw, pat in cases:
         with pytest.raises(ConfigError, match=pat) as e:

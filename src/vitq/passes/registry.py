@@ -43,6 +43,8 @@ def validate_pass(name: str, options: Mapping[str, Any], source: str = "recipe")
             PASSES[name].check(options)
         except ConfigError as e:
             raise ConfigError(f"{source}: pass {name!r}: {e}") from None
+        except (TypeError, ValueError) as e:  # e.g. a list where a name belongs
+            raise ConfigError(f"{source}: pass {name!r}: bad option value ({e}); see `vitq list` for the defaults") from None
 
 
 def parse_assignments(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
