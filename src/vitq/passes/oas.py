@@ -152,9 +152,15 @@ def select_slicing(model: nn.Module, ctx: Any, cfg: ReconConfig, images: Tensor,
     return record
 
 
+def _recon_config(opts: Any) -> ReconConfig:
+    """The reconstruction settings of an ``oas`` pass (its defaults, then ``opts``; block units until chosen)."""
+    return ReconConfig.from_options(slicing="block", **{k: v for k, v in {**OAS_DEFAULTS, **opts}.items()
+                                                        if k in RECON_DEFAULTS})
+
+
 def check_oas_options(opts: Any) -> None:
     """The recipe-time check of an ``oas`` pass's options (the rest is checked when the search runs)."""
-    ReconConfig.from_options(slicing="block", **{k: v for k, v in {**OAS_DEFAULTS, **opts}.items() if k in RECON_DEFAULTS})
+    _recon_config(opts)
     select = opts.get("select", OAS_DEFAULTS["select"])
     if select not in SELECT_MODES:
         raise ConfigError(f"oas select={select!r}: use one of {', '.join(SELECT_MODES)}")
@@ -165,8 +171,7 @@ def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str =
              val_iters: int = 200, val_images: int = 128, top_k: int = 0, outlier_images: int = 256,
              **opts: Any) -> nn.Module:
     """Outlier-aware Slicing [R]: pick the unit granularity (proxy or short validation), then reconstruct."""
-    opts = {**{k: v for k, v in OAS_DEFAULTS.items() if k in RECON_DEFAULTS}, **opts}
-    cfg = ReconConfig.from_options(slicing="block", **opts)
+    cfg = _recon_config(opts)
     run_dir = pass_run_dir(ctx, cfg.run_dir, "oas")
     fp = float_copy(model, ctx)
     images = collect_images(ctx, cfg.num_samples, desc="oas")
