@@ -332,6 +332,11 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
              ("dopq", {"target": "medain"}, "recipe dopq: pass 'reparam': unknown reparameterization target"),
              ("dopq", {"target": ["median"]}, "pass 'reparam': bad option value"),
              ("dopq", {"clip_mad_k": -1}, "clip_mad_k -1 must be a number >= 0"),
+             ("aocq", {"ln_rule": "max"}, "pass 'aocq_balance': aocq_balance ln_rule='max'"),
+             ("aocq", {"loss": "fisher_diag"}, "pass 'aocq_act_scales'.*needs output gradients"),
+             ("aocq", {"span": "wide"}, "pass 'aocq_act_scales': bad option value"),
+             ("ptq4vit", {"grad": "exact"}, "pass 'ptq4vit_search': ptq4vit_search grad 'exact' is unknown"),
+             ("ptq4vit", {"quantizers": ["log3"]}, "pass 'ptq4vit_search'.*log3"),
              ("oas", {"weights": "sgd"}, "weights='sgd'")]
     for recipe, kw, pat in cases:
         with pytest.raises(ConfigError, match=pat) as e:

@@ -299,22 +299,33 @@ def balance(model: nn.Module, batches: list[Tensor], ln_alpha: bool = True, add_
     return report
 
 
-@register_pass("aocq_balance", ln_alpha=True, add_alpha=True, ln_rule="mse", add_rule="mse", max_exp=10,
-               max_images=256)
-def aocq_balance_pass(model: nn.Module, ctx: Any, ln_alpha: bool = True, add_alpha: bool = True,
-                      ln_rule: str = "mse", add_rule: str = "mse", max_exp: int = 10,
-                      max_images: int = 256) -> nn.Module:
-    """AOCQ operator level: LN_alpha / Add_alpha power-of-two channel balancing (exact in float)."""
-    for k, v in (("ln_rule", ln_rule), ("add_rule", add_rule)):
-        if v not in RULES:
-            raise ConfigError(f"aocq_balance {k}={v!r}: use one of {', '.join(RULES)}")
-    for k, v in (("ln_alpha", ln_alpha), ("add_alpha", add_alpha)):
-        if not isinstance(v, bool):
-            raise ConfigError(f"aocq_balance {k} must be true or false, got {v!r}")
+BALANCE_DEFAULTS: dict[str, Any] = {"ln_alpha": True, "add_alpha": True, "ln_rule": "mse", "add_rule": "mse",
+                                    "max_exp": 10, "max_images": 256}
+
+
+def check_balance_options(opts: Any) -> None:
+    """Values of an ``aocq_balance`` pass (also run at recipe time): one-line ConfigErrors."""
+    o = {**BALANCE_DEFAULTS, **opts}
+    for k in ("ln_rule", "add_rule"):
+        if o[k] not in RULES:
+            raise ConfigError(f"aocq_balance {k}={o[k]!r}: use one of {', '.join(RULES)}")
+    for k in ("ln_alpha", "add_alpha"):
+        if not isinstance(o[k], bool):
+            raise ConfigError(f"aocq_balance {k} must be true or false, got {o[k]!r}")
+    max_exp, max_images = o["max_exp"], o["max_images"]
     if isinstance(max_exp, bool) or not isinstance(max_exp, int) or not 0 <= max_exp <= 30:
         raise ConfigError(f"aocq_balance max_exp={max_exp!r} must be an integer from 0 to 30")
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise ConfigError(f"aocq_balance max_images={max_images!r} must be a positive integer")
+
+
+@register_pass("aocq_balance", check=check_balance_options, **BALANCE_DEFAULTS)
+def aocq_balance_pass(model: nn.Module, ctx: Any, ln_alpha: bool = True, add_alpha: bool = True,
+                      ln_rule: str = "mse", add_rule: str = "mse", max_exp: int = 10,
+                      max_images: int = 256) -> nn.Module:
+    """AOCQ operator level: LN_alpha / Add_alpha power-of-two channel balancing (exact in float)."""
+    check_balance_options({"ln_alpha": ln_alpha, "add_alpha": add_alpha, "ln_rule": ln_rule, "add_rule": add_rule,
+                           "max_exp": max_exp, "max_images": max_images})
     if any(bool(fq.initialized) for fq in fake_quants(model, "act")):
         raise ConfigError("aocq_balance must run before calibrate: it changes the tensors the quantizers are calibrated on")
     if not (ln_alpha or add_alpha):

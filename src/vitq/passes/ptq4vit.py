@@ -192,24 +192,35 @@ def search_layer(layer: nn.Module, slots: Sequence[str], args: tuple[Tensor, ...
     return {s: {k: v.clone() for k, v in fq.params.items()} for s, fq in fqs.items()}
 
 
-@register_pass("ptq4vit_search", metric="hessian", alpha=0.01, beta=1.2, steps=100, rounds=3, grad="quant",
-               max_images=32, roles=None, quantizers=None)
+PTQ4VIT_DEFAULTS: dict[str, Any] = {"metric": "hessian", "alpha": 0.01, "beta": 1.2, "steps": 100, "rounds": 3,
+                                    "grad": "quant", "max_images": 32, "roles": None, "quantizers": None}
+
+
+def check_ptq4vit_options(opts: Any) -> None:
+    """Values of a ``ptq4vit_search`` pass (also run at recipe time): one-line ConfigErrors."""
+    o = {**PTQ4VIT_DEFAULTS, **opts}
+    get_metric(o["metric"])
+    if o["grad"] not in GRAD_MODES:
+        raise ConfigError(f"ptq4vit_search grad {o['grad']!r} is unknown: use one of {', '.join(GRAD_MODES)}")
+    if not (0 < float(o["alpha"]) <= float(o["beta"])):
+        raise ConfigError(f"ptq4vit_search needs 0 < alpha <= beta, got alpha={o['alpha']} beta={o['beta']}")
+    if int(o["steps"]) < 1 or int(o["rounds"]) < 1 or int(o["max_images"]) < 1:
+        raise ConfigError("ptq4vit_search steps, rounds and max_images must be >= 1")
+    qs = o["quantizers"]
+    for name in [qs] if isinstance(qs, str) else qs or ():
+        get_quantizer(name)  # unknown name: one-line ConfigError
+
+
+@register_pass("ptq4vit_search", check=check_ptq4vit_options, **PTQ4VIT_DEFAULTS)
 def ptq4vit_search_pass(model: nn.Module, ctx: Any, metric: str = "hessian", alpha: float = 0.01,
                         beta: float = 1.2, steps: int = 100, rounds: int = 3, grad: str = "quant",
                         max_images: int = 32, roles: Optional[Sequence[str]] = None,
                         quantizers: Optional[Sequence[str]] = None) -> nn.Module:
     """PTQ4ViT: per-layer search of quantizer scales by (Hessian-guided) layer-output error."""
-    get_metric(metric)
-    if grad not in GRAD_MODES:
-        raise ConfigError(f"ptq4vit_search grad {grad!r} is unknown: use one of {', '.join(GRAD_MODES)}")
-    if not (0 < float(alpha) <= float(beta)):
-        raise ConfigError(f"ptq4vit_search needs 0 < alpha <= beta, got alpha={alpha} beta={beta}")
-    if int(steps) < 1 or int(rounds) < 1 or int(max_images) < 1:
-        raise ConfigError("ptq4vit_search steps, rounds and max_images must be >= 1")
+    check_ptq4vit_options({"metric": metric, "alpha": alpha, "beta": beta, "steps": steps, "rounds": rounds,
+                           "grad": grad, "max_images": max_images, "quantizers": quantizers})
     roles = [roles] if isinstance(roles, str) else roles  # `roles: QKV_IN` in YAML means one role
     quantizers = [quantizers] if isinstance(quantizers, str) else quantizers
-    for name in quantizers or ():
-        get_quantizer(name)  # unknown name: one-line ConfigError
     layers = search_layers(model, roles, quantizers)
     if not layers:
         log.warning("ptq4vit_search: no calibrated quantization site to search; nothing to do")

@@ -228,7 +228,7 @@ def search_act_scales(model: nn.Module, cfg: ScaleSearchConfig, ctx: Any, images
     return report
 
 
-@register_pass("aocq_act_scales", **SEARCH_DEFAULTS)
+@register_pass("aocq_act_scales", check=lambda o: ScaleSearchConfig.from_options(**o), **SEARCH_DEFAULTS)
 def aocq_act_scales_pass(model: nn.Module, ctx: Any, **opts: Any) -> nn.Module:
     """AOCQ stage 1: activation scales s0 -> s4 by a shrinking coordinate search, weights in float."""
     cfg = ScaleSearchConfig.from_options(**opts)
