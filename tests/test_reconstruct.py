@@ -330,11 +330,13 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
              ("qdrop", {"act_quant": "no"}, "act_quant='no' must be true or false"),
              ("qdrop", {"iters": -1}, "iters must be an integer >= 0"),
              ("dopq", {"target": "medain"}, "recipe dopq: pass 'reparam': unknown reparameterization target"),
-             ("dopq", {"target": ["median"]}, "pass 'reparam': bad option value"),
+             ("dopq", {"target": ["median"]}, "pass 'reparam': unknown reparameterization target \\['median'\\]"),
              ("dopq", {"clip_mad_k": -1}, "clip_mad_k -1 must be a number >= 0"),
              ("aocq", {"ln_rule": "max"}, "pass 'aocq_balance': aocq_balance ln_rule='max'"),
              ("aocq", {"loss": "fisher_diag"}, "pass 'aocq_act_scales'.*needs output gradients"),
-             ("aocq", {"span": "wide"}, "pass 'aocq_act_scales': bad option value"),
+             ("aocq", {"span": "wide"}, "pass 'aocq_act_scales': aocq_act_scales: span='wide' must be a number"),
+             ("aocq", {"slicing": 2}, "aocq_act_scales: slicing=2 must be a string"),
+             ("ptq4vit", {"steps": "many"}, "pass 'ptq4vit_search': bad option value"),  # the registry's catch-all
              ("ptq4vit", {"grad": "exact"}, "pass 'ptq4vit_search': ptq4vit_search grad 'exact' is unknown"),
              ("ptq4vit", {"quantizers": ["log3"]}, "pass 'ptq4vit_search'.*log3"),
              ("oas", {"weights": "sgd"}, "weights='sgd'")]

@@ -98,7 +98,7 @@ def _mad_clip(v: Tensor) -> Tensor:
 def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a list or mapping where a name belongs
         raise ConfigError(f"unknown reparameterization target {name!r}: use one of {', '.join(sorted(TARGETS))}") from None
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import Piece, get_adapter
-from ..errors import CalibrationError, ConfigError
+from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, fake_quants
 from ..recon.engine import act_sites, collect_images, float_copy, model_device, run_pieces, unit_modules
 from ..recon.losses import get_loss
@@ -66,6 +66,7 @@ class ScaleSearchConfig:
             if not ok:
                 raise ConfigError(f"aocq_act_scales: {msg}")
 
+        check_field_types(self, "aocq_act_scales")
         for k in ("steps", "points", "num_samples", "batch_size"):
             v = getattr(self, k)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if k == "steps" else 1),

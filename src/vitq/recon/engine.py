@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import Adapter, Piece, get_adapter
-from ..errors import CalibrationError, ConfigError
+from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, QuantSlots
 from .adaround import AdaRoundWeight, beta_at, round_loss
 from .cache import ChunkStore, batch_schedule, chunk_bounds
@@ -99,16 +99,7 @@ class ReconConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        for f in fields(self):  # types first, so a string from a recipe or --set is a clear error
-            d, v = f.default, getattr(self, f.name)
-            if isinstance(d, bool):
-                need(isinstance(v, bool), f"{f.name}={v!r} must be true or false")
-            elif isinstance(d, (int, float)):
-                need(isinstance(v, (int, float)) and not isinstance(v, bool), f"{f.name}={v!r} must be a number")
-            elif isinstance(d, str):
-                need(isinstance(v, str), f"{f.name}={v!r} must be a string")
-            elif d is None:
-                need(v is None or isinstance(v, str), f"{f.name}={v!r} must be a path or null")
+        check_field_types(self)  # types first, so a string from a recipe or --set is a clear error
         Slicing.parse(self.slicing)
         get_loss(self.loss)
 
