@@ -301,7 +301,7 @@ def test_cli_iters_override_and_errors(tmp_path: Path, fmnist_dir: Path, pickled
     code = main(["quantize", str(p), "--trust-pickle", "--data", f"fashion-mnist:{fmnist_dir}", "--no-progress",
                  "--recipe", "minmax", "--iters", "3"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "no reconstruction pass" in err[0]
+    assert code == 2 and len(err) == 1 and "option of the oas or reconstruct pass" in err[0] and "qdrop" in err[0]
 
 
 def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path) -> None:
@@ -321,7 +321,8 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
     assert dict(load_recipe("qdrop").passes[-1].options).get("slicing", "block") == "block"  # a copy, not in place
     # every key must reach a pass: a typo beside a valid key is an error, not silently dropped
     cases = [("qdrop", {"loss": "mse", "los": "mse"}, "no pass with option.*los.*take"),
-             ("minmax", {"loss": "mse"}, "no reconstruction pass"),
+             ("minmax", {"loss": "mse"}, "option of the aocq_act_scales or oas or reconstruct pass.*use a recipe that does \\(aocq, brecq"),
+             ("qdrop", {"target": "median"}, "option of the reparam pass, which this recipe does not run.*dopq-calib"),
              ("qdrop", {"loss": "fsher"}, "recipe qdrop: pass 'reconstruct': unknown reconstruction loss 'fsher'"),
              ("qdrop", {"qdrop_p": 2}, "qdrop_p=2 must be in"),
              ("qdrop", {"acts": "lsq", "act_quant": False}, "act_quant is false"),

@@ -75,6 +75,19 @@ def _scalar(text: str) -> Any:
         return text
 
 
+def _homeless_hint(keys: Sequence[str], names: Sequence[str]) -> str:
+    """Why a recipe whose passes are ``names`` cannot take option(s) ``keys``, and which recipes can."""
+    from ..recipes import list_recipes, load_recipe
+
+    owners = sorted({n for n, info in PASSES.items() if set(keys) <= set(info.options)})
+    if not owners:
+        takes = sorted({o for n in names for o in get_pass(n).options})
+        return f"its passes ({', '.join(dict.fromkeys(names))}) take {', '.join(takes)}"
+    runs = [r for r in list_recipes() if {pc.name for pc in load_recipe(r).passes} & set(owners)]
+    return (f"{'it is an option' if len(keys) == 1 else 'they are options'} of the {' or '.join(owners)} pass, "
+            f"which this recipe does not run: use a recipe that does ({', '.join(runs)}) or drop the option")
+
+
 def set_pass_options(recipe: Any, values: Mapping[str, Any]) -> Any:
     """A copy of ``recipe`` where every pass that has option ``k`` gets ``values[k]`` (``None`` included:
     it is a value, e.g. ``clip_mad_k: null``). Every key must be an option of at least one of the recipe's
@@ -89,13 +102,8 @@ def set_pass_options(recipe: Any, values: Mapping[str, Any]) -> Any:
     names = [pc.name for pc in recipe.passes]
     homeless = sorted(k for k in values if not any(k in get_pass(n).options for n in names))
     if homeless:
-        recon = set(get_pass("reconstruct").options) | set(get_pass("oas").options)
-        if set(homeless) <= recon and not {"reconstruct", "oas"} & set(names):
-            hint = "it has no reconstruction pass: use a reconstruction recipe (brecq, qdrop, oas) or drop the option"
-        else:
-            takes = sorted({o for n in names for o in get_pass(n).options})
-            hint = f"its passes ({', '.join(dict.fromkeys(names))}) take {', '.join(takes)}"
-        raise ConfigError(f"recipe {recipe.name} has no pass with option(s) {', '.join(homeless)}: {hint}")
+        raise ConfigError(f"recipe {recipe.name} has no pass with option(s) {', '.join(homeless)}: "
+                          + _homeless_hint(homeless, names))
     passes = []
     for pc in recipe.passes:
         new = dict(pc.options)
