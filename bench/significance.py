@@ -24,7 +24,9 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   stages at half-block granularity (the finer units OAS argues Swin prefers); ``dopq@paper`` is dopq
   at the I&S-ViT setting its recipe cites (1024 calibration images, 1000 iterations per unit per
   stage, batch 64); ``dopq@loss=fisher_diag`` / ``dopq@half@loss=fisher_diag`` train both stages on
-  BRECQ's Fisher-weighted error instead of MSE (our experiment, not DopQ's or I&S-ViT's objective).
+  BRECQ's Fisher-weighted error instead of MSE (our experiment, not DopQ's or I&S-ViT's objective);
+  ``dopq@half@paper`` is the paper setting with half-block units (the two changes that each raised
+  dopq on Swin, combined; a variant is written ``...@paper`` last so the calibration size follows).
 * ``budget`` (issue 5): does a larger reconstruction budget close the gap? The recon group's rows
   beside ``qdrop@itN`` / ``oas@itN`` (N = 1000 or 2000 iterations per unit instead of 200, same lr
   scale; ``--recipes`` picks which).
@@ -85,7 +87,7 @@ from recon_common import (  # noqa: E402
 )
 
 from vitq.bits import Bits  # noqa: E402
-from vitq.evaluate import Predictions, compare_paired, evaluate  # noqa: E402
+from vitq.evaluate import Predictions, compare_paired, detectable_difference, evaluate  # noqa: E402
 from vitq.passes.oas import OAS_DEFAULTS  # noqa: E402
 from vitq.passes.registry import override_pass_options, parse_assignments  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
@@ -103,11 +105,12 @@ GROUPS: dict[str, dict[str, Any]] = {
                  "issue": 5, "target": "where the qdrop - repq gap comes from (bench/recipes/*.yaml)"},
     "dopq": {"models": ["fmnist-swin"],
              "recipes": ["repq", "dopq", "dopq@half", "dopq@paper", "dopq@loss=fisher_diag",
-                         "dopq@half@loss=fisher_diag"],
+                         "dopq@half@loss=fisher_diag", "dopq@half@paper"],
              "pairs": [("repq", "dopq"), ("repq", "dopq@half"), ("dopq", "dopq@half"),
                        ("repq", "dopq@paper"), ("dopq", "dopq@paper"),
                        ("repq", "dopq@loss=fisher_diag"), ("dopq", "dopq@loss=fisher_diag"),
-                       ("repq", "dopq@half@loss=fisher_diag"), ("dopq@half", "dopq@half@loss=fisher_diag")],
+                       ("repq", "dopq@half@loss=fisher_diag"), ("dopq@half", "dopq@half@loss=fisher_diag"),
+                       ("repq", "dopq@half@paper"), ("dopq@paper", "dopq@half@paper")],
              "issue": 4,
              "target": "dopq >= repq at W4A4"},
     "budget": {"models": ["fmnist-deit", "fmnist-swin"],
@@ -280,7 +283,10 @@ def render(doc: dict[str, Any]) -> str:
              "Same 10 000 Fashion-MNIST test images for both recipes of a pair. `diff` = top-1(B) - top-1(A) in "
              "points; 95 % CI = Wald interval of the paired difference; p = exact two-sided McNemar test on the "
              "discordant images (`only A` / `only B` right). Each seed is a different calibration sample and "
-             "training seed. A |diff| whose CI contains 0 is not resolved by this test set.", ""]
+             "training seed. A |diff| whose CI contains 0 is not resolved by this test set. `detectable` = the "
+             "smallest true difference one seed's test would find significant at 5 % with 80 % power, given the "
+             "pair's discordance (`vitq.evaluate.detectable_difference`, mean over seeds): targets that hinge on "
+             "smaller differences cannot be decided on these 10 000 images.", ""]
     for group in GROUPS:
         rows = [r for r in doc["comparisons"] if r["group"] == group]
         if not rows:
@@ -295,13 +301,16 @@ def render(doc: dict[str, Any]) -> str:
                 lines.append(f"| {r['model']} | {a} | {b} | {s['seed']} | {s['top1_a']:.2f} | "
                              f"{s['top1_b']:.2f} | {s['diff']:+.2f} | {s['ci95'][0]:+.2f} .. {s['ci95'][1]:+.2f} | "
                              f"{s['only_a_correct']} | {s['only_b_correct']} | {s['p_value']:.3f} |")
-        lines += ["", "| model | A | B | seeds | mean diff B-A | std over seeds | seeds with B >= A | seeds significant |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| model | A | B | seeds | mean diff B-A | std over seeds | seeds with B >= A | seeds significant "
+                  "| detectable |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             sig = sum(s["significant_5pct"] for s in r["per_seed"])
             std = "—" if r["std_diff"] is None else f"{r['std_diff']:.2f}"
+            mdes = [m for s in r["per_seed"]
+                    if (m := detectable_difference(s["only_a_correct"] + s["only_b_correct"], s["n"])) is not None]
+            mde = f"{statistics.fmean(mdes):.2f}" if mdes else "—"
             lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {r['seeds']} | {r['mean_diff']:+.2f} | {std} | "
-                         f"{r['b_at_least_a_seeds']} / {r['seeds']} | {sig} / {r['seeds']} |")
+                         f"{r['b_at_least_a_seeds']} / {r['seeds']} | {sig} / {r['seeds']} | {mde} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_vit
 
 from vitq.errors import ConfigError
-from vitq.evaluate import PairedComparison, compare_paired, evaluate, mcnemar_exact, predict
+from vitq.evaluate import (PairedComparison, compare_paired, detectable_difference, evaluate, mcnemar_exact,
+                           predict)
 
 
 def test_mcnemar_exact_known_values() -> None:
@@ -56,6 +57,35 @@ def test_compare_paired_identical_and_scale() -> None:
     w = lambda x: x.ci95[1] - x.ci95[0]  # noqa: E731
     assert w(small) / w(big) == pytest.approx(math.sqrt(10), rel=1e-6)
     assert big.p_value < small.p_value
+
+
+def test_detectable_difference_has_the_promised_power() -> None:
+    # 10 000 images, 3 % discordant: the case of our Fashion-MNIST W4A4 comparisons
+    n, q = 10000, 0.03
+    mde = detectable_difference(int(q * n), n)
+    assert mde == pytest.approx(100 * (1.959964 + 0.841621) * math.sqrt(q / n), rel=1e-5)
+    assert 0.45 < mde < 0.52
+    # simulate pairs whose true difference is exactly the MDE: McNemar finds it about 80 % of the time,
+    # and half of it far less often
+    gen = torch.Generator().manual_seed(0)
+
+    def found(d_points: float, trials: int = 600) -> float:
+        pb = (q + d_points / 100) / 2
+        pa = q - pb
+        u = torch.rand(trials, n, generator=gen)
+        only_a, only_b = (u < pa).sum(1), ((u >= pa) & (u < pa + pb)).sum(1)
+        return sum(mcnemar_exact(int(a), int(b)) < 0.05 for a, b in zip(only_a, only_b)) / trials
+
+    assert 0.72 < found(mde) < 0.88
+    assert found(mde / 2) < 0.45
+    # more images or fewer discordant ones: smaller detectable differences; none measurable from 0
+    assert detectable_difference(1200, 40000) < mde and detectable_difference(100, n) < mde
+    assert detectable_difference(0, n) is None
+    with pytest.raises(ValueError):
+        detectable_difference(5, 0)
+    c = PairedComparison(n=n, top1_a=86.0, top1_b=86.1, only_a=145, only_b=155, agree=97.0)
+    assert c.detectable == pytest.approx(mde) and c.to_dict()["detectable_80pct"] == round(mde, 2)
+    assert f"resolves differences of about {mde:.2f} points" in c.summary()
 
 
 def test_compare_paired_bad_inputs() -> None:
