@@ -188,18 +188,22 @@ def reparameterize(model: nn.Module, target: str = "mean", round_zero_point: boo
     return done
 
 
+REPARAM_DEFAULTS: dict[str, Any] = {"target": "mean", "round_zero_point": False, "zero_point_target": None,
+                                    "clip_mad_k": None}
+
+
 def check_reparam_options(opts: Any) -> None:
     """The recipe-time check of a ``reparam`` pass's options."""
-    get_target(opts.get("target", "mean"))
-    if opts.get("zero_point_target") is not None:
-        get_target(opts["zero_point_target"])
-    if not isinstance(opts.get("round_zero_point", False), bool):
-        raise ConfigError(f"reparam round_zero_point={opts['round_zero_point']!r} must be true or false")
-    check_clip_mad_k(opts.get("clip_mad_k"))
+    o = {**REPARAM_DEFAULTS, **opts}
+    get_target(o["target"])
+    if o["zero_point_target"] is not None:
+        get_target(o["zero_point_target"])
+    if not isinstance(o["round_zero_point"], bool):
+        raise ConfigError(f"reparam round_zero_point={o['round_zero_point']!r} must be true or false")
+    check_clip_mad_k(o["clip_mad_k"])
 
 
-@register_pass("reparam", check=check_reparam_options, target="mean", round_zero_point=False,
-               zero_point_target=None, clip_mad_k=None)
+@register_pass("reparam", check=check_reparam_options, **REPARAM_DEFAULTS)
 def reparam_pass(model: nn.Module, ctx: Any, target: str = "mean", round_zero_point: bool = False,
                  zero_point_target: Optional[str] = None, clip_mad_k: Optional[float] = None) -> nn.Module:
     """RepQ-ViT: fold channel-wise post-LayerNorm quantizers into LayerNorm + Linear (per-tensor after)."""

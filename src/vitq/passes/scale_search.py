@@ -74,7 +74,6 @@ class ScaleSearchConfig:
         need(float(self.span) > 0, f"span={self.span} must be > 0 (octaves)")
         need(0 < float(self.shrink) <= 1, f"shrink={self.shrink} must be in (0, 1]")
         need(float(self.loss_p) > 0, f"loss_p={self.loss_p} must be > 0")
-        need(isinstance(self.weights_float, bool), f"weights_float={self.weights_float!r} must be true or false")
         Slicing.parse(self.slicing)
         if get_loss(self.loss).needs_grad:
             raise ConfigError(f"aocq_act_scales: loss {self.loss!r} needs output gradients: use mse or token_norm")
