@@ -91,7 +91,7 @@ def fmnist_dir(tmp_path: Path) -> Path:
 def pickled_vit(tmp_path: Path) -> Path:
     """A tiny 1-channel 28x28 ViT pickled to a file (for ``--trust-pickle`` CLI tests)."""
     p = tmp_path / "tiny_vit.pt"
-    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
+    m = tiny_vit(in_chans=1, img_size=28, patch_size=7, num_classes=10)
     m.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
                         "interpolation": "bilinear"}
     torch.save(m, p)

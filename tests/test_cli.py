@@ -156,12 +156,16 @@ def test_quantize_json_export_and_eval(capsys, tmp_path: Path, fmnist_dir: Path,
     code, stdout, err = run(["eval", str(out), "--data", f"fashion-mnist:{fmnist_dir}", "--eval-size", "20",
                              "--no-progress", "--trust-pickle", "--json", str(tmp_path / "e.json")], capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "e.json").read_text())["top1"] == r["q_top1"]
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["top1"] == r["q_top1"] and ev["nll"] > 0 and "test log-loss" in stdout
     # the paired test against the float model rides along with every quantize run
     vs = r["vs_fp"]
     assert vs["n"] == 20 and vs["top1_a"] == r["fp_top1"] and vs["top1_b"] == r["q_top1"]
     assert vs["diff"] == pytest.approx(-r["drop"], abs=0.01) and 0.0 <= vs["p_value"] <= 1.0
     assert "McNemar" in qout
+    # ... with the paired test of the test log-loss, whose quantized side is what `vitq eval` measures
+    assert vs["nll_b"] == pytest.approx(ev["nll"], abs=1e-4) and vs["nll_a"] > 0 and 0.0 <= vs["nll_p"] <= 1.0
+    assert vs["nll_ci95"][0] <= vs["nll_diff"] <= vs["nll_ci95"][1] and "  test log-loss quantized - FP" in qout
 
 
 def test_compare_two_exports(capsys, tmp_path: Path, fmnist_dir: Path, pickled_vit: Path) -> None:
@@ -187,6 +191,7 @@ def test_compare_two_exports(capsys, tmp_path: Path, fmnist_dir: Path, pickled_v
     assert code == 0, err
     c = json.loads(js.read_text())
     assert c["diff"] == 0 and c["p_value"] == 1.0 and c["agree"] == 100.0 and not c["significant_5pct"]
+    assert c["nll_diff"] == 0 and c["nll_p"] == 1.0 and c["nll_ci95"] == [0, 0]
 
 
 def test_quantize_several_seeds(capsys, tmp_path: Path, fmnist_dir: Path, pickled_vit: Path) -> None:

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_vit
 
 from vitq.errors import ConfigError
-from vitq.evaluate import (PairedComparison, compare_paired, detectable_difference, evaluate, mcnemar_exact,
-                           predict)
+from vitq.evaluate import (PairedComparison, Predictions, compare_paired, detectable_difference, evaluate,
+                           mcnemar_exact, predict)
 
 
 def test_mcnemar_exact_known_values() -> None:
@@ -115,3 +115,61 @@ def test_predict_matches_evaluate_and_carries_labels() -> None:
     other = type(p)(p.topk, (y + 1) % 10, 0.0)
     with pytest.raises(ConfigError, match="different images"):
         compare_paired(p, other)
+    # per-image cross-entropy, as torch computes it, and its mean in evaluate()
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(m(x), y, reduction="none")
+    assert p.nll is not None and torch.allclose(p.nll, ref, atol=1e-6)
+    assert r["nll"] == pytest.approx(float(ref.mean()), abs=1e-6)
+    # labels that are not class indices of the logits (out of range, or soft / float): no log-loss, no error
+    for bad in ((y + 10), y.float()):
+        bl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, bad), batch_size=16)
+        assert predict(m, bl).nll is None and evaluate(m, bl)["nll"] is None
+
+
+def _preds(nll: torch.Tensor, labels: torch.Tensor) -> Predictions:
+    return Predictions(labels.unsqueeze(1), labels, 0.0, nll)
+
+
+def test_paired_log_loss_test() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    base = torch.rand(n, generator=gen).pow(3) * 4  # heavy-ish tail, like real per-image log-losses
+    # known values: B's log-loss is A's + 0.01 on every image -> diff 0.01, sd 0, p 0
+    c = compare_paired(_preds(base, labels), _preds(base + 0.01, labels))
+    assert c.nll_diff == pytest.approx(0.01, abs=1e-6) and c.nll_sd == pytest.approx(0.0, abs=1e-6)
+    assert c.nll_a == pytest.approx(float(base.double().mean())) and c.nll_p == pytest.approx(0.0, abs=1e-12)
+    same = compare_paired(_preds(base, labels), _preds(base, labels))
+    assert same.nll_diff == 0.0 and same.nll_p == 1.0 and same.nll_ci95 == (0.0, 0.0)
+    d = same.to_dict()
+    assert d["nll_diff"] == 0.0 and d["nll_p"] == 1.0 and "test log-loss B - A: +0.0000" in same.summary()
+
+    # under the null (A and B exchangeable on every image) the z-test rejects about 5 % of the time ...
+    def rejects(shift: float, trials: int = 400) -> float:
+        hits = 0
+        for _ in range(trials):
+            noise = torch.randn(n, generator=gen) * 0.05 * base  # per-image disagreement, larger on hard images
+            b = base + noise + shift
+            swap = torch.rand(n, generator=gen) < 0.5  # exchangeability: which model is which, per image
+            a2, b2 = torch.where(swap, b - shift, base), torch.where(swap, base + shift, b)
+            hits += compare_paired(_preds(a2, labels), _preds(b2, labels)).nll_p < 0.05
+        return hits / trials
+
+    assert 0.02 < rejects(0.0) < 0.09
+    # ... and finds a shift of 3 standard errors almost always
+    sd = float((torch.randn(n, generator=gen) * 0.05 * base).std())
+    assert rejects(3 * sd / math.sqrt(n)) > 0.75
+    # the interval is centred on the difference and shrinks as 1/sqrt(n)
+    small, big = (PairedComparison(n=k, top1_a=80, top1_b=80, only_a=0, only_b=0, agree=100, nll_a=0.40,
+                                   nll_b=0.39, nll_sd=0.2) for k in (1000, 4000))
+    w = lambda x: x.nll_ci95[1] - x.nll_ci95[0]  # noqa: E731
+    assert w(small) / w(big) == pytest.approx(2.0) and sum(big.nll_ci95) / 2 == pytest.approx(-0.01)
+    assert big.nll_p < small.nll_p
+    # a NaN log-loss (a model with NaN logits) leaves the log-loss test out instead of reporting NaN
+    bad = base.clone()
+    bad[3] = float("nan")
+    nan_cmp = compare_paired(_preds(base, labels), _preds(bad, labels))
+    assert nan_cmp.nll_diff is None and nan_cmp.nll_p is None and "nll_p" not in nan_cmp.to_dict()
+    assert "log-loss" not in nan_cmp.summary()
+    # plain class-index tensors carry no log-loss: top-1 only
+    assert compare_paired(labels, labels, labels).nll_p is None

@@ -8,6 +8,7 @@ import json
 import logging
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -158,8 +159,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(model, loader, progress=not args.no_progress)
     out = {"model": args.model, "source": source.to_dict(), "data": args.data, "top1": round(res["top1"], 2),
            "top5": round(res["top5"], 2), "eval_size": res["n"], "eval_seconds": round(res["seconds"], 2),
+           "nll": None if res["nll"] is None else round(res["nll"], 5),
            "peak_rss_mb": round(peak_rss_mb(), 1)}
-    print(f"{args.model}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  on {res['n']} images "
+    nll = "" if out["nll"] is None else f"  test log-loss {out['nll']:.4f}"
+    print(f"{args.model}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%{nll}  on {res['n']} images "
           f"({out['eval_seconds']:.1f}s)")
     _write_json(args.json, out)
     return 0
@@ -299,7 +302,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for r in runs:
         if r["vs_fp"] is not None:
             tag = "quantized" if len(runs) == 1 else f"seed {r['seed']}"
-            print("  " + r["vs_fp"].summary("FP", tag))
+            print(textwrap.indent(r["vs_fp"].summary("FP", tag), "  "))
     if args.out:
         out = save_quantized(qmodel, args.out, source, extra={"result": {k: v for k, v in result.items()
                                                                          if k not in ("manifest", "recipe_config")}})

@@ -1,4 +1,4 @@
-"""Evaluation: top-1 / top-5 accuracy, per-site error, timings."""
+"""Evaluation: top-1 / top-5 accuracy, test log-loss, paired comparisons, timings."""
 
 from __future__ import annotations
 
@@ -40,11 +40,13 @@ def reset_peak_rss() -> bool:
 @dataclass(frozen=True)
 class Predictions:
     """Per-image predictions of one model on one evaluation set: ``topk`` (N, k) class indices, best
-    first, and ``labels`` (N,)."""
+    first, ``labels`` (N,) and ``nll`` (N,), each image's cross-entropy ``-log softmax(logits)[label]``
+    in nats (None where the labels are not class indices of the logits)."""
 
     topk: Tensor
     labels: Tensor
     seconds: float
+    nll: Optional[Tensor] = None
 
     @property
     def top1(self) -> Tensor:
@@ -54,10 +56,12 @@ class Predictions:
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = False, desc: str = "eval",
             device: Optional[torch.device] = None) -> Predictions:
-    """Top-``k`` class indices of ``model`` for every ``(images, labels)`` batch of ``loader``."""
+    """Top-``k`` class indices and per-image cross-entropy of ``model`` for every ``(images, labels)``
+    batch of ``loader``."""
     model.eval()
     tops: list[Tensor] = []
     labels: list[Tensor] = []
+    nlls: Optional[list[Tensor]] = []
     t0 = time.perf_counter()
     it: Iterable[Any] = loader
     if progress:
@@ -68,24 +72,33 @@ def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = F
         if device is not None:
             x, y = x.to(device), y.to(device)
         logits = model(x)
+        y = torch.as_tensor(y).reshape(-1)
         tops.append(logits.topk(min(k, logits.shape[-1]), dim=-1).indices.cpu())
-        labels.append(torch.as_tensor(y).reshape(-1).cpu())
+        labels.append(y.cpu())
+        if nlls is not None and logits.dim() == 2 and not y.is_floating_point() and len(y) == len(logits) \
+                and bool(((y >= 0) & (y < logits.shape[-1])).all()):
+            nlls.append(torch.nn.functional.cross_entropy(logits.float(), y.to(logits.device).long(),
+                                                          reduction="none").cpu())
+        else:
+            nlls = None  # labels that are not class indices of these logits: no log-loss
     dt = time.perf_counter() - t0
     if not tops:
         return Predictions(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, dtype=torch.long), dt)
-    return Predictions(torch.cat(tops), torch.cat(labels), dt)
+    return Predictions(torch.cat(tops), torch.cat(labels), dt, None if nlls is None else torch.cat(nlls))
 
 
 def evaluate(model: nn.Module, loader: DataLoader, progress: bool = False, desc: str = "eval",
              device: Optional[torch.device] = None) -> dict[str, Any]:
-    """Top-1 / top-5 (percent) of ``model`` over ``loader`` of ``(images, labels)``; ``predictions``
-    holds the per-image :class:`Predictions` (for :func:`compare_paired`)."""
+    """Top-1 / top-5 (percent) and mean test cross-entropy ``nll`` (nats; None without class-index
+    labels) of ``model`` over ``loader`` of ``(images, labels)``; ``predictions`` holds the per-image
+    :class:`Predictions` (for :func:`compare_paired`)."""
     p = predict(model, loader, k=5, progress=progress, desc=desc, device=device)
     n = len(p.labels)
     c1 = int((p.top1 == p.labels).sum()) if n else 0
     c5 = int((p.topk == p.labels.unsqueeze(-1)).any(-1).sum()) if n else 0
-    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "n": n, "seconds": p.seconds,
-            "predictions": p}
+    nll = float(p.nll.double().mean()) if p.nll is not None and n else None
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "nll": nll, "n": n,
+            "seconds": p.seconds, "predictions": p}
 
 
 # ---------------------------------------------------------------------------------- paired test
@@ -99,6 +112,14 @@ class PairedComparison:
     the exact two-sided McNemar test on those (binomial, p = 1/2); ``ci95`` is the Wald interval of
     the paired difference ``top1_b - top1_a`` in points. Neither says anything about another
     calibration seed: repeat the run with other seeds for that.
+
+    Where both sides carry per-image cross-entropies (:class:`Predictions` from :func:`predict`), the
+    comparison also holds the mean test log-loss of each (``nll_a``, ``nll_b``, nats, lower is better)
+    and the paired z-test of their difference (``nll_diff``, ``nll_ci95``, ``nll_p``: mean and
+    standard deviation ``nll_sd`` of the per-image differences, normal approximation). Log-loss sees
+    every image's confidence, not only the few hundred discordant ones, so it resolves far smaller
+    changes than top-1 does; it is a different question (is B's predictive distribution better?), not
+    a more precise answer to the top-1 one.
     """
 
     n: int
@@ -107,6 +128,9 @@ class PairedComparison:
     only_a: int  # images A classifies correctly and B does not
     only_b: int  # images B classifies correctly and A does not
     agree: float  # percent of images where A and B predict the same class
+    nll_a: Optional[float] = None  # mean test cross-entropy of A, nats
+    nll_b: Optional[float] = None
+    nll_sd: Optional[float] = None  # standard deviation of the per-image differences nll_b - nll_a
 
     @property
     def diff(self) -> float:
@@ -134,21 +158,57 @@ class PairedComparison:
         two models agree on every image's correctness."""
         return detectable_difference(self.only_a + self.only_b, self.n)
 
+    @property
+    def nll_diff(self) -> Optional[float]:
+        """``nll_b - nll_a``, nats per image (negative: B's log-loss is lower, better); None without NLLs."""
+        return None if self.nll_a is None or self.nll_b is None else self.nll_b - self.nll_a
+
+    @property
+    def nll_ci95(self) -> Optional[tuple[float, float]]:
+        d = self.nll_diff
+        if d is None or self.nll_sd is None:
+            return None
+        h = 1.959964 * self.nll_sd / math.sqrt(self.n)
+        return d - h, d + h
+
+    @property
+    def nll_p(self) -> Optional[float]:
+        """Two-sided p-value of the paired z-test of ``nll_diff`` (None without NLLs)."""
+        d = self.nll_diff
+        if d is None or self.nll_sd is None:
+            return None
+        if self.nll_sd == 0.0:
+            return 1.0 if d == 0.0 else 0.0
+        from statistics import NormalDist
+
+        return 2.0 * NormalDist().cdf(-abs(d) / (self.nll_sd / math.sqrt(self.n)))
+
     def summary(self, name_a: str = "A", name_b: str = "B") -> str:
         lo, hi = self.ci95
         verdict = "significant" if self.significant() else "not significant"
         mde = self.detectable
         resolves = "" if mde is None else f"; this test set resolves differences of about {mde:.2f} points or more"
-        return (f"{name_b} - {name_a}: {self.diff:+.2f} points (95% CI {lo:+.2f} .. {hi:+.2f}; McNemar p = "
-                f"{self.p_value:.3g}, {verdict} at 5%) on {self.n} images; {self.only_a} only {name_a} right, "
-                f"{self.only_b} only {name_b} right, predictions agree on {self.agree:.2f}%{resolves}")
+        out = (f"{name_b} - {name_a}: {self.diff:+.2f} points (95% CI {lo:+.2f} .. {hi:+.2f}; McNemar p = "
+               f"{self.p_value:.3g}, {verdict} at 5%) on {self.n} images; {self.only_a} only {name_a} right, "
+               f"{self.only_b} only {name_b} right, predictions agree on {self.agree:.2f}%{resolves}")
+        ci, p = self.nll_ci95, self.nll_p
+        if ci is not None and p is not None and self.nll_diff is not None:
+            out += (f"\ntest log-loss {name_b} - {name_a}: {self.nll_diff:+.4f} nats per image (95% CI "
+                    f"{ci[0]:+.4f} .. {ci[1]:+.4f}; paired z-test p = {p:.3g}; lower is better; "
+                    f"{name_a} {self.nll_a:.4f}, {name_b} {self.nll_b:.4f})")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         lo, hi = self.ci95
-        return {"n": self.n, "top1_a": round(self.top1_a, 2), "top1_b": round(self.top1_b, 2),
-                "diff": round(self.diff, 2), "ci95": [round(lo, 2), round(hi, 2)], "p_value": self.p_value,
-                "only_a_correct": self.only_a, "only_b_correct": self.only_b, "agree": round(self.agree, 2),
-                "detectable_80pct": None if self.detectable is None else round(self.detectable, 2)}
+        out = {"n": self.n, "top1_a": round(self.top1_a, 2), "top1_b": round(self.top1_b, 2),
+               "diff": round(self.diff, 2), "ci95": [round(lo, 2), round(hi, 2)], "p_value": self.p_value,
+               "only_a_correct": self.only_a, "only_b_correct": self.only_b, "agree": round(self.agree, 2),
+               "detectable_80pct": None if self.detectable is None else round(self.detectable, 2)}
+        ci = self.nll_ci95
+        if ci is not None and self.nll_a is not None and self.nll_b is not None and self.nll_diff is not None:
+            out.update(nll_a=round(self.nll_a, 5), nll_b=round(self.nll_b, 5), nll_diff=round(self.nll_diff, 5),
+                       nll_ci95=[round(ci[0], 5), round(ci[1], 5)], nll_p=self.nll_p)
+        return out
 
 
 def detectable_difference(discordant: int, n: int, alpha: float = 0.05, power: float = 0.8) -> Optional[float]:
@@ -206,9 +266,18 @@ def compare_paired(pred_a: Tensor | Predictions, pred_b: Tensor | Predictions,
     if n == 0:
         raise ConfigError("paired comparison of 0 images: evaluate on a non-empty set (--eval-size N, N >= 1)")
     ra, rb = a == labels, b == labels
+    na = pred_a.nll if isinstance(pred_a, Predictions) else None
+    nb = pred_b.nll if isinstance(pred_b, Predictions) else None
+    nll: dict[str, Optional[float]] = {}
+    if na is not None and nb is not None and na.shape == nb.shape == labels.shape:
+        d = nb.double() - na.double()
+    if na is not None and nb is not None and na.shape == nb.shape == labels.shape and bool(torch.isfinite(d).all()):
+        # (a model with NaN / inf logits has no log-loss to compare: the top-1 comparison stands alone)
+        nll = {"nll_a": float(na.double().mean()), "nll_b": float(nb.double().mean()),
+               "nll_sd": float(d.std(unbiased=True)) if n > 1 else 0.0}
     return PairedComparison(n=n, top1_a=100.0 * float(ra.float().mean()), top1_b=100.0 * float(rb.float().mean()),
                             only_a=int((ra & ~rb).sum()), only_b=int((rb & ~ra).sum()),
-                            agree=100.0 * float((a == b).float().mean()))
+                            agree=100.0 * float((a == b).float().mean()), **nll)
 
 
 def sqnr_db(ref: Tensor, out: Tensor) -> float:
