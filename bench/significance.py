@@ -180,13 +180,19 @@ def cache_path(group: str, model: str, recipe: str, seed: int) -> Path:
     return CACHE / f"{group}_{model}_{recipe}_{BITS}_s{seed}.pt"
 
 
+def needs_run(path: Path, add_nll: bool) -> bool:
+    """No cached predictions yet, or (``--add-nll``) cached ones from before per-image log-losses were kept."""
+    return not path.is_file() or (add_nll and torch.load(path).get("nll") is None)
+
+
 def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_scale: float,
-              only: list[str] | None = None) -> None:
+              only: list[str] | None = None, add_nll: bool = False) -> None:
     g = GROUPS[group]
     for name in models:
         model = load_reference(name)
         for seed in seeds:
-            todo = [r for r in g["recipes"] if not cache_path(group, name, r, seed).is_file() and (not only or r in only)]
+            todo = [r for r in g["recipes"]
+                    if (not only or r in only) and needs_run(cache_path(group, name, r, seed), add_nll)]
             if not todo:
                 continue
             if group in RECON_GROUPS:
@@ -239,8 +245,16 @@ def keep(group: str, model: str, recipe: str, seed: int, res: dict[str, Any], se
     path = cache_path(group, model, recipe, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     slicing = oas["chosen"] if oas else None
+    rerun: dict[str, Any] = {}
+    if path.is_file():  # --add-nll re-ran a cached row: is the run reproducible?
+        old = torch.load(path)
+        changed = int((old["top1"].long() != p.top1.long()).sum())
+        rerun = {"rerun_changed_predictions": changed, "rerun_old_seconds": old["seconds"]}
+        (log.warning if changed else log.info)("%s %s %s seed %d re-run: %d of %d top-1 predictions differ from the "
+                                                "cached run", group, model, recipe, seed, changed, len(p.top1))
     torch.save({"top1": p.top1.to(torch.int16), "labels": p.labels.to(torch.int16), "seconds": secs,
-                "slicing": slicing, "oas_candidates": oas["candidates"] if oas else None}, path)
+                "nll": None if p.nll is None else p.nll.float(), "slicing": slicing,
+                "oas_candidates": oas["candidates"] if oas else None, **rerun}, path)
     log.info("%s %s %s seed %d: top-1 %.2f (%.0f s)%s", group, model, recipe, seed, res["top1"], secs,
              f", slicing {slicing} of " + ", ".join(f"{c['slicing']} (proxy {c['proxy']:.3f}"
                                                      + (f", val KL {c['val_kl']:.5g})" if "val_kl" in c else ")")
@@ -265,7 +279,8 @@ def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
                 if not (pa.is_file() and pb.is_file()):
                     continue
                 da, db = torch.load(pa), torch.load(pb)
-                c = compare_paired(da["top1"].long(), db["top1"].long(), da["labels"].long())
+                c = compare_paired(*(Predictions(d["top1"].long().unsqueeze(1), d["labels"].long(), d["seconds"],
+                                                 d.get("nll")) for d in (da, db)))
                 per_seed.append({"seed": seed, **c.to_dict(), "significant_5pct": c.significant(),
                                  "seconds_a": round(da["seconds"], 1), "seconds_b": round(db["seconds"], 1),
                                  **{f"slicing_{k}": d["slicing"] for k, d in (("a", da), ("b", db)) if d.get("slicing")}})
@@ -286,7 +301,11 @@ def render(doc: dict[str, Any]) -> str:
              "training seed. A |diff| whose CI contains 0 is not resolved by this test set. `detectable` = the "
              "smallest true difference one seed's test would find significant at 5 % with 80 % power, given the "
              "pair's discordance (`vitq.evaluate.detectable_difference`, mean over seeds): targets that hinge on "
-             "smaller differences cannot be decided on these 10 000 images.", ""]
+             "smaller differences cannot be decided on these 10 000 images. Where the runs kept per-image "
+             "log-losses, a second table per group compares the test log-loss (cross-entropy) of the same pairs "
+             "with a paired z-test: it uses every image's confidence, not only the discordant ones, so it resolves "
+             "much smaller changes, but it asks whether B's predictive distribution is better, not whether its "
+             "top-1 is.", ""]
     for group in GROUPS:
         rows = [r for r in doc["comparisons"] if r["group"] == group]
         if not rows:
@@ -312,6 +331,21 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {r['seeds']} | {r['mean_diff']:+.2f} | {std} | "
                          f"{r['b_at_least_a_seeds']} / {r['seeds']} | {sig} / {r['seeds']} | {mde} |")
         lines.append("")
+        nll_rows = [(r, [s for s in r["per_seed"] if s.get("nll_diff") is not None]) for r in rows]
+        nll_rows = [(r, ss) for r, ss in nll_rows if ss]
+        if nll_rows:
+            lines += ["Test log-loss (mean per-image cross-entropy, lower is better) of the same pairs, on the seeds "
+                      "whose runs kept per-image log-losses: diff B-A in 10^-3 nats with the paired z-test's p.", "",
+                      "| model | A | B | seeds | mean diff B-A | per seed: diff (p) | seeds B lower | "
+                      "significant: B better / B worse |", "|---|---|---|---:|---:|---|---:|---:|"]
+            for r, ss in nll_rows:
+                diffs = [1e3 * s["nll_diff"] for s in ss]
+                better = sum(s["nll_p"] < 0.05 and s["nll_diff"] < 0 for s in ss)
+                worse = sum(s["nll_p"] < 0.05 and s["nll_diff"] > 0 for s in ss)
+                per = ", ".join(f"s{s['seed']} {1e3 * s['nll_diff']:+.1f} ({s['nll_p']:.2g})" for s in ss)
+                lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {len(ss)} | {statistics.fmean(diffs):+.1f} | "
+                             f"{per} | {sum(d < 0 for d in diffs)} / {len(ss)} | {better} / {worse} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -324,11 +358,13 @@ def main() -> int:
     ap.add_argument("--lr-scale", type=float, default=10.0, help="recon group: learning-rate multiplier")
     ap.add_argument("--recipes", nargs="*", default=None, help="run only these of the group's recipes")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the tables from the cache")
+    ap.add_argument("--add-nll", action="store_true",
+                    help="re-run cached rows that lack per-image log-losses (and report whether top-1 reproduces)")
     args = ap.parse_args()
     setup()
     models = args.models or GROUPS[args.group]["models"]
     if not args.report_only:
-        run_group(args.group, models, args.seeds, args.iters, args.lr_scale, args.recipes)
+        run_group(args.group, models, args.seeds, args.iters, args.lr_scale, args.recipes, args.add_nll)
     import fcntl
 
     path = RESULTS / "significance.json"
