@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recon_common import RESULTS, FashionData, machine_meta  # noqa: E402
 

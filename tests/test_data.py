@@ -10,8 +10,15 @@ import torch
 from conftest import has_fashion_mnist, tiny_vit, write_idx
 
 from vitq.data import (
-    DataSpec, FashionMNIST, Preprocess, PreprocessConfig, build_dataset, calibration_subset, eval_subset,
-    make_loader, read_idx,
+    DataSpec,
+    FashionMNIST,
+    Preprocess,
+    PreprocessConfig,
+    build_dataset,
+    calibration_subset,
+    eval_subset,
+    make_loader,
+    read_idx,
 )
 from vitq.errors import DataError
 

@@ -9,8 +9,15 @@ import torch
 from conftest import tiny_vit
 
 from vitq.errors import ConfigError
-from vitq.evaluate import (PairedComparison, Predictions, compare_paired, detectable_difference, evaluate,
-                           mcnemar_exact, predict)
+from vitq.evaluate import (
+    PairedComparison,
+    Predictions,
+    compare_paired,
+    detectable_difference,
+    evaluate,
+    mcnemar_exact,
+    predict,
+)
 
 
 def test_mcnemar_exact_known_values() -> None:

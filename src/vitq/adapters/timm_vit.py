@@ -3,16 +3,24 @@ distillation token)."""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import ModelError
-from torch import Tensor
-
 from ..nn import QAttention, QBlock
 from ..roles import Role
 from .base import (
-    Adapter, LNPair, Piece, ResidualStream, StreamReader, StreamWriter, check_nothing_left, register_adapter,
-    require_type, swap_conv, swap_layernorm, swap_linear,
+    Adapter,
+    LNPair,
+    Piece,
+    ResidualStream,
+    StreamReader,
+    StreamWriter,
+    check_nothing_left,
+    register_adapter,
+    require_type,
+    swap_conv,
+    swap_layernorm,
+    swap_linear,
 )
 
 

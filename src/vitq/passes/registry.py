@@ -135,8 +135,6 @@ def get_pass(name: str) -> PassInfo:
 
 
 def _ensure_loaded() -> None:
-    from . import calibrate  # noqa: F401  (registration)
-    from . import tanq_calib  # noqa: F401  (registration: tanq_calibrate)
-    from . import ptq4vit, repq  # noqa: F401  (registration: ptq4vit_search, reparam)
-    from . import oas, reconstruct  # noqa: F401  (registration: reconstruct, oas)
-    from . import outlier, scale_search  # noqa: F401  (registration: aocq_balance, aocq_act_scales)
+    # registration: each module registers its passes (calibrate; tanq_calibrate; ptq4vit_search;
+    # reparam; reconstruct; oas; aocq_balance and aocq_act_scales)
+    from . import calibrate, oas, outlier, ptq4vit, reconstruct, repq, scale_search, tanq_calib  # noqa: F401
