@@ -261,6 +261,18 @@ def keep(group: str, model: str, recipe: str, seed: int, res: dict[str, Any], se
                                                      for c in oas["candidates"]) if oas else "")
 
 
+def fp_log_loss(model: str) -> float:
+    """Mean test log-loss of the float model on the same 10 000 test images (cached): the floor that
+    a quantized model's log-loss is measured against."""
+    path = CACHE / f"fp_{model}.pt"
+    if not path.is_file():
+        m = load_reference(model)
+        res = evaluate(m, FashionData(m).eval_loader)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"nll": res["predictions"].nll.float(), "top1": res["top1"]}, path)
+    return float(torch.load(path)["nll"].double().mean())
+
+
 def cached_seeds(group: str, model: str, recipe: str) -> set[int]:
     stem = cache_path(group, model, recipe, 0).name.removesuffix("0.pt")
     return {int(p.name[len(stem):-3]) for p in CACHE.glob(f"{glob.escape(stem)}*.pt") if p.name[len(stem):-3].isdigit()}
@@ -286,7 +298,8 @@ def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
                                  **{f"slicing_{k}": d["slicing"] for k, d in (("a", da), ("b", db)) if d.get("slicing")}})
             if per_seed:
                 diffs = [r["diff"] for r in per_seed]
-                out.append({"group": group, "issue": g["issue"], "model": name, "bits": BITS, "a": a, "b": b,
+                fp = fp_log_loss(name) if any("nll_diff" in r for r in per_seed) else None
+                out.append({"fp_nll": fp, "group": group, "issue": g["issue"], "model": name, "bits": BITS, "a": a, "b": b,
                             "per_seed": per_seed, "mean_diff": round(statistics.fmean(diffs), 3),
                             "std_diff": round(statistics.stdev(diffs), 3) if len(diffs) > 1 else None,
                             "b_at_least_a_seeds": sum(d >= 0 for d in diffs), "seeds": len(diffs)})
@@ -334,17 +347,25 @@ def render(doc: dict[str, Any]) -> str:
         nll_rows = [(r, [s for s in r["per_seed"] if s.get("nll_diff") is not None]) for r in rows]
         nll_rows = [(r, ss) for r, ss in nll_rows if ss]
         if nll_rows:
-            lines += ["Test log-loss (mean per-image cross-entropy, lower is better) of the same pairs, on the seeds "
-                      "whose runs kept per-image log-losses: diff B-A in 10^-3 nats with the paired z-test's p.", "",
-                      "| model | A | B | seeds | mean diff B-A | per seed: diff (p) | seeds B lower | "
-                      "significant: B better / B worse |", "|---|---|---|---:|---:|---|---:|---:|"]
+            lines += ["Test log-loss (mean per-image cross-entropy in nats, lower is better) of the same pairs, on the "
+                      "seeds whose runs kept per-image log-losses; FP = the float model's. `diff B-A` in 10^-3 nats "
+                      "with the paired z-test's p per seed; `gap closed` = the share of A's excess log-loss over FP "
+                      "that B removes, (A - B) / (A - FP), from the means over seeds.", "",
+                      "| model | A | B | seeds | FP | A | B | mean diff B-A | gap closed | per seed: diff (p) | "
+                      "seeds B lower | significant: B better / B worse |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
             for r, ss in nll_rows:
                 diffs = [1e3 * s["nll_diff"] for s in ss]
                 better = sum(s["nll_p"] < 0.05 and s["nll_diff"] < 0 for s in ss)
                 worse = sum(s["nll_p"] < 0.05 and s["nll_diff"] > 0 for s in ss)
                 per = ", ".join(f"s{s['seed']} {1e3 * s['nll_diff']:+.1f} ({s['nll_p']:.2g})" for s in ss)
-                lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {len(ss)} | {statistics.fmean(diffs):+.1f} | "
-                             f"{per} | {sum(d < 0 for d in diffs)} / {len(ss)} | {better} / {worse} |")
+                na, nb = (statistics.fmean(s[k] for s in ss) for k in ("nll_a", "nll_b"))
+                fp = r.get("fp_nll")
+                closed = "—" if fp is None or na - fp <= 0 else f"{100 * (na - nb) / (na - fp):+.0f} %"
+                fp_txt = "—" if fp is None else f"{fp:.4f}"
+                lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {len(ss)} | {fp_txt} | {na:.4f} | {nb:.4f} | "
+                             f"{statistics.fmean(diffs):+.1f} | {closed} | {per} | {sum(d < 0 for d in diffs)} / "
+                             f"{len(ss)} | {better} / {worse} |")
             lines.append("")
     return "\n".join(lines) + "\n"
 
