@@ -50,8 +50,12 @@ A recipe name ``base@variant`` is ``base`` changed by ``variant``, and variants 
 ``paper`` (the setting above), ``validate`` (OAS selection by short-run validation) or ``key=value``
 (any reconstruction option: ``acts=none``, ``loss=fisher_diag``, ``val_iters=200``).
 
-Per-image predictions are cached in ``bench/cache/significance/`` (an interrupted run continues);
-the comparisons go to ``bench/results/significance.{json,md}``.
+Per-image predictions and log-losses are cached in ``bench/cache/significance/`` (an interrupted run
+continues); the comparisons go to ``bench/results/significance.{json,md}``. Rows cached before
+log-losses were kept are re-run by ``--add-nll``, which also logs how many of the 10 000 top-1
+predictions differ from the cached run (a reproducibility check). Where both rows of a pair have
+log-losses, a second table compares the test log-loss (paired z-test, ``compare_paired``) beside the
+float model's, as the share of A's excess log-loss over FP that B removes.
 """
 
 from __future__ import annotations
