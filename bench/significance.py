@@ -26,7 +26,9 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   stage, batch 64); ``dopq@loss=fisher_diag`` / ``dopq@half@loss=fisher_diag`` train both stages on
   BRECQ's Fisher-weighted error instead of MSE (our experiment, not DopQ's or I&S-ViT's objective);
   ``dopq@half@paper`` is the paper setting with half-block units (the two changes that each raised
-  dopq on Swin, combined; a variant is written ``...@paper`` last so the calibration size follows).
+  dopq on Swin, combined; a variant is written ``...@paper`` last so the calibration size follows);
+  ``repq@calib256`` is repq on dopq's 256 calibration images instead of its recipe's 32 (the same
+  images dopq sees: is a gain of dopq over repq the method or the larger calibration set?).
 * ``budget`` (issue 5): does a larger reconstruction budget close the gap? The recon group's rows
   beside ``qdrop@itN`` / ``oas@itN`` (N = 1000 or 2000 iterations per unit instead of 200, same lr
   scale; ``--recipes`` picks which).
@@ -47,7 +49,7 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
 
 A recipe name ``base@variant`` is ``base`` changed by ``variant``, and variants chain
 (``oas@validate@it1000``): a slicing (``half``, ``block``, ...), ``itN`` (N iterations per unit),
-``paper`` (the setting above), ``validate`` (OAS selection by short-run validation) or ``key=value``
+``paper`` (the setting above), ``calibN`` (N calibration images; dopq group), ``validate`` (OAS selection by short-run validation) or ``key=value``
 (any reconstruction option: ``acts=none``, ``loss=fisher_diag``, ``val_iters=200``).
 
 Per-image predictions and log-losses are cached in ``bench/cache/significance/`` (an interrupted run
@@ -109,12 +111,13 @@ GROUPS: dict[str, dict[str, Any]] = {
                  "issue": 5, "target": "where the qdrop - repq gap comes from (bench/recipes/*.yaml)"},
     "dopq": {"models": ["fmnist-swin"],
              "recipes": ["repq", "dopq", "dopq@half", "dopq@paper", "dopq@loss=fisher_diag",
-                         "dopq@half@loss=fisher_diag", "dopq@half@paper"],
+                         "dopq@half@loss=fisher_diag", "dopq@half@paper", "repq@calib256"],
              "pairs": [("repq", "dopq"), ("repq", "dopq@half"), ("dopq", "dopq@half"),
                        ("repq", "dopq@paper"), ("dopq", "dopq@paper"),
                        ("repq", "dopq@loss=fisher_diag"), ("dopq", "dopq@loss=fisher_diag"),
                        ("repq", "dopq@half@loss=fisher_diag"), ("dopq@half", "dopq@half@loss=fisher_diag"),
-                       ("repq", "dopq@half@paper"), ("dopq@paper", "dopq@half@paper")],
+                       ("repq", "dopq@half@paper"), ("dopq@paper", "dopq@half@paper"),
+                       ("repq", "repq@calib256"), ("repq@calib256", "dopq"), ("repq@calib256", "dopq@half")],
              "issue": 4,
              "target": "dopq >= repq at W4A4"},
     "budget": {"models": ["fmnist-deit", "fmnist-swin"],
@@ -159,6 +162,8 @@ def variant_options(recipe: str) -> dict[str, Any]:
             out.update(PAPER)
         elif v == "validate":
             out.update(OAS_VALIDATE)
+        elif re.fullmatch(r"calib\d+", v):
+            continue  # the calibration size, not a pass option (see calib_size)
         elif re.fullmatch(r"it\d+", v):
             out["iters"] = int(v[2:])
         elif "=" in v:  # any reconstruction option: acts=none, loss=fisher_diag, ...
@@ -170,6 +175,13 @@ def variant_options(recipe: str) -> dict[str, Any]:
         else:
             out["slicing"] = v
     return out
+
+
+def calib_size(recipe: str, default: int) -> int:
+    """Calibration images for ``recipe`` in a non-recon group: ``@calibN`` sets N, a trailing ``@paper``
+    the paper setting's count, else the recipe's own ``default``."""
+    sizes = [int(v[5:]) for v in recipe.split("@")[1:] if re.fullmatch(r"calib\d+", v)]
+    return sizes[-1] if sizes else PAPER_CALIB_SIZE if recipe.endswith("@paper") else default
 
 
 def cache_path(group: str, model: str, recipe: str, seed: int) -> Path:
@@ -221,10 +233,9 @@ def run_group(group: str, models: list[str], seeds: list[int], iters: int, lr_sc
                 loader = fd.eval_loader
                 for r in todo:
                     rec = load_recipe(r.split("@")[0])
-                    if "@" in r:  # the recipe's reconstruction passes changed (slicing, iterations, ...)
+                    if variant_options(r):  # the recipe's reconstruction passes changed (slicing, iterations, ...)
                         rec = override_pass_options(rec, **variant_options(r))
-                    if r.endswith("@paper"):
-                        rec = replace(rec, calib_size=PAPER_CALIB_SIZE)
+                    rec = replace(rec, calib_size=calib_size(r, rec.calib_size))
                     run_and_keep(group, name, r, seed, model, rec, fd.calib(rec.calib_size), loader)
 
 
