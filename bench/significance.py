@@ -93,7 +93,13 @@ from recon_common import (  # noqa: E402
 )
 
 from vitq.bits import Bits  # noqa: E402
-from vitq.evaluate import Predictions, compare_paired, detectable_difference, evaluate  # noqa: E402
+from vitq.evaluate import (  # noqa: E402
+    Predictions,
+    compare_paired,
+    detectable_difference,
+    evaluate,
+    pooled_paired_test,
+)
 from vitq.passes.oas import OAS_DEFAULTS  # noqa: E402
 from vitq.passes.registry import override_pass_options, parse_assignments  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
@@ -300,7 +306,7 @@ def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
     out = []
     for name in models:
         for a, b in g["pairs"]:
-            per_seed = []
+            per_seed, d_top1, d_nll = [], [], []
             for seed in sorted(cached_seeds(group, name, a) & cached_seeds(group, name, b)):
                 pa, pb = cache_path(group, name, a, seed), cache_path(group, name, b, seed)
                 if not (pa.is_file() and pb.is_file()):
@@ -308,13 +314,20 @@ def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
                 da, db = torch.load(pa), torch.load(pb)
                 c = compare_paired(*(Predictions(d["top1"].long().unsqueeze(1), d["labels"].long(), d["seconds"],
                                                  d.get("nll")) for d in (da, db)))
+                right = [(d["top1"] == d["labels"]).double() for d in (da, db)]
+                d_top1.append(100.0 * (right[1] - right[0]))
+                if da.get("nll") is not None and db.get("nll") is not None:
+                    d_nll.append(db["nll"].double() - da["nll"].double())
                 per_seed.append({"seed": seed, **c.to_dict(), "significant_5pct": c.significant(),
                                  "seconds_a": round(da["seconds"], 1), "seconds_b": round(db["seconds"], 1),
                                  **{f"slicing_{k}": d["slicing"] for k, d in (("a", da), ("b", db)) if d.get("slicing")}})
             if per_seed:
                 diffs = [r["diff"] for r in per_seed]
                 fp = fp_log_loss(name) if any("nll_diff" in r for r in per_seed) else None
-                out.append({"fp_nll": fp, "group": group, "issue": g["issue"], "model": name, "bits": BITS, "a": a, "b": b,
+                # seeds share the test images: one test of the seed-averaged per-image differences
+                pooled = {"pooled_p": pooled_paired_test(torch.stack(d_top1))[1] if len(d_top1) > 1 else None,
+                          "nll_pooled_p": pooled_paired_test(torch.stack(d_nll))[1] if len(d_nll) > 1 else None}
+                out.append({"fp_nll": fp, **pooled, "group": group, "issue": g["issue"], "model": name, "bits": BITS, "a": a, "b": b,
                             "per_seed": per_seed, "mean_diff": round(statistics.fmean(diffs), 3),
                             "std_diff": round(statistics.stdev(diffs), 3) if len(diffs) > 1 else None,
                             "b_at_least_a_seeds": sum(d >= 0 for d in diffs), "seeds": len(diffs)})
@@ -329,7 +342,10 @@ def render(doc: dict[str, Any]) -> str:
              "training seed. A |diff| whose CI contains 0 is not resolved by this test set. `detectable` = the "
              "smallest true difference one seed's test would find significant at 5 % with 80 % power, given the "
              "pair's discordance (`vitq.evaluate.detectable_difference`, mean over seeds): targets that hinge on "
-             "smaller differences cannot be decided on these 10 000 images. Where the runs kept per-image "
+             "smaller differences cannot be decided on these 10 000 images. `pooled p` tests the mean over seeds: "
+             "the seeds share the test images, so their p-values cannot be combined; each image's difference is "
+             "averaged over the seeds and those 10 000 averages are z-tested (`vitq.evaluate.pooled_paired_test`; "
+             "calibration seeds held fixed, test images random). Where the runs kept per-image "
              "log-losses, a second table per group compares the test log-loss (cross-entropy) of the same pairs "
              "with a paired z-test: it uses every image's confidence, not only the discordant ones, so it resolves "
              "much smaller changes, but it asks whether B's predictive distribution is better, not whether its "
@@ -348,15 +364,16 @@ def render(doc: dict[str, Any]) -> str:
                 lines.append(f"| {r['model']} | {a} | {b} | {s['seed']} | {s['top1_a']:.2f} | "
                              f"{s['top1_b']:.2f} | {s['diff']:+.2f} | {s['ci95'][0]:+.2f} .. {s['ci95'][1]:+.2f} | "
                              f"{s['only_a_correct']} | {s['only_b_correct']} | {s['p_value']:.3f} |")
-        lines += ["", "| model | A | B | seeds | mean diff B-A | std over seeds | seeds with B >= A | seeds significant "
-                  "| detectable |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| model | A | B | seeds | mean diff B-A | pooled p | std over seeds | seeds with B >= A | "
+                  "seeds significant | detectable |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             sig = sum(s["significant_5pct"] for s in r["per_seed"])
             std = "—" if r["std_diff"] is None else f"{r['std_diff']:.2f}"
             mdes = [m for s in r["per_seed"]
                     if (m := detectable_difference(s["only_a_correct"] + s["only_b_correct"], s["n"])) is not None]
             mde = f"{statistics.fmean(mdes):.2f}" if mdes else "—"
-            lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {r['seeds']} | {r['mean_diff']:+.2f} | {std} | "
+            pp = "—" if r.get("pooled_p") is None else f"{r['pooled_p']:.2g}"
+            lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {r['seeds']} | {r['mean_diff']:+.2f} | {pp} | {std} | "
                          f"{r['b_at_least_a_seeds']} / {r['seeds']} | {sig} / {r['seeds']} | {mde} |")
         lines.append("")
         nll_rows = [(r, [s for s in r["per_seed"] if s.get("nll_diff") is not None]) for r in rows]
@@ -366,9 +383,9 @@ def render(doc: dict[str, Any]) -> str:
                       "seeds whose runs kept per-image log-losses; FP = the float model's. `diff B-A` in 10^-3 nats "
                       "with the paired z-test's p per seed; `gap closed` = the share of A's excess log-loss over FP "
                       "that B removes, (A - B) / (A - FP), from the means over seeds.", "",
-                      "| model | A | B | seeds | FP | A | B | mean diff B-A | gap closed | per seed: diff (p) | "
+                      "| model | A | B | seeds | FP | A | B | mean diff B-A | pooled p | gap closed | per seed: diff (p) | "
                       "seeds B lower | significant: B better / B worse |",
-                      "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
             for r, ss in nll_rows:
                 diffs = [1e3 * s["nll_diff"] for s in ss]
                 better = sum(s["nll_p"] < 0.05 and s["nll_diff"] < 0 for s in ss)
@@ -378,8 +395,9 @@ def render(doc: dict[str, Any]) -> str:
                 fp = r.get("fp_nll")
                 closed = "—" if fp is None or na - fp <= 0 else f"{100 * (na - nb) / (na - fp):+.0f} %"
                 fp_txt = "—" if fp is None else f"{fp:.4f}"
+                npp = "—" if r.get("nll_pooled_p") is None else f"{r['nll_pooled_p']:.2g}"
                 lines.append(f"| {r['model']} | {r['a']} | {r['b']} | {len(ss)} | {fp_txt} | {na:.4f} | {nb:.4f} | "
-                             f"{statistics.fmean(diffs):+.1f} | {closed} | {per} | {sum(d < 0 for d in diffs)} / "
+                             f"{statistics.fmean(diffs):+.1f} | {npp} | {closed} | {per} | {sum(d < 0 for d in diffs)} / "
                              f"{len(ss)} | {better} / {worse} |")
             lines.append("")
     return "\n".join(lines) + "\n"

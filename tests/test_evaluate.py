@@ -16,7 +16,9 @@ from vitq.evaluate import (
     detectable_difference,
     evaluate,
     mcnemar_exact,
+    pooled_paired_test,
     predict,
+    z_test_p,
 )
 
 
@@ -180,3 +182,25 @@ def test_paired_log_loss_test() -> None:
     assert "log-loss" not in nan_cmp.summary()
     # plain class-index tensors carry no log-loss: top-1 only
     assert compare_paired(labels, labels, labels).nll_p is None
+
+
+def test_pooled_paired_test_over_seeds() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n = 3000
+    d = torch.randn(n, generator=gen, dtype=torch.float64) + 0.05
+    # one seed: the plain paired z-test; the same seed repeated: the same test, not S times the evidence
+    m1, p1 = pooled_paired_test(d.unsqueeze(0))
+    assert m1 == pytest.approx(float(d.mean())) and p1 == pytest.approx(z_test_p(float(d.mean()), float(d.std()), n))
+    assert pooled_paired_test(d.repeat(5, 1))[1] == pytest.approx(p1)
+    # the pooled mean is the mean of the per-seed means
+    ds = torch.randn(4, n, generator=gen)
+    assert pooled_paired_test(ds)[0] == pytest.approx(float(ds.mean(1).mean()))
+    # seeds that share the test images (an image effect common to every seed) and no true difference:
+    # the pooled test keeps its 5 % level, where counting seeds as independent tests would not
+    hits = 0
+    for _ in range(300):
+        image = torch.randn(n, generator=gen)
+        hits += pooled_paired_test(image + 0.5 * torch.randn(5, n, generator=gen))[1] < 0.05
+    assert 0.02 < hits / 300 < 0.09
+    with pytest.raises(ValueError):
+        pooled_paired_test(d)

@@ -177,11 +177,7 @@ class PairedComparison:
         d = self.nll_diff
         if d is None or self.nll_sd is None:
             return None
-        if self.nll_sd == 0.0:
-            return 1.0 if d == 0.0 else 0.0
-        from statistics import NormalDist
-
-        return 2.0 * NormalDist().cdf(-abs(d) / (self.nll_sd / math.sqrt(self.n)))
+        return z_test_p(d, self.nll_sd, self.n)
 
     def summary(self, name_a: str = "A", name_b: str = "B") -> str:
         lo, hi = self.ci95
@@ -226,6 +222,31 @@ def detectable_difference(discordant: int, n: int, alpha: float = 0.05, power: f
         return None
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
     return 100.0 * z * math.sqrt(discordant / n / n)
+
+
+def z_test_p(mean: float, sd: float, n: int) -> float:
+    """Two-sided p-value of a z-test that ``n`` independent values with this ``mean`` and standard
+    deviation ``sd`` have expectation 0 (normal approximation, for large ``n``)."""
+    from statistics import NormalDist
+
+    if sd == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    return 2.0 * NormalDist().cdf(-abs(mean) / (sd / math.sqrt(n)))
+
+
+def pooled_paired_test(diffs: Tensor) -> tuple[float, float]:
+    """Paired test of two recipes over several calibration seeds on the same ``N`` test images.
+
+    ``diffs`` is (S, N): per seed and image, B's score minus A's (correctness 1/0 for top-1, or
+    log-loss). Seeds share the test images, so their per-seed tests are not independent and their
+    p-values cannot be combined; instead each image's difference is averaged over the seeds and the
+    ``N`` image averages are z-tested: the calibration seeds are held fixed, the test images are the
+    random sample. Returns ``(mean difference, p)``."""
+    if diffs.dim() != 2 or diffs.shape[1] < 2:
+        raise ValueError(f"need (seeds, images) differences with >= 2 images, got shape {tuple(diffs.shape)}")
+    per_image = diffs.double().mean(0)
+    mean, sd = float(per_image.mean()), float(per_image.std(unbiased=True))
+    return mean, z_test_p(mean, sd, per_image.numel())
 
 
 def mcnemar_exact(b: int, c: int) -> float:
