@@ -327,8 +327,8 @@ def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
                 # seeds share the test images: one test of the seed-averaged per-image differences
                 pooled = {"pooled_p": pooled_paired_test(torch.stack(d_top1))[1] if len(d_top1) > 1 else None,
                           "nll_pooled_p": pooled_paired_test(torch.stack(d_nll))[1] if len(d_nll) > 1 else None}
-                out.append({"fp_nll": fp, **pooled, "group": group, "issue": g["issue"], "model": name, "bits": BITS, "a": a, "b": b,
-                            "per_seed": per_seed, "mean_diff": round(statistics.fmean(diffs), 3),
+                out.append({"group": group, "issue": g["issue"], "model": name, "bits": BITS, "a": a, "b": b,
+                            "fp_nll": fp, **pooled, "per_seed": per_seed, "mean_diff": round(statistics.fmean(diffs), 3),
                             "std_diff": round(statistics.stdev(diffs), 3) if len(diffs) > 1 else None,
                             "b_at_least_a_seeds": sum(d >= 0 for d in diffs), "seeds": len(diffs)})
     return out
