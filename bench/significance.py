@@ -96,9 +96,9 @@ from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import (  # noqa: E402
     Predictions,
     compare_paired,
+    compare_pooled,
     detectable_difference,
     evaluate,
-    pooled_paired_test,
 )
 from vitq.passes.oas import OAS_DEFAULTS  # noqa: E402
 from vitq.passes.registry import override_pass_options, parse_assignments  # noqa: E402
@@ -306,27 +306,27 @@ def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
     out = []
     for name in models:
         for a, b in g["pairs"]:
-            per_seed, d_top1, d_nll = [], [], []
+            per_seed, preds = [], []
             for seed in sorted(cached_seeds(group, name, a) & cached_seeds(group, name, b)):
                 pa, pb = cache_path(group, name, a, seed), cache_path(group, name, b, seed)
                 if not (pa.is_file() and pb.is_file()):
                     continue
                 da, db = torch.load(pa), torch.load(pb)
-                c = compare_paired(*(Predictions(d["top1"].long().unsqueeze(1), d["labels"].long(), d["seconds"],
-                                                 d.get("nll")) for d in (da, db)))
-                right = [(d["top1"] == d["labels"]).double() for d in (da, db)]
-                d_top1.append(100.0 * (right[1] - right[0]))
-                if da.get("nll") is not None and db.get("nll") is not None:
-                    d_nll.append(db["nll"].double() - da["nll"].double())
+                pair = tuple(Predictions(d["top1"].long().unsqueeze(1), d["labels"].long(), d["seconds"], d.get("nll"))
+                             for d in (da, db))
+                preds.append(pair)
+                c = compare_paired(*pair)
                 per_seed.append({"seed": seed, **c.to_dict(), "significant_5pct": c.significant(),
                                  "seconds_a": round(da["seconds"], 1), "seconds_b": round(db["seconds"], 1),
                                  **{f"slicing_{k}": d["slicing"] for k, d in (("a", da), ("b", db)) if d.get("slicing")}})
             if per_seed:
                 diffs = [r["diff"] for r in per_seed]
                 fp = fp_log_loss(name) if any("nll_diff" in r for r in per_seed) else None
-                # seeds share the test images: one test of the seed-averaged per-image differences
-                pooled = {"pooled_p": pooled_paired_test(torch.stack(d_top1))[1] if len(d_top1) > 1 else None,
-                          "nll_pooled_p": pooled_paired_test(torch.stack(d_nll))[1] if len(d_nll) > 1 else None}
+                # seeds share the test images: one test of the seed-averaged per-image differences (log-loss:
+                # over the seeds whose runs kept it)
+                with_nll = [(a_, b_) for a_, b_ in preds if a_.nll is not None and b_.nll is not None]
+                pooled = {"pooled_p": compare_pooled(preds)["p_value"] if len(preds) > 1 else None,
+                          "nll_pooled_p": compare_pooled(with_nll)["nll_p"] if len(with_nll) > 1 else None}
                 out.append({"group": group, "issue": g["issue"], "model": name, "bits": BITS, "a": a, "b": b,
                             "fp_nll": fp, **pooled, "per_seed": per_seed, "mean_diff": round(statistics.fmean(diffs), 3),
                             "std_diff": round(statistics.stdev(diffs), 3) if len(diffs) > 1 else None,

@@ -215,6 +215,12 @@ def test_quantize_several_seeds(capsys, tmp_path: Path, fmnist_dir: Path, pickle
     assert r["drop"] == pytest.approx(r["fp_top1"] - statistics.fmean(single), abs=0.011)
     assert r["vs_fp"] is None and all(x["vs_fp"]["n"] == 32 for x in r["per_seed"])  # one paired test per seed
     assert "mean ± std over 3 seeds" in out
+    # ... and one pooled test of the mean over seeds against FP
+    pl = r["vs_fp_pooled"]
+    assert pl["seeds"] == 3 and pl["diff"] == pytest.approx(-r["drop"], abs=0.011)
+    assert 0.0 <= pl["p_value"] <= 1.0 and 0.0 <= pl["nll_p"] <= 1.0
+    assert pl["nll_diff"] == pytest.approx(statistics.fmean(x["vs_fp"]["nll_diff"] for x in r["per_seed"]), abs=1e-4)
+    assert "mean over 3 seeds, quantized - FP" in out
     expect_error(q(str(pickled_vit), data, "--trust-pickle", "--seed", "0", "1", "--out", str(tmp_path / "o")),
                  capsys, "single --seed")
 

@@ -13,6 +13,7 @@ from vitq.evaluate import (
     PairedComparison,
     Predictions,
     compare_paired,
+    compare_pooled,
     detectable_difference,
     evaluate,
     mcnemar_exact,
@@ -204,3 +205,28 @@ def test_pooled_paired_test_over_seeds() -> None:
     assert 0.02 < hits / 300 < 0.09
     with pytest.raises(ValueError):
         pooled_paired_test(d)
+
+
+def test_compare_pooled() -> None:
+    gen = torch.Generator().manual_seed(2)
+    n = 500
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    fp = _preds(torch.rand(n, generator=gen), labels)
+    seeds = []
+    for _ in range(3):
+        top1 = labels.clone()
+        wrong = torch.rand(n, generator=gen) < 0.1
+        top1[wrong] = (labels[wrong] + 1) % 10
+        seeds.append((fp, Predictions(top1.unsqueeze(1), labels, 0.0, fp.nll + 0.02 + 0.01 * torch.randn(n, generator=gen))))
+    r = compare_pooled(seeds)
+    per = [compare_paired(a, b) for a, b in seeds]
+    assert r["seeds"] == 3 and r["diff"] == pytest.approx(sum(c.diff for c in per) / 3)
+    assert r["p_value"] < 1e-6  # about 10 % wrong on every seed, FP always right
+    assert r["nll_diff"] == pytest.approx(sum(c.nll_diff for c in per) / 3) and r["nll_p"] < 1e-6
+    # no log-loss on one side: top-1 only; mismatched images: the paired comparison's error
+    r2 = compare_pooled([(fp, Predictions(b.topk, b.labels, 0.0)) for _, b in seeds])
+    assert r2["nll_p"] is None and r2["p_value"] == pytest.approx(r["p_value"])
+    with pytest.raises(ConfigError, match="different images"):
+        compare_pooled([(fp, Predictions(fp.topk, (labels + 1) % 10, 0.0))])
+    with pytest.raises(ConfigError, match="0 seeds"):
+        compare_pooled([])

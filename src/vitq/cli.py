@@ -208,7 +208,7 @@ def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .bits import Bits
     from .data import build_dataset, calibration_subset, make_loader
-    from .evaluate import compare_paired, evaluate, peak_rss_mb
+    from .evaluate import compare_paired, compare_pooled, evaluate, peak_rss_mb
     from .export import save_quantized
     from .pipeline import Context, manifest, run_recipe
     from .recipes import load_recipe
@@ -290,6 +290,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             {"seed": r["seed"], "q_top1": round(r["res"]["top1"], 2), "q_top5": round(r["res"]["top5"], 2),
              "calib_seconds": round(r["calib_seconds"], 2),
              "vs_fp": None if r["vs_fp"] is None else r["vs_fp"].to_dict()} for r in runs])
+        if fp is not None:  # the mean over seeds against FP, tested once (the seeds share the test images)
+            result["vs_fp_pooled"] = compare_pooled([(fp["predictions"], r["res"]["predictions"]) for r in runs])
     if getattr(qmodel, "vitq_reconstruction", None):
         result["reconstruction"] = qmodel.vitq_reconstruction
     n_q = sum(1 for m in result["manifest"] if m["quantizer"] != "float")
@@ -303,6 +305,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if r["vs_fp"] is not None:
             tag = "quantized" if len(runs) == 1 else f"seed {r['seed']}"
             print(textwrap.indent(r["vs_fp"].summary("FP", tag), "  "))
+    if result.get("vs_fp_pooled"):
+        pl = result["vs_fp_pooled"]
+        p_txt = "" if pl["p_value"] is None else f" (pooled p = {pl['p_value']:.3g})"
+        nll_txt = "" if pl["nll_p"] is None else f"; test log-loss {pl['nll_diff']:+.4f} nats (pooled p = {pl['nll_p']:.3g})"
+        print(f"  mean over {pl['seeds']} seeds, quantized - FP: {pl['diff']:+.2f} points{p_txt}{nll_txt}; "
+              "one test over the seeds, which share the test images")
     if args.out:
         out = save_quantized(qmodel, args.out, source, extra={"result": {k: v for k, v in result.items()
                                                                          if k not in ("manifest", "recipe_config")}})

@@ -6,7 +6,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -247,6 +247,30 @@ def pooled_paired_test(diffs: Tensor) -> tuple[float, float]:
     per_image = diffs.double().mean(0)
     mean, sd = float(per_image.mean()), float(per_image.std(unbiased=True))
     return mean, z_test_p(mean, sd, per_image.numel())
+
+
+def compare_pooled(pairs: Sequence[tuple[Predictions, Predictions]]) -> dict[str, Any]:
+    """A and B over several calibration seeds on the same test images, one ``(pred_a, pred_b)`` per
+    seed: :func:`pooled_paired_test` of the top-1 difference (points) and, where every seed has
+    per-image log-losses, of the log-loss difference (nats). ``diff`` is the mean of the per-seed
+    top-1 differences."""
+    from .errors import ConfigError
+
+    if not pairs:
+        raise ConfigError("pooled comparison of 0 seeds: give one (A, B) prediction pair per seed")
+    for a, b in pairs:
+        compare_paired(a, b)  # same images, same labels, non-empty: its checks and errors
+    right = torch.stack([100.0 * ((b.top1 == b.labels).double() - (a.top1 == a.labels).double()) for a, b in pairs])
+    out: dict[str, Any] = {"seeds": len(pairs), "diff": float(right.mean()), "p_value": None, "nll_diff": None,
+                           "nll_p": None}
+    if right.shape[1] < 2:  # one image: a mean, no test
+        return out
+    out["diff"], out["p_value"] = pooled_paired_test(right)
+    if all(a.nll is not None and b.nll is not None for a, b in pairs):
+        d = torch.stack([b.nll.double() - a.nll.double() for a, b in pairs if a.nll is not None and b.nll is not None])
+        if bool(torch.isfinite(d).all()):
+            out["nll_diff"], out["nll_p"] = pooled_paired_test(d)
+    return out
 
 
 def mcnemar_exact(b: int, c: int) -> float:
