@@ -230,3 +230,8 @@ def test_compare_pooled() -> None:
         compare_pooled([(fp, Predictions(fp.topk, (labels + 1) % 10, 0.0))])
     with pytest.raises(ConfigError, match="0 seeds"):
         compare_pooled([])
+    # every seed on the same images: another evaluation set (or size) is refused, not stacked
+    for other in (labels[:-1], (labels + 1) % 10):
+        o = _preds(torch.rand(len(other), generator=gen), other)
+        with pytest.raises(ConfigError, match="seeds' predictions were made on different images"):
+            compare_pooled([seeds[0], (o, o)])

@@ -260,6 +260,9 @@ def compare_pooled(pairs: Sequence[tuple[Predictions, Predictions]]) -> dict[str
         raise ConfigError("pooled comparison of 0 seeds: give one (A, B) prediction pair per seed")
     for a, b in pairs:
         compare_paired(a, b)  # same images, same labels, non-empty: its checks and errors
+        if not torch.equal(a.labels, pairs[0][0].labels):
+            raise ConfigError("the seeds' predictions were made on different images (labels differ): evaluate "
+                              "every seed on the same data and --eval-size")
     right = torch.stack([100.0 * ((b.top1 == b.labels).double() - (a.top1 == a.labels).double()) for a, b in pairs])
     out: dict[str, Any] = {"seeds": len(pairs), "diff": float(right.mean()), "p_value": None, "nll_diff": None,
                            "nll_p": None}
