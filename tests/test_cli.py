@@ -234,7 +234,7 @@ def test_list(capsys) -> None:
     code, out, _ = run(["list"], capsys)
     assert code == 0
     for word in ("minmax", "percentile", "omse", "log_sqrt2", "fmnist-swin-outlier", "SwinTransformer",
-                 "reconstruct", "loss=mse", "select=proxy", "target=mean"):  # passes and their options
+                 "reconstruct", "loss=mse", "select=validate", "prefer=block", "target=mean"):  # passes and their options
         assert word in out
 
 

@@ -242,7 +242,7 @@ def test_chain_composition_equals_model() -> None:  # the engine relies on it
 def test_oas_picks_and_records_a_slicing(select: str, tmp_path: Path) -> None:
     f = tmp_path / "oas_small.yaml"
     f.write_text("extends: oas\npasses:\n  - pass: calibrate\n  - pass: oas\n"
-                 f"    select: {select}\n    iters: 4\n    val_iters: 2\n    val_images: 8\n"
+                 f"    select: {select}\n    prefer: null\n    iters: 4\n    val_iters: 2\n    val_images: 8\n"
                  "    num_samples: 24\n    batch_size: 8\n")
     x = torch.randn(24, 3, 32, 32)
     q = vitq.quantize(tiny_swin(), str(f), "W4A4", calib_data=x, batch_size=8)
@@ -254,7 +254,51 @@ def test_oas_picks_and_records_a_slicing(select: str, tmp_path: Path) -> None:
     assert q.vitq_reconstruction[-1]["oas"]["chosen"] == rec["chosen"]
     if select == "validate":
         assert all("val_kl" in c for c in rec["candidates"])
+        kl = {c["slicing"]: c["val_kl"] for c in rec["candidates"]}
+        assert rec["chosen"] == rec["smallest_kl"] == min(kl, key=kl.get)
     assert all(v >= 1.0 for v in rec["boundary_ratios"].values())
+
+
+def test_oas_guard_keeps_the_preferred_slicing_without_evidence(tmp_path: Path) -> None:
+    """prefer + switch_p (the oas recipe's and pass's defaults): the validation leaves ``block`` only for
+    a candidate whose held-out KL is lower by the paired test; the record says why."""
+    from vitq.recipes import load_recipe
+
+    for r in ("oas", "oas-repq"):
+        o = dict(load_recipe(r).passes[-1].options)
+        assert (o["select"], o["prefer"], o["switch_p"]) == ("validate", "block", 0.05)
+    f = tmp_path / "oas_guard.yaml"  # the pass's own defaults; the default val_images=128 > 24 images: a quarter
+    f.write_text("extends: oas\npasses:\n  - pass: calibrate\n  - pass: oas\n    candidates: [half, model]\n"
+                 "    iters: 4\n    val_iters: 2\n    num_samples: 24\n    batch_size: 8\n")
+    q = vitq.quantize(tiny_swin(), str(f), "W4A4", calib_data=torch.randn(24, 3, 32, 32), batch_size=8)
+    rec = q.vitq_oas
+    c = {r["slicing"]: r for r in rec["candidates"]}
+    assert set(c) == {"half", "model", "block"}  # the preferred slicing is validated although not listed
+    assert (rec["prefer"], rec["switch_p"], rec["select"], rec["val_images"]) == ("block", 0.05, "validate", 6)
+    assert "val_p_vs_prefer" not in c["block"] and all("val_p_vs_prefer" in c[k] for k in ("half", "model"))
+    win = rec["chosen"]
+    assert win == "block" or (c[win]["val_p_vs_prefer"] < 0.05 and c[win]["val_kl"] < c["block"]["val_kl"])
+    assert rec["smallest_kl"] == min(c, key=lambda k: c[k]["val_kl"])
+
+
+def test_guarded_pick_needs_a_significant_gain_to_switch() -> None:
+    from vitq.passes.oas import guarded_pick
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(128, generator=g, dtype=torch.float64) * 0.1
+    noise = lambda: torch.randn(128, generator=g, dtype=torch.float64) * 0.02  # noqa: E731
+    slightly = (base - 0.0005 + noise()).clamp_min(0)  # lower on average, inside the noise
+    clearly = base * 0.5  # every image lower
+    kls = {"half": slightly, "block": base, "model": base + 0.01}
+    assert guarded_pick(kls)[0] == "half"  # the plain rule: smallest mean
+    win, ps = guarded_pick(kls, "block", 0.05)
+    assert win == "block" and ps["half"] > 0.05 and set(ps) == {"half", "model"}
+    assert guarded_pick(kls, "block", 1.0)[0] == "half"  # switch_p 1: any lower mean switches
+    # significantly lower wins; among several, the lowest mean; higher never wins however significant
+    assert guarded_pick({**kls, "blocks:2": clearly}, "block", 0.05)[0] == "blocks:2"
+    assert guarded_pick({"half": base + 0.05, "block": base}, "block", 0.05)[0] == "block"
+    with pytest.raises(ConfigError, match="prefer='stage' is not among"):
+        guarded_pick(kls, "stage")
 
 
 @pytest.mark.parametrize("base", ["oas", "qdrop"])
@@ -276,7 +320,7 @@ def test_repq_start_reparameterizes_before_reconstruction(base: str, tmp_path: P
         recon = "oas" if base == "oas" else "reconstruct"
         passes = "  - pass: calibrate\n" + ("  - pass: reparam\n    target: mean\n" if name.endswith("-repq") else "")
         f.write_text(f"extends: {name}\npasses:\n{passes}  - pass: {recon}\n    iters: 20\n"
-                     "    num_samples: 32\n    batch_size: 8\n" + ("    slicing: block\n" if recon == "reconstruct" else ""))
+                     "    num_samples: 32\n    batch_size: 8\n" + ("    slicing: block\n" if recon == "reconstruct" else "    val_iters: 4\n"))
         q = vitq.quantize(copy.deepcopy(fp), str(f), "W4A4", calib_data=x, batch_size=8)
         assert q.vitq_reconstruction and q.vitq_reconstruction[-1]["units"] > 1
         if name.endswith("-repq"):
@@ -340,7 +384,10 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
              ("ptq4vit", {"steps": "many"}, "pass 'ptq4vit_search': bad option value"),  # the registry's catch-all
              ("ptq4vit", {"grad": "exact"}, "pass 'ptq4vit_search': ptq4vit_search grad 'exact' is unknown"),
              ("ptq4vit", {"quantizers": ["log3"]}, "pass 'ptq4vit_search'.*log3"),
-             ("oas", {"weights": "sgd"}, "weights='sgd'")]
+             ("oas", {"weights": "sgd"}, "weights='sgd'"),
+             ("oas", {"prefer": "blokc"}, "oas prefer='blokc'"),
+             ("oas", {"switch_p": 0}, "oas switch_p=0 must be a p-value threshold"),
+             ("oas", {"switch_p": "low"}, "oas switch_p='low' must be a p-value threshold")]
     for recipe, kw, pat in cases:
         with pytest.raises(ConfigError, match=pat) as e:
             override_pass_options(load_recipe(recipe), **kw)

@@ -7,7 +7,7 @@ Everything below the candidate list is OUR reconstruction [R], kept as options:
 1. **Candidates** (``candidates: auto``): uniform slicings per architecture - ``half``, ``block``,
    ``blocks:k`` for every k dividing the (stage) depth, ``stage`` (multi-stage models) and ``model``.
    A list of slicing strings replaces them (``cuts:`` / ``groups:`` allowed: MRECG-style lists).
-2. **Proxy** (``select: proxy``, the default, no training): the float activation entering each
+2. **Proxy** (``select: proxy``, no training): the float activation entering each
    piece is measured on ``outlier_images`` calibration images; ratio_t = max_c‖X_{:,c}‖∞ /
    median_c‖X_{:,c}‖∞ (:mod:`vitq.recon.outliers`). A slicing costs
    J(S) = Σ_{cuts t of S} log(ratio_t / τ): a cut at an outlier-heavy boundary (ratio > τ) costs,
@@ -17,10 +17,18 @@ Everything below the candidate list is OUR reconstruction [R], kept as options:
    always picks the coarsest candidate. τ (``tau: auto``) = 2^(A−1): the ratio above which a
    b-bit per-tensor grid spanning the outlier channel leaves the median channel ≤ 2 levels per
    side, i.e. the boundary error is outlier-dominated. Ties go to the finer slicing.
-3. **Validation** (``select: validate``, optional): each candidate (or the ``top_k`` best by the
+3. **Validation** (``select: validate``, the default): each candidate (or the ``top_k`` best by the
    proxy) is reconstructed on a copy with ``val_iters`` iterations per unit on all but the last
-   ``val_images`` calibration images; the one with the smallest KL(softmax(FP logits) ‖
-   softmax(quantized logits)) on those held-out images wins.
+   ``val_images`` calibration images (a quarter of them when there are too few), and scored by
+   KL(softmax(FP logits) ‖ softmax(quantized logits)) on those held-out images.
+4. **Guard** (``prefer``, ``switch_p``; validation only; default ``prefer: block``): the validation
+   keeps the preferred slicing (``block``, the published BRECQ / QDrop unit) unless a candidate's
+   held-out KL is lower by a paired test over the held-out images (per-image KL differences, z-test,
+   p < ``switch_p``); the lowest-KL candidate among those that pass wins. ``prefer: null`` is the
+   plain smallest-KL rule. Why: after a short run the candidates' KLs differ by up to a third but
+   the per-image differences are dominated by a few images, and the leader is often not the slicing
+   that wins at the final budget (bench/results/oas_guard.md, docs/methods/reconstruction.md §5), so
+   a switch away from the default needs evidence. Until 2026-11-28 the default was the proxy.
 
 The choice is recorded in the run report (``model.vitq_reconstruction[-1]["oas"]``) and logged.
 """
@@ -51,8 +59,8 @@ SELECT_MODES = ("proxy", "validate")
 OAS_DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in RECON_DEFAULTS.items() if k != "slicing"},
     "qdrop_p": 0.5,
-    "candidates": "auto", "select": "proxy", "tau": "auto", "val_iters": 200, "val_images": 128, "top_k": 0,
-    "outlier_images": 256,
+    "candidates": "auto", "select": "validate", "tau": "auto", "val_iters": 200, "val_images": 128, "top_k": 0,
+    "outlier_images": 256, "prefer": "block", "switch_p": 0.05,
 }
 
 
@@ -85,31 +93,81 @@ def _dedupe(chain: Sequence[Piece], names: Sequence[str]) -> list[tuple[Slicing,
 
 
 @torch.no_grad()
-def logits_kl(fp_model: nn.Module, model: nn.Module, images: Tensor, batch_size: int = 64) -> float:
-    """Mean KL(softmax(FP logits) ‖ softmax(quantized logits)) over ``images``."""
+def logits_kl_per_image(fp_model: nn.Module, model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
+    """KL(softmax(FP logits) ‖ softmax(quantized logits)) of every image, shape (N,), float64."""
     dev = next(iter(model.parameters())).device
-    tot, n = 0.0, 0
+    out = []
     for s in range(0, images.shape[0], batch_size):
         x = images[s:s + batch_size].to(dev)
         p = F.softmax(fp_model(x), dim=-1)
         q = F.log_softmax(model(x), dim=-1)
-        tot += float(F.kl_div(q, p, reduction="sum"))
-        n += x.shape[0]
-    return tot / max(n, 1)
+        out.append(F.kl_div(q, p, reduction="none").sum(-1).double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def logits_kl(fp_model: nn.Module, model: nn.Module, images: Tensor, batch_size: int = 64) -> float:
+    """Mean KL(softmax(FP logits) ‖ softmax(quantized logits)) over ``images``."""
+    kl = logits_kl_per_image(fp_model, model, images, batch_size)
+    return float(kl.mean()) if kl.numel() else 0.0
+
+
+def guarded_pick(kls: dict[str, Tensor], prefer: str | None = None, switch_p: float = 0.05) -> tuple[str, dict[str, float]]:
+    """The validation winner among candidates with per-image held-out KLs ``kls`` (name -> (N,)).
+
+    Without ``prefer``: the smallest mean KL (first listed on a tie). With ``prefer`` (a key of
+    ``kls``): that candidate, unless others have a lower mean KL by a paired two-sided z-test on the
+    per-image differences with p < ``switch_p``; then the lowest mean KL among those. Returns
+    ``(winner, {candidate: p against prefer})`` (empty without ``prefer``). Our rule [R]."""
+    from ..evaluate import z_test_p
+
+    if not kls:
+        raise ConfigError("oas validation has no candidates to pick from")
+    means = {k: float(v.double().mean()) for k, v in kls.items()}
+    if prefer is None:
+        return min(means, key=lambda k: means[k]), {}
+    if prefer not in kls:
+        raise ConfigError(f"oas prefer={prefer!r} is not among the validated candidates ({', '.join(kls)})")
+    ps: dict[str, float] = {}
+    for k, v in kls.items():
+        if k == prefer:
+            continue
+        d = (v.double() - kls[prefer].double())
+        ps[k] = z_test_p(float(d.mean()), float(d.std(unbiased=True)) if d.numel() > 1 else 0.0, d.numel())
+    better = [k for k in ps if means[k] < means[prefer] and ps[k] < switch_p]
+    return (min(better, key=lambda k: means[k]) if better else prefer), ps
+
+
+def _check_guard(prefer: Any, switch_p: Any) -> None:
+    if prefer is not None:
+        try:
+            Slicing.parse(str(prefer))
+        except ConfigError as e:
+            raise ConfigError(f"oas prefer={prefer!r}: {e}") from None
+    try:
+        ok = 0.0 < float(switch_p) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"oas switch_p={switch_p!r} must be a p-value threshold in (0, 1], e.g. 0.05")
 
 
 def select_slicing(model: nn.Module, ctx: Any, cfg: ReconConfig, images: Tensor, fp: nn.Module,
-                   candidates: Any = "auto", select: str = "proxy", tau: Any = "auto", val_iters: int = 200,
-                   val_images: int = 128, top_k: int = 0, outlier_images: int = 256) -> dict[str, Any]:
+                   candidates: Any = "auto", select: str = "validate", tau: Any = "auto", val_iters: int = 200,
+                   val_images: int = 128, top_k: int = 0, outlier_images: int = 256, prefer: str | None = "block",
+                   switch_p: float = 0.05) -> dict[str, Any]:
     """Score the candidate slicings and pick one; returns the JSON-able record."""
     if select not in SELECT_MODES:
         raise ConfigError(f"oas select={select!r}: use one of {', '.join(SELECT_MODES)}")
+    _check_guard(prefer, switch_p)
     adapter = getattr(ctx, "adapter", None) or get_adapter(model)
     fp_chain = adapter.chain(fp)
     names = auto_candidates(fp_chain) if candidates in ("auto", None) else (
         [candidates] if isinstance(candidates, str) else list(candidates))
     if not names:
         raise ConfigError("oas candidates is empty: use 'auto' or a list such as [block, 'blocks:2']")
+    guard = select == "validate" and prefer is not None
+    if guard:  # the preferred slicing is always validated (as itself, or as the candidate with its units)
+        names = list(names) + [str(prefer)]
     cands = _dedupe(fp_chain, names)
     a_bits = int(getattr(getattr(ctx, "bits", None), "a", 4))
     t = 2.0 ** (a_bits - 1) if tau in ("auto", None) else float(tau)
@@ -131,22 +189,42 @@ def select_slicing(model: nn.Module, ctx: Any, cfg: ReconConfig, images: Tensor,
     if select == "proxy":
         chosen = rows[order[0]]["slicing"]
     else:
-        v = int(val_images)
-        if not 0 < v < images.shape[0]:
-            raise ConfigError(f"oas val_images={val_images} must be between 1 and the number of calibration "
-                              f"images - 1 ({images.shape[0] - 1}): lower val_images or raise num_samples")
+        v, n = int(val_images), images.shape[0]
+        if v <= 0:
+            raise ConfigError(f"oas val_images={val_images} must be >= 1 (held-out calibration images)")
+        if n < 2:
+            raise ConfigError(f"oas select=validate needs at least 2 calibration images, got {n}: "
+                              "pass more images or use select=proxy")
+        if v >= n:  # a small calibration set: hold out a quarter rather than stop
+            log.warning("oas: val_images=%d leaves no training images among %d calibration images; "
+                        "holding out %d (a quarter)", v, n, max(1, n // 4))
+            v = max(1, n // 4)
         train, held = images[:-v], images[-v:]
         pick = order[: int(top_k)] if int(top_k) > 0 else list(range(len(rows)))
+        pref = None
+        if guard:
+            pref_units = Slicing.parse(str(prefer)).units(fp_chain)
+            pref = next(rows[i]["slicing"] for i, (_, u) in enumerate(cands) if u == pref_units)
+            pick += [i for i, r in enumerate(rows) if r["slicing"] == pref and i not in pick]
+        # the plain rule breaks KL ties toward the finer slicing: rank by (KL, blocks per unit)
+        pick.sort(key=lambda i: rows[i]["blocks_per_unit"])
+        kls: dict[str, Tensor] = {}
         for i in pick:
             m = copy.deepcopy(model)
             short = cfg.with_(slicing=rows[i]["slicing"], iters=int(val_iters), run_dir=None)
             reconstruct(m, short, ctx, images=train, fp_model=fp, name=f"oas-validate {rows[i]['slicing']}")
-            rows[i]["val_kl"] = logits_kl(fp, m, held)
+            kls[rows[i]["slicing"]] = logits_kl_per_image(fp, m, held)
+            rows[i]["val_kl"] = float(kls[rows[i]["slicing"]].mean())
             log.info("oas: %s proxy %.3f val KL %.5g", rows[i]["slicing"], rows[i]["proxy"], rows[i]["val_kl"])
             del m
-        best = min(pick, key=lambda i: (rows[i]["val_kl"], rows[i]["blocks_per_unit"]))
-        chosen = rows[best]["slicing"]
+        chosen, ps = guarded_pick(kls, pref, float(switch_p))
+        for r in rows:
+            if r["slicing"] in ps:
+                r["val_p_vs_prefer"] = round(ps[r["slicing"]], 6)
         record["val_iters"], record["val_images"] = int(val_iters), v
+        record["smallest_kl"] = guarded_pick(kls)[0]
+        if guard:
+            record["prefer"], record["switch_p"] = pref, float(switch_p)
     record["chosen"] = chosen
     log.info("oas: chose slicing %s among %s", chosen, ", ".join(r["slicing"] for r in rows))
     return record
@@ -164,19 +242,21 @@ def check_oas_options(opts: Any) -> None:
     select = opts.get("select", OAS_DEFAULTS["select"])
     if select not in SELECT_MODES:
         raise ConfigError(f"oas select={select!r}: use one of {', '.join(SELECT_MODES)}")
+    _check_guard(opts.get("prefer", OAS_DEFAULTS["prefer"]), opts.get("switch_p", OAS_DEFAULTS["switch_p"]))
 
 
 @register_pass("oas", check=check_oas_options, **OAS_DEFAULTS)
-def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str = "proxy", tau: Any = "auto",
+def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str = "validate", tau: Any = "auto",
              val_iters: int = 200, val_images: int = 128, top_k: int = 0, outlier_images: int = 256,
-             **opts: Any) -> nn.Module:
-    """Outlier-aware Slicing [R]: pick the unit granularity (proxy or short validation), then reconstruct."""
+             prefer: str | None = "block", switch_p: float = 0.05, **opts: Any) -> nn.Module:
+    """Outlier-aware Slicing [R]: pick the unit granularity (guarded short validation or proxy), then reconstruct."""
     cfg = _recon_config(opts)
     run_dir = pass_run_dir(ctx, cfg.run_dir, "oas")
     fp = float_copy(model, ctx)
     images = collect_images(ctx, cfg.num_samples, desc="oas")
     sel_opts = {"candidates": candidates, "select": select, "tau": tau, "val_iters": val_iters,
-                "val_images": val_images, "top_k": top_k, "outlier_images": outlier_images}
+                "val_images": val_images, "top_k": top_k, "outlier_images": outlier_images, "prefer": prefer,
+                "switch_p": switch_p}
     record = None
     sel_file = Path(run_dir) / "oas.json" if run_dir else None
     if sel_file is not None and sel_file.is_file():
@@ -198,4 +278,4 @@ def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str =
     return model
 
 
-__all__ = ["auto_candidates", "logits_kl", "oas_pass", "select_slicing"]
+__all__ = ["auto_candidates", "guarded_pick", "logits_kl", "logits_kl_per_image", "oas_pass", "select_slicing"]
