@@ -7,7 +7,7 @@
 For each model: one calibration (the ``qdrop`` recipe's quantizer set-up: weights per-channel, activations
 per-tensor, MSE-searched ranges, 1024 images), then the ``qdrop`` reconstruction (AdaRound + LSQ jointly,
 drop 0.5) with every candidate slicing OAS considers (half, block, blocks:k, stage, model), the same
-iterations per unit for every run. The slicing the ``oas`` recipe's proxy picks is marked.
+iterations per unit for every run. The slicing OAS's proxy (``select: proxy``) picks is marked.
 Writes ``bench/results/granularity.{json,md,png}``. Rows are cached in the JSON (``--fresh`` redoes them).
 """
 
@@ -70,7 +70,7 @@ def main() -> int:
         cands = auto_candidates(chain)
         ctx = Context(calib=data.calib, bits=Bits.parse(args.bits), batch_size=64)
         fp_model = float_copy(qcal)
-        pick = select_slicing(qcal, ctx, ReconConfig(), data.calib, fp_model)
+        pick = select_slicing(qcal, ctx, ReconConfig(), data.calib, fp_model, select="proxy")  # the curve marks the proxy's pick
         if ("calib-only",) not in {(r["slicing"],) for r in rows if r["model"] == name and r["bits"] == args.bits}:
             res = evaluate(qcal, data.eval_loader)
             rows.append({"model": name, "bits": args.bits, "slicing": "calib-only", "iters": 0, "lr_scale": None,
@@ -112,7 +112,9 @@ def write_report(path: Path) -> None:
              "", f"Same iterations per unit in every run; AdaRound lr {meta['lr_round']:g}, LSQ lr {meta['lr_act']:g} "
              f"(published 1e-3 / 4e-5 for 20k iterations, scaled x{meta['lr_scale']:g} for the CPU budget). "
              "1024 calibration images, top-1 on the Fashion-MNIST test split. `*` = the slicing the `oas` "
-             "proxy picks (chosen before any reconstruction).", ""]
+             "proxy picks (`select: proxy`, chosen before any reconstruction; the `oas` recipe's default until "
+             "2026-11-28). The default now, the guarded validation, keeps `block` on every DeiT and Swin seed "
+             "measured (bench/results/oas_guard.md).", ""]
     if meta.get("missing_models"):
         lines += [f"Missing (not trained yet): {', '.join(meta['missing_models'])}.", ""]
     lines += ["| model | FP | calib only | slicing | blocks / unit | units | top-1 | drop | recon s |",
@@ -155,7 +157,7 @@ def write_report(path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("blocks per reconstruction unit (log2)")
         ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"{meta['bits']} qdrop, {meta['iters_per_unit']} it/unit; star = OAS pick")
+        ax.set_title(f"{meta['bits']} qdrop, {meta['iters_per_unit']} it/unit; star = OAS proxy pick")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path.with_suffix(".png"), dpi=120)

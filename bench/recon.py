@@ -149,6 +149,9 @@ def write_report(path: Path) -> None:
              "`calib only` = the shared brecq/qdrop/oas quantizer set-up (MSE-searched ranges) without reconstruction. "
              "`qdrop-repq` / `oas-repq` (our compositions [R]): the same reconstruction on a RepQ-ViT start "
              "(post-LayerNorm activations calibrated channel-wise and reparameterized to per-tensor). "
+             "`oas` / `oas-repq` rows select the slicing by the outlier proxy (`select: proxy`, the recipes' default "
+             "until 2026-11-28; the default is now the guarded validation, bench/results/oas_guard.md); "
+             "`oas-validate` = the plain smallest-KL validation. "
              "Recipes from `bench/recipes/` are experimental compositions described in their YAML.", ""]
     if meta.get("missing_models"):
         lines += [f"Missing models (not trained yet): {', '.join(meta['missing_models'])}."]

@@ -52,6 +52,9 @@ A recipe name ``base@variant`` is ``base`` changed by ``variant``, and variants 
 ``paper`` (the setting above), ``calibN`` (N calibration images; dopq group), ``validate`` (OAS selection by short-run validation) or ``key=value``
 (any reconstruction option: ``acts=none``, ``loss=fisher_diag``, ``val_iters=200``).
 
+Rows named ``oas`` / ``oas@itN`` select OAS's slicing by the outlier proxy, the recipe's default until
+2026-11-28 (``recon_common.OAS_BENCH_SELECT`` pins it); bench/oas_guard.py measures today's default.
+
 Per-image predictions and log-losses are cached in ``bench/cache/significance/`` (an interrupted run
 continues); the comparisons go to ``bench/results/significance.{json,md}``. Rows cached before
 log-losses were kept are re-run by ``--add-nll``, which also logs how many of the 10 000 top-1
@@ -349,7 +352,9 @@ def render(doc: dict[str, Any]) -> str:
              "log-losses, a second table per group compares the test log-loss (cross-entropy) of the same pairs "
              "with a paired z-test: it uses every image's confidence, not only the discordant ones, so it resolves "
              "much smaller changes, but it asks whether B's predictive distribution is better, not whether its "
-             "top-1 is.", ""]
+             "top-1 is. Rows `oas` / `oas@itN` select the slicing by the outlier proxy (`select: proxy`, the `oas` "
+             "recipe's default until 2026-11-28), rows `oas@validate...` by the plain smallest-KL validation "
+             "(`prefer: null`); the recipe's default now is the guarded validation (bench/results/oas_guard.md).", ""]
     for group in GROUPS:
         rows = [r for r in doc["comparisons"] if r["group"] == group]
         if not rows:
