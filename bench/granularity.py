@@ -14,9 +14,11 @@ Writes ``bench/results/granularity.{json,md,png}``. Rows are cached in the JSON 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recon_common import RESULTS, Data, available, calibrate_once, fp_top1, load_rows, run_rest, save_rows, setup  # noqa: E402
@@ -104,8 +106,6 @@ def main() -> int:
 
 
 def write_report(path: Path) -> None:
-    import json
-
     d = json.loads(path.read_text())
     rows, meta = d["rows"], d["meta"]
     lines = [f"# Granularity curve ({meta['bits']}, qdrop reconstruction, {meta['iters_per_unit']} iterations per unit)",
@@ -117,13 +117,19 @@ def write_report(path: Path) -> None:
              "measured (bench/results/oas_guard.md).", ""]
     if meta.get("missing_models"):
         lines += [f"Missing (not trained yet): {', '.join(meta['missing_models'])}.", ""]
+    guarded = guarded_picks(meta)
+    if guarded:
+        lines += ["`†` = the slicing the `oas` default rule (guarded validation: `block` kept unless a candidate's "
+                  "held-out KL is lower with p < 0.05; here every candidate trained 50 iterations per unit, the "
+                  "200-iteration benches' validation setting; the default is 200) picks on the same calibration sample "
+                  "(bench/results/oas_guard.md, setting it200, seed 0).", ""]
     lines += ["| model | FP | calib only | slicing | blocks / unit | units | top-1 | drop | recon s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mr = [r for r in rows if r["model"] == model]
         cal = next((r for r in mr if r["slicing"] == "calib-only"), None)
         for r in sorted((r for r in mr if r["slicing"] != "calib-only"), key=lambda r: r["blocks_per_unit"]):
-            mark = " *" if r.get("oas_pick") else ""
+            mark = (" *" if r.get("oas_pick") else "") + (" †" if guarded.get(model) == r["slicing"] else "")
             lines.append(f"| {model} | {r['fp_top1']:.2f} | {cal['q_top1'] if cal else '-'} | {r['slicing']}{mark} | "
                          f"{r['blocks_per_unit']:g} | {r['units']} | {r['q_top1']:.2f} | {r['fp_top1'] - r['q_top1']:+.2f} | "
                          f"{r['recon_seconds']:.0f} |")
@@ -154,15 +160,29 @@ def write_report(path: Path) -> None:
                 if r.get("oas_pick"):
                     ax.plot([r["blocks_per_unit"]], [r["q_top1"]], "*", ms=16, color=line.get_color(),
                             markeredgecolor="k")
+                if guarded.get(model) == r["slicing"]:
+                    ax.plot([r["blocks_per_unit"]], [r["q_top1"]], "s", ms=11, mfc="none", color=line.get_color(),
+                            markeredgewidth=2)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("blocks per reconstruction unit (log2)")
         ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"{meta['bits']} qdrop, {meta['iters_per_unit']} it/unit; star = OAS proxy pick")
+        ax.set_title(f"{meta['bits']} qdrop, {meta['iters_per_unit']} it/unit; star = OAS proxy pick"
+                     + ("; square = guarded validation pick (default)" if guarded else ""), fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path.with_suffix(".png"), dpi=120)
     except ImportError:
         log.warning("matplotlib missing: no plot")
+
+
+def guarded_picks(meta: dict[str, Any]) -> dict[str, str]:
+    """Per model, the guarded validation's pick on this curve's calibration sample (seed 0, 200-iteration
+    setting), where bench/oas_guard.py measured it."""
+    f = RESULTS / "oas_guard.json"
+    if not f.is_file() or meta.get("iters_per_unit") != 200:
+        return {}
+    return {r["model"]: r["guard_0.05"] for r in json.loads(f.read_text())["rows"]
+            if r["setting"] == "it200" and r["seed"] == 0}
 
 
 TAUS = (1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
@@ -171,8 +191,6 @@ TAUS = (1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
 def fill_oas_meta(path: Path) -> None:
     """Boundary ratios for models whose OAS record is missing from the meta (the proxy needs only the
     float model and the same first 256 calibration images)."""
-    import json
-
     from vitq.recon.outliers import boundary_outlier_ratios
 
     d = json.loads(path.read_text())
