@@ -131,7 +131,7 @@ def guarded_pick(kls: dict[str, Tensor], prefer: str | None = None, switch_p: fl
     for k, v in kls.items():
         if k == prefer:
             continue
-        d = (v.double() - kls[prefer].double())
+        d = v.double() - kls[prefer].double()
         ps[k] = z_test_p(float(d.mean()), float(d.std(unbiased=True)) if d.numel() > 1 else 0.0, d.numel())
     better = [k for k in ps if means[k] < means[prefer] and ps[k] < switch_p]
     return (min(better, key=lambda k: means[k]) if better else prefer), ps
@@ -206,7 +206,7 @@ def select_slicing(model: nn.Module, ctx: Any, cfg: ReconConfig, images: Tensor,
             pref_units = Slicing.parse(str(prefer)).units(fp_chain)
             pref = next(rows[i]["slicing"] for i, (_, u) in enumerate(cands) if u == pref_units)
             pick += [i for i, r in enumerate(rows) if r["slicing"] == pref and i not in pick]
-        # the plain rule breaks KL ties toward the finer slicing: rank by (KL, blocks per unit)
+        # validate fine -> coarse: guarded_pick breaks a tie of mean KLs toward the first listed (finer) slicing
         pick.sort(key=lambda i: rows[i]["blocks_per_unit"])
         kls: dict[str, Tensor] = {}
         for i in pick:
