@@ -23,7 +23,8 @@ the held-out images), and reports per seed:
   validation picked ``block`` have 0 discordant images against it), and the plain rule's pick is the
   recorded ``oas@validate`` row.
 
-``--setting it200`` does the same for ``oas@validate`` (50 validation iterations per candidate, then
+``--setting it2000-v512`` holds out 512 images instead of 128 (a test with more power: does the guard
+then switch, and to what?). ``--setting it200`` does the same for ``oas@validate`` (50 validation iterations per candidate, then
 200; beside ``qdrop``). Results: ``bench/results/oas_guard.{json,md}``.
 """
 
@@ -62,6 +63,9 @@ BITS = "W4A4"
 SETTINGS: dict[str, tuple[dict[str, Any], str, str]] = {
     "it2000": ({"iters": 2000, "lr_scale": 10.0, "select": "validate", "val_iters": 200, "val_images": 128,
                 "prefer": "block", "switch_p": 0.05}, "oas@validate@val_iters=200@it2000", "qdrop@it2000"),
+    "it2000-v512": ({"iters": 2000, "lr_scale": 10.0, "select": "validate", "val_iters": 200, "val_images": 512,
+                     "prefer": "block", "switch_p": 0.05},
+                    "oas@validate@val_iters=200@val_images=512@it2000", "qdrop@it2000"),
     "it200": ({"iters": 200, "lr_scale": 10.0, "select": "validate", "val_iters": 50, "val_images": 128,
                "prefer": "block", "switch_p": 0.05}, "oas@validate", "qdrop"),
 }
@@ -135,7 +139,8 @@ def render(rows: list[dict[str, Any]]) -> str:
              "(bench/results/significance.json, same seed); `?` = not measured. Setting `it200`: 50 validation "
              "iterations, final run 200 iterations, beside `qdrop` and `oas@validate`. Where the guard keeps "
              "`block`, its top-1 is the qdrop row's by construction (same calibration, units and seeds); the "
-             "end-to-end column runs the whole guarded `oas` pass to check that.", "",
+             "end-to-end column runs the whole guarded `oas` pass to check that. Setting `it2000-v512`: as `it2000` "
+             "with 512 held-out images (`oas@validate@val_iters=200@val_images=512@it2000`).", "",
              "| setting | model | seed | candidates: KL (p vs block) | plain pick (recorded) | guard 0.05 | guard 0.01 | "
              "top-1 plain | top-1 guard 0.05 | top-1 qdrop | seconds | end-to-end oas: slicing, top-1, seconds |",
              "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---|"]
