@@ -53,7 +53,7 @@ from recon_common import (  # noqa: E402
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import evaluate  # noqa: E402
-from vitq.passes.oas import _recon_config, select_slicing  # noqa: E402
+from vitq.passes.oas import _recon_config, guard_winner, select_slicing  # noqa: E402
 from vitq.pipeline import Context  # noqa: E402
 from vitq.recon.engine import collect_images, float_copy  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
@@ -86,10 +86,8 @@ def recorded(model: str, setting: str) -> dict[int, dict[str, Any]]:
 
 def pick_at(cands: list[dict[str, Any]], t: float) -> str:
     """The guarded rule's pick at threshold ``t`` from a record made with any threshold (means + p's)."""
-    kl = {c["slicing"]: c["val_kl"] for c in cands}
-    better = [c["slicing"] for c in cands if "val_p_vs_prefer" in c and c["val_kl"] < kl["block"]
-              and c["val_p_vs_prefer"] < t]
-    return min(better, key=kl.get) if better else "block"
+    return guard_winner({c["slicing"]: c["val_kl"] for c in cands},
+                        {c["slicing"]: c["val_p_vs_prefer"] for c in cands if "val_p_vs_prefer" in c}, "block", t)
 
 
 def select_row(model_name: str, seed: int, setting: str) -> dict[str, Any]:

@@ -133,8 +133,14 @@ def guarded_pick(kls: dict[str, Tensor], prefer: str | None = None, switch_p: fl
             continue
         d = v.double() - kls[prefer].double()
         ps[k] = z_test_p(float(d.mean()), float(d.std(unbiased=True)) if d.numel() > 1 else 0.0, d.numel())
+    return guard_winner(means, ps, prefer, switch_p), ps
+
+
+def guard_winner(means: dict[str, float], ps: dict[str, float], prefer: str, switch_p: float) -> str:
+    """The guard's decision from mean KLs and p-values against ``prefer``: the lowest mean among the
+    candidates below ``prefer``'s with p < ``switch_p``, else ``prefer`` (see :func:`guarded_pick`)."""
     better = [k for k in ps if means[k] < means[prefer] and ps[k] < switch_p]
-    return (min(better, key=lambda k: means[k]) if better else prefer), ps
+    return min(better, key=lambda k: means[k]) if better else prefer
 
 
 def _check_guard(prefer: Any, switch_p: Any) -> None:
@@ -278,4 +284,4 @@ def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str =
     return model
 
 
-__all__ = ["auto_candidates", "guarded_pick", "logits_kl", "logits_kl_per_image", "oas_pass", "select_slicing"]
+__all__ = ["auto_candidates", "guard_winner", "guarded_pick", "logits_kl", "logits_kl_per_image", "oas_pass", "select_slicing"]
