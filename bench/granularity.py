@@ -114,7 +114,7 @@ def write_report(path: Path) -> None:
              "1024 calibration images, top-1 on the Fashion-MNIST test split. `*` = the slicing the `oas` "
              "proxy picks (`select: proxy`, chosen before any reconstruction; the `oas` recipe's default until "
              "2026-11-28). The default now, the guarded validation, keeps `block` on every DeiT and Swin seed "
-             "measured (bench/results/oas_guard.md).", ""]
+             "measured with its 128 held-out images (with 512 it switched once; bench/results/oas_guard.md).", ""]
     if meta.get("missing_models"):
         lines += [f"Missing (not trained yet): {', '.join(meta['missing_models'])}.", ""]
     guarded = guarded_picks(meta)
