@@ -41,6 +41,11 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   the final budget pick the slicing that wins at 2000 iterations (beside the budget group's rows), and
   ``...@val_images=512@it2000`` whether a 4x larger held-out set (less noise in the KL that ranks the
   candidates) steadies that pick. The cache keeps every candidate's proxy score and validation KL.
+* ``published`` (issue 5): the recipes as a user runs them, no CPU shortcut: ``qdrop@it20000`` is the
+  ``qdrop`` recipe unchanged (20k iterations per block at the published learning rates, 1024
+  calibration images, batch 32), beside ``repq`` on its recipe's own calibration set and
+  ``repq@calib1024`` on the same 1024 images qdrop sees. Each seed costs about 1.5-2 CPU hours per
+  qdrop row (bench/results/recon_cost.md).
 * ``objective`` (issue 5): reconstruction on RepQ-ViT's complete start (``qdrop-repqfull``) loses to
   repq on Swin although every unit's loss falls. Is it what the reconstruction trains (``acts=none``:
   AdaRound only, RepQ's activation ranges kept) or what it minimises (``loss=fisher_diag``: BRECQ's
@@ -144,6 +149,11 @@ GROUPS: dict[str, dict[str, Any]] = {
                          for a in (f"oas{n}", f"qdrop{n}", "repq")],
                "issue": 5,
                "target": "oas >= qdrop >= repq at W4A4 when OAS picks its slicing by short-run validation"},
+    "published": {"models": ["fmnist-deit", "fmnist-swin", "fmnist-vit"],
+                  "recipes": ["repq", "repq@calib1024", "qdrop@it20000"],
+                  "pairs": [("repq", "qdrop@it20000"), ("repq@calib1024", "qdrop@it20000")],
+                  "issue": 5,
+                  "target": "qdrop >= repq at W4A4 with the recipes as shipped (20k iterations, published learning rates)"},
     "objective": {"models": ["fmnist-deit", "fmnist-swin"],
                   "recipes": ["repq", "qdrop", "qdrop-repqfull", "qdrop-repqfull@acts=none",
                               "qdrop-repqfull@loss=fisher_diag", "qdrop@loss=fisher_diag",
