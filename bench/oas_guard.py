@@ -77,11 +77,19 @@ def recorded(model: str, setting: str) -> dict[int, dict[str, Any]]:
     """Per seed: the plain rule's recorded pick and the top-1 of it and of the qdrop row (significance.json)."""
     _, plain, qdrop = SETTINGS[setting]
     doc = json.loads((RESULTS / "significance.json").read_text())
+    out: dict[int, dict[str, Any]] = {}
     for c in doc["comparisons"]:
         if c["group"] == "select" and c["model"] == model and c["a"] == qdrop and c["b"] == plain:
-            return {s["seed"]: {"slicing": s.get("slicing_b"), "top1_plain": s["top1_b"], "top1_qdrop": s["top1_a"],
-                                "discordant": s["only_a_correct"] + s["only_b_correct"]} for s in c["per_seed"]}
-    return {}
+            for s in c["per_seed"]:
+                out[s["seed"]] = {"slicing": s.get("slicing_b"), "top1_plain": s["top1_b"], "top1_qdrop": s["top1_a"],
+                                  "discordant": s["only_a_correct"] + s["only_b_correct"]}
+    # seeds with a qdrop row but no recorded plain-rule run (another group measured qdrop): top-1 of block only
+    for c in doc["comparisons"]:
+        if c["model"] == model and qdrop in (c["a"], c["b"]):
+            side = "a" if c["a"] == qdrop else "b"
+            for s in c["per_seed"]:
+                out.setdefault(s["seed"], {"slicing": None, "top1_plain": None, "top1_qdrop": s[f"top1_{side}"]})
+    return out
 
 
 def pick_at(cands: list[dict[str, Any]], t: float) -> str:
@@ -124,7 +132,7 @@ def outcome(row: dict[str, Any], pick: str, rec: dict[int, dict[str, Any]]) -> f
         return None
     if pick == "block":
         return r["top1_qdrop"]
-    return r["top1_plain"] if pick == r["slicing"] else None
+    return r["top1_plain"] if r["slicing"] is not None and pick == r["slicing"] else None
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -151,7 +159,8 @@ def render(rows: list[dict[str, Any]]) -> str:
         tp, tg = outcome(r, r["plain_pick"], rec), outcome(r, r["guard_0.05"], rec)
         tq = known.get("top1_qdrop")
         by_model.setdefault((r["setting"], r["model"]), []).append((tp, tg, tq))
-        same = "" if not known else (" (=)" if known.get("slicing") == r["plain_pick"] else f" (recorded {known.get('slicing')})")
+        same = "" if not known.get("slicing") else (" (=)" if known["slicing"] == r["plain_pick"]
+                                                     else f" (recorded {known['slicing']})")
         fmt = lambda v: "?" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(f"| {r['setting']} | {r['model']} | {r['seed']} | {cands} | {r['plain_pick']}{same} | {r['guard_0.05']} | "
                      f"{r['guard_0.01']} | {fmt(tp)} | {fmt(tg)} | {fmt(tq)} | {r['seconds']:.0f} | "
