@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from vitq.errors import ConfigError
 from vitq.observers import Observer, mse_search, weight_params
 from vitq.quantizers import QuantSpec, dequantize, fake_quant, get_quantizer, init_params, quantize
+from vitq.quantizers.base import clamp
 
 SPECS = [
     QuantSpec("uniform", b, sym, g)
@@ -111,6 +112,24 @@ def test_ste_gradient_passes_through() -> None:
     p = init_params(torch.tensor([-1.0]), torch.tensor([1.0]), spec)
     fake_quant(x, p, spec).sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 15.0), (-8.0, 7.0), (0.0, 1.0)])
+def test_fast_clamp_equals_torch_clamp_in_values_and_gradient(lo: float, hi: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 51, 64) * 6
+    x[0, 0, :5] = torch.tensor([lo, hi, lo - 1e-6, hi + 1e-6, 0.5 * (lo + hi)])  # the bounds themselves
+    g = torch.randn_like(x)
+    grads = []
+    for f in (torch.clamp, clamp):
+        xi = x.clone().requires_grad_(True)
+        y = f(xi, lo, hi)
+        (y * g).sum().backward()
+        grads.append((y.detach(), xi.grad))
+    (y0, g0), (y1, g1) = grads
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    assert float(g1[0, 0, 0]) == 0.0 and float(g1[0, 0, 4]) == float(g[0, 0, 4])  # no gradient on a bound
+    assert torch.equal(clamp(x, lo, hi), torch.clamp(x, lo, hi))  # no grad: torch's own
 
 
 def test_mse_never_worse_than_minmax() -> None:

@@ -23,7 +23,7 @@ from vitq.nn import FakeQuant, QLinear
 from vitq.pipeline import Context, run_recipe
 from vitq.quantizers import fake_quant
 from vitq.recon import ReconConfig, Slicing, reconstruct, register_loss
-from vitq.recon.engine import qdrop
+from vitq.recon.engine import qdrop, qdrop_mix
 from vitq.recon.losses import LOSSES, lp_loss
 
 TESTS = Path(__file__).parent
@@ -117,6 +117,23 @@ def test_qdrop_keep_one_equals_no_drop_and_keep_zero_equals_float() -> None:
         for fq in sites:
             fq.enabled = False
         assert torch.equal(q(x), act_float)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 1.0, 1e-7])
+def test_qdrop_mix_equals_where_of_the_same_draws(p: float) -> None:
+    """The float-op mix gives torch.where(rand < p, q, f)'s values and gradients and consumes the same draws."""
+    torch.manual_seed(0)
+    q0, f0, g = torch.randn(3, 4, 17, 33), torch.randn(3, 4, 17, 33), torch.randn(3, 4, 17, 33)
+    outs = []
+    for mix in (lambda q, f, gen: torch.where(torch.rand(q.shape, generator=gen) < p, q, f), lambda q, f, gen:
+                qdrop_mix(q, f, p, gen)):
+        q, f = q0.clone().requires_grad_(True), f0.clone().requires_grad_(True)
+        gen = torch.Generator().manual_seed(3)
+        y = mix(q, f, gen)
+        (y * g).sum().backward()
+        outs.append((y.detach(), q.grad, f.grad, gen.get_state()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def test_qdrop_runs_and_is_deterministic() -> None:

@@ -123,6 +123,36 @@ def round_ste(x: Tensor) -> Tensor:
     return (torch.round(x) - x).detach() + x
 
 
+class _Clamp(torch.autograd.Function):
+    """``torch.clamp(x, lo, hi)``: the same values and the same gradient (1 where lo < x < hi, else 0:
+    torch's clamp passes no gradient on the bounds either), with the gradient mask kept as a float tensor. torch's own clamp backward builds a bool mask
+    and calls ``torch.where``, which on the CPU is 20-50x slower than a multiply on the activation
+    sizes of reconstruction (bench/results/recon_speed.md); in QDrop / LSQ training it ran once per
+    activation quantizer per step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[no-untyped-def, override]
+        y = torch.clamp(x, lo, hi)
+        if ctx.needs_input_grad[0]:
+            # [x > lo] * [x < hi] from float ops only: sign(x - lo) is 1 exactly when x > lo
+            inside = torch.sign(x - lo).clamp_(min=0.0).mul_(torch.sign(hi - x).clamp_(min=0.0))
+            ctx.save_for_backward(inside)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def, override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+def clamp(x: Tensor, lo: float, hi: float) -> Tensor:
+    """``torch.clamp(x, lo, hi)`` with scalar bounds, faster backward (see :class:`_Clamp`); for
+    tensors that need no gradient it is torch.clamp itself."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return torch.clamp(x, lo, hi)
+    return _Clamp.apply(x, lo, hi)
+
+
 def fake_quant(x: Tensor, p: Params, spec: QuantSpec) -> Tensor:
     return QUANTIZERS[spec.quantizer].fake_quant(x, p, spec)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Params, QuantSpec, register_quantizer, round_ste
+from .base import Params, QuantSpec, clamp, register_quantizer, round_ste
 
 EPS = 1e-8
 #: optional parameter key: learned rounding offset h in [0, 1] (AdaRound), see the module docstring
@@ -52,10 +52,10 @@ class UniformQuantizer:
         if ROUND_OFFSET in p:
             # AdaRound: no rounding here - a soft h (training) must reach the output so its gradient flows;
             # a hard h in {0, 1} gives integer codes. z is an integer, so floor(x/s) + z = floor(x/s + z).
-            return torch.clamp(torch.floor(x / p["scale"]) + p[ROUND_OFFSET] + p["zero_point"], qmin, qmax)
+            return clamp(torch.floor(x / p["scale"]) + p[ROUND_OFFSET] + p["zero_point"], qmin, qmax)
         # clamp before rounding: same codes (integer bounds and zero point), and the straight-through
         # gradient is 1 exactly inside the representable range, 0 outside (as in LSQ)
-        return rnd(torch.clamp(x / p["scale"] + p["zero_point"], qmin, qmax))
+        return rnd(clamp(x / p["scale"] + p["zero_point"], qmin, qmax))
 
     def quantize(self, x: Tensor, p: Params, spec: QuantSpec) -> Tensor:
         return self._codes(x, p, spec, torch.round).to(torch.int32)

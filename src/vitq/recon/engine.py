@@ -231,6 +231,19 @@ def lsq_sites(mods: Sequence[nn.Module]) -> list[FakeQuant]:
     return out
 
 
+def qdrop_mix(quant: Tensor, fp: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    """QDrop's element-wise mix: ``quant`` where a uniform draw is below ``p``, else ``fp``.
+
+    The values and gradients are exactly those of ``torch.where(torch.rand(...) < p, quant, fp)`` (the
+    same draws from ``gen``), computed with float ops only: the keep mask is ``ceil(p - r)``, which is
+    1 exactly when r < p (for r in [0, 1) and p in (0, 1]), and ``torch.lerp`` with a 0/1 weight returns
+    one of its two ends exactly. On the CPU ``torch.where`` with a bool mask (and its backward) is
+    20-50x slower than a multiply at these sizes (bench/results/recon_speed.md)."""
+    r = torch.rand(quant.shape, generator=gen, device=quant.device)  # float32 draws, as before, whatever the dtype
+    keep = torch.ceil(r.neg_().add_(p)).to(quant.dtype)  # r < p <=> p - r > 0 <=> ceil(p - r) == 1, as p - r in (-1, 1]
+    return torch.lerp(fp, quant, keep)
+
+
 @contextmanager
 def qdrop(sites: Sequence[FakeQuant], p: float, gen: torch.Generator) -> Iterator[None]:
     """QDrop inside a unit: every activation FakeQuant keeps its quantized value element-wise with
@@ -240,9 +253,7 @@ def qdrop(sites: Sequence[FakeQuant], p: float, gen: torch.Generator) -> Iterato
         return
 
     def hook(_m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        x = inp[0]
-        keep = torch.rand(out.shape, generator=gen, device=out.device) < p
-        return torch.where(keep, out, x)
+        return qdrop_mix(out, inp[0], p, gen)
 
     handles = [fq.register_forward_hook(hook) for fq in sites]
     try:
@@ -562,8 +573,7 @@ class Reconstructor:
                     dev_idx = idx.to(self.device)
                     x = xq[dev_idx]
                     if cfg.qdrop_p < 1.0:
-                        x = torch.where(torch.rand(x.shape, generator=dev_gen, device=self.device) < cfg.qdrop_p,
-                                        x, xf[dev_idx])
+                        x = qdrop_mix(x, xf[dev_idx], float(cfg.qdrop_p), dev_gen)
                     out = run_pieces(pieces, x)
                     rec = self.loss.fn(out, y[dev_idx], None if g is None else g[dev_idx], float(cfg.loss_p))
                     total = rec
