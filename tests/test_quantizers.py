@@ -117,7 +117,7 @@ def test_ste_gradient_passes_through() -> None:
 @pytest.mark.parametrize("lo, hi", [(0.0, 15.0), (-8.0, 7.0), (0.0, 1.0)])
 def test_fast_clamp_equals_torch_clamp_in_values_and_gradient(lo: float, hi: float) -> None:
     torch.manual_seed(0)
-    x = torch.randn(4, 51, 64) * 6
+    x = torch.randn(8, 51, 64) * 6  # above _CLAMP_MIN_NUMEL: the autograd function, not torch.clamp
     x[0, 0, :5] = torch.tensor([lo, hi, lo - 1e-6, hi + 1e-6, 0.5 * (lo + hi)])  # the bounds themselves
     g = torch.randn_like(x)
     grads = []
@@ -130,6 +130,7 @@ def test_fast_clamp_equals_torch_clamp_in_values_and_gradient(lo: float, hi: flo
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
     assert float(g1[0, 0, 0]) == 0.0 and float(g1[0, 0, 4]) == float(g[0, 0, 4])  # no gradient on a bound
     assert torch.equal(clamp(x, lo, hi), torch.clamp(x, lo, hi))  # no grad: torch's own
+    assert clamp(x.clone().requires_grad_(True), lo, hi).grad_fn.name() == "_ClampBackward"  # the fast path ran
 
 
 def test_mse_never_worse_than_minmax() -> None:

@@ -145,10 +145,15 @@ class _Clamp(torch.autograd.Function):
         return grad * mask, None, None
 
 
+#: below this many elements the Python-level autograd function costs more than torch.where saves
+_CLAMP_MIN_NUMEL = 16384
+
+
 def clamp(x: Tensor, lo: float, hi: float) -> Tensor:
-    """``torch.clamp(x, lo, hi)`` with scalar bounds, faster backward (see :class:`_Clamp`); for
-    tensors that need no gradient it is torch.clamp itself."""
-    if not (x.requires_grad and torch.is_grad_enabled()):
+    """``torch.clamp(x, lo, hi)`` with scalar bounds and a faster backward on large tensors (see
+    :class:`_Clamp`); identical values and gradients either way. Tensors that need no gradient, and
+    small ones, go to torch.clamp itself."""
+    if not (x.requires_grad and torch.is_grad_enabled()) or x.numel() < _CLAMP_MIN_NUMEL:
         return torch.clamp(x, lo, hi)
     return _Clamp.apply(x, lo, hi)
 
