@@ -23,7 +23,9 @@ the held-out images), and reports per seed:
   validation picked ``block`` have 0 discordant images against it), and the plain rule's pick is the
   recorded ``oas@validate`` row.
 
-``--setting it2000-v512`` holds out 512 images instead of 128 (a test with more power: does the guard
+``--setting published`` is the ``oas`` recipe exactly as shipped (the published learning rates, not x10;
+its final 20k-iteration run is significance.py's ``qdrop@it20000`` row, group ``published``, wherever the
+guard keeps ``block``). ``--setting it2000-v512`` holds out 512 images instead of 128 (a test with more power: does the guard
 then switch, and to what?). ``--setting it200`` does the same for ``oas@validate`` (50 validation iterations per candidate, then
 200; beside ``qdrop``). Results: ``bench/results/oas_guard.{json,md}``.
 """
@@ -68,6 +70,9 @@ SETTINGS: dict[str, tuple[dict[str, Any], str, str]] = {
                     "oas@validate@val_iters=200@val_images=512@it2000", "qdrop@it2000"),
     "it200": ({"iters": 200, "lr_scale": 10.0, "select": "validate", "val_iters": 50, "val_images": 128,
                "prefer": "block", "switch_p": 0.05}, "oas@validate", "qdrop"),
+    # the oas recipe as shipped (published learning rates, 20k iterations after the selection)
+    "published": ({"iters": 20000, "lr_scale": 1.0, "select": "validate", "val_iters": 200, "val_images": 128,
+                   "prefer": "block", "switch_p": 0.05}, "oas@it20000", "qdrop@it20000"),
 }
 THRESHOLDS = (0.05, 0.01)
 OUT = RESULTS / "oas_guard.json"
@@ -146,7 +151,10 @@ def render(rows: list[dict[str, Any]]) -> str:
              "iterations, final run 200 iterations, beside `qdrop` and `oas@validate`. Where the guard keeps "
              "`block`, its top-1 is the qdrop row's by construction (same calibration, units and seeds); the "
              "end-to-end column runs the whole guarded `oas` pass to check that. Setting `it2000-v512`: as `it2000` "
-             "with 512 held-out images (`oas@validate@val_iters=200@val_images=512@it2000`).", "",
+             "with 512 held-out images (`oas@validate@val_iters=200@val_images=512@it2000`). Setting `published`: the "
+             "`oas` recipe as shipped, learning rates as published (not x10), 200 validation iterations, final run 20k "
+             "iterations, beside `qdrop@it20000` (significance.md, group `published`); the plain rule's pick was not "
+             "run to the end there.", "",
              "| setting | model | seed | candidates: KL (p vs block) | plain pick (recorded) | guard 0.05 | guard 0.01 | "
              "top-1 plain | top-1 guard 0.05 | top-1 qdrop | seconds | end-to-end oas: slicing, top-1, seconds |",
              "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---|"]
