@@ -124,11 +124,12 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 class _Clamp(torch.autograd.Function):
-    """``torch.clamp(x, lo, hi)``: the same values and the same gradient (1 where lo < x < hi, else 0:
-    torch's clamp passes no gradient on the bounds either), with the gradient mask kept as a float tensor. torch's own clamp backward builds a bool mask
-    and calls ``torch.where``, which on the CPU is 20-50x slower than a multiply on the activation
-    sizes of reconstruction (bench/results/recon_speed.md); in QDrop / LSQ training it ran once per
-    activation quantizer per step."""
+    """``torch.clamp(x, lo, hi)``: the same values and the same gradient (1 where lo < x < hi, else 0;
+    torch's clamp passes no gradient on the bounds either), with the gradient mask kept as a float
+    tensor. torch's own clamp backward builds a bool mask and calls ``torch.where``, which on the CPU
+    is 20-50x slower than a multiply on the activation sizes of reconstruction
+    (bench/results/recon_speed.md); in QDrop / LSQ training it ran once per activation quantizer per
+    step. Values differ from torch's only for NaN inputs (NaN gradient instead of 0)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[no-untyped-def, override]

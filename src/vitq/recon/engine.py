@@ -237,8 +237,9 @@ def qdrop_mix(quant: Tensor, fp: Tensor, p: float, gen: torch.Generator) -> Tens
     The values and gradients are exactly those of ``torch.where(torch.rand(...) < p, quant, fp)`` (the
     same draws from ``gen``), computed with float ops only: the keep mask is ``ceil(p - r)``, which is
     1 exactly when r < p (for r in [0, 1) and p in (0, 1]), and ``torch.lerp`` with a 0/1 weight returns
-    one of its two ends exactly. On the CPU ``torch.where`` with a bool mask (and its backward) is
-    20-50x slower than a multiply at these sizes (bench/results/recon_speed.md)."""
+    one of its two ends exactly (for finite inputs; an infinite one would give NaN). On the CPU
+    ``torch.where`` with a bool mask (and its backward) is 20-50x slower than a multiply at these sizes
+    (bench/results/recon_speed.md)."""
     r = torch.rand(quant.shape, generator=gen, device=quant.device)  # float32 draws, as before, whatever the dtype
     keep = torch.ceil(r.neg_().add_(p)).to(quant.dtype)  # r < p <=> p - r > 0 <=> ceil(p - r) == 1, as p - r in (-1, 1]
     return torch.lerp(fp, quant, keep)
