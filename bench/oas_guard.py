@@ -79,7 +79,8 @@ OUT = RESULTS / "oas_guard.json"
 
 
 def recorded(model: str, setting: str) -> dict[int, dict[str, Any]]:
-    """Per seed: the plain rule's recorded pick and the top-1 of it and of the qdrop row (significance.json)."""
+    """Per seed: the plain rule's recorded pick and the top-1 of it and of the qdrop row (significance.json,
+    group ``select``); seeds with no recorded plain-rule run get the qdrop row's top-1 from any group."""
     _, plain, qdrop = SETTINGS[setting]
     doc = json.loads((RESULTS / "significance.json").read_text())
     out: dict[int, dict[str, Any]] = {}
@@ -137,7 +138,7 @@ def outcome(row: dict[str, Any], pick: str, rec: dict[int, dict[str, Any]]) -> f
         return None
     if pick == "block":
         return r["top1_qdrop"]
-    return r["top1_plain"] if r["slicing"] is not None and pick == r["slicing"] else None
+    return r["top1_plain"] if pick == r["slicing"] else None
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import logging
 import statistics
 import sys
 from contextlib import contextmanager
@@ -129,14 +131,10 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=256, help="calibration images (the unit's training set)")
     args = ap.parse_args()
     setup()
-    import logging
-
     logging.getLogger("vitq.recon.engine").setLevel(logging.WARNING)
     meta = machine_meta()
     for m in args.models:
         save_rows(OUT, measure(m, args.iters, args.rounds, args.calib), meta, key=("model", "mode"))
-    import json
-
     doc = json.loads(OUT.read_text())
     OUT.with_suffix(".md").write_text(render(doc["rows"], doc.get("meta", meta)))
     print(OUT.with_suffix(".md").read_text())

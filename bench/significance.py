@@ -31,7 +31,8 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   images dopq sees: is a gain of dopq over repq the method or the larger calibration set?).
 * ``budget`` (issue 5): does a larger reconstruction budget close the gap? The recon group's rows
   beside ``qdrop@itN`` / ``oas@itN`` (N = 1000 or 2000 iterations per unit instead of 200, same lr
-  scale; ``--recipes`` picks which).
+  scale; ``--recipes`` picks which), and ``qdrop@it2000`` against the ``published`` group's
+  ``qdrop@it20000`` (is the CPU shortcut level with the recipe as shipped?).
 
 * ``select`` (issue 5): OAS choosing its slicing by short-run validation (``oas@validate``: every
   candidate 50 iterations per unit, KL of the logits on 128 held-out calibration images, as
