@@ -41,6 +41,7 @@ from vitq.evaluate import evaluate  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import PassConfig, Recipe, load_recipe  # noqa: E402
 from vitq.reference import list_reference_models, load_reference, weights_path  # noqa: E402
+from vitq.state import state_of  # noqa: E402
 
 JSON = RESULTS / "aocq.json"
 MD = RESULTS / "aocq.md"
@@ -136,12 +137,12 @@ def run_one(part: str, name: str, model: torch.nn.Module, data: Data, recipe: Re
     }
     if rname == "aocq":
         row["settings"] = settings
-        s1 = getattr(q, "vitq_act_scales", None)
+        s1 = state_of(q).act_scales
         if s1:
             units = [u for u in s1["units"] if u["sites"] > 0 and u["losses"][0] > 0]
             row["stage1_loss_ratio"] = round(sum(u["losses"][-1] / u["losses"][0] for u in units) / max(len(units), 1), 4)
             row["stage1_seconds"] = s1["seconds"]
-        rec = getattr(q, "vitq_reconstruction", None)
+        rec = state_of(q).reconstruction
         if rec:
             row["stage2_seconds"] = rec[-1]["seconds"]
     log.info("%s", row)

@@ -40,11 +40,11 @@ from recon_common import RESULTS, FashionData, machine_meta  # noqa: E402
 
 from vitq.adapters import get_adapter  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
-from vitq.passes.registry import get_pass  # noqa: E402
 from vitq.passes.repq import clip_scales_mad  # noqa: E402
-from vitq.pipeline import Context, run_recipe  # noqa: E402
+from vitq.pipeline import Context, run_passes, run_recipe  # noqa: E402
 from vitq.recipes import PassConfig, Recipe, load_recipe  # noqa: E402
 from vitq.reference import list_reference_models, load_reference  # noqa: E402
+from vitq.state import state_of  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "mean": {"target": "mean"},
@@ -86,11 +86,6 @@ def dopq_recipe(iters: int | None, calib_size: int | None, post_softmax: str = "
 def split_at_reparam(recipe: Recipe) -> tuple[Recipe, tuple[PassConfig, ...]]:
     i = [p.name for p in recipe.passes].index("reparam")
     return replace(recipe, passes=recipe.passes[:i]), recipe.passes[i:]
-
-
-def run_passes(model: torch.nn.Module, passes: tuple[PassConfig, ...], ctx: Context) -> None:
-    for pc in passes:
-        get_pass(pc.name).fn(model, ctx, **dict(pc.options))
 
 
 # ------------------------------------------------------------------------------------ data
@@ -222,11 +217,11 @@ def bench_model(name: str, bits_list: list[str], args: argparse.Namespace, doc: 
             run_passes(q, tuple(PassConfig(p.name, tuple(sorted({**dict(p.options), **VARIANTS[v]}.items())))
                                 if p.name == "reparam" else p for p in tail), ctx)
             t_tail = time.perf_counter() - t1
-            iters = [rep["config"]["iters"] for rep in q.vitq_reconstruction]
+            iters = [rep["config"]["iters"] for rep in state_of(q).reconstruction]
             add(row(name, "dopq" + tag, v, bits, fp, scores(logits(q, data.x_eval), z_fp, data.y_eval), t_head + t_tail,
                     r.calib_size, len(data.y_eval), iters=iters, stage1_seconds=round(t_head, 1),
                     stage1_act_only_top1=s1["q_top1"], stage1_act_only_logit_rel_mse=s1["logit_rel_mse"],
-                    stage3_loss_after=[round(u["loss_after"], 5) for u in q.vitq_reconstruction[-1]["unit_reports"]]))
+                    stage3_loss_after=[round(u["loss_after"], 5) for u in state_of(q).reconstruction[-1]["unit_reports"]]))
 
 
 def verify_split(name: str, iters: int, seed: int) -> None:

@@ -31,6 +31,7 @@ from vitq.passes.oas import auto_candidates, select_slicing  # noqa: E402
 from vitq.pipeline import Context  # noqa: E402
 from vitq.recon import ReconConfig, float_copy  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
+from vitq.state import state_of  # noqa: E402
 
 log = logging.getLogger("bench.granularity")
 OUT = RESULTS / "granularity"
@@ -85,7 +86,7 @@ def main() -> int:
             log.info("%s %s slicing %s, %d iterations per unit", name, args.bits, s, args.iters)
             q, secs, rss = run_rest(qcal, "qdrop", args.bits, data, {"slicing": s, "iters": args.iters, "lr_scale": args.lr_scale})
             res = evaluate(q, data.eval_loader)
-            rep = q.vitq_reconstruction[-1]
+            rep = state_of(q).reconstruction[-1]
             rows.append({"model": name, "bits": args.bits, "slicing": s, "iters": args.iters, "lr_scale": args.lr_scale,
                          "fp_top1": fp, "q_top1": round(res["top1"], 2), "eval_size": res["n"],
                          "blocks_per_unit": rep["blocks_per_unit"], "units": rep["units"],

@@ -59,6 +59,7 @@ from vitq.passes.oas import _recon_config, guard_winner, select_slicing  # noqa:
 from vitq.pipeline import Context  # noqa: E402
 from vitq.recon.engine import collect_images, float_copy  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
+from vitq.state import state_of  # noqa: E402
 
 BITS = "W4A4"
 #: name -> (oas pass overrides, the plain rule's row and its qdrop row in significance.json's select group)
@@ -129,7 +130,7 @@ def end_to_end(model_name: str, seed: int, setting: str) -> dict[str, Any]:
     qcal, cal_s, _ = calibrate_once(model, "qdrop", BITS, data, seed=seed)
     q, secs, _ = run_rest(qcal, "oas", BITS, data, SETTINGS[setting][0], seed=seed)
     res = evaluate(q, data.eval_loader)
-    return {"e2e_top1": round(res["top1"], 2), "e2e_slicing": q.vitq_oas["chosen"], "e2e_seconds": round(cal_s + secs, 1)}
+    return {"e2e_top1": round(res["top1"], 2), "e2e_slicing": state_of(q).oas["chosen"], "e2e_seconds": round(cal_s + secs, 1)}
 
 
 def outcome(row: dict[str, Any], pick: str, rec: dict[int, dict[str, Any]]) -> float | None:

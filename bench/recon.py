@@ -43,6 +43,7 @@ from recon_common import (  # noqa: E402
 
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
+from vitq.state import state_of  # noqa: E402
 
 log = logging.getLogger("bench.recon")
 OUT = RESULTS / "reconstruction"
@@ -113,7 +114,7 @@ def main() -> int:
                 base, extra = VARIANTS.get(recipe, (recipe, {}))
                 q, secs, rss = run_rest(qcal, base, bits, data, {**ov, **extra}, seed=args.seed)
                 res = evaluate(q, data.eval_loader)
-                rep = q.vitq_reconstruction
+                rep = state_of(q).reconstruction
                 rows.append({"model": name, "recipe": recipe, "bits": bits, "fp_top1": fp,
                              "q_top1": round(res["top1"], 2), "eval_size": res["n"], "iters": args.iters,
                              "lr_scale": args.lr_scale, "slicing": rep[-1]["slicing"],

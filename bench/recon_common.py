@@ -26,7 +26,6 @@ from vitq.bits import Bits  # noqa: E402
 from vitq.data import (  # noqa: E402
     DataSpec,
     Preprocess,
-    PreprocessConfig,
     build_dataset,
     calibration_subset,
     eval_subset,
@@ -34,10 +33,11 @@ from vitq.data import (  # noqa: E402
     stack_images,
 )
 from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
-from vitq.passes.registry import override_pass_options  # noqa: E402
-from vitq.pipeline import Context, run_recipe  # noqa: E402
-from vitq.recipes import list_recipes, load_recipe  # noqa: E402
+from vitq.models import data_config  # noqa: E402
+from vitq.pipeline import Context, run_passes, run_recipe  # noqa: E402
+from vitq.recipes import list_recipes, load_recipe, override_pass_options  # noqa: E402
 from vitq.reference import load_reference, weights_path  # noqa: E402
+from vitq.state import state_of  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODELS = ["fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-deit-outlier", "fmnist-swin", "fmnist-swin-outlier"]
@@ -86,7 +86,7 @@ class FashionData:
 
     def __init__(self, model: torch.nn.Module, eval_size: Optional[int] = None, seed: int = 0,
                  eval_batch_size: int = 256) -> None:
-        pre = Preprocess(PreprocessConfig.from_model(model))
+        pre = Preprocess(data_config(model))
         spec = DataSpec.parse("fashion-mnist")
         self.train = build_dataset(spec, "train", pre)
         self.eval_set = eval_subset(build_dataset(spec, "eval", pre), eval_size)
@@ -126,7 +126,7 @@ def quantize_row(name: str, model: torch.nn.Module, data: Data, recipe: str, bit
     run_recipe(q, r, Context(calib=data.calib, bits=Bits.parse(bits), seed=seed, batch_size=64))
     secs = time.perf_counter() - t0
     res = evaluate(q, data.eval_loader)
-    rec = getattr(q, "vitq_reconstruction", []) or []
+    rec = state_of(q).reconstruction or []
     row: dict[str, Any] = {
         "model": name, "recipe": recipe, "bits": bits, "q_top1": round(res["top1"], 2), "eval_size": res["n"],
         "calib_size": int(data.calib.shape[0]), "calib_seconds": round(secs, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -233,15 +233,12 @@ def calibrate_once(model: torch.nn.Module, recipe: str, bits: str, data: Data,
 def run_rest(calibrated: torch.nn.Module, recipe: str, bits: str, data: Data, overrides: Optional[dict[str, Any]] = None,
              seed: int = 0) -> tuple[torch.nn.Module, float, float]:
     """The recipe's passes after ``calibrate`` on a deep copy of ``calibrated``: (model, seconds, peak RSS MB)."""
-    from vitq.passes.registry import get_pass
-
     r = scaled_recipe(recipe, overrides)
     reset_peak_rss()
     q = copy.deepcopy(calibrated)
     ctx = Context(calib=data.calib, bits=Bits.parse(bits), seed=seed, batch_size=64)
     t0 = time.perf_counter()
-    for pc in r.passes[1:]:
-        get_pass(pc.name).fn(q, ctx, **dict(pc.options))
+    run_passes(q, r.passes[1:], ctx)
     return q, time.perf_counter() - t0, peak_rss_mb()
 
 
@@ -269,8 +266,8 @@ def scaled_recipe(recipe: str, overrides: Optional[dict[str, Any]] = None) -> An
     ``prefer: None`` is kept (the plain validation rule)."""
     from dataclasses import replace
 
-    from vitq.passes.registry import get_pass, set_pass_options
-    from vitq.recipes import PassConfig
+    from vitq.passes import get_pass
+    from vitq.recipes import PassConfig, set_pass_options
 
     ov = dict(overrides or {})
     scale = float(ov.pop("lr_scale", 1.0))
@@ -291,6 +288,6 @@ def scaled_recipe(recipe: str, overrides: Optional[dict[str, Any]] = None) -> An
             for k in LR_OPTIONS:
                 if k in allowed:
                     opts[k] = float(opts.get(k, allowed[k])) * scale
-            passes.append(PassConfig(pc.name, tuple(sorted(opts.items()))))
+            passes.append(PassConfig.make(pc.name, opts, f"bench recipe {recipe}"))
         r = replace(r, passes=tuple(passes))
     return r

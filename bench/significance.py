@@ -110,10 +110,11 @@ from vitq.evaluate import (  # noqa: E402
     evaluate,
 )
 from vitq.passes.oas import OAS_DEFAULTS  # noqa: E402
-from vitq.passes.registry import override_pass_options, parse_assignments  # noqa: E402
+from vitq.recipes import override_pass_options, parse_assignments  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import load_recipe  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
+from vitq.state import state_of  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache" / "significance"
 GROUPS: dict[str, dict[str, Any]] = {
@@ -274,7 +275,7 @@ def run_and_keep(group: str, name: str, r: str, seed: int, model: torch.nn.Modul
 def oas_choice(q: torch.nn.Module) -> dict[str, Any] | None:
     """What an ``oas`` pass picked for ``q`` and every candidate's proxy / validation score (None for
     other recipes)."""
-    rec = getattr(q, "vitq_reconstruction", None) or []
+    rec = state_of(q).reconstruction or []
     return rec[-1]["oas"] if rec and "oas" in rec[-1] else None
 
 

@@ -38,7 +38,6 @@ from vitq import Bits, Context, Recipe, run_recipe, wrap
 from vitq.data import (
     FashionMNIST,
     Preprocess,
-    PreprocessConfig,
     calibration_subset,
     eval_subset,
     make_loader,
@@ -46,7 +45,8 @@ from vitq.data import (
 )
 from vitq.errors import ModelError
 from vitq.evaluate import evaluate
-from vitq.nn import FakeQuant, QAttention, QWindowAttention
+from vitq.models import data_config
+from vitq.nn import FakeQuant, QAttentionCore
 from vitq.passes.tanq_calib import capture_attention
 from vitq.quantizers import get_quantizer
 from vitq.quantizers.tan import THETA_GRID, attention_output_error
@@ -54,7 +54,6 @@ from vitq.reference import OUTLIER_SUFFIX, list_reference_models, load_reference
 
 log = logging.getLogger("softmax_quantizers")
 ROOT = Path(__file__).resolve().parent.parent
-ATTENTION_TYPES = (QAttention, QWindowAttention)
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def recipe_for(cand: Candidate, calib_images: int) -> Recipe:
 
 
 def attention_cores(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, ATTENTION_TYPES)]
+    return [m for m in model.modules() if isinstance(m, QAttentionCore)]
 
 
 def layer_errors(model: nn.Module, captured: list[tuple[Tensor, Tensor]], ref_energy: list[float]) -> list[float]:
@@ -119,7 +118,7 @@ def layer_errors(model: nn.Module, captured: list[tuple[Tensor, Tensor]], ref_en
 
 
 def load_data(model: nn.Module, calib_size: int, eval_size: int | None, error_images: int, seed: int):
-    pre = Preprocess(PreprocessConfig.from_model(model))
+    pre = Preprocess(data_config(model))
     train = FashionMNIST(None, "train", transform=pre)
     test = FashionMNIST(None, "test", transform=pre)
     calib_x, _ = stack_images(calibration_subset(train, calib_size, seed))

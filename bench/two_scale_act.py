@@ -38,9 +38,10 @@ import torch
 from torch import Tensor, nn
 
 import vitq
-from vitq.data import FashionMNIST, Preprocess, PreprocessConfig
+from vitq.data import FashionMNIST, Preprocess
+from vitq.models import data_config
 from vitq.errors import ModelError
-from vitq.nn import QAttention, QWindowAttention
+from vitq.nn import QAttentionCore
 from vitq.observers import Observer
 from vitq.passes.tanq_calib import capture_attention
 from vitq.quantizers import QuantSpec, fake_quant
@@ -73,14 +74,14 @@ GELU: dict[str, dict[str, Any]] = {
 def images(model: nn.Module, n_calib: int, n_eval: int, seed: int) -> tuple[Tensor, Tensor]:
     ds = FashionMNIST(None, "train")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[: n_calib + n_eval]
-    x = Preprocess(PreprocessConfig.from_model(model))(ds.images[idx])
+    x = Preprocess(data_config(model))(ds.images[idx])
     return x[:n_calib], x[n_calib:]
 
 
 def capture(model: nn.Module, x: Tensor) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
     """``(A, V)`` per attention layer and the GELU outputs per MLP, from the float model."""
     wrapped = vitq.wrap(copy.deepcopy(model))
-    cores = [m for m in wrapped.modules() if isinstance(m, (QAttention, QWindowAttention))]
+    cores = [m for m in wrapped.modules() if isinstance(m, QAttentionCore)]
     gelus: dict[int, list[Tensor]] = {}
     acts = [m for m in wrapped.modules() if isinstance(m, nn.GELU)]
     hs = [m.register_forward_hook(lambda _m, _a, out, i=i: gelus.setdefault(i, []).append(out.detach().float()))

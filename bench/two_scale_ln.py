@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitq  # noqa: F401  (registers quantizers)
-from vitq.data import FashionMNIST, Preprocess, PreprocessConfig
+from vitq.data import FashionMNIST, Preprocess
+from vitq.models import data_config
 from vitq.errors import ModelError
 from vitq.observers import Observer
 from vitq.quantizers import QuantSpec, fake_quant
@@ -137,7 +138,7 @@ def summarise(layers: list[dict[str, Any]]) -> dict[str, Any]:
 def images(n_calib: int, n_eval: int, seed: int, model: nn.Module) -> tuple[Tensor, Tensor]:
     ds = FashionMNIST(None, "train")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[: n_calib + n_eval]
-    pre = Preprocess(PreprocessConfig.from_model(model))
+    pre = Preprocess(data_config(model))
     x = pre(ds.images[idx])
     return x[:n_calib], x[n_calib:]
 

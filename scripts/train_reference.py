@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vitq.data import FashionMNIST, Preprocess, PreprocessConfig  # noqa: E402
+from vitq.data import FashionMNIST, Preprocess  # noqa: E402
+from vitq.models import data_config  # noqa: E402
 from vitq.reference import (  # noqa: E402
     REFERENCE_MODELS, build_architecture, load_meta, load_reference, meta_path, weights_path,
 )
@@ -79,11 +80,11 @@ def train(name: str, epochs: int, lr: float, bs: int, seed: int, teacher_name: s
         if "dist_token" in own and "cls_token" in src:
             own["dist_token"] = src["cls_token"].clone()
         model.load_state_dict(own)
-    pre = Preprocess(PreprocessConfig.from_model(model))
+    pre = Preprocess(data_config(model))
     train_ds, test_ds = FashionMNIST(None, "train"), FashionMNIST(None, "test")
     teacher = load_reference(teacher_name) if teacher_name else None
     if teacher is not None:
-        tpre = Preprocess(PreprocessConfig.from_model(teacher))
+        tpre = Preprocess(data_config(teacher))
         model.set_distilled_training(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps_per_epoch = len(train_ds) // bs
@@ -142,7 +143,7 @@ def outliers(name: str, seed: int) -> None:
     from vitq.passes.reparam import choose_outlier_scales
 
     model = load_reference(name)
-    pre = Preprocess(PreprocessConfig.from_model(model))
+    pre = Preprocess(data_config(model))
     ds = FashionMNIST(None, "train")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds), generator=g)[:256]

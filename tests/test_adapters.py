@@ -11,7 +11,9 @@ from conftest import tiny_deit, tiny_swin, tiny_vit, unfuse
 import vitq
 from vitq.adapters import get_adapter
 from vitq.errors import ModelError
-from vitq.nn import FakeQuant, QAttention, QLinear, QWindowAttention, disabled
+from vitq.adapters.timm.swin import TimmWindowAttention
+from vitq.adapters.timm.vit import TimmAttention
+from vitq.nn import FakeQuant, QLinear, disabled
 
 VIT_VARIANTS = {
     "vit-token": lambda: tiny_vit(),
@@ -28,7 +30,7 @@ def test_vit_wrapped_equals_float(name: str, images16: torch.Tensor) -> None:
     model = unfuse(VIT_VARIANTS[name]())
     ref = model(images16)
     wrapped = vitq.wrap(copy.deepcopy(model))
-    assert sum(isinstance(m, QAttention) for m in wrapped.modules()) == len(model.blocks)
+    assert sum(isinstance(m, TimmAttention) for m in wrapped.modules()) == len(model.blocks)
     assert torch.equal(wrapped(images16), ref)  # same order of operations as timm: bit-exact
     fused = VIT_VARIANTS[name]()  # timm's default SDPA path: equal up to float rounding
     torch.testing.assert_close(wrapped(images16), fused(images16), atol=1e-5, rtol=1e-5)
@@ -41,7 +43,7 @@ def test_swin_wrapped_equals_float(kw: dict) -> None:
     x = torch.randn(4, 3, size, size)
     ref = model(x)
     wrapped = vitq.wrap(copy.deepcopy(model))
-    assert sum(isinstance(m, QWindowAttention) for m in wrapped.modules()) == 4
+    assert sum(isinstance(m, TimmWindowAttention) for m in wrapped.modules()) == 4
     assert torch.equal(wrapped(x), ref)
     torch.testing.assert_close(wrapped(x), tiny_swin(**kw)(x), atol=1e-5, rtol=1e-5)
 

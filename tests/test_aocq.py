@@ -24,6 +24,7 @@ from vitq.recipes import Recipe, load_recipe
 from vitq.recon import ReconConfig, get_loss
 from vitq.recon.losses import lp_loss, token_norm_loss, token_norm_terms, token_norm_weights
 from vitq.roles import Role
+from vitq.state import state_of
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,11 +111,12 @@ def test_pow2_balance_rules() -> None:
                          and has_fashion_mnist()), reason="reference weights / Fashion-MNIST missing")
 @pytest.mark.parametrize("name", ["fmnist-vit-outlier", "fmnist-swin-outlier"])
 def test_balance_lowers_per_tensor_error_on_outlier_models(name) -> None:
-    from vitq.data import DataSpec, Preprocess, PreprocessConfig, build_dataset, calibration_subset, stack_images
+    from vitq.data import DataSpec, Preprocess, build_dataset, calibration_subset, stack_images
+    from vitq.models import data_config
     from vitq.reference import load_reference
 
     model = wrap(load_reference(name))
-    pre = Preprocess(PreprocessConfig.from_model(model))
+    pre = Preprocess(data_config(model))
     x, _ = stack_images(calibration_subset(build_dataset(DataSpec.parse("fashion-mnist"), "train", pre), 32, 0))
     ad = get_adapter(model)
     cap: dict = {}
@@ -285,7 +287,7 @@ def test_aocq_end_to_end(make, bits) -> None:
     assert rel < 0.5
     roles = {m["role"] for m in manifest(q) if m["quantizer"] != "float"}
     assert {"LN_IN", "RESIDUAL", "SOFTMAX_IN", "ATTN_PROBS", "QKV_IN"} <= roles
-    assert q.vitq_act_scales["units"] and q.vitq_reconstruction[-1]["config"]["loss"] == "token_norm"
+    assert state_of(q).act_scales["units"] and state_of(q).reconstruction[-1]["config"]["loss"] == "token_norm"
 
 
 def test_aocq_recipe_loads() -> None:

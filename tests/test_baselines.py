@@ -396,13 +396,13 @@ def test_swin_shift_mask_not_in_softmax_input_range() -> None:
     """Swin's shifted-window mask (-100) is structure: it is added after SOFTMAX_IN quantization, so
     the calibrated range covers the logits only (with the mask inside, a 6-bit step was ~2 logits
     and fqvit collapsed to chance on fmnist-swin: bench/results/fqvit_collapse.md)."""
-    from vitq.nn.attention import QWindowAttention
+    from vitq.adapters.timm.swin import TimmWindowAttention
 
     torch.manual_seed(0)
     model = tiny_swin()
     calib, x = torch.randn(8, 3, 32, 32), torch.randn(2, 3, 32, 32)
     q = vitq.quantize(copy.deepcopy(model), "fq", "W8A8", calib_data=calib)
-    shifted = [m for m in q.modules() if isinstance(m, QWindowAttention)]
+    shifted = [m for m in q.modules() if isinstance(m, TimmWindowAttention)]
     assert shifted
     for m in q.modules():
         if isinstance(m, FakeQuant) and m.role.value == "SOFTMAX_IN":

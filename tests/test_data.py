@@ -21,6 +21,7 @@ from vitq.data import (
     read_idx,
 )
 from vitq.errors import DataError
+from vitq.models import data_config
 
 
 def test_read_fmnist_folder(fmnist_dir: Path) -> None:
@@ -62,7 +63,7 @@ def test_truncated_idx(tmp_path: Path) -> None:
 
 def test_preprocess_from_pretrained_cfg() -> None:
     model = tiny_vit()  # 3 channels, 16x16; timm's default ImageNet cfg
-    cfg = PreprocessConfig.from_model(model)
+    cfg = data_config(model)
     assert cfg.input_size == (3, 16, 16)
     pre = Preprocess(cfg)
     grey = torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8)
@@ -71,7 +72,7 @@ def test_preprocess_from_pretrained_cfg() -> None:
     batch = pre(torch.randint(0, 255, (5, 1, 28, 28), dtype=torch.uint8))
     assert batch.shape == (5, 3, 16, 16)
     model.pretrained_cfg = {"mean": (0.5,), "std": (0.25,), "crop_pct": 1.0}
-    cfg2 = PreprocessConfig.from_model(model)
+    cfg2 = data_config(model)
     assert cfg2.mean == (0.5, 0.5, 0.5) and cfg2.crop_pct == 1.0
     x = Preprocess(cfg2)(torch.full((1, 16, 16), 255, dtype=torch.uint8))
     torch.testing.assert_close(x, torch.full((3, 16, 16), 2.0))

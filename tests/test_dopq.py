@@ -20,6 +20,7 @@ from vitq.passes.reparam import apply_channel_scales
 from vitq.passes.repq import clip_scales_mad, reparam_scales, reparameterize
 from vitq.recipes import Recipe, load_recipe
 from vitq.recon import ReconConfig
+from vitq.state import state_of
 
 MODELS = [(tiny_vit, 16), (tiny_swin, 32)]
 POST_LN = ("QKV_IN", "FC1_IN", "REDUCTION_IN")
@@ -211,9 +212,9 @@ def test_calibrate_weights_only_keeps_activation_parameters() -> None:
     with torch.no_grad():
         lin.weight.mul_(2.0)
     s0 = lin.weight_quant.scale.clone()
-    from vitq.passes.calibrate import calibrate_pass
+    from vitq.passes.calibrate import CalibrateOptions, calibrate_pass
 
-    calibrate_pass(q, None, weights_only=True)
+    calibrate_pass(q, None, CalibrateOptions(weights_only=True))
     torch.testing.assert_close(lin.weight_quant.scale, 2 * s0)
     assert all(torch.equal(fq.scale, acts[fq.site]) for fq in fake_quants(q, "act") if fq.enabled)
 
@@ -235,7 +236,7 @@ def test_dopq_recipes_end_to_end(make, size: int, name: str) -> None:
     assert {e["granularity"] for e in man if e["role"] in POST_LN and e["kind"] == "act"} == {"tensor"}
     assert {e["quantizer"] for e in man if e["role"] == "ATTN_PROBS"} == {"tanq"}
     if name == "dopq":
-        reps = q.vitq_reconstruction
+        reps = state_of(q).reconstruction
         assert len(reps) == 2
         assert reps[0]["config"]["weight_quant"] is False and reps[1]["config"]["weight_quant"] is True
         assert all(u["fp_weights"] > 0 for r in reps for u in r["unit_reports"] if "head" in u["unit"])

@@ -25,6 +25,7 @@ from vitq.quantizers import fake_quant
 from vitq.recon import ReconConfig, Slicing, reconstruct, register_loss
 from vitq.recon.engine import qdrop, qdrop_mix
 from vitq.recon.losses import LOSSES, lp_loss
+from vitq.state import state_of
 
 TESTS = Path(__file__).parent
 
@@ -182,13 +183,13 @@ def test_bad_options_are_one_line_config_errors() -> None:
         with pytest.raises(ConfigError, match=pat) as e:
             ReconConfig(**kw)
         assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="unknown reconstruction option"):
+    with pytest.raises(ConfigError, match="reconstruction: has no option"):
         ReconConfig.from_options(iterations=3)
 
 
 def test_brecq_two_passes_use_the_float_targets() -> None:
     fp, q, x = calibrated(tiny_vit, recipe="minmax")
-    from vitq.passes.registry import override_pass_options
+    from vitq.recipes import override_pass_options
     from vitq.recipes import load_recipe
 
     r = override_pass_options(load_recipe("brecq"), iters=10)
@@ -196,10 +197,10 @@ def test_brecq_two_passes_use_the_float_targets() -> None:
     ctx = ctx_for(x)
     ctx.batch_size = 16
     run_recipe(q2, r, ctx)
-    hist = q2.vitq_reconstruction
+    hist = state_of(q2).reconstruction
     assert [h["config"]["weights"] for h in hist] == ["adaround", "none"]
     assert [h["config"]["acts"] for h in hist] == ["none", "lsq"]
-    fp_copy = ctx.extras["vitq.recon.fp_model"]
+    fp_copy = ctx.fp_model
     fsd = fp.state_dict()  # targets of both passes: the untouched float model
     assert all(torch.equal(v, fsd[k]) for k, v in fp_copy.state_dict().items() if k in fsd)
     with torch.no_grad():
@@ -263,12 +264,12 @@ def test_oas_picks_and_records_a_slicing(select: str, tmp_path: Path) -> None:
                  "    num_samples: 24\n    batch_size: 8\n")
     x = torch.randn(24, 3, 32, 32)
     q = vitq.quantize(tiny_swin(), str(f), "W4A4", calib_data=x, batch_size=8)
-    rec = q.vitq_oas
+    rec = state_of(q).oas
     names = [c["slicing"] for c in rec["candidates"]]
     assert set(names) >= {"half", "block", "stage", "model"}
     assert rec["chosen"] in names
-    assert q.vitq_reconstruction[-1]["slicing"] == rec["chosen"]
-    assert q.vitq_reconstruction[-1]["oas"]["chosen"] == rec["chosen"]
+    assert state_of(q).reconstruction[-1]["slicing"] == rec["chosen"]
+    assert state_of(q).reconstruction[-1]["oas"]["chosen"] == rec["chosen"]
     if select == "validate":
         assert all("val_kl" in c for c in rec["candidates"])
         kl = {c["slicing"]: c["val_kl"] for c in rec["candidates"]}
@@ -288,7 +289,7 @@ def test_oas_guard_keeps_the_preferred_slicing_without_evidence(tmp_path: Path) 
     f.write_text("extends: oas\npasses:\n  - pass: calibrate\n  - pass: oas\n    candidates: [half, model]\n"
                  "    iters: 4\n    val_iters: 2\n    num_samples: 24\n    batch_size: 8\n")
     q = vitq.quantize(tiny_swin(), str(f), "W4A4", calib_data=torch.randn(24, 3, 32, 32), batch_size=8)
-    rec = q.vitq_oas
+    rec = state_of(q).oas
     c = {r["slicing"]: r for r in rec["candidates"]}
     assert set(c) == {"half", "model", "block"}  # the preferred slicing is validated although not listed
     assert (rec["prefer"], rec["switch_p"], rec["select"], rec["val_images"]) == ("block", 0.05, "validate", 6)
@@ -339,7 +340,7 @@ def test_repq_start_reparameterizes_before_reconstruction(base: str, tmp_path: P
         f.write_text(f"extends: {name}\npasses:\n{passes}  - pass: {recon}\n    iters: 20\n"
                      "    num_samples: 32\n    batch_size: 8\n" + ("    slicing: block\n" if recon == "reconstruct" else "    val_iters: 4\n"))
         q = vitq.quantize(copy.deepcopy(fp), str(f), "W4A4", calib_data=x, batch_size=8)
-        assert q.vitq_reconstruction and q.vitq_reconstruction[-1]["units"] > 1
+        assert state_of(q).reconstruction and state_of(q).reconstruction[-1]["units"] > 1
         if name.endswith("-repq"):
             post_ln = [e for e in manifest(q) if e["role"] in ("QKV_IN", "FC1_IN") and e["kind"] == "act"]
             assert post_ln and all(e["granularity"] == "tensor" for e in post_ln)
@@ -366,7 +367,7 @@ def test_cli_iters_override_and_errors(tmp_path: Path, fmnist_dir: Path, pickled
 
 
 def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path) -> None:
-    from vitq.passes.registry import override_pass_options, parse_assignments
+    from vitq.recipes import override_pass_options, parse_assignments
     from vitq.recipes import load_recipe
 
     assert parse_assignments(["loss=fisher_diag", "iters=5", "lr_act=4e-5", "act_quant=false",
@@ -392,25 +393,25 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
              ("qdrop", {"act_quant": "no"}, "act_quant='no' must be true or false"),
              ("qdrop", {"iters": -1}, "iters must be an integer >= 0"),
              ("dopq", {"target": "medain"}, "recipe dopq: pass 'reparam': unknown reparameterization target"),
-             ("dopq", {"target": ["median"]}, "pass 'reparam': unknown reparameterization target \\['median'\\]"),
+             ("dopq", {"target": ["median"]}, "pass 'reparam': target=\\['median'\\] must be a string"),
              ("dopq", {"clip_mad_k": -1}, "clip_mad_k -1 must be a number >= 0"),
              ("aocq", {"ln_rule": "max"}, "pass 'aocq_balance': aocq_balance ln_rule='max'"),
              ("aocq", {"loss": "fisher_diag"}, "pass 'aocq_act_scales'.*needs output gradients"),
              ("aocq", {"span": "wide"}, "pass 'aocq_act_scales': aocq_act_scales: span='wide' must be a number"),
              ("aocq", {"slicing": 2}, "aocq_act_scales: slicing=2 must be a string"),
-             ("ptq4vit", {"steps": "many"}, "pass 'ptq4vit_search': bad option value"),  # the registry's catch-all
+             ("ptq4vit", {"steps": "many"}, "pass 'ptq4vit_search': steps='many' must be a number"),
              ("ptq4vit", {"grad": "exact"}, "pass 'ptq4vit_search': ptq4vit_search grad 'exact' is unknown"),
              ("ptq4vit", {"quantizers": ["log3"]}, "pass 'ptq4vit_search'.*log3"),
              ("oas", {"weights": "sgd"}, "weights='sgd'"),
              ("oas", {"prefer": "blokc"}, "oas prefer='blokc'"),
              ("oas", {"switch_p": 0}, "oas switch_p=0 must be a p-value threshold"),
-             ("oas", {"switch_p": "low"}, "oas switch_p='low' must be a p-value threshold")]
+             ("oas", {"switch_p": "low"}, "switch_p='low' must be a number")]
     for recipe, kw, pat in cases:
         with pytest.raises(ConfigError, match=pat) as e:
             override_pass_options(load_recipe(recipe), **kw)
         assert "\n" not in str(e.value)
     # an explicit null is a value for set_pass_options (--set), "not given" for override_pass_options (flags)
-    from vitq.passes.registry import set_pass_options
+    from vitq.recipes import set_pass_options
 
     r = load_recipe("repq")
     assert dict(set_pass_options(r, {"clip_mad_k": None}).passes[-1].options) == {

@@ -41,13 +41,14 @@ def test_outlier_variant_preserves_function(make, size: int) -> None:
                     reason="reference weights or Fashion-MNIST missing")
 @pytest.mark.parametrize("name", ["fmnist-vit", "fmnist-deit", "fmnist-swin"])
 def test_reference_outlier_variants(name: str) -> None:
-    from vitq.data import FashionMNIST, Preprocess, PreprocessConfig
+    from vitq.data import FashionMNIST, Preprocess
+    from vitq.models import data_config
     from vitq.reference import load_reference
 
     if not has_reference_weights(name):
         pytest.skip(f"{name} weights missing")
     base, outl = load_reference(name), load_reference(name + "-outlier")
-    pre = Preprocess(PreprocessConfig.from_model(base))
+    pre = Preprocess(data_config(base))
     x = pre(FashionMNIST(None, "test").images[:64])
     torch.testing.assert_close(outl(x), base(x), atol=1e-4, rtol=1e-4)
     before = ln_output_ranges(base, x)

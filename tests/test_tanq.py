@@ -174,7 +174,8 @@ def test_tanq_calibrate_pass_on_vit_and_swin() -> None:
     from conftest import tiny_swin, tiny_vit
 
     from vitq import Bits, Context, Recipe, manifest, run_recipe
-    from vitq.nn import QAttention, QWindowAttention
+    from vitq.adapters.timm.swin import TimmWindowAttention
+    from vitq.adapters.timm.vit import TimmAttention
     from vitq.passes.tanq_calib import tanq_sites
 
     recipe = Recipe.from_dict({
@@ -182,7 +183,7 @@ def test_tanq_calibrate_pass_on_vit_and_swin() -> None:
         "rules": {"act:ATTN_PROBS": {"quantizer": "tanq", "bits": "A", "options": {"theta": 0.9}}},
         "passes": [{"pass": "calibrate"}, {"pass": "tanq_calibrate", "thetas": [0.6, 0.9], "max_images": 4}],
     })
-    for make, size, typ in ((tiny_vit, 16, QAttention), (tiny_swin, 32, QWindowAttention)):
+    for make, size, typ in ((tiny_vit, 16, TimmAttention), (tiny_swin, 32, TimmWindowAttention)):
         model = make()
         x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
         run_recipe(model, recipe, Context(calib=x, bits=Bits.parse("W8A4"), batch_size=3))

@@ -104,7 +104,7 @@ def cmd_list() -> int:
     import textwrap
 
     from .adapters import supported_models
-    from .passes.registry import all_passes
+    from .passes import all_passes
     from .quantizers import QUANTIZERS
     from .recipes import list_recipes, load_recipe
     from .reference import list_reference_models, reference_fp_top1
@@ -143,10 +143,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _eval_loader(args: argparse.Namespace, model: Any) -> Any:
-    from .data import DataSpec, Preprocess, PreprocessConfig, build_dataset, eval_subset, make_loader
+    from .data import DataSpec, Preprocess, build_dataset, eval_subset, make_loader
+    from .models import data_config
 
     spec = DataSpec.parse(args.data)
-    pre = Preprocess(PreprocessConfig.from_model(model))
+    pre = Preprocess(data_config(model))
     ds = eval_subset(build_dataset(spec, "eval", pre), args.eval_size)
     return spec, pre, make_loader(ds, batch_size=args.batch_size)
 
@@ -212,6 +213,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .export import save_quantized
     from .pipeline import Context, manifest, run_recipe
     from .recipes import load_recipe
+    from .state import state_of
 
     bits = Bits.parse(args.bits)  # validate cheap inputs before loading anything
     recipe = load_recipe(args.recipe)
@@ -220,7 +222,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     role_excl = [e[1] for e in excl if e[0] == "role"]
     if role_excl:
         recipe = _exclude_roles(recipe, role_excl)
-    from .passes.registry import override_pass_options, parse_assignments, set_pass_options
+    from .recipes import override_pass_options, parse_assignments, set_pass_options
 
     flags = {"iters": args.iters, "max_cache_gb": args.max_cache_gb, "run_dir": args.resume_dir}
     sets = parse_assignments(args.set_options)
@@ -292,8 +294,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
              "vs_fp": None if r["vs_fp"] is None else r["vs_fp"].to_dict()} for r in runs])
         if fp is not None:  # the mean over seeds against FP, tested once (the seeds share the test images)
             result["vs_fp_pooled"] = compare_pooled([(fp["predictions"], r["res"]["predictions"]) for r in runs])
-    if getattr(qmodel, "vitq_reconstruction", None):
-        result["reconstruction"] = qmodel.vitq_reconstruction
+    st = state_of(qmodel)
+    if st is not None and st.reconstruction:
+        result["reconstruction"] = st.reconstruction
     n_q = sum(1 for m in result["manifest"] if m["quantizer"] != "float")
     fp_txt = "-" if fp is None else f"{fp['top1']:.2f}"
     drop_txt = "" if fp is None else f"  (drop {fp['top1'] - q_top1:+.2f})"

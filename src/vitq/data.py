@@ -4,9 +4,11 @@
   ``dataset-fashion-mnist`` installs, or any folder holding them.
 * ImageNet-layout folders (``ROOT/train/<class>/*.jpg``, ``ROOT/val/<class>/*.jpg``) are read
   with :class:`torchvision.datasets.ImageFolder`.
-* Preprocessing comes from the model's own ``pretrained_cfg`` (timm convention: ``input_size``,
-  ``mean``, ``std``, ``interpolation``, ``crop_pct``), so a model trained at 28x28 on one grey
-  channel and an ImageNet model at 224x224 on RGB are both fed what they expect.
+* Preprocessing follows a :class:`PreprocessConfig` (``input_size``, ``mean``, ``std``,
+  ``interpolation``, ``crop_pct``) that the model's adapter derives from the model
+  (``vitq.models.data_config``: timm's ``pretrained_cfg``, a Hugging Face image-processor config),
+  so a model trained at 28x28 on one grey channel and an ImageNet model at 224x224 on RGB are both
+  fed what they expect.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ class FashionMNIST(Dataset):
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The timm ``pretrained_cfg`` fields that decide how an image is fed to a model."""
+    """The fields that decide how an image is fed to a model (timm's ``pretrained_cfg`` names; an
+    adapter fills them from its library's own configuration)."""
 
     input_size: tuple[int, int, int] = (3, 224, 224)
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
@@ -129,52 +132,12 @@ class PreprocessConfig:
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
 
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "PreprocessConfig":
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        default = cls()
-        in_chans = _model_in_chans(model)
-        input_size = tuple(cfg.get("input_size", default.input_size))
-        if in_chans is not None and input_size[0] != in_chans:
-            input_size = (in_chans, *input_size[1:])
-        img_size = _model_img_size(model)
-        if img_size is not None and tuple(input_size[1:]) != img_size:
-            input_size = (input_size[0], *img_size)
-        mean = tuple(cfg.get("mean", default.mean))
-        std = tuple(cfg.get("std", default.std))
-        if len(mean) != input_size[0]:
-            mean, std = _fit_channels(mean, input_size[0]), _fit_channels(std, input_size[0])
-        return cls(
-            input_size=(int(input_size[0]), int(input_size[1]), int(input_size[2])),
-            mean=mean, std=std,
-            interpolation=str(cfg.get("interpolation", default.interpolation)),
-            crop_pct=float(cfg.get("crop_pct", default.crop_pct) or 1.0),
-        )
 
-
-def _fit_channels(v: Sequence[float], n: int) -> tuple[float, ...]:
+def fit_channels(v: Sequence[float], n: int) -> tuple[float, ...]:
     if len(v) == n:
         return tuple(v)
     avg = float(sum(v) / len(v))
     return tuple([avg] * n)
-
-
-def _model_in_chans(model: torch.nn.Module) -> Optional[int]:
-    pe = getattr(model, "patch_embed", None)
-    proj = getattr(pe, "proj", None)
-    if proj is not None and hasattr(proj, "in_channels"):
-        return int(proj.in_channels)
-    return None
-
-
-def _model_img_size(model: torch.nn.Module) -> Optional[tuple[int, int]]:
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    if size is None or getattr(pe, "dynamic_img_size", False):
-        return None
-    if isinstance(size, int):
-        return (size, size)
-    return (int(size[0]), int(size[1]))
 
 
 class Preprocess:

@@ -37,9 +37,12 @@ def check_field_types(cfg: Any, where: str = "") -> None:
     """One-line ConfigError for the first field of dataclass ``cfg`` whose value does not have its
     default's type: true/false for a bool default, a number for an int/float one, a string for a
     string one, a string or null for a None one (a path). A value from a recipe YAML or ``--set``
-    that parsed as the wrong type is named here instead of failing later inside a ``float()``."""
+    that parsed as the wrong type is named here instead of failing later inside a ``float()``. A field
+    with ``metadata={"any_type": True}`` is skipped (it takes several types and is checked by its owner)."""
     prefix = f"{where}: " if where else ""
     for f in fields(cfg):
+        if f.metadata.get("any_type"):  # takes several types: the dataclass checks it itself
+            continue
         d, v = f.default, getattr(cfg, f.name)
         if isinstance(d, bool):
             ok, want = isinstance(v, bool), "true or false"

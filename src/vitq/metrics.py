@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batches import forward_logits
 from .errors import ConfigError
 
 Metric = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
@@ -101,7 +102,7 @@ def output_grads(model: nn.Module, x: Tensor, modules: Sequence[nn.Module],
     try:
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)  # the graph must exist even if no weight needs grad
-            loss = loss_fn(model(xg))
+            loss = loss_fn(forward_logits(model, xg))
             missing = [type(modules[i]).__name__ for i, o in enumerate(outs) if o is None]
             if missing:
                 raise ConfigError(f"{len(missing)} module(s) ({missing[0]}, ...) did not run in the forward pass")

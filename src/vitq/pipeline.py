@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .adapters import Adapter, get_adapter
+from .batches import batch_images
 from .bits import Bits
 from .errors import CalibrationError, DataError
+from .passes import get_pass
 from .passes.quantize import insert_quantizers, manifest
-from .passes.registry import get_pass
-from .recipes import Recipe, load_recipe
+from .recipes import PassConfig, Recipe, load_recipe
+from .state import QuantState, ensure_state, state_of
 
 log = logging.getLogger(__name__)
 
-CalibData = Union[Tensor, Dataset, DataLoader, Iterable[Tensor]]
+CalibData = Union[Tensor, Dataset, DataLoader, Iterable[Any]]
 
 
 @dataclass
 class Context:
-    """What passes may use: calibration data, bits, seed, device, progress bars."""
+    """One run of a recipe: what passes may use (calibration data, bits, seed, device, progress
+    bars, the adapter) and the run's scratch (``fp_model``: the float copy reconstruction targets
+    come from, taken by the first reconstruction pass; ``recon_passes``: reconstruction passes run
+    so far, which numbers their resume folders)."""
 
     calib: CalibData
     bits: Bits
@@ -33,7 +38,8 @@ class Context:
     device: Optional[torch.device] = None
     progress: bool = False
     adapter: Optional[Adapter] = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    fp_model: Optional[nn.Module] = None
+    recon_passes: int = 0
 
     def calib_batches(self, desc: str = "calibrate") -> Iterator[Tensor]:
         batches = list(_iter_batches(self.calib, self.batch_size))
@@ -49,6 +55,8 @@ class Context:
 
 
 def _iter_batches(data: CalibData, batch_size: int) -> Iterator[Tensor]:
+    """Image batches of calibration data: a tensor N,C,H,W, a Dataset, a DataLoader, or any iterable
+    of image tensors, ``(images, labels)`` pairs or ``{"pixel_values": ...}`` dicts."""
     if isinstance(data, Tensor):
         if data.ndim != 4:
             raise DataError(f"calibration tensor must be N,C,H,W, got shape {tuple(data.shape)}")
@@ -58,24 +66,35 @@ def _iter_batches(data: CalibData, batch_size: int) -> Iterator[Tensor]:
     if isinstance(data, Dataset) and not isinstance(data, DataLoader):
         data = DataLoader(data, batch_size=batch_size)
     for b in data:  # type: ignore[union-attr]
-        yield b[0] if isinstance(b, (tuple, list)) else b
+        x = batch_images(b)
+        yield x.unsqueeze(0) if x.ndim == 3 else x  # an iterable of single images
 
 
 def wrap(model: nn.Module) -> nn.Module:
-    """Swap in our quantizable modules (in place). The result equals the float model."""
-    get_adapter(model).wrap(model)
-    model.vitq_wrapped = True
+    """Swap in our quantizable modules (in place) and give the model its quantization state. The
+    result equals the float model."""
+    adapter = get_adapter(model)
+    if not adapter.is_wrapped(model):
+        adapter.wrap(model)
+    ensure_state(model)
     return model
 
 
 def prepare(model: nn.Module, recipe: "Recipe | str", bits: "Bits | str") -> nn.Module:
     """Wrap and insert the recipe's (uncalibrated) quantizers: the structure a checkpoint loads into."""
     recipe, bits = load_recipe(recipe), Bits.parse(bits)
-    if not getattr(model, "vitq_wrapped", False):
-        wrap(model)
+    wrap(model)
     insert_quantizers(model, recipe, bits)
-    model.vitq_recipe = recipe
-    model.vitq_bits = bits
+    st = ensure_state(model)
+    st.recipe, st.bits = recipe, bits
+    return model
+
+
+def run_passes(model: nn.Module, passes: Sequence[PassConfig], ctx: Context) -> nn.Module:
+    """Run recipe steps on a prepared model, each with its validated options object."""
+    for pc in passes:
+        log.info("pass %s %s", pc.name, dict(pc.options) or "")
+        get_pass(pc.name).fn(model, ctx, pc.opts)
     return model
 
 
@@ -85,17 +104,16 @@ def run_recipe(model: nn.Module, recipe: "Recipe | str", ctx: Context) -> nn.Mod
     model.eval()
     ctx.adapter = ctx.adapter or get_adapter(model)
     prepare(model, recipe, ctx.bits)
-    for pc in recipe.passes:
-        info = get_pass(pc.name)
-        log.info("pass %s %s", pc.name, dict(pc.options) or "")
-        info.fn(model, ctx, **dict(pc.options))
-    return model
+    return run_passes(model, recipe.passes, ctx)
 
 
 def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | str" = "W8A8",
              calib_data: Optional[CalibData] = None, seed: int = 0, batch_size: int = 32,
              progress: bool = False) -> nn.Module:
-    """One-call API: ``qmodel = vitq.quantize(model, "minmax", "W4A4", calib_images)`` (in place)."""
+    """One-call API: ``qmodel = vitq.quantize(model, "minmax", "W4A4", calib_images)`` (in place).
+
+    ``calib_data``: a tensor N,C,H,W, a Dataset, a DataLoader or any iterable of image tensors,
+    ``(images, labels)`` pairs or ``{"pixel_values": ...}`` dicts."""
     recipe = load_recipe(recipe)
     needs_data = len(recipe.passes) > 0
     if calib_data is None and needs_data:
@@ -105,4 +123,4 @@ def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | 
     return run_recipe(model, recipe, ctx)
 
 
-__all__ = ["Context", "manifest", "prepare", "quantize", "run_recipe", "wrap"]
+__all__ = ["Context", "QuantState", "manifest", "prepare", "quantize", "run_passes", "run_recipe", "state_of", "wrap"]

@@ -1,27 +1,106 @@
-"""Adapter registry. Adapters are the only code that knows a model family's module names.
+"""Adapter and library registries. Adapters are the only code that knows model families: their
+module names *and* their classes.
 
 An adapter, for the model families it matches (by module *type*):
 
-* ``wrap(model)`` swaps attention for our :class:`~vitq.nn.QAttention` family and Linear / Conv
-  layers for their Q versions, tagging every slot with a :class:`~vitq.roles.Role`. The wrapped
-  model holds no quantizer yet and computes exactly what the float model computes.
+* ``wrap(model)`` makes every attention module a :class:`~vitq.nn.QAttentionCore`, the residual
+  additions :class:`~vitq.nn.QAdd`, LayerNorms :class:`~vitq.nn.QLayerNorm` and Linear / Conv
+  layers their Q versions, tagging every slot with a :class:`~vitq.roles.Role`. The wrapped model
+  holds no quantizer yet and computes exactly what the float model computes.
 * ``ln_consumers(model)`` lists LayerNorm -> consuming Linear pairs (reparameterization targets).
 * ``chain(model)`` lists the model as a sequence of pieces (reconstruction units).
+* ``residual_streams(model)`` lists the residual streams (AOCQ's Add_alpha).
+* ``data_config(model)`` says how the model's inputs are preprocessed.
+* ``build(source)`` (through its :class:`ModelLibrary`) re-creates the architecture from a
+  :class:`ModelSource`.
 
-A feature the adapter cannot handle raises :class:`~vitq.errors.ModelError`; nothing is silently
-left in float.
+A :class:`ModelLibrary` (timm, Hugging Face) turns a ``MODEL`` string into a float model and its
+source, and rebuilds an architecture from a source. A feature an adapter cannot handle raises
+:class:`~vitq.errors.ModelError`; nothing is silently left in float.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, TypeVar
 
 from torch import Tensor, nn
 
+from ..data import PreprocessConfig
 from ..errors import ModelError
-from ..nn import QConv2d, QLinear
+from ..nn import QConv2d, QLayerNorm, QLinear
 from ..roles import Role
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a float model was obtained, so that an export can rebuild its architecture.
+
+    ``kind``: ``reference``, ``pickle`` or a library's name (``timm``, ``hf``); ``name``: what the
+    user passed as MODEL (a reference or timm name, a folder, a file); ``build_config``: whatever the
+    library needs to rebuild the architecture without the original files (the Hugging Face config
+    and image-processor settings), JSON-serialisable.
+    """
+
+    kind: str
+    name: str
+    checkpoint: Optional[str] = None
+    num_classes: Optional[int] = None
+    build_config: Optional[dict[str, Any]] = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "name": self.name, "checkpoint": self.checkpoint,
+                             "num_classes": self.num_classes}
+        if self.build_config is not None:
+            d["build_config"] = self.build_config
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSource":
+        return cls(str(d["kind"]), str(d["name"]), d.get("checkpoint"), d.get("num_classes"), d.get("build_config"))
+
+
+class ModelLibrary:
+    """Where models of one library come from: which MODEL strings it claims, how it loads them
+    (local files only: nothing is downloaded) and how it rebuilds an architecture for an export."""
+
+    name = "base"
+    #: how the library's MODEL strings look, for error messages
+    usage = ""
+
+    def claims(self, model: str) -> bool:
+        raise NotImplementedError
+
+    def load(self, model: str, checkpoint: Optional[str] = None, random_weights: bool = False,
+             num_classes: Optional[int] = None) -> tuple[nn.Module, ModelSource]:
+        raise NotImplementedError
+
+    def build(self, source: ModelSource) -> nn.Module:
+        """The float architecture ``source`` describes, in eval mode (its weights come from an export)."""
+        raise NotImplementedError
+
+
+LIBRARIES: dict[str, ModelLibrary] = {}
+
+
+def register_library(lib: ModelLibrary) -> ModelLibrary:
+    LIBRARIES[lib.name] = lib
+    return lib
+
+
+def library_for(model: str) -> Optional[ModelLibrary]:
+    """The library that claims the MODEL string, or None."""
+    for lib in LIBRARIES.values():
+        if lib.claims(model):
+            return lib
+    return None
+
+
+def get_library(name: str) -> ModelLibrary:
+    if name not in LIBRARIES:
+        raise ModelError(f"model source kind {name!r} is unknown to this vitq: known are {', '.join(sorted(LIBRARIES))}")
+    return LIBRARIES[name]
 
 
 @dataclass(frozen=True)
@@ -90,9 +169,24 @@ class ResidualStream:
 class Adapter:
     name = "base"
     description = ""
+    #: the :class:`ModelLibrary` (by name) that builds this family's models
+    library: ClassVar[str] = ""
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, source: ModelSource) -> nn.Module:
+        """Re-create the float architecture described by ``source`` (see :class:`ModelLibrary`)."""
+        return get_library(cls.library).build(source)
+
+    def data_config(self, model: nn.Module) -> PreprocessConfig:
+        """How the model's inputs are made from images: size, channels, normalisation, resize."""
+        raise NotImplementedError
+
+    def is_wrapped(self, model: nn.Module) -> bool:
+        """Whether :meth:`wrap` has already run on ``model``."""
         raise NotImplementedError
 
     def check(self, model: nn.Module) -> None:
@@ -156,8 +250,6 @@ def swap_linear(parent: nn.Module, attr: str, role: Role) -> QLinear:
 
 
 def swap_layernorm(parent: nn.Module, attr: str) -> None:
-    from ..nn import QLayerNorm
-
     ln = getattr(parent, attr, None)
     if isinstance(ln, nn.LayerNorm) and not isinstance(ln, QLayerNorm):
         setattr(parent, attr, QLayerNorm.from_float(ln))
@@ -192,6 +284,30 @@ def check_nothing_left(model: nn.Module) -> None:
             f"the adapter does not know layer(s) {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}:"
             " this model variant is not supported yet"
         )
+
+
+def mix_in(obj: nn.Module, mixin: type) -> nn.Module:
+    """Change ``obj``'s class in place to ``class Q<Base>(mixin, Base)``: every attribute, buffer and
+    parameter name stays as the library made it (state dicts unchanged); the mixin adds behaviour
+    (a split forward, quantizable sub-modules it creates itself). Idempotent."""
+    base = type(obj)
+    if not getattr(base, "_vitq_q", False):
+        obj.__class__ = mixed_class(base, mixin)
+    return obj
+
+
+_QCLASSES: dict[tuple[type, type], type] = {}
+
+
+def mixed_class(base: type, mixin: type) -> type:
+    """``class Q<Base>(mixin, base)``, made once per pair and published in the mixin's module so that
+    pickled and deep-copied models find it by name."""
+    key = (base, mixin)
+    if key not in _QCLASSES:
+        cls = type(f"Q{base.__name__}", (mixin, base), {"_vitq_q": True, "__module__": mixin.__module__})
+        _QCLASSES[key] = cls
+        setattr(sys.modules[mixin.__module__], cls.__name__, cls)
+    return _QCLASSES[key]
 
 
 def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:

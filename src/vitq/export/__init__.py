@@ -18,14 +18,16 @@ from ..errors import ModelError
 from ..models import ModelSource, load_into, rebuild
 from ..pipeline import prepare
 from ..recipes import Recipe
+from ..state import state_of
 
 EXPORT_FORMAT = "vitq.quantized/1"
 
 
 def save_quantized(model: nn.Module, out_dir: "str | Path", source: ModelSource,
                    extra: Optional[dict[str, Any]] = None) -> Path:
-    recipe: Optional[Recipe] = getattr(model, "vitq_recipe", None)
-    bits: Optional[Bits] = getattr(model, "vitq_bits", None)
+    st = state_of(model)
+    recipe: Optional[Recipe] = None if st is None else st.recipe
+    bits: Optional[Bits] = None if st is None else st.bits
     if recipe is None or bits is None:
         raise ModelError("only a model quantized by vitq (run_recipe / quantize) can be saved with save_quantized")
     from safetensors.torch import save_file
@@ -48,8 +50,7 @@ def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != EXPORT_FORMAT:
         raise ModelError(f"{meta_file} has format {meta.get('format')!r}, this vitq reads {EXPORT_FORMAT}")
-    src = meta["source"]
-    model = rebuild(ModelSource(src["kind"], src["name"], src.get("checkpoint"), src.get("num_classes")), trust_pickle)
+    model = rebuild(ModelSource.from_dict(meta["source"]), trust_pickle)
     recipe = Recipe.from_dict(meta["recipe"], str(meta_file))
     prepare(model, recipe, meta["bits"])
     from ..models import load_state_file

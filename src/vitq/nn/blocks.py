@@ -1,16 +1,13 @@
-"""Quantizable block-level pieces for *fully-quantized* mode and for reconstruction.
+"""Family-neutral block-level pieces for *fully-quantized* mode and for reconstruction.
 
 * :class:`QLayerNorm` - LayerNorm with an input slot (role LN_IN).
 * :class:`QAdd` - residual addition with an output slot (role RESIDUAL).
 * :class:`QSoftmax` - softmax with an input slot (SOFTMAX_IN); the post-Softmax output is the
   ATTN_PROBS slot of the following matmul.
-* :class:`QBlock` / :class:`QSwinBlock` - timm's ``Block`` / ``SwinTransformerBlock`` with the two
-  residual additions as :class:`QAdd` and the forward split in two halves, ``forward_attn`` and
-  ``forward_mlp``, which reconstruction uses as units. They are created by changing the class of
-  the timm block in place (``from_float``): every attribute, buffer and parameter name stays as
-  timm made it, so state dicts are unchanged.
 
-With every slot empty each of these computes exactly what the timm module computes.
+Adapters build their families' blocks from these (the residual additions of a transformer block
+become :class:`QAdd`, its LayerNorms :class:`QLayerNorm`). With every slot empty each computes
+exactly what the torch operation computes.
 """
 
 from __future__ import annotations
@@ -114,95 +111,3 @@ def _float_softmax(x: Tensor, dim: int) -> Tensor:
 
 #: name -> function(x, dim); an integer-softmax approximation registers itself here
 SOFTMAX_IMPLS = {"float": _float_softmax}
-
-
-def _block_base():  # type: ignore[no-untyped-def]
-    from timm.models.vision_transformer import Block
-
-    return Block
-
-
-def _swin_block_base():  # type: ignore[no-untyped-def]
-    from timm.models.swin_transformer import SwinTransformerBlock
-
-    return SwinTransformerBlock
-
-
-class QBlock(nn.Module):
-    """Behaviour mixed into timm's ViT ``Block`` (see :meth:`from_float`)."""
-
-    add1: QAdd
-    add2: QAdd
-
-    @staticmethod
-    def from_float(block: nn.Module) -> nn.Module:
-        return _mix_in(block, QBlock)
-
-    def forward_attn(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        return self.add1(x, self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
-                                                               is_causal=is_causal))))
-
-    def forward_mlp(self, x: Tensor) -> Tensor:
-        return self.add2(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        return self.forward_mlp(self.forward_attn(x, attn_mask=attn_mask, is_causal=is_causal))
-
-
-class QSwinBlock(nn.Module):
-    """Behaviour mixed into timm's ``SwinTransformerBlock`` (inputs and outputs are B,H,W,C)."""
-
-    add1: QAdd
-    add2: QAdd
-
-    @staticmethod
-    def from_float(block: nn.Module) -> nn.Module:
-        return _mix_in(block, QSwinBlock)
-
-    def forward_attn(self, x: Tensor) -> Tensor:
-        return self.add1(x, self.drop_path1(self._attn(self.norm1(x))))
-
-    def forward_mlp(self, x: Tensor) -> Tensor:
-        B, H, W, C = x.shape
-        x = x.reshape(B, -1, C)
-        x = self.add2(x, self.drop_path2(self.mlp(self.norm2(x))))
-        return x.reshape(B, H, W, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_mlp(self.forward_attn(x))
-
-
-def _mix_in(block: nn.Module, mixin: type) -> nn.Module:
-    """Change ``block``'s class in place to ``mixin`` + its timm class and give it the two QAdds."""
-    base = type(block)
-    if not getattr(base, "_vitq_q", False):
-        block.__class__ = _qclass(base, mixin)
-    if "add1" not in block._modules:
-        block.add1 = QAdd()
-        block.add2 = QAdd()
-    return block
-
-
-_QCLASSES: dict[tuple[type, type], type] = {}
-
-
-def _qclass(base: type, mixin: type) -> type:
-    """``class Q<Base>(mixin, base)``, made once per timm class (picklable through this module)."""
-    key = (base, mixin)
-    if key not in _QCLASSES:
-        cls = type(f"Q{base.__name__}", (mixin, base), {"_vitq_q": True, "__module__": __name__})
-        _QCLASSES[key] = cls
-        globals()[cls.__name__] = cls
-    return _QCLASSES[key]
-
-
-def _predefine() -> None:
-    # define the mixed classes at import so that pickled / deep-copied models find them by name
-    try:
-        _qclass(_block_base(), QBlock)
-        _qclass(_swin_block_base(), QSwinBlock)
-    except ImportError:  # timm missing: adapters will say so
-        pass
-
-
-_predefine()

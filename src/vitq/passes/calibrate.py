@@ -3,32 +3,46 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..nn import calibrate, calibrate_weights
+from ..observers import DEFAULT_MAX_ELEMENTS
+from ..options import Options, is_int, need
 from .registry import register_pass
 
 log = logging.getLogger(__name__)
 
 
-@register_pass("calibrate", max_elements=1 << 20, weights_only=False)
-def calibrate_pass(model: nn.Module, ctx: Any, max_elements: int = 1 << 20, weights_only: bool = False) -> nn.Module:
+@dataclass(frozen=True)
+class CalibrateOptions(Options):
+    """``max_elements``: values each site's observer keeps (a seeded random sample; min / max stay
+    exact); ``weights_only``: re-compute only the weight quantizers from the current weights."""
+
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+    weights_only: bool = False
+
+    def validate(self) -> None:
+        need(is_int(self.max_elements) and self.max_elements >= 1,
+             f"calibrate max_elements={self.max_elements!r} must be an integer >= 1 (values kept per site; "
+             f"default {DEFAULT_MAX_ELEMENTS})")
+
+
+@register_pass("calibrate", CalibrateOptions)
+def calibrate_pass(model: nn.Module, ctx: Any, opts: CalibrateOptions = CalibrateOptions()) -> nn.Module:
     """Range calibration: run the calibration images through the model with observers on.
 
     ``weights_only: true`` re-computes only the weight quantizers from the current weights (no
     images; activation sites keep their parameters), e.g. after a pass that trained the weights.
     """
-    if not isinstance(weights_only, bool):
-        raise ConfigError(f"calibrate weights_only must be true or false, got {weights_only!r}")
-    if weights_only:
+    if opts.weights_only:
         with torch.no_grad():
             calibrate_weights(model)
         return model
-    with torch.no_grad(), calibrate(model, max_elements=max_elements, seed=ctx.seed):
+    with torch.no_grad(), calibrate(model, max_elements=opts.max_elements, seed=ctx.seed):
         for x in ctx.calib_batches(desc="calibrate"):
             model(x)
     return model

@@ -30,7 +30,7 @@ Everything below the candidate list is OUR reconstruction [R], kept as options:
    that wins at the final budget (bench/results/oas_guard.md, docs/methods/reconstruction.md §5), so
    a switch away from the default needs evidence. Until 2026-11-28 the default was the proxy.
 
-The choice is recorded in the run report (``model.vitq_reconstruction[-1]["oas"]``) and logged.
+The choice is recorded in the run report (``state_of(model).reconstruction[-1]["oas"]``) and logged.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +48,8 @@ from torch import Tensor, nn
 
 from ..adapters import Piece, get_adapter
 from ..errors import ConfigError
+from ..options import Options, is_int, is_number, need
+from ..state import ensure_state
 from ..recon.engine import RECON_DEFAULTS, ReconConfig, collect_images, float_copy, reconstruct
 from ..recon.outliers import boundary_outlier_ratios, proxy_score
 from ..recon.slicing import Slicing, blocks_per_unit
@@ -56,12 +59,57 @@ from .registry import register_pass
 log = logging.getLogger(__name__)
 
 SELECT_MODES = ("proxy", "validate")
-OAS_DEFAULTS: dict[str, Any] = {
-    **{k: v for k, v in RECON_DEFAULTS.items() if k != "slicing"},
-    "qdrop_p": 0.5,
-    "candidates": "auto", "select": "validate", "tau": "auto", "val_iters": 200, "val_images": 128, "top_k": 0,
-    "outlier_images": 256, "prefer": "block", "switch_p": 0.05,
-}
+#: the selection's own options and their defaults (the reconstruction options come from ReconConfig)
+SELECT_FIELDS: tuple[tuple[str, Any, Any], ...] = (
+    ("candidates", Any, field(default="auto", metadata={"any_type": True})),
+    ("select", str, field(default="validate")),
+    ("tau", Any, field(default="auto", metadata={"any_type": True})),
+    ("val_iters", int, field(default=200)),
+    ("val_images", int, field(default=128)),
+    ("top_k", int, field(default=0)),
+    ("outlier_images", int, field(default=256)),
+    ("prefer", Any, field(default="block", metadata={"any_type": True})),
+    ("switch_p", float, field(default=0.05)),
+)
+
+
+def _validate_oas(self: Any) -> None:
+    self.recon_config()  # the reconstruction options: ReconConfig checks them
+    need(self.select in SELECT_MODES, f"oas select={self.select!r}: use one of {', '.join(SELECT_MODES)}")
+    _check_guard(self.prefer, self.switch_p)
+    c = self.candidates
+    need(c in ("auto", None) or isinstance(c, str) or (isinstance(c, (list, tuple)) and len(c) > 0),
+         f"oas candidates={c!r}: use 'auto' or a list such as [block, 'blocks:2']")
+    for name in [] if c in ("auto", None) else [c] if isinstance(c, str) else c:
+        Slicing.parse(str(name))
+    need(self.tau in ("auto", None) or (is_number(self.tau) and float(self.tau) > 0),
+         f"oas tau={self.tau!r} must be > 0 (or 'auto' = 2^(A-1))")
+    for k in ("val_iters", "val_images", "outlier_images"):
+        need(is_int(getattr(self, k)) and getattr(self, k) >= 1, f"oas {k}={getattr(self, k)!r} must be an integer >= 1")
+    need(is_int(self.top_k) and self.top_k >= 0, f"oas top_k={self.top_k!r} must be an integer >= 0 (0: all)")
+
+
+def _recon_config(self: Any) -> ReconConfig:
+    """The reconstruction settings of an ``oas`` pass (block units until a slicing is chosen)."""
+    return ReconConfig(slicing="block", **{k: getattr(self, k) for k in RECON_DEFAULTS if k != "slicing"})
+
+
+def _selection(self: Any) -> dict[str, Any]:
+    return {name: getattr(self, name) for name, _, _ in SELECT_FIELDS}
+
+
+#: the ``oas`` pass's options: every ReconConfig option but ``slicing`` (QDrop's p = 0.5 by default,
+#: as the published OAS setting), then the selection's own; one frozen dataclass made from both
+OASOptions = make_dataclass(
+    "OASOptions",
+    [(f.name, f.type, field(default=0.5 if f.name == "qdrop_p" else f.default, metadata=f.metadata))
+     for f in fields(ReconConfig) if f.name != "slicing"] + list(SELECT_FIELDS),
+    bases=(Options,), frozen=True,
+    namespace={"validate": _validate_oas, "recon_config": _recon_config, "selection": _selection,
+               "__doc__": "Options of the ``oas`` pass: reconstruction (ReconConfig, no slicing) + selection.",
+               "__module__": __name__},
+)
+OAS_DEFAULTS: dict[str, Any] = OASOptions.defaults()
 
 
 def auto_candidates(chain: Sequence[Piece]) -> list[str]:
@@ -236,33 +284,15 @@ def select_slicing(model: nn.Module, ctx: Any, cfg: ReconConfig, images: Tensor,
     return record
 
 
-def _recon_config(opts: Any) -> ReconConfig:
-    """The reconstruction settings of an ``oas`` pass (its defaults, then ``opts``; block units until chosen)."""
-    return ReconConfig.from_options(slicing="block", **{k: v for k, v in {**OAS_DEFAULTS, **opts}.items()
-                                                        if k in RECON_DEFAULTS})
-
-
-def check_oas_options(opts: Any) -> None:
-    """The recipe-time check of an ``oas`` pass's options (the rest is checked when the search runs)."""
-    _recon_config(opts)
-    select = opts.get("select", OAS_DEFAULTS["select"])
-    if select not in SELECT_MODES:
-        raise ConfigError(f"oas select={select!r}: use one of {', '.join(SELECT_MODES)}")
-    _check_guard(opts.get("prefer", OAS_DEFAULTS["prefer"]), opts.get("switch_p", OAS_DEFAULTS["switch_p"]))
-
-
-@register_pass("oas", check=check_oas_options, **OAS_DEFAULTS)
-def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str = "validate", tau: Any = "auto",
-             val_iters: int = 200, val_images: int = 128, top_k: int = 0, outlier_images: int = 256,
-             prefer: str | None = "block", switch_p: float = 0.05, **opts: Any) -> nn.Module:
+@register_pass("oas", OASOptions)
+def oas_pass(model: nn.Module, ctx: Any, opts: Any = None) -> nn.Module:
     """Outlier-aware Slicing [R]: pick the unit granularity (guarded short validation or proxy), then reconstruct."""
-    cfg = _recon_config(opts)
+    opts = OASOptions() if opts is None else opts
+    cfg = opts.recon_config()
     run_dir = pass_run_dir(ctx, cfg.run_dir, "oas")
     fp = float_copy(model, ctx)
     images = collect_images(ctx, cfg.num_samples, desc="oas")
-    sel_opts = {"candidates": candidates, "select": select, "tau": tau, "val_iters": val_iters,
-                "val_images": val_images, "top_k": top_k, "outlier_images": outlier_images, "prefer": prefer,
-                "switch_p": switch_p}
+    sel_opts = opts.selection()
     record = None
     sel_file = Path(run_dir) / "oas.json" if run_dir else None
     if sel_file is not None and sel_file.is_file():
@@ -280,8 +310,8 @@ def oas_pass(model: nn.Module, ctx: Any, candidates: Any = "auto", select: str =
     final = cfg.with_(slicing=record["chosen"], run_dir=str(Path(run_dir) / "recon") if run_dir else None)
     report = reconstruct(model, final, ctx, images=images, fp_model=fp, name="oas")
     report["oas"] = record
-    model.vitq_oas = record
+    ensure_state(model).oas = record
     return model
 
 
-__all__ = ["auto_candidates", "guard_winner", "guarded_pick", "logits_kl", "logits_kl_per_image", "oas_pass", "select_slicing"]
+__all__ = ["OASOptions", "auto_candidates", "guard_winner", "guarded_pick", "logits_kl", "logits_kl_per_image", "oas_pass", "select_slicing"]

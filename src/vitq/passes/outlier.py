@@ -35,6 +35,7 @@ The pass must run before ``calibrate`` (it changes the tensors the quantizers ar
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -43,6 +44,8 @@ from torch import Tensor, nn
 from ..adapters import Adapter, ResidualStream, get_adapter
 from ..errors import ConfigError, ModelError
 from ..nn import QLayerNorm, disabled, fake_quants
+from ..options import Options, is_int, need
+from ..state import ensure_state
 from ..quantizers.base import QuantSpec, fake_quant, init_params
 from .registry import register_pass
 from .reparam import fold_ln_affine
@@ -299,43 +302,41 @@ def balance(model: nn.Module, batches: list[Tensor], ln_alpha: bool = True, add_
     return report
 
 
-BALANCE_DEFAULTS: dict[str, Any] = {"ln_alpha": True, "add_alpha": True, "ln_rule": "mse", "add_rule": "mse",
-                                    "max_exp": 10, "max_images": 256}
+@dataclass(frozen=True)
+class BalanceOptions(Options):
+    """``ln_alpha`` / ``add_alpha``: which balancing runs; ``ln_rule`` / ``add_rule``: how the
+    exponents are chosen (:data:`RULES`); ``max_exp``: the largest power of two; ``max_images``."""
+
+    ln_alpha: bool = True
+    add_alpha: bool = True
+    ln_rule: str = "mse"
+    add_rule: str = "mse"
+    max_exp: int = 10
+    max_images: int = 256
+
+    def validate(self) -> None:
+        for k in ("ln_rule", "add_rule"):
+            need(getattr(self, k) in RULES, f"aocq_balance {k}={getattr(self, k)!r}: use one of {', '.join(RULES)}")
+        need(is_int(self.max_exp) and 0 <= self.max_exp <= 30,
+             f"aocq_balance max_exp={self.max_exp!r} must be an integer from 0 to 30")
+        need(is_int(self.max_images) and self.max_images >= 1,
+             f"aocq_balance max_images={self.max_images!r} must be a positive integer")
 
 
-def check_balance_options(opts: Any) -> None:
-    """Values of an ``aocq_balance`` pass (also run at recipe time): one-line ConfigErrors."""
-    o = {**BALANCE_DEFAULTS, **opts}
-    for k in ("ln_rule", "add_rule"):
-        if o[k] not in RULES:
-            raise ConfigError(f"aocq_balance {k}={o[k]!r}: use one of {', '.join(RULES)}")
-    for k in ("ln_alpha", "add_alpha"):
-        if not isinstance(o[k], bool):
-            raise ConfigError(f"aocq_balance {k} must be true or false, got {o[k]!r}")
-    max_exp, max_images = o["max_exp"], o["max_images"]
-    if isinstance(max_exp, bool) or not isinstance(max_exp, int) or not 0 <= max_exp <= 30:
-        raise ConfigError(f"aocq_balance max_exp={max_exp!r} must be an integer from 0 to 30")
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-        raise ConfigError(f"aocq_balance max_images={max_images!r} must be a positive integer")
-
-
-@register_pass("aocq_balance", check=check_balance_options, **BALANCE_DEFAULTS)
-def aocq_balance_pass(model: nn.Module, ctx: Any, ln_alpha: bool = True, add_alpha: bool = True,
-                      ln_rule: str = "mse", add_rule: str = "mse", max_exp: int = 10,
-                      max_images: int = 256) -> nn.Module:
+@register_pass("aocq_balance", BalanceOptions)
+def aocq_balance_pass(model: nn.Module, ctx: Any, opts: BalanceOptions = BalanceOptions()) -> nn.Module:
     """AOCQ operator level: LN_alpha / Add_alpha power-of-two channel balancing (exact in float)."""
-    check_balance_options({"ln_alpha": ln_alpha, "add_alpha": add_alpha, "ln_rule": ln_rule, "add_rule": add_rule,
-                           "max_exp": max_exp, "max_images": max_images})
+    ln_alpha, add_alpha, max_images = opts.ln_alpha, opts.add_alpha, opts.max_images
     if any(bool(fq.initialized) for fq in fake_quants(model, "act")):
         raise ConfigError("aocq_balance must run before calibrate: it changes the tensors the quantizers are calibrated on")
     if not (ln_alpha or add_alpha):
         return model
-    report = balance(model, _batches(ctx, max_images), ln_alpha, add_alpha, max_exp,
-                     getattr(ctx, "adapter", None), ln_rule, add_rule)
+    report = balance(model, _batches(ctx, max_images), ln_alpha, add_alpha, opts.max_exp,
+                     getattr(ctx, "adapter", None), opts.ln_rule, opts.add_rule)
     for kind in ("add_alpha", "ln_alpha"):
         for name, r in report[kind].items():
             log.info("%s %s: max/median range %.1f -> %.1f (2^%d..2^%d, %d channels)", kind, name,
                      r["max_over_median_before"], r["max_over_median_after"], r["exp_min"], r["exp_max"],
                      r["channels_scaled"])
-    model.vitq_balance = report
+    ensure_state(model).balance = report
     return model

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -46,7 +47,9 @@ from torch import Tensor, nn
 from ..errors import CalibrationError, ConfigError
 from ..granularity import PerToken
 from ..metrics import GRADIENT_METRICS, get_metric, kl_to_reference, output_grads, sampled_nll
+from ..batches import forward_logits
 from ..nn import FakeQuant, QConv2d, QLinear, QMatMul, disabled
+from ..options import Options, is_int, need
 from ..quantizers.base import Params, QuantSpec, get_quantizer
 from ..roles import parse_role
 from .registry import register_pass
@@ -192,35 +195,53 @@ def search_layer(layer: nn.Module, slots: Sequence[str], args: tuple[Tensor, ...
     return {s: {k: v.clone() for k, v in fq.params.items()} for s, fq in fqs.items()}
 
 
-PTQ4VIT_DEFAULTS: dict[str, Any] = {"metric": "hessian", "alpha": 0.01, "beta": 1.2, "steps": 100, "rounds": 3,
-                                    "grad": "quant", "max_images": 32, "roles": None, "quantizers": None}
+def _names(v: Any) -> Optional[list[str]]:
+    """``roles`` / ``quantizers``: null, one name (``roles: QKV_IN`` in YAML) or a list of names."""
+    if v is None:
+        return None
+    return [v] if isinstance(v, str) else list(v)
 
 
-def check_ptq4vit_options(opts: Any) -> None:
-    """Values of a ``ptq4vit_search`` pass (also run at recipe time): one-line ConfigErrors."""
-    o = {**PTQ4VIT_DEFAULTS, **opts}
-    get_metric(o["metric"])
-    if o["grad"] not in GRAD_MODES:
-        raise ConfigError(f"ptq4vit_search grad {o['grad']!r} is unknown: use one of {', '.join(GRAD_MODES)}")
-    if not (0 < float(o["alpha"]) <= float(o["beta"])):
-        raise ConfigError(f"ptq4vit_search needs 0 < alpha <= beta, got alpha={o['alpha']} beta={o['beta']}")
-    if int(o["steps"]) < 1 or int(o["rounds"]) < 1 or int(o["max_images"]) < 1:
-        raise ConfigError("ptq4vit_search steps, rounds and max_images must be >= 1")
-    qs = o["quantizers"]
-    for name in [qs] if isinstance(qs, str) else qs or ():
-        get_quantizer(name)  # unknown name: one-line ConfigError
+@dataclass(frozen=True)
+class PTQ4ViTOptions(Options):
+    """``metric``: the layer-output error (``hessian``, ``mse``, ``cosine``); ``alpha``, ``beta``,
+    ``steps``: the candidate grid ``α + i(β-α)/n``; ``rounds``: alternating weight / activation
+    rounds; ``grad``: where the KL gradient is taken (``quant`` | ``fisher``); ``max_images``;
+    ``roles`` / ``quantizers``: search only the sites of these roles / quantizer names (null: all)."""
+
+    metric: str = "hessian"
+    alpha: float = 0.01
+    beta: float = 1.2
+    steps: int = 100
+    rounds: int = 3
+    grad: str = "quant"
+    max_images: int = 32
+    roles: Any = field(default=None, metadata={"any_type": True})
+    quantizers: Any = field(default=None, metadata={"any_type": True})
+
+    def validate(self) -> None:
+        get_metric(self.metric)
+        need(self.grad in GRAD_MODES, f"ptq4vit_search grad {self.grad!r} is unknown: use one of {', '.join(GRAD_MODES)}")
+        need(0 < float(self.alpha) <= float(self.beta),
+             f"ptq4vit_search needs 0 < alpha <= beta, got alpha={self.alpha} beta={self.beta}")
+        need(all(is_int(v) and v >= 1 for v in (self.steps, self.rounds, self.max_images)),
+             "ptq4vit_search steps, rounds and max_images must be integers >= 1")
+        for key in ("roles", "quantizers"):
+            v = getattr(self, key)
+            need(v is None or isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v)),
+                 f"ptq4vit_search {key}={v!r} must be null, a name or a list of names")
+        for name in _names(self.quantizers) or ():
+            get_quantizer(name)  # unknown name: one-line ConfigError
+        for r in _names(self.roles) or ():
+            parse_role(r)
 
 
-@register_pass("ptq4vit_search", check=check_ptq4vit_options, **PTQ4VIT_DEFAULTS)
-def ptq4vit_search_pass(model: nn.Module, ctx: Any, metric: str = "hessian", alpha: float = 0.01,
-                        beta: float = 1.2, steps: int = 100, rounds: int = 3, grad: str = "quant",
-                        max_images: int = 32, roles: Optional[Sequence[str]] = None,
-                        quantizers: Optional[Sequence[str]] = None) -> nn.Module:
+@register_pass("ptq4vit_search", PTQ4ViTOptions)
+def ptq4vit_search_pass(model: nn.Module, ctx: Any, opts: PTQ4ViTOptions = PTQ4ViTOptions()) -> nn.Module:
     """PTQ4ViT: per-layer search of quantizer scales by (Hessian-guided) layer-output error."""
-    check_ptq4vit_options({"metric": metric, "alpha": alpha, "beta": beta, "steps": steps, "rounds": rounds,
-                           "grad": grad, "max_images": max_images, "quantizers": quantizers})
-    roles = [roles] if isinstance(roles, str) else roles  # `roles: QKV_IN` in YAML means one role
-    quantizers = [quantizers] if isinstance(quantizers, str) else quantizers
+    metric, alpha, beta, steps, rounds = opts.metric, opts.alpha, opts.beta, opts.steps, opts.rounds
+    grad, max_images = opts.grad, opts.max_images
+    roles, quantizers = _names(opts.roles), _names(opts.quantizers)
     layers = search_layers(model, roles, quantizers)
     if not layers:
         log.warning("ptq4vit_search: no calibrated quantization site to search; nothing to do")
@@ -229,7 +250,7 @@ def ptq4vit_search_pass(model: nn.Module, ctx: Any, metric: str = "hessian", alp
     mods = [m for m, _ in layers]
     with disabled(model):
         captured = _capture(model, x, mods)  # parallel: float inputs and outputs
-        ref = model(x).detach()
+        ref = forward_logits(model, x).detach()
     grads: list[Optional[Tensor]] = [None] * len(mods)
     if metric in GRADIENT_METRICS:
         grads = list(_gradients(model, x, mods, ref, grad, ctx.seed))

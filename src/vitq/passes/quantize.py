@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Protocol
 
 from torch import nn
 
 from ..bits import Bits
 from ..nn import FakeQuant, QSoftmax, QuantSlots
-from ..recipes import Recipe
+from ..quantizers.base import QuantSpec
+from ..roles import Role
+
+
+class SiteRules(Protocol):
+    """What inserting quantizers needs of a recipe (:class:`vitq.recipes.Recipe` is one): the rule of
+    each site and the softmax implementation. Passes sit below recipes, so they name only this."""
+
+    softmax: str
+
+    def rule_for(self, kind: str, role: Role, module_name: str) -> Optional["SiteRule"]: ...
+
+
+class SiteRule(Protocol):
+    def resolve(self, bits: Bits) -> QuantSpec: ...
 
 
 def iter_slots(model: nn.Module):  # type: ignore[no-untyped-def]
@@ -19,7 +33,7 @@ def iter_slots(model: nn.Module):  # type: ignore[no-untyped-def]
                 yield name, mod, slot, role, kind
 
 
-def insert_quantizers(model: nn.Module, recipe: Recipe, bits: Bits) -> nn.Module:
+def insert_quantizers(model: nn.Module, recipe: SiteRules, bits: Bits) -> nn.Module:
     for name, mod, slot, role, kind in iter_slots(model):
         rule = recipe.rule_for(kind, role, name)
         fq = None if rule is None else FakeQuant(rule.resolve(bits), role, site=f"{name}.{slot}", kind=kind)

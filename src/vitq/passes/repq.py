@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -60,6 +61,8 @@ from ..errors import ConfigError, ModelError
 from ..granularity import PerChannel, PerTensor
 from ..nn import FakeQuant, calibrate_weights
 from ..nn.modules import QuantSlots
+from ..options import Options
+from ..state import ensure_state
 from .registry import register_pass
 from .reparam import fold_ln_affine
 
@@ -188,27 +191,30 @@ def reparameterize(model: nn.Module, target: str = "mean", round_zero_point: boo
     return done
 
 
-REPARAM_DEFAULTS: dict[str, Any] = {"target": "mean", "round_zero_point": False, "zero_point_target": None,
-                                    "clip_mad_k": None}
+@dataclass(frozen=True)
+class ReparamOptions(Options):
+    """``target``: the layer-wise scale statistic (:data:`TARGETS`); ``round_zero_point``;
+    ``zero_point_target`` (null: as ``target``); ``clip_mad_k``: MOSF-MAD clipping (null: off)."""
+
+    target: str = "mean"
+    round_zero_point: bool = False
+    zero_point_target: Optional[str] = field(default=None, metadata={"any_type": True})
+    clip_mad_k: Optional[float] = field(default=None, metadata={"any_type": True})
+
+    def validate(self) -> None:
+        get_target(self.target)
+        if self.zero_point_target is not None:
+            get_target(self.zero_point_target)
+        check_clip_mad_k(self.clip_mad_k)
 
 
-def check_reparam_options(opts: Any) -> None:
-    """The recipe-time check of a ``reparam`` pass's options."""
-    o = {**REPARAM_DEFAULTS, **opts}
-    get_target(o["target"])
-    if o["zero_point_target"] is not None:
-        get_target(o["zero_point_target"])
-    if not isinstance(o["round_zero_point"], bool):
-        raise ConfigError(f"reparam round_zero_point={o['round_zero_point']!r} must be true or false")
-    check_clip_mad_k(o["clip_mad_k"])
-
-
-@register_pass("reparam", check=check_reparam_options, **REPARAM_DEFAULTS)
-def reparam_pass(model: nn.Module, ctx: Any, target: str = "mean", round_zero_point: bool = False,
-                 zero_point_target: Optional[str] = None, clip_mad_k: Optional[float] = None) -> nn.Module:
+@register_pass("reparam", ReparamOptions)
+def reparam_pass(model: nn.Module, ctx: Any, opts: ReparamOptions = ReparamOptions()) -> nn.Module:
     """RepQ-ViT: fold channel-wise post-LayerNorm quantizers into LayerNorm + Linear (per-tensor after)."""
-    n = reparameterize(model, target, bool(round_zero_point), getattr(ctx, "adapter", None), zero_point_target,
+    target, clip_mad_k = opts.target, opts.clip_mad_k
+    n = reparameterize(model, target, opts.round_zero_point, getattr(ctx, "adapter", None), opts.zero_point_target,
                        clip_mad_k)
+    ensure_state(model).reparam.append({"pass": "reparam", **opts.to_dict(), "layernorms": n})
     if n == 0:
         log.warning("reparam: no LayerNorm consumer has a channel-wise uniform input quantizer; nothing to do "
                     "(give act:QKV_IN / act:FC1_IN / act:REDUCTION_IN granularity: channel)")
@@ -218,5 +224,5 @@ def reparam_pass(model: nn.Module, ctx: Any, target: str = "mean", round_zero_po
     return model
 
 
-__all__ = ["MAD_CLIP_K", "TARGETS", "check_clip_mad_k", "clip_scales_mad", "get_target", "register_target", "reparam_pass", "reparam_scales",
+__all__ = ["MAD_CLIP_K", "TARGETS", "ReparamOptions", "check_clip_mad_k", "clip_scales_mad", "get_target", "register_target", "reparam_pass", "reparam_scales",
            "reparameterize"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from ..adapters import Piece, get_adapter
 from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, fake_quants
+from ..options import Options
+from ..state import ensure_state
 from ..recon.engine import act_sites, collect_images, float_copy, model_device, run_pieces, unit_modules
 from ..recon.losses import get_loss
 from ..recon.slicing import Slicing, describe_units
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ScaleSearchConfig:
+class ScaleSearchConfig(Options):
     """Options of ``aocq_act_scales`` (all [R], see the module docstring)."""
 
     steps: int = 4
@@ -77,17 +79,6 @@ class ScaleSearchConfig:
         Slicing.parse(self.slicing)
         if get_loss(self.loss).needs_grad:
             raise ConfigError(f"aocq_act_scales: loss {self.loss!r} needs output gradients: use mse or token_norm")
-
-    @classmethod
-    def from_options(cls, **opts: Any) -> "ScaleSearchConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(opts) - known
-        if unknown:
-            raise ConfigError(f"aocq_act_scales: unknown option(s) {sorted(unknown)}; allowed are {sorted(known)}")
-        return cls(**opts)
-
-
-SEARCH_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ScaleSearchConfig)}
 
 
 # -- pure pieces ----------------------------------------------------------------------------------
@@ -228,10 +219,9 @@ def search_act_scales(model: nn.Module, cfg: ScaleSearchConfig, ctx: Any, images
     return report
 
 
-@register_pass("aocq_act_scales", check=lambda o: ScaleSearchConfig.from_options(**o), **SEARCH_DEFAULTS)
-def aocq_act_scales_pass(model: nn.Module, ctx: Any, **opts: Any) -> nn.Module:
+@register_pass("aocq_act_scales", ScaleSearchConfig)
+def aocq_act_scales_pass(model: nn.Module, ctx: Any, opts: ScaleSearchConfig = ScaleSearchConfig()) -> nn.Module:
     """AOCQ stage 1: activation scales s0 -> s4 by a shrinking coordinate search, weights in float."""
-    cfg = ScaleSearchConfig.from_options(**opts)
-    report = search_act_scales(model, cfg, ctx)
-    model.vitq_act_scales = report
+    report = search_act_scales(model, opts, ctx)
+    ensure_state(model).act_scales = report
     return model

@@ -2,8 +2,7 @@
 error ``||A·V − Â·V||²`` on calibration data (METHODS.md §1b(iii); the calibration rule, like
 TanQ itself, is OUR reconstruction [R], not DopQ-ViT's published procedure).
 
-For every attention core (:class:`~vitq.nn.QAttention` / :class:`~vitq.nn.QWindowAttention`,
-found by type) whose ``matmul_av`` probabilities site is a ``tanq`` FakeQuant, a forward pre-hook
+For every attention core (:class:`~vitq.nn.QAttentionCore`, found by type, whatever the family) whose ``matmul_av`` probabilities site is a ``tanq`` FakeQuant, a forward pre-hook
 on ``matmul_av`` captures ``(A, V)`` as they reach it - with every TanQ site switched off, every
 other site as it is - and :func:`vitq.quantizers.tan.search_theta` picks the best candidate.
 V is used in float (the ATTN_V site, if any, is not applied to the target or the estimate).
@@ -13,26 +12,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import CalibrationError, ConfigError
-from ..nn import FakeQuant, QAttention, QWindowAttention
+from ..errors import CalibrationError
+from ..nn import FakeQuant, QAttentionCore
+from ..options import Options, is_int, is_number, need
 from ..quantizers.tan import THETA_GRID, search_theta
 from .registry import register_pass
 
 log = logging.getLogger(__name__)
 
-ATTENTION_TYPES = (QAttention, QWindowAttention)
-
-
 def tanq_sites(model: nn.Module) -> list[tuple[nn.Module, FakeQuant]]:
     """``(matmul_av, its probabilities FakeQuant)`` for every attention core quantized with tanq."""
     out = []
     for m in model.modules():
-        if isinstance(m, ATTENTION_TYPES):
+        if isinstance(m, QAttentionCore):
             fq = m.matmul_av.quant_a
             if isinstance(fq, FakeQuant) and fq.enabled and fq.spec.quantizer == "tanq":
                 out.append((m.matmul_av, fq))
@@ -68,14 +66,36 @@ def capture_attention(model: nn.Module, batches: Any, matmuls: Sequence[nn.Modul
     return [(torch.cat([a for a, _ in g]), torch.cat([v for _, v in g])) for g in got]
 
 
-@register_pass("tanq_calibrate", thetas=THETA_GRID, scales=("one", "quantile"), percentile=0.9999,
-               max_images=64)
-def tanq_calibrate_pass(model: nn.Module, ctx: Any, thetas: Sequence[float] = THETA_GRID,
-                        scales: Sequence[Any] = ("one", "quantile"), percentile: float = 0.9999,
-                        max_images: int = 64) -> nn.Module:
+SCALE_NAMES = ("one", "max", "quantile")
+
+
+@dataclass(frozen=True)
+class TanqCalibrateOptions(Options):
+    """``thetas``: the θ grid (each in (0, 1)); ``scales``: range candidates (``one``, ``max``,
+    ``quantile`` or a number); ``percentile``: the quantile candidate's level; ``max_images``:
+    calibration images whose attention is captured."""
+
+    thetas: tuple[float, ...] = field(default=THETA_GRID, metadata={"any_type": True})
+    scales: tuple[Any, ...] = field(default=("one", "quantile"), metadata={"any_type": True})
+    percentile: float = 0.9999
+    max_images: int = 64
+
+    def validate(self) -> None:
+        th = self.thetas
+        need(isinstance(th, (list, tuple)) and len(th) > 0 and all(is_number(t) and 0 < float(t) < 1 for t in th),
+             f"tanq_calibrate thetas={th!r} must be a non-empty list of numbers strictly between 0 and 1")
+        sc = self.scales
+        need(isinstance(sc, (list, tuple)) and len(sc) > 0
+             and all((is_number(v) and float(v) > 0) or v in SCALE_NAMES for v in sc),
+             f"tanq_calibrate scales={sc!r} must be a non-empty list of {', '.join(SCALE_NAMES)} or positive numbers")
+        need(0.5 < float(self.percentile) <= 1.0, f"tanq_calibrate percentile={self.percentile} must be in (0.5, 1]")
+        need(is_int(self.max_images) and self.max_images >= 1,
+             f"tanq_calibrate max_images={self.max_images!r} must be an integer >= 1")
+
+
+@register_pass("tanq_calibrate", TanqCalibrateOptions)
+def tanq_calibrate_pass(model: nn.Module, ctx: Any, opts: TanqCalibrateOptions = TanqCalibrateOptions()) -> nn.Module:
     """TanQ calibration: grid-search θ and s per attention layer by attention-output error."""
-    if int(max_images) < 1:
-        raise ConfigError(f"tanq_calibrate max_images must be >= 1, got {max_images}")
     sites = tanq_sites(model)
     if not sites:
         log.warning("tanq_calibrate: no post-Softmax site uses the tanq quantizer; nothing to do")
@@ -85,13 +105,13 @@ def tanq_calibrate_pass(model: nn.Module, ctx: Any, thetas: Sequence[float] = TH
         fq.enabled = False
     try:
         captured = capture_attention(model, ctx.calib_batches(desc="tanq_calibrate"),
-                                     [mm for mm, _ in sites], int(max_images))
+                                     [mm for mm, _ in sites], opts.max_images)
     finally:
         for (_, fq), s in zip(sites, saved, strict=True):
             fq.enabled = s
     for (_, fq), (a, v) in zip(sites, captured, strict=True):
-        best, table = search_theta(a, v, fq.spec, tuple(float(t) for t in thetas), tuple(scales),
-                                   float(percentile))
+        best, table = search_theta(a, v, fq.spec, tuple(float(t) for t in opts.thetas), tuple(opts.scales),
+                                   float(opts.percentile))
         fq.set_params({k: t.to(fq.initialized.device) for k, t in best.items()})
         log.info("tanq_calibrate %s: theta=%.3g scale=%.5g (error %.4g, %d candidates)", fq.site,
                  float(best["theta"]), float(best["scale"]), min(r["error"] for r in table), len(table))

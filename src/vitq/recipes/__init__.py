@@ -14,20 +14,26 @@ run's WxAy) or an int. ``softmax`` names the :class:`~vitq.nn.QSoftmax` implemen
 merged left to right: rules accumulate (later wins per key); any other key of a later base wins
 where it is not the default; the recipe's own keys win over all (``extends: [fq, repq]`` = repq,
 fully quantized).
+
+Recipes sit above the passes: this package validates each pass's options into the pass's own
+options object (:func:`vitq.passes.parse_options`) when a recipe is loaded or edited, and the
+editing helpers (``set_pass_options`` for ``--set``, ``override_pass_options``) live here too.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
 from ..bits import Bits
 from ..errors import ConfigError
+from ..nn import SOFTMAX_IMPLS
+from ..passes import PASSES, PassOptions, get_pass, parse_options
 from ..quantizers.base import QuantSpec
 from ..roles import FULL_QUANT_ROLES, Role, parse_role
 
@@ -76,10 +82,22 @@ class SiteRule:
 
 @dataclass(frozen=True)
 class PassConfig:
-    """One step of a recipe: a registered pass name and its (validated) options."""
+    """One step of a recipe: a registered pass name, the options the recipe gives it (``options``,
+    what a recipe file holds) and the validated options object the pass receives (``opts``: every
+    option, defaults filled in; built here when not given)."""
 
     name: str
     options: tuple[tuple[str, Any], ...] = ()
+    opts: PassOptions = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.opts is None:
+            object.__setattr__(self, "opts", parse_options(self.name, dict(self.options), f"pass {self.name!r}"))
+
+    @classmethod
+    def make(cls, name: str, options: Mapping[str, Any], source: str = "recipe") -> "PassConfig":
+        """Validate ``options`` for pass ``name`` (a one-line error naming ``source``) and build the step."""
+        return cls(name, tuple(sorted(options.items())), parse_options(name, options, source))
 
     def opt(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
@@ -133,8 +151,6 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "recipe") -> "Recipe":
-        from ..passes.registry import validate_pass
-
         allowed = {"type", "version", "name", "description", "paper", "calib_size", "rules", "overrides",
                    "passes", "extends", "full_quant", "softmax"}
         unknown = set(d) - allowed
@@ -170,14 +186,11 @@ class Recipe:
             name = p.pop("pass", None)
             if not name:
                 raise ConfigError(f"{source}: every pass needs a 'pass: NAME' entry")
-            validate_pass(name, p, source)
-            passes.append(PassConfig(name, tuple(sorted(p.items()))))
+            passes.append(PassConfig.make(name, p, source))
         full_quant = d.get("full_quant", base.get("full_quant", False))
         if not isinstance(full_quant, bool):
             raise ConfigError(f"{source}: full_quant must be true or false, got {full_quant!r}")
         softmax = str(d.get("softmax", base.get("softmax", "float")))
-        from ..nn import SOFTMAX_IMPLS
-
         if softmax not in SOFTMAX_IMPLS:
             raise ConfigError(f"{source}: unknown softmax {softmax!r}: use one of {', '.join(sorted(SOFTMAX_IMPLS))}")
         return cls(
@@ -215,3 +228,70 @@ def load_recipe(name_or_path: "str | Recipe") -> Recipe:
         raise ConfigError(f"{src} must be a YAML mapping")
     data.setdefault("name", p.stem)
     return Recipe.from_dict(data, src)
+
+
+# -- editing: --set and the flags that change pass options --------------------------------------------
+def parse_assignments(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
+    """``["loss=fisher_diag", "iters=500", "candidates=[half, block]"]`` -> ``{"loss": "fisher_diag", ...}``.
+
+    A value is an int, a float (``4e-5`` too) or YAML (``true``, ``null``, ``[a, b]``, a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: write OPTION=VALUE, e.g. {flag} loss=fisher_diag")
+        out[key] = _scalar(text.strip())
+    return out
+
+
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _homeless_hint(keys: Sequence[str], names: Sequence[str]) -> str:
+    """Why a recipe whose passes are ``names`` cannot take option(s) ``keys``, and which recipes can."""
+    owners = sorted({n for n, info in PASSES.items() if set(keys) <= set(info.options)})
+    if not owners:
+        takes = sorted({o for n in names for o in get_pass(n).options})
+        return f"its passes ({', '.join(dict.fromkeys(names))}) take {', '.join(takes)}"
+    runs = [r for r in list_recipes() if {pc.name for pc in load_recipe(r).passes} & set(owners)]
+    return (f"{'it is an option' if len(keys) == 1 else 'they are options'} of the {' or '.join(owners)} pass, "
+            f"which this recipe does not run: use a recipe that does ({', '.join(runs)}) or drop the option")
+
+
+def set_pass_options(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
+    """A copy of ``recipe`` where every pass that has option ``k`` gets ``values[k]`` (``None`` included:
+    it is a value, e.g. ``clip_mad_k: null``). Every key must be an option of at least one of the recipe's
+    passes, and the changed passes are validated again, so a typo or a bad value fails here, before
+    calibration. The CLI's ``--set`` uses this."""
+    if not values:
+        return recipe
+    names = [pc.name for pc in recipe.passes]
+    homeless = sorted(k for k in values if not any(k in get_pass(n).options for n in names))
+    if homeless:
+        raise ConfigError(f"recipe {recipe.name} has no pass with option(s) {', '.join(homeless)}: "
+                          + _homeless_hint(homeless, names))
+    passes = []
+    for pc in recipe.passes:
+        mine = {k: v for k, v in values.items() if k in get_pass(pc.name).options}
+        passes.append(PassConfig.make(pc.name, {**dict(pc.options), **mine}, f"recipe {recipe.name}") if mine else pc)
+    return replace(recipe, passes=tuple(passes))
+
+
+def override_pass_options(recipe: Recipe, **opts: Any) -> Recipe:
+    """:func:`set_pass_options` for optional settings: ``None`` means "not given" and is skipped (the
+    CLI's ``--iters`` / ``--max-cache-gb`` / ``--resume-dir``, the benches' variants)."""
+    return set_pass_options(recipe, {k: v for k, v in opts.items() if v is not None})
+
+
+__all__ = ["FORMAT_VERSION", "RECIPE_DIR", "PassConfig", "Recipe", "SiteRule", "list_recipes", "load_recipe",
+           "override_pass_options", "parse_assignments", "set_pass_options"]

@@ -43,7 +43,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -54,6 +54,8 @@ from torch import Tensor, nn
 from ..adapters import Adapter, Piece, get_adapter
 from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, QuantSlots
+from ..options import Options
+from ..state import ensure_state
 from .adaround import AdaRoundWeight, beta_at, round_loss
 from .cache import ChunkStore, batch_schedule, chunk_bounds
 from .losses import get_loss
@@ -63,13 +65,12 @@ log = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("adaround", "fp", "none")
 ACT_MODES = ("lsq", "none")
-FP_MODEL_KEY = "vitq.recon.fp_model"
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
-class ReconConfig:
+class ReconConfig(Options):
     """Options of one reconstruction run (also the ``reconstruct`` pass options)."""
 
     slicing: str = "block"
@@ -124,11 +125,10 @@ class ReconConfig:
 
     @classmethod
     def from_options(cls, **opts: Any) -> "ReconConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(opts) - known
-        if unknown:
-            raise ConfigError(f"unknown reconstruction option(s) {sorted(unknown)}; allowed are {sorted(known)}")
-        return cls(**opts)
+        try:
+            return cls.parse(opts)
+        except ConfigError as e:
+            raise ConfigError(f"reconstruction: {e}") from None
 
     def with_(self, **kw: Any) -> "ReconConfig":
         return ReconConfig(**{**asdict(self), **kw})
@@ -141,7 +141,7 @@ class ReconConfig:
         return d
 
 
-RECON_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ReconConfig)}
+RECON_DEFAULTS: dict[str, Any] = ReconConfig.defaults()
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -154,11 +154,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def float_copy(model: nn.Module, ctx: Any = None) -> nn.Module:
-    """The float model whose outputs are the reconstruction targets: one copy per context, taken
-    by the first reconstruction pass (before any weight changed), every FakeQuant switched off."""
-    extras = getattr(ctx, "extras", None)
-    if extras is not None and FP_MODEL_KEY in extras:
-        return extras[FP_MODEL_KEY]
+    """The float model whose outputs are the reconstruction targets: one copy per context
+    (``ctx.fp_model``), taken by the first reconstruction pass (before any weight changed), every
+    FakeQuant switched off."""
+    if getattr(ctx, "fp_model", None) is not None:
+        return ctx.fp_model
     fp = copy.deepcopy(model)
     for m in fp.modules():
         if isinstance(m, FakeQuant):
@@ -166,8 +166,8 @@ def float_copy(model: nn.Module, ctx: Any = None) -> nn.Module:
     for p in fp.parameters():
         p.requires_grad_(False)
     fp.eval()
-    if extras is not None:
-        extras[FP_MODEL_KEY] = fp
+    if ctx is not None and hasattr(ctx, "fp_model"):
+        ctx.fp_model = fp
     return fp
 
 
@@ -617,14 +617,12 @@ class Reconstructor:
 def reconstruct(model: nn.Module, cfg: ReconConfig, ctx: Any, images: Optional[Tensor] = None,
                 fp_model: Optional[nn.Module] = None, name: str = "reconstruct") -> dict[str, Any]:
     """Reconstruct ``model`` (prepared and calibrated) in place; returns the run report and appends
-    it to ``model.vitq_reconstruction``."""
+    it to the model's :class:`~vitq.state.QuantState` (``reconstruction``)."""
     fp = fp_model if fp_model is not None else float_copy(model, ctx)
     if images is None:
         images = collect_images(ctx, cfg.num_samples, desc=name)
     r = Reconstructor(model, cfg, images, fp, adapter=getattr(ctx, "adapter", None), seed=int(getattr(ctx, "seed", 0)),
                       progress=bool(getattr(ctx, "progress", False)), name=name)
     report = r.run()
-    history = list(getattr(model, "vitq_reconstruction", []) or [])
-    history.append(report)
-    model.vitq_reconstruction = history
+    ensure_state(model).reconstruction.append(report)
     return report

@@ -47,20 +47,20 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
         "fmnist-vit", "vit",
         dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6,
              num_heads=4, mlp_ratio=4.0, qkv_bias=True),
-        (1, 28, 28), "timm VisionTransformer, 28x28 grey, patch 4, dim 64, depth 6, 4 heads",
+        (1, 28, 28), "timm ViT, 28x28 grey, patch 4, dim 64, depth 6, 4 heads",
     ),
     "fmnist-deit": ReferenceSpec(
         "fmnist-deit", "deit",
         dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6,
              num_heads=4, mlp_ratio=4.0, qkv_bias=True),
-        (1, 28, 28), "timm VisionTransformerDistilled (class + distillation token), same size as fmnist-vit,"
+        (1, 28, 28), "timm DeiT, distilled (class + distillation token), same size as fmnist-vit,"
                      " distilled from fmnist-vit",
     ),
     "fmnist-swin": ReferenceSpec(
         "fmnist-swin", "swin",
         dict(img_size=32, patch_size=2, in_chans=1, num_classes=10, window_size=4, embed_dim=32,
              depths=(2, 2, 2), num_heads=(2, 4, 8), mlp_ratio=4.0),
-        (1, 32, 32), "timm SwinTransformer, 32x32 grey (resized), patch 2, window 4, dims 32/64/128",
+        (1, 32, 32), "timm Swin, 32x32 grey (resized), patch 2, window 4, dims 32/64/128",
     ),
 }
 OUTLIER_SUFFIX = "-outlier"
@@ -75,12 +75,9 @@ def list_reference_models() -> list[str]:
 
 def build_architecture(spec: ReferenceSpec) -> nn.Module:
     """The untrained timm module of a reference model, with its preprocessing in ``pretrained_cfg``."""
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
+    from ..adapters.timm import build_architecture as build_timm
 
-    cls = {"vit": VisionTransformer, "deit": VisionTransformerDistilled, "swin": SwinTransformer}[spec.arch]
-    model = cls(**spec.kwargs)
+    model = build_timm(spec.arch, spec.kwargs)
     cfg = dict(FMNIST_PRETRAINED_CFG)
     cfg["input_size"] = spec.input_size
     cfg["architecture"] = spec.name

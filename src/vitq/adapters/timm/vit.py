@@ -1,14 +1,27 @@
 """timm ``VisionTransformer`` (ViT, DeiT) and ``VisionTransformerDistilled`` (DeiT with
-distillation token)."""
+distillation token).
+
+* :class:`TimmAttention` replaces ``timm.layers.Attention``: it takes over the timm module's
+  sub-modules and parameters (same names, so state dicts are unchanged) and computes attention
+  through the :class:`~vitq.nn.QAttentionCore`, in exactly timm's non-fused order of operations
+  (``(q * scale) @ k^T``), so an empty one is bit-exact with timm's non-fused path.
+* :class:`TimmBlock` is mixed into timm's ``Block`` in place (:func:`~vitq.adapters.base.mix_in`):
+  the two residual additions become :class:`~vitq.nn.QAdd` and the forward splits into
+  ``forward_attn`` / ``forward_mlp``, the halves reconstruction uses as units.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import Tensor, nn
 
-from ..errors import ModelError
-from ..nn import QAttention, QBlock
-from ..roles import Role
-from .base import (
+from ...data import PreprocessConfig
+from ...errors import ModelError
+from ...nn import QAdd, QAttentionCore
+from ...roles import Role
+from ..base import (
     Adapter,
     LNPair,
     Piece,
@@ -16,12 +29,87 @@ from .base import (
     StreamReader,
     StreamWriter,
     check_nothing_left,
+    mix_in,
+    mixed_class,
     register_adapter,
     require_type,
     swap_conv,
     swap_layernorm,
     swap_linear,
 )
+from . import patch_embed_geometry, timm_data_config
+
+
+def _self_attn_bias(n: int, attn: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Optional[Tensor]:
+    if is_causal:
+        return attn.new_full((n, n), float("-inf")).triu_(1)
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros_like(attn_mask, dtype=attn.dtype)
+        return bias.masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask
+
+
+class TimmAttention(QAttentionCore):
+    """Replacement for ``timm.layers.Attention`` (ViT, DeiT, and most plain ViT variants)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.scale = attn.scale
+        self.qkv = attn.qkv
+        self.q_norm = attn.q_norm
+        self.k_norm = attn.k_norm
+        self.attn_drop = attn.attn_drop
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.gate = getattr(attn, "gate", None)
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        self.init_core()
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask = _self_attn_bias(N, q, attn_mask, is_causal)
+        x = self.attend(q, k, v, self.scale, mask=mask, dropout=self.attn_drop)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+class TimmBlock(nn.Module):
+    """Behaviour mixed into timm's ViT ``Block``: residual adds as QAdd, forward in two halves."""
+
+    add1: QAdd
+    add2: QAdd
+
+    @staticmethod
+    def from_float(block: nn.Module) -> nn.Module:
+        mix_in(block, TimmBlock)
+        if "add1" not in block._modules:
+            block.add1 = QAdd()
+            block.add2 = QAdd()
+        return block
+
+    def forward_attn(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        return self.add1(x, self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
+                                                               is_causal=is_causal))))
+
+    def forward_mlp(self, x: Tensor) -> Tensor:
+        return self.add2(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        return self.forward_mlp(self.forward_attn(x, attn_mask=attn_mask, is_causal=is_causal))
 
 
 @register_adapter
@@ -30,11 +118,19 @@ class TimmViTAdapter(Adapter):
     description = ("timm VisionTransformer (ViT / DeiT, any size) and VisionTransformerDistilled "
                    "(DeiT with distillation token), global pool token/avg")
 
+    library = "timm"
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer
 
         return isinstance(model, VisionTransformer)
+
+    def data_config(self, model: nn.Module) -> PreprocessConfig:
+        return timm_data_config(model, *patch_embed_geometry(model))
+
+    def is_wrapped(self, model: nn.Module) -> bool:
+        return len(model.blocks) > 0 and isinstance(model.blocks[0], TimmBlock)
 
     def check(self, model: nn.Module) -> None:
         from timm.layers import Mlp
@@ -45,7 +141,7 @@ class TimmViTAdapter(Adapter):
             raise ModelError("attention-pooling head (global_pool='map') is not supported: use 'token' or 'avg'")
         for i, blk in enumerate(model.blocks):
             require_type(blk, (Block,), "transformer block", f"blocks.{i}")
-            require_type(blk.attn, (Attention, QAttention), "attention", f"blocks.{i}.attn")
+            require_type(blk.attn, (Attention, TimmAttention), "attention", f"blocks.{i}.attn")
             require_type(blk.mlp, (Mlp,), "MLP", f"blocks.{i}.mlp")
             if getattr(blk.attn, "gate", None) is not None:
                 raise ModelError(f"gated attention at blocks.{i}.attn is not supported")
@@ -61,11 +157,11 @@ class TimmViTAdapter(Adapter):
         for attr in ("norm_pre", "norm", "fc_norm"):
             swap_layernorm(model, attr)
         for blk in model.blocks:
-            QBlock.from_float(blk)
+            TimmBlock.from_float(blk)
             swap_layernorm(blk, "norm1")
             swap_layernorm(blk, "norm2")
-            if not isinstance(blk.attn, QAttention):
-                blk.attn = QAttention(blk.attn)
+            if not isinstance(blk.attn, TimmAttention):
+                blk.attn = TimmAttention(blk.attn)
             swap_linear(blk.attn, "qkv", Role.QKV_IN)
             swap_linear(blk.attn, "proj", Role.PROJ_IN)
             swap_linear(blk.mlp, "fc1", Role.FC1_IN)
@@ -121,7 +217,7 @@ class TimmViTAdapter(Adapter):
     def chain(self, model: nn.Module) -> list[Piece]:
         """embed (patch embed, position embedding, norm_pre) | per block: attn half, mlp half |
         head (final norm, pooling, fc_norm, head / head_dist)."""
-        if not getattr(model, "vitq_wrapped", False) and not isinstance(model.blocks[0], QBlock):
+        if not self.is_wrapped(model):
             self.wrap(model)
 
         def embed(x: Tensor) -> Tensor:
@@ -144,3 +240,13 @@ class TimmViTAdapter(Adapter):
                           if isinstance(m, nn.Module))
         pieces.append(Piece("head", "head", head, head_mods))
         return pieces
+
+
+def _predefine() -> None:
+    # the mixed block class exists at import, so that pickled / deep-copied models find it by name
+    from timm.models.vision_transformer import Block
+
+    mixed_class(Block, TimmBlock)
+
+
+_predefine()

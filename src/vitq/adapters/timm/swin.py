@@ -1,14 +1,24 @@
 """timm ``SwinTransformer`` (window attention with relative position bias, shifted windows,
-patch merging)."""
+patch merging).
+
+* :class:`TimmWindowAttention` replaces timm's ``WindowAttention`` (same sub-module and parameter
+  names), computing attention through the :class:`~vitq.nn.QAttentionCore` in timm's order
+  (``(q * scale) @ k^T + relative position bias``; the shifted-window mask after SOFTMAX_IN).
+* :class:`TimmSwinBlock` is mixed into timm's ``SwinTransformerBlock`` in place: residual adds as
+  :class:`~vitq.nn.QAdd`, forward in two halves (inputs and outputs are B,H,W,C).
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
-from ..errors import ModelError
-from ..nn import QSwinBlock, QWindowAttention
-from ..roles import Role
-from .base import (
+from ...data import PreprocessConfig
+from ...errors import ModelError
+from ...nn import QAdd, QAttentionCore
+from ...roles import Role
+from ..base import (
     Adapter,
     LNPair,
     Piece,
@@ -16,12 +26,79 @@ from .base import (
     StreamReader,
     StreamWriter,
     check_nothing_left,
+    mix_in,
+    mixed_class,
     register_adapter,
     require_type,
     swap_conv,
     swap_layernorm,
     swap_linear,
 )
+from . import patch_embed_geometry, timm_data_config
+
+
+class TimmWindowAttention(QAttentionCore):
+    """Replacement for ``timm.models.swin_transformer.WindowAttention`` (relative position bias,
+    shifted-window mask)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.dim = attn.dim
+        self.window_size = attn.window_size
+        self.window_area = attn.window_area
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        self.qkv = attn.qkv
+        self.attn_drop = attn.attn_drop
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        self.init_core(softmax_first=True)
+
+    def _get_rel_pos_bias(self) -> Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(
+            self.window_area, self.window_area, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if mask is not None:  # (num_win, N, N) -> (B_, 1, N, N), window index fastest as in B_
+            mask = mask.unsqueeze(1).repeat(B_ // mask.shape[0], 1, 1, 1)
+        x = self.attend(q, k, v, self.scale, bias=self._get_rel_pos_bias(), mask=mask, dropout=self.attn_drop)
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+class TimmSwinBlock(nn.Module):
+    """Behaviour mixed into timm's ``SwinTransformerBlock`` (inputs and outputs are B,H,W,C)."""
+
+    add1: QAdd
+    add2: QAdd
+
+    @staticmethod
+    def from_float(block: nn.Module) -> nn.Module:
+        mix_in(block, TimmSwinBlock)
+        if "add1" not in block._modules:
+            block.add1 = QAdd()
+            block.add2 = QAdd()
+        return block
+
+    def forward_attn(self, x: Tensor) -> Tensor:
+        return self.add1(x, self.drop_path1(self._attn(self.norm1(x))))
+
+    def forward_mlp(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        x = x.reshape(B, -1, C)
+        x = self.add2(x, self.drop_path2(self.mlp(self.norm2(x))))
+        return x.reshape(B, H, W, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_mlp(self.forward_attn(x))
 
 
 @register_adapter
@@ -29,11 +106,19 @@ class TimmSwinAdapter(Adapter):
     name = "timm-swin"
     description = "timm SwinTransformer (Swin v1, any size: window attention, shifted windows, patch merging)"
 
+    library = "timm"
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         from timm.models.swin_transformer import SwinTransformer
 
         return isinstance(model, SwinTransformer)
+
+    def data_config(self, model: nn.Module) -> PreprocessConfig:
+        return timm_data_config(model, *patch_embed_geometry(model))
+
+    def is_wrapped(self, model: nn.Module) -> bool:
+        return isinstance(model.layers[0].blocks[0], TimmSwinBlock)
 
     def check(self, model: nn.Module) -> None:
         from timm.layers import Mlp
@@ -46,7 +131,7 @@ class TimmSwinAdapter(Adapter):
             for bi, blk in enumerate(stage.blocks):
                 where = f"layers.{si}.blocks.{bi}"
                 require_type(blk, (SwinTransformerBlock,), "Swin block", where)
-                require_type(blk.attn, (WindowAttention, QWindowAttention), "window attention", where + ".attn")
+                require_type(blk.attn, (WindowAttention, TimmWindowAttention), "window attention", where + ".attn")
                 require_type(blk.mlp, (Mlp,), "MLP", where + ".mlp")
                 if getattr(blk, "dynamic_mask", False):
                     raise ModelError(f"dynamic attention mask at {where} is not supported")
@@ -64,11 +149,11 @@ class TimmSwinAdapter(Adapter):
                 swap_linear(stage.downsample, "reduction", Role.REDUCTION_IN)
                 swap_layernorm(stage.downsample, "norm")
             for blk in stage.blocks:
-                QSwinBlock.from_float(blk)
+                TimmSwinBlock.from_float(blk)
                 swap_layernorm(blk, "norm1")
                 swap_layernorm(blk, "norm2")
-                if not isinstance(blk.attn, QWindowAttention):
-                    blk.attn = QWindowAttention(blk.attn)
+                if not isinstance(blk.attn, TimmWindowAttention):
+                    blk.attn = TimmWindowAttention(blk.attn)
                 swap_linear(blk.attn, "qkv", Role.QKV_IN)
                 swap_linear(blk.attn, "proj", Role.PROJ_IN)
                 swap_linear(blk.mlp, "fc1", Role.FC1_IN)
@@ -132,7 +217,7 @@ class TimmSwinAdapter(Adapter):
     def chain(self, model: nn.Module) -> list[Piece]:
         """embed (patch embed) | per stage: merge (patch merging), then per block: attn half, mlp
         half | head (final norm, pooling, fc)."""
-        if not getattr(model, "vitq_wrapped", False) and not isinstance(model.layers[0].blocks[0], QSwinBlock):
+        if not self.is_wrapped(model):
             self.wrap(model)
 
         def head(x: Tensor) -> Tensor:
@@ -153,3 +238,13 @@ class TimmSwinAdapter(Adapter):
                 nblk += 1
         pieces.append(Piece("head", "head", head, (model.norm, model.head)))
         return pieces
+
+
+def _predefine() -> None:
+    # the mixed block class exists at import, so that pickled / deep-copied models find it by name
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    mixed_class(SwinTransformerBlock, TimmSwinBlock)
+
+
+_predefine()

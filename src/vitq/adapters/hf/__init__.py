@@ -1,0 +1,211 @@
+"""Hugging Face transformers: the library (MODEL = ``hf:DIR``, a local ``save_pretrained`` folder;
+nothing is downloaded) and its families, ViT / DeiT (:mod:`.vit`) and Swin (:mod:`.swin`).
+
+``transformers`` is an optional extra (``pip install vitq[hf]``): without it these adapters match
+nothing and ``hf:DIR`` is a one-line error. Models are built with ``attn_implementation="eager"``
+so that the float model vitq evaluates is exactly the wrapped model with quantization disabled.
+
+Preprocessing comes from the folder's ``preprocessor_config.json`` (the image processor's own
+settings), kept on the model as ``vitq_preprocessor`` and in an export's build config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from ...checkpoints import short_error
+from ...data import PreprocessConfig, fit_channels
+from ...errors import ModelError
+from ..base import ModelLibrary, ModelSource, register_library
+
+PREFIX = "hf:"
+#: the model classes vitq has adapters for, by the name ``config.json``'s ``architectures`` uses
+SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
+             "SwinForImageClassification")
+#: PIL resample codes of image-processor configs -> interpolation names
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+#: ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / STD), for configs that leave them out
+_DEFAULT_MEAN = (0.5, 0.5, 0.5)
+_DEFAULT_STD = (0.5, 0.5, 0.5)
+_INSTALL = "install the Hugging Face extra: pip install 'vitq[hf]' (or pip install transformers)"
+
+
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"Hugging Face models need the transformers package: {_INSTALL}") from None
+    return transformers
+
+
+def model_class(name: str) -> type:
+    """A supported transformers model class by name."""
+    if name not in SUPPORTED:
+        raise ModelError(f"Hugging Face architecture {name} is not supported: vitq supports {', '.join(SUPPORTED)}")
+    return getattr(_transformers(), name)
+
+
+class HFLibrary(ModelLibrary):
+    name = "hf"
+    usage = "hf:DIR (a local Hugging Face save_pretrained folder)"
+
+    def claims(self, model: str) -> bool:
+        return model.startswith(PREFIX)
+
+    def load(self, model: str, checkpoint: Optional[str] = None, random_weights: bool = False,
+             num_classes: Optional[int] = None) -> tuple[nn.Module, ModelSource]:
+        if checkpoint:
+            raise ModelError(f"{model} holds its own weights (model.safetensors): drop --checkpoint")
+        if num_classes is not None:
+            raise ModelError(f"{model} takes its classifier size from its config.json: drop --num-classes")
+        folder = Path(model[len(PREFIX):]).expanduser()
+        if not folder.is_dir():
+            raise ModelError(f"Hugging Face model folder {folder} does not exist: pass hf:DIR with a local "
+                             "save_pretrained folder (nothing is downloaded)")
+        cfg_file = folder / "config.json"
+        if not cfg_file.is_file():
+            raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json): pass the folder "
+                             "model.save_pretrained() wrote")
+        tf = _transformers()
+        try:
+            config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # transformers raises ValueError / OSError / KeyError for foreign configs
+            raise ModelError(f"{cfg_file} cannot be read as a transformers config ({short_error(e)}): "
+                             "pass a save_pretrained folder") from None
+        arch = _architecture(config, cfg_file)
+        cls = model_class(arch)
+        if not random_weights and not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+            raise ModelError(f"{folder} has no weights (model.safetensors): save the model with "
+                             "save_pretrained, or pass --random-weights for cost measurements only")
+        try:
+            if random_weights:
+                m = cls(config)
+            else:
+                m = cls.from_pretrained(str(folder), config=config, local_files_only=True)
+        except Exception as e:  # truncated weights, mismatching shapes
+            raise ModelError(f"transformers cannot load {folder} as {arch} ({short_error(e)}): "
+                             "re-save the folder with save_pretrained") from None
+        pre = read_preprocessor(folder)
+        source = ModelSource("hf", model, build_config=build_config(m, pre))
+        return finish(m, pre), source
+
+    def build(self, source: ModelSource) -> nn.Module:
+        bc = source.build_config or {}
+        if "config" not in bc or "architecture" not in bc:
+            raise ModelError(f"the source of {source.name} has no Hugging Face build config: re-export the model "
+                             "with this vitq")
+        cls = model_class(str(bc["architecture"]))
+        config = cls.config_class.from_dict(dict(bc["config"]))
+        return finish(cls(config), bc.get("preprocessor"))
+
+
+register_library(HFLibrary())
+
+
+def _architecture(config: Any, where: Path) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    for a in archs:
+        if a in SUPPORTED:
+            return a
+    found = ", ".join(archs) if archs else f"a {type(config).__name__} without architectures"
+    raise ModelError(f"{where} describes {found}: vitq supports {', '.join(SUPPORTED)} "
+                     "(save an image-classification model with save_pretrained)")
+
+
+def finish(m: nn.Module, preprocessor: Optional[dict[str, Any]]) -> nn.Module:
+    """Eager attention (the float function vitq's wrapped model reproduces exactly), eval mode, and
+    the image-processor settings the data config reads."""
+    m.config._attn_implementation = "eager"
+    m.vitq_preprocessor = dict(preprocessor or {})
+    return m.eval()
+
+
+def read_preprocessor(folder: Path) -> dict[str, Any]:
+    p = folder / "preprocessor_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{p} is not valid JSON ({e}): fix or re-save it") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{p} must hold a JSON object: re-save it with the image processor's save_pretrained")
+    return d
+
+
+def build_config(m: nn.Module, preprocessor: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What rebuilds the architecture without the folder: class, config, image-processor settings."""
+    return {"architecture": type(m).__name__ if type(m).__name__ in SUPPORTED else _base_name(m),
+            "config": m.config.to_dict(), "preprocessor": dict(preprocessor or {})}
+
+
+def _base_name(m: nn.Module) -> str:
+    for c in type(m).__mro__:
+        if c.__name__ in SUPPORTED:
+            return c.__name__
+    raise ModelError(f"{type(m).__name__} is not a supported Hugging Face model")
+
+
+def hf_data_config(model: nn.Module, num_channels: int, image_size: tuple[int, int]) -> PreprocessConfig:
+    """The preprocessing of a Hugging Face model from its image-processor settings: resize to
+    ``size`` (height x width), centre crop to ``crop_size`` when ``do_center_crop``, rescale by 1/255,
+    normalise with ``image_mean`` / ``image_std`` (the ViT / DeiT image processors' pipeline)."""
+    pre: dict[str, Any] = dict(getattr(model, "vitq_preprocessor", None) or {})
+    if pre.get("do_rescale", True) is False:
+        raise ModelError("the image processor does not rescale pixel values (do_rescale: false): vitq feeds images "
+                         "scaled to [0, 1]; set do_rescale: true in preprocessor_config.json")
+    size = _hw(pre.get("size"), image_size)
+    crop = _hw(pre.get("crop_size"), size) if pre.get("do_center_crop", False) else size
+    if crop != image_size:
+        raise ModelError(f"the image processor makes {crop[0]}x{crop[1]} inputs but the model is built for "
+                         f"{image_size[0]}x{image_size[1]}: fix size / crop_size in preprocessor_config.json")
+    if pre.get("do_resize", True) is False:
+        size = crop
+    # PreprocessConfig resizes both sides to crop / crop_pct: exact when the resize keeps the crop's aspect
+    crop_pct = crop[0] / size[0]
+    if abs(crop[1] / size[1] - crop_pct) > 1e-9:
+        raise ModelError(f"the image processor resizes to {size[0]}x{size[1]} and crops {crop[0]}x{crop[1]} "
+                         "(different ratios per side): not supported yet")
+    if pre.get("do_normalize", True) is False:
+        mean, std = (0.0,) * num_channels, (1.0,) * num_channels
+    else:
+        mean = tuple(float(v) for v in (pre.get("image_mean") or _DEFAULT_MEAN))
+        std = tuple(float(v) for v in (pre.get("image_std") or _DEFAULT_STD))
+        mean, std = fit_channels(mean, num_channels), fit_channels(std, num_channels)
+    return PreprocessConfig(input_size=(int(num_channels), int(image_size[0]), int(image_size[1])),
+                            mean=mean, std=std, interpolation=_RESAMPLE.get(int(pre.get("resample", 2)), "bilinear"),
+                            crop_pct=float(crop_pct))
+
+
+def _hw(size: Any, default: tuple[int, int]) -> tuple[int, int]:
+    if size is None:
+        return default
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            return (int(size["height"]), int(size["width"]))
+        if "shortest_edge" in size:
+            raise ModelError("the image processor resizes the shortest edge (size: {shortest_edge: ...}): vitq supports "
+                             "size: {height: H, width: W} for Hugging Face models so far")
+    raise ModelError(f"image-processor size {size!r} is not understood: use {{height: H, width: W}}")
+
+
+def config_image_size(config: Any) -> tuple[int, int]:
+    s = config.image_size
+    return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+from . import swin, vit  # noqa: E402,F401  (registration of the families)

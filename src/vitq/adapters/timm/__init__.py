@@ -1,0 +1,122 @@
+"""timm: the library (MODEL = a timm model name, weights from ``--checkpoint FILE``; nothing is
+downloaded) and its families, ViT / DeiT (:mod:`.vit`) and Swin (:mod:`.swin`).
+
+What every timm adapter shares lives here: building a model from a source, the reference models'
+architectures, and the data config from timm's ``pretrained_cfg``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ...checkpoints import load_into, load_state_file, short_error
+from ...data import PreprocessConfig, fit_channels
+from ...errors import ModelError
+from ..base import ModelLibrary, ModelSource, register_library
+
+#: architectures the reference models are built from (``vitq.reference`` names them by these keys)
+ARCHITECTURES = {
+    "vit": ("timm.models.vision_transformer", "VisionTransformer"),
+    "deit": ("timm.models.deit", "VisionTransformerDistilled"),
+    "swin": ("timm.models.swin_transformer", "SwinTransformer"),
+}
+
+#: where timm checkpoints keep their classifier, to infer ``num_classes``
+_HEAD_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight")
+
+
+def build_architecture(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    """An untrained timm model of one of :data:`ARCHITECTURES` with the given constructor arguments."""
+    import importlib
+
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unknown timm architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+    module, cls = ARCHITECTURES[arch]
+    return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+def infer_num_classes(sd: dict[str, torch.Tensor]) -> Optional[int]:
+    for k in _HEAD_KEYS:
+        if k in sd and sd[k].ndim == 2:
+            return int(sd[k].shape[0])
+    return None
+
+
+class TimmLibrary(ModelLibrary):
+    name = "timm"
+    usage = "a timm model name with --checkpoint FILE"
+
+    def claims(self, model: str) -> bool:
+        import timm
+
+        return bool(timm.is_model(model))
+
+    def load(self, model: str, checkpoint: Optional[str] = None, random_weights: bool = False,
+             num_classes: Optional[int] = None) -> tuple[nn.Module, ModelSource]:
+        sd = None
+        if checkpoint:
+            sd = load_state_file(checkpoint)
+            num_classes = num_classes or infer_num_classes(sd)
+        elif not random_weights:
+            raise ModelError(
+                f"timm model {model} needs its weights as --checkpoint FILE (.pth/.pt/.safetensors): "
+                "nothing is downloaded (use --random-weights for cost measurements only)"
+            )
+        source = ModelSource("timm", model, checkpoint, num_classes)
+        m = self.build(source)
+        if sd is not None:
+            load_into(m, sd, f"checkpoint {checkpoint}")
+        return m, source
+
+    def build(self, source: ModelSource) -> nn.Module:
+        import timm
+
+        kw = {} if source.num_classes is None else {"num_classes": source.num_classes}
+        try:
+            return timm.create_model(source.name, pretrained=False, **kw).eval()
+        except Exception as e:  # timm raises many types for bad arguments
+            raise ModelError(f"timm cannot build {source.name} ({short_error(e)})") from None
+
+
+register_library(TimmLibrary())
+
+
+def timm_data_config(model: nn.Module, in_chans: Optional[int], img_size: Optional[tuple[int, int]]) -> PreprocessConfig:
+    """The preprocessing a timm model expects, from its ``pretrained_cfg`` (input size, mean / std,
+    interpolation, crop_pct), with the channel count and image size the model is actually built for."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    default = PreprocessConfig()
+    input_size = tuple(cfg.get("input_size", default.input_size))
+    if in_chans is not None and input_size[0] != in_chans:
+        input_size = (in_chans, *input_size[1:])
+    if img_size is not None and tuple(input_size[1:]) != img_size:
+        input_size = (input_size[0], *img_size)
+    mean = tuple(cfg.get("mean", default.mean))
+    std = tuple(cfg.get("std", default.std))
+    if len(mean) != input_size[0]:
+        mean, std = fit_channels(mean, input_size[0]), fit_channels(std, input_size[0])
+    return PreprocessConfig(
+        input_size=(int(input_size[0]), int(input_size[1]), int(input_size[2])),
+        mean=mean, std=std,
+        interpolation=str(cfg.get("interpolation", default.interpolation)),
+        crop_pct=float(cfg.get("crop_pct", default.crop_pct) or 1.0),
+    )
+
+
+def patch_embed_geometry(model: nn.Module) -> tuple[Optional[int], Optional[tuple[int, int]]]:
+    """``(in_chans, img_size)`` of a timm model's ``patch_embed`` (``img_size`` None when dynamic)."""
+    pe = getattr(model, "patch_embed", None)
+    proj = getattr(pe, "proj", None)
+    in_chans = int(proj.in_channels) if proj is not None and hasattr(proj, "in_channels") else None
+    size = getattr(pe, "img_size", None)
+    if size is None or getattr(pe, "dynamic_img_size", False):
+        return in_chans, None
+    if isinstance(size, int):
+        return in_chans, (size, size)
+    return in_chans, (int(size[0]), int(size[1]))
+
+
+from . import swin, vit  # noqa: E402,F401  (registration of the families)
