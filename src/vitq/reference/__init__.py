@@ -8,6 +8,11 @@ the same float function, but post-LayerNorm channel ranges 8-32x the median, as 
 Weights live in ``weights/<name>.safetensors`` beside a ``<name>.json`` that records the
 architecture arguments, the preprocessing, the FP test accuracy and the outlier scales.
 ``scripts/train_reference.py`` re-creates them.
+
+Hugging Face twins (``fmnist-vit-hf`` and ``fmnist-vit-hf-outlier``) are ``save_pretrained``
+folders ``weights/<name>/`` made by ``scripts/timm_to_hf.py`` from the timm model: the same float
+function, loaded exactly as a user's ``hf:DIR`` is (``vitq_reference.json`` there holds the FP
+top-1 and the outlier scales under the HF LayerNorm names). They need ``transformers``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..errors import ModelError
+from ..passes.reparam import apply_channel_scales
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -64,13 +70,20 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
     ),
 }
 OUTLIER_SUFFIX = "-outlier"
+#: Hugging Face reference models: name -> the timm reference model they were converted from
+HF_REFERENCE_MODELS: dict[str, str] = {"fmnist-vit-hf": "fmnist-vit"}
+HF_META_FILE = "vitq_reference.json"
 
 
 def list_reference_models() -> list[str]:
     names = []
-    for n in REFERENCE_MODELS:
+    for n in [*REFERENCE_MODELS, *HF_REFERENCE_MODELS]:
         names += [n, n + OUTLIER_SUFFIX]
     return names
+
+
+def _base(name: str) -> str:
+    return name[: -len(OUTLIER_SUFFIX)] if name.endswith(OUTLIER_SUFFIX) else name
 
 
 def build_architecture(spec: ReferenceSpec) -> nn.Module:
@@ -93,27 +106,48 @@ def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
+def hf_folder(name: str) -> Path:
+    """The ``save_pretrained`` folder of a Hugging Face reference model."""
+    return WEIGHTS_DIR / _base(name)
+
+
 def load_meta(name: str) -> dict[str, Any]:
-    p = meta_path(name)
+    p = hf_folder(name) / HF_META_FILE if _base(name) in HF_REFERENCE_MODELS else meta_path(name)
     if not p.is_file():
         return {}
     return json.loads(p.read_text())
 
 
 def is_reference(name: str) -> bool:
-    base = name[: -len(OUTLIER_SUFFIX)] if name.endswith(OUTLIER_SUFFIX) else name
-    return base in REFERENCE_MODELS
+    base = _base(name)
+    return base in REFERENCE_MODELS or base in HF_REFERENCE_MODELS
+
+
+def _load_hf_reference(name: str, base: str) -> nn.Module:
+    from ..adapters import get_library
+
+    folder = hf_folder(base)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"reference model {base} is missing ({folder}): run scripts/timm_to_hf.py "
+                         f"{HF_REFERENCE_MODELS[base]} --out {folder}")
+    model, _ = get_library("hf").load(f"hf:{folder}")
+    return model
 
 
 def load_reference(name: str, weights: bool = True) -> nn.Module:
     """Build reference model ``name`` (``fmnist-vit``, ``fmnist-deit-outlier``, ...) in eval mode."""
     outlier = name.endswith(OUTLIER_SUFFIX)
-    base = name[: -len(OUTLIER_SUFFIX)] if outlier else name
-    if base not in REFERENCE_MODELS:
+    base = _base(name)
+    if not is_reference(name):
         raise ModelError(f"unknown reference model {name!r}: choose one of {', '.join(list_reference_models())}")
+    meta = load_meta(base)
+    if base in HF_REFERENCE_MODELS:
+        model = _load_hf_reference(name, base)
+        if outlier:
+            _apply_outliers(model, base, meta)
+        return model.eval()
     spec = REFERENCE_MODELS[base]
     model = build_architecture(spec)
-    meta = load_meta(base)
     if weights:
         tr = meta.get("train") or {}
         if tr.get("epochs_done", tr.get("epochs")) != tr.get("epochs"):
@@ -129,18 +163,19 @@ def load_reference(name: str, weights: bool = True) -> nn.Module:
         model.load_state_dict(load_file(str(wp)))
     model.pretrained_cfg = {**model.pretrained_cfg, "fp_top1": meta.get("fp_top1")}
     if outlier:
-        from ..passes.reparam import apply_channel_scales
-
-        scales = meta.get("outlier_scales")
-        if not scales:
-            raise ModelError(f"reference model {base} has no outlier scales in {meta_path(base)}: "
-                             f"run scripts/train_reference.py --outliers-only {base}")
-        apply_channel_scales(model, {k: {int(c): float(s) for c, s in v.items()} for k, v in scales.items()})
+        _apply_outliers(model, base, meta)
         model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name}
     return model.eval()
 
 
+def _apply_outliers(model: nn.Module, base: str, meta: dict[str, Any]) -> None:
+    scales = meta.get("outlier_scales")
+    if not scales:
+        raise ModelError(f"reference model {base} has no outlier scales in {meta_path(base)}: "
+                         f"run scripts/train_reference.py --outliers-only {base}")
+    apply_channel_scales(model, {k: {int(c): float(s) for c, s in v.items()} for k, v in scales.items()})
+
+
 def reference_fp_top1(name: str) -> Optional[float]:
-    base = name[: -len(OUTLIER_SUFFIX)] if name.endswith(OUTLIER_SUFFIX) else name
-    v = load_meta(base).get("fp_top1")
+    v = load_meta(_base(name)).get("fp_top1")
     return None if v is None else float(v)
