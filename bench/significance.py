@@ -110,9 +110,12 @@ from vitq.evaluate import (  # noqa: E402
     evaluate,
 )
 from vitq.passes.oas import OAS_DEFAULTS  # noqa: E402
-from vitq.recipes import override_pass_options, parse_assignments  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
-from vitq.recipes import load_recipe  # noqa: E402
+from vitq.recipes import (  # noqa: E402
+    load_recipe,  # noqa: E402
+    override_pass_options,
+    parse_assignments,
+)
 from vitq.reference import load_reference  # noqa: E402
 from vitq.state import state_of  # noqa: E402
 

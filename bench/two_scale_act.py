@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 import vitq
 from vitq.data import FashionMNIST, Preprocess
-from vitq.models import data_config
 from vitq.errors import ModelError
+from vitq.models import data_config
 from vitq.nn import QAttentionCore
 from vitq.observers import Observer
 from vitq.passes.tanq_calib import capture_attention

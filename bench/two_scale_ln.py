@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 import vitq  # noqa: F401  (registers quantizers)
 from vitq.data import FashionMNIST, Preprocess
-from vitq.models import data_config
 from vitq.errors import ModelError
+from vitq.models import data_config
 from vitq.observers import Observer
 from vitq.quantizers import QuantSpec, fake_quant
 from vitq.quantizers.two_scale import outlier_channels

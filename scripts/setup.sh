@@ -16,5 +16,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch and torchvision pinned to the builds this project is tested with
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import vitq, torch, timm; print('vitq', vitq.__version__, '| torch', torch.__version__, '| timm', timm.__version__)"
+# transformers pinned to the release the Hugging Face adapters are tested with (the hf extra allows 5.x)
+.venv/bin/python -m pip install -q --disable-pip-version-check "transformers==5.24.0" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[hf,test,bench]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import vitq, torch, timm, transformers; print('vitq', vitq.__version__, '| torch', torch.__version__, '| timm', timm.__version__, '| transformers', transformers.__version__)"

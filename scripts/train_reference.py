@@ -28,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vitq.data import FashionMNIST, Preprocess  # noqa: E402
 from vitq.models import data_config  # noqa: E402
 from vitq.reference import (  # noqa: E402
-    REFERENCE_MODELS, build_architecture, load_meta, load_reference, meta_path, weights_path,
+    REFERENCE_MODELS,
+    build_architecture,
+    load_meta,
+    load_reference,
+    meta_path,
+    weights_path,
 )
 
 log = logging.getLogger("train_reference")

@@ -10,9 +10,9 @@ from conftest import tiny_deit, tiny_swin, tiny_vit, unfuse
 
 import vitq
 from vitq.adapters import get_adapter
-from vitq.errors import ModelError
 from vitq.adapters.timm.swin import TimmWindowAttention
 from vitq.adapters.timm.vit import TimmAttention
+from vitq.errors import ModelError
 from vitq.nn import FakeQuant, QLinear, disabled
 
 VIT_VARIANTS = {

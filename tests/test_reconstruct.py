@@ -189,8 +189,7 @@ def test_bad_options_are_one_line_config_errors() -> None:
 
 def test_brecq_two_passes_use_the_float_targets() -> None:
     fp, q, x = calibrated(tiny_vit, recipe="minmax")
-    from vitq.recipes import override_pass_options
-    from vitq.recipes import load_recipe
+    from vitq.recipes import load_recipe, override_pass_options
 
     r = override_pass_options(load_recipe("brecq"), iters=10)
     q2 = vitq.prepare(copy.deepcopy(fp), r, "W4A4")
@@ -367,8 +366,7 @@ def test_cli_iters_override_and_errors(tmp_path: Path, fmnist_dir: Path, pickled
 
 
 def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path) -> None:
-    from vitq.recipes import override_pass_options, parse_assignments
-    from vitq.recipes import load_recipe
+    from vitq.recipes import load_recipe, override_pass_options, parse_assignments
 
     assert parse_assignments(["loss=fisher_diag", "iters=5", "lr_act=4e-5", "act_quant=false",
                               "candidates=[half, block]", "run_dir=null"]) == {

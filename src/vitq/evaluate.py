@@ -12,6 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .batches import batch_images, batch_labels, forward_logits
+from .errors import DataError
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, MiB: since the last :func:`reset_peak_rss` where Linux
@@ -56,8 +59,9 @@ class Predictions:
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = False, desc: str = "eval",
             device: Optional[torch.device] = None) -> Predictions:
-    """Top-``k`` class indices and per-image cross-entropy of ``model`` for every ``(images, labels)``
-    batch of ``loader``."""
+    """Top-``k`` class indices and per-image cross-entropy of ``model`` for every batch of ``loader``:
+    ``(images, labels)`` pairs or ``{"pixel_values": ..., "labels": ...}`` dicts; the model may return
+    logits or an output with ``.logits`` (Hugging Face)."""
     model.eval()
     tops: list[Tensor] = []
     labels: list[Tensor] = []
@@ -68,11 +72,15 @@ def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = F
         from tqdm.auto import tqdm
 
         it = tqdm(loader, desc=desc, unit="batch", leave=False)
-    for x, y in it:
+    for b in it:
+        x, y = batch_images(b), batch_labels(b)
+        if y is None:
+            raise DataError("evaluation batches need labels: give (images, labels) pairs or dicts with 'labels'")
+        y = torch.as_tensor(y)
         if device is not None:
             x, y = x.to(device), y.to(device)
-        logits = model(x)
-        y = torch.as_tensor(y).reshape(-1)
+        logits = forward_logits(model, x)
+        y = y.reshape(-1)
         tops.append(logits.topk(min(k, logits.shape[-1]), dim=-1).indices.cpu())
         labels.append(y.cpu())
         if nlls is not None and logits.dim() == 2 and not y.is_floating_point() and len(y) == len(logits) \

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Mapping, TypeVar
 
 from .errors import ConfigError, check_field_types
 
-O = TypeVar("O", bound="Options")
+OptionsT = TypeVar("OptionsT", bound="Options")
 
 
 class Options:
@@ -36,7 +36,7 @@ class Options:
         return out
 
     @classmethod
-    def parse(cls: type[O], values: Mapping[str, Any]) -> O:
+    def parse(cls: type[OptionsT], values: Mapping[str, Any]) -> OptionsT:
         """The options object for a (partial) mapping of values: unknown keys and bad values are errors."""
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = set(values) - known
@@ -57,7 +57,7 @@ class Options:
         d = self.defaults()
         return {k: v for k, v in self.to_dict().items() if v != d[k]}
 
-    def replace(self: O, **kw: Any) -> O:
+    def replace(self: OptionsT, **kw: Any) -> OptionsT:
         """A copy with ``kw`` changed, validated again."""
         return type(self).parse({**self.to_dict(), **kw})
 

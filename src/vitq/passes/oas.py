@@ -47,12 +47,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import Piece, get_adapter
+from ..batches import forward_logits
 from ..errors import ConfigError
 from ..options import Options, is_int, is_number, need
-from ..state import ensure_state
 from ..recon.engine import RECON_DEFAULTS, ReconConfig, collect_images, float_copy, reconstruct
 from ..recon.outliers import boundary_outlier_ratios, proxy_score
 from ..recon.slicing import Slicing, blocks_per_unit
+from ..state import ensure_state
 from .reconstruct import pass_run_dir
 from .registry import register_pass
 
@@ -147,8 +148,8 @@ def logits_kl_per_image(fp_model: nn.Module, model: nn.Module, images: Tensor, b
     out = []
     for s in range(0, images.shape[0], batch_size):
         x = images[s:s + batch_size].to(dev)
-        p = F.softmax(fp_model(x), dim=-1)
-        q = F.log_softmax(model(x), dim=-1)
+        p = F.softmax(forward_logits(fp_model, x), dim=-1)
+        q = F.log_softmax(forward_logits(model, x), dim=-1)
         out.append(F.kl_div(q, p, reduction="none").sum(-1).double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 

@@ -45,8 +45,8 @@ from ..adapters import Adapter, ResidualStream, get_adapter
 from ..errors import ConfigError, ModelError
 from ..nn import QLayerNorm, disabled, fake_quants
 from ..options import Options, is_int, need
-from ..state import ensure_state
 from ..quantizers.base import QuantSpec, fake_quant, init_params
+from ..state import ensure_state
 from .registry import register_pass
 from .reparam import fold_ln_affine
 

@@ -44,10 +44,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..batches import forward_logits
 from ..errors import CalibrationError, ConfigError
 from ..granularity import PerToken
 from ..metrics import GRADIENT_METRICS, get_metric, kl_to_reference, output_grads, sampled_nll
-from ..batches import forward_logits
 from ..nn import FakeQuant, QConv2d, QLinear, QMatMul, disabled
 from ..options import Options, is_int, need
 from ..quantizers.base import Params, QuantSpec, get_quantizer

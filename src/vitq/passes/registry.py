@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping
 from ..errors import ConfigError
 from ..options import Options
 
-
 #: every pass's options class derives from this (frozen dataclass; see :mod:`vitq.options`)
 PassOptions = Options
 

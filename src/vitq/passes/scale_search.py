@@ -39,10 +39,10 @@ from ..adapters import Piece, get_adapter
 from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, fake_quants
 from ..options import Options
-from ..state import ensure_state
 from ..recon.engine import act_sites, collect_images, float_copy, model_device, run_pieces, unit_modules
 from ..recon.losses import get_loss
 from ..recon.slicing import Slicing, describe_units
+from ..state import ensure_state
 from .registry import register_pass
 
 log = logging.getLogger(__name__)

@@ -89,6 +89,8 @@ class HFLibrary(ModelLibrary):
         if not random_weights and not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
             raise ModelError(f"{folder} has no weights (model.safetensors): save the model with "
                              "save_pretrained, or pass --random-weights for cost measurements only")
+        bars = tf.utils.logging.is_progress_bar_enabled()
+        tf.utils.logging.disable_progress_bar()  # vitq shows its own progress; no per-file bars
         try:
             if random_weights:
                 m = cls(config)
@@ -97,6 +99,9 @@ class HFLibrary(ModelLibrary):
         except Exception as e:  # truncated weights, mismatching shapes
             raise ModelError(f"transformers cannot load {folder} as {arch} ({short_error(e)}): "
                              "re-save the folder with save_pretrained") from None
+        finally:
+            if bars:
+                tf.utils.logging.enable_progress_bar()
         pre = read_preprocessor(folder)
         source = ModelSource("hf", model, build_config=build_config(m, pre))
         return finish(m, pre), source

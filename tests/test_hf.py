@@ -1,0 +1,239 @@
+"""Hugging Face models: the adapters, hf:DIR loading, and "same function, same result" against timm.
+
+The HF twins are made by ``scripts/timm_to_hf.py`` from tiny timm models (random weights): the same
+float function, so a calibration-only recipe must give the same quantized logits on both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_deit, tiny_swin, tiny_vit, unfuse
+
+pytest.importorskip("transformers")
+import transformers  # noqa: E402
+
+import vitq  # noqa: E402
+from vitq.adapters import get_adapter, run_chain  # noqa: E402
+from vitq.errors import ModelError  # noqa: E402
+from vitq.nn import QAttentionCore, disabled  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from timm_to_hf import convert  # noqa: E402
+
+SIZES = {"vit": 16, "deit": 16, "swin": 32}
+# head_dim 16 everywhere: the softmax scale 1/4 is a power of two, so timm's (q * s) @ k^T and the
+# library's (q @ k^T) * s round identically (the reference models have head_dim 16 too)
+MAKERS = {"vit": tiny_vit, "deit": tiny_deit, "swin": lambda: tiny_swin(num_heads=(1, 2))}
+
+
+def pair(family: str):
+    """(timm model on its explicit attention path, its HF twin, calibration images, test images)."""
+    timm_model = unfuse(MAKERS[family]())
+    hf = convert(timm_model)
+    g = torch.Generator().manual_seed(3)
+    s = SIZES[family]
+    return timm_model, hf, torch.randn(16, 3, s, s, generator=g), torch.randn(8, 3, s, s, generator=g)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("family", sorted(SIZES))
+def test_converter_is_the_same_float_function(family: str) -> None:
+    t, hf, _, x = pair(family)
+    assert torch.equal(logits(hf, x), logits(t, x))  # bit-exact with timm's explicit attention path
+
+
+def test_converter_other_head_dims_agree_to_rounding() -> None:
+    """With a softmax scale that is not a power of two the two libraries' orders of operations round
+    differently (timm scales q, transformers the scores): equal to float rounding, not bit for bit."""
+    t = unfuse(tiny_swin())  # head_dim 8
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(convert(t), x), logits(t, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(SIZES))
+def test_wrapped_hf_equals_float_and_disabled_equals_float(family: str) -> None:
+    _, hf, calib, x = pair(family)
+    ref = logits(hf, x)
+    wrapped = vitq.wrap(copy.deepcopy(hf))
+    cores = [m for m in wrapped.modules() if isinstance(m, QAttentionCore)]
+    assert len(cores) == hf.config.num_hidden_layers if family != "swin" else len(cores) == sum(hf.config.depths)
+    assert torch.equal(logits(wrapped, x), ref)
+    q = vitq.quantize(copy.deepcopy(hf), "minmax", "W4A4", calib_data=calib)
+    assert not torch.equal(logits(q, x), ref)  # quantization does something
+    with disabled(q):
+        assert torch.equal(logits(q, x), ref)
+    assert isinstance(q(x), transformers.modeling_outputs.ModelOutput)  # still an HF model to its user
+    pieces = get_adapter(q).chain(q)
+    assert torch.equal(run_chain(pieces, x), logits(q, x))
+
+
+@pytest.mark.parametrize("recipe", ["minmax", "percentile", "omse", "repq", "dopq-calib", "tsptq"])
+@pytest.mark.parametrize("family", sorted(SIZES))
+def test_calibration_recipes_give_the_timm_twins_logits(family: str, recipe: str) -> None:
+    t, hf, calib, x = pair(family)
+    qt = vitq.quantize(copy.deepcopy(t), recipe, "W4A4", calib_data=calib)
+    qh = vitq.quantize(copy.deepcopy(hf), recipe, "W4A4", calib_data=calib)
+    # q_proj / k_proj / v_proj are three sites over the same LayerNorm output: same samples, same params
+    assert torch.equal(logits(qh, x), logits(qt, x))
+
+
+def test_ptq4vit_differs_only_by_its_per_linear_search() -> None:
+    """PTQ4ViT searches each Linear's scales by that Linear's own output error, and its weights are
+    per tensor: HF's q / k / v get three searches and three weight scales (PTQ4ViT's own q/k/v
+    grouping), timm's fused qkv one. Everything else is the same: with the qkv sites in float the two
+    agree exactly."""
+    t, hf, calib, x = pair("vit")
+    keep_float = vitq.Recipe.from_dict({"extends": "ptq4vit", "name": "ptq4vit-noqkv",
+                                        "rules": {"act:QKV_IN": None, "weight:QKV_IN": None}})
+    qt = vitq.quantize(copy.deepcopy(t), keep_float, "W6A6", calib_data=calib)
+    qh = vitq.quantize(copy.deepcopy(hf), keep_float, "W6A6", calib_data=calib)
+    assert torch.equal(logits(qh, x), logits(qt, x))
+    qt = vitq.quantize(copy.deepcopy(t), "ptq4vit", "W6A6", calib_data=calib)
+    qh = vitq.quantize(copy.deepcopy(hf), "ptq4vit", "W6A6", calib_data=calib)
+    assert not torch.equal(logits(qh, x), logits(qt, x))
+
+
+@pytest.mark.parametrize("recipe", ["brecq", "qdrop", "oas", "aocq"])
+def test_reconstruction_recipes_run_on_hf(recipe: str) -> None:
+    _, hf, calib, x = pair("swin" if recipe == "oas" else "vit")
+    r = vitq.load_recipe(recipe)
+    from vitq.recipes import override_pass_options
+
+    r = override_pass_options(r, iters=4, num_samples=16, batch_size=8, val_iters=2 if recipe == "oas" else None,
+                              val_images=4 if recipe == "oas" else None, steps=1 if recipe == "aocq" else None)
+    q = vitq.quantize(copy.deepcopy(hf), r, "W4A4", calib_data=calib)
+    out = logits(q, x)
+    assert torch.isfinite(out).all()
+    st = vitq.state_of(q)
+    assert st is not None and st.adapter.startswith("hf-") and st.reconstruction
+
+
+def test_deit_without_teacher_and_dict_batches() -> None:
+    config = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     image_size=16, patch_size=4, num_channels=3, num_labels=5,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    m = transformers.DeiTForImageClassification(config).eval()
+    m.config._attn_implementation = "eager"
+    x = torch.randn(8, 3, 16, 16)
+    ref = logits(m, x)
+    batches = [{"pixel_values": x[:4], "labels": torch.zeros(4, dtype=torch.long)}, {"pixel_values": x[4:]}]
+    q = vitq.quantize(copy.deepcopy(m), "percentile", "W8A8", calib_data=batches)
+    with disabled(q):
+        assert torch.equal(logits(q, x), ref)
+    from vitq.evaluate import evaluate
+
+    res = evaluate(q, [{"pixel_values": x, "labels": ref.argmax(-1)}])
+    assert res["n"] == 8 and res["top1"] >= 75.0  # W8A8 keeps most float predictions
+
+
+def _save(hf: torch.nn.Module, folder: Path, preprocessor: dict | None = None) -> Path:
+    hf.save_pretrained(str(folder))
+    if preprocessor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+def test_hf_dir_loads_and_exports_self_contained(tmp_path: Path) -> None:
+    _, hf, calib, x = pair("vit")
+    folder = _save(hf, tmp_path / "vit", {"size": {"height": 16, "width": 16}, "image_mean": [0.5, 0.5, 0.5],
+                                          "image_std": [0.25, 0.25, 0.25], "resample": 3})
+    model, source = vitq.load_model(f"hf:{folder}")
+    assert torch.equal(logits(model, x), logits(hf, x))
+    cfg = vitq.data_config(model)
+    assert cfg.input_size == (3, 16, 16) and cfg.mean == (0.5,) * 3 and cfg.interpolation == "bicubic"
+    q = vitq.quantize(model, "repq", "W4A4", calib_data=calib)
+    vitq.save_quantized(q, tmp_path / "export", source)
+    shutil.rmtree(folder)  # the export must not need the original folder
+    back = vitq.load_quantized(tmp_path / "export")
+    assert torch.equal(logits(back, x), logits(q, x))
+    assert vitq.data_config(back) == cfg
+
+
+def test_hf_dir_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        vitq.load_model(f"hf:{tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        vitq.load_model(f"hf:{tmp_path / 'empty'}")
+    bert = tmp_path / "bert"
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                            architectures=["BertForMaskedLM"]).save_pretrained(str(bert))
+    with pytest.raises(ModelError, match="BertForMaskedLM: vitq supports ViTForImageClassification"):
+        vitq.load_model(f"hf:{bert}")
+    _, hf, _, _ = pair("vit")
+    hf.config.save_pretrained(str(tmp_path / "noweights"))
+    with pytest.raises(ModelError, match="has no weights"):
+        vitq.load_model(f"hf:{tmp_path / 'noweights'}")
+    folder = _save(hf, tmp_path / "vit")
+    with pytest.raises(ModelError, match="drop --checkpoint"):
+        vitq.load_model(f"hf:{folder}", checkpoint="x.pth")
+    (folder / "model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(ModelError, match="cannot load"):
+        vitq.load_model(f"hf:{folder}")
+
+
+def test_unsupported_hf_activation_is_refused() -> None:
+    _, hf, calib, _ = pair("vit")
+    hf.config.hidden_act = "relu"
+    with pytest.raises(ModelError, match="hidden_act 'gelu' only"):
+        vitq.wrap(hf)
+
+
+def test_shipped_hf_reference_is_the_timm_reference() -> None:
+    from vitq.reference import load_reference, reference_fp_top1
+
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for name in ("fmnist-vit", "fmnist-vit-outlier"):
+        hf_name = name.replace("fmnist-vit", "fmnist-vit-hf")
+        t, hf = load_reference(name), load_reference(hf_name)
+        torch.testing.assert_close(logits(hf, x), logits(t, x), atol=1e-5, rtol=1e-5)  # timm's SDPA path: rounding
+        assert torch.equal(logits(hf, x), logits(vitq.wrap(copy.deepcopy(t)), x))  # the explicit path: exact
+        assert vitq.data_config(hf) == vitq.data_config(t)
+        assert reference_fp_top1(hf_name) == reference_fp_top1(name)
+
+
+def test_cli_quantizes_the_hf_reference(tmp_path: Path, capsys) -> None:
+    from vitq.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["quantize", "fmnist-vit-hf", "--recipe", "minmax", "--bits", "W8A8", "--eval-size", "64",
+                 "--no-progress", "--json", str(out), "--out", str(tmp_path / "run")]) == 0
+    r = json.loads(out.read_text())
+    assert r["q_top1"] > 50 and any(".q_proj." in m["site"] for m in r["manifest"])
+    assert main(["eval", str(tmp_path / "run"), "--eval-size", "64", "--no-progress"]) == 0
+    assert f"{r['q_top1']:.2f}%" in capsys.readouterr().out
+
+
+FAMILY_CLASS = re.compile(
+    r"\b(VisionTransformer|VisionTransformerDistilled|SwinTransformer|SwinTransformerBlock|WindowAttention|"
+    r"PatchMerging|Block|Attention|ViTFor\w+|DeiTFor\w+|SwinFor\w+|ViT(?:Layer|Attention|MLP|Model)|"
+    r"DeiT(?:Layer|Attention|MLP|Model)|Swin(?:Layer|Attention|MLP|Model|Stage|PatchMerging))\b")
+
+
+def test_only_adapters_know_model_families() -> None:
+    """No module outside adapters/ imports timm or transformers model code or names a family's class."""
+    src = ROOT / "src" / "vitq"
+    bad = []
+    for p in sorted(src.rglob("*.py")):
+        rel = p.relative_to(src).as_posix()
+        if rel.startswith("adapters/"):
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if re.search(r"^\s*(from|import)\s+(timm|transformers)\b", line) or FAMILY_CLASS.search(line):
+                bad.append(f"{rel}:{i}: {line.strip()}")
+    assert not bad, "family knowledge outside adapters/:\n" + "\n".join(bad)
