@@ -14,8 +14,9 @@ from typing import Any, Optional
 from torch import nn
 
 from ..bits import Bits
+from ..checkpoints import load_into, load_state_file
 from ..errors import ModelError
-from ..models import ModelSource, load_into, rebuild
+from ..models import ModelSource, rebuild
 from ..pipeline import prepare
 from ..recipes import Recipe
 from ..state import state_of
@@ -53,8 +54,6 @@ def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
     model = rebuild(ModelSource.from_dict(meta["source"]), trust_pickle)
     recipe = Recipe.from_dict(meta["recipe"], str(meta_file))
     prepare(model, recipe, meta["bits"])
-    from ..models import load_state_file
-
     load_into(model, load_state_file(weights), f"export {weights}")
     if meta.get("pretrained_cfg"):
         model.pretrained_cfg = meta["pretrained_cfg"]

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..adapters import Piece, get_adapter
 from ..batches import forward_logits
 from ..errors import ConfigError
+from ..evaluate import z_test_p
 from ..options import Options, is_int, is_number, need
 from ..recon.engine import RECON_DEFAULTS, ReconConfig, collect_images, float_copy, reconstruct
 from ..recon.outliers import boundary_outlier_ratios, proxy_score
@@ -167,8 +168,6 @@ def guarded_pick(kls: dict[str, Tensor], prefer: str | None = None, switch_p: fl
     ``kls``): that candidate, unless others have a lower mean KL by a paired two-sided z-test on the
     per-image differences with p < ``switch_p``; then the lowest mean KL among those. Returns
     ``(winner, {candidate: p against prefer})`` (empty without ``prefer``). Our rule [R]."""
-    from ..evaluate import z_test_p
-
     if not kls:
         raise ConfigError("oas validation has no candidates to pick from")
     means = {k: float(v.double().mean()) for k, v in kls.items()}

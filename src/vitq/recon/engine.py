@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import Adapter, Piece, get_adapter
+from ..checkpoints import load_into
 from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, QuantSlots
 from ..options import Options
@@ -429,8 +430,6 @@ class Reconstructor:
             return 0
         state = torch.load(state_p, map_location="cpu", weights_only=True)
         done = int(state["done"])
-        from ..models import load_into
-
         load_into(self.model, state["model"], f"reconstruction state {state_p}")
         report["unit_reports"] = json.loads(state["report"])["unit_reports"]
         report["resumed_from_unit"] = done

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ..adapters import get_library
+from ..adapters.timm import build_architecture as build_timm
 from ..errors import ModelError
 from ..passes.reparam import apply_channel_scales
 
@@ -88,8 +90,6 @@ def _base(name: str) -> str:
 
 def build_architecture(spec: ReferenceSpec) -> nn.Module:
     """The untrained timm module of a reference model, with its preprocessing in ``pretrained_cfg``."""
-    from ..adapters.timm import build_architecture as build_timm
-
     model = build_timm(spec.arch, spec.kwargs)
     cfg = dict(FMNIST_PRETRAINED_CFG)
     cfg["input_size"] = spec.input_size
@@ -123,9 +123,7 @@ def is_reference(name: str) -> bool:
     return base in REFERENCE_MODELS or base in HF_REFERENCE_MODELS
 
 
-def _load_hf_reference(name: str, base: str) -> nn.Module:
-    from ..adapters import get_library
-
+def _load_hf_reference(base: str) -> nn.Module:
     folder = hf_folder(base)
     if not (folder / "config.json").is_file():
         raise ModelError(f"reference model {base} is missing ({folder}): run scripts/timm_to_hf.py "
@@ -142,7 +140,7 @@ def load_reference(name: str, weights: bool = True) -> nn.Module:
         raise ModelError(f"unknown reference model {name!r}: choose one of {', '.join(list_reference_models())}")
     meta = load_meta(base)
     if base in HF_REFERENCE_MODELS:
-        model = _load_hf_reference(name, base)
+        model = _load_hf_reference(base)
         if outlier:
             _apply_outliers(model, base, meta)
         return model.eval()
