@@ -122,6 +122,33 @@ def test_reconstruction_recipes_run_on_hf(recipe: str) -> None:
     assert st is not None and st.adapter.startswith("hf-") and st.reconstruction
 
 
+def _short(recipe: str):
+    """A shipped recipe with every reconstruction / search cut to a few steps (tests run it end to end)."""
+    from vitq.passes import get_pass
+    from vitq.recipes import set_pass_options
+
+    r = vitq.load_recipe(recipe)
+    short = {"iters": 2, "num_samples": 8, "batch_size": 4, "val_iters": 1, "val_images": 2, "steps": 1,
+             "max_images": 8, "rounds": 1}
+    names = {pc.name for pc in r.passes}
+    take = {k: v for k, v in short.items() if any(k in get_pass(n).options for n in names)}
+    if "ptq4vit_search" in names:
+        take["steps"] = 2  # ptq4vit's grid points (aocq_act_scales' steps are search rounds)
+    if "oas" in names:
+        take["candidates"] = ["half", "model"]  # two candidates (+ block, the guard's preference)
+    return set_pass_options(r, take)
+
+
+@pytest.mark.parametrize("recipe", vitq.list_recipes())
+@pytest.mark.parametrize("family", ["deit", "swin"])
+def test_every_recipe_runs_on_hf(family: str, recipe: str) -> None:
+    _, hf, calib, x = pair(family)
+    q = vitq.quantize(copy.deepcopy(hf), _short(recipe), "W4A4", calib_data=calib[:8])
+    out = logits(q, x)
+    assert out.shape == (8, 5)
+    assert torch.isfinite(out).all() or recipe.startswith("fq")  # fully-quantized 4-bit may saturate
+
+
 def test_deit_without_teacher_and_dict_batches() -> None:
     config = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                      image_size=16, patch_size=4, num_channels=3, num_labels=5,
@@ -184,6 +211,15 @@ def test_hf_dir_errors(tmp_path: Path) -> None:
         vitq.load_model(f"hf:{folder}", checkpoint="x.pth")
     (folder / "model.safetensors").write_bytes(b"\0" * 100)
     with pytest.raises(ModelError, match="cannot load"):
+        vitq.load_model(f"hf:{folder}")
+
+
+def test_missing_transformers_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"pip install 'vitq\[hf\]'"):
         vitq.load_model(f"hf:{folder}")
 
 

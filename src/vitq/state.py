@@ -10,17 +10,23 @@ reconstruction passes) lives on the run's :class:`~vitq.pipeline.Context`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 from torch import nn
 
 from .adapters import get_adapter
 from .bits import Bits
 
-if TYPE_CHECKING:  # recipes sit above the passes that write records here
-    from .recipes import Recipe
-
 STATE_ATTR = "vitq_state"
+
+
+class RecipeLike(Protocol):
+    """What the state needs of a recipe (:class:`vitq.recipes.Recipe`, which sits above the passes
+    that write records here, so this module does not import it)."""
+
+    name: str
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -31,7 +37,7 @@ class QuantState:
     report; ``reconstruction``: one report per reconstruction run, in order."""
 
     adapter: str
-    recipe: Optional["Recipe"] = None
+    recipe: Optional[RecipeLike] = None
     bits: Optional[Bits] = None
     reparam: list[dict[str, Any]] = field(default_factory=list)
     balance: Optional[dict[str, Any]] = None
