@@ -403,7 +403,14 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
              ("oas", {"weights": "sgd"}, "weights='sgd'"),
              ("oas", {"prefer": "blokc"}, "oas prefer='blokc'"),
              ("oas", {"switch_p": 0}, "oas switch_p=0 must be a p-value threshold"),
-             ("oas", {"switch_p": "low"}, "switch_p='low' must be a number")]
+             ("oas", {"switch_p": "low"}, "switch_p='low' must be a number"),
+             # checked when the recipe is edited, not when the pass runs (was: top-1 9 % at exit 0)
+             ("percentile", {"max_elements": -1}, "calibrate max_elements=-1 must be an integer >= 1"),
+             ("percentile", {"max_elements": 0}, "calibrate max_elements=0 must be an integer >= 1"),
+             ("dopq-calib", {"thetas": [0.5, 1.5]}, "tanq_calibrate thetas=.* strictly between 0 and 1"),
+             ("dopq-calib", {"scales": ["huge"]}, "tanq_calibrate scales=\\['huge'\\]"),
+             ("oas", {"candidates": ["blokc"]}, "blokc"),
+             ("oas", {"val_images": 0}, "oas val_images=0 must be an integer >= 1")]
     for recipe, kw, pat in cases:
         with pytest.raises(ConfigError, match=pat) as e:
             override_pass_options(load_recipe(recipe), **kw)
