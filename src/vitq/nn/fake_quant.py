@@ -38,6 +38,9 @@ class FakeQuant(nn.Module):
         self.observer: Optional[Observer] = None
         self.quantizer = get_quantizer(spec.quantizer)
         self.register_buffer("initialized", torch.tensor(False))
+        #: Python mirror of ``initialized``: the forward reads this, never the tensor, so a calibrated
+        #: model has no data-dependent branch (``torch.export`` traces it)
+        self.ready = False
         for name in self.quantizer.param_names:
             self.register_buffer(name, torch.empty(0))
 
@@ -49,7 +52,11 @@ class FakeQuant(nn.Module):
     def set_params(self, p: Params) -> None:
         for n in self.quantizer.param_names:
             setattr(self, n, p[n].detach().clone().float())
-        self.initialized = torch.tensor(True)
+        self._mark_initialized()
+
+    def _mark_initialized(self) -> None:
+        self.initialized = torch.tensor(True, device=self.initialized.device)
+        self.ready = True
 
     def adopt_shapes(self, state_dict: dict[str, Tensor], prefix: str) -> None:
         """Parameter shapes are only known after calibration: take the stored ones before loading."""
@@ -61,6 +68,7 @@ class FakeQuant(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self.adopt_shapes(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.ready = bool(self.initialized)  # loading is not tracing: read the tensor here, once
 
     # -- calibration ------------------------------------------------------------------------
     def start_calibration(self, max_elements: Optional[int] = None, seed: int = 0) -> None:
@@ -75,12 +83,12 @@ class FakeQuant(nn.Module):
         if not self.spec.dynamic:
             self.set_params(self.observer.compute())
         else:
-            self.initialized = torch.tensor(True)
+            self._mark_initialized()
         self.observer = None
 
     def calibrate_weight(self, w: Tensor) -> None:
         if self.spec.dynamic:
-            self.initialized = torch.tensor(True)
+            self._mark_initialized()
             return
         self.set_params(weight_params(w.detach(), self.spec, self.site))
 
@@ -94,7 +102,7 @@ class FakeQuant(nn.Module):
             return x
         if isinstance(self.spec.granularity, PerToken):
             return fake_quant(x, self._dynamic_params(x), self.spec)
-        if not bool(self.initialized):
+        if not self.ready:
             raise CalibrationError(
                 f"quantization site {self.site} ({self.role}) has no parameters: calibrate the model "
                 "(vitq.calibrate / run_recipe) before running it quantized"
@@ -110,4 +118,4 @@ class FakeQuant(nn.Module):
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"site": self.site, "role": str(self.role), "kind": self.kind, **self.spec.to_dict(),
-                "calibrated": bool(self.initialized)}
+                "calibrated": self.ready}

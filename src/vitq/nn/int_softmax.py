@@ -40,10 +40,12 @@ IEXP_X0 = -0.6931  # -ln2 as FQ-ViT writes it
 IEXP_N = 30  # "sufficiently large integer": inputs below n * x0 are clamped (exp < 2^-30)
 
 
-def i_exp(x: Tensor, scale: Optional[float] = None) -> tuple[Tensor, float]:
+def i_exp(x: Tensor, scale: "Optional[float | Tensor]" = None) -> tuple[Tensor, "float | Tensor"]:
     """``exp(x)`` for ``x <= 0`` as ``(e, s_e)`` with ``exp(x) ≈ e · s_e`` (float64 ``e``).
 
-    ``scale`` given: ``x`` is on the grid ``scale·q`` and ``e`` is the integer of I-BERT's i-exp.
+    ``scale`` given (a number or a one-element tensor): ``x`` is on the grid ``scale·q`` and ``e`` is
+    the integer of I-BERT's i-exp; the integer constants are computed in float64 tensor ops (the
+    same IEEE operations as Python floats), so a traced model keeps them as graph arithmetic.
     ``scale`` None: the same range reduction and polynomial on real numbers (``s_e = 1``).
     """
     a, b, c = IEXP_COEF
@@ -54,19 +56,19 @@ def i_exp(x: Tensor, scale: Optional[float] = None) -> tuple[Tensor, float]:
         k = torch.floor(x / x0)
         r = x - x0 * k
         return (a * r * r + b * r + c) * torch.pow(2.0, -k), 1.0
-    s = float(scale)
+    s = torch.as_tensor(scale, dtype=torch.float64, device=x.device).reshape(())
     q = torch.round(x / s)
-    x0_int = math.floor(IEXP_X0 / s)
-    q = torch.clamp(q, min=IEXP_N * x0_int)
+    x0_int = torch.floor(IEXP_X0 / s)
+    q = torch.maximum(q, IEXP_N * x0_int)
     k = torch.floor(q / x0_int)
     r = q - x0_int * k
-    b_int, c_int = math.floor(b / a / s), math.floor(c / a / s ** 2)
+    b_int, c_int = torch.floor(b / a / s), torch.floor(c / a / s ** 2)
     poly = r * (r + b_int) + c_int
     e = torch.clamp(torch.floor(poly * torch.pow(2.0, IEXP_N - k)), min=0)
     return e, a * s * s / 2 ** IEXP_N
 
 
-def int_softmax(x: Tensor, dim: int = -1, scale: Optional[float] = None) -> Tensor:
+def int_softmax(x: Tensor, dim: int = -1, scale: "Optional[float | Tensor]" = None) -> Tensor:
     """Softmax with I-BERT's integer exponent (see the module docstring); returns ``x``'s dtype.
 
     Floors have no gradient: the backward pass is the float softmax's (straight-through), so
@@ -80,14 +82,15 @@ def int_softmax(x: Tensor, dim: int = -1, scale: Optional[float] = None) -> Tens
     return out
 
 
-def _input_scale(input_quant: Any) -> Optional[float]:
-    """The step of a calibrated, enabled per-tensor uniform input quantizer, else None."""
+def _input_scale(input_quant: Any) -> Optional[Tensor]:
+    """The step (a one-element tensor: no host sync, traceable) of a calibrated, enabled per-tensor
+    uniform input quantizer, else None."""
     if input_quant is None or not input_quant.enabled or input_quant.calibrating:
         return None
     spec = input_quant.spec
-    if spec.quantizer != "uniform" or not bool(input_quant.initialized) or input_quant.scale.numel() != 1:
+    if spec.quantizer != "uniform" or not input_quant.ready or input_quant.scale.numel() != 1:
         return None
-    return float(input_quant.scale)
+    return input_quant.scale
 
 
 def _int_exp_impl(x: Tensor, dim: int, input_quant: Any = None) -> Tensor:
