@@ -16,7 +16,9 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch and torchvision pinned to the builds this project is tested with
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
-# transformers pinned to the release the Hugging Face adapters are tested with (the hf extra allows 5.x)
-.venv/bin/python -m pip install -q --disable-pip-version-check "transformers==5.24.0" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[hf,test,bench]" 2>&1 | grep -v "is ignored" || true
+# transformers and the ONNX stack pinned to the releases the adapters and the export are tested with
+# (the hf / deploy extras allow ranges); onnxruntime's graph fusions decide which integer kernels run
+.venv/bin/python -m pip install -q --disable-pip-version-check "transformers==5.24.0" "onnx==1.23.2" \
+  "onnxruntime==1.32.0" "onnxscript==0.7.2" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[hf,deploy,test,bench]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import vitq, torch, timm, transformers; print('vitq', vitq.__version__, '| torch', torch.__version__, '| timm', timm.__version__, '| transformers', transformers.__version__)"

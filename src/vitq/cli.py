@@ -44,6 +44,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-top1-diff", type=float, default=0.1, metavar="POINTS",
+                   help="parity check: fail when the export's top-1 differs from the simulated one by more (default 0.1)")
+    p.add_argument("--emulate", default="exact", choices=["exact", "uniform8"],
+                   help="sites without an integer form (log2 / TanQ post-Softmax, ...): exact float emulation "
+                        "(default) or 8-bit uniform post-Softmax (faster, a different quantizer)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vitq", description="Post-training quantization of Vision Transformers.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -67,8 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a pass option of the recipe (every pass that has it), e.g. --set loss=fisher_diag "
                         "--set slicing=half; repeatable; `vitq list` shows each pass's options")
 
+    q.add_argument("--export", choices=["onnx"], metavar="FORMAT",
+                   help="also write a deployment export to the --out folder (onnx: QDQ graph for onnxruntime), "
+                        "verified against the simulated model on the evaluation images")
+    _add_export_args(q)
+
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
     _add_model_args(e)
+
+    x = sub.add_parser("export", help="lower a vitq quantize --out folder to a deployment format (onnx) and verify it")
+    _add_model_args(x)
+    x.add_argument("--format", default="onnx", choices=["onnx"], help="onnx: QDQ graph for onnxruntime (default)")
+    x.add_argument("--out", help="folder for the exported file and export.json (default: the run folder)")
+    x.add_argument("--verify", action="store_true",
+                   help="evaluate the export in its runtime beside the simulated model on --data (parity check)")
+    _add_export_args(x)
 
     c = sub.add_parser("compare", help="paired comparison of two models on the same images (McNemar test, 95%% CI)")
     _add_model_args(c)
@@ -90,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_eval(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_quantize(args)
     except VitqError as e:
         print(f"vitq: error: {e}", file=sys.stderr)
@@ -193,6 +216,46 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace, loader: Any = None) -> dict[str, Any]:
+    from .export.deploy import export, verify
+
+    rep = export(model, out, fmt, emulate=args.emulate)
+    low = rep["lowering"]
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
+    kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in _integer_ops()}
+    print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB): sites {counts}; "
+          f"integer kernels after onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
+    for fb in low["fallbacks"]:
+        print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
+    if loader is not None:
+        v = verify(model, out, loader, fmt, max_top1_diff=args.max_top1_diff, progress=not args.no_progress)
+        rep["verify"] = v
+        print(f"  verified on {v['images']} images: {fmt} top-1 {v['exported_top1']:.2f}% vs simulated "
+              f"{v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f}), predictions agree on {v['agreement']:.2f}%, "
+              f"max |logit diff| {v['max_logit_diff']:.3g} (mean {v['mean_logit_diff']:.3g})")
+    return rep
+
+
+def _integer_ops() -> tuple[str, ...]:
+    from .export.onnx import INTEGER_OPS
+
+    return INTEGER_OPS
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    p = Path(args.model)
+    if not (p.is_dir() and (p / "vitq.json").is_file()):
+        raise ConfigError(f"{args.model} is not a vitq quantize --out folder: export the folder a quantization saved "
+                          "(vitq quantize MODEL ... --out DIR), or use vitq quantize --export")
+    model, _ = _load(args)
+    loader = _eval_loader(args, model)[2] if args.verify else None
+    rep = _export_and_verify(model, Path(args.out) if args.out else p, args.format, args, loader)
+    _write_json(args.json, rep)
+    return 0
+
+
 def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
     from .roles import Role
 
@@ -239,6 +302,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise DataError(f"calibration size must be positive, got {calib_size}: pass --calib-size N with N >= 1")
 
     seeds = list(dict.fromkeys(args.seed))
+    if args.export and not args.out:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--export {args.export} writes into the --out folder: pass --out DIR")
+    if args.export:
+        from .export.onnx import require
+
+        for pkg in ("onnx", "onnxruntime", "onnxscript"):
+            require(pkg)  # a missing package is one line now, not after calibration
     if args.out and len(seeds) > 1:
         from .errors import ConfigError
 
@@ -319,6 +391,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                                          if k not in ("manifest", "recipe_config")}})
         (Path(out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"saved to {out}")
+        if args.export:
+            rep = _export_and_verify(qmodel, Path(out), args.export, args, eval_loader)
+            result["export"] = {k: rep[k] for k in ("format", "file", "bytes", "lowering", "runtime_ops", "verify")
+                                if k in rep}
     _write_json(args.json, result)
     return 0
 

@@ -1,0 +1,161 @@
+"""Deployment exports: one backend registry, the per-site lowering report, and the parity check.
+
+``export(model, out_dir, "onnx")`` writes ``model.onnx`` and ``export.json`` (what every site was
+lowered to, the fallbacks, the ops onnxruntime runs after its optimizations, sizes).
+``verify(model, out_dir, loader)`` evaluates the exported file in its runtime beside the simulated
+model on the same images and refuses (one line, exit 2) when their top-1 differ by more than the
+threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..batches import batch_images, forward_logits
+from ..errors import ConfigError, VitqError
+from ..evaluate import compare_paired, evaluate
+from ..state import state_of
+from .lowering import EMULATE_MODES, check_exportable, plan, summary
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "export.json"
+DEFAULT_MAX_TOP1_DIFF = 0.1
+
+
+class ExportError(VitqError):
+    """An export that does not keep the simulated accuracy, or cannot be written."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    file: str
+    write: Callable[..., dict[str, Any]]
+    #: builds a callable model from the written file, for the parity check
+    load: Callable[[Path], Any]
+    description: str
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(b: Backend) -> Backend:
+    BACKENDS[b.name] = b
+    return b
+
+
+def _onnx_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any]) -> dict[str, Any]:
+    from .onnx import runtime_ops, to_onnx
+
+    stats = to_onnx(model, out / "model.onnx", example, lowering)
+    with tempfile.TemporaryDirectory() as tmp:
+        stats["runtime_ops"] = runtime_ops(out / "model.onnx", tmp)
+    return stats
+
+
+def _onnx_load(out: Path) -> Any:
+    from .onnx import OnnxModel
+
+    return OnnxModel(out / "model.onnx")
+
+
+register_backend(Backend("onnx", "model.onnx", _onnx_write, _onnx_load,
+                         "ONNX QDQ graph (opset 21) for onnxruntime: int8 weights, QuantizeLinear / DequantizeLinear "
+                         "activations, integer kernels after onnxruntime's fusions"))
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown export format {name!r}: use one of {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]
+
+
+def example_input(model: nn.Module, batch: int = 2) -> Tensor:
+    """A random batch of the model's input shape (what the exporter traces with)."""
+    from ..models import data_config
+
+    return torch.randn(batch, *data_config(model).input_size)
+
+
+def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: Optional[Tensor] = None,
+           emulate: str = "exact") -> dict[str, Any]:
+    """Write ``model`` (quantized by vitq) in format ``fmt`` to ``out_dir``; returns the report (also
+    written to ``out_dir/export.json``)."""
+    backend = get_backend(fmt)
+    if emulate not in EMULATE_MODES:
+        raise ConfigError(f"unknown lowering {emulate!r} for inexpressible sites: use one of {', '.join(EMULATE_MODES)}")
+    check_exportable(model)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export destination {out} is a file: pass a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lowering = plan(model, emulate)
+    t0 = time.perf_counter()
+    stats = backend.write(model, out, example if example is not None else example_input(model), lowering)
+    st = state_of(model)
+    report = {"format": fmt, "file": backend.file, "emulate": emulate, "seconds": round(time.perf_counter() - t0, 2),
+              "recipe": None if st is None or st.recipe is None else st.recipe.name,
+              "bits": None if st is None or st.bits is None else str(st.bits),
+              **stats, "lowering": summary(lowering), "sites": [s.to_dict() for s in lowering]}
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _logits(model: Any, loader: Any, limit: int) -> Tensor:
+    out, n = [], 0
+    with torch.no_grad():
+        for b in loader:
+            x = batch_images(b)[: limit - n]
+            out.append(forward_logits(model, x).float().cpu())
+            n += x.shape[0]
+            if n >= limit:
+                break
+    return torch.cat(out)
+
+
+def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onnx",
+           max_top1_diff: float = DEFAULT_MAX_TOP1_DIFF, logit_images: int = 1024,
+           progress: bool = False) -> dict[str, Any]:
+    """The parity check: the exported file in its runtime against the simulated model on ``loader``'s
+    images: both top-1s, the paired test, prediction agreement, max / mean |logit difference| (on the
+    first ``logit_images``). Raises :class:`ExportError` when |Δ top-1| > ``max_top1_diff`` points."""
+    if not max_top1_diff >= 0:
+        raise ConfigError(f"--max-top1-diff {max_top1_diff} must be >= 0 (points of top-1)")
+    out = Path(out_dir)
+    backend = get_backend(fmt)
+    runtime = backend.load(out)
+    sim = evaluate(model, loader, progress=progress, desc="eval simulated")
+    exp = evaluate(runtime, loader, progress=progress, desc=f"eval {fmt}")
+    cmp = compare_paired(sim["predictions"], exp["predictions"])
+    ls, le = _logits(model, loader, logit_images), _logits(runtime, loader, logit_images)
+    d = (ls - le).abs()
+    res = {"format": fmt, "images": sim["n"], "simulated_top1": round(sim["top1"], 2), "exported_top1": round(exp["top1"], 2),
+           "top1_diff": round(exp["top1"] - sim["top1"], 2), "agreement": round(cmp.agree, 2),
+           "p_value": cmp.p_value, "max_logit_diff": float(d.max()), "mean_logit_diff": float(d.mean()),
+           "logit_images": int(ls.shape[0]), "max_top1_diff": max_top1_diff,
+           "simulated_seconds": round(sim["seconds"], 2), "exported_seconds": round(exp["seconds"], 2)}
+    rep_file = out / REPORT_FILE
+    if rep_file.is_file():
+        rep = json.loads(rep_file.read_text())
+        rep["verify"] = res
+        rep_file.write_text(json.dumps(rep, indent=2) + "\n")
+    res["ok"] = abs(res["top1_diff"]) <= max_top1_diff
+    if not res["ok"]:
+        raise ExportError(f"the {fmt} export's top-1 {res['exported_top1']:.2f}% differs from the simulated "
+                          f"{res['simulated_top1']:.2f}% by {res['top1_diff']:+.2f} points (limit {max_top1_diff}): "
+                          "see the fallback sites in export.json, or raise the limit with --max-top1-diff")
+    return res
+
+
+__all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "ExportError", "export", "get_backend", "register_backend",
+           "verify"]

@@ -1,0 +1,190 @@
+"""ONNX backend: a QDQ graph onnxruntime runs with integer kernels on the CPU.
+
+1. The model in its export form (:func:`vitq.export.lowering.export_form`) is exported with
+   ``torch.onnx.export`` (the ``torch.export`` based exporter, opset 21, dynamic batch): activation
+   sites of kind ``qdq`` become ``QuantizeLinear`` / ``DequantizeLinear`` pairs; emulated sites their
+   float formula; weights their dequantized grid values.
+2. Every weight constant is replaced by its integer codes (int8 / uint8, in the orientation the
+   exported graph uses) and a ``DequantizeLinear`` with its per-channel scales and zero points, so
+   onnxruntime's QDQ fusions see ``DQ(x) -> MatMul <- DQ(W)`` and run ``MatMulIntegerToFloat`` /
+   ``QLinearMatMul``; the weights ship at 1 byte per parameter.
+3. Node metadata (the exporter's stack traces) is dropped; the file is checked with onnx's checker.
+
+The graph's input is the preprocessed image batch (N, C, H, W float32, name ``pixel_values``) and
+its output the logits (``logits``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..batches import as_logits
+from ..errors import ModelError
+from .lowering import LoweredWeight, SiteLowering, export_form
+
+log = logging.getLogger(__name__)
+
+OPSET = 21
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+#: onnxruntime ops that compute in integers (what "the integer kernels ran" means in a report)
+INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv", "ConvInteger",
+               "DynamicQuantizeMatMul", "QAttention", "MatMulNBits")
+_INSTALL = "install the deployment extra: pip install 'vitq[deploy]' (onnx, onnxruntime)"
+
+
+def require(module: str) -> Any:
+    """Import ``onnx`` / ``onnxruntime`` / ``onnxscript``, or a one-line error saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ModelError(f"exporting to ONNX needs the {module} package: {_INSTALL}") from None
+
+
+class LogitsOnly(nn.Module):
+    """The model with its output reduced to the logits tensor (a Hugging Face model returns an
+    output object), the graph's only output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return as_logits(self.model(pixel_values))
+
+
+def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: list[SiteLowering]) -> dict[str, Any]:
+    """Export ``model`` (calibrated, eval mode) to ``path``; returns what was written (weights as
+    codes, sizes)."""
+    onnx = require("onnx")
+    require("onnxscript")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    wrapped = LogitsOnly(model).eval()
+    batch = torch.export.Dim("batch", min=1)
+    with export_form(model, lowering) as weights, torch.no_grad():
+        values = [(lw, lw.values.detach().cpu().numpy()) for lw in weights]
+        try:
+            prog = torch.onnx.export(wrapped, (example,), dynamo=True, opset_version=OPSET,
+                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                     dynamic_shapes={"pixel_values": {0: batch}}, verbose=False)
+        except Exception as e:  # the exporter raises many types; one line with its last message
+            msg = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            raise ModelError(f"torch.onnx.export failed ({(msg[-1] if msg else type(e).__name__)[:200]}): "
+                             "this model or quantizer is not exportable yet") from None
+        # saved inside the export form: the program reads parameters (the grid values) when it saves
+        prog.save(str(path))
+    proto = onnx.load(str(path))
+    stats = _weights_to_codes(proto, values)
+    for n in proto.graph.node:
+        del n.metadata_props[:]
+    del proto.graph.value_info[:]
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    stats["bytes"] = path.stat().st_size
+    return stats
+
+
+def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]]) -> dict[str, Any]:
+    """Replace every weight constant of ``proto`` by its codes and a DequantizeLinear (in place)."""
+    from onnx import helper, numpy_helper
+
+    table: dict[bytes, tuple[LoweredWeight, bool]] = {}
+    for lw, v in weights:
+        table.setdefault(np.ascontiguousarray(v).tobytes(), (lw, False))
+        if v.ndim == 2:
+            table.setdefault(np.ascontiguousarray(v.T).tobytes(), (lw, True))
+    inits = {i.name: i for i in proto.graph.initializer}
+    new_nodes, replaced, done = [], set(), {}
+    for node in proto.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            if name in done:
+                node.input[k] = done[name]
+                continue
+            arr = numpy_helper.to_array(inits[name])
+            if arr.dtype != np.float32:
+                continue
+            hit = table.get(arr.tobytes())
+            if hit is None:
+                continue
+            lw, transposed = hit
+            codes = lw.codes.cpu().numpy()
+            if transposed:
+                codes = codes.T
+            dtype = np.uint8 if lw.qmin >= 0 else np.int8
+            q = f"{name}_quantized"
+            proto.graph.initializer.extend([
+                numpy_helper.from_array(np.ascontiguousarray(codes.astype(dtype)), q),
+                numpy_helper.from_array(lw.scale.cpu().numpy().astype(np.float32) if lw.per_channel
+                                        else np.array(float(lw.scale.reshape(-1)[0]), np.float32), f"{q}_scale"),
+                numpy_helper.from_array(np.round(lw.zero_point.cpu().numpy()).astype(dtype) if lw.per_channel
+                                        else np.array(round(float(lw.zero_point.reshape(-1)[0])), dtype), f"{q}_zero_point"),
+            ])
+            kw = {"axis": (1 if transposed else 0)} if lw.per_channel else {}
+            new_nodes.append(helper.make_node("DequantizeLinear", [q, f"{q}_scale", f"{q}_zero_point"], [f"{q}_dq"],
+                                              name=f"{q}_dq", **kw))
+            node.input[k] = done[name] = f"{q}_dq"
+            replaced.add(lw.site)
+    for n in reversed(new_nodes):
+        proto.graph.node.insert(0, n)
+    used = {i for n in proto.graph.node for i in n.input}
+    keep = [i for i in proto.graph.initializer if i.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    missing = [lw.site for lw, _ in weights if lw.site not in replaced]
+    if missing:
+        raise ModelError(f"{len(missing)} quantized weight(s) were not found in the exported graph ({missing[0]}, ...): "
+                         "the exporter folded them into other constants; report this model")
+    return {"weights_as_codes": len(replaced)}
+
+
+def session(path: "str | Path", threads: Optional[int] = None, optimized_path: Optional[str] = None) -> Any:
+    """An onnxruntime CPU session for ``path`` (``threads``: intra-op threads; None: onnxruntime's)."""
+    ort = require("onnxruntime")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    if optimized_path:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def runtime_ops(path: "str | Path", tmp_dir: "str | Path") -> dict[str, int]:
+    """The ops onnxruntime runs after its graph optimizations (integer kernels fused or not)."""
+    onnx = require("onnx")
+    opt = Path(tmp_dir) / "optimized.onnx"
+    session(path, optimized_path=str(opt))
+    ops = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    opt.unlink(missing_ok=True)
+    return dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+
+
+class OnnxModel:
+    """An exported file run by onnxruntime, callable like a model on image batches (for evaluation)."""
+
+    def __init__(self, path: "str | Path", threads: Optional[int] = None) -> None:
+        self.sess = session(path, threads)
+        self.input = self.sess.get_inputs()[0].name
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = self.sess.run(None, {self.input: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out)
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+
+__all__ = ["INPUT_NAME", "INTEGER_OPS", "OPSET", "OUTPUT_NAME", "LogitsOnly", "OnnxModel", "runtime_ops", "session",
+           "to_onnx"]

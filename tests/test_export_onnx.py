@@ -1,0 +1,128 @@
+"""ONNX export: a QDQ graph onnxruntime runs with integer kernels, its parity with the simulated
+model, and the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_swin, tiny_vit
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+import onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+import vitq  # noqa: E402
+from vitq.errors import ConfigError, ModelError  # noqa: E402
+from vitq.export.deploy import ExportError, export, verify  # noqa: E402
+from vitq.export.onnx import OnnxModel  # noqa: E402
+
+
+def quantized(make=tiny_vit, recipe="minmax", bits="W8A8", size=16):
+    g = torch.Generator().manual_seed(0)
+    calib, x = torch.randn(16, 3, size, size, generator=g), torch.randn(32, 3, size, size, generator=g)
+    return vitq.quantize(make(), recipe, bits, calib_data=calib), x
+
+
+def logits(m, x):
+    with torch.no_grad():
+        out = m(x)
+    return getattr(out, "logits", out)
+
+
+def test_w8a8_export_runs_integer_kernels_with_int8_weights(tmp_path: Path) -> None:
+    q, x = quantized()
+    rep = export(q, tmp_path, "onnx")
+    assert rep["lowering"]["counts"]["int-weight"] == rep["weights_as_codes"] == 10  # 2 blocks x 4 + patch + head
+    assert rep["lowering"]["fallbacks"] == []  # minmax: every activation site is 8-bit uniform per tensor
+    assert rep["runtime_ops"].get("MatMulIntegerToFloat", 0) >= 8  # onnxruntime fused every Linear
+    g = onnx.load(str(tmp_path / "model.onnx"))
+    codes = [numpy_helper.to_array(i) for i in g.graph.initializer if i.name.endswith("_quantized")]
+    assert len(codes) == 10 and all(c.dtype.itemsize == 1 for c in codes)
+    floats = [numpy_helper.to_array(i) for i in g.graph.initializer if numpy_helper.to_array(i).dtype.kind == "f"]
+    assert sum(c.size for c in codes) > 4 * max(f.size for f in floats)  # no float copy of a weight is left
+    assert not any(n.metadata_props for n in g.graph.node)
+    ref, out = logits(q, x), OnnxModel(tmp_path / "model.onnx")(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    saved = json.loads((tmp_path / "export.json").read_text())
+    assert saved["recipe"] == "minmax" and saved["bits"] == "W8A8" and len(saved["sites"]) == len(vitq.manifest(q))
+
+
+def test_repq_w4a8_folds_fractional_zero_points_and_emulates_log_sqrt2(tmp_path: Path) -> None:
+    q, x = quantized(recipe="repq", bits="W4A8")
+    fracs = [m for m in q.modules() if isinstance(m, vitq.nn.FakeQuant) and m.kind == "act" and m.enabled
+             and m.spec.quantizer == "uniform" and abs(float(m.zero_point) - round(float(m.zero_point))) > 1e-6]
+    assert fracs  # RepQ's per-tensor zero points are means: fractional
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    rep = export(q, tmp_path, "onnx")
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in before.items())  # the export form is undone
+    folded = [s for s in rep["sites"] if "folded" in s["note"]]
+    assert folded and all(s["how"] == "qdq" for s in folded)
+    assert {f["role"] for f in rep["lowering"]["fallbacks"]} == {"ATTN_PROBS"}  # log-sqrt2: emulated, exact
+    ref, out = logits(q, x), OnnxModel(tmp_path / "model.onnx")(x)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert (out - ref).abs().mean() < 0.02 * ref.abs().max()
+
+
+def test_swin_and_hf_models_export(tmp_path: Path) -> None:
+    q, x = quantized(tiny_swin, "percentile", "W8A8", 32)
+    export(q, tmp_path / "swin", "onnx")
+    assert (OnnxModel(tmp_path / "swin" / "model.onnx")(x).argmax(-1) == logits(q, x).argmax(-1)).float().mean() >= 0.9
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from timm_to_hf import convert
+
+    hf = vitq.quantize(convert(tiny_vit()), "minmax", "W8A8", calib_data=torch.randn(16, 3, 16, 16))
+    rep = export(hf, tmp_path / "hf", "onnx")
+    assert rep["runtime_ops"].get("MatMulIntegerToFloat", 0) >= 8
+    out = OnnxModel(tmp_path / "hf" / "model.onnx")(x[:, :, :16, :16])
+    assert out.shape == (32, 5)
+
+
+def test_verify_reports_parity_and_refuses_a_drifted_export(tmp_path: Path) -> None:
+    q, x = quantized()
+    loader = [(x, logits(q, x).argmax(-1))]
+    export(q, tmp_path, "onnx")
+    res = verify(q, tmp_path, loader, max_top1_diff=100.0)
+    assert res["ok"] and res["images"] == 32 and res["agreement"] >= 90
+    assert json.loads((tmp_path / "export.json").read_text())["verify"]["exported_top1"] == res["exported_top1"]
+    with torch.no_grad():  # the simulated model drifts away from what was exported
+        q.head.weight.neg_()
+    with pytest.raises(ExportError, match="differs from the simulated"):
+        verify(q, tmp_path, loader, max_top1_diff=0.0)
+
+
+def test_export_refusals(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(ModelError, match="only a model quantized by vitq"):
+        export(tiny_vit(), tmp_path, "onnx")
+    q = vitq.prepare(tiny_vit(), "minmax", "W8A8")
+    with pytest.raises(ModelError, match="not calibrated"):
+        export(q, tmp_path, "onnx")
+    q, _ = quantized()
+    with pytest.raises(ConfigError, match="unknown export format 'tflite'"):
+        export(q, tmp_path, "tflite")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        export(q, tmp_path / "file", "onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ModelError, match=r"pip install 'vitq\[deploy\]'"):
+        export(q, tmp_path / "x", "onnx")
+
+
+def test_cli_quantize_export_verify(tmp_path: Path) -> None:
+    from vitq.cli import main
+
+    run = tmp_path / "run"
+    assert main(["quantize", "fmnist-vit", "--bits", "W8A8", "--eval-size", "500", "--no-progress", "--out", str(run),
+                 "--export", "onnx", "--max-top1-diff", "1.0", "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert abs(r["export"]["verify"]["top1_diff"]) <= 1.0 and (run / "model.onnx").is_file()
+    assert main(["export", str(run), "--verify", "--eval-size", "200", "--no-progress", "--max-top1-diff", "1.0",
+                 "--out", str(tmp_path / "again")]) == 0
+    assert main(["export", "fmnist-vit", "--no-progress"]) == 2  # not a quantize --out folder
+    assert main(["quantize", "fmnist-vit", "--export", "onnx", "--no-progress"]) == 2  # --export needs --out
