@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a pass option of the recipe (every pass that has it), e.g. --set loss=fisher_diag "
                         "--set slicing=half; repeatable; `vitq list` shows each pass's options")
 
-    q.add_argument("--export", choices=["onnx"], metavar="FORMAT",
-                   help="also write a deployment export to the --out folder (onnx: QDQ graph for onnxruntime), "
-                        "verified against the simulated model on the evaluation images")
+    q.add_argument("--export", choices=["onnx", "vitq"], metavar="FORMAT",
+                   help="also write a deployment export into the --out folder (onnx: QDQ graph for onnxruntime, "
+                        "model.onnx; vitq: packed integer weights, packed/), verified against the simulated model "
+                        "on the evaluation images")
     _add_export_args(q)
 
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
@@ -85,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="lower a vitq quantize --out folder to a deployment format (onnx) and verify it")
     _add_model_args(x)
-    x.add_argument("--format", default="onnx", choices=["onnx"], help="onnx: QDQ graph for onnxruntime (default)")
-    x.add_argument("--out", help="folder for the exported file and export.json (default: the run folder)")
+    x.add_argument("--format", default="onnx", choices=["onnx", "vitq"],
+                   help="onnx: QDQ graph for onnxruntime (default); vitq: packed integer weight codes")
+    x.add_argument("--out", help="folder for the exported file and export.json (default: the run folder; "
+                                 "for vitq its packed/ subfolder)")
     x.add_argument("--verify", action="store_true",
                    help="evaluate the export in its runtime beside the simulated model on --data (parity check)")
     _add_export_args(x)
@@ -221,12 +224,16 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
 
     rep = export(model, out, fmt, emulate=args.emulate)
     low = rep["lowering"]
-    counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
-    kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in _integer_ops()}
-    print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB): sites {counts}; "
-          f"integer kernels after onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
-    for fb in low["fallbacks"]:
-        print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
+    if fmt == "vitq":
+        print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['bytes'] / rep['float32_state_bytes']:.3f}x "
+              f"the float32 state): {rep['packed_weights']} weights as packed integer codes")
+    else:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
+        kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in _integer_ops()}
+        print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB): sites {counts}; integer kernels after "
+              f"onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
+        for fb in low["fallbacks"]:
+            print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
     if loader is not None:
         v = verify(model, out, loader, fmt, max_top1_diff=args.max_top1_diff, progress=not args.no_progress)
         rep["verify"] = v
@@ -234,6 +241,11 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
               f"{v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f}), predictions agree on {v['agreement']:.2f}%, "
               f"max |logit diff| {v['max_logit_diff']:.3g} (mean {v['mean_logit_diff']:.3g})")
     return rep
+
+
+def _subdir(fmt: str) -> str:
+    """Where a format goes inside a run folder (the packed format would replace the run's own files)."""
+    return "packed" if fmt == "vitq" else ""
 
 
 def _integer_ops() -> tuple[str, ...]:
@@ -251,7 +263,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           "(vitq quantize MODEL ... --out DIR), or use vitq quantize --export")
     model, _ = _load(args)
     loader = _eval_loader(args, model)[2] if args.verify else None
-    rep = _export_and_verify(model, Path(args.out) if args.out else p, args.format, args, loader)
+    rep = _export_and_verify(model, Path(args.out) if args.out else p / _subdir(args.format), args.format, args, loader)
     _write_json(args.json, rep)
     return 0
 
@@ -306,7 +318,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .errors import ConfigError
 
         raise ConfigError(f"--export {args.export} writes into the --out folder: pass --out DIR")
-    if args.export:
+    if args.export == "onnx":
         from .export.onnx import require
 
         for pkg in ("onnx", "onnxruntime", "onnxscript"):
@@ -392,7 +404,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         (Path(out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"saved to {out}")
         if args.export:
-            rep = _export_and_verify(qmodel, Path(out), args.export, args, eval_loader)
+            st = state_of(qmodel)
+            if st is not None and st.source is None and source.kind != "export":
+                st.source = source
+            rep = _export_and_verify(qmodel, Path(out) / _subdir(args.export), args.export, args, eval_loader)
             result["export"] = {k: rep[k] for k in ("format", "file", "bytes", "lowering", "runtime_ops", "verify")
                                 if k in rep}
     _write_json(args.json, result)

@@ -59,10 +59,11 @@ def load_model(name: str, checkpoint: Optional[str] = None, trust_pickle: bool =
     )
 
 
-def rebuild(source: ModelSource, trust_pickle: bool = False) -> nn.Module:
-    """Re-create the float architecture described by ``source`` (used when loading an export)."""
+def rebuild(source: ModelSource, trust_pickle: bool = False, weights: bool = True) -> nn.Module:
+    """Re-create the float architecture described by ``source`` (used when loading an export; the
+    export's tensors replace every weight, so ``weights=False`` skips reading a reference model's own)."""
     if source.kind == "reference":
-        return load_reference(source.name)
+        return load_reference(source.name, weights=weights)
     if source.kind == "pickle":
         return load_model(source.name, trust_pickle=trust_pickle)[0]
     return get_library(source.kind).build(source)

@@ -14,7 +14,7 @@ from typing import Any, Optional, Protocol
 
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import ModelSource, get_adapter
 from .bits import Bits
 
 STATE_ATTR = "vitq_state"
@@ -31,12 +31,14 @@ class RecipeLike(Protocol):
 
 @dataclass
 class QuantState:
-    """``adapter``: the adapter that wrapped the model; ``recipe`` / ``bits``: what ``prepare``
-    inserted; ``reparam``: one record per reparameterization pass; ``balance`` (AOCQ Add_alpha /
+    """``adapter``: the adapter that wrapped the model; ``source``: where its float model came from
+    (set by the CLI and by loading an export; the packed export rebuilds the architecture from it);
+    ``recipe`` / ``bits``: what ``prepare`` inserted; ``reparam``: one record per reparameterization pass; ``balance`` (AOCQ Add_alpha /
     LN_alpha), ``act_scales`` (AOCQ stage 1), ``oas`` (the slicing search): the last such pass's
     report; ``reconstruction``: one report per reconstruction run, in order."""
 
     adapter: str
+    source: Optional[ModelSource] = None
     recipe: Optional[RecipeLike] = None
     bits: Optional[Bits] = None
     reparam: list[dict[str, Any]] = field(default_factory=list)

@@ -19,7 +19,8 @@ from ..errors import ModelError
 from ..models import ModelSource, rebuild
 from ..pipeline import prepare
 from ..recipes import Recipe
-from ..state import state_of
+from ..state import ensure_state, state_of
+from .packed import PACKED_FORMAT, load_packed
 
 EXPORT_FORMAT = "vitq.quantized/1"
 
@@ -49,12 +50,15 @@ def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
     if not meta_file.is_file() or not weights.is_file():
         raise ModelError(f"{p} is not a vitq export (needs vitq.json and model.safetensors): pass the --out folder of vitq quantize")
     meta = json.loads(meta_file.read_text())
+    if meta.get("format") == PACKED_FORMAT:
+        return load_packed(p, meta, trust_pickle)
     if meta.get("format") != EXPORT_FORMAT:
-        raise ModelError(f"{meta_file} has format {meta.get('format')!r}, this vitq reads {EXPORT_FORMAT}")
+        raise ModelError(f"{meta_file} has format {meta.get('format')!r}, this vitq reads {EXPORT_FORMAT} and {PACKED_FORMAT}")
     model = rebuild(ModelSource.from_dict(meta["source"]), trust_pickle)
     recipe = Recipe.from_dict(meta["recipe"], str(meta_file))
     prepare(model, recipe, meta["bits"])
     load_into(model, load_state_file(weights), f"export {weights}")
+    ensure_state(model).source = ModelSource.from_dict(meta["source"])
     if meta.get("pretrained_cfg"):
         model.pretrained_cfg = meta["pretrained_cfg"]
     return model.eval()

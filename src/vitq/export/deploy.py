@@ -54,7 +54,7 @@ def register_backend(b: Backend) -> Backend:
     return b
 
 
-def _onnx_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any]) -> dict[str, Any]:
+def _onnx_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], source: Any) -> dict[str, Any]:
     from .onnx import runtime_ops, to_onnx
 
     stats = to_onnx(model, out / "model.onnx", example, lowering)
@@ -74,6 +74,25 @@ register_backend(Backend("onnx", "model.onnx", _onnx_write, _onnx_load,
                          "activations, integer kernels after onnxruntime's fusions"))
 
 
+def _packed_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], src: Any) -> dict[str, Any]:
+    from .packed import save_packed
+
+    if src is None:
+        raise ConfigError("the packed format needs the model's source (how to rebuild its architecture): "
+                          "export a vitq quantize --out folder, or pass a model from vitq.load_model")
+    return save_packed(model, out, src)
+
+
+def _packed_load(out: Path) -> Any:
+    from . import load_quantized
+
+    return load_quantized(out)
+
+
+register_backend(Backend("vitq", "model.safetensors", _packed_write, _packed_load,
+                         "packed safetensors: weight codes at their bit-width, loadable without the float weights"))
+
+
 def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ConfigError(f"unknown export format {name!r}: use one of {', '.join(sorted(BACKENDS))}")
@@ -88,9 +107,11 @@ def example_input(model: nn.Module, batch: int = 2) -> Tensor:
 
 
 def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: Optional[Tensor] = None,
-           emulate: str = "exact") -> dict[str, Any]:
+           emulate: str = "exact", source: Any = None) -> dict[str, Any]:
     """Write ``model`` (quantized by vitq) in format ``fmt`` to ``out_dir``; returns the report (also
-    written to ``out_dir/export.json``)."""
+    written to ``out_dir/export.json``). ``source``: the :class:`~vitq.adapters.ModelSource` of the
+    float model (``vitq.load_model``'s second value), which the packed format needs when the model's
+    state does not have it yet."""
     backend = get_backend(fmt)
     if emulate not in EMULATE_MODES:
         raise ConfigError(f"unknown lowering {emulate!r} for inexpressible sites: use one of {', '.join(EMULATE_MODES)}")
@@ -101,8 +122,9 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
     out.mkdir(parents=True, exist_ok=True)
     lowering = plan(model, emulate)
     t0 = time.perf_counter()
-    stats = backend.write(model, out, example if example is not None else example_input(model), lowering)
     st = state_of(model)
+    src = source if source is not None else (None if st is None else st.source)
+    stats = backend.write(model, out, example if example is not None else example_input(model), lowering, src)
     report = {"format": fmt, "file": backend.file, "emulate": emulate, "seconds": round(time.perf_counter() - t0, 2),
               "recipe": None if st is None or st.recipe is None else st.recipe.name,
               "bits": None if st is None or st.bits is None else str(st.bits),

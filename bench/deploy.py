@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Deployment speed and accuracy, every runtime in one run on one host.
+
+Per model: throughput (images / s, median of timed rounds) at batch 1 and batch 32 and the peak
+resident memory of the process that ran it, for
+
+* ``torch fp32``        - the float model, eager PyTorch;
+* ``ort fp32``          - the float model exported to ONNX, onnxruntime;
+* ``ort static WxA8``   - onnxruntime's own ``quantize_static`` (QDQ, per-channel s8 weights - s4 for W4A8 -,
+                          u8 activations, min-max calibration on the same calibration images);
+* ``vitq RECIPE WxA8``  - ``vitq export --format onnx`` of ``repq`` and ``dopq-calib`` at W8A8 and W4A8;
+* ``torch pt2e int8``   - PyTorch's own integer path: PT2E with the X86 Inductor quantizer, torch.compile
+                          (torchao), where it runs on this host.
+
+Models: a DeiT-Small-shaped ViT (timm ``deit_small_patch16_224``, random weights, 224x224) for speed, and
+the reference models, where the accuracy columns are filled: each file's top-1 on the 10 000
+Fashion-MNIST test images *in its runtime*, beside vitq's simulated top-1 of the same quantized model.
+Each timing runs in its own process (so the peak memory is that runtime's). The host's CPU and its ISA
+flags (AVX2 / AVX-512 VNNI / AMX) are in the result file: the ratios differ by ISA.
+
+    python bench/deploy.py                                  # all models (about 40 min on 2 cores)
+    python bench/deploy.py --models fmnist-vit --batches 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from recon_common import FashionData, machine_meta, save_rows  # noqa: E402
+
+import vitq  # noqa: E402
+from vitq.evaluate import evaluate  # noqa: E402
+from vitq.export.deploy import export  # noqa: E402
+from vitq.export.onnx import INTEGER_OPS, OnnxModel, runtime_ops  # noqa: E402
+from vitq.reference import load_reference  # noqa: E402
+
+OUT = ROOT / "bench" / "results" / "deploy.json"
+CACHE = ROOT / "bench" / "cache" / "deploy"
+MODELS = ("deit-s", "fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-deit-outlier", "fmnist-swin",
+          "fmnist-swin-outlier")
+#: (recipe, bits, lowering of sites without an integer form): exact float emulation, or 8-bit uniform post-Softmax
+VITQ = (("repq", "W8A8", "exact"), ("repq", "W4A8", "exact"), ("dopq-calib", "W8A8", "exact"),
+        ("dopq-calib", "W4A8", "exact"), ("repq", "W8A8", "uniform8"), ("repq", "W4A8", "uniform8"))
+KEY = ("model", "runtime", "batch")
+
+
+def isa_flags() -> list[str]:
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    want = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+    return [f for f in want if f in flags]
+
+
+# ------------------------------------------------------------------------------------------ models
+def float_model(name: str) -> torch.nn.Module:
+    if name == "deit-s":
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    return load_reference(name)
+
+
+def calib_images(name: str, model: torch.nn.Module) -> tuple[torch.Tensor, Optional[FashionData]]:
+    if name == "deit-s":
+        return torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0)), None
+    data = FashionData(model)
+    return data.calib(32), data
+
+
+def export_float(model: torch.nn.Module, path: Path, example: torch.Tensor) -> None:
+    from vitq.export.onnx import LogitsOnly
+
+    with torch.no_grad():
+        prog = torch.onnx.export(LogitsOnly(model).eval(), (example,), dynamo=True, opset_version=21,
+                                 input_names=["pixel_values"], output_names=["logits"],
+                                 dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1)}})
+    prog.save(str(path))
+
+
+def ort_static(fp32: Path, out: Path, calib: torch.Tensor, weight_bits: int) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"pixel_values": calib[i:i + 8].numpy()} for i in range(0, len(calib), 8)])
+
+        def get_next(self) -> Optional[dict[str, np.ndarray]]:
+            return next(self.it, None)
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4)
+    pre.unlink(missing_ok=True)
+
+
+def prepare(name: str, threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Write every file of ``name`` and return the runtimes to time, and the accuracy rows' inputs."""
+    torch.set_num_threads(threads)
+    d = CACHE / name
+    d.mkdir(parents=True, exist_ok=True)
+    model = float_model(name)
+    calib, data = calib_images(name, model)
+    example = calib[:2]
+    runs: list[dict[str, Any]] = [{"runtime": "torch fp32", "kind": "torch", "model": name}]
+    export_float(model, d / "fp32.onnx", example)
+    runs.append({"runtime": "ort fp32", "kind": "ort", "file": str(d / "fp32.onnx")})
+    for wb in (8, 4):
+        f = d / f"ort_static_w{wb}a8.onnx"
+        ort_static(d / "fp32.onnx", f, calib, wb)
+        runs.append({"runtime": f"ort static W{wb}A8", "kind": "ort", "file": str(f)})
+    sims: dict[str, float] = {}
+    quantized: dict[tuple[str, str], torch.nn.Module] = {}
+    for recipe, bits, emulate in VITQ:
+        if (recipe, bits) not in quantized:
+            quantized[recipe, bits] = vitq.quantize(copy.deepcopy(model), recipe, bits, calib_data=calib, batch_size=8)
+        q = quantized[recipe, bits]
+        tag = f"vitq {recipe} {bits}" + ("" if emulate == "exact" else f" {emulate}")
+        folder = d / tag.replace(" ", "_")
+        rep = export(q, folder, "onnx", emulate=emulate)
+        runs.append({"runtime": tag, "kind": "ort", "file": str(folder / "model.onnx"),
+                     "fallbacks": len(rep["lowering"]["fallbacks"])})
+        if data is not None:
+            sims[tag] = round(evaluate(q, data.eval_loader)["top1"], 2)
+    runs.append({"runtime": "torch pt2e int8", "kind": "pt2e", "model": name})
+    acc: dict[str, Any] = {}
+    if data is not None:
+        acc["fp32"] = round(evaluate(model, data.eval_loader)["top1"], 2)
+        for r in runs:
+            if r["kind"] == "ort":
+                acc[r["runtime"]] = round(evaluate(OnnxModel(r["file"], threads), data.eval_loader)["top1"], 2)
+        acc["simulated"] = sims
+    for r in runs:
+        r["model"] = name
+        if r["kind"] == "ort":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                ops = runtime_ops(r["file"], tmp)
+            r["integer_ops"] = {k: v for k, v in ops.items() if k in INTEGER_OPS}
+            r["bytes"] = os.path.getsize(r["file"])
+    return runs, acc
+
+
+# ------------------------------------------------------------------------------------------ timing
+def time_fn(fn: Any, x: Any, seconds: float) -> dict[str, float]:
+    for _ in range(3):
+        fn(x)
+    times: list[float] = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 5:
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    med = float(np.median(times))
+    return {"median_s": med, "rounds": len(times)}
+
+
+def measure(run: dict[str, Any], batch: int, threads: int, seconds: float) -> dict[str, Any]:
+    """Runs in a child process: build the runtime, time it, report the peak RSS (the kernel's
+    high-water mark reset first: a forked child inherits its parent's)."""
+    from vitq.evaluate import peak_rss_mb, reset_peak_rss
+
+    reset_peak_rss()
+    torch.set_num_threads(threads)
+    model = float_model(run["model"])
+    shape = (batch, *vitq.data_config(model).input_size)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    note = ""
+    if run["kind"] == "torch":
+        with torch.no_grad():
+            t = time_fn(model, x, seconds)
+    elif run["kind"] == "ort":
+        from vitq.export.onnx import session
+
+        sess = session(run["file"], threads)
+        xn = x.numpy()
+        t = time_fn(lambda a: sess.run(None, {"pixel_values": a}), xn, seconds)
+    else:
+        fn, note = pt2e_model(model, x)
+        with torch.no_grad():
+            t = time_fn(fn, x, seconds)
+    peak = peak_rss_mb()
+    return {"throughput": round(batch / t["median_s"], 2), "latency_ms": round(1000 * t["median_s"], 3),
+            "rounds": t["rounds"], "peak_rss_mb": round(peak, 1), "note": note}
+
+
+def pt2e_model(model: torch.nn.Module, x: torch.Tensor) -> tuple[Any, str]:
+    """PT2E static int8 with the X86 Inductor quantizer, compiled (torchao)."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,)).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(ep, quantizer)
+        prepared(x)
+        converted = convert_pt2e(prepared)
+        compiled = torch.compile(converted)
+        compiled(x)
+    return compiled, "PT2E X86InductorQuantizer (min-max on one batch), torch.compile"
+
+
+# ------------------------------------------------------------------------------------------ report
+def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = ["# Deployment: speed and accuracy beside onnxruntime's own quantization", "",
+             "Generated by `bench/deploy.py`: every runtime on the same host in one run, each timing in its own",
+             "process (median of timed rounds; peak RSS of that process). Accuracy: top-1 on the 10 000",
+             "Fashion-MNIST test images in the runtime itself; `sim` = vitq's simulated top-1 of the same",
+             "quantized model. `vs ORT int8`: throughput over onnxruntime's `quantize_static` W8A8 at the same batch.",
+             "",
+             f"Host: {meta.get('machine')}; torch CPU capability {meta.get('cpu_capability')}; ISA flags "
+             f"{', '.join(meta.get('isa', [])) or '?'}; {meta.get('threads')} threads; onnxruntime "
+             f"{meta.get('onnxruntime')}; torch {meta.get('torch')}.", ""]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for m in models:
+        mine = [r for r in rows if r["model"] == m]
+        lines += [f"## {m}", "", "| runtime | batch | images/s | vs ORT fp32 | vs ORT int8 | latency ms | peak RSS MB | "
+                  "file MB | integer kernels | top-1 (runtime) | sim top-1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for r in sorted(mine, key=lambda r: (r["batch"], r["order"])):
+            base = next((b for b in mine if b["runtime"] == "ort fp32" and b["batch"] == r["batch"]), None)
+            i8 = next((b for b in mine if b["runtime"] == "ort static W8A8" and b["batch"] == r["batch"]), None)
+            rel = "-" if base is None or not r.get("throughput") else f"{r['throughput'] / base['throughput']:.2f}x"
+            rel8 = "-" if i8 is None or not r.get("throughput") else f"{r['throughput'] / i8['throughput']:.2f}x"
+            ik = ", ".join(f"{v} {k}" for k, v in (r.get("integer_ops") or {}).items()) or "-"
+            thr = "failed" if r.get("error") else f"{r['throughput']:.1f}"
+            lines.append(f"| {r['runtime']} | {r['batch']} | {thr} | {rel} | {rel8} | {r.get('latency_ms', '-')} | "
+                         f"{r.get('peak_rss_mb', '-')} | {'-' if not r.get('bytes') else round(r['bytes'] / 1e6, 2)} | {ik} | "
+                         f"{r.get('top1', '-')} | {r.get('sim_top1', '-')} |")
+        errs = [r for r in mine if r.get("error")]
+        for r in errs:
+            lines.append(f"\n`{r['runtime']}` batch {r['batch']}: {r['error']}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per runtime and batch")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)  # child process: one JSON run description
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure), args.batch, args.threads, args.seconds)))
+        return
+    import onnxruntime
+
+    meta = {**machine_meta(), "isa": isa_flags(), "onnxruntime": onnxruntime.__version__, "threads": args.threads}
+    for name in args.models.split(","):
+        runs, acc = prepare(name, args.threads)
+        for order, run in enumerate(runs):
+            for b in (int(v) for v in args.batches.split(",")):
+                row = {"model": name, "runtime": run["runtime"], "batch": b, "order": order,
+                       **{k: run[k] for k in ("bytes", "integer_ops", "fallbacks") if k in run}}
+                if name != "deit-s":
+                    row["top1"] = acc.get(run["runtime"]) if run["kind"] == "ort" else acc.get("fp32") \
+                        if run["kind"] == "torch" else None
+                    row["sim_top1"] = acc["simulated"].get(run["runtime"])
+                child = subprocess.run([sys.executable, __file__, "--measure", json.dumps(run), "--batch", str(b),
+                                        "--threads", str(args.threads), "--seconds", str(args.seconds)],
+                                       capture_output=True, text=True, timeout=1800)
+                last = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
+                if child.returncode == 0 and last.startswith("{"):
+                    row.update(json.loads(last))
+                else:
+                    err = [ln for ln in child.stderr.strip().splitlines() if ln.strip()]
+                    row["error"] = (err[-1] if err else f"exit {child.returncode}")[:240]
+                print(json.dumps(row), flush=True)
+                save_rows(OUT, [row], meta, key=KEY)
+    d = json.loads(OUT.read_text())
+    order = {m: i for i, m in enumerate(MODELS)}
+    rows = sorted(d["rows"], key=lambda r: (order.get(r["model"], 99), r["batch"], r.get("order", 0)))
+    OUT.with_suffix(".md").write_text(render(rows, d["meta"]))
+    print(f"wrote {OUT.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
