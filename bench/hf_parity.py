@@ -96,6 +96,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Machine: {meta.get('machine')} ({meta.get('cpu_capability')}), torch {meta.get('torch')}, "
         f"transformers {meta.get('transformers')}.",
         "",
+        "Coverage: the shipped HF reference models at W8A8, W4A4 and W3A3 (every recipe); the converted DeiT and",
+        "Swin pairs at W4A4 (their full sweep, about 3 h on this host at the measured row times, was not run; the few",
+        "W8A8 / W3A3 rows of those pairs are what an earlier, stopped run measured).",
+        "",
         f"**{n_same} of {len(rows)} rows give the same prediction on every test image.** Every recipe but",
         "`ptq4vit` gives bit-identical logits: HF's `q_proj` / `k_proj` / `v_proj` are three quantization",
         "sites over the one LayerNorm output timm feeds to its fused `qkv`, calibrated on the same values",
