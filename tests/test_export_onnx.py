@@ -126,3 +126,22 @@ def test_cli_quantize_export_verify(tmp_path: Path) -> None:
                  "--out", str(tmp_path / "again")]) == 0
     assert main(["export", "fmnist-vit", "--no-progress"]) == 2  # not a quantize --out folder
     assert main(["quantize", "fmnist-vit", "--export", "onnx", "--no-progress"]) == 2  # --export needs --out
+
+
+@pytest.mark.parametrize("quantizer,bits,options", [("log2", 4, ()), ("log2", 4, (("extra_zero", True),)),
+                                                    ("log_sqrt2", 8, ()), ("tanq", 4, ()),
+                                                    ("twin_uniform", 6, (("mode", "softmax"),))])
+def test_lut_emulation_equals_the_fake_quant(quantizer: str, bits: int, options) -> None:
+    """Non-uniform post-Softmax sites are exported as codes + a table of levels: the same values."""
+    from vitq.export.lowering import LUTQuant, lut_lowerable
+    from vitq.nn import FakeQuant
+    from vitq.quantizers import QuantSpec
+    from vitq.roles import Role
+
+    x = torch.rand(4, 2, 50, 50, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    fq = FakeQuant(QuantSpec(quantizer, bits, options=options), Role.ATTN_PROBS, "probs")
+    fq.start_calibration()
+    fq(x)
+    fq.finish_calibration()
+    assert lut_lowerable(fq)
+    assert torch.equal(LUTQuant(fq)(x), fq(x))

@@ -15,8 +15,11 @@ is exported. Then, per quantization site (:func:`plan`):
   gains ``f s`` and every consumer's bias loses ``W_q (f s)`` (``W_q`` its quantized weight). Elsewhere
   such a site is emulated;
 * everything else (log2 / log-sqrt2 / TanQ post-Softmax, two-scale, PTF, per-channel or per-token
-  activations, activations below 8 bits, non-uniform weights): the quantizer's own fake-quant
-  formula, exported as float operations - exact, but no integer kernel: ``emulated``;
+  activations, activations below 8 bits, non-uniform weights): the quantizer's own formula, exported
+  as float operations - exact, but no integer kernel: ``emulated``. A static per-tensor quantizer
+  with at most 2^10 codes is emulated as its code formula followed by a table of its levels
+  (:class:`LUTQuant`: the table holds ``dequantize(code)`` for every code, so the values are the
+  fake-quant values; about half the float operations of the dequantization formula);
   ``emulate="uniform8"`` lowers a non-uniform post-Softmax site instead to an 8-bit uniform grid on
   [0, 1] (integer kernel, a different quantizer: the verification measures its cost).
 
@@ -80,11 +83,13 @@ def _weight_lowerable(spec: QuantSpec) -> tuple[bool, str]:
     return True, "" if spec.bits == 8 else f"{spec.bits}-bit codes in an 8-bit container"
 
 
-def _act_note(spec: QuantSpec) -> str:
+def _act_note(fq: FakeQuant) -> str:
+    spec = fq.spec
     if spec.dynamic:
         return "dynamic per-token ranges: emulated in float (exact)"
     if spec.quantizer != "uniform":
-        return f"{spec.quantizer} has no QuantizeLinear form: emulated in float (exact)"
+        how = "its code formula and a table of its levels" if lut_lowerable(fq) else "float"
+        return f"{spec.quantizer} has no QuantizeLinear form: emulated in {how} (exact)"
     if not isinstance(spec.granularity, PerTensor):
         return f"{spec.granularity} activations: emulated in float (exact; integer kernels take per-tensor inputs)"
     return f"{spec.bits}-bit activations: emulated in float (exact; integer kernels take 8-bit inputs)"
@@ -138,7 +143,7 @@ def plan(model: nn.Module, emulate: str = "exact") -> list[SiteLowering]:
             out.append(SiteLowering(site, str(role), kind, spec.quantizer, spec.bits, "uniform8",
                                     f"{spec.quantizer} post-Softmax lowered to 8-bit uniform on [0, 1] (scale 1/255)"))
         else:
-            out.append(SiteLowering(site, str(role), kind, spec.quantizer, spec.bits, "emulated", _act_note(spec)))
+            out.append(SiteLowering(site, str(role), kind, spec.quantizer, spec.bits, "emulated", _act_note(fq)))
     return out
 
 
@@ -169,6 +174,39 @@ class QDQ(nn.Module):
         ops = torch.ops.quantized_decomposed
         c = ops.quantize_per_tensor(x, self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)
         return ops.dequantize_per_tensor(c, self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)
+
+
+class LUTQuant(nn.Module):
+    """``table[quantize(x)]``: the quantizer's codes, then its levels from a lookup table (exported as
+    the code formula and one ``Gather``) - the values of its fake-quant, in fewer operations."""
+
+    def __init__(self, fq: FakeQuant) -> None:
+        super().__init__()
+        q = get_quantizer(fq.spec.quantizer)
+        qmin, qmax = q.code_range(fq.spec)
+        self.spec, self.quantizer, self.qmin = fq.spec, q, int(qmin)
+        self.params = {k: v.detach().clone() for k, v in fq.params.items()}
+        codes = torch.arange(qmin, qmax + 1, dtype=torch.int32)
+        self.register_buffer("table", dequantize(codes, self.params, fq.spec).reshape(-1).float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        codes = self.quantizer.quantize(x, self.params, self.spec)
+        if self.qmin:
+            codes = codes - self.qmin
+        # index_select on the flat codes: a plain Gather (advanced indexing exports as a slow GatherND)
+        return torch.index_select(self.table, 0, codes.reshape(-1)).reshape(codes.shape).to(x.dtype)
+
+
+def lut_lowerable(fq: FakeQuant) -> bool:
+    """A static per-tensor quantizer with a small code set whose ``dequantize`` is a function of the
+    code alone (all its parameters are scalars)."""
+    spec = fq.spec
+    if spec.dynamic or spec.quantizer == "uniform" or not isinstance(spec.granularity, PerTensor):
+        return False
+    if any(v.numel() != 1 for v in fq.params.values()):
+        return False
+    qmin, qmax = get_quantizer(spec.quantizer).code_range(spec)
+    return qmax - qmin < 1 << 10
 
 
 @dataclass
@@ -231,6 +269,9 @@ def export_form(model: nn.Module, lowering: list[SiteLowering]) -> Iterator[list
             elif site.how == "uniform8":
                 setattr(mod, slot, QDQ(1.0 / 255.0, 0, 0, 255))
                 restore.append((mod, slot, fq, None))
+            elif site.how == "emulated" and lut_lowerable(fq):
+                setattr(mod, slot, LUTQuant(fq))
+                restore.append((mod, slot, fq, None))
         _fold_fractions(model, how, restore)
         yield weights
     finally:
@@ -283,5 +324,5 @@ def summary(lowering: list[SiteLowering]) -> dict[str, Any]:
     return {"counts": counts, "fallbacks": fallbacks}
 
 
-__all__ = ["EMULATE_MODES", "QDQ", "LoweredWeight", "SiteLowering", "check_exportable", "export_form", "plan",
+__all__ = ["EMULATE_MODES", "LUTQuant", "QDQ", "lut_lowerable", "LoweredWeight", "SiteLowering", "check_exportable", "export_form", "plan",
            "summary", "weight_codes"]

@@ -119,17 +119,21 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
             if hit is None:
                 continue
             lw, transposed = hit
-            codes = lw.codes.cpu().numpy()
+            codes = lw.codes.cpu().numpy().astype(np.int64)
+            zp = np.round(lw.zero_point.cpu().numpy()).astype(np.int64)
             if transposed:
                 codes = codes.T
-            dtype = np.uint8 if lw.qmin >= 0 else np.int8
+            # signed containers: onnxruntime's x86 integer GEMMs run u8 x s8 about 1.4x faster than u8 x u8, and
+            # shifting codes and zero point by the same integer keeps every dequantized value
+            shift = (lw.qmax + 1) // 2 if lw.qmin >= 0 else 0
+            codes, zp = codes - shift, zp - shift
             q = f"{name}_quantized"
             proto.graph.initializer.extend([
-                numpy_helper.from_array(np.ascontiguousarray(codes.astype(dtype)), q),
+                numpy_helper.from_array(np.ascontiguousarray(codes.astype(np.int8)), q),
                 numpy_helper.from_array(lw.scale.cpu().numpy().astype(np.float32) if lw.per_channel
                                         else np.array(float(lw.scale.reshape(-1)[0]), np.float32), f"{q}_scale"),
-                numpy_helper.from_array(np.round(lw.zero_point.cpu().numpy()).astype(dtype) if lw.per_channel
-                                        else np.array(round(float(lw.zero_point.reshape(-1)[0])), dtype), f"{q}_zero_point"),
+                numpy_helper.from_array(zp.astype(np.int8) if lw.per_channel else np.array(int(zp.reshape(-1)[0]), np.int8),
+                                        f"{q}_zero_point"),
             ])
             kw = {"axis": (1 if transposed else 0)} if lw.per_channel else {}
             new_nodes.append(helper.make_node("DequantizeLinear", [q, f"{q}_scale", f"{q}_zero_point"], [f"{q}_dq"],
