@@ -8,7 +8,10 @@ resident memory of the process that ran it, for
 * ``ort fp32``          - the float model exported to ONNX, onnxruntime;
 * ``ort static WxA8``   - onnxruntime's own ``quantize_static`` (QDQ, per-channel s8 weights - s4 for W4A8 -,
                           u8 activations, min-max calibration on the same calibration images);
-* ``vitq RECIPE WxA8``  - ``vitq export --format onnx`` of ``repq`` and ``dopq-calib`` at W8A8 and W4A8;
+* ``vitq RECIPE WxA8``  - ``vitq export --format onnx`` of ``repq`` at W8A8 and W4A8 as the recipe is (its
+                          log-sqrt2 post-Softmax emulated in float: exact, no integer kernel for probs x V);
+* ``vitq RECIPE@onnx WxA8`` - ``repq`` and ``dopq-calib`` quantized for onnx (``--target onnx``, what
+                          ``vitq quantize --export onnx`` does: post-Softmax on the 8-bit uniform grid, calibrated);
 * ``torch pt2e int8``   - PyTorch's own integer path: PT2E with the X86 Inductor quantizer, torch.compile
                           (torchao), where it runs on this host.
 
@@ -52,9 +55,9 @@ OUT = ROOT / "bench" / "results" / "deploy.json"
 CACHE = ROOT / "bench" / "cache" / "deploy"
 MODELS = ("deit-s", "fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-deit-outlier", "fmnist-swin",
           "fmnist-swin-outlier")
-#: (recipe, bits, lowering of sites without an integer form): exact float emulation, or 8-bit uniform post-Softmax
-VITQ = (("repq", "W8A8", "exact"), ("repq", "W4A8", "exact"), ("dopq-calib", "W8A8", "exact"),
-        ("dopq-calib", "W4A8", "exact"), ("repq", "W8A8", "uniform8"), ("repq", "W4A8", "uniform8"))
+#: (recipe, bits, target): the recipe as it is (sites without an integer form emulated exactly), or quantized for onnx
+VITQ = (("repq", "W8A8", None), ("repq", "W4A8", None), ("repq", "W8A8", "onnx"), ("repq", "W4A8", "onnx"),
+        ("dopq-calib", "W8A8", "onnx"), ("dopq-calib", "W4A8", "onnx"))
 KEY = ("model", "runtime", "batch")
 
 
@@ -129,14 +132,11 @@ def prepare(name: str, threads: int) -> tuple[list[dict[str, Any]], dict[str, An
         ort_static(d / "fp32.onnx", f, calib, wb)
         runs.append({"runtime": f"ort static W{wb}A8", "kind": "ort", "file": str(f)})
     sims: dict[str, float] = {}
-    quantized: dict[tuple[str, str], torch.nn.Module] = {}
-    for recipe, bits, emulate in VITQ:
-        if (recipe, bits) not in quantized:
-            quantized[recipe, bits] = vitq.quantize(copy.deepcopy(model), recipe, bits, calib_data=calib, batch_size=8)
-        q = quantized[recipe, bits]
-        tag = f"vitq {recipe} {bits}" + ("" if emulate == "exact" else f" {emulate}")
-        folder = d / tag.replace(" ", "_")
-        rep = export(q, folder, "onnx", emulate=emulate)
+    for recipe, bits, target in VITQ:
+        q = vitq.quantize(copy.deepcopy(model), recipe, bits, calib_data=calib, batch_size=8, target=target)
+        tag = f"vitq {recipe}{'' if target is None else '@' + target} {bits}"
+        folder = d / tag.replace(" ", "_").replace("@", "_")
+        rep = export(q, folder, "onnx")
         runs.append({"runtime": tag, "kind": "ort", "file": str(folder / "model.onnx"),
                      "fallbacks": len(rep["lowering"]["fallbacks"])})
         if data is not None:

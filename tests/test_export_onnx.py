@@ -69,6 +69,32 @@ def test_repq_w4a8_folds_fractional_zero_points_and_emulates_log_sqrt2(tmp_path:
     assert (out - ref).abs().mean() < 0.02 * ref.abs().max()
 
 
+def test_target_onnx_quantizes_post_softmax_on_the_integer_grid_it_ships(tmp_path: Path) -> None:
+    """repq at A8 for onnx: log-sqrt2 post-Softmax becomes 8-bit uniform before calibration, so nothing
+    falls back, both attention matmuls run as integer kernels, and what was simulated is what runs."""
+    from vitq.recipes import for_target, load_recipe
+
+    r, changes = for_target(load_recipe("repq"), "W8A8", "onnx")
+    assert r.name == "repq@onnx" and len(changes) == 1 and "log_sqrt2" in changes[0]
+    assert for_target(load_recipe("repq"), "W4A4", "onnx")[1] == []  # A4: integer kernels take 8-bit inputs anyway
+    assert for_target(load_recipe("minmax"), "W8A8", "onnx") == (load_recipe("minmax"), [])  # already integer
+    with pytest.raises(ConfigError, match="unknown target 'tflite'"):
+        for_target(load_recipe("repq"), "W8A8", "tflite")
+    g = torch.Generator().manual_seed(0)
+    calib, x = torch.randn(16, 3, 16, 16, generator=g), torch.randn(32, 3, 16, 16, generator=g)
+    plain = vitq.quantize(tiny_vit(), "repq", "W8A8", calib_data=calib)
+    q = vitq.quantize(tiny_vit(), "repq", "W8A8", calib_data=calib, target="onnx")
+    probs = [m for m in q.modules() if isinstance(m, vitq.nn.FakeQuant) and m.role == vitq.roles.Role.ATTN_PROBS]
+    assert probs and all(m.spec.quantizer == "uniform" and m.spec.bits == 8 for m in probs)
+    rep, rep_plain = export(q, tmp_path / "t", "onnx"), export(plain, tmp_path / "p", "onnx")
+    assert rep["lowering"]["fallbacks"] == [] and len(rep_plain["lowering"]["fallbacks"]) == len(probs)
+    integer = sum(v for k, v in rep["runtime_ops"].items() if k in ("MatMulIntegerToFloat", "QLinearMatMul"))
+    integer_plain = sum(v for k, v in rep_plain["runtime_ops"].items() if k in ("MatMulIntegerToFloat", "QLinearMatMul"))
+    assert integer >= integer_plain + len(probs)  # probabilities x V: now an integer matmul in every block
+    ref, out = logits(q, x), OnnxModel(tmp_path / "t" / "model.onnx")(x)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
 def test_swin_and_hf_models_export(tmp_path: Path) -> None:
     q, x = quantized(tiny_swin, "percentile", "W8A8", 32)
     export(q, tmp_path / "swin", "onnx")
@@ -122,6 +148,12 @@ def test_cli_quantize_export_verify(tmp_path: Path) -> None:
                  "--export", "onnx", "--max-top1-diff", "1.0", "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert abs(r["export"]["verify"]["top1_diff"]) <= 1.0 and (run / "model.onnx").is_file()
+    assert r["recipe"] == "minmax" and r["export"]["lowering"]["fallbacks"] == []  # minmax needs no target change
+    assert main(["quantize", "fmnist-vit", "--recipe", "repq", "--eval-size", "300", "--no-progress", "--skip-fp",
+                 "--out", str(tmp_path / "rq"), "--export", "onnx", "--json", str(tmp_path / "rq.json")]) == 0
+    r = json.loads((tmp_path / "rq.json").read_text())
+    assert r["recipe"] == "repq@onnx" and r["export"]["lowering"]["fallbacks"] == []  # --export onnx implies --target
+    assert json.loads((tmp_path / "rq" / "vitq.json").read_text())["recipe"]["name"] == "repq@onnx"
     assert main(["export", str(run), "--verify", "--eval-size", "200", "--no-progress", "--max-top1-diff", "1.0",
                  "--out", str(tmp_path / "again")]) == 0
     assert main(["export", "fmnist-vit", "--no-progress"]) == 2  # not a quantize --out folder

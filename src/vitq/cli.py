@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a deployment export into the --out folder (onnx: QDQ graph for onnxruntime, "
                         "model.onnx; vitq: packed integer weights, packed/), verified against the simulated model "
                         "on the evaluation images")
+    q.add_argument("--target", choices=["onnx", "none"],
+                   help="quantize for a runtime: sites it has no integer kernel for (at A8 a log2 / log-sqrt2 / TanQ "
+                        "post-Softmax) get the nearest integer form before calibration, so the simulated accuracy is "
+                        "the deployed one (default: onnx with --export onnx, else none)")
     _add_export_args(q)
 
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
@@ -307,6 +311,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"{', '.join(both)} given both as a flag and with --set: use one of them")
     recipe = override_pass_options(set_pass_options(recipe, sets), **flags)
+    target = args.target or ("onnx" if args.export == "onnx" else "none")
+    if target != "none":
+        from .recipes import for_target
+
+        recipe, changes = for_target(recipe, bits, target)
+        for line in changes:
+            print(f"target {target}: {line}")
     calib_size = args.calib_size if args.calib_size is not None else recipe.calib_size
     if calib_size <= 0:
         from .errors import DataError

@@ -16,7 +16,7 @@ from .bits import Bits
 from .errors import CalibrationError, DataError
 from .passes import get_pass
 from .passes.quantize import insert_quantizers, manifest
-from .recipes import PassConfig, Recipe, load_recipe
+from .recipes import PassConfig, Recipe, for_target, load_recipe
 from .state import QuantState, ensure_state, state_of
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,18 @@ def run_recipe(model: nn.Module, recipe: "Recipe | str", ctx: Context) -> nn.Mod
 
 def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | str" = "W8A8",
              calib_data: Optional[CalibData] = None, seed: int = 0, batch_size: int = 32,
-             progress: bool = False) -> nn.Module:
+             progress: bool = False, target: Optional[str] = None) -> nn.Module:
     """One-call API: ``qmodel = vitq.quantize(model, "minmax", "W4A4", calib_images)`` (in place).
 
     ``calib_data``: a tensor N,C,H,W, a Dataset, a DataLoader or any iterable of image tensors,
-    ``(images, labels)`` pairs or ``{"pixel_values": ...}`` dicts."""
+    ``(images, labels)`` pairs or ``{"pixel_values": ...}`` dicts. ``target="onnx"``: quantize for an
+    integer runtime (:func:`vitq.recipes.for_target`: sites it has no integer kernel for get the nearest
+    form it has, before calibration, so the simulated accuracy is the deployed one)."""
     recipe = load_recipe(recipe)
+    if target is not None:
+        recipe, changes = for_target(recipe, bits, target)
+        for line in changes:
+            log.info("target %s: %s", target, line)
     needs_data = len(recipe.passes) > 0
     if calib_data is None and needs_data:
         raise CalibrationError(f"recipe {recipe.name} needs calibration data: pass calib_data (images N,C,H,W or a DataLoader)")

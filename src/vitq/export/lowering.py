@@ -67,11 +67,6 @@ class SiteLowering:
         return asdict(self)
 
 
-def _is_uniform_per_tensor_8bit(spec: QuantSpec) -> bool:
-    return (spec.quantizer == "uniform" and spec.bits == 8 and isinstance(spec.granularity, PerTensor)
-            and not spec.dynamic)
-
-
 def _weight_lowerable(spec: QuantSpec) -> tuple[bool, str]:
     if spec.quantizer != "uniform":
         return False, f"{spec.quantizer} weights have no integer form: kept as float values on the quantizer's grid"
@@ -127,7 +122,7 @@ def plan(model: nn.Module, emulate: str = "exact") -> list[SiteLowering]:
         if kind == "weight":
             ok, note = _weight_lowerable(spec)
             out.append(SiteLowering(site, str(role), kind, spec.quantizer, spec.bits, "int-weight" if ok else "emulated", note))
-        elif _is_uniform_per_tensor_8bit(spec):
+        elif spec.integer_act:
             f = _fraction(fq)
             if abs(f) < 1e-6:
                 out.append(SiteLowering(site, str(role), kind, spec.quantizer, spec.bits, "qdq"))

@@ -63,6 +63,12 @@ class QuantSpec:
     def dynamic(self) -> bool:
         return isinstance(self.granularity, PerToken)
 
+    @property
+    def integer_act(self) -> bool:
+        """An activation quantizer integer runtimes execute (ONNX ``QuantizeLinear``, integer kernels):
+        uniform, 8 bits, one static scale and zero point per tensor."""
+        return self.quantizer == "uniform" and self.bits == 8 and isinstance(self.granularity, PerTensor)
+
     def opt(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
 

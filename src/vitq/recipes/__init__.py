@@ -293,5 +293,39 @@ def override_pass_options(recipe: Recipe, **opts: Any) -> Recipe:
     return set_pass_options(recipe, {k: v for k, v in opts.items() if v is not None})
 
 
-__all__ = ["FORMAT_VERSION", "RECIPE_DIR", "PassConfig", "Recipe", "SiteRule", "list_recipes", "load_recipe",
-           "override_pass_options", "parse_assignments", "set_pass_options"]
+# -- targets: a recipe adapted to what a runtime executes as integers ------------------------------------
+#: runtimes a recipe can be adapted to (``vitq quantize --target``); ``vitq``'s packed format runs every quantizer
+TARGETS = ("onnx",)
+#: the nearest integer form of a post-Softmax quantizer that has none: 8-bit uniform over the observed range
+INTEGER_POST_SOFTMAX = SiteRule(quantizer="uniform", bits="A", granularity="tensor", observer="minmax")
+
+
+def for_target(recipe: Recipe, bits: "Bits | str", target: str) -> tuple[Recipe, list[str]]:
+    """A copy of ``recipe`` for an integer runtime, and one line per change.
+
+    At 8-bit activations a non-uniform post-Softmax quantizer (log2, log-sqrt2, TanQ, two-scale) has no
+    integer kernel in ONNX: exported as it is, it runs as float emulation and the attention's
+    probabilities x V product as a float matmul (about half the throughput). For ``target="onnx"`` such a
+    rule becomes 8-bit uniform per tensor over the observed range (:data:`INTEGER_POST_SOFTMAX`) *before*
+    calibration, so every later pass calibrates and measures the quantizer that is shipped: the simulated
+    top-1 is the deployed one. Below 8-bit activations nothing changes (integer kernels take 8-bit
+    inputs; those sites are emulated exactly). Other sites keep their quantizers; the export reports each
+    one it cannot lower."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}: use one of {', '.join(TARGETS)} (or none)")
+    b = Bits.parse(bits)
+    rule = recipe.rule_for("act", Role.ATTN_PROBS, "")
+    if rule is None or b.a != 8:
+        return recipe, []
+    spec = rule.resolve(b)
+    if spec.integer_act:
+        return recipe, []
+    rules = dict(recipe.rules)
+    rules[f"act:{Role.ATTN_PROBS.value}"] = INTEGER_POST_SOFTMAX
+    note = (f"act:{Role.ATTN_PROBS.value}: {spec.describe()} -> {INTEGER_POST_SOFTMAX.resolve(b).describe()} "
+            f"({target} has no integer kernel for {spec.quantizer}; --target none keeps it, emulated in float)")
+    return replace(recipe, name=f"{recipe.name}@{target}", rules=tuple(rules.items())), [note]
+
+
+__all__ = ["FORMAT_VERSION", "RECIPE_DIR", "TARGETS", "PassConfig", "Recipe", "SiteRule", "for_target", "list_recipes",
+           "load_recipe", "override_pass_options", "parse_assignments", "set_pass_options"]
