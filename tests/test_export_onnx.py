@@ -135,6 +135,14 @@ def test_export_refusals(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         export(q, tmp_path / "file", "onnx")
+    fp = vitq.quantize(tiny_vit(), "fp", "W8A8")
+    with pytest.raises(ModelError, match="recipe fp quantizes no site"):
+        export(fp, tmp_path / "fp", "onnx")
+    recipe = tmp_path / "logw.yaml"  # log2 weights, 4-bit activations: nothing ONNX runs as integers
+    recipe.write_text('rules:\n  "weight:*": {quantizer: log2, bits: W}\n  "act:*": {bits: A}\n')
+    lw = vitq.quantize(tiny_vit(), str(recipe), "W4A4", calib_data=torch.randn(8, 3, 16, 16))
+    with pytest.raises(ModelError, match="no quantization site of this model has an integer form in onnx"):
+        export(lw, tmp_path / "lw", "onnx")
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ModelError, match=r"pip install 'vitq\[deploy\]'"):
         export(q, tmp_path / "x", "onnx")

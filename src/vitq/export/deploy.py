@@ -24,7 +24,7 @@ from ..batches import batch_images, forward_logits
 from ..errors import ConfigError, VitqError
 from ..evaluate import compare_paired, evaluate
 from ..state import state_of
-from .lowering import EMULATE_MODES, check_exportable, plan, summary
+from .lowering import EMULATE_MODES, check_exportable, check_lowerable, plan, summary
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
         raise ConfigError(f"export destination {out} is a file: pass a folder")
     out.mkdir(parents=True, exist_ok=True)
     lowering = plan(model, emulate)
+    if fmt == "onnx":
+        check_lowerable(lowering, fmt)
     t0 = time.perf_counter()
     st = state_of(model)
     src = source if source is not None else (None if st is None else st.source)

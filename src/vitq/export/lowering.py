@@ -152,6 +152,18 @@ def check_exportable(model: nn.Module) -> None:
     if missing:
         raise ModelError(f"{len(missing)} quantization site(s) are not calibrated ({missing[0]}, ...): "
                          "calibrate the model (vitq quantize) before exporting it")
+    if not any(isinstance(m, FakeQuant) and m.enabled for m in model.modules()):
+        raise ModelError(f"recipe {st.recipe.name} quantizes no site, so there is nothing to export as integers: "
+                         "quantize with a recipe that does (vitq list), or export the float model itself")
+
+
+def check_lowerable(lowering: list[SiteLowering], fmt: str) -> None:
+    """A one-line error when no site has an integer form in ``fmt``: the file would run float maths only."""
+    if not any(s.how in ("int-weight", "qdq", "uniform8") for s in lowering):
+        quantized = sorted({s.quantizer for s in lowering if s.how != "float"})
+        raise ModelError(f"no quantization site of this model has an integer form in {fmt} (quantizers: "
+                         f"{', '.join(quantized)}): use --format vitq, or a recipe with uniform weights "
+                         "of at most 8 bits")
 
 
 class QDQ(nn.Module):
@@ -319,5 +331,6 @@ def summary(lowering: list[SiteLowering]) -> dict[str, Any]:
     return {"counts": counts, "fallbacks": fallbacks}
 
 
-__all__ = ["EMULATE_MODES", "LUTQuant", "QDQ", "lut_lowerable", "LoweredWeight", "SiteLowering", "check_exportable", "export_form", "plan",
+__all__ = ["EMULATE_MODES", "LUTQuant", "QDQ", "lut_lowerable", "LoweredWeight", "SiteLowering", "check_exportable",
+           "check_lowerable", "export_form", "plan",
            "summary", "weight_codes"]
