@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import sys
 import textwrap
@@ -32,8 +33,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="build a timm model with random weights (cost measurements only)")
     p.add_argument("--num-classes", type=int, help="classifier size of a timm model (default: from checkpoint)")
     p.add_argument("--data", default=DEFAULT_DATA,
-                   help="'fashion-mnist', 'fashion-mnist:DIR' or an ImageFolder root with train/ and val/ "
-                        f"(default {DEFAULT_DATA})")
+                   help="evaluation data (and calibration data without --calib-data): 'fashion-mnist', "
+                        "'fashion-mnist:DIR', an ImageNet-layout root (train/<class>/, val/<class>/; val/ alone with "
+                        f"--calib-data) or a class-folder split itself (default {DEFAULT_DATA})")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu, cuda, cuda:N or auto (a GPU where there is one) for calibration, reconstruction and "
+                        "evaluation (default cpu)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="DataLoader processes decoding image files (default 0: in the main process)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="override the model's input size for preprocessing (as timm's validate script)")
+    p.add_argument("--crop-pct", type=float, help="override the centre-crop fraction (timm's crop_pct)")
+    p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"],
+                   help="override the resize interpolation")
     p.add_argument("--eval-size", type=int, help="evaluate on the first N images of the test/val split")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation / calibration batch size")
     p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
@@ -61,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="minmax", help="recipe name (see `vitq list`) or a recipe YAML file")
     q.add_argument("--bits", default="W8A8", help="WxAy with x, y in 2..8, e.g. W8A8, W4A4, W4A8")
     q.add_argument("--calib-size", type=int, help="number of calibration images (default: the recipe's)")
+    q.add_argument("--calib-data", metavar="DIR",
+                   help="calibrate on the images of this folder (flat or nested, no labels, any size / format / colour "
+                        "mode; unreadable files are skipped and counted) instead of --data's train split")
     q.add_argument("--exclude", action="append", default=[], metavar="ROLE|REGEX",
                    help="leave sites in float: a role (e.g. HEAD_IN) or a module-name regex; repeatable")
     q.add_argument("--out", help="save the quantized model (safetensors + vitq.json) and results here")
@@ -108,10 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import distributed
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if distributed.launched() and args.command in ("quantize", "eval"):
+            _start_distributed(args)
         if args.command == "list":
             return cmd_list()
         if args.command == "eval":
@@ -122,11 +141,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_export(args)
         return cmd_quantize(args)
     except VitqError as e:
-        print(f"vitq: error: {e}", file=sys.stderr)
+        msg = str(e)
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: the original message is the last line
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        tag = f" (rank {distributed.rank()})" if distributed.active() else ""
+        print(f"vitq: error{tag}: {msg}", file=sys.stderr)
+        if distributed.active():
+            sys.stderr.flush()
+            os._exit(e.exit_code)  # the other ranks may wait in a collective: torchrun stops them when one exits
         return e.exit_code
     except KeyboardInterrupt:
         print("vitq: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if distributed.active():
+            distributed.shutdown()
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """Under torchrun: join the process group, one device per rank, output from rank 0 only."""
+    from . import distributed
+    from .devices import resolve
+
+    args.device = str(distributed.init_from_env(resolve(args.device)))
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+        args.no_progress = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,33 +201,40 @@ def cmd_list() -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .devices import resolve
     from .models import ModelSource, load_model
 
+    device = resolve(getattr(args, "device", None))  # a missing GPU is one line, before any loading
     p = Path(args.model)
     if p.is_dir() and (p / "vitq.json").is_file():
         from .export import load_quantized
 
-        return load_quantized(p, trust_pickle=args.trust_pickle), ModelSource("export", str(p))
-    return load_model(args.model, checkpoint=args.checkpoint, trust_pickle=args.trust_pickle,
-                      random_weights=args.random_weights, num_classes=args.num_classes)
+        return load_quantized(p, trust_pickle=args.trust_pickle).to(device), ModelSource("export", str(p))
+    model, source = load_model(args.model, checkpoint=args.checkpoint, trust_pickle=args.trust_pickle,
+                               random_weights=args.random_weights, num_classes=args.num_classes)
+    return model.to(device), source
 
 
-def _eval_loader(args: argparse.Namespace, model: Any) -> Any:
-    from .data import DataSpec, Preprocess, build_dataset, eval_subset, make_loader
-    from .models import data_config
+def _eval_loader(args: argparse.Namespace, model: Any, shard: bool = False) -> Any:
+    from . import distributed
+    from .data import DataSpec, build_dataset, eval_subset, make_loader
+    from .models import transforms
 
     spec = DataSpec.parse(args.data)
-    pre = Preprocess(data_config(model))
+    pre = transforms(model, args.input_size, args.crop_pct, args.interpolation)
     ds = eval_subset(build_dataset(spec, "eval", pre), args.eval_size)
-    return spec, pre, make_loader(ds, batch_size=args.batch_size)
+    if shard:  # torchrun: this rank's block of the test set; evaluate(sharded=True) merges them
+        ds = distributed.shard(ds, args.batch_size)
+    return spec, pre, make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from . import distributed
     from .evaluate import evaluate, peak_rss_mb
 
     model, source = _load(args)
-    _, _, loader = _eval_loader(args, model)
-    res = evaluate(model, loader, progress=not args.no_progress)
+    _, _, loader = _eval_loader(args, model, shard=True)
+    res = evaluate(model, loader, progress=not args.no_progress, sharded=distributed.active())
     out = {"model": args.model, "source": source.to_dict(), "data": args.data, "top1": round(res["top1"], 2),
            "top5": round(res["top5"], 2), "eval_size": res["n"], "eval_seconds": round(res["seconds"], 2),
            "nll": None if res["nll"] is None else round(res["nll"], 5),
@@ -195,7 +242,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     nll = "" if out["nll"] is None else f"  test log-loss {out['nll']:.4f}"
     print(f"{args.model}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%{nll}  on {res['n']} images "
           f"({out['eval_seconds']:.1f}s)")
-    _write_json(args.json, out)
+    if distributed.is_main():
+        _write_json(args.json, out)
     return 0
 
 
@@ -286,8 +334,12 @@ def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from . import distributed
     from .bits import Bits
-    from .data import build_dataset, calibration_subset, make_loader
+    from .data import build_dataset, calibration_images, calibration_subset, make_loader
+    from .devices import resolve
     from .evaluate import compare_paired, compare_pooled, evaluate, peak_rss_mb
     from .export import save_quantized
     from .pipeline import Context, manifest, run_recipe
@@ -295,6 +347,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .state import state_of
 
     bits = Bits.parse(args.bits)  # validate cheap inputs before loading anything
+    device = resolve(args.device)
     recipe = load_recipe(args.recipe)
     excl = _exclusions(args.exclude)
     recipe = recipe.with_overrides([e for e in excl if e[0] != "role"])
@@ -340,24 +393,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out saves one model but {len(seeds)} seeds were given: pass a single --seed with --out")
 
     model, source = _load(args)
-    spec, pre, eval_loader = _eval_loader(args, model)
+    spec, pre, eval_loader = _eval_loader(args, model, shard=True)
+    sharded = distributed.active()
     progress = not args.no_progress
-    train = build_dataset(spec, "train", pre)
+    train = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
     calib_sets = {seed: calibration_subset(train, calib_size, seed) for seed in seeds}  # bad sizes fail here
+    skipped = sorted({f for c in calib_sets.values() for f in c.skipped})
+    if args.calib_data:
+        print(f"calibration images: {calib_size} of the {len(train)} image files under {args.calib_data}"
+              + (f" ({len(skipped)} unreadable, skipped: {', '.join(Path(f).name for f in skipped[:3])}"
+                 f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""))
 
     fp = None
     if not args.skip_fp:
-        fp = evaluate(model, eval_loader, progress=progress, desc="eval fp")
+        fp = evaluate(model, eval_loader, progress=progress, desc="eval fp", sharded=sharded)
     runs: list[dict[str, Any]] = []
     qmodel: Any = None
     for seed in seeds:
-        calib_loader = make_loader(calib_sets[seed], batch_size=min(args.batch_size, calib_size))
+        calib_loader = make_loader(calib_sets[seed], batch_size=min(args.batch_size, calib_size),
+                                   num_workers=args.workers)
         qm = copy.deepcopy(model)
         t0 = time.perf_counter()
-        ctx = Context(calib=calib_loader, bits=bits, seed=seed, batch_size=args.batch_size, progress=progress)
+        ctx = Context(calib=calib_loader, bits=bits, seed=seed, batch_size=args.batch_size, progress=progress,
+                      device=device)
         run_recipe(qm, recipe, ctx)
         secs = time.perf_counter() - t0
-        res = evaluate(qm, eval_loader, progress=progress, desc=f"eval quantized (seed {seed})")
+        res = evaluate(qm, eval_loader, progress=progress, desc=f"eval quantized (seed {seed})", sharded=sharded)
         runs.append({"seed": seed, "res": res, "calib_seconds": secs,
                      "vs_fp": None if fp is None else compare_paired(fp["predictions"], res["predictions"])})
         if qmodel is None:
@@ -377,7 +438,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "drop": None if fp is None else round(fp["top1"] - q_top1, 2),
         "calib_seconds": round(calib_seconds, 2), "eval_seconds": round(q["seconds"], 2),
         "fp_eval_seconds": None if fp is None else round(fp["seconds"], 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "device": str(device),
+        "preprocessing": {**asdict(pre.config), "transform": pre.source},
+        "calib_data": args.calib_data, "calib_skipped": skipped,
         "vs_fp": None if vs_fp is None else vs_fp.to_dict(), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
     }
     if len(seeds) > 1:
@@ -409,6 +472,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         nll_txt = "" if pl["nll_p"] is None else f"; test log-loss {pl['nll_diff']:+.4f} nats (pooled p = {pl['nll_p']:.3g})"
         print(f"  mean over {pl['seeds']} seeds, quantized - FP: {pl['diff']:+.2f} points{p_txt}{nll_txt}; "
               "one test over the seeds, which share the test images")
+    if not distributed.is_main():
+        return 0  # rank 0 writes the files (and verifies the export on the whole test set)
     if args.out:
         out = save_quantized(qmodel, args.out, source, extra={"result": {k: v for k, v in result.items()
                                                                          if k not in ("manifest", "recipe_config")}})
@@ -418,7 +483,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             st = state_of(qmodel)
             if st is not None and st.source is None and source.kind != "export":
                 st.source = source
-            rep = _export_and_verify(qmodel, Path(out) / _subdir(args.export), args.export, args, eval_loader)
+            full = _eval_loader(args, qmodel)[2] if sharded else eval_loader
+            rep = _export_and_verify(qmodel, Path(out) / _subdir(args.export), args.export, args, full)
             result["export"] = {k: rep[k] for k in ("format", "file", "bytes", "lowering", "runtime_ops", "verify")
                                 if k in rep}
     _write_json(args.json, result)

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .batches import batch_images, batch_labels, forward_logits
+from .devices import model_device
 from .errors import DataError
 
 
@@ -61,8 +63,10 @@ def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = F
             device: Optional[torch.device] = None) -> Predictions:
     """Top-``k`` class indices and per-image cross-entropy of ``model`` for every batch of ``loader``:
     ``(images, labels)`` pairs or ``{"pixel_values": ..., "labels": ...}`` dicts; the model may return
-    logits or an output with ``.logits`` (Hugging Face)."""
+    logits or an output with ``.logits`` (Hugging Face). Batches go to ``device`` (default: where the
+    model's parameters are)."""
     model.eval()
+    device = device if device is not None else model_device(model)
     tops: list[Tensor] = []
     labels: list[Tensor] = []
     nlls: Optional[list[Tensor]] = []
@@ -77,8 +81,8 @@ def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = F
         if y is None:
             raise DataError("evaluation batches need labels: give (images, labels) pairs or dicts with 'labels'")
         y = torch.as_tensor(y)
-        if device is not None:
-            x, y = x.to(device), y.to(device)
+        if device.type != "cpu" or x.device != device:
+            x, y = x.to(device, non_blocking=True), y.to(device)
         logits = forward_logits(model, x)
         y = y.reshape(-1)
         tops.append(logits.topk(min(k, logits.shape[-1]), dim=-1).indices.cpu())
@@ -95,12 +99,25 @@ def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = F
     return Predictions(torch.cat(tops), torch.cat(labels), dt, None if nlls is None else torch.cat(nlls))
 
 
+def gather(p: Predictions) -> Predictions:
+    """Every rank's per-image predictions, concatenated in rank order (:func:`vitq.distributed.shard`
+    gives each rank a contiguous block, so this is the dataset's order); ``p`` with one process."""
+    if not distributed.active():
+        return p
+    parts = distributed.all_gather_objects((p.topk, p.labels, p.seconds, p.nll))
+    nll = None if any(q[3] is None for q in parts) else torch.cat([q[3] for q in parts])
+    return Predictions(torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]), max(q[2] for q in parts), nll)
+
+
 def evaluate(model: nn.Module, loader: DataLoader, progress: bool = False, desc: str = "eval",
-             device: Optional[torch.device] = None) -> dict[str, Any]:
+             device: Optional[torch.device] = None, sharded: bool = False) -> dict[str, Any]:
     """Top-1 / top-5 (percent) and mean test cross-entropy ``nll`` (nats; None without class-index
     labels) of ``model`` over ``loader`` of ``(images, labels)``; ``predictions`` holds the per-image
-    :class:`Predictions` (for :func:`compare_paired`)."""
-    p = predict(model, loader, k=5, progress=progress, desc=desc, device=device)
+    :class:`Predictions` (for :func:`compare_paired`). ``sharded``: ``loader`` holds this rank's block
+    of the test set (:func:`vitq.distributed.shard`); the result is over every rank's, as one process's."""
+    p = predict(model, loader, k=5, progress=progress and distributed.is_main(), desc=desc, device=device)
+    if sharded:
+        p = gather(p)
     n = len(p.labels)
     c1 = int((p.top1 == p.labels).sum()) if n else 0
     c5 = int((p.topk == p.labels.unsqueeze(-1)).any(-1).sum()) if n else 0

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .adapters import LIBRARIES, ModelSource, get_adapter, get_library, library_for
 from .checkpoints import load_into, load_state_file, short_error
-from .data import PreprocessConfig
-from .errors import ModelError
+from .data import Preprocess, PreprocessConfig, Transforms
+from .errors import DataError, ModelError
 from .reference import is_reference, list_reference_models, load_reference
 
 log = logging.getLogger(__name__)
@@ -75,4 +75,20 @@ def data_config(model: nn.Module) -> PreprocessConfig:
     return get_adapter(model).data_config(model)
 
 
-__all__ = ["ModelSource", "data_config", "load_into", "load_model", "load_state_file", "rebuild"]
+def transforms(model: nn.Module, input_size: Optional[Sequence[int]] = None, crop_pct: Optional[float] = None,
+               interpolation: Optional[str] = None) -> Transforms:
+    """``model``'s preprocessing (:class:`~vitq.data.Transforms`): image files through its library's own
+    evaluation transform (timm's ``create_transform``, a Hugging Face image processor), image tensors
+    through :class:`~vitq.data.Preprocess`; optionally with timm-validate-style overrides."""
+    adapter = get_adapter(model)
+    cfg = adapter.data_config(model).with_overrides(input_size, crop_pct, interpolation)
+    hw = (cfg.input_size[1], cfg.input_size[2])
+    if not adapter.accepts_input_size(model, hw):
+        _, h, w = adapter.data_config(model).input_size
+        raise DataError(f"--input-size {hw[0]}x{hw[1]}: the model is built for {h}x{w} inputs; build it for that size "
+                        "(a timm model with dynamic_img_size) or keep its own")
+    image, name = adapter.image_transform(model, cfg)
+    return Transforms(cfg, image, Preprocess(cfg), name)
+
+
+__all__ = ["ModelSource", "data_config", "transforms", "load_into", "load_model", "load_state_file", "rebuild"]

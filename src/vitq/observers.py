@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from .distributed import SamplePlan, batch_offsets, survivors
 from .errors import CalibrationError
 from .granularity import PerChannel, param_shape, to_rows
 from .quantizers.base import Params, QuantSpec, fake_quant, get_quantizer, init_params
@@ -34,11 +35,12 @@ class Observer:
     """Collects statistics of one site during calibration and turns them into parameters."""
 
     def __init__(self, spec: QuantSpec, site: str = "", max_elements: int = DEFAULT_MAX_ELEMENTS,
-                 seed: int = 0) -> None:
+                 seed: int = 0, plan: Optional[SamplePlan] = None) -> None:
         self.spec = spec
         self.site = site
         self.max_elements = max_elements
         self.gen = torch.Generator().manual_seed(seed)
+        self.plan = plan  # distributed calibration: the global batches (vitq.distributed)
         self.reset()
 
     def reset(self) -> None:
@@ -47,6 +49,11 @@ class Observer:
         self.sample: Optional[Tensor] = None
         self.shape: Optional[torch.Size] = None
         self.count = 0
+        self._keep: Optional[Tensor] = None  # distributed: the row indices one process keeps
+        self._offsets: list[int] = []
+        self._rows_per_image = 0
+        self._parts: list[tuple[Tensor, Tensor]] = []
+        self._seen: set[int] = set()
 
     @property
     def keeps_sample(self) -> bool:
@@ -70,14 +77,60 @@ class Observer:
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         self.count += rows.shape[0]
-        if self.keeps_sample:
+        if self.keeps_sample and self.plan is not None:
+            self._observe_planned(rows)
+        elif self.keeps_sample:
             self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
             max_rows = max(1, self.max_elements // rows.shape[1])
             if self.sample.shape[0] > max_rows:
                 keep = torch.randperm(self.sample.shape[0], generator=self.gen)[:max_rows]
                 self.sample = self.sample[keep.sort().values]
 
+    def _observe_planned(self, rows: Tensor) -> None:
+        """Keep the rows of this batch that one process would keep in the end (``vitq.distributed``)."""
+        assert self.plan is not None
+        b = self.plan.current
+        if b in self._seen:
+            raise CalibrationError(f"site {self.site or '?'} ran twice on one calibration batch: distributed "
+                                   "calibration needs one observation per site and batch; run this model in one process")
+        self._seen.add(b)
+        n_img = self.plan.batch_images[b]
+        if rows.shape[0] % n_img:
+            raise CalibrationError(f"site {self.site or '?'}: {rows.shape[0]} values for {n_img} images do not divide "
+                                   "evenly; run this model's calibration in one process")
+        rpi = rows.shape[0] // n_img
+        if self._keep is None:
+            self._rows_per_image = rpi
+            self._keep = survivors(self.plan, rpi, max(1, self.max_elements // rows.shape[1]), self.gen)
+            self._offsets = batch_offsets(self.plan, rpi)
+        elif rpi != self._rows_per_image:
+            raise CalibrationError(f"site {self.site or '?'}: the values per image changed between calibration batches; "
+                                   "run this model's calibration in one process")
+        start = self._offsets[b]
+        ids = self._keep[(self._keep >= start) & (self._keep < start + rows.shape[0])]
+        self._parts.append((ids, rows[ids - start].clone()))
+
+    def _merge(self) -> None:
+        """Every rank's min / max, counts and kept rows (ordered by row index, as one process keeps them)."""
+        from .distributed import all_gather_objects
+
+        mine = (self.lo, self.hi, self.count, self.shape, self._parts if self.keeps_sample else [])
+        parts = [p for p in all_gather_objects(mine) if p[0] is not None]
+        if not parts:
+            return
+        self.lo = torch.stack([p[0] for p in parts]).amin(0)
+        self.hi = torch.stack([p[1] for p in parts]).amax(0)
+        self.count = sum(p[2] for p in parts)
+        self.shape = parts[0][3]
+        if self.keeps_sample:
+            pieces = [piece for p in parts for piece in p[4]]
+            ids = torch.cat([i for i, _ in pieces])
+            rows = torch.cat([r for _, r in pieces])
+            self.sample = rows[ids.argsort()]
+
     def compute(self) -> Params:
+        if self.plan is not None:
+            self._merge()
         if self.lo is None or self.hi is None or self.shape is None:
             raise CalibrationError(
                 f"quantization site {self.site or '?'} saw no data during calibration: "

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from .adapters import Adapter, get_adapter
 from .batches import batch_images
 from .bits import Bits
+from .devices import DeviceLike, model_device
+from .devices import resolve as resolve_device
 from .errors import CalibrationError, DataError
 from .passes import get_pass
 from .passes.quantize import insert_quantizers, manifest
@@ -104,18 +106,23 @@ def run_recipe(model: nn.Module, recipe: "Recipe | str", ctx: Context) -> nn.Mod
     model.eval()
     ctx.adapter = ctx.adapter or get_adapter(model)
     prepare(model, recipe, ctx.bits)
+    if ctx.device is not None:
+        ctx.device = resolve_device(ctx.device)
+        model.to(ctx.device)  # the inserted quantizers too
     return run_passes(model, recipe.passes, ctx)
 
 
 def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | str" = "W8A8",
              calib_data: Optional[CalibData] = None, seed: int = 0, batch_size: int = 32,
-             progress: bool = False, target: Optional[str] = None) -> nn.Module:
+             progress: bool = False, target: Optional[str] = None, device: DeviceLike = None) -> nn.Module:
     """One-call API: ``qmodel = vitq.quantize(model, "minmax", "W4A4", calib_images)`` (in place).
 
     ``calib_data``: a tensor N,C,H,W, a Dataset, a DataLoader or any iterable of image tensors,
     ``(images, labels)`` pairs or ``{"pixel_values": ...}`` dicts. ``target="onnx"``: quantize for an
     integer runtime (:func:`vitq.recipes.for_target`: sites it has no integer kernel for get the nearest
-    form it has, before calibration, so the simulated accuracy is the deployed one)."""
+    form it has, before calibration, so the simulated accuracy is the deployed one). ``device``: ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a :class:`torch.device` (the model is moved there; default: where
+    its parameters are)."""
     recipe = load_recipe(recipe)
     if target is not None:
         recipe, changes = for_target(recipe, bits, target)
@@ -124,8 +131,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | 
     needs_data = len(recipe.passes) > 0
     if calib_data is None and needs_data:
         raise CalibrationError(f"recipe {recipe.name} needs calibration data: pass calib_data (images N,C,H,W or a DataLoader)")
+    dev = resolve_device(device) if device is not None else model_device(model)
     ctx = Context(calib=calib_data if calib_data is not None else torch.empty(0, 1, 1, 1), bits=Bits.parse(bits),
-                  seed=seed, batch_size=batch_size, progress=progress)
+                  seed=seed, batch_size=batch_size, progress=progress, device=dev)
     return run_recipe(model, recipe, ctx)
 
 

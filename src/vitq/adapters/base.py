@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar, Optional, TypeVar
 
 from torch import Tensor, nn
 
-from ..data import PreprocessConfig
+from ..data.preprocess import PreprocessConfig, torchvision_image_transform
 from ..errors import ModelError
 from ..nn import QConv2d, QLayerNorm, QLinear
 from ..roles import Role
@@ -184,6 +184,16 @@ class Adapter:
     def data_config(self, model: nn.Module) -> PreprocessConfig:
         """How the model's inputs are made from images: size, channels, normalisation, resize."""
         raise NotImplementedError
+
+    def image_transform(self, model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+        """The model library's own evaluation transform for decoded images (PIL -> input tensor) with
+        ``cfg`` (:meth:`data_config`, possibly with the user's overrides), and its name for the record.
+        Default: vitq's torchvision restatement of timm's evaluation transform."""
+        return torchvision_image_transform(cfg), "torchvision (vitq.data.Preprocess)"
+
+    def accepts_input_size(self, model: nn.Module, hw: tuple[int, int]) -> bool:
+        """Whether ``model`` runs on ``hw`` inputs (default: only the size :meth:`data_config` says)."""
+        return tuple(hw) == tuple(self.data_config(model).input_size[1:])
 
     def is_wrapped(self, model: nn.Module) -> bool:
         """Whether :meth:`wrap` has already run on ``model``."""

@@ -9,6 +9,7 @@ threshold.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import batch_images, forward_logits
+from ..devices import model_device
 from ..errors import ConfigError, VitqError
 from ..evaluate import compare_paired, evaluate
 from ..state import state_of
@@ -120,6 +122,8 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export destination {out} is a file: pass a folder")
     out.mkdir(parents=True, exist_ok=True)
+    if model_device(model).type != "cpu":  # the files are device-neutral: trace a CPU copy
+        model = copy.deepcopy(model).cpu()
     lowering = plan(model, emulate)
     if fmt == "onnx":
         check_lowerable(lowering, fmt)
@@ -140,7 +144,8 @@ def _logits(model: Any, loader: Any, limit: int) -> Tensor:
     with torch.no_grad():
         for b in loader:
             x = batch_images(b)[: limit - n]
-            out.append(forward_logits(model, x).float().cpu())
+            dev = model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
+            out.append(forward_logits(model, x.to(dev)).float().cpu())
             n += x.shape[0]
             if n >= limit:
                 break

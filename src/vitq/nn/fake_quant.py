@@ -71,9 +71,9 @@ class FakeQuant(nn.Module):
         self.ready = bool(self.initialized)  # loading is not tracing: read the tensor here, once
 
     # -- calibration ------------------------------------------------------------------------
-    def start_calibration(self, max_elements: Optional[int] = None, seed: int = 0) -> None:
+    def start_calibration(self, max_elements: Optional[int] = None, seed: int = 0, plan: Any = None) -> None:
         kw = {} if max_elements is None else {"max_elements": max_elements}
-        self.observer = Observer(self.spec, self.site, seed=seed, **kw)
+        self.observer = Observer(self.spec, self.site, seed=seed, plan=plan, **kw)
         self.calibrating = True
 
     def finish_calibration(self) -> None:

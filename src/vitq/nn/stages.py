@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
@@ -15,13 +15,15 @@ def fake_quants(model: nn.Module, kind: Optional[str] = None) -> list[FakeQuant]
 
 
 @contextmanager
-def calibrate(model: nn.Module, max_elements: Optional[int] = None, seed: int = 0) -> Iterator[nn.Module]:
+def calibrate(model: nn.Module, max_elements: Optional[int] = None, seed: int = 0,
+              plan: Any = None) -> Iterator[nn.Module]:
     """Inside the block activation sites observe (and pass through) what flows; on exit they
-    compute their parameters. Weight sites are calibrated from the weights on entry."""
+    compute their parameters. Weight sites are calibrated from the weights on entry. ``plan``: the
+    global batches of a distributed calibration (:class:`vitq.distributed.SamplePlan`)."""
     calibrate_weights(model)
     acts = [fq for fq in fake_quants(model, "act") if fq.enabled]
     for i, fq in enumerate(acts):
-        fq.start_calibration(max_elements, seed=seed + i)
+        fq.start_calibration(max_elements, seed=seed + i, plan=plan)
     try:
         yield model
     except BaseException:

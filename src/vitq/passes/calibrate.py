@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..nn import calibrate, calibrate_weights
 from ..observers import DEFAULT_MAX_ELEMENTS
 from ..options import Options, is_int, need
@@ -42,7 +43,23 @@ def calibrate_pass(model: nn.Module, ctx: Any, opts: CalibrateOptions = Calibrat
         with torch.no_grad():
             calibrate_weights(model)
         return model
+    if distributed.active():
+        return _calibrate_distributed(model, ctx, opts)
     with torch.no_grad(), calibrate(model, max_elements=opts.max_elements, seed=ctx.seed):
         for x in ctx.calib_batches(desc="calibrate"):
             model(x)
+    return model
+
+
+def _calibrate_distributed(model: nn.Module, ctx: Any, opts: CalibrateOptions) -> nn.Module:
+    """Whole batches dealt to the ranks; the observers merge into what one process computes
+    (:mod:`vitq.distributed`)."""
+    batches = list(ctx.calib_batches(desc="calibrate"))
+    distributed.check_same_everywhere([tuple(x.shape) for x in batches], "the calibration batches")
+    plan = distributed.SamplePlan([int(x.shape[0]) for x in batches])
+    plan.owned = set(distributed.owned_batches(len(batches)))
+    with torch.no_grad(), calibrate(model, max_elements=opts.max_elements, seed=ctx.seed, plan=plan):
+        for b in sorted(plan.owned):
+            plan.current = b
+            model(batches[b])
     return model

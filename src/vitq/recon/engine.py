@@ -51,8 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..adapters import Adapter, Piece, get_adapter
 from ..checkpoints import load_into
+from ..devices import model_device
 from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, QuantSlots
 from ..options import Options
@@ -146,14 +148,6 @@ RECON_DEFAULTS: dict[str, Any] = ReconConfig.defaults()
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def float_copy(model: nn.Module, ctx: Any = None) -> nn.Module:
     """The float model whose outputs are the reconstruction targets: one copy per context
     (``ctx.fp_model``), taken by the first reconstruction pass (before any weight changed), every
@@ -232,7 +226,26 @@ def lsq_sites(mods: Sequence[nn.Module]) -> list[FakeQuant]:
     return out
 
 
-def qdrop_mix(quant: Tensor, fp: Tensor, p: float, gen: torch.Generator) -> Tensor:
+@dataclass
+class BatchShare:
+    """Data-parallel reconstruction: this rank's rows ``[lo, hi)`` of an iteration's ``full``-image batch.
+    Random QDrop masks are drawn for the whole batch (on every rank, from the same generator) and
+    sliced, so every rank's draws are a single process's."""
+
+    lo: int = 0
+    hi: int = 0
+    full: int = 0
+
+    def draw(self, shape: torch.Size, gen: torch.Generator, device: torch.device) -> Tensor:
+        span = self.hi - self.lo
+        if span <= 0 or shape[0] % span:
+            raise CalibrationError(f"reconstruction: a tensor of {shape[0]} rows for {span} images cannot be split "
+                                   "across ranks; run this model's reconstruction in one process")
+        k = shape[0] // span  # rows per image (Swin: windows per image)
+        return torch.rand((self.full * k, *shape[1:]), generator=gen, device=device)[self.lo * k:self.hi * k]
+
+
+def qdrop_mix(quant: Tensor, fp: Tensor, p: float, gen: torch.Generator, share: Optional[BatchShare] = None) -> Tensor:
     """QDrop's element-wise mix: ``quant`` where a uniform draw is below ``p``, else ``fp``.
 
     The values and gradients are exactly those of ``torch.where(torch.rand(...) < p, quant, fp)`` (the
@@ -241,13 +254,17 @@ def qdrop_mix(quant: Tensor, fp: Tensor, p: float, gen: torch.Generator) -> Tens
     one of its two ends exactly (for finite inputs; an infinite one would give NaN). On the CPU
     ``torch.where`` with a bool mask (and its backward) is 20-50x slower than a multiply at these sizes
     (bench/results/recon_speed.md)."""
-    r = torch.rand(quant.shape, generator=gen, device=quant.device)  # float32 draws, as before, whatever the dtype
+    if share is None:
+        r = torch.rand(quant.shape, generator=gen, device=quant.device)  # float32 draws, as before, whatever the dtype
+    else:
+        r = share.draw(quant.shape, gen, quant.device)
     keep = torch.ceil(r.neg_().add_(p)).to(quant.dtype)  # r < p <=> p - r > 0 <=> ceil(p - r) == 1, as p - r in (-1, 1]
     return torch.lerp(fp, quant, keep)
 
 
 @contextmanager
-def qdrop(sites: Sequence[FakeQuant], p: float, gen: torch.Generator) -> Iterator[None]:
+def qdrop(sites: Sequence[FakeQuant], p: float, gen: torch.Generator,
+          share: Optional[BatchShare] = None) -> Iterator[None]:
     """QDrop inside a unit: every activation FakeQuant keeps its quantized value element-wise with
     probability ``p``, else passes the float input. On only inside the block."""
     if not sites:
@@ -255,7 +272,7 @@ def qdrop(sites: Sequence[FakeQuant], p: float, gen: torch.Generator) -> Iterato
         return
 
     def hook(_m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        return qdrop_mix(out, inp[0], p, gen)
+        return qdrop_mix(out, inp[0], p, gen, share)
 
     handles = [fq.register_forward_hook(hook) for fq in sites]
     try:
@@ -263,6 +280,19 @@ def qdrop(sites: Sequence[FakeQuant], p: float, gen: torch.Generator) -> Iterato
     finally:
         for h in handles:
             h.remove()
+
+
+def _all_reduce_grads(params: Sequence[Tensor], loss: Tensor) -> Tensor:
+    """Sum every rank's gradients (each already weighted by its share of the batch) and loss, in one
+    collective; returns the batch loss."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype if grads else loss.dtype)])
+    distributed.all_reduce_(flat, "sum")
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    return flat[-1]
 
 
 def _seed(base: int, unit: int, salt: int) -> int:
@@ -423,7 +453,7 @@ class Reconstructor:
             if meta.get("fingerprint") != key:
                 raise ConfigError(f"run directory {run_dir} holds a different run (other options, model or data): "
                                   "pass another --resume-dir or delete that folder")
-        else:
+        elif distributed.is_main():  # one writer under torchrun
             meta_p.write_text(json.dumps({"fingerprint": key, "pass": self.name, "slicing": str(self.slicing),
                                           "units": self.unit_names, "config": asdict(self.cfg)}, indent=2) + "\n")
         if not state_p.is_file():
@@ -444,6 +474,8 @@ class Reconstructor:
 
     def _checkpoint(self, run_dir: Path, key: str, u: int, store: ChunkStore, n_chunks: int,
                     report: dict[str, Any]) -> None:
+        if not distributed.is_main():  # one writer under torchrun; every rank holds the same state
+            return
         done = u + 1
         inputs = run_dir / "inputs"
         if done < len(self.units):
@@ -560,8 +592,10 @@ class Reconstructor:
                        unit="it", leave=False)
         cur_c, cur = -1, None
         t_train = time.perf_counter()
+        share = BatchShare() if distributed.active() else None
+        trained = [*(m.v for *_, m in ada), *scales, *fp_params]
         try:
-            drop = qdrop(act_sites(mods), float(cfg.qdrop_p), dev_gen) if cfg.qdrop_p < 1.0 else nullcontext()
+            drop = qdrop(act_sites(mods), float(cfg.qdrop_p), dev_gen, share) if cfg.qdrop_p < 1.0 else nullcontext()
             with torch.enable_grad(), drop:
                 for it, (c, idx) in enumerate(batch_schedule(lens, cfg.iters, cfg.batch_size, gen)):
                     if c != cur_c:
@@ -570,19 +604,30 @@ class Reconstructor:
                                     for s in ("xq", "xf", "y", "g"))
                     assert cur is not None
                     xq, xf, y, g = cur
+                    weight = 1.0
+                    if share is not None:  # data parallel: this rank's rows of the batch, its share of the mean
+                        part = distributed.shard_range(len(idx))
+                        if len(part) == 0:
+                            raise ConfigError(f"a reconstruction batch of {len(idx)} images cannot be split over "
+                                              f"{distributed.world()} ranks: use batch_size >= the number of ranks")
+                        share.lo, share.hi, share.full = part.start, part.stop, len(idx)
+                        weight = len(part) / len(idx)
+                        idx = idx[part.start:part.stop]
                     dev_idx = idx.to(self.device)
                     x = xq[dev_idx]
                     if cfg.qdrop_p < 1.0:
-                        x = qdrop_mix(x, xf[dev_idx], float(cfg.qdrop_p), dev_gen)
+                        x = qdrop_mix(x, xf[dev_idx], float(cfg.qdrop_p), dev_gen, share)
                     out = run_pieces(pieces, x)
                     rec = self.loss.fn(out, y[dev_idx], None if g is None else g[dev_idx], float(cfg.loss_p))
-                    total = rec
-                    if ada and it >= warm_iters and cfg.round_weight > 0:
+                    total = rec * weight if share is not None else rec
+                    if ada and it >= warm_iters and cfg.round_weight > 0 and distributed.is_main():
                         beta = beta_at(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
                         total = total + cfg.round_weight * sum(round_loss(m.v, beta) for *_, m in ada)
                     for o in opts:
                         o.zero_grad(set_to_none=True)
                     total.backward()
+                    if share is not None:
+                        rec = _all_reduce_grads(trained, rec.detach() * weight)
                     for o in opts:
                         o.step()
                     for s in scheds:

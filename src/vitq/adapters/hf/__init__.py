@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from ...checkpoints import short_error
 from ...data import PreprocessConfig, fit_channels
-from ...errors import ModelError
+from ...data.preprocess import torchvision_image_transform
+from ...errors import DataError, ModelError
 from ..base import ModelLibrary, ModelSource, register_library
 
 PREFIX = "hf:"
@@ -192,6 +193,38 @@ def hf_data_config(model: nn.Module, num_channels: int, image_size: tuple[int, i
     return PreprocessConfig(input_size=(int(num_channels), int(image_size[0]), int(image_size[1])),
                             mean=mean, std=std, interpolation=_RESAMPLE.get(int(pre.get("resample", 2)), "bilinear"),
                             crop_pct=float(crop_pct))
+
+
+def hf_image_transform(model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+    """The model's own image processor (``AutoImageProcessor`` on its ``preprocessor_config.json``
+    settings): PIL image -> ``pixel_values``. A folder without one gets vitq's transform of the data
+    config. The CLI's size / crop / interpolation overrides are refused: they are the processor's."""
+    pre: dict[str, Any] = dict(getattr(model, "vitq_preprocessor", None) or {})
+    own = hf_data_config(model, cfg.input_size[0], (cfg.input_size[1], cfg.input_size[2]))
+    if cfg != own:
+        raise DataError("--input-size / --crop-pct / --interpolation apply to timm models; a Hugging Face model is "
+                        "preprocessed by its image processor: edit size / crop_size / resample in its "
+                        "preprocessor_config.json")
+    if not pre.get("image_processor_type"):
+        return torchvision_image_transform(cfg), "torchvision (vitq.data.Preprocess; no image processor saved)"
+    import tempfile
+
+    try:
+        from transformers import AutoImageProcessor
+    except ImportError:
+        raise ModelError(f"Hugging Face models need transformers: {_INSTALL}") from None
+    with tempfile.TemporaryDirectory() as tmp:  # the processor's own resolution of its settings
+        (Path(tmp) / "preprocessor_config.json").write_text(json.dumps(pre))
+        try:
+            proc = AutoImageProcessor.from_pretrained(tmp)
+        except (ValueError, OSError, TypeError, KeyError) as e:
+            raise ModelError(f"transformers cannot build the image processor {pre['image_processor_type']} "
+                             f"({str(e).splitlines()[0]}): fix preprocessor_config.json") from None
+
+    def transform(img: Any) -> Tensor:
+        return proc(images=img, return_tensors="pt")["pixel_values"][0]
+
+    return transform, f"transformers {type(proc).__name__}"
 
 
 def _hw(size: Any, default: tuple[int, int]) -> tuple[int, int]:

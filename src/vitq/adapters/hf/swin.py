@@ -15,7 +15,7 @@ Reconstruction's chain needs each stage's resolution: it is the one the model wa
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
@@ -38,7 +38,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, transformers_available
+from . import config_image_size, hf_data_config, hf_image_transform, transformers_available
 from .vit import attention_dropout
 
 
@@ -115,6 +115,9 @@ class HFSwinAdapter(Adapter):
 
     def data_config(self, model: nn.Module) -> PreprocessConfig:
         return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
+
+    def image_transform(self, model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+        return hf_image_transform(model, cfg)
 
     def is_wrapped(self, model: nn.Module) -> bool:
         return isinstance(model.swin.encoder.layers[0].blocks[0], HFSwinLayer)

@@ -14,7 +14,7 @@ mixed in place (:func:`~vitq.adapters.base.mix_in`):
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, transformers_available
+from . import config_image_size, hf_data_config, hf_image_transform, transformers_available
 
 #: model class -> (base-model attribute, head Linear attributes)
 MODELS = {
@@ -122,6 +122,9 @@ class HFViTAdapter(Adapter):
 
     def data_config(self, model: nn.Module) -> PreprocessConfig:
         return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
+
+    def image_transform(self, model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+        return hf_image_transform(model, cfg)
 
     def is_wrapped(self, model: nn.Module) -> bool:
         _, base, _ = self._parts(model)

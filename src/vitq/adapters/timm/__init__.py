@@ -7,10 +7,10 @@ architectures, and the data config from timm's ``pretrained_cfg``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ...checkpoints import load_into, load_state_file, short_error
 from ...data import PreprocessConfig, fit_channels
@@ -103,7 +103,25 @@ def timm_data_config(model: nn.Module, in_chans: Optional[int], img_size: Option
         mean=mean, std=std,
         interpolation=str(cfg.get("interpolation", default.interpolation)),
         crop_pct=float(cfg.get("crop_pct", default.crop_pct) or 1.0),
+        crop_mode=str(cfg.get("crop_mode", default.crop_mode) or default.crop_mode),
     )
+
+
+def timm_image_transform(cfg: PreprocessConfig) -> Callable[[Any], Tensor]:
+    """timm's own evaluation transform (``timm.data.create_transform``, ``is_training=False``) with the
+    resolved config: what ``create_transform(**resolve_data_config(model=m))`` builds for an unmodified
+    timm model, and timm's validate script for ``--input-size`` / ``--crop-pct`` / ``--interpolation``."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=cfg.input_size, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
+                            crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode, is_training=False)
+
+
+def accepts_any_size(model: nn.Module) -> bool:
+    """A timm model built for dynamic input sizes (``dynamic_img_size=True``: patch embedding not strict)."""
+    pe = getattr(model, "patch_embed", None)
+    return bool(getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_size", False)
+                or getattr(pe, "strict_img_size", True) is False)
 
 
 def patch_embed_geometry(model: nn.Module) -> tuple[Optional[int], Optional[tuple[int, int]]]:

@@ -10,7 +10,7 @@ patch merging).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
@@ -34,7 +34,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import patch_embed_geometry, timm_data_config
+from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform
 
 
 class TimmWindowAttention(QAttentionCore):
@@ -116,6 +116,12 @@ class TimmSwinAdapter(Adapter):
 
     def data_config(self, model: nn.Module) -> PreprocessConfig:
         return timm_data_config(model, *patch_embed_geometry(model))
+
+    def image_transform(self, model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+        return timm_image_transform(cfg), "timm.data.create_transform"
+
+    def accepts_input_size(self, model: nn.Module, hw: tuple[int, int]) -> bool:
+        return accepts_any_size(model) or super().accepts_input_size(model, hw)
 
     def is_wrapped(self, model: nn.Module) -> bool:
         return isinstance(model.layers[0].blocks[0], TimmSwinBlock)

@@ -1,0 +1,260 @@
+"""Where images come from: the ``--data`` / ``--calib-data`` specs, image folders, sampling, loaders.
+
+* ``--data`` (evaluation, and calibration when no ``--calib-data`` is given): ``fashion-mnist``,
+  ``fashion-mnist:DIR``, an ImageNet-layout root (``ROOT/train/<class>/*``, ``ROOT/val/<class>/*``;
+  ``val/`` alone is enough for evaluation) or a class-folder split itself (``ROOT/<class>/*``), read
+  with :class:`torchvision.datasets.ImageFolder`.
+* ``--calib-data DIR``: any folder of images, flat or nested, no labels, mixed sizes, formats and
+  colour modes (:class:`ImageFiles`). Unreadable files are skipped when the calibration sample is
+  drawn and counted (``CalibrationSet.skipped``); fewer readable images than asked is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..errors import DataError
+from .fashion import FashionMNIST, FMNISTBatches, fmnist_base
+
+log = logging.getLogger(__name__)
+
+#: file suffixes read as images (PIL decodes them; case-insensitive)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+#: label of an image without one (calibration folders)
+NO_LABEL = -1
+SPLITS = {"train": ("train",), "eval": ("val", "validation", "test")}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str  # "fashion-mnist" | "imagefolder" | "images"
+    root: Optional[str]
+
+    @classmethod
+    def parse(cls, spec: str) -> "DataSpec":
+        if spec in ("fashion-mnist", "fmnist"):
+            return cls("fashion-mnist", None)
+        for prefix in ("fashion-mnist:", "fmnist:"):
+            if spec.startswith(prefix):
+                return cls("fashion-mnist", spec[len(prefix):])
+        if not Path(spec).exists():
+            raise DataError(
+                f"data {spec!r} is neither 'fashion-mnist', 'fashion-mnist:DIR' nor an existing "
+                "image folder: check the path"
+            )
+        if not Path(spec).is_dir():
+            raise DataError(f"data {spec!r} is a file: pass the folder that holds the images")
+        return cls("imagefolder", spec)
+
+    def __str__(self) -> str:
+        if self.kind == "fashion-mnist":
+            return "fashion-mnist" + (f":{self.root}" if self.root else "")
+        return str(self.root)
+
+
+def read_image(path: "str | Path") -> Any:
+    """A decoded PIL image, or a one-line DataError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                        "remove or replace the file") from None
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+
+
+class ImageFiles(Dataset):
+    """Every image file under ``root`` (recursively, sorted, hidden files skipped), without labels:
+    items are ``(transform(image), NO_LABEL)``."""
+
+    def __init__(self, root: "str | Path", transform: Callable[[Any], Tensor]) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"calibration folder {self.root} does not exist or is not a folder: check the path")
+        self.files = sorted(p for p in self.root.rglob("*") if _is_image(p))
+        if not self.files:
+            raise DataError(f"calibration folder {self.root} holds no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, "
+                            "...): point --calib-data at a folder of images")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.transform(read_image(self.files[i])), NO_LABEL
+
+    def readable(self, i: int) -> bool:
+        try:
+            read_image(self.files[i])
+            return True
+        except DataError as e:
+            log.info("skipping %s", e)  # counted in the run's summary
+            return False
+
+
+class CalibrationSet(Subset):
+    """A seeded sample of a dataset; ``skipped``: the unreadable files passed over to draw it."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], skipped: Optional[list[str]] = None) -> None:
+        super().__init__(dataset, indices)
+        self.skipped = list(skipped or [])
+
+
+class _ImageFolderItems(Dataset):
+    """torchvision's ImageFolder with vitq's reader (one-line errors naming the file)."""
+
+    def __init__(self, folder: Path, transform: Callable[[Any], Tensor]) -> None:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            self.folder = ImageFolder(str(folder), loader=lambda p: p,
+                                      is_valid_file=lambda p: _is_image(Path(p)))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"image folder {folder} has no class folders with images ({str(e).splitlines()[0]}): "
+                            "use ROOT/<class>/*.jpg (or --calib-data DIR for unlabeled images)") from None
+        self.classes, self.samples, self.transform = self.folder.classes, self.folder.samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(read_image(path)), label
+
+
+def _has_class_folders(d: Path) -> bool:
+    return any(c.is_dir() and any(_is_image(f) for f in c.iterdir()) for c in d.iterdir() if not c.name.startswith("."))
+
+
+def _imagefolder_split(root: Path, split: str, transform: Callable[[Any], Tensor]) -> Dataset:
+    names = SPLITS[split]
+    d = next((root / n for n in names if (root / n).is_dir()), None)
+    if d is None:
+        other = next((root / n for s in SPLITS.values() for n in s if (root / n).is_dir()), None)
+        if other is None and _has_class_folders(root):
+            d = root  # ROOT/<class>/*: the split itself
+        elif split == "train":
+            raise DataError(f"image folder {root} has no train/ folder to calibrate on: pass --calib-data DIR "
+                            "(any folder of images) or use the ImageNet layout ROOT/train/<class>/*.jpg")
+        else:
+            raise DataError(f"image folder {root} has no {'/'.join(n + '/' for n in names)} folder: use the ImageNet "
+                            "layout ROOT/val/<class>/*.jpg, or pass the class-folder split itself")
+    ds = _ImageFolderItems(d, transform)
+    if len(ds) == 0:
+        raise DataError(f"image folder {d} holds no images: add class folders with images")
+    return ds
+
+
+def build_dataset(spec: "DataSpec | str", split: str, preprocess: Optional[Callable[..., Tensor]]) -> Dataset:
+    """``split`` is ``'train'`` (calibration source) or ``'eval'`` (test / val split). ``preprocess``:
+    a :class:`~vitq.data.Transforms` (image files through the model library's own transform), or a
+    tensor transform (Fashion-MNIST; for image files it receives the decoded image as a uint8 tensor)."""
+    if isinstance(spec, str):
+        spec = DataSpec.parse(spec)
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: use 'train' or 'eval'")
+    tensor_tf = getattr(preprocess, "tensor", preprocess)
+    if spec.kind == "fashion-mnist":
+        return FashionMNIST(spec.root, "train" if split == "train" else "test", transform=tensor_tf)
+    assert spec.root is not None
+    if preprocess is None:
+        raise DataError("an image folder needs a preprocessing transform")
+    return _imagefolder_split(Path(spec.root), split, _image_transform(preprocess))
+
+
+def _image_transform(preprocess: Callable[..., Tensor]) -> Callable[[Any], Tensor]:
+    image = getattr(preprocess, "image", None)
+    if image is not None:
+        return image  # type: ignore[no-any-return]
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return lambda im: preprocess(pil_to_tensor(im.convert("RGB")))
+
+
+def calibration_images(root: "str | Path", preprocess: Callable[..., Tensor]) -> ImageFiles:
+    """``--calib-data DIR``: every image under ``root``, preprocessed for the model."""
+    return ImageFiles(root, _image_transform(preprocess))
+
+
+def calibration_subset(ds: Dataset, size: int, seed: int) -> CalibrationSet:
+    """A seeded random sample of ``size`` items of ``ds`` (the same seed always gives the same images).
+    From an :class:`ImageFiles`, unreadable files are skipped (and counted) while the sample is drawn."""
+    n = len(ds)  # type: ignore[arg-type]
+    if size <= 0:
+        raise DataError(f"calibration size must be positive, got {size}: pass --calib-size N with N >= 1")
+    where = f"{ds.root} ({n} image files)" if isinstance(ds, ImageFiles) else f"the train split ({n} images)"
+    if size > n:
+        raise DataError(f"calibration size {size} is larger than {where}: pass --calib-size <= {n}")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g).tolist()
+    if not isinstance(ds, ImageFiles):
+        return CalibrationSet(ds, order[:size])
+    idx: list[int] = []
+    skipped: list[str] = []
+    for i in order:
+        if len(idx) == size:
+            break
+        if ds.readable(i):
+            idx.append(i)
+        else:
+            skipped.append(str(ds.files[i]))
+    if len(idx) < size:
+        raise DataError(f"only {len(idx)} of the {n} files under {ds.root} are readable images ({len(skipped)} "
+                        f"skipped), fewer than the {size} calibration images asked for: pass --calib-size <= {len(idx)} "
+                        "or add images")
+    return CalibrationSet(ds, idx, skipped)
+
+
+def eval_subset(ds: Dataset, size: Optional[int]) -> Dataset:
+    """The first ``size`` items of the evaluation split (all of it when ``size`` is None)."""
+    n = len(ds)  # type: ignore[arg-type]
+    if size is None:
+        return ds
+    if size <= 0:
+        raise DataError(f"evaluation size must be positive, got {size}: pass --eval-size N with N >= 1")
+    if size > n:
+        raise DataError(f"evaluation size {size} is larger than the evaluation split ({n} images): pass --eval-size <= {n}")
+    return Subset(ds, list(range(size)))
+
+
+def make_loader(ds: Dataset, batch_size: int = 64, shuffle: bool = False, seed: int = 0,
+                num_workers: int = 0) -> DataLoader:
+    """A DataLoader in ``ds``'s order (or seeded shuffle); ``num_workers`` decode image files in
+    parallel (Fashion-MNIST, already in memory, is preprocessed a batch at a time instead)."""
+    if num_workers < 0:
+        raise DataError(f"--workers {num_workers}: give 0 (decode in the main process) or more")
+    g = torch.Generator().manual_seed(seed)
+    base, indices = fmnist_base(ds)
+    if base is not None:
+        view = FMNISTBatches(base, indices)
+        return DataLoader(view, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=view.collate)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
+                      persistent_workers=False)
+
+
+def stack_images(ds: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Materialise a (small) dataset as two tensors ``(images, labels)``."""
+    xs, ys = [], []
+    for x, y in make_loader(ds, batch_size=batch_size):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    if not xs:
+        raise DataError("the dataset is empty: nothing to calibrate or evaluate on")
+    return torch.cat(xs), torch.cat(ys)
+
+
+__all__ = ["IMAGE_EXTENSIONS", "NO_LABEL", "CalibrationSet", "DataSpec", "ImageFiles", "build_dataset",
+           "calibration_images", "calibration_subset", "eval_subset", "make_loader", "read_image", "stack_images"]

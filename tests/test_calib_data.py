@@ -1,0 +1,103 @@
+"""Calibration on the data users have: any folder of images, no labels; evaluation on val/ alone;
+DataLoader workers; one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitq.cli import main
+from vitq.data import ImageFiles, calibration_subset
+
+
+def _img(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+    Image.fromarray(arr).convert(mode).save(path)
+
+
+def calib_folder(root: Path) -> Path:
+    """12 readable images, flat and nested, mixed sizes / formats / modes, plus a corrupt file, a
+    truncated one, a text file and a hidden file."""
+    specs = [("a.png", (40, 30), "RGB"), ("b.jpg", (28, 28), "L"), ("c.PNG", (100, 60), "RGBA"),
+             ("d.bmp", (33, 47), "RGB"), ("e.gif", (28, 40), "P"), ("f.webp", (64, 64), "RGB"),
+             ("sub/g.jpeg", (20, 20), "L"), ("sub/h.png", (90, 31), "LA"), ("sub/deep/i.tif", (28, 28), "RGB"),
+             ("sub/deep/j.png", (300, 200), "RGB"), ("k.jpg", (50, 50), "CMYK"), ("l.ppm", (30, 30), "RGB")]
+    for i, (name, size, mode) in enumerate(specs):
+        _img(root / name, size, mode, i)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    data = (root / "a.png").read_bytes()
+    (root / "sub" / "truncated.png").write_bytes(data[: len(data) // 3])
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(data)
+    return root
+
+
+def test_image_files_reads_every_image_and_skips_the_unreadable(tmp_path: Path) -> None:
+    from vitq.models import load_model, transforms
+
+    root = calib_folder(tmp_path / "calib")
+    ds = ImageFiles(root, transforms(load_model("fmnist-vit")[0]).image)
+    assert len(ds) == 14  # 12 images + the 2 unreadable ones with image suffixes; no .txt, no hidden file
+    cs = calibration_subset(ds, 12, seed=0)
+    assert len(cs) == 12 and sorted(Path(f).name for f in cs.skipped) == ["broken.jpg", "truncated.png"]
+    xs = torch.stack([cs[i][0] for i in range(12)])
+    assert xs.shape == (12, 1, 28, 28) and torch.isfinite(xs).all()
+    assert calibration_subset(ds, 12, seed=0).indices == cs.indices  # seeded
+    with pytest.raises(Exception, match="only 12 of the 14 files .* are readable"):
+        calibration_subset(ds, 13, seed=0)
+
+
+def test_cli_calibrates_on_a_folder_and_evaluates_on_val_alone(tmp_path: Path) -> None:
+    calib = calib_folder(tmp_path / "calib")
+    val = tmp_path / "imnet" / "val"
+    for c in range(10):  # class folders in Fashion-MNIST's class order
+        for i in range(2):
+            _img(val / f"{c:02d}" / f"{i}.png", (37, 29), "RGB", 100 + 10 * c + i)
+    out = tmp_path / "r.json"
+    assert main(["quantize", "fmnist-vit", "--data", str(tmp_path / "imnet"), "--calib-data", str(calib),
+                 "--calib-size", "12", "--workers", "2", "--no-progress", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["calib_data"] == str(calib) and len(r["calib_skipped"]) == 2 and r["eval_size"] == 20
+    assert r["preprocessing"]["transform"] == "timm.data.create_transform" and r["device"] == "cpu"
+    # the val split itself as --data (class folders directly inside)
+    assert main(["eval", "fmnist-vit", "--data", str(val), "--no-progress"]) == 0
+
+
+def test_cli_data_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    calib = calib_folder(tmp_path / "calib")
+    val = tmp_path / "imnet" / "val" / "0"
+    _img(val / "0.png", (28, 28), "L", 0)
+    base = ["quantize", "fmnist-vit", "--data", str(tmp_path / "imnet"), "--no-progress"]
+    cases = [
+        (base, "no train/ folder to calibrate on: pass --calib-data"),
+        (base + ["--calib-data", str(calib), "--calib-size", "40"], "calibration size 40 is larger than"),
+        (base + ["--calib-data", str(calib), "--calib-size", "13"], "only 12 of the 14 files"),
+        (base + ["--calib-data", str(tmp_path / "nowhere")], "does not exist"),
+        (base + ["--calib-data", str(tmp_path / "imnet" / "val" / "0" / "0.png")], "is not a folder"),
+        (base + ["--calib-data", str(calib), "--workers", "-1"], "--workers -1"),
+    ]
+    (tmp_path / "empty").mkdir()
+    cases.append((base + ["--calib-data", str(tmp_path / "empty")], "holds no image files"))
+    for argv, msg in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+
+
+def test_a_corrupt_evaluation_image_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
+    val = tmp_path / "imnet" / "val"
+    _img(val / "0" / "0.png", (28, 28), "L", 0)
+    (val / "1").mkdir(parents=True)
+    (val / "1" / "bad.png").write_bytes(b"\x89PNG garbage")
+    for workers in ("0", "2"):
+        assert main(["eval", "fmnist-vit", "--data", str(tmp_path / "imnet"), "--workers", workers,
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "cannot read image" in err and "bad.png" in err and len(err.splitlines()) == 1, err
