@@ -230,7 +230,14 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "",
              f"Host: {meta.get('machine')}; torch CPU capability {meta.get('cpu_capability')}; ISA flags "
              f"{', '.join(meta.get('isa', [])) or '?'}; {meta.get('threads')} threads; onnxruntime "
-             f"{meta.get('onnxruntime')}; torch {meta.get('torch')}.", ""]
+             f"{meta.get('onnxruntime')}; torch {meta.get('torch')}.", "",
+             "`vitq RECIPE@onnx` is what `vitq quantize --export onnx` ships (`--target onnx`: post-Softmax on the",
+             "8-bit uniform grid, calibrated); `vitq RECIPE` the recipe as it is (its log-sqrt2 post-Softmax emulated",
+             "exactly in float: no integer kernel for probs x V). Speed: compare on `deit-s`. The reference models",
+             "run in well under a millisecond per image, where one process's timing of a graph can differ from the",
+             "next one's by 2-3x (fmnist-swin, batch 32: repq@onnx W8A8 and dopq-calib@onnx W8A8 have the same",
+             "kernels and ran at 897 and 2542 images/s): their rows are for the accuracy columns.",
+             *([f"Note: {meta['note']}", ""] if meta.get("note") else [""])]
     models = list(dict.fromkeys(r["model"] for r in rows))
     for m in models:
         mine = [r for r in rows if r["model"] == m]
