@@ -118,7 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model_b", help="the second model: same forms as MODEL (e.g. two `vitq quantize --out` folders)")
     c.add_argument("--checkpoint-b", help="weights for MODEL_B when it is a timm model name")
 
-    sub.add_parser("list", help="list recipes, quantizers, reference models and supported model types")
+    r = sub.add_parser("reproduce", help="run a published ImageNet protocol and print our rows beside the papers'")
+    r.add_argument("protocol", help="a shipped protocol (ptq4vit-lineage, fqvit-lineage; see vitq list) or a YAML file")
+    r.add_argument("--imagenet", required=True, metavar="DIR", help="ImageNet folder: train/<class>/ and val/<class>/")
+    r.add_argument("--weights", required=True, metavar="DIR",
+                   help="one weight file per model: DIR/<timm name>.safetensors (or .pth / .pt / .bin)")
+    r.add_argument("--models", nargs="+", metavar="M", help="a part of the protocol's models (ViT-S, deit_small_patch16_224, ...)")
+    r.add_argument("--recipes", nargs="+", metavar="R", help="a part of its recipes")
+    r.add_argument("--bits", nargs="+", metavar="WxAy", help="a part of its bit-widths")
+    r.add_argument("--eval-size", type=int, help="evaluate on the first N val images (default all)")
+    r.add_argument("--calib-size", type=int, help="calibration images (default: each recipe's)")
+    r.add_argument("--calib-data", metavar="DIR", help="calibrate on this image folder instead of train/")
+    r.add_argument("--iters", type=int, metavar="N", help="reconstruction iterations per unit (default: the recipe's)")
+    r.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu, cuda, cuda:N or auto")
+    r.add_argument("--workers", type=int, default=0, metavar="N")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--json", help="write the rows as JSON to this file")
+    r.add_argument("--md", help="write the table as markdown to this file")
+    r.add_argument("-v", "--verbose", action="store_true")
+
+    sub.add_parser("list", help="list recipes, quantizers, reference models, protocols and supported model types")
     return ap
 
 
@@ -129,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if distributed.launched() and args.command in ("quantize", "eval"):
+        if distributed.launched() and args.command in ("quantize", "eval", "reproduce"):
             _start_distributed(args)
         if args.command == "list":
             return cmd_list()
@@ -139,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_compare(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "reproduce":
+            return cmd_reproduce(args)
         return cmd_quantize(args)
     except VitqError as e:
         msg = str(e)
@@ -190,6 +213,13 @@ def cmd_list() -> int:
         print(f"  {name:<16} {info.doc}")
         print(textwrap.fill(opts, width=110, initial_indent=" " * 19, subsequent_indent=" " * 19,
                             break_on_hyphens=False))
+    from .reproduce import list_protocols, load_protocol
+
+    print("protocols (vitq reproduce PROTOCOL --imagenet DIR --weights DIR):")
+    for name in list_protocols():
+        pr = load_protocol(name)
+        print(f"  {name:<16} {', '.join(pr.bits)}; {', '.join(r for r, _ in pr.recipes)}; "
+              f"{', '.join(m.label for m in pr.models)}")
     print("reference models (Fashion-MNIST, FP test top-1):")
     for n in list_reference_models():
         acc = reference_fp_top1(n)
@@ -257,9 +287,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     model_b, _ = _load(args_b)
     _, pre_a, loader_a = _eval_loader(args, model_a)
     _, pre_b, loader_b = _eval_loader(args_b, model_b)
-    if pre_a.cfg != pre_b.cfg:
-        raise ConfigError(f"{args.model} and {args.model_b} preprocess images differently ({pre_a.cfg} vs "
-                          f"{pre_b.cfg}): compare quantized versions of the same float model")
+    if pre_a.config != pre_b.config:
+        raise ConfigError(f"{args.model} and {args.model_b} preprocess images differently ({pre_a.config} vs "
+                          f"{pre_b.config}): compare quantized versions of the same float model")
     progress = not args.no_progress
     ra = evaluate(model_a, loader_a, progress=progress, desc="eval A")
     rb = evaluate(model_b, loader_b, progress=progress, desc="eval B")
@@ -317,6 +347,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     loader = _eval_loader(args, model)[2] if args.verify else None
     rep = _export_and_verify(model, Path(args.out) if args.out else p / _subdir(args.format), args.format, args, loader)
     _write_json(args.json, rep)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .reproduce import load_protocol, render, reproduce
+
+    protocol = load_protocol(args.protocol)
+    rows = reproduce(protocol, args.imagenet, args.weights, models=args.models, recipes=args.recipes, bits=args.bits,
+                     eval_size=args.eval_size, calib_size=args.calib_size, calib_data=args.calib_data,
+                     seeds=list(dict.fromkeys(args.seed)), iters=args.iters, batch_size=args.batch_size,
+                     device=args.device, workers=args.workers, progress=not args.no_progress)
+    if not distributed.is_main():
+        return 0
+    table = render(rows, protocol)
+    print("\n" + table)
+    _write_json(args.json, {"protocol": protocol.name, "rows": rows})
+    if args.md:
+        Path(args.md).write_text(table)
     return 0
 
 

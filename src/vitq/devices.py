@@ -8,7 +8,7 @@ there. Exports always trace a CPU copy (the files are device-neutral; onnxruntim
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -48,8 +48,11 @@ def resolve(device: DeviceLike) -> torch.device:
     return torch.device("cuda", index)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model without tensors."""
+def model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without tensors, or a
+    runtime that is not a module (an onnxruntime session wrapper)."""
+    if not isinstance(model, nn.Module):
+        return torch.device("cpu")
     for t in model.parameters():
         return t.device
     for t in model.buffers():

@@ -144,8 +144,7 @@ def _logits(model: Any, loader: Any, limit: int) -> Tensor:
     with torch.no_grad():
         for b in loader:
             x = batch_images(b)[: limit - n]
-            dev = model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
-            out.append(forward_logits(model, x.to(dev)).float().cpu())
+            out.append(forward_logits(model, x.to(model_device(model))).float().cpu())
             n += x.shape[0]
             if n >= limit:
                 break
