@@ -169,7 +169,12 @@ def test_save_load_identical(make, size: int, tmp_path: Path) -> None:
         out = save_quantized(q, tmp_path / "exp", ModelSource("timm", name, str(ckpt)))
         loaded = load_quantized(out)
         assert torch.equal(loaded(x), q(x))
-        assert rebuild(ModelSource("timm", name)) is not None
+        # the source rebuilds the same architecture, and with the checkpoint the same float function
+        bare, again = rebuild(ModelSource("timm", name)), rebuild(ModelSource("timm", name, str(ckpt)))
+        ref = {k: v.shape for k, v in model.state_dict().items()}
+        assert type(bare) is type(model) and {k: v.shape for k, v in bare.state_dict().items()} == ref
+        with torch.no_grad():
+            assert torch.equal(again.eval()(x), model.eval()(x))
     finally:
         reg._model_entrypoints.pop(name, None)
 
@@ -187,14 +192,20 @@ def test_weight_cache_follows_changes() -> None:
 
     x = torch.randn(4, 3, 16, 16)
     q = vitq.quantize(tiny_vit(), "minmax", "W4A8", calib_data=x)
+    lin = next(m for m in q.modules() if isinstance(m, QLinear))
+    calls = []
+    lin.weight_quant.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         a = q(x)
-        assert torch.equal(q(x), a)  # cached path equals itself
-        lin = next(m for m in q.modules() if isinstance(m, QLinear))
+        n = len(calls)  # 0 or 1: calibration may have filled the cache already
+        q(x)
+        assert len(calls) == n <= 1  # later forwards reuse the cached quantized weight
         lin.weight.mul_(2.0)          # in-place change of a weight: the cache must notice
         calibrate_weights(q)
         b = q(x)
+        q(x)
+        assert len(calls) == n + 1  # ... recompute it once, then reuse it again
     assert not torch.equal(a, b)
-    fresh = copy.deepcopy(q)
+    fresh = copy.deepcopy(q)  # no cache: every forward quantizes the weight again
     with torch.enable_grad():
-        assert torch.allclose(fresh(x), b, atol=1e-5)  # uncached path agrees with the cached one
+        assert torch.equal(fresh(x), b)  # the cached weight is the freshly quantized one, bit for bit

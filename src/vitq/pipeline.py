@@ -85,8 +85,10 @@ def wrap(model: nn.Module) -> nn.Module:
 def prepare(model: nn.Module, recipe: "Recipe | str", bits: "Bits | str") -> nn.Module:
     """Wrap and insert the recipe's (uncalibrated) quantizers: the structure a checkpoint loads into."""
     recipe, bits = load_recipe(recipe), Bits.parse(bits)
+    training = model.training
     wrap(model)
     insert_quantizers(model, recipe, bits)
+    model.train(training)  # swapped-in modules are made in training mode: give them the model's mode
     st = ensure_state(model)
     st.recipe, st.bits = recipe, bits
     return model
