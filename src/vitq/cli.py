@@ -56,6 +56,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """What quantizes: recipe, bits, calibration data and the recipe's edits (quantize, report)."""
+    p.add_argument("--recipe", default="minmax", help="recipe name (see `vitq list`) or a recipe YAML file")
+    p.add_argument("--bits", default="W8A8", help="WxAy with x, y in 2..8, e.g. W8A8, W4A4, W4A8")
+    p.add_argument("--calib-size", type=int, help="number of calibration images (default: the recipe's)")
+    p.add_argument("--calib-data", metavar="DIR",
+                   help="calibrate on the images of this folder (flat or nested, no labels, any size / format / colour "
+                        "mode; unreadable files are skipped and counted) instead of --data's train split")
+    p.add_argument("--exclude", action="append", default=[], metavar="ROLE|REGEX",
+                   help="leave sites in float: a role (e.g. HEAD_IN) or a module-name regex; repeatable")
+    p.add_argument("--iters", type=int, metavar="N",
+                   help="iterations per unit of the recipe's reconstruction passes (trade time for accuracy)")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="set_options",
+                   help="set a pass option of the recipe (every pass that has it), e.g. --set loss=fisher_diag "
+                        "--set slicing=half; repeatable; `vitq list` shows each pass's options")
+    p.add_argument("--target", choices=["onnx", "none"],
+                   help="quantize for a runtime: sites it has no integer kernel for (at A8 a log2 / log-sqrt2 / TanQ "
+                        "post-Softmax) get the nearest integer form before calibration, so the simulated accuracy is "
+                        "the deployed one (default: onnx with --export onnx, else none)")
+
+
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-top1-diff", type=float, default=0.1, metavar="POINTS",
                    help="parity check: fail when the export's top-1 differs from the simulated one by more (default 0.1)")
@@ -70,34 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="calibrate a quantized model, evaluate FP vs quantized top-1")
     _add_model_args(q)
-    q.add_argument("--recipe", default="minmax", help="recipe name (see `vitq list`) or a recipe YAML file")
-    q.add_argument("--bits", default="W8A8", help="WxAy with x, y in 2..8, e.g. W8A8, W4A4, W4A8")
-    q.add_argument("--calib-size", type=int, help="number of calibration images (default: the recipe's)")
-    q.add_argument("--calib-data", metavar="DIR",
-                   help="calibrate on the images of this folder (flat or nested, no labels, any size / format / colour "
-                        "mode; unreadable files are skipped and counted) instead of --data's train split")
-    q.add_argument("--exclude", action="append", default=[], metavar="ROLE|REGEX",
-                   help="leave sites in float: a role (e.g. HEAD_IN) or a module-name regex; repeatable")
+    _add_recipe_args(q)
     q.add_argument("--out", help="save the quantized model (safetensors + vitq.json) and results here")
     q.add_argument("--skip-fp", action="store_true", help="do not evaluate the float model")
-    q.add_argument("--iters", type=int, metavar="N",
-                   help="iterations per unit of the recipe's reconstruction passes (trade time for accuracy)")
     q.add_argument("--max-cache-gb", type=float, metavar="GB",
                    help="memory budget of reconstruction caches; larger caches stream from disk")
     q.add_argument("--resume-dir", metavar="DIR",
                    help="save reconstruction state here after every unit; rerun with the same arguments to resume")
-    q.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="set_options",
-                   help="set a pass option of the recipe (every pass that has it), e.g. --set loss=fisher_diag "
-                        "--set slicing=half; repeatable; `vitq list` shows each pass's options")
 
     q.add_argument("--export", choices=["onnx", "vitq"], metavar="FORMAT",
                    help="also write a deployment export into the --out folder (onnx: QDQ graph for onnxruntime, "
                         "model.onnx; vitq: packed integer weights, packed/), verified against the simulated model "
                         "on the evaluation images")
-    q.add_argument("--target", choices=["onnx", "none"],
-                   help="quantize for a runtime: sites it has no integer kernel for (at A8 a log2 / log-sqrt2 / TanQ "
-                        "post-Softmax) get the nearest integer form before calibration, so the simulated accuracy is "
-                        "the deployed one (default: onnx with --export onnx, else none)")
     _add_export_args(q)
 
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
@@ -117,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("model_b", help="the second model: same forms as MODEL (e.g. two `vitq quantize --out` folders)")
     c.add_argument("--checkpoint-b", help="weights for MODEL_B when it is a timm model name")
+
+    rp = sub.add_parser("report", help="HTML report of a quantized model: per-site error and sensitivity, "
+                                       "distributions with the quantizer's levels, manifest")
+    _add_model_args(rp)
+    _add_recipe_args(rp)
+    rp.add_argument("--out", required=True, metavar="DIR", help="folder for report.html, report.json and the PNGs")
+    rp.add_argument("--sensitivity-size", type=int, default=1000, metavar="N",
+                    help="evaluation images for the one-site-at-a-time sensitivity (default 1000)")
+    rp.add_argument("--error-images", type=int, default=64, metavar="N",
+                    help="evaluation images for the per-site error and the distributions (default 64)")
 
     r = sub.add_parser("reproduce", help="run a published ImageNet protocol and print our rows beside the papers'")
     r.add_argument("protocol", help="a shipped protocol (ptq4vit-lineage, fqvit-lineage; see vitq list) or a YAML file")
@@ -162,6 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_export(args)
         if args.command == "reproduce":
             return cmd_reproduce(args)
+        if args.command == "report":
+            return cmd_report(args)
         return cmd_quantize(args)
     except VitqError as e:
         msg = str(e)
@@ -369,6 +386,69 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .bits import Bits
+    from .data import make_loader
+    from .devices import resolve
+    from .errors import DataError
+    from .evaluate import evaluate
+    from .insight import first_batches
+    from .insight.report import ReportInputs, write_report
+    from .nn import disabled
+    from .pipeline import Context, prepare, run_recipe
+    from .state import state_of
+
+    for flag, v in (("--sensitivity-size", args.sensitivity_size), ("--error-images", args.error_images)):
+        if v <= 0:
+            raise DataError(f"{flag} must be positive, got {v}: pass a number of images >= 1")
+    device = resolve(args.device)
+    seed = args.seed[0]
+    p = Path(args.model)
+    exported = p.is_dir() and (p / "vitq.json").is_file()
+    if not exported:
+        bits = Bits.parse(args.bits)
+        recipe = _recipe_from_args(args, bits)
+        calib_size = _calib_size(args, recipe)
+    model, source = _load(args)
+    spec, pre, eval_loader = _eval_loader(args, model)
+    progress = not args.no_progress
+    before = None
+    if exported:  # already quantized: report it as it is
+        q, st = model, state_of(model)
+        recipe, bits = st.recipe, st.bits
+        calib_seconds = None
+    else:
+        calib_sets, _ = _calibration_sets(args, spec, pre, calib_size, [seed])
+        before = prepare(copy.deepcopy(model), recipe, bits)  # the float model's sites, before any folding
+        q = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        run_recipe(q, recipe, Context(calib=make_loader(calib_sets[seed], batch_size=min(args.batch_size, calib_size),
+                                                         num_workers=args.workers),
+                                      bits=bits, seed=seed, batch_size=args.batch_size, progress=progress, device=device))
+        calib_seconds = round(time.perf_counter() - t0, 2)
+    with disabled(q):
+        fp = evaluate(q, eval_loader, progress=progress, desc="eval fp")
+    res = evaluate(q, eval_loader, progress=progress, desc="eval quantized")
+    batches = first_batches(eval_loader, args.sensitivity_size)
+    meta = {"model": args.model, "data": str(spec), "recipe": recipe.name, "bits": str(bits), "seed": seed,
+            "FP top-1": round(fp["top1"], 2), "quantized top-1": round(res["top1"], 2),
+            "drop (points)": round(fp["top1"] - res["top1"], 2), "evaluation images": res["n"],
+            "sensitivity images": sum(len(x) for x, _ in batches), "calibration seconds": calib_seconds,
+            "source": source.to_dict().get("name")}
+    path = write_report(q, batches, args.out, ReportInputs(meta=meta, recipe=recipe.to_dict(), before=before),
+                        error_images=args.error_images, progress=progress)
+    rep = json.loads((path.parent / "report.json").read_text())
+    worst = sorted(rep["sites"], key=lambda r: -(r["d_nll"] if r["d_nll"] is not None else -r["d_top1"]))[:5]
+    print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp['top1']:.2f}%  quantized {res['top1']:.2f}%  "
+          f"({res['n']} images)")
+    print("most sensitive sites (only that site quantized): " + "; ".join(
+        f"{r['site']} {r['d_top1']:+.2f} pt" + ("" if r["d_nll"] is None else f", {r['d_nll']:+.4f} nats")
+        for r in worst))
+    print(f"report: {path}")
+    _write_json(args.json, {k: v for k, v in rep.items() if k != "recipe"})
+    return 0
+
+
 def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
     from .roles import Role
 
@@ -387,44 +467,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from . import distributed
     from .bits import Bits
-    from .data import build_dataset, calibration_images, calibration_subset, make_loader
+    from .data import make_loader
     from .devices import resolve
     from .evaluate import compare_paired, compare_pooled, evaluate, peak_rss_mb
     from .export import save_quantized
     from .pipeline import Context, manifest, run_recipe
-    from .recipes import load_recipe
     from .state import state_of
 
     bits = Bits.parse(args.bits)  # validate cheap inputs before loading anything
     device = resolve(args.device)
-    recipe = load_recipe(args.recipe)
-    excl = _exclusions(args.exclude)
-    recipe = recipe.with_overrides([e for e in excl if e[0] != "role"])
-    role_excl = [e[1] for e in excl if e[0] == "role"]
-    if role_excl:
-        recipe = _exclude_roles(recipe, role_excl)
-    from .recipes import override_pass_options, parse_assignments, set_pass_options
-
-    flags = {"iters": args.iters, "max_cache_gb": args.max_cache_gb, "run_dir": args.resume_dir}
-    sets = parse_assignments(args.set_options)
-    both = sorted(k for k, v in flags.items() if v is not None and k in sets)
-    if both:
-        from .errors import ConfigError
-
-        raise ConfigError(f"{', '.join(both)} given both as a flag and with --set: use one of them")
-    recipe = override_pass_options(set_pass_options(recipe, sets), **flags)
-    target = args.target or ("onnx" if args.export == "onnx" else "none")
-    if target != "none":
-        from .recipes import for_target
-
-        recipe, changes = for_target(recipe, bits, target)
-        for line in changes:
-            print(f"target {target}: {line}")
-    calib_size = args.calib_size if args.calib_size is not None else recipe.calib_size
-    if calib_size <= 0:
-        from .errors import DataError
-
-        raise DataError(f"calibration size must be positive, got {calib_size}: pass --calib-size N with N >= 1")
+    recipe = _recipe_from_args(args, bits)
+    calib_size = _calib_size(args, recipe)
 
     seeds = list(dict.fromkeys(args.seed))
     if args.export and not args.out:
@@ -445,13 +498,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec, pre, eval_loader = _eval_loader(args, model, shard=True)
     sharded = distributed.active()
     progress = not args.no_progress
-    train = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
-    calib_sets = {seed: calibration_subset(train, calib_size, seed) for seed in seeds}  # bad sizes fail here
-    skipped = sorted({f for c in calib_sets.values() for f in c.skipped})
-    if args.calib_data:
-        print(f"calibration images: {calib_size} of the {len(train)} image files under {args.calib_data}"
-              + (f" ({len(skipped)} unreadable, skipped: {', '.join(Path(f).name for f in skipped[:3])}"
-                 f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""))
+    calib_sets, skipped = _calibration_sets(args, spec, pre, calib_size, seeds)
 
     fp = None
     if not args.skip_fp:
@@ -538,6 +585,60 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                 if k in rep}
     _write_json(args.json, result)
     return 0
+
+
+def _recipe_from_args(args: argparse.Namespace, bits: Any) -> Any:
+    """The recipe quantize / report run: --recipe, --exclude, --set, --iters / --max-cache-gb /
+    --resume-dir, then --target (or --export onnx)."""
+    from .errors import ConfigError
+    from .recipes import load_recipe, override_pass_options, parse_assignments, set_pass_options
+
+    recipe = load_recipe(args.recipe)
+    excl = _exclusions(args.exclude)
+    recipe = recipe.with_overrides([e for e in excl if e[0] != "role"])
+    role_excl = [e[1] for e in excl if e[0] == "role"]
+    if role_excl:
+        recipe = _exclude_roles(recipe, role_excl)
+    flags = {"iters": args.iters, "max_cache_gb": getattr(args, "max_cache_gb", None),
+             "run_dir": getattr(args, "resume_dir", None)}
+    sets = parse_assignments(args.set_options)
+    both = sorted(k for k, v in flags.items() if v is not None and k in sets)
+    if both:
+        raise ConfigError(f"{', '.join(both)} given both as a flag and with --set: use one of them")
+    recipe = override_pass_options(set_pass_options(recipe, sets), **flags)
+    target = args.target or ("onnx" if getattr(args, "export", None) == "onnx" else "none")
+    if target != "none":
+        from .recipes import for_target
+
+        recipe, changes = for_target(recipe, bits, target)
+        for line in changes:
+            print(f"target {target}: {line}")
+    return recipe
+
+
+def _calib_size(args: argparse.Namespace, recipe: Any) -> int:
+    calib_size = args.calib_size if args.calib_size is not None else recipe.calib_size
+    if calib_size <= 0:
+        from .errors import DataError
+
+        raise DataError(f"calibration size must be positive, got {calib_size}: pass --calib-size N with N >= 1")
+    return int(calib_size)
+
+
+def _calibration_sets(args: argparse.Namespace, spec: Any, pre: Any, calib_size: int,
+                      seeds: list[int]) -> tuple[dict[int, Any], list[str]]:
+    """Each seed's calibration sample (from --calib-data or --data's train split; bad sizes fail here)
+    and the unreadable files skipped."""
+    from .data import build_dataset, calibration_images, calibration_subset
+
+    train = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
+    calib_sets = {seed: calibration_subset(train, calib_size, seed) for seed in seeds}
+    skipped = sorted({f for c in calib_sets.values() for f in c.skipped})
+    if args.calib_data:
+        print(f"calibration images: {calib_size} of the {len(train)} image files under {args.calib_data}"
+              + (f" ({len(skipped)} unreadable, skipped: {', '.join(Path(f).name for f in skipped[:3])}"
+                 f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""))
+    return calib_sets, skipped
 
 
 def _exclude_roles(recipe: Any, roles: list[str]) -> Any:
