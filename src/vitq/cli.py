@@ -118,10 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the export in its runtime beside the simulated model on --data (parity check)")
     _add_export_args(x)
 
-    c = sub.add_parser("compare", help="paired comparison of two models on the same images (McNemar test, 95%% CI)")
+    c = sub.add_parser("compare", help="recipes x bits x seeds on one model in one table (--recipes), or a paired "
+                                       "comparison of two models on the same images (MODEL MODEL_B)")
     _add_model_args(c)
-    c.add_argument("model_b", help="the second model: same forms as MODEL (e.g. two `vitq quantize --out` folders)")
+    c.add_argument("model_b", nargs="?", help="the second model of a paired comparison: same forms as MODEL (e.g. two "
+                                              "`vitq quantize --out` folders)")
     c.add_argument("--checkpoint-b", help="weights for MODEL_B when it is a timm model name")
+    c.add_argument("--recipes", metavar="R1,R2,..", help="compare these recipes on MODEL (the first is the reference "
+                                                         "each row is tested against)")
+    c.add_argument("--bits", default="W4A4", metavar="WxAy,..", help="bit-widths for --recipes (default W4A4)")
+    c.add_argument("--seeds", metavar="S1,S2,..", help="calibration seeds for --recipes (default: --seed)")
+    c.add_argument("--calib-size", type=int, help="calibration images (default: each recipe's)")
+    c.add_argument("--calib-data", metavar="DIR", help="calibrate on the images of this folder")
+    c.add_argument("--iters", type=int, metavar="N", help="reconstruction iterations per unit")
+    c.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="set_options",
+                   help="set a pass option in every recipe that has it")
+    c.add_argument("--target", choices=["onnx", "none"], help="quantize for a runtime (see quantize --target)")
+    c.add_argument("--md", metavar="FILE", help="write the table as markdown")
+    c.add_argument("--csv", metavar="FILE", help="write the table as CSV")
+    c.add_argument("--png", metavar="FILE", help="plot top-1 against bits per recipe")
 
     rp = sub.add_parser("report", help="HTML report of a quantized model: per-site error and sensitivity, "
                                        "distributions with the quantizer's levels, manifest")
@@ -294,10 +309,85 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_list(text: Optional[str], what: str) -> list[str]:
+    from .errors import ConfigError
+
+    items = [t.strip() for t in (text or "").replace(" ", ",").split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"{what} is empty: give a comma-separated list")
+    return items
+
+
+def cmd_compare_recipes(args: argparse.Namespace) -> int:
+    from .bits import Bits
+    from .errors import ConfigError
+    from .insight.compare import compare, plot, to_csv, to_markdown, to_text
+    from .recipes import load_recipe, parse_assignments, set_pass_options
+
+    if args.model_b:
+        raise ConfigError("give either MODEL_B (compare two models) or --recipes (compare recipes on MODEL), not both")
+    bits = [Bits.parse(b) for b in _csv_list(args.bits, "--bits")]
+    try:
+        seeds = [int(s) for s in _csv_list(args.seeds, "--seeds")] if args.seeds else list(dict.fromkeys(args.seed))
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {args.seeds}: a seed is given twice")
+    from .passes import get_pass
+
+    sets = parse_assignments(args.set_options)
+    if args.iters is not None:
+        sets["iters"] = args.iters
+    recipes, used = [], set()
+    for name in _csv_list(args.recipes, "--recipes"):
+        r = load_recipe(name)
+        mine = {k: v for k, v in sets.items() if any(k in get_pass(pc.name).options for pc in r.passes)}
+        used |= set(mine)
+        recipes.append(set_pass_options(r, mine))  # each recipe takes the options its passes have
+    if set(sets) - used:
+        raise ConfigError(f"no recipe of --recipes has a pass with option(s) {', '.join(sorted(set(sets) - used))}: "
+                          "`vitq list` shows each pass's options")
+    for flag, path in (("--md", args.md), ("--csv", args.csv), ("--png", args.png), ("--json", args.json)):
+        if path and Path(path).is_dir():
+            raise ConfigError(f"{flag} {path} is a folder: give a file name")
+    sizes = {r.name: _calib_size(args, r) for r in recipes}
+    calib_size = max(sizes.values())
+    model, _ = _load(args)
+    spec, _, loader = _eval_loader(args, model)
+    calib_sets, _ = _calibration_sets(args, spec, _eval_loader(args, model)[1], calib_size, seeds)
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"the recipes calibrate on different numbers of images ({', '.join(f'{k} {v}' for k, v in sizes.items())}): "
+                          "pass --calib-size N so that every recipe sees the same images")
+    res = compare(model, loader, {s: calib_sets[s] for s in seeds}, recipes, bits, batch_size=args.batch_size,
+                  device=model_device_of(args), target=None if args.target in (None, "none") else args.target,
+                  progress=not args.no_progress)
+    print(f"{args.model} on {res['fp']['images']} images of {spec}, {calib_size} calibration images, seeds "
+          f"{', '.join(map(str, seeds))}: FP top-1 {res['fp']['top1']:.2f}%")
+    print(to_text(res))
+    if args.md:
+        Path(args.md).write_text(to_markdown(res))
+    if args.csv:
+        Path(args.csv).write_text(to_csv(res))
+    if args.png:
+        plot(res, args.png)
+    _write_json(args.json, {"model": args.model, "data": str(spec), "calib_size": calib_size, **res})
+    return 0
+
+
+def model_device_of(args: argparse.Namespace) -> Any:
+    from .devices import resolve
+
+    return resolve(args.device)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .evaluate import compare_paired, evaluate
 
+    if args.recipes:
+        return cmd_compare_recipes(args)
+    if not args.model_b:
+        raise ConfigError("compare needs MODEL_B (two models) or --recipes R1,R2 (recipes on MODEL)")
     model_a, _ = _load(args)
     args_b = copy.copy(args)
     args_b.model, args_b.checkpoint = args.model_b, args.checkpoint_b

@@ -1,0 +1,222 @@
+"""``vitq compare MODEL --recipes a,b,c --bits W4A4,W3A3 --seeds 0,1,2``: every recipe at every
+bit-width and seed on one model, in one table.
+
+The float model is evaluated once; each seed's calibration images are decoded once and shared by
+every recipe and bit-width; the evaluation images are decoded once where they fit in memory. Each
+row holds the mean +- std of the quantized top-1 over the seeds, the test of the row against the
+first recipe at the same bits (pooled over the seeds, which share the test images:
+:func:`vitq.evaluate.compare_pooled`), calibration seconds, peak RSS and a digest of the manifest
+(what was quantized, and how), so that two tables can be checked to describe the same models.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import statistics
+import time
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..batches import batch_images, batch_labels
+from ..bits import Bits
+from ..devices import model_device
+from ..errors import ConfigError
+from ..evaluate import Predictions, compare_pooled, evaluate, peak_rss_mb, reset_peak_rss
+from ..passes.quantize import manifest
+from ..pipeline import CalibData, Context, _iter_batches, run_recipe
+from ..recipes import Recipe, for_target, load_recipe
+
+CACHE_BYTES = 1 << 30  # evaluation images kept decoded in memory up to this size
+
+
+def cache_batches(loader: Iterable[Any], max_bytes: int = CACHE_BYTES) -> Any:
+    """The batches of ``loader`` as a list of ``(images, labels)`` (decoded once), or ``loader`` itself
+    when they would take more than ``max_bytes``."""
+    out: list[tuple[Tensor, Tensor]] = []
+    size = 0
+    for b in loader:
+        x, y = batch_images(b), batch_labels(b)
+        size += x.numel() * x.element_size()
+        if size > max_bytes:
+            return loader
+        out.append((x, torch.as_tensor(y)))
+    return out
+
+
+def calibration_tensor(data: CalibData) -> Tensor:
+    """A calibration set (tensor, Dataset, DataLoader or iterable of batches) as one N,C,H,W tensor."""
+    if isinstance(data, Tensor):
+        return data
+    xs = list(_iter_batches(data, 64))
+    if not xs:
+        raise ConfigError("a calibration set is empty: give each seed at least one calibration image")
+    return torch.cat(xs)
+
+
+def manifest_digest(model: nn.Module) -> str:
+    """First 12 hex digits of the sha256 of the model's manifest (sites, quantizers, bits, granularity)."""
+    return hashlib.sha256(json.dumps(manifest(model), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _top1(p: Predictions) -> float:
+    return 100.0 * float((p.top1 == p.labels).double().mean())
+
+
+def compare(model: nn.Module, eval_data: Iterable[Any], calib: Mapping[int, CalibData],
+            recipes: Sequence["str | Recipe"], bits: Sequence["str | Bits"], batch_size: int = 64,
+            device: Optional[torch.device] = None, target: Optional[str] = None,
+            progress: bool = False) -> dict[str, Any]:
+    """Quantize a copy of ``model`` with every recipe x bits x seed (``calib``: seed -> calibration
+    data) and evaluate it on ``eval_data`` (``(images, labels)`` batches). Returns ``{"fp": {...},
+    "rows": [...], "runs": [...]}``; rows are in recipe order within each bit-width."""
+    if not recipes or not bits or not calib:
+        raise ConfigError("compare needs at least one recipe, one bit-width and one seed")
+    recipes_l = [load_recipe(r) for r in recipes]
+    names = [r.name for r in recipes_l]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"recipe given twice in {', '.join(names)}: list each once")
+    bits_l = [Bits.parse(b) for b in bits]
+    seeds = list(calib)
+    device = device if device is not None else model_device(model)
+    data = cache_batches(eval_data)
+    calib_t = {s: calibration_tensor(c) for s, c in calib.items()}
+    fp = evaluate(model, data, progress=progress, desc="eval fp")
+    runs: list[dict[str, Any]] = []
+    preds: dict[tuple[str, str, int], Predictions] = {}
+    total = len(recipes_l) * len(bits_l) * len(seeds)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="compare", unit="run")
+    for b in bits_l:
+        for r in recipes_l:
+            rr = r if target is None else for_target(r, b, target)[0]
+            for s in seeds:
+                qm = copy.deepcopy(model)
+                reset_peak_rss()
+                t0 = time.perf_counter()
+                run_recipe(qm, rr, Context(calib=calib_t[s], bits=b, seed=s, batch_size=batch_size, device=device))
+                secs = time.perf_counter() - t0
+                res = evaluate(qm, data, desc=f"eval {r.name} {b} seed {s}")
+                preds[(r.name, str(b), s)] = res["predictions"]
+                runs.append({"recipe": r.name, "bits": str(b), "seed": s, "top1": round(res["top1"], 3),
+                             "nll": None if res["nll"] is None else round(res["nll"], 5),
+                             "calib_seconds": round(secs, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+                             "digest": manifest_digest(qm)})
+                del qm
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    rows = []
+    for b in bits_l:
+        first = names[0]
+        for name in names:
+            mine = [x for x in runs if x["recipe"] == name and x["bits"] == str(b)]
+            top1 = [x["top1"] for x in mine]
+            nll = [x["nll"] for x in mine]
+            row: dict[str, Any] = {
+                "recipe": name, "bits": str(b), "seeds": seeds, "top1": top1,
+                "mean": round(statistics.fmean(top1), 3), "std": round(statistics.stdev(top1), 3) if len(top1) > 1 else None,
+                "drop": round(fp["top1"] - statistics.fmean(top1), 3),
+                "nll": None if None in nll else round(statistics.fmean(nll), 5),
+                "calib_seconds": round(statistics.fmean(x["calib_seconds"] for x in mine), 2),
+                "peak_rss_mb": max(x["peak_rss_mb"] for x in mine),
+                "digest": mine[0]["digest"] if len({x["digest"] for x in mine}) == 1 else "differs by seed",
+                "vs_fp": compare_pooled([(fp["predictions"], preds[(name, str(b), s)]) for s in seeds]),
+                "vs_first": None if name == first else
+                compare_pooled([(preds[(first, str(b), s)], preds[(name, str(b), s)]) for s in seeds]),
+            }
+            rows.append(row)
+    return {"fp": {"top1": round(fp["top1"], 3), "nll": None if fp["nll"] is None else round(fp["nll"], 5),
+                   "images": fp["n"]},
+            "recipes": names, "bits": [str(b) for b in bits_l], "seeds": seeds, "target": target,
+            "rows": rows, "runs": runs}
+
+
+# ------------------------------------------------------------------------------------- rendering
+def _pm(row: dict[str, Any]) -> str:
+    return f"{row['mean']:.2f}" + ("" if row["std"] is None else f" ± {row['std']:.2f}")
+
+
+def _vs(row: dict[str, Any]) -> str:
+    v = row["vs_first"]
+    if v is None:
+        return "(reference)"
+    p = "" if v["p_value"] is None else f" (p {v['p_value']:.3g})"
+    return f"{v['diff']:+.2f}{p}"
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    first = result["recipes"][0]
+    head = ["recipe", "bits", "FP top-1", f"top-1 (mean ± std, {len(result['seeds'])} seeds)", "drop",
+            f"vs {first} (pooled p)", "log-loss", "calib s", "peak RSS MB", "manifest"]
+    body = []
+    for r in result["rows"]:
+        body.append([r["recipe"], r["bits"], f"{result['fp']['top1']:.2f}", _pm(r), f"{r['drop']:+.2f}", _vs(r),
+                     "-" if r["nll"] is None else f"{r['nll']:.4f}", f"{r['calib_seconds']:.1f}",
+                     f"{r['peak_rss_mb']:.0f}", r["digest"]])
+    return head, body
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    head, body = table_rows(result)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def to_text(result: dict[str, Any]) -> str:
+    head, body = table_rows(result)
+    w = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
+    return "\n".join([fmt(head), "  ".join("-" * x for x in w), *map(fmt, body)]) + "\n"
+
+
+def to_csv(result: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["recipe", "bits", "seeds", "fp_top1", "top1_mean", "top1_std", "drop", "vs_first_diff", "vs_first_p",
+                "nll", "calib_seconds", "peak_rss_mb", "manifest_digest", "top1_per_seed"])
+    for r in result["rows"]:
+        v = r["vs_first"] or {}
+        w.writerow([r["recipe"], r["bits"], " ".join(map(str, r["seeds"])), result["fp"]["top1"], r["mean"],
+                     "" if r["std"] is None else r["std"], r["drop"], v.get("diff", ""),
+                     "" if v.get("p_value") is None else v["p_value"], "" if r["nll"] is None else r["nll"],
+                     r["calib_seconds"], r["peak_rss_mb"], r["digest"], " ".join(map(str, r["top1"]))])
+    return buf.getvalue()
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Top-1 against bit-width, one line per recipe, +- std over seeds, the float model dashed."""
+    from .report import _plt
+
+    plt = _plt()
+    bits = result["bits"]
+    order = sorted(range(len(bits)), key=lambda i: (Bits.parse(bits[i]).w + Bits.parse(bits[i]).a,
+                                                    Bits.parse(bits[i]).w))
+    xs = list(range(len(order)))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.3 * len(xs) + 0.02 * len(result["recipes"]), 4.2))
+    n = len(result["recipes"])
+    for k, name in enumerate(result["recipes"]):
+        rows = {r["bits"]: r for r in result["rows"] if r["recipe"] == name}
+        ys = [rows[bits[i]]["mean"] for i in order]
+        es = [rows[bits[i]]["std"] or 0.0 for i in order]
+        off = (k - (n - 1) / 2) * 0.06  # a small horizontal offset so error bars do not overlap
+        ax.errorbar([x + off for x in xs], ys, yerr=es, marker="o", capsize=3, lw=1.4, ms=4, label=name)
+    ax.axhline(result["fp"]["top1"], color="k", ls="--", lw=1, label=f"float {result['fp']['top1']:.2f}")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([bits[i] for i in order])
+    ax.set_ylabel("top-1 %")
+    ax.set_title(f"mean ± std over {len(result['seeds'])} seed(s), {result['fp']['images']} images", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
