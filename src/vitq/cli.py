@@ -59,7 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     """What quantizes: recipe, bits, calibration data and the recipe's edits (quantize, report)."""
     p.add_argument("--recipe", default="minmax", help="recipe name (see `vitq list`) or a recipe YAML file")
-    p.add_argument("--bits", default="W8A8", help="WxAy with x, y in 2..8, e.g. W8A8, W4A4, W4A8")
+    p.add_argument("--bits", default="W8A8",
+                   help="WxAy with x, y in 2..8, e.g. W8A8, W4A4, W4A8; quantize also takes auto / autoA4 (weight bits "
+                        "per site under --budget, activations at 8 / 4 bits)")
     p.add_argument("--calib-size", type=int, help="number of calibration images (default: the recipe's)")
     p.add_argument("--calib-data", metavar="DIR",
                    help="calibrate on the images of this folder (flat or nested, no labels, any size / format / colour "
@@ -93,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(q)
     _add_recipe_args(q)
     q.add_argument("--out", help="save the quantized model (safetensors + vitq.json) and results here")
+    q.add_argument("--budget", type=float, metavar="BITS",
+                   help="with --bits auto: average weight bits the per-site choice of 3 / 4 / 6 / 8 bits / float may use")
+    q.add_argument("--budget-mb", type=float, metavar="MB",
+                   help="with --bits auto: megabytes (1e6 bytes) of weight codes instead of --budget")
+    q.add_argument("--sensitivity-size", type=int, default=512, metavar="N",
+                   help="with --bits auto: images of the calibration source the per-site sensitivity is measured on "
+                        "(default 512; never the evaluation images)")
+    q.add_argument("--recipe-out", metavar="FILE",
+                   help="with --bits auto: write the chosen mixed-precision recipe here (default: recipe.yaml in --out)")
     q.add_argument("--skip-fp", action="store_true", help="do not evaluate the float model")
     q.add_argument("--max-cache-gb", type=float, metavar="GB",
                    help="memory budget of reconstruction caches; larger caches stream from disk")
@@ -539,6 +550,56 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_mixed_args(args: argparse.Namespace, auto: bool) -> None:
+    from .errors import ConfigError
+
+    budgets = [f for f, v in (("--budget", args.budget), ("--budget-mb", args.budget_mb)) if v is not None]
+    if not auto:
+        if budgets or args.recipe_out:
+            raise ConfigError(f"{(budgets or ['--recipe-out'])[0]} chooses bits per site: pass --bits auto (or autoA4)")
+        return
+    if len(budgets) != 1:
+        raise ConfigError("--bits auto needs one budget: --budget BITS (average weight bits, e.g. 4.5) or --budget-mb MB")
+    if args.budget is not None and not 3 <= args.budget <= 32:
+        raise ConfigError(f"--budget {args.budget}: average weight bits between 3 (all 3-bit) and 32 (all float)")
+    if args.budget_mb is not None and args.budget_mb <= 0:
+        raise ConfigError(f"--budget-mb {args.budget_mb}: give a positive size in megabytes")
+    if args.sensitivity_size <= 0:
+        raise ConfigError(f"--sensitivity-size {args.sensitivity_size}: give a number of images >= 1")
+    if args.recipe_out and Path(args.recipe_out).is_dir():
+        raise ConfigError(f"--recipe-out {args.recipe_out} is a folder: give a file name (e.g. mixed.yaml)")
+
+
+def _mixed_precision(args: argparse.Namespace, model: Any, recipe: Any, act_bits: int, spec: Any, pre: Any,
+                     calib: Any, seed: int) -> tuple[Any, dict[str, Any]]:
+    """--bits auto: measure per-site weight sensitivity on calibration-source images, allocate bits under
+    the budget, and return the mixed-precision recipe (written to --recipe-out) with its record."""
+    from collections import Counter
+
+    from .data import build_dataset, calibration_images, calibration_subset, make_loader
+    from .insight.compare import calibration_tensor
+    from .insight.mixed import allocate, mixed_recipe, recipe_yaml, sensitivity_table
+
+    source = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
+    n = min(args.sensitivity_size, len(source))
+    probe = calibration_subset(source, n, seed + 1)  # another draw than the calibration sample; never eval images
+    images = [b[0] if isinstance(b, (list, tuple)) else b for b in make_loader(probe, batch_size=args.batch_size)]
+    table = sensitivity_table(model, recipe, act_bits, calibration_tensor(calib), images, seed=seed,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    alloc = allocate(table, budget_bits=args.budget, budget_mb=args.budget_mb)
+    mixed = mixed_recipe(recipe, model, alloc)
+    counts = Counter(alloc["bits"].values())
+    print(f"mixed precision: {len(alloc['bits'])} weight sites, "
+          + ", ".join(f"{counts[k]} at {k}{'' if k == 'float' else ' bits'}" for k in ("3", "4", "6", "8", "float")
+                      if counts[k])
+          + f"; average {alloc['avg_bits']:.2f} bits ({alloc['weight_mb']:.3f} MB of weight codes), chosen by "
+            f"{alloc['method']} over output KL measured on {table['images']} calibration-source images")
+    if args.recipe_out:
+        Path(args.recipe_out).write_text(recipe_yaml(mixed))
+        print(f"mixed-precision recipe: {args.recipe_out}")
+    return mixed, {"allocation": alloc, "sensitivity": table}
+
+
 def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
     from .roles import Role
 
@@ -561,10 +622,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .devices import resolve
     from .evaluate import compare_paired, compare_pooled, evaluate, peak_rss_mb
     from .export import save_quantized
+    from .insight.mixed import parse_auto_bits
     from .pipeline import Context, manifest, run_recipe
     from .state import state_of
 
-    bits = Bits.parse(args.bits)  # validate cheap inputs before loading anything
+    auto_a = parse_auto_bits(args.bits)
+    bits = Bits(8, auto_a) if auto_a is not None else Bits.parse(args.bits)  # cheap inputs first, before loading
+    _check_mixed_args(args, auto_a is not None)
     device = resolve(args.device)
     recipe = _recipe_from_args(args, bits)
     calib_size = _calib_size(args, recipe)
@@ -589,6 +653,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     sharded = distributed.active()
     progress = not args.no_progress
     calib_sets, skipped = _calibration_sets(args, spec, pre, calib_size, seeds)
+    mixed = None
+    if auto_a is not None:
+        recipe, mixed = _mixed_precision(args, model, recipe, auto_a, spec, pre, calib_sets[seeds[0]], seeds[0])
 
     fp = None
     if not args.skip_fp:
@@ -626,7 +693,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "fp_eval_seconds": None if fp is None else round(fp["seconds"], 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), "device": str(device),
         "preprocessing": {**asdict(pre.config), "transform": pre.source},
-        "calib_data": args.calib_data, "calib_skipped": skipped,
+        "calib_data": args.calib_data, "calib_skipped": skipped, "mixed_precision": mixed,
         "vs_fp": None if vs_fp is None else vs_fp.to_dict(), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
     }
     if len(seeds) > 1:
@@ -664,6 +731,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         out = save_quantized(qmodel, args.out, source, extra={"result": {k: v for k, v in result.items()
                                                                          if k not in ("manifest", "recipe_config")}})
         (Path(out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        if mixed is not None and not args.recipe_out:
+            from .insight.mixed import recipe_yaml
+
+            (Path(out) / "recipe.yaml").write_text(recipe_yaml(recipe))
+            print(f"mixed-precision recipe: {Path(out) / 'recipe.yaml'} (vitq quantize --recipe {Path(out) / 'recipe.yaml'} "
+                  f"--bits {bits} runs it again)")
         print(f"saved to {out}")
         if args.export:
             st = state_of(qmodel)
