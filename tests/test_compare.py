@@ -95,3 +95,21 @@ def test_cli_compare_writes_every_format_and_matches_quantize(tmp_path: Path, ca
     q = json.loads((tmp_path / "q.json").read_text())
     row = next(r for r in res["rows"] if r["recipe"] == "repq" and r["bits"] == "W4A4")
     assert row["top1"][1] == pytest.approx(q["q_top1"], abs=0.006)
+
+
+def test_each_recipe_calibrates_on_its_own_number_of_images() -> None:
+    from dataclasses import replace
+
+    from vitq.recipes import load_recipe
+
+    batches, calib = _data()
+    asked = []
+
+    def source(n: int, seed: int) -> torch.Tensor:
+        asked.append((n, seed))
+        return calib[seed][:n]
+
+    a, b = replace(load_recipe("minmax"), calib_size=16), replace(load_recipe("percentile"), calib_size=8)
+    res = compare(tiny_vit(), batches, source, [a, b], ["W8A8"], seeds=[0, 1])
+    assert sorted(set(asked)) == [(8, 0), (8, 1), (16, 0), (16, 1)]
+    assert [r["calib_size"] for r in res["rows"]] == [16, 8]

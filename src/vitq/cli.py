@@ -361,19 +361,19 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     for flag, path in (("--md", args.md), ("--csv", args.csv), ("--png", args.png), ("--json", args.json)):
         if path and Path(path).is_dir():
             raise ConfigError(f"{flag} {path} is a folder: give a file name")
-    sizes = {r.name: _calib_size(args, r) for r in recipes}
-    calib_size = max(sizes.values())
+    from dataclasses import replace
+
+    if args.calib_size is not None:  # one size for all: every recipe calibrates on the same images
+        recipes = [replace(r, calib_size=_calib_size(args, r)) for r in recipes]
+    sizes = sorted({r.calib_size for r in recipes})
     model, _ = _load(args)
-    spec, _, loader = _eval_loader(args, model)
-    calib_sets, _ = _calibration_sets(args, spec, _eval_loader(args, model)[1], calib_size, seeds)
-    if len(set(sizes.values())) > 1:
-        raise ConfigError(f"the recipes calibrate on different numbers of images ({', '.join(f'{k} {v}' for k, v in sizes.items())}): "
-                          "pass --calib-size N so that every recipe sees the same images")
-    res = compare(model, loader, {s: calib_sets[s] for s in seeds}, recipes, bits, batch_size=args.batch_size,
+    spec, pre, loader = _eval_loader(args, model)
+    calib_sets = {n: _calibration_sets(args, spec, pre, n, seeds)[0] for n in sizes}  # bad sizes fail here
+    res = compare(model, loader, lambda n, s: calib_sets[n][s], recipes, bits, batch_size=args.batch_size,
                   device=model_device_of(args), target=None if args.target in (None, "none") else args.target,
-                  progress=not args.no_progress)
-    print(f"{args.model} on {res['fp']['images']} images of {spec}, {calib_size} calibration images, seeds "
-          f"{', '.join(map(str, seeds))}: FP top-1 {res['fp']['top1']:.2f}%")
+                  progress=not args.no_progress, seeds=seeds)
+    print(f"{args.model} on {res['fp']['images']} images of {spec}, {'/'.join(map(str, sizes))} calibration images, "
+          f"seeds {', '.join(map(str, seeds))}: FP top-1 {res['fp']['top1']:.2f}%")
     print(to_text(res))
     if args.md:
         Path(args.md).write_text(to_markdown(res))
@@ -381,7 +381,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         Path(args.csv).write_text(to_csv(res))
     if args.png:
         plot(res, args.png)
-    _write_json(args.json, {"model": args.model, "data": str(spec), "calib_size": calib_size, **res})
+    _write_json(args.json, {"model": args.model, "data": str(spec), **res})
     return 0
 
 

@@ -18,7 +18,7 @@ import io
 import json
 import statistics
 import time
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from ..pipeline import CalibData, Context, _iter_batches, run_recipe
 from ..recipes import Recipe, for_target, load_recipe
 
 CACHE_BYTES = 1 << 30  # evaluation images kept decoded in memory up to this size
+CalibSource = Callable[[int, int], CalibData]  # (number of images, seed) -> calibration data
 
 
 def cache_batches(loader: Iterable[Any], max_bytes: int = CACHE_BYTES) -> Any:
@@ -68,24 +69,34 @@ def _top1(p: Predictions) -> float:
     return 100.0 * float((p.top1 == p.labels).double().mean())
 
 
-def compare(model: nn.Module, eval_data: Iterable[Any], calib: Mapping[int, CalibData],
+def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, CalibData] | CalibSource",
             recipes: Sequence["str | Recipe"], bits: Sequence["str | Bits"], batch_size: int = 64,
             device: Optional[torch.device] = None, target: Optional[str] = None,
-            progress: bool = False) -> dict[str, Any]:
-    """Quantize a copy of ``model`` with every recipe x bits x seed (``calib``: seed -> calibration
-    data) and evaluate it on ``eval_data`` (``(images, labels)`` batches). Returns ``{"fp": {...},
-    "rows": [...], "runs": [...]}``; rows are in recipe order within each bit-width."""
-    if not recipes or not bits or not calib:
+            progress: bool = False, seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Quantize a copy of ``model`` with every recipe x bits x seed and evaluate it on ``eval_data``
+    (``(images, labels)`` batches). ``calib``: seed -> calibration data (every recipe calibrates on
+    it), or a function ``(n_images, seed) -> data`` with ``seeds`` (each recipe gets its own
+    ``calib_size``). Returns ``{"fp": {...}, "rows": [...], "runs": [...]}``; rows are in recipe order
+    within each bit-width."""
+    if callable(calib):
+        if not seeds:
+            raise ConfigError("compare with a calibration source needs seeds")
+        source: CalibSource = calib
+    else:
+        fixed = dict(calib)
+        seeds = list(fixed)
+        source = lambda n, s: fixed[s]  # noqa: E731
+    if not recipes or not bits or not seeds:
         raise ConfigError("compare needs at least one recipe, one bit-width and one seed")
     recipes_l = [load_recipe(r) for r in recipes]
     names = [r.name for r in recipes_l]
     if len(set(names)) != len(names):
         raise ConfigError(f"recipe given twice in {', '.join(names)}: list each once")
     bits_l = [Bits.parse(b) for b in bits]
-    seeds = list(calib)
+    seeds = list(seeds)
     device = device if device is not None else model_device(model)
     data = cache_batches(eval_data)
-    calib_t = {s: calibration_tensor(c) for s, c in calib.items()}
+    calib_t = {(r.calib_size, s): calibration_tensor(source(r.calib_size, s)) for r in recipes_l for s in seeds}
     fp = evaluate(model, data, progress=progress, desc="eval fp")
     runs: list[dict[str, Any]] = []
     preds: dict[tuple[str, str, int], Predictions] = {}
@@ -102,11 +113,12 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: Mapping[int, Cali
                 qm = copy.deepcopy(model)
                 reset_peak_rss()
                 t0 = time.perf_counter()
-                run_recipe(qm, rr, Context(calib=calib_t[s], bits=b, seed=s, batch_size=batch_size, device=device))
+                ct = calib_t[(r.calib_size, s)]
+                run_recipe(qm, rr, Context(calib=ct, bits=b, seed=s, batch_size=batch_size, device=device))
                 secs = time.perf_counter() - t0
                 res = evaluate(qm, data, desc=f"eval {r.name} {b} seed {s}")
                 preds[(r.name, str(b), s)] = res["predictions"]
-                runs.append({"recipe": r.name, "bits": str(b), "seed": s, "top1": round(res["top1"], 3),
+                runs.append({"recipe": r.name, "bits": str(b), "seed": s, "calib_size": len(ct), "top1": round(res["top1"], 3),
                              "nll": None if res["nll"] is None else round(res["nll"], 5),
                              "calib_seconds": round(secs, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                              "digest": manifest_digest(qm)})
@@ -123,7 +135,7 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: Mapping[int, Cali
             top1 = [x["top1"] for x in mine]
             nll = [x["nll"] for x in mine]
             row: dict[str, Any] = {
-                "recipe": name, "bits": str(b), "seeds": seeds, "top1": top1,
+                "recipe": name, "bits": str(b), "seeds": seeds, "calib_size": mine[0]["calib_size"], "top1": top1,
                 "mean": round(statistics.fmean(top1), 3), "std": round(statistics.stdev(top1), 3) if len(top1) > 1 else None,
                 "drop": round(fp["top1"] - statistics.fmean(top1), 3),
                 "nll": None if None in nll else round(statistics.fmean(nll), 5),
@@ -156,11 +168,11 @@ def _vs(row: dict[str, Any]) -> str:
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     first = result["recipes"][0]
-    head = ["recipe", "bits", "FP top-1", f"top-1 (mean ± std, {len(result['seeds'])} seeds)", "drop",
+    head = ["recipe", "bits", "calib", "FP top-1", f"top-1 (mean ± std, {len(result['seeds'])} seeds)", "drop",
             f"vs {first} (pooled p)", "log-loss", "calib s", "peak RSS MB", "manifest"]
     body = []
     for r in result["rows"]:
-        body.append([r["recipe"], r["bits"], f"{result['fp']['top1']:.2f}", _pm(r), f"{r['drop']:+.2f}", _vs(r),
+        body.append([r["recipe"], r["bits"], str(r["calib_size"]), f"{result['fp']['top1']:.2f}", _pm(r), f"{r['drop']:+.2f}", _vs(r),
                      "-" if r["nll"] is None else f"{r['nll']:.4f}", f"{r['calib_seconds']:.1f}",
                      f"{r['peak_rss_mb']:.0f}", r["digest"]])
     return head, body
@@ -183,11 +195,11 @@ def to_text(result: dict[str, Any]) -> str:
 def to_csv(result: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["recipe", "bits", "seeds", "fp_top1", "top1_mean", "top1_std", "drop", "vs_first_diff", "vs_first_p",
+    w.writerow(["recipe", "bits", "seeds", "calib_size", "fp_top1", "top1_mean", "top1_std", "drop", "vs_first_diff", "vs_first_p",
                 "nll", "calib_seconds", "peak_rss_mb", "manifest_digest", "top1_per_seed"])
     for r in result["rows"]:
         v = r["vs_first"] or {}
-        w.writerow([r["recipe"], r["bits"], " ".join(map(str, r["seeds"])), result["fp"]["top1"], r["mean"],
+        w.writerow([r["recipe"], r["bits"], " ".join(map(str, r["seeds"])), r["calib_size"], result["fp"]["top1"], r["mean"],
                      "" if r["std"] is None else r["std"], r["drop"], v.get("diff", ""),
                      "" if v.get("p_value") is None else v["p_value"], "" if r["nll"] is None else r["nll"],
                      r["calib_seconds"], r["peak_rss_mb"], r["digest"], " ".join(map(str, r["top1"]))])
