@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import textwrap
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(q)
     _add_recipe_args(q)
     q.add_argument("--out", help="save the quantized model (safetensors + vitq.json) and results here")
+    q.add_argument("--overwrite", action="store_true", help="replace a saved quantization already in --out")
     q.add_argument("--budget", type=float, metavar="BITS",
                    help="with --bits auto: average weight bits the per-site choice of 3 / 4 / 6 / 8 bits / float may use")
     q.add_argument("--budget-mb", type=float, metavar="MB",
@@ -191,6 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_args(args)  # everything the arguments alone can tell, before any loading
         if distributed.launched() and args.command in ("quantize", "eval", "reproduce"):
             _start_distributed(args)
         if args.command == "list":
@@ -222,6 +225,96 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if distributed.active():
             distributed.shutdown()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse what the arguments alone show to be wrong (sizes, output paths, flags a command ignores),
+    before any model or data is loaded: one line each, never after hours of work."""
+    from .errors import ConfigError
+
+    for flag, key in (("--batch-size", "batch_size"), ("--eval-size", "eval_size"), ("--num-classes", "num_classes"),
+                      ("--calib-size", "calib_size"), ("--iters", "iters")):
+        v = getattr(args, key, None)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{flag} {v}: give a positive number")
+    if getattr(args, "workers", 0) < 0:
+        raise ConfigError(f"--workers {args.workers}: give 0 (decode in the main process) or more worker processes")
+    if args.command == "eval" and getattr(args, "seed", [0]) != [0]:
+        raise ConfigError("eval does not calibrate, so --seed changes nothing: drop it (quantize takes --seed)")
+    for flag in ("json", "md", "csv", "png", "recipe_out"):
+        path = getattr(args, flag, None)
+        if path:
+            _check_output_file(f"--{flag.replace('_', '-')}", path)
+    if getattr(args, "resume_dir", None):
+        _check_output_dir("--resume-dir", args.resume_dir)
+    out = getattr(args, "out", None)
+    if out and args.command in ("quantize", "report", "export"):
+        _check_output_dir("--out", out)
+        if args.command == "quantize" and (Path(out) / "vitq.json").is_file() and not args.overwrite:
+            raise ConfigError(f"--out {out} already holds a saved quantization: pass --overwrite to replace it, or "
+                              "another folder")
+    exclude = getattr(args, "exclude", None) or []
+    from .roles import Role
+
+    roles = {r.value for r in Role}
+    for e in exclude:
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", e) and e not in roles:
+            raise ConfigError(f"--exclude {e}: no such role; roles are {', '.join(sorted(roles))} (or give a "
+                              "module-name regex, e.g. 'blocks\\.0\\.')")
+
+
+def _check_exclusions(patterns: list[str], model: Any) -> None:
+    """A module-name --exclude that matches no module of the model is a typo, not a no-op."""
+    from .errors import ConfigError
+    from .roles import Role
+
+    roles = {r.value for r in Role}
+    names = [n for n, _ in model.named_modules()]
+    for p in patterns:
+        if p.upper() not in roles and not any(re.search(p, n) for n in names):
+            raise ConfigError(f"--exclude {p!r} matches no module of the model (e.g. {names[1] if len(names) > 1 else ''!r}): "
+                              "check the pattern, or give a role")
+
+
+def _first_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_output_file(flag: str, path: str) -> None:
+    from .errors import ConfigError
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: give a file name")
+    base = _first_existing(p.parent if str(p.parent) else Path("."))
+    if not base.is_dir():
+        raise ConfigError(f"{flag} {path}: {base} is a file, so nothing can be written under it: choose another path")
+    try:  # the one honest test of writability (root ignores permission bits; /proc refuses everyone)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".vitq-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {base} ({e.strerror}): choose a path you can write to") from None
+
+
+def _check_output_dir(flag: str, path: str) -> None:
+    from .errors import ConfigError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {path} is a file: give a folder (it is created if missing)")
+    base = _first_existing(p)
+    if not base.is_dir():
+        raise ConfigError(f"{flag} {path}: {base} is a file, so no folder can be made under it: choose another path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)  # made now, so a bad place fails before the work, not after
+        _check_output_file(flag, str(p / "x"))
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create or write the folder ({e.strerror}): choose a folder you can "
+                          "write to") from None
 
 
 def _start_distributed(args: argparse.Namespace) -> None:
@@ -649,6 +742,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out saves one model but {len(seeds)} seeds were given: pass a single --seed with --out")
 
     model, source = _load(args)
+    _check_exclusions(args.exclude, model)
     spec, pre, eval_loader = _eval_loader(args, model, shard=True)
     sharded = distributed.active()
     progress = not args.no_progress
@@ -820,7 +914,9 @@ def _write_json(path: Optional[str], obj: dict[str, Any]) -> None:
     p = Path(path)
     if p.parent and not p.parent.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp = p.with_name(f".{p.name}.tmp")  # written whole, then renamed: never a truncated file
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(p)
 
 
 if __name__ == "__main__":

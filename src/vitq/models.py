@@ -30,12 +30,18 @@ def load_model(name: str, checkpoint: Optional[str] = None, trust_pickle: bool =
     if is_reference(name):
         if checkpoint:
             raise ModelError(f"{name} is a reference model with its own weights: drop --checkpoint")
+        if num_classes is not None:
+            raise ModelError(f"{name} is a reference model with its own 10-class head: drop --num-classes (it sizes "
+                             "the classifier of a timm model name)")
         return load_reference(name), ModelSource("reference", name)
     lib = library_for(name)
     if lib is not None:
         model, source = lib.load(name, checkpoint=checkpoint, random_weights=random_weights, num_classes=num_classes)
         return model.eval(), source
     p = Path(name)
+    if p.is_file() and num_classes is not None:
+        raise ModelError(f"--num-classes sizes the classifier of a timm model name; {name} is a file with its own head: "
+                         "drop --num-classes")
     if p.is_file():
         if not trust_pickle:
             raise ModelError(

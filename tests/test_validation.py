@@ -1,0 +1,61 @@
+"""Bad arguments are refused before any model or data is loaded: one line, exit 2."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import has_reference_weights
+from test_cli import expect_error
+
+
+@pytest.fixture
+def afile(tmp_path: Path) -> Path:
+    f = tmp_path / "afile"
+    f.write_text("x")
+    return f
+
+
+def _fast(args: list[str], capsys, pattern: str) -> None:
+    t0 = time.perf_counter()
+    expect_error(args, capsys, pattern)
+    assert time.perf_counter() - t0 < 5  # refused from the arguments, not after loading and evaluating
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--eval-size", "--num-classes", "--calib-size", "--iters"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_sizes_must_be_positive(flag: str, value: str, capsys) -> None:
+    _fast(["quantize", flag, value], capsys, rf"{flag} {value}: give a positive number")
+
+
+def test_output_paths_are_checked_first(afile: Path, tmp_path: Path, capsys) -> None:
+    _fast(["quantize", "--out", str(afile)], capsys, "is a file: give a folder")
+    _fast(["quantize", "--out", str(afile / "sub")], capsys, "is a file, so no folder can be made under it")
+    _fast(["quantize", "--out", "/proc/vitq-nope"], capsys, "cannot create or write the folder")
+    _fast(["quantize", "--json", str(tmp_path)], capsys, "is a folder: give a file name")
+    _fast(["quantize", "--json", str(afile / "r.json")], capsys, "is a file, so nothing can be written under it")
+    _fast(["quantize", "--json", "/proc/vitq-nope.json"], capsys, "cannot write in /proc")
+    _fast(["quantize", "--recipe", "qdrop", "--resume-dir", str(afile)], capsys, "--resume-dir .* is a file")
+    _fast(["compare", "--recipes", "minmax", "--md", str(tmp_path)], capsys, "--md .* is a folder")
+    _fast(["report", "--out", str(afile)], capsys, "--out .* is a file")
+
+
+def test_an_existing_export_is_not_overwritten(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "vitq.json").write_text("{}")
+    _fast(["quantize", "--out", str(run)], capsys, "already holds a saved quantization: pass --overwrite")
+
+
+def test_flags_a_command_would_ignore(capsys) -> None:
+    _fast(["eval", "--seed", "0", "1", "2"], capsys, "eval does not calibrate, so --seed changes nothing")
+    _fast(["quantize", "--exclude", "NOSUCHROLE"], capsys, "--exclude NOSUCHROLE: no such role; roles are ATTN_K")
+    _fast(["quantize", "--workers", "-1"], capsys, "--workers -1")
+    expect_error(["quantize", "fmnist-vit", "--num-classes", "5"], capsys, "reference model with its own 10-class head")
+
+
+@pytest.mark.skipif(not has_reference_weights("fmnist-vit"), reason="needs the reference weights")
+def test_an_exclusion_that_matches_no_module(capsys) -> None:
+    expect_error(["quantize", "fmnist-vit", "--exclude", r"blokcs\.0"], capsys,
+                 r"--exclude 'blokcs\\\\.0' matches no module of the model")
