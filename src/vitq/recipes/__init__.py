@@ -63,9 +63,12 @@ class SiteRule:
         if "options" in d:
             d["options"] = tuple(sorted(dict(d["options"] or {}).items()))
         rule = cls(**d)
-        if not (rule.bits in ("W", "A") or isinstance(rule.bits, int)):
+        if isinstance(rule.bits, bool) or not (rule.bits in ("W", "A") or isinstance(rule.bits, int)):
             raise ConfigError(f"{where}: bits must be 'W', 'A' or an integer, got {rule.bits!r}")
-        rule.resolve(Bits(8, 8))  # validates quantizer / granularity / observer now
+        try:
+            rule.resolve(Bits(8, 8))  # validates quantizer / granularity / observer now
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         return rule
 
     def resolve(self, bits: Bits) -> QuantSpec:
@@ -156,6 +159,7 @@ class Recipe:
         unknown = set(d) - allowed
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}; allowed are {sorted(allowed)}")
+        _check_shapes(d, source)
         base: dict[str, Any] = {}
         ext = d.get("extends")
         defaults = cls(name="").to_dict()
@@ -202,6 +206,37 @@ class Recipe:
         )
 
 
+def _check_shapes(d: Mapping[str, Any], source: str) -> None:
+    """The types of a recipe file's top-level keys, one line naming the key (before anything reads them)."""
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {want}, got {d[key]!r}")
+
+    if "calib_size" in d and (isinstance(d["calib_size"], bool) or not isinstance(d["calib_size"], int)
+                              or d["calib_size"] < 1):
+        raise bad("calib_size", "a whole number of images >= 1")
+    if "rules" in d and d["rules"] is not None and not isinstance(d["rules"], Mapping):
+        raise bad("rules", "a mapping of 'act:ROLE' / 'weight:ROLE' to a quantizer rule")
+    if "passes" in d and not (isinstance(d["passes"], list) and all(isinstance(x, Mapping) for x in d["passes"])):
+        raise bad("passes", "a list of '- pass: NAME' entries")
+    if "overrides" in d and d["overrides"] is not None and not (
+            isinstance(d["overrides"], list)
+            and all(isinstance(x, Mapping) and isinstance(x.get("pattern"), str) for x in d["overrides"])):
+        raise bad("overrides", "a list of {pattern: REGEX, kind: act|weight|*, rule: ...} entries")
+    ext = d.get("extends")
+    if ext is not None and not (isinstance(ext, str) or (isinstance(ext, list) and all(isinstance(x, str) for x in ext))):
+        raise bad("extends", "a recipe name or path, or a list of them")
+    for key in ("name", "description", "paper", "softmax"):
+        if key in d and d[key] is not None and not isinstance(d[key], str):
+            raise bad(key, "a string")
+    if "rules" in d and isinstance(d["rules"], Mapping):
+        for k, v in d["rules"].items():
+            if v is not None and not isinstance(v, Mapping):
+                raise ConfigError(f"{source}: rule {k!r} must be a mapping (quantizer: ..., bits: ...) or null, got {v!r}")
+
+
+_LOADING: list[str] = []  # recipes being loaded (extends chains), to refuse a cycle
+
+
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
@@ -227,7 +262,15 @@ def load_recipe(name_or_path: "str | Recipe") -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{src} must be a YAML mapping")
     data.setdefault("name", p.stem)
-    return Recipe.from_dict(data, src)
+    key = str(p.resolve())
+    if key in _LOADING:
+        chain = [Path(x).stem for x in _LOADING[_LOADING.index(key):]] + [p.stem]
+        raise ConfigError(f"{src}: extends forms a cycle ({' -> '.join(chain)}): remove the loop")
+    _LOADING.append(key)
+    try:
+        return Recipe.from_dict(data, src)
+    finally:
+        _LOADING.pop()
 
 
 # -- editing: --set and the flags that change pass options --------------------------------------------
