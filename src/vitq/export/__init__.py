@@ -20,6 +20,7 @@ from ..models import ModelSource, rebuild
 from ..pipeline import prepare
 from ..recipes import Recipe
 from ..state import ensure_state, state_of
+from .integrity import check, read_meta, seal
 from .packed import PACKED_FORMAT, load_packed
 
 EXPORT_FORMAT = "vitq.quantized/1"
@@ -40,7 +41,7 @@ def save_quantized(model: nn.Module, out_dir: "str | Path", source: ModelSource,
     save_file(sd, str(out / "model.safetensors"))
     meta = {"format": EXPORT_FORMAT, "source": source.to_dict(), "recipe": recipe.to_dict(), "bits": str(bits),
             "pretrained_cfg": _jsonable(getattr(model, "pretrained_cfg", {}) or {}), **(extra or {})}
-    (out / "vitq.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "vitq.json").write_text(json.dumps(seal(meta, out, ["model.safetensors"]), indent=2) + "\n")
     return out
 
 
@@ -49,7 +50,8 @@ def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
     meta_file, weights = p / "vitq.json", p / "model.safetensors"
     if not meta_file.is_file() or not weights.is_file():
         raise ModelError(f"{p} is not a vitq export (needs vitq.json and model.safetensors): pass the --out folder of vitq quantize")
-    meta = json.loads(meta_file.read_text())
+    meta = read_meta(p)
+    check(meta, p)  # a changed tensor file or configuration is refused before anything is built from it
     if meta.get("format") == PACKED_FORMAT:
         return load_packed(p, meta, trust_pickle)
     if meta.get("format") != EXPORT_FORMAT:

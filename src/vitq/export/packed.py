@@ -35,6 +35,7 @@ from ..errors import ModelError
 from ..passes.quantize import iter_slots
 from ..quantizers.base import QuantSpec, dequantize, get_quantizer, quantize
 from ..state import ensure_state, state_of
+from .integrity import seal
 from .lowering import check_exportable
 
 PACKED_FORMAT = "vitq.packed/1"
@@ -124,7 +125,7 @@ def save_packed(model: nn.Module, out_dir: "str | Path", source: Any) -> dict[st
             "pretrained_cfg": {k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
                                if isinstance(v, (str, int, float, bool, list, tuple)) or v is None},
             "quantization_map": qmap}
-    (out / "vitq.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "vitq.json").write_text(json.dumps(seal(meta, out, ["model.safetensors"]), indent=2) + "\n")
     # the float model's size: its own tensors in float32 (the quantizers' buffers are not part of it)
     float_bytes = sum(t.numel() * 4 for k, t in model.state_dict().items()
                       if t.is_floating_point() and "_quant." not in k and not k.startswith(("weight_quant", "input_quant")))

@@ -1,0 +1,74 @@
+"""Integrity of an export folder: the sha256 of each tensor file and of the configuration, recorded
+in ``vitq.json`` when the folder is written and checked before anything is loaded from it.
+
+A flipped byte in a quantizer scale, or an edited ``"bits"`` in ``vitq.json``, otherwise loads a model
+that silently computes something else; with the seal it is a one-line refusal naming the file. The
+seal detects damage and edits, not an adversary (who could recompute it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import ModelError
+
+KEY = "integrity"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the configuration: every field of ``vitq.json`` but the seal, in canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(meta: dict[str, Any], folder: "str | Path", files: Sequence[str]) -> dict[str, Any]:
+    """``meta`` with its seal: the digest of each of ``files`` (in ``folder``) and of the configuration."""
+    p = Path(folder)
+    return {**meta, KEY: {"algorithm": "sha256", "files": {f: _sha256(p / f) for f in files},
+                          "config": config_digest(meta)}}
+
+
+def check(meta: dict[str, Any], folder: "str | Path") -> None:
+    """Refuse (one line, naming the file) an export whose files or configuration differ from its seal."""
+    p = Path(folder)
+    rec = meta.get(KEY)
+    if not isinstance(rec, dict) or not isinstance(rec.get("files"), dict):
+        raise ModelError(f"{p / 'vitq.json'} has no integrity record (written by an older vitq, or edited): "
+                         "export the model again")
+    if rec.get("config") != config_digest(meta):
+        raise ModelError(f"{p / 'vitq.json'} differs from the configuration it was exported with (edited or "
+                         "damaged): export the model again rather than editing the file")
+    for name, digest in rec["files"].items():
+        f = p / name
+        if not f.is_file():
+            raise ModelError(f"{f} is missing from the export: copy the whole folder, or export the model again")
+        if _sha256(f) != digest:
+            raise ModelError(f"{f} does not match the digest recorded in vitq.json (changed or damaged): export the "
+                             "model again, or copy the folder again")
+
+
+def read_meta(folder: "str | Path") -> dict[str, Any]:
+    """``vitq.json`` of an export folder, or a one-line error for a truncated or malformed one."""
+    f = Path(folder) / "vitq.json"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{f} is not readable JSON ({type(e).__name__}: truncated or damaged): export the model "
+                         "again") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{f} is not a vitq export configuration (not a JSON object): export the model again")
+    for key in ("format", "source", "recipe", "bits"):
+        if key not in meta:
+            raise ModelError(f"{f} has no {key!r}: it is not a complete vitq export, export the model again")
+    return meta

@@ -1,0 +1,103 @@
+"""Exports carry a seal (sha256 of the tensor file and of the configuration) checked before loading."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+import vitq
+from vitq.errors import ModelError
+from vitq.export import load_quantized, save_quantized
+from vitq.export.packed import save_packed
+from vitq.models import ModelSource
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import timm.models._registry as reg
+
+    tmp = tmp_path_factory.mktemp("seal")
+    x = torch.randn(8, 3, 16, 16)
+    model = tiny_vit()
+    ckpt = tmp / "float.pth"
+    torch.save(model.state_dict(), ckpt)
+    reg._model_entrypoints["seal_tiny_vit"] = lambda pretrained=False, **kw: tiny_vit()
+    q = vitq.quantize(copy.deepcopy(model), "minmax", "W4A8", calib_data=x)
+    src = ModelSource("timm", "seal_tiny_vit", str(ckpt))
+    vitq.state_of(q).source = src
+    plain = save_quantized(q, tmp / "plain", src)
+    save_packed(q, tmp / "packed", src)
+    with torch.no_grad():
+        ref = q(x)
+    yield {"plain": plain, "packed": tmp / "packed", "x": x, "ref": ref}
+    reg._model_entrypoints.pop("seal_tiny_vit", None)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["plain", "packed"])
+def test_an_intact_export_loads_to_the_same_outputs(exported, kind: str) -> None:
+    with torch.no_grad():
+        assert torch.equal(load_quantized(exported[kind])(exported["x"]), exported["ref"])
+
+
+@pytest.mark.parametrize("kind", ["plain", "packed"])
+def test_flipped_bytes_are_refused_or_change_nothing(exported, kind: str, tmp_path: Path) -> None:
+    rnd = random.Random(0)
+    size = (exported[kind] / "model.safetensors").stat().st_size
+    for trial in range(12):
+        d = _copy(exported[kind], tmp_path / f"t{trial}")
+        f = d / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        pos = rnd.randrange(size)
+        data[pos] ^= 1 << rnd.randrange(8)
+        f.write_bytes(bytes(data))
+        with pytest.raises(ModelError, match="does not match the digest recorded in vitq.json"):
+            load_quantized(d)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(bits="W8A8"),
+    lambda m: m["recipe"]["rules"]["weight:*"].update(bits=8),
+    lambda m: m["source"].update(name="vit_tiny_patch16_224"),
+])
+def test_an_edited_configuration_is_refused(exported, edit, tmp_path: Path) -> None:
+    d = _copy(exported["plain"], tmp_path / "e")
+    meta = json.loads((d / "vitq.json").read_text())
+    edit(meta)
+    (d / "vitq.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="differs from the configuration it was exported with"):
+        load_quantized(d)
+
+
+def test_truncated_or_incomplete_configuration(exported, tmp_path: Path) -> None:
+    d = _copy(exported["plain"], tmp_path / "t")
+    text = (d / "vitq.json").read_text()
+    (d / "vitq.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ModelError, match="is not readable JSON"):
+        load_quantized(d)
+    meta = json.loads(text)
+    meta.pop("source")
+    (d / "vitq.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="has no 'source'"):
+        load_quantized(d)
+    meta = json.loads(text)
+    meta.pop("integrity")
+    (d / "vitq.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="has no integrity record"):
+        load_quantized(d)
+    (d / "vitq.json").write_text(text)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="is not a vitq export"):
+        load_quantized(d)
