@@ -89,7 +89,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="vitq", description="Post-training quantization of Vision Transformers.")
+    ap.add_argument("--version", action="version", version=f"vitq {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="calibrate a quantized model, evaluate FP vs quantized top-1")
