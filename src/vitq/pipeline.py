@@ -15,7 +15,7 @@ from .batches import batch_images
 from .bits import Bits
 from .devices import DeviceLike, model_device
 from .devices import resolve as resolve_device
-from .errors import CalibrationError, DataError
+from .errors import CalibrationError, ConfigError, DataError, ModelError
 from .passes import get_pass
 from .passes.quantize import insert_quantizers, manifest
 from .recipes import PassConfig, Recipe, for_target, load_recipe
@@ -102,11 +102,47 @@ def run_passes(model: nn.Module, passes: Sequence[PassConfig], ctx: Context) -> 
     return model
 
 
+def check_images(model: nn.Module, x: Tensor, what: str = "calibration") -> None:
+    """Refuse, in one line, image batches the model cannot take: not a float tensor N,C,H,W in the
+    weights' dtype, or another channel count / size than the model's (unless it accepts any size)."""
+    adapter = get_adapter(model)
+    if x.ndim != 4:
+        raise DataError(f"{what} images must be N,C,H,W, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise DataError(f"{what} images are {str(x.dtype).removeprefix('torch.')}: vitq takes preprocessed float images "
+                        "(normalised as the model expects): use vitq.data.Preprocess or the model's transform")
+    w = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if w is not None and x.dtype != w.dtype:
+        raise DataError(f"{what} images are {str(x.dtype).removeprefix('torch.')}, the model's weights "
+                        f"{str(w.dtype).removeprefix('torch.')}: convert the images (x.to({str(w.dtype)}))")
+    c, h, wd = adapter.data_config(model).input_size
+    if x.shape[1] != c:
+        raise DataError(f"{what} images have {x.shape[1]} channel(s), the model takes {c}: preprocess them as the "
+                        "model expects (vitq.models.transforms(model) for image files)")
+    if tuple(x.shape[2:]) != (h, wd) and not adapter.accepts_input_size(model, (int(x.shape[2]), int(x.shape[3]))):
+        raise DataError(f"{what} images are {x.shape[2]}x{x.shape[3]}, the model takes {h}x{wd}: resize them "
+                        "(vitq.data.Preprocess, or the model's own transform)")
+
+
+def _first_batch(ctx: Context) -> Optional[Tensor]:
+    """The first calibration batch (a one-pass iterator is kept as a list so the passes still see it all)."""
+    data = ctx.calib
+    if not isinstance(data, (Tensor, Dataset, DataLoader)) and iter(data) is data:  # type: ignore[arg-type]
+        ctx.calib = data = list(data)  # type: ignore[arg-type]
+    if isinstance(data, Tensor) and data.numel() == 0:
+        return None
+    return next(_iter_batches(data, ctx.batch_size), None)
+
+
 def run_recipe(model: nn.Module, recipe: "Recipe | str", ctx: Context) -> nn.Module:
     """Quantize ``model`` in place with ``recipe``: prepare, then every pass in order."""
     recipe = load_recipe(recipe)
     model.eval()
     ctx.adapter = ctx.adapter or get_adapter(model)
+    if recipe.passes:
+        first = _first_batch(ctx)
+        if first is not None:
+            check_images(model, first)
     prepare(model, recipe, ctx.bits)
     if ctx.device is not None:
         ctx.device = resolve_device(ctx.device)
@@ -125,6 +161,21 @@ def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | 
     form it has, before calibration, so the simulated accuracy is the deployed one). ``device``: ``"cpu"``,
     ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a :class:`torch.device` (the model is moved there; default: where
     its parameters are)."""
+    if not isinstance(model, nn.Module):
+        hint = " (load it first: model, _ = vitq.load_model(name))" if isinstance(model, str) else ""
+        raise ModelError(f"vitq.quantize takes an nn.Module, got {type(model).__name__}{hint}")
+    if not isinstance(recipe, (str, Recipe)):
+        raise ConfigError(f"recipe must be a recipe name, a YAML path or a Recipe, got {type(recipe).__name__} "
+                          f"{recipe!r}: see vitq.list_recipes()")
+    for name, v in (("seed", seed), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(calib_data, str):
+        raise DataError(f"calib_data is the string {calib_data!r}: pass image tensors (N,C,H,W), a DataLoader or "
+                        "(images, labels) pairs; for a folder of images use vitq.data.calibration_images(DIR, "
+                        "vitq.models.transforms(model))")
     recipe = load_recipe(recipe)
     if target is not None:
         recipe, changes = for_target(recipe, bits, target)
