@@ -70,6 +70,10 @@ def render() -> None:
         met = 0
         for res in results:
             rows = {r["recipe"]: r for r in res["rows"] if r["bits"] == b}
+            if not rows:
+                lines.append(f"| {res['model']} | {res['fp']['top1']:.2f} | " + " | ".join("-" for _ in range(3 * len(recipes) - 1))
+                             + " | not measured |")
+                continue
             cells = [f"{rows[r]['mean']:.2f} ({rows[r]['drop']:+.2f})" for r in recipes]
             vs = [f"{rows[r]['vs_first']['diff']:+.2f} ({rows[r]['vs_first']['p_value']:.2g})" for r in recipes[1:]]
             secs = [f"{rows[r]['calib_seconds']:.0f}" for r in recipes]
@@ -77,7 +81,8 @@ def render() -> None:
             met += ok
             lines.append(f"| {res['model']} | {res['fp']['top1']:.2f} | " + " | ".join(cells) + " | " + " | ".join(vs)
                          + " | " + " | ".join(secs) + f" | {'yes' if ok else 'no'} |")
-        lines += ["", f"best meets the {b} target on {met} of {len(results)} models.", ""]
+        n_b = sum(1 for res in results if any(r["bits"] == b for r in res["rows"]))
+        lines += ["", f"best meets the {b} target on {met} of the {n_b} models measured.", ""]
     (RESULTS / "best.md").write_text("\n".join(lines) + "\n")
     plot(results, RESULTS / "best.png")
     print("\n".join(lines))
@@ -92,7 +97,8 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, b in zip(axes[0], bits):
         xs = range(len(results))
         for k, r in enumerate(recipes):
-            drops = [next(x for x in res["rows"] if x["bits"] == b and x["recipe"] == r)["drop"] for res in results]
+            drops = [next((x["drop"] for x in res["rows"] if x["bits"] == b and x["recipe"] == r), float("nan"))
+                     for res in results]
             ax.bar([x + (k - (len(recipes) - 1) / 2) * 0.25 for x in xs], drops, width=0.25, label=r)
         ax.axhline(TARGET[b], color="k", ls="--", lw=1, label=f"target {TARGET[b]}")
         ax.set_xticks(list(xs))
