@@ -110,7 +110,7 @@ def test_unsupported_model_type(capsys, tmp_path: Path, fmnist_dir: Path) -> Non
                  "unsupported model type .*vitq supports .*SwinTransformer")
 
 
-@pytest.mark.parametrize("size,pattern", [("0", "must be positive"), ("-3", "must be positive"),
+@pytest.mark.parametrize("size,pattern", [("0", "--calib-size 0: give a positive number"), ("-3", "--calib-size -3: give a positive number"),
                                           ("65", "larger than the train split")])
 def test_bad_calibration_size(capsys, fmnist_dir: Path, pickled_vit: Path, size: str, pattern: str) -> None:
     expect_error(q(str(pickled_vit), f"fashion-mnist:{fmnist_dir}", "--trust-pickle", "--calib-size", size),
