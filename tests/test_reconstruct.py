@@ -381,7 +381,7 @@ def test_set_pass_options_parse_validate_and_fail_before_running(tmp_path: Path)
     assert dict(load_recipe("qdrop").passes[-1].options).get("slicing", "block") == "block"  # a copy, not in place
     # every key must reach a pass: a typo beside a valid key is an error, not silently dropped
     cases = [("qdrop", {"loss": "mse", "los": "mse"}, "no pass with option.*los.*take"),
-             ("minmax", {"loss": "mse"}, "option of the aocq_act_scales or oas or reconstruct pass.*use a recipe that does \\(aocq, brecq"),
+             ("minmax", {"loss": "mse"}, "option of the aocq_act_scales or oas or reconstruct pass.*use a recipe that does \\(aocq, best, brecq"),
              ("qdrop", {"target": "median"}, "option of the reparam pass, which this recipe does not run.*dopq-calib"),
              ("qdrop", {"loss": "fsher"}, "recipe qdrop: pass 'reconstruct': unknown reconstruction loss 'fsher'"),
              ("qdrop", {"qdrop_p": 2}, "qdrop_p=2 must be in"),
