@@ -427,6 +427,7 @@ def _csv_list(text: Optional[str], what: str) -> list[str]:
 
 def cmd_compare_recipes(args: argparse.Namespace) -> int:
     from .bits import Bits
+    from .devices import resolve
     from .errors import ConfigError
     from .insight.compare import compare, plot, to_csv, to_markdown, to_text
     from .recipes import load_recipe, parse_assignments, set_pass_options
@@ -466,7 +467,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     spec, pre, loader = _eval_loader(args, model)
     calib_sets = {n: _calibration_sets(args, spec, pre, n, seeds)[0] for n in sizes}  # bad sizes fail here
     res = compare(model, loader, lambda n, s: calib_sets[n][s], recipes, bits, batch_size=args.batch_size,
-                  device=model_device_of(args), target=None if args.target in (None, "none") else args.target,
+                  device=resolve(args.device), target=None if args.target in (None, "none") else args.target,
                   progress=not args.no_progress, seeds=seeds)
     print(f"{args.model} on {res['fp']['images']} images of {spec}, {'/'.join(map(str, sizes))} calibration images, "
           f"seeds {', '.join(map(str, seeds))}: FP top-1 {res['fp']['top1']:.2f}%")
@@ -479,12 +480,6 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         plot(res, args.png)
     _write_json(args.json, {"model": args.model, "data": str(spec), **res})
     return 0
-
-
-def model_device_of(args: argparse.Namespace) -> Any:
-    from .devices import resolve
-
-    return resolve(args.device)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -589,7 +584,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .devices import resolve
     from .errors import DataError
     from .evaluate import evaluate
-    from .insight import first_batches
+    from .insight import first_batches, most_sensitive
     from .insight.report import ReportInputs, write_report
     from .nn import disabled
     from .pipeline import Context, prepare, run_recipe
@@ -635,7 +630,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(q, batches, args.out, ReportInputs(meta=meta, recipe=recipe.to_dict(), before=before),
                         error_images=args.error_images, progress=progress)
     rep = json.loads((path.parent / "report.json").read_text())
-    worst = sorted(rep["sites"], key=lambda r: -(r["d_nll"] if r["d_nll"] is not None else -r["d_top1"]))[:5]
+    worst = most_sensitive(rep["sites"])[:5]
     print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp['top1']:.2f}%  quantized {res['top1']:.2f}%  "
           f"({res['n']} images)")
     print("most sensitive sites (only that site quantized): " + "; ".join(

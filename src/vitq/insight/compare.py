@@ -65,10 +65,6 @@ def manifest_digest(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(manifest(model), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _top1(p: Predictions) -> float:
-    return 100.0 * float((p.top1 == p.labels).double().mean())
-
-
 def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, CalibData] | CalibSource",
             recipes: Sequence["str | Recipe"], bits: Sequence["str | Bits"], batch_size: int = 64,
             device: Optional[torch.device] = None, target: Optional[str] = None,

@@ -43,7 +43,7 @@ from ..nn import FakeQuant, disabled, fake_quants
 from ..passes import get_pass
 from ..passes.quantize import iter_slots
 from ..pipeline import CalibData, Context, run_recipe
-from ..recipes import Recipe, load_recipe
+from ..recipes import PassConfig, Recipe, load_recipe
 
 CHOICES: tuple[Optional[int], ...] = (3, 4, 6, 8, None)  # None: the weight stays float
 FLOAT_BITS = 32
@@ -61,14 +61,18 @@ def parse_auto_bits(text: str) -> Optional[int]:
     return a
 
 
+def _trains(pc: PassConfig) -> bool:
+    """A training pass (reconstruction): one with an iteration count."""
+    return "iters" in get_pass(pc.name).options
+
+
 def _training(recipe: Recipe) -> list[str]:
-    return [pc.name for pc in recipe.passes if "iters" in get_pass(pc.name).options]
+    return [pc.name for pc in recipe.passes if _trains(pc)]
 
 
 def probe_recipe(recipe: Recipe) -> Recipe:
     """The recipe without its training passes (reconstruction): what the sensitivity probe runs."""
-    keep = tuple(pc for pc in recipe.passes if "iters" not in get_pass(pc.name).options)
-    return replace(recipe, name=f"{recipe.name}-probe", passes=keep)
+    return replace(recipe, name=f"{recipe.name}-probe", passes=tuple(pc for pc in recipe.passes if not _trains(pc)))
 
 
 @dataclass(frozen=True)

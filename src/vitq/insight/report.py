@@ -24,7 +24,7 @@ from ..nn import FakeQuant, fake_quants
 from ..passes.quantize import manifest
 from ..roles import Role
 from ..state import state_of
-from .sites import Batch, levels, site_errors, site_samples, site_sensitivity
+from .sites import Batch, levels, most_sensitive, site_errors, site_samples, site_sensitivity
 
 #: the distributions the report draws: role -> what a reader calls it
 DIST_ROLES = {Role.QKV_IN: "post-LayerNorm (QKV input)", Role.FC1_IN: "post-LayerNorm (FC1 input)",
@@ -271,7 +271,7 @@ def write_report(model: nn.Module, eval_batches: Sequence[Batch], out_dir: "str 
     meta = inputs.meta
     man = manifest(model)
     n_q = sum(1 for m in man if m.get("quantizer") != "float")
-    worst = sorted(sens["sites"], key=lambda r: (r["d_nll"] if r["d_nll"] is not None else -r["d_top1"]), reverse=True)
+    worst = most_sensitive(sens["sites"])
     summary = {"meta": meta, "sensitivity_fp": sens["fp"], "sites": rows, "manifest": man, "recipe": inputs.recipe,
                "reparameterized": folded, "figures": sorted(f"{k}.png" for k in figs)}
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")

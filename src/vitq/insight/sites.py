@@ -185,6 +185,11 @@ def site_sensitivity(model: nn.Module, batches: Sequence[Batch], progress: bool 
                    "images": len(fp.labels)}, "sites": rows}
 
 
+def most_sensitive(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sensitivity rows, costliest first: by log-loss increase, or by top-1 loss without log-losses."""
+    return sorted(rows, key=lambda r: r["d_nll"] if r["d_nll"] is not None else -r["d_top1"], reverse=True)
+
+
 def site_samples(model: nn.Module, sites: Sequence[str], images: Iterable[Tensor], max_values: int = 200_000,
                  seed: int = 0) -> dict[str, dict[str, Any]]:
     """The float tensors reaching the named sites (quantization disabled) over ``images``: a seeded
