@@ -61,6 +61,8 @@ class SiteRule:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed are {sorted(known)}")
         d = dict(d)
         if "options" in d:
+            if d["options"] is not None and not isinstance(d["options"], Mapping):
+                raise ConfigError(f"{where}: options must be a mapping of option names to values, got {d['options']!r}")
             d["options"] = tuple(sorted(dict(d["options"] or {}).items()))
         rule = cls(**d)
         if isinstance(rule.bits, bool) or not (rule.bits in ("W", "A") or isinstance(rule.bits, int)):
