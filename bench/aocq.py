@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """AOCQ benchmark: a table shaped like the seed's Table 2, the three-level ablation, density plots.
 
-    python bench/aocq.py table      [--models ...] [--bits W8A8 W4A8] [--recipes minmax ptq4vit fqvit aocq]
-    python bench/aocq.py ablation   [--models fmnist-vit-outlier fmnist-swin-outlier] [--bits W4A8]
-    python bench/aocq.py errors     [--models ...]       # per-tensor error of balanced tensors, rule median / mse
-    python bench/aocq.py density    [--model fmnist-vit-outlier]      # docs/aocq_density.png
-    python bench/aocq.py render                                       # bench/results/aocq.md from the JSON
-    python bench/aocq.py table --eval-size 10000 --name aocq_eval10k  # a separate table (rows keyed without eval size)
+    python -m bench.aocq table      [--models ...] [--bits W8A8 W4A8] [--recipes minmax ptq4vit fqvit aocq]
+    python -m bench.aocq ablation   [--models fmnist-vit-outlier fmnist-swin-outlier] [--bits W4A8]
+    python -m bench.aocq errors     [--models ...]       # per-tensor error of balanced tensors, rule median / mse
+    python -m bench.aocq density    [--model fmnist-vit-outlier]      # docs/aocq_density.png
+    python -m bench.aocq render                                       # bench/results/aocq.md from the JSON
+    python -m bench.aocq table --eval-size 10000 --name aocq_eval10k  # a separate table (rows keyed without eval size)
 
 Every row is one ``run_recipe`` on a fresh copy of a reference model, top-1 on the first
 ``--eval-size`` Fashion-MNIST test images; calibration images are a seeded sample of the train
@@ -24,18 +24,14 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, ROOT, FashionData  # noqa: E402
-from recon_common import save_rows as shared_save_rows  # noqa: E402
-
+from bench.common import RESULTS, ROOT, FashionData, write_md
+from bench.common import save_rows as shared_save_rows  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
@@ -364,7 +360,7 @@ def render() -> None:
             lines.append(f"| {r['model']} | {r['variant']} | {r['bits']} | {r['ln_max_over_median']:g} | "
                          f"{r['ln_ratio_mean']:.3f} | {r['ln_ratio_max']:.3f} | {sm} | {sr} |")
         lines.append("")
-    MD.write_text("\n".join(lines) + "\n")
+    write_md(MD, lines)
     print(f"wrote {MD}")
 
 

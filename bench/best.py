@@ -6,8 +6,8 @@ published budget: 1000 iterations, 1024 images) at W4A4 and W3A3, seed 0, on the
 One JSON per model in bench/results/best/ (so several processes can share the models), then
 ``--render`` writes bench/results/best.{md,png} with the issue's targets (W3A3 drop <= 2, W4A4 <= 0.3).
 
-    .venv/bin/python bench/best.py --models fmnist-vit fmnist-deit      # one process per group of models
-    .venv/bin/python bench/best.py --render
+    .venv/bin/python -m bench.best --models fmnist-vit fmnist-deit      # one process per group of models
+    .venv/bin/python -m bench.best --render
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from recon_common import MODELS, RESULTS, FashionData, available, machine_meta, setup
-
+from bench.common import MODELS, RESULTS, FashionData, available, machine_meta, setup, write_json, write_md
 from vitq.data import calibration_subset, stack_images
 from vitq.insight.compare import compare
 from vitq.reference import load_reference
@@ -33,6 +32,24 @@ def _source(fd: FashionData):  # noqa: ANN202
     return lambda n, seed: stack_images(calibration_subset(fd.train, n, seed))[0]
 
 
+def _merge(path: Path, res: dict) -> dict:
+    """The new result with the rows of an earlier one kept where the new one did not measure them
+    (another bit-width, recipe or seed); the float evaluation must be the same."""
+    if not path.exists():
+        return res
+    old = json.loads(path.read_text())
+    if old["fp"] != res["fp"]:
+        raise SystemExit(f"{path}: its float evaluation differs from this run's; move it away to start over")
+    key = lambda r: (r["recipe"], r["bits"], tuple(r.get("seeds", [r.get("seed")])))  # noqa: E731
+    new_keys = {key(r) for r in res["rows"]}
+    res["rows"] = [r for r in old["rows"] if key(r) not in new_keys] + res["rows"]
+    run_keys = {(r["recipe"], r["bits"], r["seed"]) for r in res["runs"]}
+    res["runs"] = [r for r in old["runs"] if (r["recipe"], r["bits"], r["seed"]) not in run_keys] + res["runs"]
+    res["bits"] = [b for b in BITS if any(r["bits"] == b for r in res["rows"])]
+    res["recipes"] = list(dict.fromkeys(old["recipes"] + res["recipes"]))
+    return res
+
+
 def run(models: list[str], recipes: list[str], bits: list[str], seeds: list[int]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name in models:
@@ -40,7 +57,8 @@ def run(models: list[str], recipes: list[str], bits: list[str], seeds: list[int]
         fd = FashionData(model)
         res = compare(model, fd.eval_loader, _source(fd), recipes, bits, seeds=seeds, progress=False)
         res.update(model=name, meta=machine_meta())
-        (OUT / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+        res = _merge(OUT / f"{name}.json", res)
+        write_json(OUT / f"{name}.json", res, indent=1)
         for r in res["rows"]:
             print(f"{name} {r['recipe']} {r['bits']}: {r['mean']:.2f} (drop {r['drop']:+.2f}, {r['calib_seconds']:.0f} s)",
                   flush=True)
@@ -83,15 +101,15 @@ def render() -> None:
                          + " | " + " | ".join(secs) + f" | {'yes' if ok else 'no'} |")
         n_b = sum(1 for res in results if any(r["bits"] == b for r in res["rows"]))
         lines += ["", f"best meets the {b} target on {met} of the {n_b} models measured.", ""]
-    (RESULTS / "best.md").write_text("\n".join(lines) + "\n")
+    write_md(RESULTS / "best.md", lines)
     plot(results, RESULTS / "best.png")
     print("\n".join(lines))
 
 
 def plot(results: list[dict], path: Path) -> None:
-    from vitq.insight.report import _plt
+    from vitq.insight.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     recipes, bits = results[0]["recipes"], results[0]["bits"]
     fig, axes = plt.subplots(1, len(bits), figsize=(5.5 * len(bits), 3.6), squeeze=False)
     for ax, b in zip(axes[0], bits):

@@ -21,8 +21,8 @@ Fashion-MNIST test images *in its runtime*, beside vitq's simulated top-1 of the
 Each timing runs in its own process (so the peak memory is that runtime's). The host's CPU and its ISA
 flags (AVX2 / AVX-512 VNNI / AMX) are in the result file: the ratios differ by ISA.
 
-    python bench/deploy.py                                  # all models (about 40 min on 2 cores)
-    python bench/deploy.py --models fmnist-vit --batches 32
+    python -m bench.deploy                                  # all models (about 40 min on 2 cores)
+    python -m bench.deploy --models fmnist-vit --batches 32
 """
 
 from __future__ import annotations
@@ -40,16 +40,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+import vitq
+from bench.common import FashionData, machine_meta, save_rows, write_md
+from vitq.evaluate import evaluate
+from vitq.export.deploy import export
+from vitq.export.onnx import INTEGER_OPS, OnnxModel, runtime_ops
+from vitq.reference import load_reference
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-from recon_common import FashionData, machine_meta, save_rows  # noqa: E402
-
-import vitq  # noqa: E402
-from vitq.evaluate import evaluate  # noqa: E402
-from vitq.export.deploy import export  # noqa: E402
-from vitq.export.onnx import INTEGER_OPS, OnnxModel, runtime_ops  # noqa: E402
-from vitq.reference import load_reference  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "deploy.json"
 CACHE = ROOT / "bench" / "cache" / "deploy"
@@ -285,9 +283,9 @@ def main() -> None:
                     row["top1"] = acc.get(run["runtime"]) if run["kind"] == "ort" else acc.get("fp32") \
                         if run["kind"] == "torch" else None
                     row["sim_top1"] = acc["simulated"].get(run["runtime"])
-                child = subprocess.run([sys.executable, __file__, "--measure", json.dumps(run), "--batch", str(b),
+                child = subprocess.run([sys.executable, "-m", "bench.deploy", "--measure", json.dumps(run), "--batch", str(b),
                                         "--threads", str(args.threads), "--seconds", str(args.seconds)],
-                                       capture_output=True, text=True, timeout=1800)
+                                       capture_output=True, text=True, timeout=1800, cwd=ROOT)
                 last = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
                 if child.returncode == 0 and last.startswith("{"):
                     row.update(json.loads(last))
@@ -299,7 +297,7 @@ def main() -> None:
     d = json.loads(OUT.read_text())
     order = {m: i for i, m in enumerate(MODELS)}
     rows = sorted(d["rows"], key=lambda r: (order.get(r["model"], 99), r["batch"], r.get("order", 0)))
-    OUT.with_suffix(".md").write_text(render(rows, d["meta"]))
+    write_md(OUT.with_suffix(".md"), render(rows, d["meta"]))
     print(f"wrote {OUT.with_suffix('.md')}")
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """DopQ-ViT benchmark (issue 4): MOSF ablation and dopq / dopq-calib beside repq.
 
-    python bench/dopq.py                                    # every reference model, W6A6 W4A4 W3A3
-    python bench/dopq.py --models fmnist-vit --bits W4A4 --iters 20
-    python bench/dopq.py --verify-split                     # check the shared-stage-1 shortcut first
+    python -m bench.dopq                                    # every reference model, W6A6 W4A4 W3A3
+    python -m bench.dopq --models fmnist-vit --bits W4A4 --iters 20
+    python -m bench.dopq --verify-split                     # check the shared-stage-1 shortcut first
 
 Per model (one after another) and bit-width:
 
@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,9 +34,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, FashionData, machine_meta  # noqa: E402
-
+from bench.common import RESULTS, FashionData, machine_meta, write_json, write_md
 from vitq.adapters import get_adapter  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
 from vitq.passes.repq import clip_scales_mad  # noqa: E402
@@ -151,12 +148,9 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def save(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc["rows"] = sorted(doc["rows"], key=lambda r: (r["model"], r["pipeline"], -int(r["bits"][1]), r["variant"]))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
-    path.with_suffix(".md").write_text(render(doc))
+    write_json(path, doc, indent=1)
+    write_md(path.with_suffix(".md"), render(doc))
 
 
 def bench_model(name: str, bits_list: list[str], args: argparse.Namespace, doc: dict[str, Any], path: Path) -> None:

@@ -18,30 +18,27 @@ Each row: simulated top-1, each export's top-1, the difference, the share of ide
 Targets (the deployment issue): |onnx - simulated| <= 0.1 points; at W4A8 on the outlier twins, the
 exported top-1 within 1 point of FP.
 
-    python bench/export_parity.py                   # about 1.5 h on 2 cores
-    python bench/export_parity.py --models fmnist-vit --recipes repq --bits W8A8
+    python -m bench.export_parity                   # about 1.5 h on 2 cores
+    python -m bench.export_parity --models fmnist-vit --recipes repq --bits W8A8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import vitq
+from bench.common import FashionData, fp_top1, machine_meta, save_rows, scaled_recipe, setup, write_md
+from vitq.evaluate import compare_paired, evaluate
+from vitq.export.deploy import BACKENDS, export
+from vitq.recipes import for_target
+from vitq.reference import list_reference_models, load_reference
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-from recon_common import FashionData, fp_top1, machine_meta, save_rows, scaled_recipe, setup  # noqa: E402
-
-import vitq  # noqa: E402
-from vitq.evaluate import compare_paired, evaluate  # noqa: E402
-from vitq.export.deploy import BACKENDS, export  # noqa: E402
-from vitq.recipes import for_target  # noqa: E402
-from vitq.reference import list_reference_models, load_reference  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "export_parity.json"
 MODELS = tuple(n for n in list_reference_models() if "-hf" not in n)
@@ -163,7 +160,7 @@ def main() -> None:
     d = json.loads(OUT.read_text())
     order = {m: i for i, m in enumerate(MODELS)}
     rows = sorted(d["rows"], key=lambda r: (order.get(r["model"], 99), r["recipe"], r["bits"]))
-    OUT.with_suffix(".md").write_text(render(rows, d["meta"]))
+    write_md(OUT.with_suffix(".md"), render(rows, d["meta"]))
     print(f"wrote {OUT.with_suffix('.md')}")
 
 

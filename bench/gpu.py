@@ -7,28 +7,25 @@ units, batch 32; each unit trained ``--iters`` iterations, ``train_seconds`` of 
 scaled to 1 000), and the peak GPU memory. DeiT-S (timm ``deit_small_patch16_224``, random weights,
 224x224): speed does not depend on the weights. The host's CPU and GPU are in the result file.
 
-    python bench/gpu.py                            # CPU and every GPU
-    python bench/gpu.py --devices cuda:0 --iters 500
+    python -m bench.gpu                            # CPU and every GPU
+    python -m bench.gpu --devices cuda:0 --iters 500
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import vitq
+from bench.common import machine_meta, save_rows, write_md
+from vitq.devices import available, describe, resolve
+from vitq.recipes import load_recipe, override_pass_options
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-from recon_common import machine_meta, save_rows  # noqa: E402
-
-import vitq  # noqa: E402
-from vitq.devices import available, describe, resolve  # noqa: E402
-from vitq.recipes import load_recipe, override_pass_options  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "gpu.json"
 
@@ -104,7 +101,7 @@ def main() -> None:
     import json
 
     d = json.loads(OUT.read_text())
-    OUT.with_suffix(".md").write_text(render(d["rows"], d["meta"]))
+    write_md(OUT.with_suffix(".md"), render(d["rows"], d["meta"]))
     print(f"wrote {OUT.with_suffix('.md')}")
 
 

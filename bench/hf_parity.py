@@ -9,8 +9,8 @@ images (seed 0, the same images) and evaluated on the 10 000 Fashion-MNIST test 
 both top-1s, the paired test, the share of identical predictions and the largest logit difference on
 the first 1024 test images. The differences should be zero, or explained (``ptq4vit``: see the table).
 
-    python bench/hf_parity.py                 # all pairs, all recipes, all bits (about 20 min on 2 cores)
-    python bench/hf_parity.py --pairs fmnist-vit --recipes minmax,repq --bits W4A4
+    python -m bench.hf_parity                 # all pairs, all recipes, all bits (about 20 min on 2 cores)
+    python -m bench.hf_parity --pairs fmnist-vit --recipes minmax,repq --bits W4A4
 """
 
 from __future__ import annotations
@@ -18,24 +18,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from scripts.timm_to_hf import convert
+
+import vitq
+from bench.common import FashionData, machine_meta, save_rows, setup, write_md
+from vitq.batches import forward_logits
+from vitq.evaluate import compare_paired, evaluate
+from vitq.reference import load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from recon_common import FashionData, machine_meta, save_rows, setup  # noqa: E402
-from timm_to_hf import convert  # noqa: E402
-
-import vitq  # noqa: E402
-from vitq.batches import forward_logits  # noqa: E402
-from vitq.evaluate import compare_paired, evaluate  # noqa: E402
-from vitq.reference import load_reference  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "hf_parity.json"
 RECIPES = ("minmax", "percentile", "omse", "ptq4vit", "repq", "dopq-calib", "tsptq")
@@ -151,7 +147,7 @@ def main() -> None:
     order = {n: i for i, n in enumerate(PAIRS)}
     rows.sort(key=lambda r: (order.get(r["model"], 99), RECIPES.index(r["recipe"]) if r["recipe"] in RECIPES else 99,
                              BITS.index(r["bits"]) if r["bits"] in BITS else 99))
-    OUT.with_suffix(".md").write_text(render(rows, json.loads(OUT.read_text())["meta"]))
+    write_md(OUT.with_suffix(".md"), render(rows, json.loads(OUT.read_text())["meta"]))
     print(f"wrote {OUT.with_suffix('.md')}")
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Reconstruction recipes on every reference model: brecq, qdrop, oas, repq, and qdrop-repq / oas-repq.
 
-    python bench/recon.py                               # W4A4 and W3A3, every reference model present
-    python bench/recon.py --bits W4A4 --models fmnist-vit --iters 200
+    python -m bench.recon                               # W4A4 and W3A3, every reference model present
+    python -m bench.recon --bits W4A4 --models fmnist-vit --iters 200
 
 CPU budget: ``--iters`` iterations per unit (default 200, published 20k; BRECQ's activation pass
 5k) with learning rates scaled by ``--lr-scale`` (default 10). brecq / qdrop / oas share one
@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import (  # noqa: E402
+from bench.common import (  # noqa: E402
     MODELS,
     OAS_VALIDATE,
     RESULTS,
@@ -39,8 +37,8 @@ from recon_common import (  # noqa: E402
     same_setup,
     save_rows,
     setup,
+    write_md,
 )
-
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
 from vitq.state import state_of  # noqa: E402
@@ -163,7 +161,7 @@ def write_report(path: Path) -> None:
         lines.append(f"| {r['model']} | {r['bits']} | {r['recipe']} | {r.get('slicing') or '-'} | {r['fp_top1']:.2f} | "
                      f"{r['q_top1']:.2f} | {r['fp_top1'] - r['q_top1']:+.2f} | {r['calib_seconds']:.0f} | "
                      f"{r.get('peak_rss_mb', 0):.0f} |")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_md(path.with_suffix(".md"), lines)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 """Cost of reconstruction on the CPU: seconds per 1k iterations per unit, cache size (estimate vs
 measured) and peak memory, in memory vs streamed from disk.
 
-    python bench/recon_cost.py                        # reference models + DeiT-Small (random weights)
-    python bench/recon_cost.py --skip-deit-small      # reference models only (fast)
+    python -m bench.recon_cost                        # reference models + DeiT-Small (random weights)
+    python -m bench.recon_cost --skip-deit-small      # reference models only (fast)
 
 Part A - reference models (trained weights, 1024 Fashion-MNIST calibration images): the qdrop
 engine (AdaRound + LSQ + drop 0.5, batch 32) for ``--ref-iters`` iterations per unit with every
@@ -29,10 +29,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, Data, available, save_rows, setup  # noqa: E402
-
 import vitq  # noqa: E402
+from bench.common import RESULTS, ROOT, Data, available, save_rows, setup, write_md
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import peak_rss_mb, reset_peak_rss  # noqa: E402
 from vitq.pipeline import Context  # noqa: E402
@@ -131,9 +129,9 @@ def part_b(iters: int, n_images: int, chunk_size: int, threads: int) -> list[dic
 
     rows = []
     for mode in ("memory", "disk"):
-        cmd = [sys.executable, __file__, "--part-b-mode", mode, "--deit-iters", str(iters), "--deit-images",
+        cmd = [sys.executable, "-m", "bench.recon_cost", "--part-b-mode", mode, "--deit-iters", str(iters), "--deit-images",
                str(n_images), "--chunk-size", str(chunk_size), "--threads", str(threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         log.info("%s", rows[-1])
     return rows
@@ -193,7 +191,7 @@ def write_report(path: Path) -> None:
             lines.append(f"| {r['mode']} | {r['cache_estimate_gb']:.3f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['baseline_rss_mb']:.0f} | {r['peak_minus_baseline_gb']:.3f} | {r['seconds']:.0f} | {costs} | "
                          f"{r['unit_seconds_excl_training']:.1f} |")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_md(path.with_suffix(".md"), lines)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,10 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vitq.data import FashionMNIST, Preprocess  # noqa: E402
 from vitq.models import data_config  # noqa: E402

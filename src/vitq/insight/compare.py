@@ -204,9 +204,9 @@ def to_csv(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str) -> None:
     """Top-1 against bit-width, one line per recipe, +- std over seeds, the float model dashed."""
-    from .report import _plt
+    from .report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     bits = result["bits"]
     order = sorted(range(len(bits)), key=lambda i: (Bits.parse(bits[i]).w + Bits.parse(bits[i]).a,
                                                     Bits.parse(bits[i]).w))

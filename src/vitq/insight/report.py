@@ -35,7 +35,7 @@ ROLE_COLOURS = {"PATCH_EMBED": "#7f7f7f", "QKV_IN": "#1f77b4", "PROJ_IN": "#ff7f
                 "SOFTMAX_IN": "#637939", "RESIDUAL": "#843c39"}
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -230,7 +230,7 @@ def write_report(model: nn.Module, eval_batches: Sequence[Batch], out_dir: "str 
                  error_images: int = 64, progress: bool = False) -> Path:
     """Measure ``model`` (quantized, calibrated) on ``eval_batches`` and write ``report.html``,
     ``report.json`` and the PNGs into ``out_dir``. Returns the HTML path."""
-    plt = _plt()
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     err_imgs: list[Tensor] = []

@@ -1,9 +1,16 @@
-"""Shared plumbing of the benchmarks (granularity.py, recon.py, recon_cost.py, fqvit_collapse.py).
+"""The benchmark suite's shared plumbing: reference models and data, rows, and the one report writer.
 
-Each benchmark row is one ``run_recipe`` on a fresh copy of a reference model with 1024 calibration
-images (seeded sample of the Fashion-MNIST train split) and top-1 on the Fashion-MNIST test split.
-Rows are merged into a JSON file keyed by their identity, so an interrupted benchmark continues
-where it stopped (``--fresh`` starts over).
+Every benchmark is a module run from the repository root as ``python -m bench.NAME`` (one-off studies:
+``python -m bench.studies.NAME``). A benchmark row is one run of the library (``vitq.insight.compare``,
+``run_recipe``) on a fresh copy of a reference model, calibrated on a seeded sample of the Fashion-MNIST
+train split and evaluated on its test split. Results are written only through this module:
+
+* :func:`save_rows` merges rows into ``bench/results/NAME.json`` keyed by their identity (under a lock,
+  atomically; several processes may share a file, and an interrupted benchmark continues where it
+  stopped), stamping each newly measured row with the machine;
+* :func:`md_table` and :func:`write_md` render the Markdown next to it (atomically), and
+  :func:`machine_line` names the host, its ISA, torch and the threads the figures were measured with;
+* :func:`pyplot` is matplotlib's headless pyplot (the ``report`` extra) for the PNGs.
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ import copy
 import json
 import logging
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -20,7 +26,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from vitq.bits import Bits  # noqa: E402
 from vitq.data import (  # noqa: E402
@@ -196,6 +201,47 @@ def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], key:
         tmp.replace(path)
 
 
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> list[str]:
+    """A Markdown table as lines; ``align`` is one letter per column, ``l`` or ``r`` (default: the first
+    column left, the others right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    if len(align) != len(headers) or any(len(r) != len(headers) for r in rows):
+        raise ValueError(f"md_table: {len(headers)} headers, align {align!r}, row lengths {sorted({len(r) for r in rows})}")
+    return ["| " + " | ".join(map(str, headers)) + " |",
+            "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+            *("| " + " | ".join("-" if v is None else str(v) for v in r) + " |" for r in rows)]
+
+
+def machine_line(meta: dict[str, Any]) -> str:
+    """``Machine: ...`` for a results page, from :func:`machine_meta`'s fields."""
+    isa = f" ({meta['cpu_capability']})" if meta.get("cpu_capability") else ""
+    return f"Machine: {meta.get('machine', 'unknown')}{isa}, torch {meta.get('torch', '?')}, {meta.get('threads', '?')} thread(s)."
+
+
+def write_md(path: Path, text: "str | Sequence[str]", echo: bool = False) -> None:
+    """Write a results page atomically (temporary file + rename); lines are joined with newlines."""
+    body = text if isinstance(text, str) else "\n".join(text)
+    body = body if body.endswith("\n") else body + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(body)
+    tmp.replace(path)
+    if echo:
+        print(body, end="")
+
+
+def write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    """Write a results file atomically (temporary file + rename), ending in a newline."""
+    write_md(path, json.dumps(obj, indent=indent))
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the headless Agg backend (the ``report`` extra)."""
+    from vitq.insight.report import pyplot as _pyplot
+
+    return _pyplot()
+
+
 def machine_meta() -> dict[str, Any]:
     """Where a row was measured. Reconstruction runs are bit-reproducible on one machine but not across
     CPUs (different SIMD paths round differently and 100+ optimizer steps amplify it), so record the CPU."""
@@ -254,7 +300,7 @@ LR_OPTIONS = ("lr_round", "lr_act", "lr_weight")
 #: the guard existed (every candidate 50 iterations per unit, KL of the logits on 128 held-out images)
 OAS_VALIDATE: dict[str, Any] = {"select": "validate", "val_iters": 50, "val_images": 128, "prefer": None}
 #: what the benches' rows named ``oas`` / ``oas-repq`` measure: selection by the outlier proxy, the
-#: recipes' default until 2026-11-28 (bench/oas_guard.py measures the guarded validation, the default now)
+#: recipes' default until 2026-11-28 (bench/studies/oas_guard.py measures the guarded validation, the default now)
 OAS_BENCH_SELECT: dict[str, Any] = {"select": "proxy"}
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Accuracy / cost benchmark: every reference model x recipe x bit-width.
 
-    python bench/run_bench.py                                  # foundation recipes, all bits, all models
-    python bench/run_bench.py --recipes repq ptq4vit --bits W4A4 --eval-size 10000
-    python bench/run_bench.py --name baselines                  # results file stem
-    python bench/run_bench.py --recipes fq --bits W8A8 --name baselines tsptq   # rows into both tables
+    python -m bench.baselines                                  # foundation recipes, all bits, all models
+    python -m bench.baselines --recipes repq ptq4vit --bits W4A4 --eval-size 10000
+    python -m bench.baselines --name baselines                  # results file stem
+    python -m bench.baselines --recipes fq --bits W8A8 --name baselines tsptq   # rows into both tables
 
 Rows are merged into ``bench/results/<name>.json`` (keyed by model, recipe, bits) and the whole
 table is re-rendered to ``bench/results/<name>.md``: FP top-1, quantized top-1, drop, calibration
@@ -14,24 +14,19 @@ seconds, peak RSS of the run (the process's peak-RSS mark is reset before each r
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, FashionData, machine_meta  # noqa: E402
+import torch
 
-from vitq.bits import Bits  # noqa: E402
-from vitq.data import calibration_subset, make_loader  # noqa: E402
-from vitq.errors import VitqError  # noqa: E402
-from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
-from vitq.pipeline import Context, manifest, run_recipe  # noqa: E402
-from vitq.recipes import load_recipe  # noqa: E402
-from vitq.reference import list_reference_models, load_reference, weights_path  # noqa: E402
+from bench.common import RESULTS, FashionData, machine_line, md_table, save_rows, setup, write_md
+from vitq.bits import Bits
+from vitq.data import calibration_subset, stack_images
+from vitq.errors import VitqError
+from vitq.insight.compare import cache_batches, compare
+from vitq.reference import list_reference_models, load_reference, weights_path
 
 DEFAULT_RECIPES = ["minmax", "percentile", "omse", "ptq4vit", "repq", "fqvit"]
 #: fully-quantized variants (FQ-ViT Table 2 protocol), benchmarked at W8A8: --recipes ... --bits W8A8
@@ -82,37 +77,35 @@ def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: 
     errors = 0
     model = load_reference(name)
     fd = FashionData(model, eval_size, seed, eval_batch_size=batch_size)
-    eval_loader, train = fd.eval_loader, fd.train
-    fp = evaluate(model, eval_loader)
+    train = fd.train
+    eval_batches = cache_batches(fd.eval_loader)  # decoded once, shared by every recipe of this model
+
+    def source(n: int, s: int) -> torch.Tensor:
+        return stack_images(calibration_subset(train, calib_size or n, s))[0]
+
     for rname in recipes:
-        recipe = load_recipe(rname)
-        n_cal = calib_size or recipe.calib_size
-        calib = make_loader(calibration_subset(train, n_cal, seed), batch_size=min(batch_size, n_cal))
-        for bits in [b for b in bits_list if (rname, b) in todo]:
-            reset_peak_rss()
-            q = copy.deepcopy(model)
-            t0 = time.perf_counter()
-            try:
-                run_recipe(q, recipe, Context(calib=calib, bits=Bits.parse(bits), seed=seed, batch_size=batch_size))
-            except VitqError as e:
-                print(f"{name:<22} {rname:<12} {bits}: FAILED: {e}", flush=True)
-                errors += 1
-                continue
-            calib_s = time.perf_counter() - t0
-            res = evaluate(q, eval_loader)
-            man = manifest(q)
+        bits_todo = [b for b in bits_list if (rname, b) in todo]
+        if not bits_todo:
+            continue
+        try:
+            res = compare(model, eval_batches, source, [rname], bits_todo, batch_size=batch_size, seeds=[seed])
+        except VitqError as e:
+            print(f"{name:<22} {rname:<12} {','.join(bits_todo)}: FAILED: {e}", flush=True)
+            errors += 1
+            continue
+        fp = res["fp"]["top1"]
+        for run in res["runs"]:
             row = {
-                "model": name, "recipe": rname, "bits": bits, "fp_top1": round(fp["top1"], 2),
-                "q_top1": round(res["top1"], 2), "drop": round(fp["top1"] - res["top1"], 2),
-                "calib_size": n_cal, "eval_size": res["n"], "seed": seed, "calib_seconds": round(calib_s, 2),
-                "eval_seconds": round(res["seconds"], 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-                "sites_quantized": sum(1 for m in man if m["quantizer"] != "float"), "sites_total": len(man),
+                "model": name, "recipe": rname, "bits": run["bits"], "fp_top1": round(fp, 2),
+                "q_top1": round(run["top1"], 2), "drop": round(fp - run["top1"], 2),
+                "calib_size": run["calib_size"], "eval_size": res["fp"]["images"], "seed": seed,
+                "calib_seconds": run["calib_seconds"], "peak_rss_mb": run["peak_rss_mb"], "digest": run["digest"],
             }
             log.info("%s", row)
-            print(f"{name:<22} {rname:<12} {bits}: FP {row['fp_top1']:6.2f}  Q {row['q_top1']:6.2f}  "
-                  f"drop {row['drop']:+6.2f}  calib {calib_s:6.1f}s  rss {row['peak_rss_mb']:.0f} MB", flush=True)
+            print(f"{name:<22} {rname:<12} {row['bits']}: FP {row['fp_top1']:6.2f}  Q {row['q_top1']:6.2f}  "
+                  f"drop {row['drop']:+6.2f}  calib {row['calib_seconds']:6.1f}s  rss {row['peak_rss_mb']:.0f} MB",
+                  flush=True)
             rows.append(row)
-            del q
     return rows, errors
 
 
@@ -125,16 +118,13 @@ def merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(table.values(), key=lambda r: (r["model"], r["recipe"], -int(r["bits"][1]), r["bits"]))
 
 
-def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"# {meta['title']}", "", meta["note"], "",
-             f"Machine: {meta['machine']}; torch {meta['torch']}; threads {meta['threads']}.", "",
-             "| model | recipe | bits | FP top-1 | Q top-1 | drop | calib imgs | eval imgs | calib s | peak RSS MB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['fp_top1']:.2f} | {r['q_top1']:.2f} | "
-                     f"{r['drop']:+.2f} | {r['calib_size']} | {r['eval_size']} | {r['calib_seconds']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
-    return "\n".join(lines) + "\n"
+def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    table = md_table(["model", "recipe", "bits", "FP top-1", "Q top-1", "drop", "calib imgs", "eval imgs", "calib s",
+                      "peak RSS MB"],
+                     [[r["model"], r["recipe"], r["bits"], f"{r['fp_top1']:.2f}", f"{r['q_top1']:.2f}", f"{r['drop']:+.2f}",
+                       r["calib_size"], r["eval_size"], f"{r['calib_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}"] for r in rows],
+                     align="lllrrrrrrr")
+    return [f"# {meta['title']}", "", meta["note"], "", machine_line(meta), "", *table]
 
 
 def main() -> None:
@@ -153,8 +143,10 @@ def main() -> None:
                          "instead of recomputing them (name the output table itself to skip rows already done)")
     ap.add_argument("--title", default=None,
                     help="table title (default: the file's own, else the baselines title)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: benches can run side by side)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    setup(threads=args.threads)
+    logging.getLogger().setLevel(logging.WARNING)
     for b in args.bits:
         Bits.parse(b)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -171,14 +163,13 @@ def main() -> None:
 
 def write(jpath: Path, rows: list[dict[str, Any]], title: str | None) -> None:
     old_title = json.loads(jpath.read_text())["meta"].get("title") if jpath.is_file() else None
-    all_rows = merge(jpath, rows)
     meta = {"title": title or old_title or "Baseline recipes on the Fashion-MNIST reference models",
             "note": "Fashion-MNIST test split, top-1 %. Calibration images: a seeded sample of the train split. "
                     "drop = FP - quantized. Sites: inputs and weights of every Linear, both operands of both "
-                    "attention matmuls, patch-embed weight (its input, the image, stays float), head.",
-            **machine_meta()}
-    jpath.write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=1) + "\n")
-    jpath.with_suffix(".md").write_text(render(all_rows, meta))
+                    "attention matmuls, patch-embed weight (its input, the image, stays float), head. "
+                    "Each model's rows: `vitq.insight.compare` (what `vitq compare` runs), one recipe at a time."}
+    save_rows(jpath, rows, meta, key=("model", "recipe", "bits"), indent=1)
+    write_md(jpath.with_suffix(".md"), render(merge(jpath, []), json.loads(jpath.read_text())["meta"]))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")
 
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Does OAS's validation need a guard? The selection step alone, over seeds, at the 2000-iteration setting.
 
-    python bench/oas_guard.py --models fmnist-deit --seeds 0 1 2 3 4              # the 2000-iteration setting
-    python bench/oas_guard.py --setting it200 --models fmnist-deit --seeds 0 1 2  # the 200-iteration one
-    python bench/oas_guard.py --end-to-end --models fmnist-deit --seeds 2   # + the whole guarded oas run
-    python bench/oas_guard.py --report-only
+    python -m bench.studies.oas_guard --models fmnist-deit --seeds 0 1 2 3 4              # the 2000-iteration setting
+    python -m bench.studies.oas_guard --setting it200 --models fmnist-deit --seeds 0 1 2  # the 200-iteration one
+    python -m bench.studies.oas_guard --end-to-end --models fmnist-deit --seeds 2   # + the whole guarded oas run
+    python -m bench.studies.oas_guard --report-only
 
-``oas@validate@val_iters=200@it2000`` (bench/significance.py, group ``select``) reconstructs every
+``oas@validate@val_iters=200@it2000`` (bench/studies/significance.py, group ``select``) reconstructs every
 candidate slicing for 200 iterations per unit, ranks them by the KL of the logits on 128 held-out
 calibration images, and runs the winner for 2000 iterations. On DeiT the winner was often not
 ``block`` and lost to ``qdrop@it2000`` (block units) over five seeds. This benchmark re-runs only the
@@ -36,13 +36,10 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import (  # noqa: E402
+from bench.common import (  # noqa: E402
     RESULTS,
     Data,
     calibrate_once,
@@ -52,7 +49,6 @@ from recon_common import (  # noqa: E402
     scaled_recipe,
     setup,
 )
-
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.passes.oas import _recon_config, guard_winner, select_slicing  # noqa: E402
@@ -143,7 +139,7 @@ def outcome(row: dict[str, Any], pick: str, rec: dict[int, dict[str, Any]]) -> f
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    lines = ["# OAS validation with and without the guard (bench/oas_guard.py)", "",
+    lines = ["# OAS validation with and without the guard (bench/studies/oas_guard.py)", "",
              "W4A4, 1024 calibration images (seeded), the select group's setting: every candidate 200 iterations per "
              "unit (lr x10), KL(FP logits || quantized logits) on the last 128 calibration images. `p` = paired z-test "
              "of the per-image KL against `block`'s. Plain = smallest KL (the rule behind `oas@validate` in "

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Reconstruction speed: today's engine against the torch.where implementation it replaced, same host.
 
-    python bench/recon_speed.py                          # deit + swin, 300 iterations, 3 rounds
-    python bench/recon_speed.py --models fmnist-vit --iters 500
+    python -m bench.studies.recon_speed                          # deit + swin, 300 iterations, 3 rounds
+    python -m bench.studies.recon_speed --models fmnist-vit --iters 500
 
 QDrop mixes quantized and float activations element-wise, and every uniform activation quantizer
 clamps its codes. Written with ``torch.where`` and ``torch.clamp`` (whose backward calls
@@ -28,18 +28,14 @@ import copy
 import json
 import logging
 import statistics
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, Data, calibrate_once, machine_meta, save_rows, setup  # noqa: E402
-
 import vitq.quantizers.uniform as uniform  # noqa: E402
 import vitq.recon.engine as engine  # noqa: E402
+from bench.common import RESULTS, Data, calibrate_once, machine_meta, save_rows, setup  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
 from vitq.pipeline import Context  # noqa: E402
 from vitq.recon import ReconConfig, float_copy  # noqa: E402
@@ -106,7 +102,7 @@ def measure(name: str, iters: int, rounds: int, n_calib: int) -> list[dict[str, 
 
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["# Reconstruction speed: float masks against torch.where (bench/recon_speed.py)", "",
+    lines = ["# Reconstruction speed: float masks against torch.where (bench/studies/recon_speed.py)", "",
              f"Host: {meta.get('machine')} ({meta.get('cpu_capability')}), torch {meta.get('torch')}, 1 thread. First "
              "block of each reference model, W4A4, batch 32; seconds per 1k iterations of the block's training loop, "
              "median of the interleaved rounds (each round runs both implementations once). `where` = QDrop's mix "

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Why does ``fqvit`` collapse at low bits? Switch the fully-quantized sites off one role at a time.
 
-    python bench/fqvit_collapse.py                                  # vit + swin, W6A6 and W4A4
-    python bench/fqvit_collapse.py --models fmnist-vit --bits W4A4 --eval-size 2000
+    python -m bench.studies.fqvit_collapse                                  # vit + swin, W6A6 and W4A4
+    python -m bench.studies.fqvit_collapse --models fmnist-vit --bits W4A4 --eval-size 2000
 
 ``fqvit`` is calibrated once per (model, bits); each variant then disables the FakeQuant sites of
 some roles (``enabled = False``: those tensors stay float) and re-evaluates, so every variant shares
@@ -17,16 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, Data, machine_meta  # noqa: E402
-
+from bench.common import RESULTS, Data, machine_meta  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.nn import FakeQuant  # noqa: E402
@@ -115,7 +111,7 @@ def main() -> None:
 
 def render(rows: list[dict[str, Any]], ranges: dict[str, Any], meta: dict[str, Any]) -> str:
     keys = list(dict.fromkeys((r["model"], r["bits"]) for r in rows))
-    lines = ["# fqvit at low bits: which fully-quantized site breaks it (bench/fqvit_collapse.py)", "",
+    lines = ["# fqvit at low bits: which fully-quantized site breaks it (bench/studies/fqvit_collapse.py)", "",
              f"`fqvit` calibrated once per model and bit-width ({meta['calib_size']} images), then the act "
              "sites of the named roles switched to float; top-1 on the first "
              f"{rows[0]['eval_size']} Fashion-MNIST test images. {meta['machine']}; torch {meta['torch']}.", "",

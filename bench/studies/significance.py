@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Are the accuracy gaps behind the open targets real? Paired tests on the same test images.
 
-    python bench/significance.py --group recon --models fmnist-deit      # repq / qdrop / oas, W4A4
-    python bench/significance.py --group dopq                            # repq / dopq on fmnist-swin, W4A4
+    python -m bench.studies.significance --group recon --models fmnist-deit      # repq / qdrop / oas, W4A4
+    python -m bench.studies.significance --group dopq                            # repq / dopq on fmnist-swin, W4A4
 
 Two quantized versions of one float model are wrong on mostly the same images, so their top-1
 difference is judged on the *discordant* images only (one right, the other wrong): exact McNemar
@@ -59,7 +59,7 @@ A recipe name ``base@variant`` is ``base`` changed by ``variant``, and variants 
 (any reconstruction option: ``acts=none``, ``loss=fisher_diag``, ``val_iters=200``).
 
 Rows named ``oas`` / ``oas@itN`` select OAS's slicing by the outlier proxy, the recipe's default until
-2026-11-28 (``recon_common.OAS_BENCH_SELECT`` pins it); bench/oas_guard.py measures today's default.
+2026-11-28 (``bench.common.OAS_BENCH_SELECT`` pins it); bench/studies/oas_guard.py measures today's default.
 
 Per-image predictions and log-losses are cached in ``bench/cache/significance/`` (an interrupted run
 continues); the comparisons go to ``bench/results/significance.{json,md}``. Rows cached before
@@ -78,7 +78,6 @@ import json
 import logging
 import re
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -86,8 +85,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import (  # noqa: E402
+from bench.common import (  # noqa: E402
     OAS_VALIDATE,
     RESULTS,
     ROOT,
@@ -100,7 +98,6 @@ from recon_common import (  # noqa: E402
     scaled_recipe,
     setup,
 )
-
 from vitq.bits import Bits  # noqa: E402
 from vitq.evaluate import (  # noqa: E402
     Predictions,
@@ -357,7 +354,7 @@ def collect(group: str, models: list[str]) -> list[dict[str, Any]]:
 
 
 def render(doc: dict[str, Any]) -> str:
-    lines = ["# Paired significance of the open accuracy targets (bench/significance.py)", "",
+    lines = ["# Paired significance of the open accuracy targets (bench/studies/significance.py)", "",
              "Same 10 000 Fashion-MNIST test images for both recipes of a pair. `diff` = top-1(B) - top-1(A) in "
              "points; 95 % CI = Wald interval of the paired difference; p = exact two-sided McNemar test on the "
              "discordant images (`only A` / `only B` right). Each seed is a different calibration sample and "

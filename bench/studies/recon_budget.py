@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does a larger reconstruction budget change the W4A4 ranking? (issue target: oas >= qdrop >= repq)
 
-    python bench/recon_budget.py --models fmnist-deit --recipes qdrop oas-repq --iters 200 1000
+    python -m bench.studies.recon_budget --models fmnist-deit --recipes qdrop oas-repq --iters 200 1000
 
 Each row: the recipe end to end (its own calibration, 1024 images) with ``--iters`` iterations per unit
 and the learning rates scaled by ``--lr-scale`` (bench/recon.py's CPU convention), top-1 on the whole
@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recon_common import RESULTS, Data, fp_top1, load_rows, quantize_row, save_rows, setup  # noqa: E402
-
+from bench.common import RESULTS, Data, fp_top1, load_rows, quantize_row, save_rows, setup  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
 
 OUT = RESULTS / "recon_budget.json"
@@ -56,7 +52,7 @@ def main() -> int:
 
 def write_report() -> None:
     rows = json.loads(OUT.read_text())["rows"]
-    lines = ["# Reconstruction budget (bench/recon_budget.py)", "",
+    lines = ["# Reconstruction budget (bench/studies/recon_budget.py)", "",
              "Top-1 on the whole Fashion-MNIST test split; 1024 calibration images; iterations per unit, learning "
              "rates x lr scale (bench/recon.py's CPU convention); seconds = calibration + reconstruction, 1 thread.",
              "", "| model | bits | recipe | iters / unit | lr scale | slicing | FP | top-1 | drop | seconds |",

@@ -1,0 +1,7 @@
+"""vitq's benchmark suite: thin drivers of the library, run from the repository root as ``python -m bench.NAME``.
+
+Standing benchmarks (their figures are in ``bench/results/``): ``baselines``, ``recon``, ``dopq``, ``aocq``,
+``granularity``, ``best``, ``mixed_precision``, ``deploy``, ``export_parity``, ``hf_parity``, ``recon_cost``,
+``gpu``. One-off investigations are in ``bench/studies/``. Shared plumbing and the one report writer:
+``bench.common``.
+"""

@@ -1,0 +1,1 @@
+"""One-off investigations whose conclusions are in ``docs/methods/``; see ``bench/studies/README.md``."""

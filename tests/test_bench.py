@@ -1,0 +1,100 @@
+"""The benchmark suite as a package: every benchmark imports as ``bench.NAME`` (no ``sys.path`` edits), and
+the one report writer in ``bench.common`` writes what the result pages are made of."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDING = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem not in ("__init__", "common"))
+STUDIES = sorted(p.stem for p in (ROOT / "bench" / "studies").glob("*.py") if p.stem != "__init__")
+
+
+def test_the_suite_is_the_documented_one():
+    # bench/__init__.py names the standing benchmarks and studies/README.md has a line per study
+    doc = importlib.import_module("bench").__doc__
+    assert set(re.findall(r"``([a-z_0-9]+)``", doc)) >= set(STANDING), "bench/__init__.py does not list every benchmark"
+    readme = (ROOT / "bench" / "studies" / "README.md").read_text()
+    for s in STUDIES:
+        assert f"| `{s}` |" in readme, f"bench/studies/README.md has no line for {s}"
+
+
+@pytest.mark.parametrize("name", [f"bench.{s}" for s in STANDING] + [f"bench.studies.{s}" for s in STUDIES])
+def test_every_benchmark_imports_as_a_module_with_a_main(name):
+    mod = importlib.import_module(name)
+    assert callable(getattr(mod, "main", None)), f"{name} has no main()"
+
+
+def test_no_benchmark_edits_sys_path():
+    for p in list((ROOT / "bench").rglob("*.py")) + list((ROOT / "scripts").glob("*.py")):
+        assert "sys.path" not in p.read_text(), f"{p.relative_to(ROOT)} edits sys.path: import bench.common instead"
+
+
+def test_md_table_and_writers(tmp_path):
+    from bench.common import machine_line, md_table, write_json, write_md
+
+    lines = md_table(["model", "top-1"], [["vit", "86.30"], ["deit", None]])
+    assert lines == ["| model | top-1 |", "|---|---:|", "| vit | 86.30 |", "| deit | - |"]
+    assert md_table(["a", "b"], [], align="ll")[1] == "|---|---|"
+    with pytest.raises(ValueError, match="row lengths"):
+        md_table(["a", "b"], [["x"]])
+    write_md(tmp_path / "r.md", ["# t", "", *lines])
+    assert (tmp_path / "r.md").read_text() == "# t\n\n" + "\n".join(lines) + "\n"
+    write_json(tmp_path / "r.json", {"rows": [1]})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1]}
+    assert not list(tmp_path.glob("*.tmp")), "a temporary file was left behind"
+    assert machine_line({"machine": "x86_64 X", "cpu_capability": "AVX512", "torch": "2", "threads": 1}) == \
+        "Machine: x86_64 X (AVX512), torch 2, 1 thread(s)."
+
+
+def test_save_rows_merges_and_stamps_only_new_rows(tmp_path):
+    from bench.common import save_rows
+
+    path = tmp_path / "t.json"
+    old = {"model": "vit", "recipe": "minmax", "bits": "W8A8", "q_top1": 86.0, "machine": "elsewhere"}
+    save_rows(path, [old], {"title": "t"}, key=("model", "recipe", "bits"))
+    new = {"model": "vit", "recipe": "repq", "bits": "W8A8", "q_top1": 86.2}
+    save_rows(path, [new], {"title": "t"}, key=("model", "recipe", "bits"))
+    rows = {r["recipe"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"minmax", "repq"}, "the earlier row was lost"
+    assert rows["minmax"]["machine"] == "elsewhere", "a row passed through was re-stamped with this machine"
+    assert "machine" in rows["repq"] and rows["repq"]["machine"] != "elsewhere"
+
+
+def test_baselines_table_renders_the_merged_rows(tmp_path):
+    import bench.baselines as b
+
+    row = {"model": "fmnist-vit", "recipe": "minmax", "bits": "W4A4", "fp_top1": 86.3, "q_top1": 80.24, "drop": 6.06,
+           "calib_size": 32, "eval_size": 10000, "seed": 0, "calib_seconds": 0.4, "peak_rss_mb": 900.0}
+    b.write(tmp_path / "x.json", [row], None)
+    b.write(tmp_path / "x.json", [{**row, "bits": "W8A8", "q_top1": 86.27, "drop": 0.03}], None)
+    md = (tmp_path / "x.md").read_text()
+    assert "| fmnist-vit | minmax | W8A8 | 86.30 | 86.27 | +0.03 |" in md
+    assert "| fmnist-vit | minmax | W4A4 | 86.30 | 80.24 | +6.06 |" in md
+    assert md.index("W8A8") < md.index("W4A4"), "rows are not ordered by bits, widest first"
+
+
+def test_best_merge_keeps_the_other_bit_widths(tmp_path):
+    import bench.best as best
+
+    def res(bits, top1):
+        return {"fp": {"top1": 88.0}, "recipes": ["repq"], "bits": [bits],
+                "rows": [{"recipe": "repq", "bits": bits, "seeds": [0], "mean": top1}],
+                "runs": [{"recipe": "repq", "bits": bits, "seed": 0, "top1": top1}]}
+
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps(res("W3A3", 75.0)))
+    merged = best._merge(p, res("W4A4", 85.0))
+    assert {r["bits"] for r in merged["rows"]} == {"W3A3", "W4A4"} and merged["bits"] == ["W4A4", "W3A3"]
+    p.write_text(json.dumps(merged))
+    again = best._merge(p, res("W4A4", 85.5))
+    assert [r["mean"] for r in again["rows"] if r["bits"] == "W4A4"] == [85.5], "a re-measured row was not replaced"
+    other = res("W4A4", 85.0)
+    other["fp"] = {"top1": 87.0}
+    with pytest.raises(SystemExit, match="float evaluation differs"):
+        best._merge(p, other)
