@@ -100,8 +100,7 @@ def test_swin_and_hf_models_export(tmp_path: Path) -> None:
     export(q, tmp_path / "swin", "onnx")
     assert (OnnxModel(tmp_path / "swin" / "model.onnx")(x).argmax(-1) == logits(q, x).argmax(-1)).float().mean() >= 0.9
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from timm_to_hf import convert
+    from scripts.timm_to_hf import convert
 
     hf = vitq.quantize(convert(tiny_vit()), "minmax", "W8A8", calib_data=torch.randn(16, 3, 16, 16))
     rep = export(hf, tmp_path / "hf", "onnx")

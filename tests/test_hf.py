@@ -26,8 +26,7 @@ from vitq.errors import ModelError  # noqa: E402
 from vitq.nn import QAttentionCore, disabled  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from timm_to_hf import convert  # noqa: E402
+from scripts.timm_to_hf import convert  # noqa: E402  (pyproject: pytest pythonpath = ".")
 
 SIZES = {"vit": 16, "deit": 16, "swin": 32}
 # head_dim 16 everywhere: the softmax scale 1/4 is a power of two, so timm's (q * s) @ k^T and the
