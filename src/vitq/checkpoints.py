@@ -3,6 +3,7 @@ what does not match. Family-neutral: adapters and libraries use it to load check
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -13,6 +14,16 @@ from torch import nn
 
 from .errors import ModelError
 from .nn import FakeQuant, QLayerNorm
+
+
+def file_sha256(path: "str | os.PathLike[str]") -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces (export seals, reconstruction checkpoints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "model_ema", "state_dict_ema")
 

@@ -250,6 +250,7 @@ def _check_args(args: argparse.Namespace) -> None:
             _check_output_file(f"--{flag.replace('_', '-')}", path)
     if getattr(args, "resume_dir", None):
         _check_output_dir("--resume-dir", args.resume_dir)
+        _check_resume_args(args)
     out = getattr(args, "out", None)
     if out and args.command in ("quantize", "report", "export"):
         _check_output_dir("--out", out)
@@ -301,6 +302,74 @@ def _check_output_file(flag: str, path: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"{flag} {path}: cannot write in {base} ({e.strerror}): choose a path you can write to") from None
+
+
+#: the quantize arguments that decide what a reconstruction computes (not where output goes, nor how it is shown)
+RESUME_ARGS = ("model", "checkpoint", "random_weights", "num_classes", "data", "input_size", "crop_pct", "interpolation",
+               "batch_size", "seed", "recipe", "bits", "calib_size", "calib_data", "exclude", "iters", "set_options",
+               "target", "export", "budget", "budget_mb", "sensitivity_size")
+RESUME_RECORD = "vitq-args.json"
+
+
+def _file_identity(path: str) -> Any:
+    """A file argument as the resume record keeps it: resolved path, size and modification time (a recipe
+    file: its content), so a replaced file is noticed; other values as given."""
+    p = Path(path)
+    if not p.is_file():
+        return path
+    if p.suffix in (".yaml", ".yml"):
+        import hashlib
+
+        return {"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    st = p.stat()
+    return {"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _check_resume_args(args: argparse.Namespace) -> None:
+    """--resume-dir keeps the arguments of the run that made it (vitq-args.json); once the folder holds saved
+    state, a later run with other arguments is refused here, before any loading or calibration, naming what
+    differs (the reconstruction's own fingerprint check would only notice after calibration)."""
+    from .errors import ConfigError
+
+    here = {k: getattr(args, k, None) for k in RESUME_ARGS}
+    for k in ("model", "checkpoint", "recipe", "data", "calib_data"):
+        if isinstance(here[k], str):
+            here[k] = _file_identity(here[k])
+    here = json.loads(json.dumps(here, default=str))
+    rec = Path(args.resume_dir) / RESUME_RECORD
+    holds_state = any(p.name != RESUME_RECORD and not p.name.endswith(".tmp") for p in rec.parent.iterdir())
+    if rec.is_file() and holds_state:  # without saved state there is nothing to mix up: the record is rewritten
+        try:
+            old = json.loads(rec.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError):
+            raise ConfigError(f"--resume-dir {args.resume_dir}: {RESUME_RECORD} is unreadable (truncated or edited): "
+                              "delete that folder to start over, or pass another --resume-dir") from None
+        diff = [k for k in RESUME_ARGS if old.get(k) != here[k]]
+        if diff:
+            shown = ", ".join(_describe(k, old.get(k), here[k]) for k in diff[:3])
+            raise ConfigError(f"--resume-dir {args.resume_dir} holds a run made with {shown}: rerun with its arguments "
+                              "to resume, or pass another --resume-dir")
+        return
+    tmp = rec.with_name(rec.name + ".tmp")
+    tmp.write_text(json.dumps(here, indent=1) + "\n")
+    tmp.replace(rec)
+
+
+def _describe(key: str, old: Any, new: Any) -> str:
+    flag = "MODEL" if key == "model" else f"--{key.replace('_', '-')}"
+    if isinstance(old, dict) and isinstance(new, dict) and old.get("path") == new.get("path"):
+        return f"{flag} {old.get('path')} as it was then (the file has changed since)"
+    return f"{flag} {_shown(old)} (now {_shown(new)})"
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, dict):
+        return str(v.get("path", v))
+    if isinstance(v, list):
+        return " ".join(map(str, v)) or "(none)"
+    return "(none)" if v is None else str(v)
 
 
 def _check_output_dir(flag: str, path: str) -> None:

@@ -13,17 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checkpoints import file_sha256
 from ..errors import ModelError
 
 KEY = "integrity"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_digest(meta: dict[str, Any]) -> str:
@@ -35,7 +28,7 @@ def config_digest(meta: dict[str, Any]) -> str:
 def seal(meta: dict[str, Any], folder: "str | Path", files: Sequence[str]) -> dict[str, Any]:
     """``meta`` with its seal: the digest of each of ``files`` (in ``folder``) and of the configuration."""
     p = Path(folder)
-    return {**meta, KEY: {"algorithm": "sha256", "files": {f: _sha256(p / f) for f in files},
+    return {**meta, KEY: {"algorithm": "sha256", "files": {f: file_sha256(p / f) for f in files},
                           "config": config_digest(meta)}}
 
 
@@ -53,7 +46,7 @@ def check(meta: dict[str, Any], folder: "str | Path") -> None:
         f = p / name
         if not f.is_file():
             raise ModelError(f"{f} is missing from the export: copy the whole folder, or export the model again")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise ModelError(f"{f} does not match the digest recorded in vitq.json (changed or damaged): export the "
                              "model again, or copy the folder again")
 

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..adapters import Adapter, Piece, get_adapter
-from ..checkpoints import load_into
+from ..checkpoints import file_sha256, load_into
 from ..devices import model_device
 from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, QuantSlots
@@ -299,6 +299,38 @@ def _seed(base: int, unit: int, salt: int) -> int:
     return (int(base) * 1_000_003 + unit * 7919 + salt) % (2 ** 62)
 
 
+def state_digest(state: dict[str, Any]) -> str:
+    """sha256 of a reconstruction checkpoint's content: its counters, fingerprint, report, the digests of
+    its cached inputs and every model tensor's dtype, shape and bytes (not the file, which holds it)."""
+    h = hashlib.sha256(json.dumps({k: state[k] for k in ("done", "chunks", "fingerprint", "report", "inputs")},
+                                  sort_keys=True).encode())
+    for name in sorted(state["model"]):
+        t = state["model"][name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_state(state_p: Path, run_dir: Path, key: str) -> dict[str, Any]:
+    """The checkpoint of ``run_dir``, checked against its content digest and its inputs' digests; a
+    truncated, damaged or edited state is a one-line refusal naming the file."""
+    fix = f"delete {run_dir} to start over, or pass another --resume-dir"
+    try:
+        state = torch.load(state_p, map_location="cpu", weights_only=True)
+        ok = isinstance(state, dict) and state.get("digest") == state_digest(state)
+    except Exception as e:  # noqa: BLE001  (a damaged zip / pickle raises many kinds; all mean the same here)
+        raise ConfigError(f"{state_p} is unreadable ({type(e).__name__}: truncated or damaged): {fix}") from None
+    if not ok:
+        raise ConfigError(f"{state_p} does not match its content digest (changed or damaged since it was written): {fix}")
+    if state["fingerprint"] != key:
+        raise ConfigError(f"{state_p} belongs to a different run (other options, model or data): {fix}")
+    for name, digest in state["inputs"].items():
+        f = run_dir / "inputs" / name
+        if not f.is_file() or file_sha256(f) != digest:
+            raise ConfigError(f"{f} is {'missing' if not f.is_file() else 'changed or damaged'}: {fix}")
+    return state
+
+
 def _fingerprint(cfg: ReconConfig, chain: Sequence[Piece], units: Sequence[tuple[int, int]], images: Tensor,
                  model: nn.Module, seed: int) -> str:
     h = hashlib.sha256()
@@ -449,7 +481,13 @@ class Reconstructor:
         run_dir.mkdir(parents=True, exist_ok=True)
         meta_p, state_p = run_dir / RUN_FILE, run_dir / STATE_FILE
         if meta_p.is_file():
-            meta = json.loads(meta_p.read_text())
+            try:
+                meta = json.loads(meta_p.read_text())
+                if not isinstance(meta, dict):
+                    raise ValueError("not an object")
+            except (OSError, ValueError):
+                raise ConfigError(f"{meta_p} is unreadable (truncated or edited): delete {run_dir} to start over, or "
+                                  "pass another --resume-dir") from None
             if meta.get("fingerprint") != key:
                 raise ConfigError(f"run directory {run_dir} holds a different run (other options, model or data): "
                                   "pass another --resume-dir or delete that folder")
@@ -458,7 +496,7 @@ class Reconstructor:
                                           "units": self.unit_names, "config": asdict(self.cfg)}, indent=2) + "\n")
         if not state_p.is_file():
             return 0
-        state = torch.load(state_p, map_location="cpu", weights_only=True)
+        state = _read_state(state_p, run_dir, key)
         done = int(state["done"])
         load_into(self.model, state["model"], f"reconstruction state {state_p}")
         report["unit_reports"] = json.loads(state["report"])["unit_reports"]
@@ -481,9 +519,13 @@ class Reconstructor:
         if done < len(self.units):
             store.save_stream("xq", inputs, f"xq-{done:04d}")
             store.save_stream("xf", inputs, f"xf-{done:04d}")
-        state = {"done": done, "chunks": n_chunks, "fingerprint": key,
-                 "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                 "report": json.dumps({"unit_reports": report["unit_reports"]})}
+        state: dict[str, Any] = {
+            "done": done, "chunks": n_chunks, "fingerprint": key,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "report": json.dumps({"unit_reports": report["unit_reports"]}),
+            "inputs": {f.name: file_sha256(f) for f in sorted(inputs.glob(f"x?-{done:04d}-*.pt"))}
+            if done < len(self.units) else {}}
+        state["digest"] = state_digest(state)
         tmp = run_dir / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, run_dir / STATE_FILE)  # atomic: a kill leaves the previous state or this one
