@@ -15,8 +15,7 @@ import vitq
 from vitq.bits import Bits
 from vitq.errors import ConfigError
 from vitq.pipeline import Context
-from vitq.recon import ReconConfig, reconstruct
-from vitq.recon import engine
+from vitq.recon import ReconConfig, engine, reconstruct
 
 
 def _setup(run_dir: Path):
