@@ -101,3 +101,47 @@ def test_a_corrupt_evaluation_image_is_one_line_naming_it(tmp_path: Path, capsys
                      "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert "cannot read image" in err and "bad.png" in err and len(err.splitlines()) == 1, err
+
+
+def _class_split(root: Path, classes: list[str], per_class: int = 2, seed: int = 0) -> None:
+    for k, c in enumerate(classes):
+        for i in range(per_class):
+            _img(root / c / f"{i}.png", (28, 28), "L", seed + 10 * k + i)
+
+
+def test_a_corrupt_train_image_is_skipped_and_counted(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "imnet"
+    classes = [f"{c:02d}" for c in range(10)]
+    _class_split(root / "train", classes)
+    _class_split(root / "val", classes, seed=500)
+    (root / "train" / "03" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "r.json"
+    assert main(["quantize", "fmnist-vit", "--data", str(root), "--calib-size", "20", "--no-progress", "--skip-fp",
+                 "--json", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert [Path(f).name for f in r["calib_skipped"]] == ["bad.jpg"]
+    assert "1 unreadable, skipped: bad.jpg" in capsys.readouterr().out
+    assert main(["quantize", "fmnist-vit", "--data", str(root), "--calib-size", "21", "--no-progress"]) == 2
+    assert "only 20 of the 21 files" in capsys.readouterr().err
+
+
+def test_class_folders_must_match_the_head_and_each_other(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "imnet"
+    ten = [f"{c:02d}" for c in range(10)]
+    _class_split(root / "train", ten)
+    _class_split(root / "val", ten[:9] + ["zz"], seed=500)
+    assert main(["quantize", "fmnist-vit", "--data", str(root), "--calib-size", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "class folders of" in err and "only in train/: 09" in err \
+        and "only in val/: zz" in err and "--calib-data" in err, err
+    # with --calib-data the train split's classes do not matter
+    assert main(["quantize", "fmnist-vit", "--data", str(root), "--calib-data", str(root / "train"),
+                 "--calib-size", "8", "--no-progress", "--skip-fp"]) == 0
+    capsys.readouterr()
+    twelve = tmp_path / "twelve" / "val"
+    _class_split(twelve, [f"{c:02d}" for c in range(12)], per_class=1)
+    for argv in (["eval", "fmnist-vit", "--data", str(twelve)],
+                 ["quantize", "fmnist-vit", "--data", str(twelve.parent), "--calib-data", str(root / "train")]):
+        assert main(argv + ["--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "12 class folders" in err and "scores 10 classes" in err, err

@@ -101,3 +101,38 @@ def test_truncated_or_incomplete_configuration(exported, tmp_path: Path) -> None
     (d / "model.safetensors").unlink()
     with pytest.raises(ModelError, match="is not a vitq export"):
         load_quantized(d)
+
+
+def test_an_export_of_a_pickled_model_is_self_contained(tmp_path):
+    """The export keeps its own sealed copy of the pickle: it loads after the original is gone, from anywhere."""
+    import os
+    import shutil
+
+    x = torch.randn(8, 3, 16, 16)
+    src_file = tmp_path / "user" / "float.pt"
+    src_file.parent.mkdir()
+    model = tiny_vit()
+    torch.save(model, src_file)
+    q = vitq.quantize(copy.deepcopy(model), "minmax", "W4A8", calib_data=x)
+    out = save_quantized(q, tmp_path / "exp", ModelSource("pickle", str(src_file)))
+    meta = json.loads((out / "vitq.json").read_text())
+    assert str(src_file) not in json.dumps(meta) and "float_model.pt" in meta["integrity"]["files"]
+    shutil.rmtree(src_file.parent)  # the user's file is gone
+    moved = shutil.move(str(out), str(tmp_path / "elsewhere"))
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        loaded = load_quantized(moved, trust_pickle=True)
+    finally:
+        os.chdir(cwd)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    again = save_quantized(loaded, tmp_path / "again", vitq.state_of(loaded).source)  # re-saving keeps it whole
+    assert torch.equal(load_quantized(again, trust_pickle=True)(x), q(x))
+    with pytest.raises(ModelError, match="unpickling runs code|--trust-pickle"):
+        load_quantized(again)
+    data = bytearray((Path(moved) / "float_model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (Path(moved) / "float_model.pt").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="float_model.pt does not match the digest"):
+        load_quantized(moved, trust_pickle=True)

@@ -455,12 +455,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _eval_loader(args: argparse.Namespace, model: Any, shard: bool = False) -> Any:
     from . import distributed
-    from .data import DataSpec, build_dataset, eval_subset, make_loader
+    from .adapters import get_adapter
+    from .data import DataSpec, build_dataset, check_classes, eval_subset, make_loader
     from .models import transforms
 
     spec = DataSpec.parse(args.data)
     pre = transforms(model, args.input_size, args.crop_pct, args.interpolation)
-    ds = eval_subset(build_dataset(spec, "eval", pre), args.eval_size)
+    full = build_dataset(spec, "eval", pre)
+    check_classes(full, get_adapter(model).num_outputs(model))  # before any image is decoded
+    ds = eval_subset(full, args.eval_size)
     if shard:  # torchrun: this rank's block of the test set; evaluate(sharded=True) merges them
         ds = distributed.shard(ds, args.batch_size)
     return spec, pre, make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
@@ -534,7 +537,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     sizes = sorted({r.calib_size for r in recipes})
     model, _ = _load(args)
     spec, pre, loader = _eval_loader(args, model)
-    calib_sets = {n: _calibration_sets(args, spec, pre, n, seeds)[0] for n in sizes}  # bad sizes fail here
+    calib_sets = {n: _calibration_sets(args, spec, pre, n, seeds, loader.dataset)[0] for n in sizes}  # bad sizes fail here
     res = compare(model, loader, lambda n, s: calib_sets[n][s], recipes, bits, batch_size=args.batch_size,
                   device=resolve(args.device), target=None if args.target in (None, "none") else args.target,
                   progress=not args.no_progress, seeds=seeds)
@@ -679,7 +682,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         recipe, bits = st.recipe, st.bits
         calib_seconds = None
     else:
-        calib_sets, _ = _calibration_sets(args, spec, pre, calib_size, [seed])
+        calib_sets, _ = _calibration_sets(args, spec, pre, calib_size, [seed], eval_loader.dataset)
         before = prepare(copy.deepcopy(model), recipe, bits)  # the float model's sites, before any folding
         q = copy.deepcopy(model)
         t0 = time.perf_counter()
@@ -813,7 +816,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec, pre, eval_loader = _eval_loader(args, model, shard=True)
     sharded = distributed.active()
     progress = not args.no_progress
-    calib_sets, skipped = _calibration_sets(args, spec, pre, calib_size, seeds)
+    calib_sets, skipped = _calibration_sets(args, spec, pre, calib_size, seeds, eval_loader.dataset)
     mixed = None
     if auto_a is not None:
         recipe, mixed = _mixed_precision(args, model, recipe, auto_a, spec, pre, calib_sets[seeds[0]], seeds[0])
@@ -949,17 +952,20 @@ def _calib_size(args: argparse.Namespace, recipe: Any) -> int:
     return int(calib_size)
 
 
-def _calibration_sets(args: argparse.Namespace, spec: Any, pre: Any, calib_size: int,
-                      seeds: list[int]) -> tuple[dict[int, Any], list[str]]:
+def _calibration_sets(args: argparse.Namespace, spec: Any, pre: Any, calib_size: int, seeds: list[int],
+                      eval_data: Any = None) -> tuple[dict[int, Any], list[str]]:
     """Each seed's calibration sample (from --calib-data or --data's train split; bad sizes fail here)
-    and the unreadable files skipped."""
-    from .data import build_dataset, calibration_images, calibration_subset
+    and the unreadable files skipped; --data's train split must have the evaluation split's classes."""
+    from .data import build_dataset, calibration_images, calibration_subset, check_classes, folder_classes
 
     train = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
+    if not args.calib_data and eval_data is not None:
+        check_classes(eval_data, None, train)
     calib_sets = {seed: calibration_subset(train, calib_size, seed) for seed in seeds}
     skipped = sorted({f for c in calib_sets.values() for f in c.skipped})
-    if args.calib_data:
-        print(f"calibration images: {calib_size} of the {len(train)} image files under {args.calib_data}"
+    folder = args.calib_data or (folder_classes(train) or (None,))[0]
+    if folder is not None:
+        print(f"calibration images: {calib_size} of the {len(train)} image files under {folder}"
               + (f" ({len(skipped)} unreadable, skipped: {', '.join(Path(f).name for f in skipped[:3])}"
                  f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""))
     return calib_sets, skipped

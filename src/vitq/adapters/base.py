@@ -202,6 +202,10 @@ class Adapter:
     def check(self, model: nn.Module) -> None:
         """Raise ModelError for any feature this adapter does not support."""
 
+    def num_outputs(self, model: nn.Module) -> Optional[int]:
+        """How many classes the model's head scores (labels must be below it), or None when it has none."""
+        return None
+
     def wrap(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 

@@ -18,7 +18,9 @@ from .folders import (
     build_dataset,
     calibration_images,
     calibration_subset,
+    check_classes,
     eval_subset,
+    folder_classes,
     make_loader,
     read_image,
     stack_images,
@@ -27,5 +29,5 @@ from .preprocess import CROP_MODES, INTERPOLATIONS, Preprocess, PreprocessConfig
 
 __all__ = ["CROP_MODES", "DEBIAN_FASHION_MNIST", "FASHION_MNIST_CLASSES", "FASHION_MNIST_FILES", "IMAGE_EXTENSIONS",
            "INTERPOLATIONS", "NO_LABEL", "CalibrationSet", "DataSpec", "FashionMNIST", "ImageFiles", "Preprocess",
-           "PreprocessConfig", "Transforms", "build_dataset", "calibration_images", "calibration_subset", "eval_subset",
-           "fit_channels", "make_loader", "pil_mode", "read_idx", "read_image", "stack_images"]
+           "PreprocessConfig", "Transforms", "build_dataset", "calibration_images", "calibration_subset", "check_classes",
+           "eval_subset", "fit_channels", "folder_classes", "make_loader", "pil_mode", "read_idx", "read_image", "stack_images"]

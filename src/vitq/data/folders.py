@@ -126,6 +126,19 @@ class _ImageFolderItems(Dataset):
             raise DataError(f"image folder {folder} has no class folders with images ({str(e).splitlines()[0]}): "
                             "use ROOT/<class>/*.jpg (or --calib-data DIR for unlabeled images)") from None
         self.classes, self.samples, self.transform = self.folder.classes, self.folder.samples, transform
+        self.root = folder
+
+    @property
+    def files(self) -> list[str]:
+        return [p for p, _ in self.samples]
+
+    def readable(self, i: int) -> bool:
+        try:
+            read_image(self.samples[i][0])
+            return True
+        except DataError as e:
+            log.info("skipping %s", e)  # counted in the run's summary
+            return False
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -195,12 +208,13 @@ def calibration_subset(ds: Dataset, size: int, seed: int) -> CalibrationSet:
     n = len(ds)  # type: ignore[arg-type]
     if size <= 0:
         raise DataError(f"calibration size must be positive, got {size}: pass --calib-size N with N >= 1")
-    where = f"{ds.root} ({n} image files)" if isinstance(ds, ImageFiles) else f"the train split ({n} images)"
+    files = isinstance(ds, (ImageFiles, _ImageFolderItems))  # decoded lazily: unreadable files are skipped
+    where = f"{ds.root} ({n} image files)" if files else f"the train split ({n} images)"
     if size > n:
         raise DataError(f"calibration size {size} is larger than {where}: pass --calib-size <= {n}")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=g).tolist()
-    if not isinstance(ds, ImageFiles):
+    if not files:
         return CalibrationSet(ds, order[:size])
     idx: list[int] = []
     skipped: list[str] = []
@@ -216,6 +230,32 @@ def calibration_subset(ds: Dataset, size: int, seed: int) -> CalibrationSet:
                         f"skipped), fewer than the {size} calibration images asked for: pass --calib-size <= {len(idx)} "
                         "or add images")
     return CalibrationSet(ds, idx, skipped)
+
+
+def folder_classes(ds: Any) -> Optional[tuple[Path, list[str]]]:
+    """``(folder, class names)`` of a class-folder split (also inside a Subset), or None for other data."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return (ds.root, list(ds.classes)) if isinstance(ds, _ImageFolderItems) else None
+
+
+def check_classes(eval_ds: Any, num_outputs: Optional[int] = None, train_ds: Any = None) -> None:
+    """Labels of class folders are each folder's index in sorted order: refuse an evaluation split with more
+    classes than the model's head scores, and train / val splits whose class folders differ."""
+    ev = folder_classes(eval_ds)
+    if ev is None:
+        return
+    if num_outputs is not None and len(ev[1]) > num_outputs:
+        raise DataError(f"{ev[0]} has {len(ev[1])} class folders but the model's head scores {num_outputs} classes, so "
+                        f"the images of the last {len(ev[1]) - num_outputs} folders can never be right: evaluate on the "
+                        "model's classes, or use a model with that many outputs")
+    tr = folder_classes(train_ds) if train_ds is not None else None
+    if tr is not None and tr[1] != ev[1]:
+        only_t, only_e = sorted(set(tr[1]) - set(ev[1])), sorted(set(ev[1]) - set(tr[1]))
+        what = "; ".join(x for x in (f"only in {tr[0].name}/: {', '.join(only_t[:3])}" if only_t else "",
+                                      f"only in {ev[0].name}/: {', '.join(only_e[:3])}" if only_e else "") if x)
+        raise DataError(f"the class folders of {tr[0]} and {ev[0]} differ ({what}): give both splits the same class "
+                        "folders, or calibrate on any folder of images with --calib-data DIR")
 
 
 def eval_subset(ds: Dataset, size: Optional[int]) -> Dataset:
@@ -257,4 +297,4 @@ def stack_images(ds: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
 
 
 __all__ = ["IMAGE_EXTENSIONS", "NO_LABEL", "CalibrationSet", "DataSpec", "ImageFiles", "build_dataset",
-           "calibration_images", "calibration_subset", "eval_subset", "make_loader", "read_image", "stack_images"]
+           "calibration_images", "check_classes", "folder_classes", "calibration_subset", "eval_subset", "make_loader", "read_image", "stack_images"]

@@ -8,6 +8,8 @@ including each FakeQuant's parameters. What you calibrated is exactly what you l
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +26,16 @@ from .integrity import check, read_meta, seal
 from .packed import PACKED_FORMAT, load_packed
 
 EXPORT_FORMAT = "vitq.quantized/1"
+#: a model loaded with --trust-pickle: the export keeps a copy of the pickle (its architecture) under this name
+PICKLE_FILE = "float_model.pt"
+PICKLE_IN_EXPORT = "in-export"
+
+
+def _in_export(source: ModelSource, folder: Path) -> ModelSource:
+    """A pickle source kept inside the export, as the path of that copy."""
+    if source.kind == "pickle" and source.checkpoint == PICKLE_IN_EXPORT:
+        return replace(source, name=str(folder / source.name), checkpoint=None)
+    return source
 
 
 def save_quantized(model: nn.Module, out_dir: "str | Path", source: ModelSource,
@@ -39,9 +51,19 @@ def save_quantized(model: nn.Module, out_dir: "str | Path", source: ModelSource,
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(sd, str(out / "model.safetensors"))
+    files = ["model.safetensors"]
+    if source.kind == "pickle":  # the export holds its own copy of the architecture: no path to the user's file
+        src = Path(source.name)
+        if not src.is_file():
+            raise ModelError(f"the pickled model {source.name} this model was loaded from is gone, so the export could "
+                             "not rebuild its architecture: save from the run that loaded it")
+        if src.resolve() != (out / PICKLE_FILE).resolve():
+            shutil.copyfile(src, out / PICKLE_FILE)
+        source = replace(source, name=PICKLE_FILE, checkpoint=PICKLE_IN_EXPORT)
+        files.append(PICKLE_FILE)
     meta = {"format": EXPORT_FORMAT, "source": source.to_dict(), "recipe": recipe.to_dict(), "bits": str(bits),
             "pretrained_cfg": _jsonable(getattr(model, "pretrained_cfg", {}) or {}), **(extra or {})}
-    (out / "vitq.json").write_text(json.dumps(seal(meta, out, ["model.safetensors"]), indent=2) + "\n")
+    (out / "vitq.json").write_text(json.dumps(seal(meta, out, files), indent=2) + "\n")
     return out
 
 
@@ -56,11 +78,12 @@ def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
         return load_packed(p, meta, trust_pickle)
     if meta.get("format") != EXPORT_FORMAT:
         raise ModelError(f"{meta_file} has format {meta.get('format')!r}, this vitq reads {EXPORT_FORMAT} and {PACKED_FORMAT}")
-    model = rebuild(ModelSource.from_dict(meta["source"]), trust_pickle)
+    source = ModelSource.from_dict(meta["source"])
+    model = rebuild(_in_export(source, p), trust_pickle)
     recipe = Recipe.from_dict(meta["recipe"], str(meta_file))
     prepare(model, recipe, meta["bits"])
     load_into(model, load_state_file(weights), f"export {weights}")
-    ensure_state(model).source = ModelSource.from_dict(meta["source"])
+    ensure_state(model).source = _in_export(source, p)
     if meta.get("pretrained_cfg"):
         model.pretrained_cfg = meta["pretrained_cfg"]
     return model.eval()

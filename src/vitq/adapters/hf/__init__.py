@@ -164,6 +164,12 @@ def _base_name(m: nn.Module) -> str:
     raise ModelError(f"{type(m).__name__} is not a supported Hugging Face model")
 
 
+def hf_num_outputs(model: nn.Module) -> Optional[int]:
+    """A transformers image classifier's class count (``config.num_labels``)."""
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def hf_data_config(model: nn.Module, num_channels: int, image_size: tuple[int, int]) -> PreprocessConfig:
     """The preprocessing of a Hugging Face model from its image-processor settings: resize to
     ``size`` (height x width), centre crop to ``crop_size`` when ``do_center_crop``, rescale by 1/255,

@@ -38,7 +38,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, transformers_available
+from . import config_image_size, hf_data_config, hf_image_transform, hf_num_outputs, transformers_available
 from .vit import attention_dropout
 
 
@@ -112,6 +112,9 @@ class HFSwinAdapter(Adapter):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return transformers_available() and _is_swin(model)
+
+    def num_outputs(self, model: nn.Module) -> Optional[int]:
+        return hf_num_outputs(model)
 
     def data_config(self, model: nn.Module) -> PreprocessConfig:
         return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))

@@ -39,7 +39,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, transformers_available
+from . import config_image_size, hf_data_config, hf_image_transform, hf_num_outputs, transformers_available
 
 #: model class -> (base-model attribute, head Linear attributes)
 MODELS = {
@@ -119,6 +119,9 @@ class HFViTAdapter(Adapter):
         assert name is not None
         prefix, heads = MODELS[name]
         return prefix, getattr(model, prefix), heads
+
+    def num_outputs(self, model: nn.Module) -> Optional[int]:
+        return hf_num_outputs(model)
 
     def data_config(self, model: nn.Module) -> PreprocessConfig:
         return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))

@@ -84,6 +84,12 @@ class TimmLibrary(ModelLibrary):
 register_library(TimmLibrary())
 
 
+def timm_num_outputs(model: nn.Module) -> Optional[int]:
+    """A timm classifier's class count (``num_classes``; 0 is a model without a head)."""
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def timm_data_config(model: nn.Module, in_chans: Optional[int], img_size: Optional[tuple[int, int]]) -> PreprocessConfig:
     """The preprocessing a timm model expects, from its ``pretrained_cfg`` (input size, mean / std,
     interpolation, crop_pct), with the channel count and image size the model is actually built for."""

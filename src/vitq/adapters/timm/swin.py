@@ -34,7 +34,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform
+from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform, timm_num_outputs
 
 
 class TimmWindowAttention(QAttentionCore):
@@ -113,6 +113,9 @@ class TimmSwinAdapter(Adapter):
         from timm.models.swin_transformer import SwinTransformer
 
         return isinstance(model, SwinTransformer)
+
+    def num_outputs(self, model: nn.Module) -> Optional[int]:
+        return timm_num_outputs(model)
 
     def data_config(self, model: nn.Module) -> PreprocessConfig:
         return timm_data_config(model, *patch_embed_geometry(model))

@@ -37,7 +37,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform
+from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform, timm_num_outputs
 
 
 def _self_attn_bias(n: int, attn: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Optional[Tensor]:
@@ -125,6 +125,9 @@ class TimmViTAdapter(Adapter):
         from timm.models.vision_transformer import VisionTransformer
 
         return isinstance(model, VisionTransformer)
+
+    def num_outputs(self, model: nn.Module) -> Optional[int]:
+        return timm_num_outputs(model)
 
     def data_config(self, model: nn.Module) -> PreprocessConfig:
         return timm_data_config(model, *patch_embed_geometry(model))
