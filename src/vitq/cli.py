@@ -333,8 +333,9 @@ def _check_resume_args(args: argparse.Namespace) -> None:
 
     here = {k: getattr(args, k, None) for k in RESUME_ARGS}
     for k in ("model", "checkpoint", "recipe", "data", "calib_data"):
-        if isinstance(here[k], str):
-            here[k] = _file_identity(here[k])
+        v = here[k]
+        if isinstance(v, str):
+            here[k] = _file_identity(v)
     here = json.loads(json.dumps(here, default=str))
     rec = Path(args.resume_dir) / RESUME_RECORD
     holds_state = any(p.name != RESUME_RECORD and not p.name.endswith(".tmp") for p in rec.parent.iterdir())
@@ -679,6 +680,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     before = None
     if exported:  # already quantized: report it as it is
         q, st = model, state_of(model)
+        assert st is not None and st.bits is not None  # an export is a quantized model
         recipe, bits = st.recipe, st.bits
         calib_seconds = None
     else:
@@ -743,7 +745,7 @@ def _mixed_precision(args: argparse.Namespace, model: Any, recipe: Any, act_bits
     from .insight.compare import calibration_tensor
     from .insight.mixed import allocate, mixed_recipe, recipe_yaml, sensitivity_table
 
-    source = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
+    source: Any = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
     n = min(args.sensitivity_size, len(source))
     probe = calibration_subset(source, n, seed + 1)  # another draw than the calibration sample; never eval images
     images = [b[0] if isinstance(b, (list, tuple)) else b for b in make_loader(probe, batch_size=args.batch_size)]
@@ -958,7 +960,7 @@ def _calibration_sets(args: argparse.Namespace, spec: Any, pre: Any, calib_size:
     and the unreadable files skipped; --data's train split must have the evaluation split's classes."""
     from .data import build_dataset, calibration_images, calibration_subset, check_classes, folder_classes
 
-    train = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
+    train: Any = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
     if not args.calib_data and eval_data is not None:
         check_classes(eval_data, None, train)
     calib_sets = {seed: calibration_subset(train, calib_size, seed) for seed in seeds}

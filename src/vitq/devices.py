@@ -55,8 +55,8 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 

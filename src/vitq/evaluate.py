@@ -59,7 +59,7 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, k: int = 5, progress: bool = False, desc: str = "eval",
+def predict(model: nn.Module, loader: "DataLoader | Iterable[Any]", k: int = 5, progress: bool = False, desc: str = "eval",
             device: Optional[torch.device] = None) -> Predictions:
     """Top-``k`` class indices and per-image cross-entropy of ``model`` for every batch of ``loader``:
     ``(images, labels)`` pairs or ``{"pixel_values": ..., "labels": ...}`` dicts; the model may return
@@ -109,7 +109,7 @@ def gather(p: Predictions) -> Predictions:
     return Predictions(torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]), max(q[2] for q in parts), nll)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, progress: bool = False, desc: str = "eval",
+def evaluate(model: nn.Module, loader: "DataLoader | Iterable[Any]", progress: bool = False, desc: str = "eval",
              device: Optional[torch.device] = None, sharded: bool = False) -> dict[str, Any]:
     """Top-1 / top-5 (percent) and mean test cross-entropy ``nll`` (nats; None without class-index
     labels) of ``model`` over ``loader`` of ``(images, labels)``; ``predictions`` holds the per-image

@@ -24,7 +24,8 @@ class RecipeLike(Protocol):
     """What the state needs of a recipe (:class:`vitq.recipes.Recipe`, which sits above the passes
     that write records here, so this module does not import it)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 

@@ -202,7 +202,7 @@ def calibration_images(root: "str | Path", preprocess: Callable[..., Tensor]) ->
     return ImageFiles(root, _image_transform(preprocess))
 
 
-def calibration_subset(ds: Dataset, size: int, seed: int) -> CalibrationSet:
+def calibration_subset(ds: Any, size: int, seed: int) -> CalibrationSet:
     """A seeded random sample of ``size`` items of ``ds`` (the same seed always gives the same images).
     From an :class:`ImageFiles`, unreadable files are skipped (and counted) while the sample is drawn."""
     n = len(ds)  # type: ignore[arg-type]

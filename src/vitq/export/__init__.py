@@ -41,7 +41,7 @@ def _in_export(source: ModelSource, folder: Path) -> ModelSource:
 def save_quantized(model: nn.Module, out_dir: "str | Path", source: ModelSource,
                    extra: Optional[dict[str, Any]] = None) -> Path:
     st = state_of(model)
-    recipe: Optional[Recipe] = None if st is None else st.recipe
+    recipe: Any = None if st is None else st.recipe  # a Recipe (RecipeLike in the state, which sits below recipes)
     bits: Optional[Bits] = None if st is None else st.bits
     if recipe is None or bits is None:
         raise ModelError("only a model quantized by vitq (run_recipe / quantize) can be saved with save_quantized")
@@ -90,7 +90,7 @@ def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, (str, int, float, bool)) or v is None:
             out[k] = v

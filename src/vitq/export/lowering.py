@@ -187,6 +187,8 @@ class LUTQuant(nn.Module):
     """``table[quantize(x)]``: the quantizer's codes, then its levels from a lookup table (exported as
     the code formula and one ``Gather``) - the values of its fake-quant, in fewer operations."""
 
+    table: Tensor
+
     def __init__(self, fq: FakeQuant) -> None:
         super().__init__()
         q = get_quantizer(fq.spec.quantizer)
@@ -232,7 +234,7 @@ class LoweredWeight:
     per_channel: bool
 
 
-def weight_codes(layer: nn.Module) -> LoweredWeight:
+def weight_codes(layer: Any) -> LoweredWeight:
     """The integer codes of a layer's quantized weight (AdaRound's learned rounding included)."""
     fq = layer.weight_quant
     w = layer.weight.detach()
@@ -301,7 +303,7 @@ def _fold_fractions(model: nn.Module, how: dict[str, SiteLowering], restore: lis
         low = how.get(site)
         if low is None or low.how != "qdq" or ln_name in done:
             continue
-        layers = [model.get_submodule(c) for c in consumers]
+        layers: list[Any] = [model.get_submodule(c) for c in consumers]
         qdqs = [getattr(layer, "input_quant", None) for layer in layers]
         if not all(isinstance(q, QDQ) for q in qdqs):
             continue
@@ -310,7 +312,8 @@ def _fold_fractions(model: nn.Module, how: dict[str, SiteLowering], restore: lis
         frac = 0.0 if fq is None else _fraction(fq)
         if abs(frac) < 1e-6:
             continue
-        ln = model.get_submodule(ln_name)
+        ln: Any = model.get_submodule(ln_name)
+        assert fq is not None
         shift = frac * float(fq.scale)
         restore.append(("param", ln, "bias", ln.bias))
         ln.bias = nn.Parameter(ln.bias.detach() + shift, requires_grad=False)

@@ -82,6 +82,7 @@ def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: lis
             raise ModelError(f"torch.onnx.export failed ({(msg[-1] if msg else type(e).__name__)[:200]}): "
                              "this model or quantizer is not exportable yet") from None
         # saved inside the export form: the program reads parameters (the grid values) when it saves
+        assert prog is not None  # dynamo=True returns the program
         prog.save(str(path))
     proto = onnx.load(str(path))
     stats = _weights_to_codes(proto, values)
@@ -104,7 +105,9 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
         if v.ndim == 2:
             table.setdefault(np.ascontiguousarray(v.T).tobytes(), (lw, True))
     inits = {i.name: i for i in proto.graph.initializer}
-    new_nodes, replaced, done = [], set(), {}
+    new_nodes: list[Any] = []
+    replaced: set[str] = set()
+    done: dict[str, str] = {}
     for node in proto.graph.node:
         for k, name in enumerate(node.input):
             if name not in inits:
@@ -135,7 +138,7 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
                 numpy_helper.from_array(zp.astype(np.int8) if lw.per_channel else np.array(int(zp.reshape(-1)[0]), np.int8),
                                         f"{q}_zero_point"),
             ])
-            kw = {"axis": (1 if transposed else 0)} if lw.per_channel else {}
+            kw: dict[str, Any] = {"axis": (1 if transposed else 0)} if lw.per_channel else {}
             new_nodes.append(helper.make_node("DequantizeLinear", [q, f"{q}_scale", f"{q}_zero_point"], [f"{q}_dq"],
                                               name=f"{q}_dq", **kw))
             node.input[k] = done[name] = f"{q}_dq"

@@ -12,7 +12,7 @@ exactly what the torch operation computes.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,4 +110,4 @@ def _float_softmax(x: Tensor, dim: int) -> Tensor:
 
 
 #: name -> function(x, dim); an integer-softmax approximation registers itself here
-SOFTMAX_IMPLS = {"float": _float_softmax}
+SOFTMAX_IMPLS: dict[str, Callable[..., Tensor]] = {"float": _float_softmax}

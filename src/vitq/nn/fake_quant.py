@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,11 @@ class FakeQuant(nn.Module):
 
     Per-token specs are dynamic: their parameters come from each input's own min / max.
     """
+
+    if TYPE_CHECKING:  # the quantizer's parameters are buffers registered by name (scale, zero_point, ...)
+        def __getattr__(self, name: str) -> Tensor: ...
+
+    initialized: Tensor
 
     def __init__(self, spec: QuantSpec, role: Role, site: str = "", kind: str = "act") -> None:
         super().__init__()

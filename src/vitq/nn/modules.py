@@ -7,7 +7,7 @@ model computes exactly what the float model computes.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from ..roles import Role
 from .fake_quant import FakeQuant
 
 
-def quantized_weight(layer: nn.Module) -> Tensor:
+def quantized_weight(layer: Any) -> Tensor:
     """The layer's weight through its weight quantizer.
 
     In inference (no grad, eval mode) the result is cached and reused until the weight or any of the
@@ -54,6 +54,7 @@ class QLinear(nn.Linear, QuantSlots):
 
     input_quant: Optional[FakeQuant]
     weight_quant: Optional[FakeQuant]
+    role: Role
 
     @classmethod
     def from_float(cls, lin: nn.Linear, role: Role) -> "QLinear":
@@ -78,6 +79,7 @@ class QConv2d(nn.Conv2d, QuantSlots):
 
     input_quant: Optional[FakeQuant]
     weight_quant: Optional[FakeQuant]
+    role: Role
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, role: Role) -> "QConv2d":

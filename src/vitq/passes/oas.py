@@ -102,7 +102,7 @@ def _selection(self: Any) -> dict[str, Any]:
 
 #: the ``oas`` pass's options: every ReconConfig option but ``slicing`` (QDrop's p = 0.5 by default,
 #: as the published OAS setting), then the selection's own; one frozen dataclass made from both
-OASOptions = make_dataclass(
+OASOptions: Any = make_dataclass(
     "OASOptions",
     [(f.name, f.type, field(default=0.5 if f.name == "qdrop_p" else f.default, metadata=f.metadata))
      for f in fields(ReconConfig) if f.name != "slicing"] + list(SELECT_FIELDS),
@@ -229,7 +229,7 @@ def select_slicing(model: nn.Module, ctx: Any, cfg: ReconConfig, images: Tensor,
         raise ConfigError(f"oas tau={tau} must be > 0 (or 'auto' = 2^(A-1))")
     dev = next(iter(model.parameters())).device
     ratios = boundary_outlier_ratios(fp_chain, images[: int(outlier_images)].to(dev))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for s, units in cands:
         cuts = [a for a, _ in units if a > 0]
         rows.append({"slicing": str(s), "units": len(units), "blocks_per_unit": round(blocks_per_unit(fp_chain, units), 3),

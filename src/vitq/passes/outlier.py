@@ -134,7 +134,7 @@ def _tile(a: Tensor, tile: int) -> Tensor:
 
 
 # -- statistics -----------------------------------------------------------------------------------
-def _get(model: nn.Module, name: str) -> nn.Module:
+def _get(model: nn.Module, name: str) -> Any:
     try:
         return model.get_submodule(name)
     except AttributeError:

@@ -71,7 +71,7 @@ def _searchable(fq: Any) -> bool:
 
 
 def search_layers(model: nn.Module, roles: Optional[Sequence[str]] = None,
-                  quantizers: Optional[Sequence[str]] = None) -> list[tuple[nn.Module, list[str]]]:
+                  quantizers: Optional[Sequence[str]] = None) -> list[tuple[Any, list[str]]]:
     """``(layer, slots to search)`` for every quantizable layer with a searchable FakeQuant (optionally
     only the FakeQuants of the given roles and / or quantizer names)."""
     keep = None if roles is None else {parse_role(r) for r in roles}
@@ -154,7 +154,7 @@ def unit_max(grad: Tensor, where: str) -> Tensor:
 
 
 @torch.no_grad()
-def search_layer(layer: nn.Module, slots: Sequence[str], args: tuple[Tensor, ...], out_fp: Tensor,
+def search_layer(layer: Any, slots: Sequence[str], args: tuple[Tensor, ...], out_fp: Tensor,
                  grad: Optional[Tensor], metric_name: str, rounds: int, alpha: float = 0.01, beta: float = 1.2,
                  steps: int = 100) -> dict[str, Params]:
     """Alternating search of ``slots`` of one layer; returns the best parameters per slot.

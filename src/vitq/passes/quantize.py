@@ -16,7 +16,8 @@ class SiteRules(Protocol):
     """What inserting quantizers needs of a recipe (:class:`vitq.recipes.Recipe` is one): the rule of
     each site and the softmax implementation. Passes sit below recipes, so they name only this."""
 
-    softmax: str
+    @property
+    def softmax(self) -> str: ...
 
     def rule_for(self, kind: str, role: Role, module_name: str) -> Optional["SiteRule"]: ...
 

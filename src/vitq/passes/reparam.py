@@ -26,7 +26,7 @@ from ..errors import ModelError
 log = logging.getLogger(__name__)
 
 
-def _get(model: nn.Module, name: str) -> nn.Module:
+def _get(model: nn.Module, name: str) -> Any:
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -34,7 +34,7 @@ def _get(model: nn.Module, name: str) -> nn.Module:
 
 
 @torch.no_grad()
-def fold_ln_affine(ln: nn.Module, consumers: list[nn.Module], r: Tensor, b: Optional[Tensor] = None) -> None:
+def fold_ln_affine(ln: Any, consumers: list[Any], r: Tensor, b: Optional[Tensor] = None) -> None:
     """Apply the exact LN/Linear rewrite above in place (``r``: per-channel, positive)."""
     if getattr(ln, "weight", None) is None or getattr(ln, "bias", None) is None:
         raise ModelError("LayerNorm without affine parameters cannot be reparameterized")

@@ -161,7 +161,7 @@ def reparameterize(model: nn.Module, target: str = "mean", round_zero_point: boo
     adapter = adapter or get_adapter(model)
     done = 0
     for pair in adapter.ln_consumers(model):
-        ln = model.get_submodule(pair.ln_name)
+        ln: Any = model.get_submodule(pair.ln_name)
         consumers = [model.get_submodule(n) for n in pair.consumer_names]
         slots = [_act_slot(c) for c in consumers]
         fqs = [getattr(c, s) for c, s in zip(consumers, slots, strict=True)]

@@ -27,6 +27,7 @@ The alternative reading - four short gradient (LSQ) epochs - is the engine's ``a
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -153,6 +154,15 @@ class _UnitEval:
         return tot / x.shape[0]
 
 
+def _loss_of_site(ev: _UnitEval, piece_of: list[int], i: int) -> float:
+    """The unit's loss re-run from the piece that holds site ``i`` (coordinate_search's objective)."""
+    return ev.loss_from(piece_of[i])
+
+
+def _invalidate_site(ev: _UnitEval, piece_of: list[int], i: int) -> None:
+    ev.invalidate_after(piece_of[i])
+
+
 # -- the pass -------------------------------------------------------------------------------------
 def _batched(pieces: Sequence[Piece], x: Tensor, bs: int, dev: torch.device) -> Tensor:
     return torch.cat([run_pieces(pieces, x[i:i + bs].to(dev)).cpu() for i in range(0, x.shape[0], bs)])
@@ -199,8 +209,8 @@ def search_act_scales(model: nn.Module, cfg: ScaleSearchConfig, ctx: Any, images
             s_before = [float(fq.scale.float().mean()) for fq in sites]
             if sites:
                 losses = coordinate_search(
-                    sites, lambda i, ev=ev, po=piece_of: ev.loss_from(po[i]), cfg.steps, cfg.points, cfg.span,
-                    cfg.shrink, changed=lambda i, ev=ev, po=piece_of: ev.invalidate_after(po[i]))
+                    sites, functools.partial(_loss_of_site, ev, piece_of), cfg.steps, cfg.points, cfg.span,
+                    cfg.shrink, changed=functools.partial(_invalidate_site, ev, piece_of))
             else:
                 losses = [ev.loss_from(0)]
             rep = {"unit": uname, "sites": len(sites), "losses": losses,

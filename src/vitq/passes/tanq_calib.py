@@ -26,7 +26,7 @@ from .registry import register_pass
 
 log = logging.getLogger(__name__)
 
-def tanq_sites(model: nn.Module) -> list[tuple[nn.Module, FakeQuant]]:
+def tanq_sites(model: nn.Module) -> list[tuple[Any, FakeQuant]]:
     """``(matmul_av, its probabilities FakeQuant)`` for every attention core quantized with tanq."""
     out = []
     for m in model.modules():

@@ -27,7 +27,7 @@ TINY = 1e-30
 
 class _LogQuantizer:
     name = "log2"
-    param_names = ("scale",)
+    param_names: tuple[str, ...] = ("scale",)
     steps_per_octave = 1
 
     def check_spec(self, spec: QuantSpec) -> None:

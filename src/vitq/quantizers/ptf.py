@@ -78,7 +78,7 @@ class ShiftedUniform:
     """Asymmetric uniform codes with a per-channel power-of-two step (the PTF / O-2SF formula)."""
 
     name = "shifted_uniform"  # abstract: subclasses register under their own names
-    param_names = ("scale", "zero_point", "shift")
+    param_names: tuple[str, ...] = ("scale", "zero_point", "shift")
     options: tuple[str, ...] = ()
 
     def _check_common(self, spec: QuantSpec) -> None:

@@ -96,7 +96,7 @@ def lut(p: Params, spec: QuantSpec) -> Tensor:
 
 class TanQuantizer:
     name = "tanq"
-    param_names = ("scale", "theta")
+    param_names: tuple[str, ...] = ("scale", "theta")
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.symmetric:

@@ -219,7 +219,7 @@ def _select(x: Tensor, regs: Sequence[Region], rnd: Callable[[Tensor], Tensor]) 
         best_v = torch.where(better, v, best_v)
         best_e = torch.where(better, e, best_e)
         best_sat = torch.where(better, sat, best_sat)
-    assert best_c is not None and best_v is not None and best_sat is not None
+    assert best_c is not None and best_v is not None and best_sat is not None and g_lo is not None and g_hi is not None
     if x.requires_grad:
         gap = best_sat & (xd >= g_lo) & (xd <= g_hi)
         best_v = best_v + torch.where(gap, x - xd, torch.zeros_like(x))  # adds exact zeros
@@ -282,7 +282,7 @@ class _TwoScale:
     """Shared maths of ``twin_uniform`` and ``v2sf`` (per-tensor, piecewise-uniform codes)."""
 
     name = "two_scale"
-    param_names = ("scale", "shift", "scale_neg")
+    param_names: tuple[str, ...] = ("scale", "shift", "scale_neg")
 
     # -- spec ----------------------------------------------------------------------------------
     def _allowed(self, mode: str) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ ROUND_OFFSET = "round_offset"
 
 class UniformQuantizer:
     name = "uniform"
-    param_names = ("scale", "zero_point")
+    param_names: tuple[str, ...] = ("scale", "zero_point")
 
     def check_spec(self, spec: QuantSpec) -> None:
         pass

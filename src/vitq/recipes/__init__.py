@@ -32,6 +32,7 @@ import yaml
 
 from ..bits import Bits
 from ..errors import ConfigError
+from ..granularity import parse_granularity
 from ..nn import SOFTMAX_IMPLS
 from ..passes import PASSES, PassOptions, get_pass, parse_options
 from ..quantizers.base import QuantSpec
@@ -76,7 +77,7 @@ class SiteRule:
     def resolve(self, bits: Bits) -> QuantSpec:
         b = bits.w if self.bits == "W" else bits.a if self.bits == "A" else int(self.bits)
         return QuantSpec(quantizer=self.quantizer, bits=b, symmetric=self.symmetric,
-                         granularity=self.granularity, observer=self.observer,
+                         granularity=parse_granularity(self.granularity), observer=self.observer,
                          percentile=self.percentile, options=self.options)
 
     def to_dict(self) -> dict[str, Any]:

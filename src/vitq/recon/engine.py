@@ -202,7 +202,7 @@ def act_sites(mods: Sequence[nn.Module]) -> list[FakeQuant]:
     return [m for m in mods if isinstance(m, FakeQuant) and m.kind == "act" and m.enabled]
 
 
-def weight_slots(mods: Sequence[nn.Module], only: Optional[set[int]] = None) -> list[tuple[nn.Module, str, FakeQuant]]:
+def weight_slots(mods: Sequence[nn.Module], only: Optional[set[int]] = None) -> list[tuple[Any, str, FakeQuant]]:
     """``(layer, slot, FakeQuant)`` for every enabled weight quantizer of a unit (or, with ``only``,
     every one whose ``id`` is in it, enabled or not)."""
     out = []
@@ -216,7 +216,8 @@ def weight_slots(mods: Sequence[nn.Module], only: Optional[set[int]] = None) -> 
 
 
 def lsq_sites(mods: Sequence[nn.Module]) -> list[FakeQuant]:
-    out, skipped = [], []
+    out: list[FakeQuant] = []
+    skipped: list[FakeQuant] = []
     for fq in act_sites(mods):
         if fq.spec.dynamic or not bool(fq.initialized):
             continue
@@ -339,8 +340,8 @@ def _fingerprint(cfg: ReconConfig, chain: Sequence[Piece], units: Sequence[tuple
     h.update(json.dumps([list(u) for u in units]).encode())
     h.update(str(seed).encode())
     h.update(str(tuple(images.shape)).encode())
-    h.update(images.float().sum().item().hex().encode())
-    h.update(images.float().pow(2).sum().item().hex().encode())
+    h.update(float(images.float().sum().item()).hex().encode())
+    h.update(float(images.float().pow(2).sum().item()).hex().encode())
     for k, v in model.state_dict().items():  # the calibrated starting point
         if v.is_floating_point() and v.numel():
             h.update(k.encode())
@@ -607,7 +608,7 @@ class Reconstructor:
             for layer, _slot, _fq in weight_slots(mods, only=self._weight_sites):
                 fp_params += [p for p in (layer.weight, getattr(layer, "bias", None)) if isinstance(p, nn.Parameter)]
         scales = [fq.scale for fq in lsq_sites(mods)] if cfg.acts == "lsq" else []
-        counts = {"adaround": len(ada), "lsq": len(scales), "fp_weights": len(fp_params)}
+        counts: dict[str, Any] = {"adaround": len(ada), "lsq": len(scales), "fp_weights": len(fp_params)}
         if not ada and not fp_params and not scales:
             return counts
         for t in (*scales, *fp_params):
@@ -644,8 +645,9 @@ class Reconstructor:
                         cur_c = c
                         cur = tuple(self._to(store.get(s, c)) if store.has(s) else None
                                     for s in ("xq", "xf", "y", "g"))
-                    assert cur is not None
+                    assert cur is not None and cur[0] is not None and cur[2] is not None
                     xq, xf, y, g = cur
+                    assert xq is not None and y is not None
                     weight = 1.0
                     if share is not None:  # data parallel: this rank's rows of the batch, its share of the mean
                         part = distributed.shard_range(len(idx))
@@ -658,6 +660,7 @@ class Reconstructor:
                     dev_idx = idx.to(self.device)
                     x = xq[dev_idx]
                     if cfg.qdrop_p < 1.0:
+                        assert xf is not None
                         x = qdrop_mix(x, xf[dev_idx], float(cfg.qdrop_p), dev_gen, share)
                     out = run_pieces(pieces, x)
                     rec = self.loss.fn(out, y[dev_idx], None if g is None else g[dev_idx], float(cfg.loss_p))
@@ -688,7 +691,8 @@ class Reconstructor:
                 bar.close()
             with torch.no_grad():
                 for layer, slot, fq, mode in ada:  # hard rounding, folded into the weight
-                    layer.weight.copy_(mode.hard_weight(layer.weight))
+                    w = layer.weight
+                    w.copy_(mode.hard_weight(w))
                     setattr(layer, slot, fq)
             for t in (*scales, *fp_params):
                 t.requires_grad_(False)

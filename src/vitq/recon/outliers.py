@@ -33,8 +33,9 @@ def boundary_outlier_ratios(fp_chain: Sequence[Piece], images: Tensor, batch_siz
             amax[i + 1] = a if amax[i + 1] is None else torch.maximum(amax[i + 1], a)  # type: ignore[arg-type]
     out = [float("nan")]
     for i in range(1, n):
-        a = amax[i]
-        assert a is not None
+        found = amax[i]
+        assert found is not None  # set for every piece above
+        a = found
         med = float(a.median())
         out.append(float(a.max()) / med if med > 0 else float("inf"))
     return out

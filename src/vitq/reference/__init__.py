@@ -88,9 +88,9 @@ def _base(name: str) -> str:
     return name[: -len(OUTLIER_SUFFIX)] if name.endswith(OUTLIER_SUFFIX) else name
 
 
-def build_architecture(spec: ReferenceSpec) -> nn.Module:
+def build_architecture(spec: ReferenceSpec) -> Any:
     """The untrained timm module of a reference model, with its preprocessing in ``pretrained_cfg``."""
-    model = build_timm(spec.arch, spec.kwargs)
+    model: Any = build_timm(spec.arch, spec.kwargs)
     cfg = dict(FMNIST_PRETRAINED_CFG)
     cfg["input_size"] = spec.input_size
     cfg["architecture"] = spec.name
@@ -132,7 +132,7 @@ def _load_hf_reference(base: str) -> nn.Module:
     return model
 
 
-def load_reference(name: str, weights: bool = True) -> nn.Module:
+def load_reference(name: str, weights: bool = True) -> Any:
     """Build reference model ``name`` (``fmnist-vit``, ``fmnist-deit-outlier``, ...) in eval mode."""
     outlier = name.endswith(OUTLIER_SUFFIX)
     base = _base(name)

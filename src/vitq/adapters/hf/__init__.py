@@ -51,7 +51,7 @@ def _transformers() -> Any:
     return transformers
 
 
-def model_class(name: str) -> type:
+def model_class(name: str) -> Any:
     """A supported transformers model class by name."""
     if name not in SUPPORTED:
         raise ModelError(f"Hugging Face architecture {name} is not supported: vitq supports {', '.join(SUPPORTED)}")
@@ -130,7 +130,7 @@ def _architecture(config: Any, where: Path) -> str:
                      "(save an image-classification model with save_pretrained)")
 
 
-def finish(m: nn.Module, preprocessor: Optional[dict[str, Any]]) -> nn.Module:
+def finish(m: Any, preprocessor: Optional[dict[str, Any]]) -> nn.Module:
     """Eager attention (the float function vitq's wrapped model reproduces exactly), eval mode, and
     the image-processor settings the data config reads."""
     m.config._attn_implementation = "eager"
@@ -151,26 +151,26 @@ def read_preprocessor(folder: Path) -> dict[str, Any]:
     return d
 
 
-def build_config(m: nn.Module, preprocessor: Optional[dict[str, Any]]) -> dict[str, Any]:
+def build_config(m: Any, preprocessor: Optional[dict[str, Any]]) -> dict[str, Any]:
     """What rebuilds the architecture without the folder: class, config, image-processor settings."""
     return {"architecture": type(m).__name__ if type(m).__name__ in SUPPORTED else _base_name(m),
             "config": m.config.to_dict(), "preprocessor": dict(preprocessor or {})}
 
 
-def _base_name(m: nn.Module) -> str:
+def _base_name(m: Any) -> str:
     for c in type(m).__mro__:
         if c.__name__ in SUPPORTED:
             return c.__name__
     raise ModelError(f"{type(m).__name__} is not a supported Hugging Face model")
 
 
-def hf_num_outputs(model: nn.Module) -> Optional[int]:
+def hf_num_outputs(model: Any) -> Optional[int]:
     """A transformers image classifier's class count (``config.num_labels``)."""
     n = getattr(getattr(model, "config", None), "num_labels", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def hf_data_config(model: nn.Module, num_channels: int, image_size: tuple[int, int]) -> PreprocessConfig:
+def hf_data_config(model: Any, num_channels: int, image_size: tuple[int, int]) -> PreprocessConfig:
     """The preprocessing of a Hugging Face model from its image-processor settings: resize to
     ``size`` (height x width), centre crop to ``crop_size`` when ``do_center_crop``, rescale by 1/255,
     normalise with ``image_mean`` / ``image_std`` (the ViT / DeiT image processors' pipeline)."""
@@ -201,7 +201,7 @@ def hf_data_config(model: nn.Module, num_channels: int, image_size: tuple[int, i
                             crop_pct=float(crop_pct))
 
 
-def hf_image_transform(model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+def hf_image_transform(model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
     """The model's own image processor (``AutoImageProcessor`` on its ``preprocessor_config.json``
     settings): PIL image -> ``pixel_values``. A folder without one gets vitq's transform of the data
     config. The CLI's size / crop / interpolation overrides are refused: they are the processor's."""

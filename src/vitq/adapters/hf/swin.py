@@ -15,7 +15,7 @@ Reconstruction's chain needs each stage's resolution: it is the one the model wa
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor, nn
 
@@ -45,6 +45,9 @@ from .vit import attention_dropout
 class HFSwinAttention(QAttentionCore):
     """Mixed into transformers' ``SwinAttention``."""
 
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any
                 ) -> tuple[Tensor, None]:
         input_shape = hidden_states.shape[:-1]  # (batch * windows, window area)
@@ -65,6 +68,9 @@ class HFSwinAttention(QAttentionCore):
 
 class HFSwinLayer(nn.Module):
     """Mixed into transformers' ``SwinLayer``."""
+
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
 
     add1: QAdd
     add2: QAdd
@@ -98,7 +104,7 @@ class HFSwinLayer(nn.Module):
         return self.forward_mlp(x), None
 
 
-def _is_swin(model: nn.Module) -> bool:
+def _is_swin(model: Any) -> bool:
     return any(c.__name__ == "SwinForImageClassification" and c.__module__.startswith("transformers.")
                for c in type(model).__mro__)
 
@@ -110,22 +116,22 @@ class HFSwinAdapter(Adapter):
     library = "hf"
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
+    def matches(cls, model: Any) -> bool:
         return transformers_available() and _is_swin(model)
 
-    def num_outputs(self, model: nn.Module) -> Optional[int]:
+    def num_outputs(self, model: Any) -> Optional[int]:
         return hf_num_outputs(model)
 
-    def data_config(self, model: nn.Module) -> PreprocessConfig:
+    def data_config(self, model: Any) -> PreprocessConfig:
         return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
 
-    def image_transform(self, model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
         return hf_image_transform(model, cfg)
 
-    def is_wrapped(self, model: nn.Module) -> bool:
+    def is_wrapped(self, model: Any) -> bool:
         return isinstance(model.swin.encoder.layers[0].blocks[0], HFSwinLayer)
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: Any) -> None:
         from transformers.models.swin.modeling_swin import SwinAttention, SwinLayer, SwinMLP, SwinPatchMerging
 
         act = getattr(model.config, "hidden_act", None)
@@ -142,7 +148,7 @@ class HFSwinAdapter(Adapter):
         if not isinstance(model.classifier, (nn.Linear, nn.Identity)):
             raise ModelError(f"classifier of type {type(model.classifier).__name__} is not supported: nn.Linear only")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: Any) -> nn.Module:
         self.check(model)
         sw = model.swin
         swap_conv(sw.embeddings.patch_embeddings, "projection", Role.PATCH_EMBED)
@@ -172,7 +178,7 @@ class HFSwinAdapter(Adapter):
         check_nothing_left(model)
         return model
 
-    def ln_consumers(self, model: nn.Module) -> list[LNPair]:
+    def ln_consumers(self, model: Any) -> list[LNPair]:
         pairs = []
         for si, stage in enumerate(model.swin.encoder.layers):
             for bi, _ in enumerate(stage.blocks):
@@ -185,7 +191,7 @@ class HFSwinAdapter(Adapter):
                 pairs.append(LNPair(f"{d}.norm", (f"{d}.reduction",), Role.REDUCTION_IN))
         return pairs
 
-    def residual_streams(self, model: nn.Module) -> list[ResidualStream]:
+    def residual_streams(self, model: Any) -> list[ResidualStream]:
         """One stream per stage: stage 0's written by the patch-embedding norm (and the absolute
         position embedding if any), a later stage's by the previous stage's patch-merging reduction;
         within a stage by o_proj / fc2 of every layer. Read by layernorm_before / _after, and at the
@@ -213,7 +219,7 @@ class HFSwinAdapter(Adapter):
         streams.append(ResidualStream(f"stage{len(streams)}", width, tuple(w), tuple(r)))
         return streams
 
-    def chain(self, model: nn.Module) -> list[Piece]:
+    def chain(self, model: Any) -> list[Piece]:
         """embed (patch embedding + its norm) | per stage: per layer attn half, mlp half, then merge
         (patch merging; counted in the next stage, as timm's Swin places it) | head (final layernorm,
         average pooling, classifier)."""
@@ -240,7 +246,7 @@ class HFSwinAdapter(Adapter):
                 dims = tuple(blk.input_resolution)
                 p = f"layers.{si}.blocks.{bi}"
 
-                def attn(x: Tensor, blk: nn.Module = blk, dims: tuple[int, ...] = dims) -> Tensor:
+                def attn(x: Tensor, blk: Any = blk, dims: tuple[int, ...] = dims) -> Tensor:
                     return blk.forward_attn(x, dims)
 
                 pieces.append(Piece(f"{p}.attn", "attn", attn, (blk.layernorm_before, blk.attention, blk.add1),

@@ -14,7 +14,7 @@ mixed in place (:func:`~vitq.adapters.base.mix_in`):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ def additive_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def attention_dropout(module: nn.Module) -> Any:
+def attention_dropout(module: Any) -> Any:
     p = float(getattr(module, "attention_dropout", 0.0) or 0.0)
     if not module.training or p == 0.0:
         return None
@@ -65,6 +65,9 @@ def attention_dropout(module: nn.Module) -> Any:
 
 class HFViTAttention(QAttentionCore):
     """Mixed into transformers' ``ViTAttention`` / ``DeiTAttention``."""
+
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any
                 ) -> tuple[Tensor, None]:
@@ -82,6 +85,9 @@ class HFViTAttention(QAttentionCore):
 class HFViTLayer(nn.Module):
     """Mixed into transformers' ``ViTLayer`` / ``DeiTLayer``."""
 
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
     add1: QAdd
     add2: QAdd
 
@@ -96,7 +102,7 @@ class HFViTLayer(nn.Module):
         return self.forward_mlp(self.forward_attn(hidden_states, attention_mask, **kwargs))
 
 
-def _model_name(model: nn.Module) -> Optional[str]:
+def _model_name(model: Any) -> Optional[str]:
     for c in type(model).__mro__:
         if c.__name__ in MODELS and c.__module__.startswith("transformers."):
             return c.__name__
@@ -111,29 +117,29 @@ class HFViTAdapter(Adapter):
     library = "hf"
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
+    def matches(cls, model: Any) -> bool:
         return transformers_available() and _model_name(model) is not None
 
-    def _parts(self, model: nn.Module) -> tuple[str, nn.Module, tuple[str, ...]]:
+    def _parts(self, model: Any) -> tuple[str, Any, tuple[str, ...]]:
         name = _model_name(model)
         assert name is not None
         prefix, heads = MODELS[name]
         return prefix, getattr(model, prefix), heads
 
-    def num_outputs(self, model: nn.Module) -> Optional[int]:
+    def num_outputs(self, model: Any) -> Optional[int]:
         return hf_num_outputs(model)
 
-    def data_config(self, model: nn.Module) -> PreprocessConfig:
+    def data_config(self, model: Any) -> PreprocessConfig:
         return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
 
-    def image_transform(self, model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
         return hf_image_transform(model, cfg)
 
-    def is_wrapped(self, model: nn.Module) -> bool:
+    def is_wrapped(self, model: Any) -> bool:
         _, base, _ = self._parts(model)
         return len(base.layers) > 0 and isinstance(base.layers[0], HFViTLayer)
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: Any) -> None:
         from transformers.models.deit.modeling_deit import DeiTAttention, DeiTLayer, DeiTMLP
         from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTMLP
 
@@ -152,7 +158,7 @@ class HFViTAdapter(Adapter):
             if not isinstance(getattr(model, h), (nn.Linear, nn.Identity)):
                 raise ModelError(f"head {h} of type {type(getattr(model, h)).__name__} is not supported: nn.Linear only")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: Any) -> nn.Module:
         self.check(model)
         _, base, heads = self._parts(model)
         swap_conv(base.embeddings.patch_embeddings, "projection", Role.PATCH_EMBED)
@@ -178,7 +184,7 @@ class HFViTAdapter(Adapter):
         check_nothing_left(model)
         return model
 
-    def ln_consumers(self, model: nn.Module) -> list[LNPair]:
+    def ln_consumers(self, model: Any) -> list[LNPair]:
         prefix, base, _ = self._parts(model)
         pairs = []
         for i, _ in enumerate(base.layers):
@@ -188,7 +194,7 @@ class HFViTAdapter(Adapter):
             pairs.append(LNPair(f"{p}.layernorm_after", (f"{p}.mlp.fc1",), Role.FC1_IN))
         return pairs
 
-    def residual_streams(self, model: nn.Module) -> list[ResidualStream]:
+    def residual_streams(self, model: Any) -> list[ResidualStream]:
         """One stream: written by the patch projection, the class / distillation tokens and the
         position embedding, and by o_proj / fc2 of every layer; read by layernorm_before / _after and
         the final layernorm."""
@@ -206,7 +212,7 @@ class HFViTAdapter(Adapter):
         r.append(StreamReader(f"{prefix}.layernorm", "ln"))
         return [ResidualStream("stream", int(model.config.hidden_size), tuple(w), tuple(r))]
 
-    def chain(self, model: nn.Module) -> list[Piece]:
+    def chain(self, model: Any) -> list[Piece]:
         """embed (patch embedding, tokens, position embedding) | per layer: attn half, mlp half |
         head (final layernorm, token pooling, classifier(s))."""
         if not self.is_wrapped(model):

@@ -74,7 +74,7 @@ class TimmLibrary(ModelLibrary):
     def build(self, source: ModelSource) -> nn.Module:
         import timm
 
-        kw = {} if source.num_classes is None else {"num_classes": source.num_classes}
+        kw: dict[str, Any] = {} if source.num_classes is None else {"num_classes": source.num_classes}
         try:
             return timm.create_model(source.name, pretrained=False, **kw).eval()
         except Exception as e:  # timm raises many types for bad arguments
@@ -84,13 +84,13 @@ class TimmLibrary(ModelLibrary):
 register_library(TimmLibrary())
 
 
-def timm_num_outputs(model: nn.Module) -> Optional[int]:
+def timm_num_outputs(model: Any) -> Optional[int]:
     """A timm classifier's class count (``num_classes``; 0 is a model without a head)."""
     n = getattr(model, "num_classes", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def timm_data_config(model: nn.Module, in_chans: Optional[int], img_size: Optional[tuple[int, int]]) -> PreprocessConfig:
+def timm_data_config(model: Any, in_chans: Optional[int], img_size: Optional[tuple[int, int]]) -> PreprocessConfig:
     """The preprocessing a timm model expects, from its ``pretrained_cfg`` (input size, mean / std,
     interpolation, crop_pct), with the channel count and image size the model is actually built for."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -123,14 +123,14 @@ def timm_image_transform(cfg: PreprocessConfig) -> Callable[[Any], Tensor]:
                             crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode, is_training=False)
 
 
-def accepts_any_size(model: nn.Module) -> bool:
+def accepts_any_size(model: Any) -> bool:
     """A timm model built for dynamic input sizes (``dynamic_img_size=True``: patch embedding not strict)."""
     pe = getattr(model, "patch_embed", None)
     return bool(getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_size", False)
                 or getattr(pe, "strict_img_size", True) is False)
 
 
-def patch_embed_geometry(model: nn.Module) -> tuple[Optional[int], Optional[tuple[int, int]]]:
+def patch_embed_geometry(model: Any) -> tuple[Optional[int], Optional[tuple[int, int]]]:
     """``(in_chans, img_size)`` of a timm model's ``patch_embed`` (``img_size`` None when dynamic)."""
     pe = getattr(model, "patch_embed", None)
     proj = getattr(pe, "proj", None)

@@ -10,7 +10,7 @@ patch merging).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor, nn
 
@@ -41,7 +41,10 @@ class TimmWindowAttention(QAttentionCore):
     """Replacement for ``timm.models.swin_transformer.WindowAttention`` (relative position bias,
     shifted-window mask)."""
 
-    def __init__(self, attn: nn.Module) -> None:
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
+    def __init__(self, attn: Any) -> None:
         super().__init__()
         self.dim = attn.dim
         self.window_size = attn.window_size
@@ -77,11 +80,14 @@ class TimmWindowAttention(QAttentionCore):
 class TimmSwinBlock(nn.Module):
     """Behaviour mixed into timm's ``SwinTransformerBlock`` (inputs and outputs are B,H,W,C)."""
 
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
     add1: QAdd
     add2: QAdd
 
     @staticmethod
-    def from_float(block: nn.Module) -> nn.Module:
+    def from_float(block: Any) -> nn.Module:
         mix_in(block, TimmSwinBlock)
         if "add1" not in block._modules:
             block.add1 = QAdd()
@@ -109,27 +115,27 @@ class TimmSwinAdapter(Adapter):
     library = "timm"
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
+    def matches(cls, model: Any) -> bool:
         from timm.models.swin_transformer import SwinTransformer
 
         return isinstance(model, SwinTransformer)
 
-    def num_outputs(self, model: nn.Module) -> Optional[int]:
+    def num_outputs(self, model: Any) -> Optional[int]:
         return timm_num_outputs(model)
 
-    def data_config(self, model: nn.Module) -> PreprocessConfig:
+    def data_config(self, model: Any) -> PreprocessConfig:
         return timm_data_config(model, *patch_embed_geometry(model))
 
-    def image_transform(self, model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
         return timm_image_transform(cfg), "timm.data.create_transform"
 
-    def accepts_input_size(self, model: nn.Module, hw: tuple[int, int]) -> bool:
+    def accepts_input_size(self, model: Any, hw: tuple[int, int]) -> bool:
         return accepts_any_size(model) or super().accepts_input_size(model, hw)
 
-    def is_wrapped(self, model: nn.Module) -> bool:
+    def is_wrapped(self, model: Any) -> bool:
         return isinstance(model.layers[0].blocks[0], TimmSwinBlock)
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: Any) -> None:
         from timm.layers import Mlp
         from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 
@@ -148,7 +154,7 @@ class TimmSwinAdapter(Adapter):
         if not isinstance(fc, (nn.Linear, nn.Identity)):
             raise ModelError(f"Swin head fc of type {type(fc).__name__} is not supported: nn.Linear only")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: Any) -> nn.Module:
         self.check(model)
         swap_conv(model.patch_embed, "proj", Role.PATCH_EMBED)
         swap_layernorm(model.patch_embed, "norm")
@@ -172,7 +178,7 @@ class TimmSwinAdapter(Adapter):
         check_nothing_left(model)
         return model
 
-    def ln_consumers(self, model: nn.Module) -> list[LNPair]:
+    def ln_consumers(self, model: Any) -> list[LNPair]:
         pairs = []
         for si, stage in enumerate(model.layers):
             if not isinstance(stage.downsample, nn.Identity):
@@ -184,7 +190,7 @@ class TimmSwinAdapter(Adapter):
                 pairs.append(LNPair(f"{p}.norm2", (f"{p}.mlp.fc1",), Role.FC1_IN))
         return pairs
 
-    def residual_streams(self, model: nn.Module) -> list[ResidualStream]:
+    def residual_streams(self, model: Any) -> list[ResidualStream]:
         """One stream per run of stages between patch mergings. Stage 0's is written by the patch
         embedding (its norm if present, else its conv), a later stage's by its patch-merging
         reduction; within a stage by attn.proj / mlp.fc2 of every block. Read by norm1 / norm2, and
@@ -223,7 +229,7 @@ class TimmSwinAdapter(Adapter):
         close()
         return streams
 
-    def chain(self, model: nn.Module) -> list[Piece]:
+    def chain(self, model: Any) -> list[Piece]:
         """embed (patch embed) | per stage: merge (patch merging), then per block: attn half, mlp
         half | head (final norm, pooling, fc)."""
         if not self.is_wrapped(model):

@@ -12,7 +12,7 @@ distillation token).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,10 @@ def _self_attn_bias(n: int, attn: Tensor, attn_mask: Optional[Tensor], is_causal
 class TimmAttention(QAttentionCore):
     """Replacement for ``timm.layers.Attention`` (ViT, DeiT, and most plain ViT variants)."""
 
-    def __init__(self, attn: nn.Module) -> None:
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
+    def __init__(self, attn: Any) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
         self.head_dim = attn.head_dim
@@ -90,11 +93,14 @@ class TimmAttention(QAttentionCore):
 class TimmBlock(nn.Module):
     """Behaviour mixed into timm's ViT ``Block``: residual adds as QAdd, forward in two halves."""
 
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
     add1: QAdd
     add2: QAdd
 
     @staticmethod
-    def from_float(block: nn.Module) -> nn.Module:
+    def from_float(block: Any) -> nn.Module:
         mix_in(block, TimmBlock)
         if "add1" not in block._modules:
             block.add1 = QAdd()
@@ -121,27 +127,27 @@ class TimmViTAdapter(Adapter):
     library = "timm"
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
+    def matches(cls, model: Any) -> bool:
         from timm.models.vision_transformer import VisionTransformer
 
         return isinstance(model, VisionTransformer)
 
-    def num_outputs(self, model: nn.Module) -> Optional[int]:
+    def num_outputs(self, model: Any) -> Optional[int]:
         return timm_num_outputs(model)
 
-    def data_config(self, model: nn.Module) -> PreprocessConfig:
+    def data_config(self, model: Any) -> PreprocessConfig:
         return timm_data_config(model, *patch_embed_geometry(model))
 
-    def image_transform(self, model: nn.Module, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
         return timm_image_transform(cfg), "timm.data.create_transform"
 
-    def accepts_input_size(self, model: nn.Module, hw: tuple[int, int]) -> bool:
+    def accepts_input_size(self, model: Any, hw: tuple[int, int]) -> bool:
         return accepts_any_size(model) or super().accepts_input_size(model, hw)
 
-    def is_wrapped(self, model: nn.Module) -> bool:
+    def is_wrapped(self, model: Any) -> bool:
         return len(model.blocks) > 0 and isinstance(model.blocks[0], TimmBlock)
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: Any) -> None:
         from timm.layers import Mlp
         from timm.layers.attention import Attention
         from timm.models.vision_transformer import Block
@@ -160,7 +166,7 @@ class TimmViTAdapter(Adapter):
         if not isinstance(head, (nn.Linear, nn.Identity)):
             raise ModelError(f"head of type {type(head).__name__} is not supported: nn.Linear only")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: Any) -> nn.Module:
         self.check(model)
         swap_conv(model.patch_embed, "proj", Role.PATCH_EMBED)
         for attr in ("norm_pre", "norm", "fc_norm"):
@@ -181,14 +187,14 @@ class TimmViTAdapter(Adapter):
         check_nothing_left(model)
         return model
 
-    def ln_consumers(self, model: nn.Module) -> list[LNPair]:
+    def ln_consumers(self, model: Any) -> list[LNPair]:
         pairs = []
         for i, _ in enumerate(model.blocks):
             pairs.append(LNPair(f"blocks.{i}.norm1", (f"blocks.{i}.attn.qkv",), Role.QKV_IN))
             pairs.append(LNPair(f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",), Role.FC1_IN))
         return pairs
 
-    def residual_streams(self, model: nn.Module) -> list[ResidualStream]:
+    def residual_streams(self, model: Any) -> list[ResidualStream]:
         """One stream: written by the embedding (norm_pre if it is a LayerNorm; else the patch
         embedding's norm or conv, plus the prefix tokens and position embedding) and by attn.proj /
         mlp.fc2 of every block; read by norm1 / norm2 and the final norm (fc_norm, or the heads'
@@ -223,7 +229,7 @@ class TimmViTAdapter(Adapter):
             r += [StreamReader(h, "cols") for h in heads]
         return [ResidualStream("stream", int(model.embed_dim), tuple(w), tuple(r))]
 
-    def chain(self, model: nn.Module) -> list[Piece]:
+    def chain(self, model: Any) -> list[Piece]:
         """embed (patch embed, position embedding, norm_pre) | per block: attn half, mlp half |
         head (final norm, pooling, fc_norm, head / head_dist)."""
         if not self.is_wrapped(model):
