@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from .fake_quant import FakeQuant
 
@@ -40,7 +40,7 @@ def calibrate_weights(model: nn.Module) -> None:
     for m in model.modules():
         wq = getattr(m, "weight_quant", None)
         if isinstance(wq, FakeQuant) and wq.enabled:
-            wq.calibrate_weight(m.weight)
+            wq.calibrate_weight(cast(Tensor, m.weight))
 
 
 @contextmanager

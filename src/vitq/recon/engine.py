@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -691,7 +691,7 @@ class Reconstructor:
                 bar.close()
             with torch.no_grad():
                 for layer, slot, fq, mode in ada:  # hard rounding, folded into the weight
-                    w = layer.weight
+                    w = cast(Tensor, layer.weight)
                     w.copy_(mode.hard_weight(w))
                     setattr(layer, slot, fq)
             for t in (*scales, *fp_params):
