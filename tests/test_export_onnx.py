@@ -151,7 +151,7 @@ def test_cli_quantize_export_verify(tmp_path: Path) -> None:
     from vitq.cli import main
 
     run = tmp_path / "run"
-    assert main(["quantize", "fmnist-vit", "--bits", "W8A8", "--eval-size", "500", "--no-progress", "--out", str(run),
+    assert main(["quantize", "fmnist-vit", "--recipe", "minmax", "--bits", "W8A8", "--eval-size", "500", "--no-progress", "--out", str(run),
                  "--export", "onnx", "--max-top1-diff", "1.0", "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert abs(r["export"]["verify"]["top1_diff"]) <= 1.0 and (run / "model.onnx").is_file()
