@@ -2,6 +2,6 @@
 
 Standing benchmarks (their figures are in ``bench/results/``): ``baselines``, ``recon``, ``dopq``, ``aocq``,
 ``granularity``, ``best``, ``mixed_precision``, ``deploy``, ``export_parity``, ``hf_parity``, ``recon_cost``,
-``gpu``. One-off investigations are in ``bench/studies/``. Shared plumbing and the one report writer:
+``gpu``, and ``peers`` (vitq beside the peers' own code). One-off investigations are in ``bench/studies/``. Shared plumbing and the one report writer:
 ``bench.common``.
 """

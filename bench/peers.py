@@ -173,7 +173,22 @@ def repq_worker(model_name: str, bits_list: list[str], seeds: list[int], out: st
     torch.save(res, out)
 
 
+CACHE = ROOT / "bench" / "cache" / "peers"
+
+
 def run_peer(repq_dir: Path, model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
+    """The peer's predictions per ``bits/seed``, cached per model and peer commit (they do not depend on vitq)."""
+    cache = CACHE / f"repq-{_commit(repq_dir)[:12]}-{model_name}.pt"
+    have: dict[str, Any] = torch.load(cache, weights_only=False) if cache.is_file() else {}
+    todo_bits = [b for b in bits_list if any(f"{b}/{s}" not in have for s in seeds)]
+    if todo_bits:
+        have.update(_run_peer(repq_dir, model_name, todo_bits, seeds))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(have, cache)
+    return have
+
+
+def _run_peer(repq_dir: Path, model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peer.pt"
         env = {**os.environ, "OMP_NUM_THREADS": "1",

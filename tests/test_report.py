@@ -77,7 +77,7 @@ def test_levels_are_the_quantizer_grid() -> None:
     assert torch.allclose(step, uni.scale.reshape(()).expand_as(step), rtol=1e-4)
     log = next(fq for fq in fake_quants(q, "act") if fq.role.value == "ATTN_PROBS")
     lv = levels(log, 0.0, 1.0)
-    assert lv is not None and 2 < len(lv) <= 16 and float(lv[0]) == 0.0
+    assert lv is not None and 2 < len(lv) <= 17 and float(lv[0]) == 0.0  # 2^A power levels + zero (repq: extra_zero)
     w = next(fq for fq in fake_quants(q, "weight"))
     assert levels(w, -1.0, 1.0) is None  # per-channel: one grid per channel, not drawn
 
