@@ -4,6 +4,7 @@ what does not match. Family-neutral: adapters and libraries use it to load check
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -23,6 +24,19 @@ def file_sha256(path: "str | os.PathLike[str]") -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_record(path: "str | os.PathLike[str]", fix: str) -> dict[str, Any]:
+    """A JSON object written by vitq (a run record); anything else is one ConfigError naming the file."""
+    from .errors import ConfigError
+
+    try:
+        obj = json.loads(Path(path).read_text())
+        if not isinstance(obj, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError):
+        raise ConfigError(f"{path} is unreadable (truncated or edited): {fix}") from None
+    return obj
 
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "model_ema", "state_dict_ema")

@@ -346,13 +346,9 @@ def _check_resume_args(args: argparse.Namespace) -> None:
     rec = Path(args.resume_dir) / RESUME_RECORD
     holds_state = any(p.name != RESUME_RECORD and not p.name.endswith(".tmp") for p in rec.parent.iterdir())
     if rec.is_file() and holds_state:  # without saved state there is nothing to mix up: the record is rewritten
-        try:
-            old = json.loads(rec.read_text())
-            if not isinstance(old, dict):
-                raise ValueError("not an object")
-        except (OSError, ValueError):
-            raise ConfigError(f"--resume-dir {args.resume_dir}: {RESUME_RECORD} is unreadable (truncated or edited): "
-                              "delete that folder to start over, or pass another --resume-dir") from None
+        from .checkpoints import read_record
+
+        old = read_record(rec, "delete that --resume-dir folder to start over, or pass another --resume-dir")
         diff = [k for k in RESUME_ARGS if old.get(k) != here[k]]
         if diff:
             shown = ", ".join(_describe(k, old.get(k), here[k]) for k in diff[:3])

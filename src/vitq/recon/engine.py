@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..adapters import Adapter, Piece, get_adapter
-from ..checkpoints import file_sha256, load_into
+from ..checkpoints import file_sha256, load_into, read_record
 from ..devices import model_device
 from ..errors import CalibrationError, ConfigError, check_field_types
 from ..nn import FakeQuant, QuantSlots
@@ -482,13 +482,7 @@ class Reconstructor:
         run_dir.mkdir(parents=True, exist_ok=True)
         meta_p, state_p = run_dir / RUN_FILE, run_dir / STATE_FILE
         if meta_p.is_file():
-            try:
-                meta = json.loads(meta_p.read_text())
-                if not isinstance(meta, dict):
-                    raise ValueError("not an object")
-            except (OSError, ValueError):
-                raise ConfigError(f"{meta_p} is unreadable (truncated or edited): delete {run_dir} to start over, or "
-                                  "pass another --resume-dir") from None
+            meta = read_record(meta_p, f"delete {run_dir} to start over, or pass another --resume-dir")
             if meta.get("fingerprint") != key:
                 raise ConfigError(f"run directory {run_dir} holds a different run (other options, model or data): "
                                   "pass another --resume-dir or delete that folder")
