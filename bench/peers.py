@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """Baseline fidelity: vitq's recipe beside the peer's own, unmodified code, on every reference model.
 
-    python -m bench.peers --repq DIR                 # DIR: a checkout of zkkli/RepQ-ViT (not part of vitq)
-    python -m bench.peers --repq DIR --models fmnist-deit --bits W3A3 --seeds 0
+    python -m bench.peers --repq DIR --ptq4vit DIR2 --fqvit DIR3   # checkouts of the peers (not part of vitq)
+    python -m bench.peers --ptq4vit DIR2 --models fmnist-deit --bits W3A3 --seeds 0
     python -m bench.peers --render
 
-RepQ-ViT: its ``test_quant.main()`` runs as it is, in a worker process that imports the checkout's
-``classification/`` folder; the glue hands it our model and data instead of an ImageNet folder and a
-pretrained download: ``build_model`` is the peer's own, with ``timm.create_model`` answering our reference
-model; ``build_dataset`` yields one batch of the calibration images (its ``--calib-batchsize`` 32 = vitq
-``repq``'s ``calib_size``) and the test images; ``validate`` is vitq's ``predict`` on the model the peer
-quantized. Everything between (``quant_model``, the first calibration forward, the scale
-reparameterization, the re-calibration) is the peer's code. Shims, only where timm 1.x changed an interface
-the peer's code relies on (timm 0.4.12 in its requirements):
+Each peer runs in a worker process that imports its checkout; the glue hands the peer's own entry point
+our model and data instead of an ImageNet folder and a pretrained download, and reads its predictions.
+Shims only where the peer's code meets an interface that changed since its timm (0.4.12 / 0.4.x in their
+requirements) or hardware it assumes; each is named here and ``--check-shims`` shows the model-side ones
+keep the float function.
+
+**RepQ-ViT** (zkkli/RepQ-ViT, ``classification/test_quant.main()``, recipe ``repq``): ``build_model`` is
+the peer's own, with ``timm.create_model`` answering our reference model; ``build_dataset`` yields one batch
+of the calibration images (its ``--calib-batchsize`` 32 = vitq ``repq``'s ``calib_size``) and the test
+images; ``validate`` is vitq's ``predict`` on the model the peer quantized. Everything between
+(``quant_model``, the first calibration forward, the scale reparameterization, the re-calibration) is the
+peer's code. Shims:
 
 * ``Attention.forward`` is called with ``attn_mask`` / ``is_causal`` keywords in timm 1.x: the peer's
   replacement forward takes ``x`` alone, so a wrapper drops them (they are None / False here);
@@ -24,15 +28,37 @@ the peer's code relies on (timm 0.4.12 in its requirements):
   input as a convolution's (channels on dim 0), so the merge is computed on (B, L, 4C) tokens as in timm
   0.4.12 (the same function; tested against timm's in this file's ``--check-shims``).
 
+**PTQ4ViT** (hahnyuan/PTQ4ViT, ``example/test_all.test_all()`` with its own ``cfg_modifier`` at
+``linear_ptq_setting=(1, 1, 1)``, ``metric="hessian"``, config ``PTQ4ViT``, 32 calibration images; recipe
+``ptq4vit``): ``utils.models.get_net`` is the peer's own (it swaps in its attention forwards with
+``matmul1`` / ``matmul2``), with ``timm.create_model`` answering our model; ``ViTImageNetLoaderGenerator``
+gives a calibration loader of the 32 images (batch 32) and the test batches; ``test_classification`` is
+vitq's ``predict``. ``net_wrap``, ``HessianQuantCalibrator.batching_quant_calib`` and every quantizer are
+the peer's code. Shims:
+
+* the peer's code is CUDA-only (``.cuda()`` on every tensor and the model); our hosts have no GPU, so
+  ``Tensor.cuda`` / ``Module.cuda`` return their object unchanged in the worker (the arithmetic is the
+  same; the chunking it derives from a 3 GiB GPU budget is kept);
+* ``example/test_all.py`` imports ``timm.models.layers.config`` (unused; ``timm.layers.config`` in timm
+  1.x): it is aliased;
+* ``net_wrap`` maps a Linear to its quantizer by its last name (``head``, ``qkv``, ...) and fails on any
+  other: timm 1.x Swin's classifier is ``head.fc`` (timm 0.4.12: ``head``) and the distilled DeiT's second
+  head ``head_dist`` (also a KeyError in the peer's code on timm 0.4.12): each is put in a one-child
+  container so that it is reached as ``head.fc.head`` / ``head_dist.head`` and quantized as the peer's
+  classifier (``qlinear_classifier``), as vitq's recipe quantizes both heads (the HEAD role).
+* the Attention keyword wrapper of RepQ-ViT's list (timm 1.x ``Block`` passes ``attn_mask``).
+
 Each (model, bits, seed): the same 32 calibration images (``calibration_subset(train, 32, seed)``) and the
-same 10 000 test images for both; top-1 of each and the pooled paired test of vitq against the peer over
+same 10 000 test images for the peer and vitq; top-1 of each and the pooled paired test of vitq against the peer over
 the seeds (``vitq.evaluate.compare_pooled``). Writes ``bench/results/peers.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,7 +67,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import MethodType, SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -67,6 +93,7 @@ OUT = RESULTS / "peers.json"
 BITS = ["W8A8", "W6A6", "W4A4", "W3A3"]
 TARGET = {"W8A8": 1.0, "W6A6": 1.0, "W4A4": 1.0, "W3A3": 1.5}  # |vitq - peer| pooled over 3 seeds
 CALIB = 32
+FQVIT_CALIB = 1000  # FQ-ViT's --calib-batchsize 100 x --calib-iter 10
 
 
 # -- timm 1.x shims (see the module docstring) ------------------------------------------------------------
@@ -131,13 +158,19 @@ def check_shims() -> None:
         print(f"{name}: shims keep the float function (max |diff| {float((ref - got).abs().max()):.2e})")
 
 
-# -- the peer, in a worker process --------------------------------------------------------------------------
-def repq_worker(model_name: str, bits_list: list[str], seeds: list[int], out: str) -> None:
+# -- the peers, each in a worker process -------------------------------------------------------------------
+def _validate_capture(captured: dict[str, Any]) -> Any:
+    def validate(args: Any, val_loader: Any, q_model: nn.Module, criterion: Any, device: Any) -> Any:
+        p = predict(q_model, val_loader)
+        captured["pred"] = p
+        return 0.0, 100.0 * float((p.top1 == p.labels).double().mean()), 0.0
+    return validate
+
+
+def repq_worker(model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
     import test_quant  # the peer's script (classification/ is on this process's PYTHONPATH)
 
     peer_bm = sys.modules["utils.build_model"]  # the peer's module (its package re-exports a function of that name)
-
-    setup(threads=1)
     base = load_reference(model_name)
     fd = FashionData(base)
     batches = list(fd.eval_loader)
@@ -149,55 +182,287 @@ def repq_worker(model_name: str, bits_list: list[str], seeds: list[int], out: st
             model = shim_before(copy.deepcopy(base))
             peer_bm.timm = SimpleNamespace(create_model=lambda name, pretrained=True, _m=model: _m)
             captured: dict[str, Any] = {}
-
-            def validate(args: Any, val_loader: Any, q_model: nn.Module, criterion: Any, device: Any,
-                         _cap: dict[str, Any] = captured) -> Any:
-                p = predict(q_model, val_loader)
-                _cap["pred"] = p
-                top1 = 100.0 * float((p.top1 == p.labels).double().mean())
-                return 0.0, top1, 0.0
-
             test_quant.build_model = lambda name: shim_after(peer_bm.build_model(name))
             test_quant.build_dataset = lambda args, _c=calib: ([_c], batches)
-            test_quant.validate = validate
+            test_quant.validate = _validate_capture(captured)
             test_quant.args = argparse.Namespace(
                 model="swin_tiny" if "swin" in model_name else "deit_small", dataset="", calib_batchsize=CALIB,
                 val_batchsize=256, num_workers=0, device="cpu", print_freq=10**9, seed=seed, w_bits=w, a_bits=a)
             t0 = time.perf_counter()
             test_quant.main()
-            p = captured["pred"]
-            res[f"{bits}/{seed}"] = {"top1": p.top1, "labels": p.labels, "nll": p.nll,
-                                     "seconds": round(time.perf_counter() - t0, 2)}
-            print(f"peer repq {model_name} {bits} seed {seed}: "
-                  f"{100.0 * float((p.top1 == p.labels).double().mean()):.2f}", file=sys.stderr, flush=True)
-    torch.save(res, out)
+            res[f"{bits}/{seed}"] = _record(captured["pred"], time.perf_counter() - t0)
+            _say("RepQ-ViT", model_name, bits, seed, captured["pred"])
+    return res
+
+
+class _Named(nn.Module):
+    """One child under the name the peer's ``net_wrap`` knows (``head``), with the same function."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.head = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def ptq4vit_shim(model: nn.Module) -> nn.Module:
+    """The heads under a name PTQ4ViT's ``net_wrap`` maps (see the module docstring)."""
+    head = getattr(model, "head", None)
+    if head is not None and isinstance(getattr(head, "fc", None), nn.Linear):  # timm 1.x ClassifierHead
+        head.fc = _Named(head.fc)
+    if isinstance(getattr(model, "head_dist", None), nn.Linear):  # distilled DeiT
+        model.head_dist = _Named(model.head_dist)
+    return model
+
+
+def _attention_kwargs(model: nn.Module) -> nn.Module:
+    """timm 1.x Block passes attn_mask / is_causal to the attention the peer's forward replaced."""
+    from timm.models.vision_transformer import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            peer_forward = m.forward
+
+            def forward(x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, _f: Any = peer_forward) -> Any:
+                assert attn_mask is None and not is_causal
+                return _f(x)
+
+            m.forward = forward
+    return model
+
+
+def ptq4vit_worker(model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
+    import timm.layers.config
+
+    sys.modules.setdefault("timm.models.layers.config", timm.layers.config)
+    # CUDA-only code on a CPU host: .cuda() returns its object (module docstring)
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    import test_all  # the peer's example/test_all.py (example/ and the checkout are on PYTHONPATH)
+    import utils.models as peer_models
+
+    base = load_reference(model_name)
+    fd = FashionData(base)
+    batches = list(fd.eval_loader)
+    res: dict[str, Any] = {}
+    for bits in bits_list:
+        w, a = int(bits[1]), int(bits[3])
+        for seed in seeds:
+            x, y = stack_images(calibration_subset(fd.train, CALIB, seed))
+            calib_batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=CALIB)
+            model = ptq4vit_shim(copy.deepcopy(base))
+            peer_models.timm = SimpleNamespace(create_model=lambda name, pretrained=True, _m=model: _m)
+            test_all.get_net = lambda name, _g=peer_models.get_net: _attention_kwargs(_g(name))
+
+            class Loaders:
+                def __init__(self, *args: Any, _c: Any = calib_batches, **kwargs: Any) -> None:
+                    self.calib = _c
+
+                def test_loader(self) -> Any:
+                    return batches
+
+                def calib_loader(self, num: int = CALIB) -> Any:
+                    assert num == CALIB
+                    return self.calib
+
+            captured: dict[str, Any] = {}
+
+            def test_classification(net: nn.Module, loader: Any, max_iteration: Any = None, description: Any = None,
+                                    _cap: dict[str, Any] = captured) -> float:
+                _cap["pred"] = p = predict(net, loader)
+                return float((p.top1 == p.labels).double().mean())
+
+            test_all.datasets = SimpleNamespace(ViTImageNetLoaderGenerator=Loaders)
+            test_all.test_classification = test_classification
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                test_all.test_all(model_name, test_all.cfg_modifier(linear_ptq_setting=(1, 1, 1), metric="hessian",
+                                                                    bit_setting=(w, a)),
+                                  calib_size=CALIB, config_name="PTQ4ViT")
+            res[f"{bits}/{seed}"] = _record(captured["pred"], time.perf_counter() - t0)
+            _say("PTQ4ViT", model_name, bits, seed, captured["pred"])
+    return res
+
+
+def _swin_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm 1.x Swin keys -> the official / timm 0.4.12 layout FQ-ViT's SwinTransformer loads: stage i's
+    leading ``downsample`` is stage i-1's trailing one, and the classifier is ``head`` (not ``head.fc``)."""
+    import re
+
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        if m:
+            k = f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
+        out[k.replace("head.fc.", "head.")] = v
+    return out
+
+
+def fqvit_model(model_name: str, base: nn.Module, cfg: Any) -> nn.Module:
+    """Our reference model as FQ-ViT's own model class (models/vit_quant.py, models/swin_quant.py) with our
+    weights, built as the peer's own builders build their family (QIntLayerNorm; the image input quantized
+    for DeiT and Swin, not for ViT, as in its deit_* / swin_* / vit_* functions). The distilled DeiT has no
+    class in FQ-ViT: the glue adds the distillation token and a second head made like the peer's head."""
+    from functools import partial
+
+    from models.ptq import QIntLayerNorm, QLinear
+    from models.swin_quant import SwinTransformer
+    from models.vit_quant import VisionTransformer
+
+    from vitq.reference import REFERENCE_MODELS
+
+    spec = REFERENCE_MODELS[model_name.removesuffix("-outlier")]
+    kw = dict(spec.kwargs)
+    sd = dict(base.state_dict())
+    model: nn.Module
+    if spec.arch == "swin":
+        kw.pop("qkv_bias", None)
+        model = SwinTransformer(**kw, norm_layer=QIntLayerNorm, input_quant=True, cfg=cfg)
+        sd = _swin_state(sd)
+    elif spec.arch == "deit":
+
+        class Distilled(VisionTransformer):  # type: ignore[misc, valid-type]
+            def __init__(self, **k: Any) -> None:
+                super().__init__(**k)
+                d, n = self.embed_dim, self.patch_embed.num_patches
+                self.dist_token = nn.Parameter(torch.zeros(1, 1, d))
+                self.pos_embed = nn.Parameter(torch.zeros(1, n + 2, d))
+                self.head_dist = QLinear(d, self.num_classes, bit_type=cfg.BIT_TYPE_W,
+                                         calibration_mode=cfg.CALIBRATION_MODE_W, observer_str=cfg.OBSERVER_W,
+                                         quantizer_str=cfg.QUANTIZER_W)
+
+            def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # the peer's, with two tokens
+                B = x.shape[0]
+                if self.input_quant:
+                    x = self.qact_input(x)
+                x = self.patch_embed(x)
+                x = torch.cat((self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1), x), dim=1)
+                x = self.qact_embed(x)
+                x = x + self.qact_pos(self.pos_embed)
+                x = self.qact1(x)
+                x = self.pos_drop(x)
+                for i, blk in enumerate(self.blocks):
+                    last = self.qact1.quantizer if i == 0 else self.blocks[i - 1].qact4.quantizer
+                    x = blk(x, last)
+                x = self.norm(x, self.blocks[-1].qact4.quantizer, self.qact2.quantizer)[:, :2]
+                return self.qact2(x)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:  # timm's eval: the mean of the two heads
+                t = self.forward_features(x)
+                return self.act_out((self.head(t[:, 0]) + self.head_dist(t[:, 1])) / 2)
+
+        model = Distilled(**kw, norm_layer=partial(QIntLayerNorm, eps=1e-6), input_quant=True, cfg=cfg)
+    else:
+        model = VisionTransformer(**kw, norm_layer=partial(QIntLayerNorm, eps=1e-6), input_quant=False, cfg=cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    params = {n for n, _ in model.named_parameters()}
+    assert not unexpected and not (params & set(missing)), (unexpected, sorted(params & set(missing)))
+    model.eval()
+    x = torch.randn(4, *spec.input_size)
+    with torch.no_grad():  # before calibration every quantizer is off: the peer's model is our float model
+        assert torch.allclose(model(x), base(x), atol=1e-4), f"FQ-ViT's {spec.arch} does not compute our model"
+    return model
+
+
+def fqvit_worker(model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
+    import test_quant  # the peer's script (the checkout is on PYTHONPATH and the working folder)
+    from models.ptq.bit_type import BitType
+
+    base = load_reference(model_name).eval()
+    fd = FashionData(base)
+    res: dict[str, Any] = {}
+    family = {"swin": "swin_tiny", "deit": "deit_small"}.get(model_name.split("-")[1], "vit_base")
+    for bits in bits_list:
+        w, a = int(bits[1]), int(bits[3])
+        for seed in seeds:
+            x, y = stack_images(calibration_subset(fd.train, FQVIT_CALIB, seed))
+            calib_set = torch.utils.data.TensorDataset(x, y)
+
+            class Config(test_quant.Config):  # type: ignore[misc, name-defined]
+                def __init__(self, *args: Any, _w: int = w, _a: int = a) -> None:
+                    super().__init__(*args)
+                    self.BIT_TYPE_W = BitType(_w, True)  # FQ-ViT's bit types at the row's width
+                    self.BIT_TYPE_A = BitType(_a, False)  # (its softmax keeps uint4 with --lis)
+
+            captured: dict[str, Any] = {}
+            test_quant.Config = Config
+            test_quant.str2model = lambda name: lambda pretrained=True, cfg=None: fqvit_model(model_name, base, cfg)
+            test_quant.datasets = SimpleNamespace(
+                ImageFolder=lambda root, transform=None, _c=calib_set: _c if root.endswith("train") else fd.eval_set)
+            test_quant.validate = _validate_capture(captured)
+            sys.argv = ["test_quant.py", family, "/fashion-mnist", "--quant", "--ptf", "--lis", "--quant-method",
+                        "minmax", "--calib-batchsize", "100", "--calib-iter", str(FQVIT_CALIB // 100), "--val-batchsize",
+                        "256", "--num-workers", "0", "--device", "cpu", "--seed", str(seed)]
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                test_quant.main()
+            res[f"{bits}/{seed}"] = _record(captured["pred"], time.perf_counter() - t0)
+            _say("FQ-ViT", model_name, bits, seed, captured["pred"])
+    return res
+
+
+def _record(p: Predictions, seconds: float) -> dict[str, Any]:
+    return {"top1": p.top1, "labels": p.labels, "nll": p.nll, "seconds": round(seconds, 2)}
+
+
+def _say(peer: str, model_name: str, bits: str, seed: int, p: Predictions) -> None:
+    print(f"peer {peer} {model_name} {bits} seed {seed}: {100.0 * float((p.top1 == p.labels).double().mean()):.2f}",
+          file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    name: str  # as the table names it
+    recipe: str  # vitq's recipe that claims to be it
+    repo: str  # owner/name on GitHub
+    marker: str  # a file a checkout has
+    paths: tuple[str, ...]  # folders of the checkout on the worker's PYTHONPATH
+    cwd: str  # the worker's working folder in the checkout (the peer reads paths relative to it)
+    worker: Callable[[str, list[str], list[int]], dict[str, Any]]
+    calib: int = CALIB  # calibration images per seed (each peer's own default; vitq's recipe has the same)
+
+
+PEERS = {
+    "repq": Peer("RepQ-ViT", "repq", "zkkli/RepQ-ViT", "classification/test_quant.py", ("classification",),
+                 "classification", repq_worker),
+    "ptq4vit": Peer("PTQ4ViT", "ptq4vit", "hahnyuan/PTQ4ViT", "example/test_all.py", ("", "example"), "",
+                    ptq4vit_worker),
+    "fqvit": Peer("FQ-ViT", "fqvit", "megvii-research/FQ-ViT", "test_quant.py", ("",), "", fqvit_worker, FQVIT_CALIB),
+}
+
+
+def worker_main(key: str, model_name: str, bits_list: list[str], seeds: list[int], out: str) -> None:
+    setup(threads=1)
+    torch.save(PEERS[key].worker(model_name, bits_list, seeds), out)
 
 
 CACHE = ROOT / "bench" / "cache" / "peers"
 
 
-def run_peer(repq_dir: Path, model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
+def run_peer(key: str, repo: Path, model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
     """The peer's predictions per ``bits/seed``, cached per model and peer commit (they do not depend on vitq)."""
-    cache = CACHE / f"repq-{_commit(repq_dir)[:12]}-{model_name}.pt"
+    cache = CACHE / f"{key}-{_commit(repo)[:12]}-{model_name}.pt"
     have: dict[str, Any] = torch.load(cache, weights_only=False) if cache.is_file() else {}
     todo_bits = [b for b in bits_list if any(f"{b}/{s}" not in have for s in seeds)]
     if todo_bits:
-        have.update(_run_peer(repq_dir, model_name, todo_bits, seeds))
+        have.update(_run_peer(key, repo, model_name, todo_bits, seeds))
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(have, cache)
     return have
 
 
-def _run_peer(repq_dir: Path, model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
+def _run_peer(key: str, repo: Path, model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
+    peer = PEERS[key]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peer.pt"
         env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(repq_dir / "classification"), str(ROOT)])}
-        cmd = [sys.executable, "-m", "bench.peers", "--worker", model_name, "--bits", *bits_list,
+               "PYTHONPATH": os.pathsep.join([*(str(repo / p) for p in peer.paths), str(ROOT)])}
+        cmd = [sys.executable, "-m", "bench.peers", "--worker", key, model_name, "--bits", *bits_list,
                "--seeds", *map(str, seeds), "--worker-out", str(out)]
-        done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, text=True)
+        done = subprocess.run(cmd, env=env, cwd=repo / peer.cwd, stdout=subprocess.DEVNULL, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"the peer's code failed on {model_name} (exit {done.returncode}); its output is above")
+            raise SystemExit(f"{peer.name}'s code failed on {model_name} (exit {done.returncode}); its output is above")
         return torch.load(out, weights_only=False)
 
 
@@ -205,8 +470,9 @@ def _pred(d: dict[str, Any]) -> Predictions:
     return Predictions(d["top1"].reshape(-1, 1), d["labels"], 0.0, d["nll"])
 
 
-def bench_model(repq_dir: Path, name: str, bits_list: list[str], seeds: list[int]) -> list[dict[str, Any]]:
-    peer = run_peer(repq_dir, name, bits_list, seeds)
+def bench_model(key: str, repo: Path, name: str, bits_list: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    peer_def = PEERS[key]
+    peer = run_peer(key, repo, name, bits_list, seeds)
     base = load_reference(name)
     fd = FashionData(base)
     batches = list(fd.eval_loader)
@@ -216,9 +482,9 @@ def bench_model(repq_dir: Path, name: str, bits_list: list[str], seeds: list[int
     for bits in bits_list:
         pairs, mine, theirs, secs = [], [], [], []
         for seed in seeds:
-            calib = stack_images(calibration_subset(fd.train, CALIB, seed))[0]
+            calib = stack_images(calibration_subset(fd.train, peer_def.calib, seed))[0]
             t0 = time.perf_counter()
-            q = vitq.quantize(copy.deepcopy(base), "repq", bits, calib_data=calib, seed=seed)
+            q = vitq.quantize(copy.deepcopy(base), peer_def.recipe, bits, calib_data=calib, seed=seed)
             secs.append(time.perf_counter() - t0)
             p = predict(q, batches)
             o = _pred(peer[f"{bits}/{seed}"])
@@ -227,13 +493,14 @@ def bench_model(repq_dir: Path, name: str, bits_list: list[str], seeds: list[int
             mine.append(100.0 * float((p.top1 == p.labels).double().mean()))
             theirs.append(100.0 * float((o.top1 == o.labels).double().mean()))
         test = compare_pooled(pairs)
-        row = {"model": name, "peer": "RepQ-ViT", "recipe": "repq", "bits": bits, "seeds": seeds,
+        row = {"model": name, "peer": peer_def.name, "recipe": peer_def.recipe, "bits": bits, "seeds": seeds,
                "fp_top1": round(fp_top1, 2), "peer_top1": [round(v, 2) for v in theirs],
                "vitq_top1": [round(v, 2) for v in mine], "diff": round(test["diff"], 3), "p_value": test["p_value"],
                "agree": round(100.0 * float(torch.stack([(a.top1 == b.top1).double().mean() for a, b in pairs]).mean()), 2),
                "peer_seconds": round(sum(peer[f"{bits}/{s}"]["seconds"] for s in seeds) / len(seeds), 2),
-               "vitq_seconds": round(sum(secs) / len(secs), 2), "eval_images": int(fp.labels.numel())}
-        print(f"{name} {bits}: peer {sum(theirs) / len(theirs):.2f}  vitq {sum(mine) / len(mine):.2f}  "
+               "vitq_seconds": round(sum(secs) / len(secs), 2), "eval_images": int(fp.labels.numel()),
+               "peer_commit": _commit(repo)}
+        print(f"{name} {peer_def.name} {bits}: peer {sum(theirs) / len(theirs):.2f}  vitq {sum(mine) / len(mine):.2f}  "
               f"diff {row['diff']:+.2f} (p {row['p_value']:.2g})", flush=True)
         rows.append(row)
     return rows
@@ -241,43 +508,56 @@ def bench_model(repq_dir: Path, name: str, bits_list: list[str], seeds: list[int
 
 def render() -> None:
     d = json.loads(OUT.read_text())
-    rows = sorted(d["rows"], key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99,
+    order = [p.name for p in PEERS.values()]
+    rows = sorted(d["rows"], key=lambda r: (order.index(r.get("peer", "RepQ-ViT")),
+                                            MODELS.index(r["model"]) if r["model"] in MODELS else 99,
                                             BITS.index(r["bits"])))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    table = []
-    for r in rows:
-        ok = abs(r["diff"]) <= TARGET[r["bits"]]
-        table.append([r["model"], r["bits"], f"{r['fp_top1']:.2f}", f"{mean(r['peer_top1']):.2f}",
-                      f"{mean(r['vitq_top1']):.2f}", f"{r['diff']:+.2f}", f"{r['p_value']:.2g}", f"{r['agree']:.1f}",
-                      " / ".join(f"{a:.2f}" for a in r["peer_top1"]), " / ".join(f"{a:.2f}" for a in r["vitq_top1"]),
-                      f"{r['peer_seconds']:.1f}", f"{r['vitq_seconds']:.1f}", "yes" if ok else "**no**"])
-    n_ok = sum(1 for t in table if t[-1] == "yes")
-    lines = ["# vitq's `repq` beside RepQ-ViT's own code (bench/peers.py)", "",
-             "RepQ-ViT's `test_quant.main()` unmodified (glue and timm 1.x shims: `bench/peers.py`'s docstring) and "
-             "`vitq.quantize(model, 'repq', bits)`, on the same 32 calibration images per seed (a seeded sample of the "
+    lines = ["# vitq's baselines beside the peers' own code (bench/peers.py)", "",
+             "Each peer's own entry point, unmodified (glue and shims: `bench/peers.py`'s docstring), and "
+             "`vitq.quantize(model, RECIPE, bits)`, on the same 32 calibration images per seed (a seeded sample of the "
              "Fashion-MNIST train split) and the 10 000 test images. `diff` = vitq - peer, mean over the seeds, with "
              "the pooled paired test over the seeds (`p`); `agree` = share of test images with the same prediction. "
              "Target of the baseline-fidelity issue: |diff| <= 1 point at W8A8-W4A4 (W6A6 and W4A4 asked), <= 1.5 at "
-             "W3A3.", "", machine_line(d["meta"]), "",
-             *md_table(["model", "bits", "FP", "RepQ-ViT code", "vitq repq", "diff", "p", "agree %", "code per seed",
-                        "vitq per seed", "code s", "vitq s", "within target"], table, align="llrrrrrrllrrl"),
-             "", f"Within the target on {n_ok} of {len(table)} rows."]
+             "W3A3.", "", machine_line(d["meta"]), ""]
+    total = n_total = 0
+    for peer in PEERS.values():
+        mine = [r for r in rows if r.get("peer", "RepQ-ViT") == peer.name]
+        if not mine:
+            continue
+        table = []
+        for r in mine:
+            ok = abs(r["diff"]) <= TARGET[r["bits"]]
+            table.append([r["model"], r["bits"], f"{r['fp_top1']:.2f}", f"{mean(r['peer_top1']):.2f}",
+                          f"{mean(r['vitq_top1']):.2f}", f"{r['diff']:+.2f}", f"{r['p_value']:.2g}", f"{r['agree']:.1f}",
+                          " / ".join(f"{a:.2f}" for a in r["peer_top1"]), " / ".join(f"{a:.2f}" for a in r["vitq_top1"]),
+                          f"{r['peer_seconds']:.1f}", f"{r['vitq_seconds']:.1f}", "yes" if ok else "**no**"])
+        n_ok = sum(1 for t in table if t[-1] == "yes")
+        total, n_total = total + n_ok, n_total + len(table)
+        commit = mine[0].get("peer_commit") or d["meta"].get("peer_commit", "unknown")
+        lines += [f"## {peer.name} ({peer.repo} at {commit[:12]}) against vitq `{peer.recipe}`", "",
+                  *md_table(["model", "bits", "FP", f"{peer.name} code", f"vitq {peer.recipe}", "diff", "p", "agree %",
+                             "code per seed", "vitq per seed", "code s", "vitq s", "within target"], table,
+                            align="llrrrrrrllrrl"),
+                  "", f"Within the target on {n_ok} of {len(table)} rows.", ""]
+    lines += [f"All peers: within the target on {total} of {n_total} rows."]
     write_md(OUT.with_suffix(".md"), lines, echo=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repq", type=Path, help="a checkout of zkkli/RepQ-ViT")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    for key, peer in PEERS.items():
+        ap.add_argument(f"--{key}", type=Path, metavar="DIR", help=f"a checkout of {peer.repo}")
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--bits", nargs="+", default=BITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--check-shims", action="store_true")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=2, metavar=("PEER", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        repq_worker(args.worker, args.bits, args.seeds, args.worker_out)
+        worker_main(args.worker[0], args.worker[1], args.bits, args.seeds, args.worker_out)
         return
     if args.render:
         render()
@@ -286,13 +566,18 @@ def main() -> None:
     if args.check_shims:
         check_shims()
         return
-    if args.repq is None or not (args.repq / "classification" / "test_quant.py").is_file():
-        raise SystemExit("--repq DIR: give a checkout of zkkli/RepQ-ViT (DIR/classification/test_quant.py)")
+    given = {k: getattr(args, k) for k in PEERS if getattr(args, k) is not None}
+    if not given:
+        raise SystemExit("give at least one peer checkout: " + ", ".join(f"--{k} DIR ({p.repo})" for k, p in PEERS.items()))
+    for key, repo in given.items():
+        if not (repo / PEERS[key].marker).is_file():
+            raise SystemExit(f"--{key} {repo}: not a checkout of {PEERS[key].repo} (no {PEERS[key].marker})")
     models, missing = available(args.models)
-    for name in models:
-        rows = bench_model(args.repq.resolve(), name, args.bits, args.seeds)
-        save_rows(OUT, rows, {"peer_commit": _commit(args.repq)}, key=("model", "peer", "bits"))
-        render()
+    for key, repo in given.items():
+        for name in models:
+            rows = bench_model(key, repo.resolve(), name, args.bits, args.seeds)
+            save_rows(OUT, rows, {}, key=("model", "peer", "bits"))
+            render()
 
 
 def _commit(repo: Path) -> str:

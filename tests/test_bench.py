@@ -98,3 +98,26 @@ def test_best_merge_keeps_the_other_bit_widths(tmp_path):
     other["fp"] = {"top1": 87.0}
     with pytest.raises(SystemExit, match="float evaluation differs"):
         best._merge(p, other)
+
+
+def test_peer_glue_keeps_the_float_function_and_maps_swin_keys():
+    # PTQ4ViT's net_wrap reaches a Linear by its last name: the heads are put under ``head`` without changing
+    # the function; FQ-ViT's Swin loads the official layout (downsample at the end of the stage, ``head``)
+    import copy
+
+    import torch
+
+    from bench.peers import _swin_state, ptq4vit_shim
+    from vitq.reference import load_reference
+
+    for name in ("fmnist-deit", "fmnist-swin"):
+        model = load_reference(name).eval()
+        shimmed = ptq4vit_shim(copy.deepcopy(model))
+        linear_names = {n.rsplit(".", 1)[-1] for n, m in shimmed.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert linear_names <= {"qkv", "proj", "fc1", "fc2", "head", "reduction"}, linear_names
+        x = torch.randn(3, *model.pretrained_cfg["input_size"])
+        with torch.no_grad():
+            assert torch.equal(shimmed(x), model(x)), name
+    sd = _swin_state(load_reference("fmnist-swin").state_dict())
+    assert "layers.0.downsample.reduction.weight" in sd and "layers.1.downsample.reduction.weight" in sd
+    assert "layers.2.downsample.reduction.weight" not in sd and "head.weight" in sd and "head.fc.weight" not in sd
