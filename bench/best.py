@@ -79,7 +79,11 @@ def render() -> None:
              "the insight issue: W3A3 drop <= 2 and W4A4 drop <= 0.3 on every model. One seed resolves about 0.3-0.5 "
              "points (README, 'Is a gap real?').", "",
              f"Machine: {meta['machine']} ({meta['cpu_capability']}), torch {meta['torch']}, {meta['threads']} thread(s); "
-             "calibration seconds include reconstruction.", ""]
+             "calibration seconds include reconstruction.", "",
+             "The repq column (and the `vs repq` tests) are repq before its post-Softmax zero code (2026-12-03, "
+             "docs/methods/baselines.md); repq now: bench/results/baselines.md and peers.md. dopq and best replace "
+             "that quantizer with TanQ, so their columns are current. Why best misses W3A3 <= 2 on four models: "
+             "bench/results/best_budget.md.", ""]
     for b in bits:
         lines += [f"## {b}", "", "| model | FP | " + " | ".join(f"{r} top-1 (drop)" for r in recipes)
                   + " | " + " | ".join(f"{r} vs {recipes[0]} (p)" for r in recipes[1:]) + " | "

@@ -61,13 +61,14 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import MethodType, SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -87,6 +88,7 @@ from bench.common import (
 )
 from vitq.data import calibration_subset, stack_images
 from vitq.evaluate import Predictions, compare_pooled, predict
+from vitq.recipes import load_recipe, parse_assignments, set_pass_options
 from vitq.reference import load_reference
 
 OUT = RESULTS / "peers.json"
@@ -288,8 +290,6 @@ def ptq4vit_worker(model_name: str, bits_list: list[str], seeds: list[int]) -> d
 def _swin_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm 1.x Swin keys -> the official / timm 0.4.12 layout FQ-ViT's SwinTransformer loads: stage i's
     leading ``downsample`` is stage i-1's trailing one, and the classifier is ``head`` (not ``head.fc``)."""
-    import re
-
     out = {}
     for k, v in sd.items():
         m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
@@ -356,6 +356,15 @@ def fqvit_model(model_name: str, base: nn.Module, cfg: Any) -> nn.Module:
     else:
         model = VisionTransformer(**kw, norm_layer=partial(QIntLayerNorm, eps=1e-6), input_quant=False, cfg=cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    for what in _ablations():  # cause-finding only (--ablate): some of the peer's quantizers left out
+        if what == "image":
+            model.input_quant = False  # the image input stays float, as in every vitq recipe
+            continue
+        pattern = ABLATIONS[what]["swin" if spec.arch == "swin" else "vit"]
+        for name, _ in list(model.named_modules()):
+            if name and re.search(pattern, name):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
     params = {n for n, _ in model.named_parameters()}
     assert not unexpected and not (params & set(missing)), (unexpected, sorted(params & set(missing)))
     model.eval()
@@ -402,6 +411,21 @@ def fqvit_worker(model_name: str, bits_list: list[str], seeds: list[int]) -> dic
     return res
 
 
+#: what ``--ablate`` can leave out of FQ-ViT's model (cause-finding; the table of record is the unmodified code):
+#: the activation quantizers FQ-ViT has and vitq's ``fqvit`` has not, by the names in its ViT / Swin classes
+ABLATIONS: dict[str, dict[str, str]] = {
+    "logits": {"vit": r"^act_out$", "swin": r"^act_out$"},  # the head's output
+    "branch": {"vit": r"(attn\.qact3|mlp\.qact2)$", "swin": r"(attn\.qact4|mlp\.qact2)$"},  # proj / fc2 outputs
+    "qkv": {"vit": r"attn\.qact1$", "swin": r"attn\.qact1$"},  # the qkv output, one scale for q, k and v
+    "embed": {"vit": r"^(qact_embed|qact_pos)$", "swin": r"attn\.qact_table$"},  # tokens + position table / bias table
+    "image": {},  # the image input (DeiT and Swin; FQ-ViT's ViT keeps it float)
+}
+
+
+def _ablations() -> list[str]:
+    return [a for a in os.environ.get("VITQ_PEER_ABLATE", "").split(",") if a]
+
+
 def _record(p: Predictions, seconds: float) -> dict[str, Any]:
     return {"top1": p.top1, "labels": p.labels, "nll": p.nll, "seconds": round(seconds, 2)}
 
@@ -441,8 +465,10 @@ CACHE = ROOT / "bench" / "cache" / "peers"
 
 
 def run_peer(key: str, repo: Path, model_name: str, bits_list: list[str], seeds: list[int]) -> dict[str, Any]:
-    """The peer's predictions per ``bits/seed``, cached per model and peer commit (they do not depend on vitq)."""
-    cache = CACHE / f"{key}-{_commit(repo)[:12]}-{model_name}.pt"
+    """The peer's predictions per ``bits/seed``, cached per model, peer commit and ablation (they do not
+    depend on vitq)."""
+    ablate = "".join(f"-no-{a}" for a in _ablations())
+    cache = CACHE / f"{key}-{_commit(repo)[:12]}{ablate}-{model_name}.pt"
     have: dict[str, Any] = torch.load(cache, weights_only=False) if cache.is_file() else {}
     todo_bits = [b for b in bits_list if any(f"{b}/{s}" not in have for s in seeds)]
     if todo_bits:
@@ -470,8 +496,12 @@ def _pred(d: dict[str, Any]) -> Predictions:
     return Predictions(d["top1"].reshape(-1, 1), d["labels"], 0.0, d["nll"])
 
 
-def bench_model(key: str, repo: Path, name: str, bits_list: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+def bench_model(key: str, repo: Path, name: str, bits_list: list[str], seeds: list[int],
+                vitq_set: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """One row per bit-width: the peer's code and vitq's recipe (with ``vitq_set`` pass options, for
+    cause-finding) on the same images."""
     peer_def = PEERS[key]
+    recipe = set_pass_options(load_recipe(peer_def.recipe), vitq_set or {})
     peer = run_peer(key, repo, name, bits_list, seeds)
     base = load_reference(name)
     fd = FashionData(base)
@@ -484,7 +514,7 @@ def bench_model(key: str, repo: Path, name: str, bits_list: list[str], seeds: li
         for seed in seeds:
             calib = stack_images(calibration_subset(fd.train, peer_def.calib, seed))[0]
             t0 = time.perf_counter()
-            q = vitq.quantize(copy.deepcopy(base), peer_def.recipe, bits, calib_data=calib, seed=seed)
+            q = vitq.quantize(copy.deepcopy(base), recipe, bits, calib_data=calib, seed=seed)
             secs.append(time.perf_counter() - t0)
             p = predict(q, batches)
             o = _pred(peer[f"{bits}/{seed}"])
@@ -499,15 +529,15 @@ def bench_model(key: str, repo: Path, name: str, bits_list: list[str], seeds: li
                "agree": round(100.0 * float(torch.stack([(a.top1 == b.top1).double().mean() for a, b in pairs]).mean()), 2),
                "peer_seconds": round(sum(peer[f"{bits}/{s}"]["seconds"] for s in seeds) / len(seeds), 2),
                "vitq_seconds": round(sum(secs) / len(secs), 2), "eval_images": int(fp.labels.numel()),
-               "peer_commit": _commit(repo)}
+               "peer_commit": _commit(repo), "ablate": _ablations(), "vitq_set": vitq_set or {}}
         print(f"{name} {peer_def.name} {bits}: peer {sum(theirs) / len(theirs):.2f}  vitq {sum(mine) / len(mine):.2f}  "
               f"diff {row['diff']:+.2f} (p {row['p_value']:.2g})", flush=True)
         rows.append(row)
     return rows
 
 
-def render() -> None:
-    d = json.loads(OUT.read_text())
+def render(path: Path = OUT) -> None:
+    d = json.loads(path.read_text())
     order = [p.name for p in PEERS.values()]
     rows = sorted(d["rows"], key=lambda r: (order.index(r.get("peer", "RepQ-ViT")),
                                             MODELS.index(r["model"]) if r["model"] in MODELS else 99,
@@ -515,16 +545,21 @@ def render() -> None:
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     lines = ["# vitq's baselines beside the peers' own code (bench/peers.py)", "",
              "Each peer's own entry point, unmodified (glue and shims: `bench/peers.py`'s docstring), and "
-             "`vitq.quantize(model, RECIPE, bits)`, on the same 32 calibration images per seed (a seeded sample of the "
-             "Fashion-MNIST train split) and the 10 000 test images. `diff` = vitq - peer, mean over the seeds, with "
+             "`vitq.quantize(model, RECIPE, bits)`, on the same calibration images per seed (a seeded sample of the "
+             "Fashion-MNIST train split: 32 for RepQ-ViT and PTQ4ViT, 1000 for FQ-ViT, each peer's default and the "
+             "vitq recipe's calib_size) and the 10 000 test images. `diff` = vitq - peer, mean over the seeds, with "
              "the pooled paired test over the seeds (`p`); `agree` = share of test images with the same prediction. "
              "Target of the baseline-fidelity issue: |diff| <= 1 point at W8A8-W4A4 (W6A6 and W4A4 asked), <= 1.5 at "
              "W3A3.", "", machine_line(d["meta"]), ""]
     total = n_total = 0
-    for peer in PEERS.values():
-        mine = [r for r in rows if r.get("peer", "RepQ-ViT") == peer.name]
-        if not mine:
-            continue
+    def group(r: dict[str, Any]) -> tuple[str, tuple[str, ...], str]:
+        return (r.get("peer", "RepQ-ViT"), tuple(r.get("ablate") or ()),
+                ", ".join(f"{k}={v}" for k, v in sorted((r.get("vitq_set") or {}).items())))
+
+    groups = list(dict.fromkeys(group(r) for r in rows))
+    for peer_name, ablate, vset in groups:
+        peer = next(p for p in PEERS.values() if p.name == peer_name)
+        mine = [r for r in rows if group(r) == (peer_name, ablate, vset)]
         table = []
         for r in mine:
             ok = abs(r["diff"]) <= TARGET[r["bits"]]
@@ -535,13 +570,23 @@ def render() -> None:
         n_ok = sum(1 for t in table if t[-1] == "yes")
         total, n_total = total + n_ok, n_total + len(table)
         commit = mine[0].get("peer_commit") or d["meta"].get("peer_commit", "unknown")
-        lines += [f"## {peer.name} ({peer.repo} at {commit[:12]}) against vitq `{peer.recipe}`", "",
+        left_out = f"; left out: {', '.join(ablate)}" if ablate else ""
+        changed = f" with {vset}" if vset else ""
+        lines += [f"## {peer.name} ({peer.repo} at {commit[:12]}{left_out}) against vitq `{peer.recipe}`{changed}", "",
                   *md_table(["model", "bits", "FP", f"{peer.name} code", f"vitq {peer.recipe}", "diff", "p", "agree %",
                              "code per seed", "vitq per seed", "code s", "vitq s", "within target"], table,
                             align="llrrrrrrllrrl"),
                   "", f"Within the target on {n_ok} of {len(table)} rows.", ""]
     lines += [f"All peers: within the target on {total} of {n_total} rows."]
-    write_md(OUT.with_suffix(".md"), lines, echo=True)
+    if path != OUT:
+        lines[0] = "# Cause-finding: the peers' code with one of its quantizers left out (bench/peers.py --ablate)"
+        lines[2] = ("The same harness as peers.md, with the peer's model changed by the glue as each section's "
+                    "`left out` says (FQ-ViT's activation quantizers that vitq's fqvit does not have: `logits` the "
+                    "head's output, `branch` the attention-projection and fc2 outputs, `qkv` the qkv output with one "
+                    "scale for q, k and v (vitq: one each), `embed` the tokens and position embedding (ViT) or the "
+                    "relative-position table (Swin), `image` the image input), or vitq's recipe changed as its `with` says (`--vitq-set`, pass options). Not the "
+                    "table of record: it says which choice a difference between vitq and the peer comes from.")
+    write_md(path.with_suffix(".md"), lines, echo=True)
 
 
 def main() -> None:
@@ -553,6 +598,11 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--check-shims", action="store_true")
+    ap.add_argument("--ablate", nargs="+", choices=ABLATIONS, default=[],
+                    help="FQ-ViT only, to find a difference's cause: leave these of its quantizers out "
+                         "(rows go to peers_ablation.json, not the table of record)")
+    ap.add_argument("--vitq-set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="cause-finding: vitq's recipe with these pass options (rows go to peers_ablation.json)")
     ap.add_argument("--worker", nargs=2, metavar=("PEER", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -572,12 +622,19 @@ def main() -> None:
     for key, repo in given.items():
         if not (repo / PEERS[key].marker).is_file():
             raise SystemExit(f"--{key} {repo}: not a checkout of {PEERS[key].repo} (no {PEERS[key].marker})")
+    if args.ablate and set(given) != {"fqvit"}:
+        raise SystemExit("--ablate changes FQ-ViT's model only: give --fqvit DIR alone")
+    os.environ["VITQ_PEER_ABLATE"] = ",".join(args.ablate)  # read here and by the workers (inherited)
+    vitq_set = parse_assignments(args.vitq_set, "--vitq-set") if args.vitq_set else {}
+    path = RESULTS / "peers_ablation.json" if args.ablate or vitq_set else OUT
     models, missing = available(args.models)
     for key, repo in given.items():
         for name in models:
-            rows = bench_model(key, repo.resolve(), name, args.bits, args.seeds)
-            save_rows(OUT, rows, {}, key=("model", "peer", "bits"))
-            render()
+            rows = bench_model(key, repo.resolve(), name, args.bits, args.seeds, vitq_set)
+            # the table of record holds one row per (model, peer, bits); cause-finding rows differ by their changes
+            save_rows(path, rows, {}, key=("model", "peer", "bits") if path == OUT else
+                      ("model", "peer", "bits", "ablate", "vitq_set"))
+            render(path)
 
 
 def _commit(repo: Path) -> str:
