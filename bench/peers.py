@@ -360,6 +360,9 @@ def fqvit_model(model_name: str, base: nn.Module, cfg: Any) -> nn.Module:
         if what == "image":
             model.input_quant = False  # the image input stays float, as in every vitq recipe
             continue
+        if what == "int_norm":  # LayerNorm in float on its PTF-quantized input (vitq's simulation), not integer
+            model.model_quant = _float_norm_after(model, QIntLayerNorm)
+            continue
         pattern = ABLATIONS[what]["swin" if spec.arch == "swin" else "vit"]
         for name, _ in list(model.named_modules()):
             if name and re.search(pattern, name):
@@ -419,7 +422,20 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "qkv": {"vit": r"attn\.qact1$", "swin": r"attn\.qact1$"},  # the qkv output, one scale for q, k and v
     "embed": {"vit": r"^(qact_embed|qact_pos)$", "swin": r"attn\.qact_table$"},  # tokens + position table / bias table
     "image": {},  # the image input (DeiT and Swin; FQ-ViT's ViT keeps it float)
+    "int_norm": {},  # not a quantizer: the integer LayerNorm (8-bit requantization multiplier) run in float
 }
+
+
+def _float_norm_after(model: nn.Module, norm_type: type) -> Callable[[], None]:
+    """``model.model_quant`` (the peer's switch to quantized mode) leaving its LayerNorms in float mode."""
+    peer_quant = model.model_quant
+
+    def quant() -> None:
+        peer_quant()
+        for m in model.modules():
+            if isinstance(m, norm_type):
+                m.mode = "ln"
+    return quant
 
 
 def _ablations() -> list[str]:
