@@ -91,7 +91,8 @@ def render() -> None:
              "three-stage block reconstruction, 1024 calibration images) with its iterations per unit per stage set to "
              "each budget, seed 0, top-1 on the 10 000 Fashion-MNIST test images; drop = FP - quantized, points. The "
              "models are the four on which `best` (1000 iterations) misses the insight issue's W3A3 target of 2 points. "
-             "One seed resolves about 0.3-0.5 points. Seconds are calibration + reconstruction on one thread.", "",
+             "One seed resolves about 0.3-0.5 points. Seconds are calibration + reconstruction on one thread, measured in "
+             "different runs beside other benchmarks: read them as orders of magnitude, not ratios.", "",
              machine_line(meta), "", *table, ""]
     lines += _summary(rows, models)
     write_md(RESULTS / f"{NAME}.md", lines, echo=True)

@@ -106,8 +106,8 @@ def test_peer_glue_keeps_the_float_function_and_maps_swin_keys():
     import copy
 
     import torch
-
     from bench.peers import _swin_state, ptq4vit_shim
+
     from vitq.reference import load_reference
 
     for name in ("fmnist-deit", "fmnist-swin"):
