@@ -26,7 +26,10 @@ model in float, where ``KL(p_fp ‖ p_fp)`` has zero gradient: its weights are f
 ``KL(p_fp ‖ q)`` with the model quantized at its *initial* parameters (the calibrate pass's), the
 paper's stated objective at a point where it is not degenerate. ``fisher``: the float model,
 cross-entropy against labels sampled from ``p_fp`` (the Fisher diagonal = the Hessian of the KL at
-``q = p_fp``).
+``q = p_fp``). The ``ptq4vit`` recipe uses ``fisher``: on a model its initial parameters already
+collapse (outlier channels at W4A4) the ``quant`` gradient steers the search wrong (outlier ViT W4A4
+33.6 % against PTQ4ViT's code's 83.1; fisher 83.4; docs/methods/baselines.md). ``quant`` stays the pass's
+default for the recipes measured with it (tsptq, tsptq-repq).
 
 Departures from the released code, all deliberate and listed in the ``ptq4vit`` recipe: qkv weights
 get one scale (PTQ4ViT splits q / k / v rows into 3 groups), matmul inputs one scale per tensor
