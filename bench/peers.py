@@ -138,14 +138,20 @@ def shim_after(model: nn.Module) -> nn.Module:
                 if n in m._modules:
                     assert isinstance(m._modules[n], nn.Identity), f"{n} is not Identity: the peer's forward skips it"
                     del m._modules[n]
-            peer_forward = m.forward
-
-            def forward(x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, _f: Any = peer_forward) -> Any:
-                assert attn_mask is None and not is_causal
-                return _f(x)
-
-            m.forward = forward
+            _drop_attention_kwargs(m)
     return model
+
+
+def _drop_attention_kwargs(m: nn.Module) -> None:
+    """timm 1.x Block calls its attention with ``attn_mask`` / ``is_causal`` (None / False here); the peers'
+    replacement forwards take ``x`` alone."""
+    peer_forward = m.forward
+
+    def forward(x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> Any:
+        assert attn_mask is None and not is_causal
+        return peer_forward(x)
+
+    m.forward = forward  # type: ignore[method-assign]
 
 
 def check_shims() -> None:
@@ -224,13 +230,7 @@ def _attention_kwargs(model: nn.Module) -> nn.Module:
 
     for m in model.modules():
         if isinstance(m, Attention):
-            peer_forward = m.forward
-
-            def forward(x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, _f: Any = peer_forward) -> Any:
-                assert attn_mask is None and not is_causal
-                return _f(x)
-
-            m.forward = forward
+            _drop_attention_kwargs(m)
     return model
 
 
