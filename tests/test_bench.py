@@ -121,3 +121,47 @@ def test_peer_glue_keeps_the_float_function_and_maps_swin_keys():
     sd = _swin_state(load_reference("fmnist-swin").state_dict())
     assert "layers.0.downsample.reduction.weight" in sd and "layers.1.downsample.reduction.weight" in sd
     assert "layers.2.downsample.reduction.weight" not in sd and "head.weight" in sd and "head.fc.weight" not in sd
+
+
+def test_peer_cache_runs_only_the_missing_seed_and_width(tmp_path, monkeypatch):
+    # a peer run costs minutes: adding seeds to a cached model must run the peer for the new seeds only,
+    # one worker per seed, and keep every cached result
+    from bench import peers
+
+    calls = []
+
+    def fake_run(key, repo, model_name, bits_list, seeds):
+        calls.append((tuple(bits_list), tuple(seeds)))
+        return {f"{b}/{s}": {"seed": s} for b in bits_list for s in seeds}
+
+    monkeypatch.setattr(peers, "CACHE", tmp_path)
+    monkeypatch.setattr(peers, "_run_peer", fake_run)
+    monkeypatch.setattr(peers, "_commit", lambda repo: "0" * 40)
+    monkeypatch.delenv("VITQ_PEER_ABLATE", raising=False)
+    first = peers.run_peer("fqvit", tmp_path, "m", ["W8A8", "W6A6"], [0])
+    assert calls == [(("W8A8", "W6A6"), (0,))] and set(first) == {"W8A8/0", "W6A6/0"}
+    calls.clear()
+    have = peers.run_peer("fqvit", tmp_path, "m", ["W8A8", "W6A6", "W4A4"], [0, 1])
+    assert calls == [(("W4A4",), (0,)), (("W8A8", "W6A6", "W4A4"), (1,))]
+    assert set(have) == {f"{b}/{s}" for b in ("W8A8", "W6A6", "W4A4") for s in (0, 1)}
+    calls.clear()
+    peers.run_peer("fqvit", tmp_path, "m", ["W8A8", "W4A4"], [1, 0])
+    assert calls == []
+
+
+def test_peer_pages_render_mixed_widths_after_the_issue_widths(tmp_path):
+    # cause-finding runs at W8A6 / W6A8 render after the issue's widths, with the 1-point target
+    import json
+
+    from bench import peers
+
+    row = {"model": "fmnist-vit", "peer": "FQ-ViT", "recipe": "fqvit", "seeds": [0], "fp_top1": 86.3,
+           "peer_top1": [82.0], "vitq_top1": [84.0], "diff": 2.0, "p_value": 1e-6, "agree": 90.0,
+           "peer_seconds": 1.0, "vitq_seconds": 1.0, "eval_images": 10000, "ablate": [], "vitq_set": {}}
+    rows = [{**row, "bits": "W8A6"}, {**row, "bits": "W6A6", "diff": 0.5}]
+    path = tmp_path / "peers_ablation.json"
+    path.write_text(json.dumps({"meta": {"machine": "x"}, "rows": rows}))
+    peers.render(path)
+    lines = [ln for ln in path.with_suffix(".md").read_text().splitlines() if ln.startswith("| fmnist-vit")]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["W6A6", "W8A6"]
+    assert lines[0].rstrip(" |").endswith("yes") and lines[1].rstrip(" |").endswith("**no**")
