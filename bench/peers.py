@@ -514,11 +514,12 @@ def _pred(d: dict[str, Any]) -> Predictions:
 
 
 def bench_model(key: str, repo: Path, name: str, bits_list: list[str], seeds: list[int],
-                vitq_set: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """One row per bit-width: the peer's code and vitq's recipe (with ``vitq_set`` pass options, for
+                vitq_set: Optional[dict[str, Any]] = None, vitq_recipe: Optional[str] = None) -> list[dict[str, Any]]:
+    """One row per bit-width: the peer's code and vitq's recipe (``vitq_recipe`` instead of the peer's
+    counterpart, and / or with ``vitq_set`` pass options, for
     cause-finding) on the same images."""
     peer_def = PEERS[key]
-    recipe = set_pass_options(load_recipe(peer_def.recipe), vitq_set or {})
+    recipe = set_pass_options(load_recipe(vitq_recipe or peer_def.recipe), vitq_set or {})
     peer = run_peer(key, repo, name, bits_list, seeds)
     base = load_reference(name)
     fd = FashionData(base)
@@ -540,7 +541,7 @@ def bench_model(key: str, repo: Path, name: str, bits_list: list[str], seeds: li
             mine.append(100.0 * float((p.top1 == p.labels).double().mean()))
             theirs.append(100.0 * float((o.top1 == o.labels).double().mean()))
         test = compare_pooled(pairs)
-        row = {"model": name, "peer": peer_def.name, "recipe": peer_def.recipe, "bits": bits, "seeds": seeds,
+        row = {"model": name, "peer": peer_def.name, "recipe": recipe.name, "bits": bits, "seeds": seeds,
                "fp_top1": round(fp_top1, 2), "peer_top1": [round(v, 2) for v in theirs],
                "vitq_top1": [round(v, 2) for v in mine], "diff": round(test["diff"], 3), "p_value": test["p_value"],
                "agree": round(100.0 * float(torch.stack([(a.top1 == b.top1).double().mean() for a, b in pairs]).mean()), 2),
@@ -569,14 +570,14 @@ def render(path: Path = OUT) -> None:
              "Target of the baseline-fidelity issue: |diff| <= 1 point at W8A8-W4A4 (W6A6 and W4A4 asked), <= 1.5 at "
              "W3A3.", "", machine_line(d["meta"]), ""]
     total = n_total = 0
-    def group(r: dict[str, Any]) -> tuple[str, tuple[str, ...], str]:
-        return (r.get("peer", "RepQ-ViT"), tuple(r.get("ablate") or ()),
+    def group(r: dict[str, Any]) -> tuple[str, str, tuple[str, ...], str]:
+        return (r.get("peer", "RepQ-ViT"), r.get("recipe", ""), tuple(r.get("ablate") or ()),
                 ", ".join(f"{k}={v}" for k, v in sorted((r.get("vitq_set") or {}).items())))
 
     groups = list(dict.fromkeys(group(r) for r in rows))
-    for peer_name, ablate, vset in groups:
+    for peer_name, recipe, ablate, vset in groups:
         peer = next(p for p in PEERS.values() if p.name == peer_name)
-        mine = [r for r in rows if group(r) == (peer_name, ablate, vset)]
+        mine = [r for r in rows if group(r) == (peer_name, recipe, ablate, vset)]
         table = []
         for r in mine:
             ok = abs(r["diff"]) <= TARGET.get(r["bits"], 1.0)  # mixed widths (cause-finding): 1 point
@@ -589,8 +590,8 @@ def render(path: Path = OUT) -> None:
         commit = mine[0].get("peer_commit") or d["meta"].get("peer_commit", "unknown")
         left_out = f"; left out: {', '.join(ablate)}" if ablate else ""
         changed = f" with {vset}" if vset else ""
-        lines += [f"## {peer.name} ({peer.repo} at {commit[:12]}{left_out}) against vitq `{peer.recipe}`{changed}", "",
-                  *md_table(["model", "bits", "FP", f"{peer.name} code", f"vitq {peer.recipe}", "diff", "p", "agree %",
+        lines += [f"## {peer.name} ({peer.repo} at {commit[:12]}{left_out}) against vitq `{recipe}`{changed}", "",
+                  *md_table(["model", "bits", "FP", f"{peer.name} code", f"vitq {recipe}", "diff", "p", "agree %",
                              "code per seed", "vitq per seed", "code s", "vitq s", "within target"], table,
                             align="llrrrrrrllrrl"),
                   "", f"Within the target on {n_ok} of {len(table)} rows.", ""]
@@ -622,6 +623,9 @@ def main() -> None:
                          "(rows go to peers_ablation.json, not the table of record)")
     ap.add_argument("--vitq-set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="cause-finding: vitq's recipe with these pass options (rows go to peers_ablation.json)")
+    ap.add_argument("--vitq-recipe", metavar="NAME|FILE",
+                    help="cause-finding: this vitq recipe (a name or a YAML file, e.g. one that extends the peer's "
+                         "counterpart) instead of the counterpart (rows go to peers_ablation.json)")
     ap.add_argument("--worker", nargs=2, metavar=("PEER", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -647,14 +651,15 @@ def main() -> None:
     vitq_set = parse_assignments(args.vitq_set, "--vitq-set") if args.vitq_set else {}
     # the table of record holds the issue's four widths of each peer's unmodified code; anything else
     # (a quantizer left out, vitq's options changed, a mixed width such as W8A6) is cause-finding
-    path = RESULTS / "peers_ablation.json" if args.ablate or vitq_set or set(args.bits) - set(BITS) else OUT
+    cause_finding = bool(args.ablate or vitq_set or args.vitq_recipe or set(args.bits) - set(BITS))
+    path = RESULTS / "peers_ablation.json" if cause_finding else OUT
     models, missing = available(args.models)
     for key, repo in given.items():
         for name in models:
-            rows = bench_model(key, repo.resolve(), name, args.bits, args.seeds, vitq_set)
+            rows = bench_model(key, repo.resolve(), name, args.bits, args.seeds, vitq_set, args.vitq_recipe)
             # the table of record holds one row per (model, peer, bits); cause-finding rows differ by their changes
             save_rows(path, rows, {}, key=("model", "peer", "bits") if path == OUT else
-                      ("model", "peer", "bits", "ablate", "vitq_set"))
+                      ("model", "peer", "recipe", "bits", "ablate", "vitq_set"))
             render(path)
 
 

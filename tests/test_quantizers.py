@@ -19,7 +19,7 @@ SPECS = [
     QuantSpec("uniform", b, sym, g)
     for b in (2, 3, 4, 8) for sym in (False, True) for g in ("tensor", "channel")
 ] + [QuantSpec(q, b) for q in ("log2", "log_sqrt2") for b in (2, 3, 4, 8)] + [
-    QuantSpec("log2", 4, options={"extra_zero": True})]
+    QuantSpec("log2", 4, options={"extra_zero": True}), QuantSpec("log2", 4, options={"round_domain": "linear"})]
 
 
 def _data(seed: int, spec: QuantSpec) -> torch.Tensor:
@@ -97,6 +97,25 @@ def test_log2_levels_and_zero_code() -> None:
     assert fake_quant(torch.tensor([0.0, 1e-9]), p, spec).tolist() == [0.0, 0.0]
     paper = QuantSpec("log2", 3, options={"extra_zero": True})
     assert len(get_quantizer("log2").levels(p, paper)) == 9  # the papers' b bits + a separate zero
+
+
+def test_log2_linear_rounding_is_fqvit_log_int_softmax() -> None:
+    # FQ-ViT models/ptq/layers.py QIntSoftmax: round(sum e / e), then log_round (up at 1.5 * 2^k), codes >= 2^b -> 0
+    g = torch.Generator().manual_seed(0)
+    e = torch.randint(1, 2 ** 20, (200, 50), generator=g).double() * (torch.rand(200, 50, generator=g) < 0.9)
+    ratio = torch.round(e.sum(-1, keepdim=True) / e)  # inf where e == 0
+    big = torch.floor(torch.log2(ratio))
+    big = big + ((ratio - 2 ** big) >= 2 ** (big - 1)).double()
+    want = torch.where(big >= 16, torch.zeros_like(big), 2.0 ** -big.clamp(0, 15))
+    spec = QuantSpec("log2", 4, options={"extra_zero": True, "round_domain": "linear"})
+    got = fake_quant(e / e.sum(-1, keepdim=True), {"scale": torch.tensor(1.0, dtype=torch.float64)}, spec)
+    assert torch.equal(got, want)
+    # the domains differ between 2/3 and 1/sqrt2 of a power of two: 0.69 -> 1 (linear), 0.5 (log)
+    one = {"scale": torch.tensor(1.0)}
+    assert fake_quant(torch.tensor([0.69]), one, spec).item() == 1.0
+    assert fake_quant(torch.tensor([0.69]), one, QuantSpec("log2", 4)).item() == 0.5
+    with pytest.raises(ConfigError, match="round_domain"):
+        get_quantizer("log_sqrt2").check_spec(QuantSpec("log_sqrt2", 4, options={"round_domain": "linear"}))
 
 
 def test_log_sqrt2_levels() -> None:

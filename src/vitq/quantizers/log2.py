@@ -9,6 +9,16 @@ Zero handling. The papers keep 2^b powers *and* a separate zero (values with e >
 0), i.e. 2^b + 1 values, which does not fit in b bits. By default we spend the top code on zero
 (codes 0 .. 2^b - 2 are powers, code 2^b - 1 is exactly 0), so a b-bit quantizer really has 2^b
 levels. ``options: {extra_zero: true}`` restores the papers' behaviour (for reproducing them).
+
+Rounding domain (log2 only). By default the exponent is rounded in the log domain, ``round(-log2 r)``
+with ``r = x / s`` (threshold ``√2·2^-k``). ``options: {round_domain: linear}`` is FQ-ViT's Log-Int-Softmax
+arithmetic (``QIntSoftmax.forward`` / ``log_round``)::
+
+    y = round(1 / r),  k = floor(log2 y),  e = k + [y - 2^k >= 2^(k-1)]
+
+i.e. ``1/r`` rounded to an integer and then to the nearest power of two in the linear domain
+(threshold ``1.5·2^k``, so ``r`` in ``[2^-k·2/3, 2^-k·1/√2)`` rounds up to ``2^-k``). The straight-through
+gradient is that of ``-log2 r`` in both domains.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from ..granularity import PerTensor
 from .base import Params, QuantSpec, register_quantizer, round_ste
 
 TINY = 1e-30
+ROUND_DOMAINS = ("log", "linear")
 
 
 class _LogQuantizer:
@@ -31,6 +42,10 @@ class _LogQuantizer:
     steps_per_octave = 1
 
     def check_spec(self, spec: QuantSpec) -> None:
+        domain = spec.opt("round_domain", "log")
+        if domain not in ROUND_DOMAINS or (domain == "linear" and self.steps_per_octave != 1):
+            allowed = ", ".join(ROUND_DOMAINS) if self.steps_per_octave == 1 else "log"
+            raise ConfigError(f"{self.name} round_domain {domain!r} is unknown: use {allowed}")
         if spec.symmetric:
             raise ConfigError(f"{self.name} quantizer is for non-negative values: set symmetric: false")
         if not isinstance(spec.granularity, PerTensor):
@@ -45,12 +60,19 @@ class _LogQuantizer:
     def init_params(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
         return {"scale": hi.float().clamp_min(TINY)}
 
-    def _exponent(self, x: Tensor, p: Params, rnd) -> Tensor:  # type: ignore[no-untyped-def]
+    def _exponent(self, x: Tensor, p: Params, spec: QuantSpec, rnd) -> Tensor:  # type: ignore[no-untyped-def]
         ratio = (x / p["scale"]).clamp_min(TINY)
-        return rnd(-self.steps_per_octave * torch.log2(ratio)).clamp_min(0)
+        soft = -self.steps_per_octave * torch.log2(ratio)
+        if spec.opt("round_domain", "log") != "linear":
+            return rnd(soft).clamp_min(0)
+        y = torch.round(1.0 / ratio).clamp_min(1.0)
+        k = torch.floor(torch.log2(y))
+        hard = k + ((y - torch.pow(2.0, k)) >= torch.pow(2.0, k - 1)).to(k.dtype)
+        # the hard value with the gradient of ``soft``; ``rnd`` only removes the float error of the sum
+        return rnd(soft + (hard - soft).detach()).clamp_min(0)
 
     def _codes(self, x: Tensor, p: Params, spec: QuantSpec, rnd) -> Tensor:  # type: ignore[no-untyped-def]
-        e = self._exponent(x, p, rnd)
+        e = self._exponent(x, p, spec, rnd)
         n_pow = self._n_power_codes(spec)
         zero_code = float(n_pow)  # may be 2^b with extra_zero: the papers' "b bits + zero"
         return torch.where(e >= n_pow, torch.full_like(e, zero_code), e)
