@@ -20,9 +20,10 @@ input, or calibration running), the same decomposition runs on real numbers: ``x
 and no flooring of the coefficients - only the polynomial's error remains (< 0.33 % relative on
 ``(-ln2, 0]``).
 
-Deliberate difference: FQ-ViT rounds ``Σe / e`` to an integer and then to a power of two in the
-*linear* domain (threshold ``1.5·2^k``); our log2 quantizer rounds ``-log2(p)`` (threshold
-``√2·2^k``). Both give 4-bit power-of-two attention.
+FQ-ViT rounds ``Σe / e`` to an integer and then to a power of two in the *linear* domain (threshold
+``1.5·2^k``); the log2 quantizer does so with ``options: {round_domain: linear}``, as the ``fqvit``
+recipe sets, and otherwise rounds ``-log2(p)`` (threshold ``√2·2^k``). Both give 4-bit power-of-two
+attention.
 """
 
 from __future__ import annotations
