@@ -277,14 +277,29 @@ def ptq4vit_worker(model_name: str, bits_list: list[str], seeds: list[int]) -> d
 
             test_all.datasets = SimpleNamespace(ViTImageNetLoaderGenerator=Loaders)
             test_all.test_classification = test_classification
+            modifier = test_all.cfg_modifier(linear_ptq_setting=(1, 1, 1), metric="hessian", bit_setting=(w, a))
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):
-                test_all.test_all(model_name, test_all.cfg_modifier(linear_ptq_setting=(1, 1, 1), metric="hessian",
-                                                                    bit_setting=(w, a)),
+                test_all.test_all(model_name, lambda cfg, _m=modifier: _ptq4vit_ablate(_m(cfg)),
                                   calib_size=CALIB, config_name="PTQ4ViT")
             res[f"{bits}/{seed}"] = _record(captured["pred"], time.perf_counter() - t0)
             _say("PTQ4ViT", model_name, bits, seed, captured["pred"])
     return res
+
+
+def _ptq4vit_ablate(cfg: Any) -> Any:
+    """PTQ4ViT's config with the ``--ablate`` choices of :data:`PTQ4VIT_ABLATIONS` made vitq's way (cause-finding
+    only; the table of record runs the config unchanged)."""
+    chosen = _ablations()
+    if "qkv_groups" in chosen:  # the qkv weight as one row group: built as the peer builds proj (n_V = 1)
+        peer_get = cfg.get_module
+        cfg.get_module = lambda kind, *a, _g=peer_get, **k: _g("qlinear_proj" if kind == "qlinear_qkv" else kind,
+                                                               *a, **k)
+    if "heads" in chosen:  # matmul operands with one scale per tensor, not per head (n_G = 1)
+        from quant_layers.matmul import PTQSLBatchingQuantMatMul, PTQSLQuantMatMul
+
+        PTQSLBatchingQuantMatMul._get_padding_parameters = PTQSLQuantMatMul._get_padding_parameters
+    return cfg
 
 
 def _swin_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -424,6 +439,11 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "image": {},  # the image input (DeiT and Swin; FQ-ViT's ViT keeps it float)
     "int_norm": {},  # not a quantizer: the integer LayerNorm (8-bit requantization multiplier) run in float
 }
+#: what ``--ablate`` changes in PTQ4ViT's config (cause-finding): its granularities that vitq's ptq4vit has not
+PTQ4VIT_ABLATIONS = {
+    "qkv_groups": "the qkv weight in one row group (PTQ4ViT: q, k and v rows each with their own scale)",
+    "heads": "the matmul operands q, k, v with one scale per tensor (PTQ4ViT: one per head)",
+}
 
 
 def _float_norm_after(model: nn.Module, norm_type: type) -> Callable[[], None]:
@@ -489,9 +509,21 @@ def run_peer(key: str, repo: Path, model_name: str, bits_list: list[str], seeds:
     for seed in seeds:  # one worker per seed, for the widths that seed lacks: cached runs are never repeated
         todo_bits = [b for b in bits_list if f"{b}/{seed}" not in have]
         if todo_bits:
-            have.update(_run_peer(key, repo, model_name, todo_bits, [seed]))
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(have, cache)
+            have = _merge_cache(cache, _run_peer(key, repo, model_name, todo_bits, [seed]))
+    return have
+
+
+def _merge_cache(cache: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` merged into the cache file under a lock: several bench processes may add runs of one model
+    at once, and each must keep the others' (re-read, not the copy read before its peer run)."""
+    import fcntl
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        have: dict[str, Any] = torch.load(cache, weights_only=False) if cache.is_file() else {}
+        have.update(new)
+        torch.save(have, cache)
     return have
 
 
@@ -618,9 +650,9 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--check-shims", action="store_true")
-    ap.add_argument("--ablate", nargs="+", choices=ABLATIONS, default=[],
-                    help="FQ-ViT only, to find a difference's cause: leave these of its quantizers out "
-                         "(rows go to peers_ablation.json, not the table of record)")
+    ap.add_argument("--ablate", nargs="+", choices=[*ABLATIONS, *PTQ4VIT_ABLATIONS], default=[],
+                    help="to find a difference's cause: leave these of FQ-ViT's quantizers out, or make these "
+                         "of PTQ4ViT's granularities vitq's (rows go to peers_ablation.json, not the table of record)")
     ap.add_argument("--vitq-set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="cause-finding: vitq's recipe with these pass options (rows go to peers_ablation.json)")
     ap.add_argument("--vitq-recipe", metavar="NAME|FILE",
@@ -645,8 +677,10 @@ def main() -> None:
     for key, repo in given.items():
         if not (repo / PEERS[key].marker).is_file():
             raise SystemExit(f"--{key} {repo}: not a checkout of {PEERS[key].repo} (no {PEERS[key].marker})")
-    if args.ablate and set(given) != {"fqvit"}:
-        raise SystemExit("--ablate changes FQ-ViT's model only: give --fqvit DIR alone")
+    for peer_key, table in (("fqvit", ABLATIONS), ("ptq4vit", PTQ4VIT_ABLATIONS)):
+        if set(args.ablate) & set(table) and set(given) != {peer_key}:
+            raise SystemExit(f"--ablate {' '.join(sorted(set(args.ablate) & set(table)))} changes "
+                             f"{PEERS[peer_key].name}'s code only: give --{peer_key} DIR alone")
     os.environ["VITQ_PEER_ABLATE"] = ",".join(args.ablate)  # read here and by the workers (inherited)
     vitq_set = parse_assignments(args.vitq_set, "--vitq-set") if args.vitq_set else {}
     # the table of record holds the issue's four widths of each peer's unmodified code; anything else

@@ -161,6 +161,97 @@ def test_ptq4vit_search_is_scale_free_in_the_gradient() -> None:
         search_layer(layer, slots, (x,), out, g * float("inf"), "hessian", 1, steps=20)
 
 
+def test_metrics_per_index_of_an_axis() -> None:
+    # one value per index of ``axis`` (the mean over the other dims); their mean is the scalar metric
+    torch.manual_seed(0)
+    o, oq, g = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    for f, args in ((mse, ()), (hessian, (g,))):
+        per = f(oq, o, *args, axis=1) if args else f(oq, o, axis=1)
+        assert per.shape == (3,)
+        for j in range(3):
+            sub = f(oq[:, j], o[:, j], *(a[:, j] for a in args))
+            assert float(per[j]) == pytest.approx(float(sub), rel=1e-6)
+        assert float(per.mean()) == pytest.approx(float(f(oq, o, *args)), rel=1e-6)
+    assert cosine(oq, o, axis=0).shape == (4,)
+    with pytest.raises(ConfigError, match="no value per index of that dim"):
+        cosine(oq, o, axis=-1)
+
+
+def _conv_site(bits: str = "W3A8"):
+    """A calibrated patch-embedding QConv2d (per-output-channel weight) of the ptq4vit recipe."""
+    from vitq.nn import QConv2d
+
+    torch.manual_seed(1)
+    model, calib = tiny_vit(), torch.randn(8, 3, 16, 16)
+    q = vitq.quantize(copy.deepcopy(model), _recipe("ptq4vit", passes=[{"pass": "calibrate"}]), bits,
+                      calib_data=calib)
+    conv = next(m for m in q.modules() if isinstance(m, QConv2d))
+    with disabled(q), torch.no_grad():
+        out = conv(calib)
+    return conv, calib, out
+
+
+def test_ptq4vit_each_channel_search_equals_searching_every_channel_alone() -> None:
+    # channel_search each (PTQ4ViT's code): every output channel's scale is the best of the grid for that
+    # channel's own outputs; brute force: the joint search of a one-channel copy of the layer
+    from vitq.passes.ptq4vit import group_axis, search_layer
+
+    conv, x, out = _conv_site()
+    fq = conv.weight_quant
+    assert group_axis(conv, "weight_quant", fq, (x,), out, "mse") == 1
+    init = {k: v.clone() for k, v in fq.params.items()}
+    each = search_layer(conv, ["weight_quant"], (x,), out, None, "mse", 1, steps=30, channel_search="each")
+    assert each["weight_quant"]["scale"].shape == init["scale"].shape
+    for c in range(conv.out_channels):
+        one = copy.deepcopy(conv)
+        one.weight = torch.nn.Parameter(conv.weight[c:c + 1].clone())
+        one.bias = torch.nn.Parameter(conv.bias[c:c + 1].clone())
+        one.out_channels = 1
+        one.weight_quant.set_params({k: v[c:c + 1].clone() for k, v in init.items()})
+        alone = search_layer(one, ["weight_quant"], (x,), out[:, c:c + 1], None, "mse", 1, steps=30)
+        assert torch.allclose(alone["weight_quant"]["scale"].flatten(), each["weight_quant"]["scale"][c].flatten())
+    # and the whole output's error is no worse than with one ratio for every channel
+    fq.set_params(init)
+    joint = search_layer(conv, ["weight_quant"], (x,), out, None, "mse", 1, steps=30)
+    errs = []
+    for p in (joint, each):
+        fq.set_params(p["weight_quant"])
+        with torch.no_grad():
+            errs.append(float(mse(conv(x), out)))
+    assert errs[1] <= errs[0] * (1 + 1e-6)
+    assert not torch.equal(joint["weight_quant"]["scale"], each["weight_quant"]["scale"])
+
+
+def test_ptq4vit_each_channel_search_only_where_channels_are_independent() -> None:
+    # a per-tensor weight, a Linear's input channels, a twin quantizer: no per-group search (None)
+    from vitq.passes.ptq4vit import group_axis
+
+    torch.manual_seed(0)
+    model, calib = tiny_vit(), torch.randn(8, 3, 16, 16)
+    rules = {"act:QKV_IN": {"quantizer": "uniform", "bits": "A", "symmetric": True, "granularity": "channel",
+                            "observer": "minmax"}}
+    q = vitq.quantize(copy.deepcopy(model), _recipe("ptq4vit", rules=rules, passes=[{"pass": "calibrate"}]),
+                      "W4A4", calib_data=calib)
+    seen = set()
+    for layer, slots in search_layers(q):
+        for s in slots:
+            fq = getattr(layer, s)
+            x = torch.randn(2, 5, layer.in_features) if isinstance(layer, QLinear) else None
+            if x is None:
+                continue
+            with torch.no_grad():
+                out = layer(x)
+            seen.add((fq.role, group_axis(layer, s, fq, (x,), out, "hessian")))
+    assert ("QKV_IN", None) in seen and ("FC2_IN", None) in seen  # per-channel input / twin uniform
+    assert all(ax is None for _, ax in seen)  # per-tensor weights too
+
+
+def test_ptq4vit_channel_search_option_is_checked() -> None:
+    with pytest.raises(ConfigError, match="channel_search 'rows' is unknown: use one of joint, each"):
+        vitq.quantize(tiny_vit(), _recipe("ptq4vit", pass_opts={"ptq4vit_search": {"channel_search": "rows"}}),
+                      "W8A8", calib_data=torch.randn(4, 3, 16, 16))
+
+
 @pytest.mark.parametrize("grad", ["quant", "fisher"])
 def test_ptq4vit_hessian_search_runs(grad: str) -> None:
     model, calib, x = tiny_vit(), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)

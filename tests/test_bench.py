@@ -149,6 +149,43 @@ def test_peer_cache_runs_only_the_missing_seed_and_width(tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_peer_cache_keeps_runs_another_process_added_meanwhile(tmp_path, monkeypatch):
+    # two bench processes on one model (e.g. W8A3 and W3A8 at once): the one that finishes last must not
+    # overwrite the other's run with the cache it read before its own peer run
+    import torch
+    from bench import peers
+
+    monkeypatch.setattr(peers, "CACHE", tmp_path)
+    monkeypatch.setattr(peers, "_commit", lambda repo: "0" * 40)
+    monkeypatch.delenv("VITQ_PEER_ABLATE", raising=False)
+    cache = tmp_path / f"ptq4vit-{'0' * 12}-m.pt"
+
+    def fake_run(key, repo, model_name, bits_list, seeds):
+        torch.save({"W8A3/0": {"other": True}}, cache)  # the other process saved while this one ran
+        return {f"{b}/{s}": {"seed": s} for b in bits_list for s in seeds}
+
+    monkeypatch.setattr(peers, "_run_peer", fake_run)
+    have = peers.run_peer("ptq4vit", tmp_path, "m", ["W3A8"], [0])
+    assert set(have) == {"W3A8/0", "W8A3/0"}
+    assert set(torch.load(cache, weights_only=False)) == {"W3A8/0", "W8A3/0"}
+
+
+def test_peer_ablation_of_one_peer_refuses_another(monkeypatch, tmp_path, capsys):
+    # PTQ4ViT's granularity ablations change PTQ4ViT's config only; FQ-ViT's quantizer ablations FQ-ViT's model
+    import sys
+
+    import pytest
+    from bench import peers
+
+    (tmp_path / "example").mkdir()
+    (tmp_path / "example" / "test_all.py").write_text("")
+    (tmp_path / "test_quant.py").write_text("")
+    for ablate, flag in (("qkv_groups", "--fqvit"), ("logits", "--ptq4vit")):
+        monkeypatch.setattr(sys, "argv", ["peers", flag, str(tmp_path), "--ablate", ablate])
+        with pytest.raises(SystemExit, match="code only"):
+            peers.main()
+
+
 def test_peer_pages_render_mixed_widths_after_the_issue_widths(tmp_path):
     # cause-finding runs at W8A6 / W6A8 render after the issue's widths, with the 1-point target
     import json

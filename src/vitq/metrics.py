@@ -1,7 +1,8 @@
 """Search metrics: how far a quantized layer output ``Ô`` is from the float output ``O``.
 
-Every metric has the signature ``metric(out_q, out_fp, grad=None) -> scalar Tensor`` and *lower is
-better*; searches (``ptq4vit_search``, quantizers' own ``search_params``) call it on outputs that
+Every metric has the signature ``metric(out_q, out_fp, grad=None, axis=None) -> Tensor`` and *lower is
+better*: a scalar, or with ``axis`` one value per index of that dimension of the output (the mean over
+the others; ``ptq4vit_search`` uses it to search every output channel's / head's scale on its own); searches (``ptq4vit_search``, quantizers' own ``search_params``) call it on outputs that
 the quantizer's ``fake_quant`` produced - a metric never re-derives a quantizer.
 
 * ``mse``     - ``mean((Ô - O)²)``.
@@ -31,25 +32,36 @@ from torch import Tensor, nn
 from .batches import forward_logits
 from .errors import ConfigError
 
-Metric = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+Metric = Callable[..., Tensor]  # (out_q, out_fp, grad=None, axis=None)
 
 
-def mse(out_q: Tensor, out_fp: Tensor, grad: Optional[Tensor] = None) -> Tensor:
+def _mean(err: Tensor, axis: Optional[int]) -> Tensor:
+    """The mean of ``err``, or with ``axis`` the mean over every other dim (one value per index)."""
+    if axis is None:
+        return err.mean()
+    return err.movedim(axis, 0).reshape(err.shape[axis], -1).mean(1)
+
+
+def mse(out_q: Tensor, out_fp: Tensor, grad: Optional[Tensor] = None, axis: Optional[int] = None) -> Tensor:
     """Mean squared error."""
-    return (out_q - out_fp).pow(2).mean()
+    return _mean((out_q - out_fp).pow(2), axis)
 
 
-def cosine(out_q: Tensor, out_fp: Tensor, grad: Optional[Tensor] = None) -> Tensor:
-    """Cosine distance along the last dim, averaged over all other positions."""
-    return 1.0 - F.cosine_similarity(out_q, out_fp, dim=-1).mean()
+def cosine(out_q: Tensor, out_fp: Tensor, grad: Optional[Tensor] = None, axis: Optional[int] = None) -> Tensor:
+    """Cosine distance along the last dim, averaged over all other positions (``axis``: not the last dim,
+    whose entries the cosine mixes)."""
+    if axis is not None and axis % out_q.dim() == out_q.dim() - 1:
+        raise ConfigError("the cosine metric compares whole rows of the last dim: it has no value per index of "
+                          "that dim; use metric mse or hessian for a search per output channel")
+    return 1.0 - _mean(F.cosine_similarity(out_q, out_fp, dim=-1), axis)
 
 
-def hessian(out_q: Tensor, out_fp: Tensor, grad: Optional[Tensor] = None) -> Tensor:
+def hessian(out_q: Tensor, out_fp: Tensor, grad: Optional[Tensor] = None, axis: Optional[int] = None) -> Tensor:
     """PTQ4ViT Hessian-guided error ``mean((g ⊙ (Ô - O))²)``; ``grad`` is ``g`` (shape of ``O``)."""
     if grad is None:
         raise ConfigError("the hessian metric needs output gradients: run it through a search that "
                           "computes them (ptq4vit_search) or use metric mse / cosine")
-    return (grad * (out_q - out_fp)).pow(2).mean()
+    return _mean((grad * (out_q - out_fp)).pow(2), axis)
 
 
 METRICS: dict[str, Metric] = {"mse": mse, "cosine": cosine, "hessian": hessian}

@@ -31,9 +31,16 @@ collapse (outlier channels at W4A4) the ``quant`` gradient steers the search wro
 33.6 % against PTQ4ViT's code's 83.1; fisher 83.4; docs/methods/baselines.md). ``quant`` stays the pass's
 default for the recipes measured with it (tsptq, tsptq-repq).
 
+``channel_search`` - a per-channel quantizer's scales: ``joint`` (default) multiplies all of them by one
+candidate ratio, chosen by the whole output's error; ``each`` chooses every output channel's (or head's)
+ratio by that channel's own output error where channels are independent (:func:`group_axis`), as the
+released code's ``ChannelwiseBatchingQuantConv2d`` does for the patch embedding. The ``ptq4vit`` recipe
+uses ``each``.
+
 Departures from the released code, all deliberate and listed in the ``ptq4vit`` recipe: qkv weights
 get one scale (PTQ4ViT splits q / k / v rows into 3 groups), matmul inputs one scale per tensor
-(PTQ4ViT: per head), the gradient point (above).
+(PTQ4ViT: per head) - neither moves the code's own result by more than 0.45 at W3A3 when it is made
+ours (bench/results/peers_ablation.md) - and the gradient point (above).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from torch import Tensor, nn
 
 from ..batches import forward_logits
 from ..errors import CalibrationError, ConfigError
-from ..granularity import PerToken
+from ..granularity import PerChannel, PerToken
 from ..metrics import GRADIENT_METRICS, get_metric, kl_to_reference, output_grads, sampled_nll
 from ..nn import FakeQuant, QConv2d, QLinear, QMatMul, disabled
 from ..options import Options, is_int, need
@@ -66,6 +73,7 @@ SLOT_ARG = {"input_quant": 0, "quant_a": 0, "quant_b": 1}
 SLOT_ORDER = {QLinear: ("weight_quant", "input_quant"), QConv2d: ("weight_quant", "input_quant"),
               QMatMul: ("quant_a", "quant_b")}
 GRAD_MODES = ("quant", "fisher")
+CHANNEL_SEARCH = ("joint", "each")
 
 
 def _searchable(fq: Any) -> bool:
@@ -159,16 +167,22 @@ def unit_max(grad: Tensor, where: str) -> Tensor:
 @torch.no_grad()
 def search_layer(layer: Any, slots: Sequence[str], args: tuple[Tensor, ...], out_fp: Tensor,
                  grad: Optional[Tensor], metric_name: str, rounds: int, alpha: float = 0.01, beta: float = 1.2,
-                 steps: int = 100) -> dict[str, Params]:
+                 steps: int = 100, channel_search: str = "joint") -> dict[str, Params]:
     """Alternating search of ``slots`` of one layer; returns the best parameters per slot.
 
-    The layer's FakeQuants are left at the returned values.
+    ``channel_search``: ``joint`` scales every group of a per-channel quantizer by one candidate ratio,
+    chosen by the error of the whole output; ``each`` chooses every group's ratio by the error of its own
+    outputs where the groups are independent (:func:`group_axis`; PTQ4ViT's code: per output channel of
+    the patch-embedding weight, per head of the matmul operands). The layer's FakeQuants are left at the
+    returned values.
     """
     metric = get_metric(metric_name)
     if grad is not None:
         grad = unit_max(grad, getattr(layer, slots[0]).site if slots else type(layer).__name__)
     fqs = {s: getattr(layer, s) for s in slots}
     ratios = grid(alpha, beta, steps)
+    axes = {s: group_axis(layer, s, fq, args, out_fp, metric_name) if channel_search == "each" else None
+            for s, fq in fqs.items()}
     cands = {s: candidates(fq, layer.weight if s == "weight_quant" else args[SLOT_ARG[s]], ratios, alpha, beta, steps)
              for s, fq in fqs.items()}
     for _ in range(rounds):
@@ -182,13 +196,8 @@ def search_layer(layer: Any, slots: Sequence[str], args: tuple[Tensor, ...], out
                 a[SLOT_ARG[o]] = fqs[o](a[SLOT_ARG[o]])
                 fqs[o].enabled = False
             try:
-                best: Optional[Params] = None
-                best_err = math.inf
-                for cand in cands[s]:
-                    fq.set_params(cand)
-                    err = float(metric(layer(*a), out_fp, grad))
-                    if err < best_err:  # ties keep the earlier (smaller) candidate
-                        best, best_err = cand, err
+                best = (_best_joint(layer, fq, cands[s], a, out_fp, grad, metric) if axes[s] is None else
+                        _best_each(layer, fq, cands[s], a, out_fp, grad, metric, axes[s]))
             finally:
                 for o in frozen:
                     fqs[o].enabled = True
@@ -196,6 +205,73 @@ def search_layer(layer: Any, slots: Sequence[str], args: tuple[Tensor, ...], out
                 raise CalibrationError(f"ptq4vit_search: every candidate of {fq.site} gave a non-finite error")
             fq.set_params(best)
     return {s: {k: v.clone() for k, v in fq.params.items()} for s, fq in fqs.items()}
+
+
+def _best_joint(layer: Any, fq: FakeQuant, cands: Sequence[Params], args: Sequence[Tensor], out_fp: Tensor,
+                grad: Optional[Tensor], metric: Any) -> Optional[Params]:
+    """The candidate with the least error of the whole layer output."""
+    best: Optional[Params] = None
+    best_err = math.inf
+    for cand in cands:
+        fq.set_params(cand)
+        err = float(metric(layer(*args), out_fp, grad))
+        if err < best_err:  # ties keep the earlier (smaller) candidate
+            best, best_err = cand, err
+    return best
+
+
+def _best_each(layer: Any, fq: FakeQuant, cands: Sequence[Params], args: Sequence[Tensor], out_fp: Tensor,
+               grad: Optional[Tensor], metric: Any, axis: int) -> Optional[Params]:
+    """Per group (output channel / head), the candidate with the least error of that group's outputs.
+
+    Valid because the groups' outputs are independent: group ``j``'s output depends on group ``j``'s
+    parameters only, so one forward at candidate ``i`` scores every group's ``i``."""
+    n = out_fp.shape[axis]
+    best = {k: v.clone() for k, v in cands[0].items()}
+    best_err = torch.full((n,), math.inf, device=out_fp.device)
+    for cand in cands:
+        fq.set_params(cand)
+        err = metric(layer(*args), out_fp, grad, axis=axis).float()
+        better = err < best_err  # ties keep the earlier (smaller) candidate; NaN never wins
+        for k, v in cand.items():
+            best[k] = torch.where(better.view(-1, *([1] * (v.dim() - 1))), v, best[k])
+        best_err = torch.where(better, err, best_err)
+    if not bool(torch.isfinite(best_err).all()):
+        return None
+    return best
+
+
+def group_axis(layer: Any, slot: str, fq: FakeQuant, args: Sequence[Tensor], out: Tensor,
+               metric_name: str) -> Optional[int]:
+    """The dim of the layer output whose index ``j`` depends on the ``j``-th parameter group of ``slot``
+    only, or None where the groups' effects mix (per-tensor, or the input channels of a Linear):
+
+    * a QLinear / QConv2d weight per output channel (``channel0``): the output's channel dim;
+    * a QMatMul operand per index of a leading dim (``channel1`` of ``(B, heads, N, d)``: per head): that dim.
+
+    Only for quantizers searched by scale ratio (uniform), whose parameter groups lead each buffer's shape."""
+    g = fq.spec.granularity
+    scale = fq.params.get("scale")
+    if not isinstance(g, PerChannel) or scale is None or scale.numel() <= 1:
+        return None
+    if getattr(fq.quantizer, "candidates", None) is not None:
+        return None
+    if slot == "weight_quant":
+        if g.axis % layer.weight.dim() != 0:
+            return None
+        axis = out.dim() - 1 if isinstance(layer, QLinear) else 1
+    elif isinstance(layer, QMatMul):
+        x = args[SLOT_ARG[slot]]
+        axis = g.axis % x.dim()
+        if axis >= x.dim() - 2 or out.dim() != x.dim() or x.shape[axis] != out.shape[axis]:
+            return None
+    else:
+        return None
+    if any(v.dim() == 0 or v.shape[0] != out.shape[axis] for v in fq.params.values()):
+        return None
+    if metric_name == "cosine" and axis == out.dim() - 1:
+        return None  # the cosine compares whole rows of the last dim: it has no value per channel there
+    return axis
 
 
 def _names(v: Any) -> Optional[list[str]]:
@@ -209,7 +285,9 @@ def _names(v: Any) -> Optional[list[str]]:
 class PTQ4ViTOptions(Options):
     """``metric``: the layer-output error (``hessian``, ``mse``, ``cosine``); ``alpha``, ``beta``,
     ``steps``: the candidate grid ``α + i(β-α)/n``; ``rounds``: alternating weight / activation
-    rounds; ``grad``: where the KL gradient is taken (``quant`` | ``fisher``); ``max_images``;
+    rounds; ``grad``: where the KL gradient is taken (``quant`` | ``fisher``); ``channel_search``: one
+    ratio for every channel of a per-channel quantizer (``joint``) or each output channel's / head's
+    ratio on its own (``each``, PTQ4ViT's code; :func:`search_layer`); ``max_images``;
     ``roles`` / ``quantizers``: search only the sites of these roles / quantizer names (null: all)."""
 
     metric: str = "hessian"
@@ -218,6 +296,7 @@ class PTQ4ViTOptions(Options):
     steps: int = 100
     rounds: int = 3
     grad: str = "quant"
+    channel_search: str = "joint"
     max_images: int = 32
     roles: Any = field(default=None, metadata={"any_type": True})
     quantizers: Any = field(default=None, metadata={"any_type": True})
@@ -225,6 +304,8 @@ class PTQ4ViTOptions(Options):
     def validate(self) -> None:
         get_metric(self.metric)
         need(self.grad in GRAD_MODES, f"ptq4vit_search grad {self.grad!r} is unknown: use one of {', '.join(GRAD_MODES)}")
+        need(self.channel_search in CHANNEL_SEARCH, f"ptq4vit_search channel_search {self.channel_search!r} is "
+             f"unknown: use one of {', '.join(CHANNEL_SEARCH)}")
         need(0 < float(self.alpha) <= float(self.beta),
              f"ptq4vit_search needs 0 < alpha <= beta, got alpha={self.alpha} beta={self.beta}")
         need(all(is_int(v) and v >= 1 for v in (self.steps, self.rounds, self.max_images)),
@@ -261,7 +342,7 @@ def ptq4vit_search_pass(model: nn.Module, ctx: Any, opts: PTQ4ViTOptions = PTQ4V
     results = []
     for (m, slots), (args, out), g in zip(layers, captured, grads, strict=True):
         results.append(search_layer(m, slots, args, out, g, metric, int(rounds), float(alpha), float(beta),
-                                    int(steps)))
+                                    int(steps), opts.channel_search))
         for s in slots:  # parallel semantics: later layers are searched against the initial state
             getattr(m, s).set_params(initial[len(results) - 1][s])
     for (m, slots), best in zip(layers, results, strict=True):
@@ -295,4 +376,4 @@ def _gradients(model: nn.Module, x: Tensor, mods: Sequence[nn.Module], ref_logit
         return output_grads(model, x, mods, lambda logits: sampled_nll(logits, labels))
 
 
-__all__ = ["GRAD_MODES", "candidates", "grid", "ptq4vit_search_pass", "search_layer", "search_layers", "unit_max"]
+__all__ = ["CHANNEL_SEARCH", "GRAD_MODES", "candidates", "grid", "group_axis", "ptq4vit_search_pass", "search_layer", "search_layers", "unit_max"]
