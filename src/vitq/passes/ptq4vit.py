@@ -196,8 +196,9 @@ def search_layer(layer: Any, slots: Sequence[str], args: tuple[Tensor, ...], out
                 a[SLOT_ARG[o]] = fqs[o](a[SLOT_ARG[o]])
                 fqs[o].enabled = False
             try:
-                best = (_best_joint(layer, fq, cands[s], a, out_fp, grad, metric) if axes[s] is None else
-                        _best_each(layer, fq, cands[s], a, out_fp, grad, metric, axes[s]))
+                axis = axes[s]
+                best = (_best_joint(layer, fq, cands[s], a, out_fp, grad, metric) if axis is None else
+                        _best_each(layer, fq, cands[s], a, out_fp, grad, metric, axis))
             finally:
                 for o in frozen:
                     fqs[o].enabled = True
