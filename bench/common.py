@@ -15,13 +15,14 @@ train split and evaluated on its test split. Results are written only through th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -164,6 +165,18 @@ def _key(r: dict[str, Any], key: Sequence[str] = ROW_KEY) -> str:
     return json.dumps([r.get(k) for k in key])
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``'s ``.lock`` sibling: benchmark processes that read, merge and
+    rewrite one results or cache file take it so that none loses another's update."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], key: Sequence[str] = ROW_KEY,
               sort: bool = False, indent: int = 2) -> None:
     """Merge ``rows`` into the file (several benchmark processes may share it), under a lock; a row
@@ -173,12 +186,8 @@ def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], key:
     differs from the file's row) is stamped with this machine (:func:`machine_meta`'s ``machine`` and ``cpu_capability``); rows
     passed back unchanged keep whatever they had, so re-rendering cached rows on another host does not
     claim them. The file's meta names the machine of the latest process that measured a row."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     here = machine_meta()
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path):
         old_meta: dict[str, Any] = {}
         merged: dict[str, dict[str, Any]] = {}
         if path.is_file():

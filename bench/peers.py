@@ -80,6 +80,7 @@ from bench.common import (
     ROOT,
     FashionData,
     available,
+    file_lock,
     machine_line,
     md_table,
     save_rows,
@@ -516,11 +517,7 @@ def run_peer(key: str, repo: Path, model_name: str, bits_list: list[str], seeds:
 def _merge_cache(cache: Path, new: dict[str, Any]) -> dict[str, Any]:
     """``new`` merged into the cache file under a lock: several bench processes may add runs of one model
     at once, and each must keep the others' (re-read, not the copy read before its peer run)."""
-    import fcntl
-
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(cache):
         have: dict[str, Any] = torch.load(cache, weights_only=False) if cache.is_file() else {}
         have.update(new)
         torch.save(have, cache)

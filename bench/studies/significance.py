@@ -93,6 +93,7 @@ from bench.common import (  # noqa: E402
     FashionData,
     bench_recipe,
     calibrate_once,
+    file_lock,
     machine_meta,
     run_rest,
     scaled_recipe,
@@ -440,12 +441,9 @@ def main() -> int:
     models = args.models or GROUPS[args.group]["models"]
     if not args.report_only:
         run_group(args.group, models, args.seeds, args.iters, args.lr_scale, args.recipes, args.add_nll)
-    import fcntl
-
     path = RESULTS / "significance.json"
     new = collect(args.group, models)
-    with open(path.with_suffix(".lock"), "w") as lock:  # several processes may merge into the file
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path):  # several processes may merge into the file
         doc = json.loads(path.read_text()) if path.is_file() else {"comparisons": []}
         keys = {(r["group"], r["model"], r["a"], r["b"]) for r in new}
         doc["comparisons"] = [r for r in doc["comparisons"] if (r["group"], r["model"], r["a"], r["b"]) not in keys] + new
