@@ -209,3 +209,48 @@ def test_weight_cache_follows_changes() -> None:
     fresh = copy.deepcopy(q)  # no cache: every forward quantizes the weight again
     with torch.enable_grad():
         assert torch.equal(fresh(x), b)  # the cached weight is the freshly quantized one, bit for bit
+
+
+def test_sequential_calibration_sees_the_quantized_upstream() -> None:
+    """``calibrate upstream=quantized``: each site's parameters are what its observer gives on the input
+    that site receives in the *quantized* model (RepQ-ViT's order), which differs from the float-input
+    calibration downstream of the first site."""
+    from vitq.observers import Observer
+    from vitq.recipes import set_pass_options
+
+    x = torch.randn(8, 3, 16, 16)
+    recipe = load_recipe("minmax")
+    seq = vitq.quantize(tiny_vit(), set_pass_options(recipe, {"upstream": "quantized"}), "W3A3", calib_data=x)
+    flt = vitq.quantize(tiny_vit(), recipe, "W3A3", calib_data=x)
+    sites = [m for m in seq.modules() if isinstance(m, FakeQuant) and m.kind == "act" and m.enabled
+             and not m.spec.dynamic]
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [fq.register_forward_pre_hook(lambda m, a: seen.setdefault(id(m), a[0].detach().clone()))
+             for fq in sites]
+    with torch.no_grad():
+        seq(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(sites) >= 4
+    for fq in sites:
+        obs = Observer(fq.spec, fq.site)
+        obs.observe(seen[id(fq)])
+        want = obs.compute()
+        for k, v in fq.params.items():
+            torch.testing.assert_close(v, want[k].float(), rtol=0, atol=0, msg=f"{fq.site}.{k}")
+    flt_sites = {m.site: m for m in flt.modules() if isinstance(m, FakeQuant) and m.kind == "act"}
+    differ = [fq.site for fq in sites if any(not torch.equal(v, flt_sites[fq.site].params[k]) for k, v in fq.params.items())]
+    assert differ and sites[0].site not in differ  # the first site sees the image either way
+    assert not any(fq.calibrating or fq.calibrate_once for fq in seq.modules() if isinstance(fq, FakeQuant))
+
+
+def test_sequential_calibration_options_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitq import distributed
+    from vitq.recipes import set_pass_options
+
+    with pytest.raises(ConfigError, match="upstream='nope': choose one of float, quantized"):
+        set_pass_options(load_recipe("minmax"), {"upstream": "nope"})
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    with pytest.raises(ConfigError, match="upstream=quantized .* use upstream=float under torchrun"):
+        vitq.quantize(tiny_vit(), set_pass_options(load_recipe("minmax"), {"upstream": "quantized"}), "W8A8",
+                      calib_data=torch.randn(2, 3, 16, 16))

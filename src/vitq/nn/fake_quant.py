@@ -40,6 +40,8 @@ class FakeQuant(nn.Module):
         self.kind = kind  # "act" | "weight"
         self.enabled = True
         self.calibrating = False
+        #: sequential calibration: the first input seen sets the parameters and is already quantized
+        self.calibrate_once = False
         self.observer: Optional[Observer] = None
         self.quantizer = get_quantizer(spec.quantizer)
         self.register_buffer("initialized", torch.tensor(False))
@@ -76,13 +78,18 @@ class FakeQuant(nn.Module):
         self.ready = bool(self.initialized)  # loading is not tracing: read the tensor here, once
 
     # -- calibration ------------------------------------------------------------------------
-    def start_calibration(self, max_elements: Optional[int] = None, seed: int = 0, plan: Any = None) -> None:
+    def start_calibration(self, max_elements: Optional[int] = None, seed: int = 0, plan: Any = None,
+                          once: bool = False) -> None:
+        """``once``: the first input seen sets the parameters and leaves the site quantized (what flows
+        downstream is then the quantized value: sequential calibration)."""
         kw = {} if max_elements is None else {"max_elements": max_elements}
         self.observer = Observer(self.spec, self.site, seed=seed, plan=plan, **kw)
         self.calibrating = True
+        self.calibrate_once = once
 
     def finish_calibration(self) -> None:
         self.calibrating = False
+        self.calibrate_once = False
         if self.observer is None:
             return
         if not self.spec.dynamic:
@@ -104,7 +111,9 @@ class FakeQuant(nn.Module):
         if self.calibrating:
             assert self.observer is not None
             self.observer.observe(x)
-            return x
+            if not self.calibrate_once:
+                return x
+            self.finish_calibration()
         if isinstance(self.spec.granularity, PerToken):
             return fake_quant(x, self._dynamic_params(x), self.spec)
         if not self.ready:

@@ -16,19 +16,23 @@ def fake_quants(model: nn.Module, kind: Optional[str] = None) -> list[FakeQuant]
 
 @contextmanager
 def calibrate(model: nn.Module, max_elements: Optional[int] = None, seed: int = 0,
-              plan: Any = None) -> Iterator[nn.Module]:
+              plan: Any = None, sequential: bool = False) -> Iterator[nn.Module]:
     """Inside the block activation sites observe (and pass through) what flows; on exit they
     compute their parameters. Weight sites are calibrated from the weights on entry. ``plan``: the
-    global batches of a distributed calibration (:class:`vitq.distributed.SamplePlan`)."""
+    global batches of a distributed calibration (:class:`vitq.distributed.SamplePlan`).
+
+    ``sequential``: each activation site sets its parameters from the first input it sees and
+    quantizes from then on, so a site downstream is calibrated on the quantized model's activations
+    (RepQ-ViT's order: one forward with the upstream sites already quantized). Meant for one forward."""
     calibrate_weights(model)
     acts = [fq for fq in fake_quants(model, "act") if fq.enabled]
     for i, fq in enumerate(acts):
-        fq.start_calibration(max_elements, seed=seed + i, plan=plan)
+        fq.start_calibration(max_elements, seed=seed + i, plan=plan, once=sequential)
     try:
         yield model
     except BaseException:
         for fq in acts:
-            fq.calibrating = False
+            fq.calibrating = fq.calibrate_once = False
             fq.observer = None
         raise
     for fq in acts:

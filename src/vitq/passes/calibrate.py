@@ -17,19 +17,29 @@ from .registry import register_pass
 
 log = logging.getLogger(__name__)
 
+UPSTREAM = ("float", "quantized")
+
 
 @dataclass(frozen=True)
 class CalibrateOptions(Options):
     """``max_elements``: values each site's observer keeps (a seeded random sample; min / max stay
-    exact); ``weights_only``: re-compute only the weight quantizers from the current weights."""
+    exact); ``weights_only``: re-compute only the weight quantizers from the current weights;
+    ``upstream``: what each activation site is calibrated on - ``float`` (default): the activations
+    of the model with every activation site float, over any number of batches; ``quantized``: one
+    forward of all the calibration images with the sites upstream already quantized (RepQ-ViT's order;
+    memory grows with the calibration set)."""
 
     max_elements: int = DEFAULT_MAX_ELEMENTS
     weights_only: bool = False
+    upstream: str = "float"
 
     def validate(self) -> None:
         need(is_int(self.max_elements) and self.max_elements >= 1,
              f"calibrate max_elements={self.max_elements!r} must be an integer >= 1 (values kept per site; "
              f"default {DEFAULT_MAX_ELEMENTS})")
+        need(self.upstream in UPSTREAM,
+             f"calibrate upstream={self.upstream!r}: choose one of {', '.join(UPSTREAM)} (float: every site on "
+             f"the float activations; quantized: one forward with the upstream sites already quantized)")
 
 
 @register_pass("calibrate", CalibrateOptions)
@@ -42,6 +52,13 @@ def calibrate_pass(model: nn.Module, ctx: Any, opts: CalibrateOptions = Calibrat
     if opts.weights_only:
         with torch.no_grad():
             calibrate_weights(model)
+        return model
+    if opts.upstream == "quantized":
+        need(not distributed.active(), "calibrate upstream=quantized runs one forward of the whole calibration set "
+             "and cannot be split over processes: use upstream=float under torchrun")
+        batches = list(ctx.calib_batches(desc="calibrate"))
+        with torch.no_grad(), calibrate(model, max_elements=opts.max_elements, seed=ctx.seed, sequential=True):
+            model(torch.cat(batches) if len(batches) > 1 else batches[0])
         return model
     if distributed.active():
         return _calibrate_distributed(model, ctx, opts)
