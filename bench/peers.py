@@ -300,7 +300,38 @@ def _ptq4vit_ablate(cfg: Any) -> Any:
         from quant_layers.matmul import PTQSLBatchingQuantMatMul, PTQSLQuantMatMul
 
         PTQSLBatchingQuantMatMul._get_padding_parameters = PTQSLQuantMatMul._get_padding_parameters
+    if "sos_sum" in chosen:  # the twin softmax decoded one region per element, as vitq's twin_uniform does
+        from quant_layers.matmul import SoSPTQSLBatchingQuantMatMul as SoS
+
+        SoS.quant_input_A = lambda self, x: _one_region(x, self.split, self.A_qmax - 1)
+        SoS._search_best_A_interval = _split_search_one_region
     return cfg
+
+
+def _one_region(x: torch.Tensor, split: Any, q: int) -> torch.Tensor:
+    """PTQ4ViT's two softmax regions (``[split, 1]`` with step ``1/q``, ``[0, split)`` with step ``split/q``,
+    switching at ``split`` as its code does), each element decoded from its own region only. The code returns
+    the sum of both regions' values, so an element ``>= split`` also gets the saturated low term (``+split``)."""
+    high = (x.clamp(split, 1) * q).round().clamp(0, q) / q
+    low = (x.clamp(0, split) / (split / q)).round().clamp(0, q) * (split / q)
+    return torch.where(x >= split, high, low)
+
+
+def _split_search_one_region(self: Any, candidates: torch.Tensor) -> None:
+    """The split search of PTQ4ViT's ``SoSPTQSLBatchingQuantMatMul`` (the same candidates, calibration batches,
+    metric and reduction: the metric's mean over heads and rows, summed over images) with :func:`_one_region`
+    as the decode. Cause-finding only (``--ablate sos_sum``)."""
+    q = self.A_qmax - 1
+    score = torch.zeros(len(candidates))
+    for b0 in range(0, self.calib_size, self.calib_batch_size):
+        b1 = min(self.calib_size, b0 + self.calib_batch_size)
+        a, b = (t[b0:b1].unsqueeze(0) for t in self.raw_input)
+        raw_out, raw_grad = self.raw_out[b0:b1].unsqueeze(0), self.raw_grad[b0:b1]
+        for i, split in enumerate(candidates):
+            sim = self._get_similarity(raw_out, _one_region(a, split, q) @ b, self.metric, raw_grad=raw_grad)
+            score[i] += float(sim.mean([2, 3]).sum())
+    self.split = candidates[int(score.argmax())]
+    self.A_interval = self.split / q
 
 
 def _swin_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -444,6 +475,7 @@ ABLATIONS: dict[str, dict[str, str]] = {
 PTQ4VIT_ABLATIONS = {
     "qkv_groups": "the qkv weight in one row group (PTQ4ViT: q, k and v rows each with their own scale)",
     "heads": "the matmul operands q, k, v with one scale per tensor (PTQ4ViT: one per head)",
+    "sos_sum": "the twin softmax decoded one region per element (PTQ4ViT: the sum of both regions' values)",
 }
 
 
