@@ -202,3 +202,26 @@ def test_peer_pages_render_mixed_widths_after_the_issue_widths(tmp_path):
     lines = [ln for ln in path.with_suffix(".md").read_text().splitlines() if ln.startswith("| fmnist-vit")]
     assert [ln.split("|")[2].strip() for ln in lines] == ["W6A6", "W8A6"]
     assert lines[0].rstrip(" |").endswith("yes") and lines[1].rstrip(" |").endswith("**no**")
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_peer_softmax_ablation_decodes_as_vitqs_twin_uniform(bits):
+    # --ablate sos_sum gives PTQ4ViT's code vitq's one-region decode of the twin softmax: away from the region
+    # switch (the code switches at split, vitq at the nearest value) it is vitq's twin_uniform exactly
+    import torch
+    from bench.peers import _one_region
+
+    from vitq.quantizers import QuantSpec, fake_quant, get_quantizer
+
+    q = 2 ** (bits - 1) - 1
+    spec = QuantSpec("twin_uniform", bits, granularity="tensor", options={"mode": "softmax", "search": False})
+    x = torch.softmax(torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(bits)) * 3, -1)
+    for i in (2, 5, 9):
+        split = 2.0 ** -i
+        p = get_quantizer("twin_uniform")._softmax(q, i)
+        away = (x < 0.5 * split) | (x > 2 * split + 1 / q)
+        ours = _one_region(x, torch.tensor(split), q)
+        # the same levels (k/q computed as k * (1/q): float rounding only)
+        torch.testing.assert_close(ours[away], fake_quant(x, p, spec)[away], rtol=0, atol=1e-6, msg=str(i))
+        big = x >= split  # and no element is decoded with the other region's saturated value added
+        assert (ours[big] <= 1).all() and ((ours[big] * q).round() == ours[big] * q).all()
