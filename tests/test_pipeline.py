@@ -211,6 +211,29 @@ def test_weight_cache_follows_changes() -> None:
         assert torch.equal(fresh(x), b)  # the cached weight is the freshly quantized one, bit for bit
 
 
+def test_weight_cache_is_not_fooled_by_a_reused_id() -> None:
+    # a quantizer parameter replaced by a new tensor: CPython often gives the new object the freed one's id,
+    # and a new tensor starts at version 0, so a key of ids and versions alone matched and the forward used
+    # the weight quantized with the old parameters (seen as one irreproducible ptq4vit run, 2.2 points off)
+    from vitq.nn import QLinear
+
+    x = torch.randn(4, 3, 16, 16)
+    q = vitq.quantize(tiny_vit(), "minmax", "W4A8", calib_data=x)
+    stale = n = 0
+    with torch.no_grad():
+        for lin in (m for m in q.modules() if isinstance(m, QLinear)):
+            wq, inp = lin.weight_quant, torch.randn(2, lin.in_features)
+            for _ in range(5):
+                lin(inp)  # caches the weight quantized with the current scale
+                halved = wq.scale * 0.5
+                del wq._buffers["scale"]  # the old scale object is freed here unless something holds it ...
+                wq._buffers["scale"] = halved.clone()  # ... and its successor may take its id, at version 0
+                want = torch.nn.functional.linear(lin.input_quant(inp), wq(lin.weight), lin.bias)
+                stale += not torch.equal(lin(inp), want)
+                n += 1
+    assert n >= 10 and stale == 0, f"{stale} of {n} forwards used a stale quantized weight"
+
+
 def test_sequential_calibration_sees_the_quantized_upstream() -> None:
     """``calibrate upstream=quantized``: each site's parameters are what its observer gives on the input
     that site receives in the *quantized* model (RepQ-ViT's order), which differs from the float-input

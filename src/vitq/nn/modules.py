@@ -30,12 +30,16 @@ def quantized_weight(layer: Any) -> Tensor:
         return w
     if torch.is_grad_enabled() or layer.training or not wq.enabled or wq.calibrating:
         return wq(w)
-    key = (id(w), w._version, wq.spec) + tuple((id(t), t._version) for t in wq.params.values())
+    params = tuple(wq.params.values())
+    key = (id(w), w._version, wq.spec) + tuple((id(t), t._version) for t in params)
     cache = layer.__dict__.get("_wq_cache")
     if cache is not None and cache[0] == key:
         return cache[1]
     out = wq(w)
-    layer.__dict__["_wq_cache"] = (key, out)
+    # the cache holds the tensors its key names: while it lives no other tensor can take their ids (a
+    # parameter replaced by set_params is freed otherwise, and its successor often gets the same id and
+    # version 0: the cache would then return the weight quantized with the old parameters)
+    layer.__dict__["_wq_cache"] = (key, out, (w, *params))
     return out
 
 
