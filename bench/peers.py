@@ -663,7 +663,9 @@ def render(path: Path = OUT) -> None:
                     "`left out` says (FQ-ViT's activation quantizers that vitq's fqvit does not have: `logits` the "
                     "head's output, `branch` the attention-projection and fc2 outputs, `qkv` the qkv output with one "
                     "scale for q, k and v (vitq: one each), `embed` the tokens and position embedding (ViT) or the "
-                    "relative-position table (Swin), `image` the image input), or vitq's recipe changed as its `with` says (`--vitq-set`, pass options), "
+                    "relative-position table (Swin), `image` the image input; PTQ4ViT's choices made vitq's: `qkv_groups` "
+                    "the qkv weight in one row group, `heads` matmul operands per tensor, `sos_sum` the twin softmax "
+                    "decoded one region per element), or vitq's recipe changed as its `with` says (`--vitq-set`, pass options), "
                     "or both at a mixed width (W8A6 / W6A8: only the weights or only the activations at the lower width; "
                     "target 1 point). Not the "
                     "table of record: it says which choice a difference between vitq and the peer comes from.")
@@ -695,6 +697,7 @@ def main() -> None:
         return
     if args.render:
         render()
+        render(RESULTS / "peers_ablation.json")
         return
     setup(threads=1)
     if args.check_shims:
