@@ -470,6 +470,16 @@ def test_recipes_end_to_end(make, size: int, name: str) -> None:
         assert any(isinstance(m, QLinear) for m in q.modules())
 
 
+def test_baseptq_patch_embed_weight_has_one_scale_as_basePTQ() -> None:
+    """BasePTQ's conv is BatchingEasyQuantConv2d (one scale); PTQ4ViT's own recipe keeps it per channel."""
+    calib = torch.randn(8, 3, 16, 16)
+    grans = {}
+    for name in ("baseptq", "ptq4vit"):
+        q = vitq.quantize(tiny_vit(), _recipe(name, pass_opts=FAST), "W4A4", calib_data=calib)
+        grans[name] = {e["granularity"] for e in manifest(q) if e["kind"] == "weight" and e["role"] == "PATCH_EMBED"}
+    assert grans == {"baseptq": {"tensor"}, "ptq4vit": {"channel0"}}
+
+
 def test_cli_quantize_repq(capsys, fmnist_dir: Path, tmp_path: Path) -> None:
     from vitq.cli import main
 
