@@ -410,6 +410,9 @@ def fqvit_model(model_name: str, base: nn.Module, cfg: Any) -> nn.Module:
         if what == "int_norm":  # LayerNorm in float on its PTF-quantized input (vitq's simulation), not integer
             model.model_quant = _float_norm_after(model, QIntLayerNorm)
             continue
+        if what in WIDENED:  # these quantizers kept, calibrated and run at 8 bits (their QIntLayerNorm reads them)
+            _widen(model, WIDENED[what]["swin" if spec.arch == "swin" else "vit"])
+            continue
         pattern = ABLATIONS[what]["swin" if spec.arch == "swin" else "vit"]
         for name, _ in list(model.named_modules()):
             if name and re.search(pattern, name):
@@ -470,6 +473,15 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "embed": {"vit": r"^(qact_embed|qact_pos)$", "swin": r"attn\.qact_table$"},  # tokens + position table / bias table
     "image": {},  # the image input (DeiT and Swin; FQ-ViT's ViT keeps it float)
     "int_norm": {},  # not a quantizer: the integer LayerNorm (8-bit requantization multiplier) run in float
+    "post_ln8": {},  # not left out: the post-LayerNorm outputs at 8 bits (WIDENED)
+}
+#: what ``--ablate`` widens to 8 bits instead of leaving out: FQ-ViT's integer LayerNorm requantizes its output
+#: on the scale of the quantizer after it, so leaving that quantizer out would still round on the A-bit step.
+#: ``post_ln8``: every LayerNorm's output (the qkv, fc1, patch-merging reduction and head inputs: vitq's QKV_IN,
+#: FC1_IN, REDUCTION_IN, HEAD_IN), where the outlier twins' 8-32x channels sit on one per-tensor grid
+WIDENED: dict[str, dict[str, str]] = {
+    "post_ln8": {"vit": r"^(blocks\.\d+\.(qact1|qact3)|qact2)$",
+                 "swin": r"^(layers\.\d+\.blocks\.\d+\.(qact1|qact3)|layers\.\d+\.downsample\.qact1|qact2)$"},
 }
 #: what ``--ablate`` changes in PTQ4ViT's config (cause-finding): its granularities that vitq's ptq4vit has not
 PTQ4VIT_ABLATIONS = {
@@ -477,6 +489,20 @@ PTQ4VIT_ABLATIONS = {
     "heads": "the matmul operands q, k, v with one scale per tensor (PTQ4ViT: one per head)",
     "sos_sum": "the twin softmax decoded one region per element (PTQ4ViT: the sum of both regions' values)",
 }
+
+
+def _widen(model: nn.Module, pattern: str) -> None:
+    """FQ-ViT's activation quantizers whose names match ``pattern`` at 8 bits (unsigned, as its activations),
+    before calibration: the observer and quantizer read the bit type when they compute their range."""
+    from models.ptq.bit_type import BitType
+
+    eight = BitType(8, False)
+    hits = 0
+    for name, m in model.named_modules():
+        if name and re.search(pattern, name):
+            m.bit_type = m.quantizer.bit_type = m.quantizer.observer.bit_type = eight
+            hits += 1
+    assert hits, f"no FQ-ViT quantizer matches {pattern}"
 
 
 def _float_norm_after(model: nn.Module, norm_type: type) -> Callable[[], None]:
@@ -663,7 +689,8 @@ def render(path: Path = OUT) -> None:
                     "`left out` says (FQ-ViT's activation quantizers that vitq's fqvit does not have: `logits` the "
                     "head's output, `branch` the attention-projection and fc2 outputs, `qkv` the qkv output with one "
                     "scale for q, k and v (vitq: one each), `embed` the tokens and position embedding (ViT) or the "
-                    "relative-position table (Swin), `image` the image input; PTQ4ViT's choices made vitq's: `qkv_groups` "
+                    "relative-position table (Swin), `image` the image input; `post_ln8` not left out but every LayerNorm's "
+                    "output quantizer at 8 bits; PTQ4ViT's choices made vitq's: `qkv_groups` "
                     "the qkv weight in one row group, `heads` matmul operands per tensor, `sos_sum` the twin softmax "
                     "decoded one region per element), or vitq's recipe changed as its `with` says (`--vitq-set`, pass options), "
                     "or both at a mixed width (W8A6 / W6A8: only the weights or only the activations at the lower width; "
