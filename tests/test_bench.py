@@ -186,6 +186,37 @@ def test_peer_ablation_of_one_peer_refuses_another(monkeypatch, tmp_path, capsys
             peers.main()
 
 
+def test_peer_post_ln8_widens_exactly_fqvits_layernorm_outputs():
+    # FQ-ViT's module names (models/vit_quant.py, models/swin_quant.py): a LayerNorm's output quantizer is the
+    # block's qact1 / qact3, the patch merge's qact1 and the model's qact2; the other qacts are residual sums,
+    # attention operands, branch outputs or the image / embedding, which post_ln8 must leave at A bits
+    import re
+
+    from bench import peers
+
+    vit = peers.WIDENED["post_ln8"]["vit"]
+    swin = peers.WIDENED["post_ln8"]["swin"]
+    for name, widened in [("blocks.0.qact1", True), ("blocks.11.qact3", True), ("qact2", True),
+                          ("blocks.0.qact2", False), ("blocks.0.qact4", False), ("blocks.0.attn.qact1", False),
+                          ("blocks.0.mlp.qact1", False), ("qact1", False), ("qact_embed", False), ("act_out", False)]:
+        assert bool(re.search(vit, name)) == widened, name
+    for name, widened in [("layers.0.blocks.1.qact1", True), ("layers.2.blocks.0.qact3", True),
+                          ("layers.1.downsample.qact1", True), ("qact2", True), ("layers.1.downsample.qact2", False),
+                          ("layers.0.blocks.0.attn.qact1", False), ("layers.0.blocks.0.qact2", False), ("qact3", False)]:
+        assert bool(re.search(swin, name)) == widened, name
+    assert "post_ln8" in peers.ABLATIONS  # an --ablate choice
+
+
+def test_fqvit_postln8_recipe_changes_only_the_post_layernorm_sites():
+    from vitq.recipes import load_recipe
+
+    base, wide = load_recipe("fqvit"), load_recipe(str(ROOT / "bench" / "recipes" / "fqvit-postln8.yaml"))
+    changed = {k for k, r in wide.rules if dict(base.rules).get(k) != r}
+    assert changed == {"act:QKV_IN", "act:FC1_IN", "act:REDUCTION_IN", "act:HEAD_IN"}
+    assert all(r.bits == 8 for k, r in wide.rules if k in changed)
+    assert wide.passes == base.passes
+
+
 def test_peer_pages_render_mixed_widths_after_the_issue_widths(tmp_path):
     # cause-finding runs at W8A6 / W6A8 render after the issue's widths, with the 1-point target
     import json
