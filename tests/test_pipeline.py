@@ -52,6 +52,62 @@ def test_user_recipe_file_extends(tmp_path: Path) -> None:
     assert probs and all(e["quantizer"] == "log2" and e["bits"] == 4 for e in probs)
 
 
+WHEN = """extends: minmax
+when:
+  "A<=3":
+    rules:
+      'act:ATTN_PROBS': {quantizer: log2, bits: A}
+  "A>=6":
+    rules:
+      'act:FC2_IN': null
+"""
+
+
+def _roles(model: torch.nn.Module, role: str) -> list[dict]:
+    return [e for e in manifest(model) if e["role"] == role and e["kind"] == "act"]
+
+
+@pytest.mark.parametrize("bits,probs,fc2", [("W3A3", "log2", "uniform"), ("W4A4", "uniform", "uniform"),
+                                            ("W4A8", "uniform", "float"), ("W8A6", "uniform", "float")])
+def test_when_rules_hold_only_at_their_activation_width(tmp_path: Path, bits: str, probs: str, fc2: str) -> None:
+    f = tmp_path / "cond.yaml"
+    f.write_text(WHEN)
+    r = load_recipe(str(f))
+    assert Recipe.from_dict(r.to_dict()) == r  # the conditions survive a round trip (an export's vitq.json)
+    m = vitq.quantize(tiny_vit(), r, bits, calib_data=torch.randn(4, 3, 16, 16))
+    assert {e["quantizer"] for e in _roles(m, "ATTN_PROBS")} == {probs}
+    assert {e["quantizer"] for e in _roles(m, "FC2_IN")} == {fc2}
+    st = vitq.state_of(m)
+    assert st is not None and st.recipe.when == ()  # the state records the rules of this width
+    assert dict(st.recipe.rules).get("act:ATTN_PROBS") == (dict(r.when[0][1])["act:ATTN_PROBS"] if probs == "log2" else None)
+
+
+def test_when_rules_extend_and_yield_to_exclusions(tmp_path: Path) -> None:
+    (tmp_path / "cond.yaml").write_text(WHEN)
+    f = tmp_path / "more.yaml"
+    f.write_text(f"extends: {tmp_path / 'cond.yaml'}\nwhen:\n  A<=3:\n    rules:\n"
+                 "      'act:FC2_IN': {quantizer: uniform, bits: 8}\n")
+    r = load_recipe(str(f)).at("W3A3")
+    rules = dict(r.rules)
+    assert rules["act:ATTN_PROBS"].quantizer == "log2" and rules["act:FC2_IN"].bits == 8  # merged by condition
+    # the CLI folds the width in first, so --exclude FC2_IN still leaves it float at W3A3
+    from vitq.cli import _exclude_roles
+
+    m = vitq.quantize(tiny_vit(), _exclude_roles(r, ["FC2_IN"]), "W3A3", calib_data=torch.randn(4, 3, 16, 16))
+    assert {e["quantizer"] for e in _roles(m, "FC2_IN")} == {"float"}
+
+
+@pytest.mark.parametrize("cond", ["A<3", "W<=3", "A<=9", "bits3"])
+def test_when_condition_errors(tmp_path: Path, cond: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(f"extends: minmax\nwhen:\n  '{cond}':\n    rules:\n      'act:FC2_IN': null\n")
+    with pytest.raises(ConfigError, match="when condition"):
+        load_recipe(str(f))
+    f.write_text("extends: minmax\nwhen:\n  A<=3:\n    passes: []\n")
+    with pytest.raises(ConfigError, match="when must be"):
+        load_recipe(str(f))
+
+
 @pytest.mark.parametrize("text", ["W8", "8/8", "W9A8", "W1A4", "WxAy", ""])
 def test_bad_bits(text: str) -> None:
     with pytest.raises(ConfigError):

@@ -924,7 +924,7 @@ def _recipe_from_args(args: argparse.Namespace, bits: Any) -> Any:
     from .errors import ConfigError
     from .recipes import load_recipe, override_pass_options, parse_assignments, set_pass_options
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe).at(bits)  # width-conditional rules first: --exclude and --target win over them
     excl = _exclusions(args.exclude)
     recipe = recipe.with_overrides([e for e in excl if e[0] != "role"])
     role_excl = [e[1] for e in excl if e[0] == "role"]

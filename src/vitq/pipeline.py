@@ -84,7 +84,8 @@ def wrap(model: nn.Module) -> nn.Module:
 
 def prepare(model: nn.Module, recipe: "Recipe | str", bits: "Bits | str") -> nn.Module:
     """Wrap and insert the recipe's (uncalibrated) quantizers: the structure a checkpoint loads into."""
-    recipe, bits = load_recipe(recipe), Bits.parse(bits)
+    bits = Bits.parse(bits)
+    recipe = load_recipe(recipe).at(bits)  # the rules of this width (``when``): the recipe the state records
     training = model.training
     wrap(model)
     insert_quantizers(model, recipe, bits)
@@ -176,7 +177,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | 
         raise DataError(f"calib_data is the string {calib_data!r}: pass image tensors (N,C,H,W), a DataLoader or "
                         "(images, labels) pairs; for a folder of images use vitq.data.calibration_images(DIR, "
                         "vitq.models.transforms(model))")
-    recipe = load_recipe(recipe)
+    recipe = load_recipe(recipe).at(bits)
     if target is not None:
         recipe, changes = for_target(recipe, bits, target)
         for line in changes:

@@ -10,7 +10,11 @@ fully-quantized roles (LN_IN, SOFTMAX_IN, RESIDUAL), which a recipe must name - 
 ``full_quant: true`` (fully-quantized mode: those sites then follow ``act:*`` too, unless named). A rule
 value of ``null`` means "leave this site in float". A rule's ``bits`` is ``W``, ``A`` (taken from the
 run's WxAy) or an int. ``softmax`` names the :class:`~vitq.nn.QSoftmax` implementation (``float``, or
-``int_exp``: FQ-ViT / I-BERT integer exponent). ``extends`` takes a recipe or a list of recipes,
+``int_exp``: FQ-ViT / I-BERT integer exponent). ``when`` adds rules that hold only at some activation
+widths - ``when: {"A<=3": {rules: {...}}}`` (conditions ``A<=n``, ``A>=n``, ``A==n``) - because the best
+quantizer for a site can change with its width (post-GELU / post-Softmax at 3 bits, ``best``); they win over
+``rules`` where they apply, and :meth:`Recipe.at` folds them in once the run's bits are known (the
+pipeline does, before any quantizer exists). ``extends`` takes a recipe or a list of recipes,
 merged left to right: rules accumulate (later wins per key); any other key of a later base wins
 where it is not the default; the recipe's own keys win over all (``extends: [fq, repq]`` = repq,
 fully quantized).
@@ -124,6 +128,19 @@ class Recipe:
     version: int = FORMAT_VERSION
     full_quant: bool = False  # fully-quantized mode: LN_IN / SOFTMAX_IN / RESIDUAL follow act:*
     softmax: str = "float"  # QSoftmax implementation (vitq.nn.SOFTMAX_IMPLS)
+    when: tuple[tuple[str, tuple[tuple[str, Optional[SiteRule]], ...]], ...] = ()  # (condition, rules)
+
+    def at(self, bits: "Bits | str") -> "Recipe":
+        """The recipe for a run at ``bits``: the ``when`` rules whose condition holds merged over ``rules``
+        (in the order written), the conditions dropped. A recipe without ``when`` is returned as it is."""
+        if not self.when:
+            return self
+        b = Bits.parse(bits)
+        rules = dict(self.rules)
+        for cond, extra in self.when:
+            if _holds(cond, b):
+                rules.update(extra)
+        return replace(self, rules=tuple(rules.items()), when=())
 
     def rule_for(self, kind: str, role: Role, module_name: str) -> Optional[SiteRule]:
         for k, pattern, rule in self.overrides:
@@ -153,12 +170,14 @@ class Recipe:
                           for k, p, r in self.overrides],
             "passes": [p.to_dict() for p in self.passes],
             "full_quant": self.full_quant, "softmax": self.softmax,
+            **({"when": {c: {"rules": {k: (None if r is None else r.to_dict()) for k, r in rs}} for c, rs in self.when}}
+               if self.when else {}),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "recipe") -> "Recipe":
         allowed = {"type", "version", "name", "description", "paper", "calib_size", "rules", "overrides",
-                   "passes", "extends", "full_quant", "softmax"}
+                   "passes", "extends", "full_quant", "softmax", "when"}
         unknown = set(d) - allowed
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}; allowed are {sorted(allowed)}")
@@ -171,17 +190,14 @@ class Recipe:
             # a later base overrides an earlier one only where it differs from the defaults, so
             # extends: [fq, repq] is repq in fully-quantized mode
             b = {k: v for k, v in b.items() if i == 0 or k == "name" or v != defaults.get(k)}
-            base = {**base, **b, "rules": {**(base.get("rules") or {}), **(b.get("rules") or {})}}
+            base = {**base, **b, "rules": {**(base.get("rules") or {}), **(b.get("rules") or {})},
+                    "when": _merge_when(base.get("when"), b.get("when"))}
         rules_in = {**(base.get("rules") or {}), **(d.get("rules") or {})}
-        rules: list[tuple[str, Optional[SiteRule]]] = []
-        for key, val in rules_in.items():
-            kind, _, role = str(key).partition(":")
-            if kind not in ("act", "weight") or not role:
-                raise ConfigError(f"{source}: rule key {key!r} must look like 'act:ROLE', 'weight:ROLE' or 'act:*'")
-            if role != "*":
-                parse_role(role)
-            rules.append((f"{kind}:{role.upper() if role != '*' else '*'}",
-                          None if val is None else SiteRule.from_dict(val, f"{source} rule {key}")))
+        rules = _parse_rules(rules_in, source)
+        when = []
+        for cond, block in _merge_when(base.get("when"), d.get("when")).items():
+            _condition(cond, source)
+            when.append((cond, tuple(_parse_rules(block["rules"], f"{source} when {cond!r}"))))
         overrides = []
         for o in d.get("overrides") or base.get("overrides") or []:
             rule = o.get("rule")
@@ -206,7 +222,50 @@ class Recipe:
             calib_size=int(d.get("calib_size", base.get("calib_size", 32))),
             rules=tuple(rules), overrides=tuple(overrides), passes=tuple(passes),
             version=int(d.get("version", FORMAT_VERSION)), full_quant=full_quant, softmax=softmax,
+            when=tuple(when),
         )
+
+
+def _parse_rules(rules_in: Mapping[str, Any], source: str) -> list[tuple[str, Optional[SiteRule]]]:
+    rules: list[tuple[str, Optional[SiteRule]]] = []
+    for key, val in rules_in.items():
+        kind, _, role = str(key).partition(":")
+        if kind not in ("act", "weight") or not role:
+            raise ConfigError(f"{source}: rule key {key!r} must look like 'act:ROLE', 'weight:ROLE' or 'act:*'")
+        if role != "*":
+            parse_role(role)
+        if not (val is None or isinstance(val, Mapping)):
+            raise ConfigError(f"{source}: rule {key!r} must be a mapping (quantizer: ..., bits: ...) or null, got {val!r}")
+        rules.append((f"{kind}:{role.upper() if role != '*' else '*'}",
+                      None if val is None else SiteRule.from_dict(val, f"{source} rule {key}")))
+    return rules
+
+
+_CONDITION = re.compile(r"^A(<=|>=|==)([2-8])$")
+
+
+def _condition(cond: Any, source: str) -> tuple[str, int]:
+    m = _CONDITION.match(str(cond).replace(" ", ""))
+    if not m:
+        raise ConfigError(f"{source}: when condition {cond!r} is not understood: use A<=n, A>=n or A==n "
+                          "(the run's activation bits, n in 2..8)")
+    return m.group(1), int(m.group(2))
+
+
+def _holds(cond: str, bits: Bits) -> bool:
+    op, n = _condition(cond, "recipe")
+    return {"<=": bits.a <= n, ">=": bits.a >= n, "==": bits.a == n}[op]
+
+
+def _merge_when(base: Any, mine: Any) -> dict[str, Any]:
+    """``when`` blocks merged by condition (a later recipe's rule wins per rule key)."""
+    out: dict[str, Any] = {}
+    for src in (base or {}, mine or {}):
+        for cond, block in src.items():
+            rules = dict((out.get(cond) or {}).get("rules") or {})
+            rules.update(block.get("rules") or {})
+            out[str(cond).replace(" ", "")] = {"rules": rules}
+    return out
 
 
 def _check_shapes(d: Mapping[str, Any], source: str) -> None:
@@ -231,6 +290,11 @@ def _check_shapes(d: Mapping[str, Any], source: str) -> None:
     for key in ("name", "description", "paper", "softmax"):
         if key in d and d[key] is not None and not isinstance(d[key], str):
             raise bad(key, "a string")
+    if "when" in d and d["when"] is not None:
+        w = d["when"]
+        if not (isinstance(w, Mapping) and all(isinstance(v, Mapping) and set(v) <= {"rules"}
+                                               and isinstance(v.get("rules") or {}, Mapping) for v in w.values())):
+            raise bad("when", "a mapping of a condition (A<=3, A>=6, A==4) to {rules: {...}}")
     if "rules" in d and isinstance(d["rules"], Mapping):
         for k, v in d["rules"].items():
             if v is not None and not isinstance(v, Mapping):
@@ -360,6 +424,7 @@ def for_target(recipe: Recipe, bits: "Bits | str", target: str) -> tuple[Recipe,
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}: use one of {', '.join(TARGETS)} (or none)")
     b = Bits.parse(bits)
+    recipe = recipe.at(b)
     rule = recipe.rule_for("act", Role.ATTN_PROBS, "")
     if rule is None or b.a != 8:
         return recipe, []
