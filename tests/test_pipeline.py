@@ -79,7 +79,7 @@ def test_when_rules_hold_only_at_their_activation_width(tmp_path: Path, bits: st
     assert {e["quantizer"] for e in _roles(m, "FC2_IN")} == {fc2}
     st = vitq.state_of(m)
     assert st is not None and st.recipe.when == ()  # the state records the rules of this width
-    assert dict(st.recipe.rules).get("act:ATTN_PROBS") == (dict(r.when[0][1])["act:ATTN_PROBS"] if probs == "log2" else None)
+    assert dict(st.recipe.rules).get("act:ATTN_PROBS") == (dict(r.when[0].rules)["act:ATTN_PROBS"] if probs == "log2" else None)
 
 
 def test_when_rules_extend_and_yield_to_exclusions(tmp_path: Path) -> None:
@@ -97,13 +97,37 @@ def test_when_rules_extend_and_yield_to_exclusions(tmp_path: Path) -> None:
     assert {e["quantizer"] for e in _roles(m, "FC2_IN")} == {"float"}
 
 
+def test_when_passes_replace_the_recipes_passes_at_their_width(tmp_path: Path) -> None:
+    from vitq.recipes import set_pass_options
+
+    f = tmp_path / "steps.yaml"
+    f.write_text("extends: minmax\npasses:\n  - pass: calibrate\n  - pass: reconstruct\n    iters: 5\n"
+                 "when:\n  A>=6:\n    passes:\n      - pass: calibrate\n        weights_only: false\n")
+    r = load_recipe(str(f))
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert [pc.name for pc in r.at("W8A8").passes] == ["calibrate"]
+    assert [pc.name for pc in r.at("W4A4").passes] == ["calibrate", "reconstruct"]
+    assert r.at("W4A4").rules == r.rules and r.at("W4A4").when == ()
+    # --set reaches the passes of every width, and an option no pass of any width has is refused
+    edited = set_pass_options(r, {"iters": 7, "weights_only": True})
+    assert edited.at("W4A4").passes[1].opt("iters") == 7 and edited.at("W8A8").passes[0].opt("weights_only") is True
+    with pytest.raises(ConfigError, match="has no pass with option"):
+        set_pass_options(r, {"itres": 7})
+    # the pipeline runs the passes of the run's width: no reconstruction at W8A8
+    x = torch.randn(4, 3, 16, 16)
+    st8, st4 = vitq.state_of(vitq.quantize(tiny_vit(), r, "W8A8", calib_data=x)), \
+        vitq.state_of(vitq.quantize(tiny_vit(), r, "W4A4", calib_data=x))
+    assert st8 is not None and st4 is not None
+    assert st8.reconstruction == [] and len(st4.reconstruction) == 1
+
+
 @pytest.mark.parametrize("cond", ["A<3", "W<=3", "A<=9", "bits3"])
 def test_when_condition_errors(tmp_path: Path, cond: str) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text(f"extends: minmax\nwhen:\n  '{cond}':\n    rules:\n      'act:FC2_IN': null\n")
     with pytest.raises(ConfigError, match="when condition"):
         load_recipe(str(f))
-    f.write_text("extends: minmax\nwhen:\n  A<=3:\n    passes: []\n")
+    f.write_text("extends: minmax\nwhen:\n  A<=3:\n    steps: []\n")
     with pytest.raises(ConfigError, match="when must be"):
         load_recipe(str(f))
 

@@ -524,7 +524,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     recipes, used = [], set()
     for name in _csv_list(args.recipes, "--recipes"):
         r = load_recipe(name)
-        mine = {k: v for k, v in sets.items() if any(k in get_pass(pc.name).options for pc in r.passes)}
+        mine = {k: v for k, v in sets.items() if any(k in get_pass(pc.name).options for pc in r.all_passes())}
         used |= set(mine)
         recipes.append(set_pass_options(r, mine))  # each recipe takes the options its passes have
     if set(sets) - used:

@@ -137,7 +137,7 @@ def _first_batch(ctx: Context) -> Optional[Tensor]:
 
 def run_recipe(model: nn.Module, recipe: "Recipe | str", ctx: Context) -> nn.Module:
     """Quantize ``model`` in place with ``recipe``: prepare, then every pass in order."""
-    recipe = load_recipe(recipe)
+    recipe = load_recipe(recipe).at(ctx.bits)
     model.eval()
     ctx.adapter = ctx.adapter or get_adapter(model)
     if recipe.passes:

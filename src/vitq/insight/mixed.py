@@ -107,7 +107,7 @@ def sensitivity_table(model: nn.Module, recipe: "str | Recipe", act_bits: int, c
     """Quantize a copy of ``model`` with the recipe's probe at W8A``act_bits`` and measure, per weight
     site and choice, the KL of the outputs from the float model's when only that site's weight changes
     width. Returns ``{"sites": [{module, role, params, kl: {"3": .., "float": ..}}], "base_kl": ..}``."""
-    recipe = load_recipe(recipe)
+    recipe = load_recipe(recipe).at(Bits(8, act_bits))  # the probe's width: its when-rules and passes
     q = copy.deepcopy(model)
     device = model_device(model)
     run_recipe(q, probe_recipe(recipe), Context(calib=calib, bits=Bits(8, act_bits), seed=seed,

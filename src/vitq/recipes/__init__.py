@@ -13,8 +13,9 @@ run's WxAy) or an int. ``softmax`` names the :class:`~vitq.nn.QSoftmax` implemen
 ``int_exp``: FQ-ViT / I-BERT integer exponent). ``when`` adds rules that hold only at some activation
 widths - ``when: {"A<=3": {rules: {...}}}`` (conditions ``A<=n``, ``A>=n``, ``A==n``) - because the best
 quantizer for a site can change with its width (post-GELU / post-Softmax at 3 bits, ``best``); they win over
-``rules`` where they apply, and :meth:`Recipe.at` folds them in once the run's bits are known (the
-pipeline does, before any quantizer exists). ``extends`` takes a recipe or a list of recipes,
+``rules`` where they apply. A ``when`` block may also give ``passes``, which replace the recipe's passes at
+those widths (``best`` reconstructs only below 6-bit activations). :meth:`Recipe.at` folds the blocks in
+once the run's bits are known (the pipeline does, before any quantizer exists). ``extends`` takes a recipe or a list of recipes,
 merged left to right: rules accumulate (later wins per key); any other key of a later base wins
 where it is not the default; the recipe's own keys win over all (``extends: [fq, repq]`` = repq,
 fully quantized).
@@ -128,7 +129,7 @@ class Recipe:
     version: int = FORMAT_VERSION
     full_quant: bool = False  # fully-quantized mode: LN_IN / SOFTMAX_IN / RESIDUAL follow act:*
     softmax: str = "float"  # QSoftmax implementation (vitq.nn.SOFTMAX_IMPLS)
-    when: tuple[tuple[str, tuple[tuple[str, Optional[SiteRule]], ...]], ...] = ()  # (condition, rules)
+    when: tuple["When", ...] = ()  # width-conditional rules / passes, in the order written
 
     def at(self, bits: "Bits | str") -> "Recipe":
         """The recipe for a run at ``bits``: the ``when`` rules whose condition holds merged over ``rules``
@@ -136,11 +137,16 @@ class Recipe:
         if not self.when:
             return self
         b = Bits.parse(bits)
-        rules = dict(self.rules)
-        for cond, extra in self.when:
-            if _holds(cond, b):
-                rules.update(extra)
-        return replace(self, rules=tuple(rules.items()), when=())
+        rules, passes = dict(self.rules), self.passes
+        for w in self.when:
+            if _holds(w.condition, b):
+                rules.update(w.rules)
+                passes = w.passes if w.passes is not None else passes
+        return replace(self, rules=tuple(rules.items()), passes=passes, when=())
+
+    def all_passes(self) -> list[PassConfig]:
+        """Every pass the recipe can run, at any width (its own and its ``when`` blocks')."""
+        return [*self.passes, *(pc for w in self.when for pc in (w.passes or ()))]
 
     def rule_for(self, kind: str, role: Role, module_name: str) -> Optional[SiteRule]:
         for k, pattern, rule in self.overrides:
@@ -170,8 +176,7 @@ class Recipe:
                           for k, p, r in self.overrides],
             "passes": [p.to_dict() for p in self.passes],
             "full_quant": self.full_quant, "softmax": self.softmax,
-            **({"when": {c: {"rules": {k: (None if r is None else r.to_dict()) for k, r in rs}} for c, rs in self.when}}
-               if self.when else {}),
+            **({"when": {w.condition: w.to_dict() for w in self.when}} if self.when else {}),
         }
 
     @classmethod
@@ -197,19 +202,16 @@ class Recipe:
         when = []
         for cond, block in _merge_when(base.get("when"), d.get("when")).items():
             _condition(cond, source)
-            when.append((cond, tuple(_parse_rules(block["rules"], f"{source} when {cond!r}"))))
+            where = f"{source} when {cond!r}"
+            ps = block.get("passes")
+            when.append(When(cond, tuple(_parse_rules(block.get("rules") or {}, where)),
+                             None if ps is None else tuple(_parse_passes(ps, where))))
         overrides = []
         for o in d.get("overrides") or base.get("overrides") or []:
             rule = o.get("rule")
             overrides.append((o.get("kind", "*"), o["pattern"],
                               None if rule is None else SiteRule.from_dict(rule, f"{source} override")))
-        passes = []
-        for p in d.get("passes", base.get("passes", [{"pass": "calibrate"}])):
-            p = dict(p)
-            name = p.pop("pass", None)
-            if not name:
-                raise ConfigError(f"{source}: every pass needs a 'pass: NAME' entry")
-            passes.append(PassConfig.make(name, p, source))
+        passes = _parse_passes(d.get("passes", base.get("passes", [{"pass": "calibrate"}])), source)
         full_quant = d.get("full_quant", base.get("full_quant", False))
         if not isinstance(full_quant, bool):
             raise ConfigError(f"{source}: full_quant must be true or false, got {full_quant!r}")
@@ -224,6 +226,33 @@ class Recipe:
             version=int(d.get("version", FORMAT_VERSION)), full_quant=full_quant, softmax=softmax,
             when=tuple(when),
         )
+
+
+@dataclass(frozen=True)
+class When:
+    """A ``when`` block: rules (and optionally the passes) of a recipe at the activation widths ``condition``
+    names."""
+
+    condition: str
+    rules: tuple[tuple[str, Optional[SiteRule]], ...] = ()
+    passes: Optional[tuple[PassConfig, ...]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"rules": {k: (None if r is None else r.to_dict()) for k, r in self.rules}}
+        if self.passes is not None:
+            d["passes"] = [p.to_dict() for p in self.passes]
+        return d
+
+
+def _parse_passes(items: Sequence[Any], source: str) -> list[PassConfig]:
+    passes = []
+    for p in items:
+        p = dict(p)
+        name = p.pop("pass", None)
+        if not name:
+            raise ConfigError(f"{source}: every pass needs a 'pass: NAME' entry")
+        passes.append(PassConfig.make(name, p, source))
+    return passes
 
 
 def _parse_rules(rules_in: Mapping[str, Any], source: str) -> list[tuple[str, Optional[SiteRule]]]:
@@ -258,13 +287,16 @@ def _holds(cond: str, bits: Bits) -> bool:
 
 
 def _merge_when(base: Any, mine: Any) -> dict[str, Any]:
-    """``when`` blocks merged by condition (a later recipe's rule wins per rule key)."""
+    """``when`` blocks merged by condition (a later recipe's rule wins per rule key, its passes replace)."""
     out: dict[str, Any] = {}
     for src in (base or {}, mine or {}):
         for cond, block in src.items():
-            rules = dict((out.get(cond) or {}).get("rules") or {})
-            rules.update(block.get("rules") or {})
-            out[str(cond).replace(" ", "")] = {"rules": rules}
+            key = str(cond).replace(" ", "")
+            merged = dict(out.get(key) or {})
+            merged["rules"] = {**(merged.get("rules") or {}), **(block.get("rules") or {})}
+            if block.get("passes") is not None:
+                merged["passes"] = block["passes"]
+            out[key] = merged
     return out
 
 
@@ -292,9 +324,12 @@ def _check_shapes(d: Mapping[str, Any], source: str) -> None:
             raise bad(key, "a string")
     if "when" in d and d["when"] is not None:
         w = d["when"]
-        if not (isinstance(w, Mapping) and all(isinstance(v, Mapping) and set(v) <= {"rules"}
-                                               and isinstance(v.get("rules") or {}, Mapping) for v in w.values())):
-            raise bad("when", "a mapping of a condition (A<=3, A>=6, A==4) to {rules: {...}}")
+        if not (isinstance(w, Mapping) and all(
+                isinstance(v, Mapping) and set(v) <= {"rules", "passes"} and isinstance(v.get("rules") or {}, Mapping)
+                and (v.get("passes") is None or (isinstance(v["passes"], list)
+                                                 and all(isinstance(x, Mapping) for x in v["passes"])))
+                for v in w.values())):
+            raise bad("when", "a mapping of a condition (A<=3, A>=6, A==4) to {rules: {...}, passes: [...]}")
     if "rules" in d and isinstance(d["rules"], Mapping):
         for k, v in d["rules"].items():
             if v is not None and not isinstance(v, Mapping):
@@ -385,16 +420,21 @@ def set_pass_options(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
     calibration. The CLI's ``--set`` uses this."""
     if not values:
         return recipe
-    names = [pc.name for pc in recipe.passes]
+    names = [pc.name for pc in recipe.all_passes()]
     homeless = sorted(k for k in values if not any(k in get_pass(n).options for n in names))
     if homeless:
         raise ConfigError(f"recipe {recipe.name} has no pass with option(s) {', '.join(homeless)}: "
                           + _homeless_hint(homeless, names))
-    passes = []
-    for pc in recipe.passes:
-        mine = {k: v for k, v in values.items() if k in get_pass(pc.name).options}
-        passes.append(PassConfig.make(pc.name, {**dict(pc.options), **mine}, f"recipe {recipe.name}") if mine else pc)
-    return replace(recipe, passes=tuple(passes))
+
+    def edit(passes: Sequence[PassConfig]) -> tuple[PassConfig, ...]:
+        out = []
+        for pc in passes:
+            mine = {k: v for k, v in values.items() if k in get_pass(pc.name).options}
+            out.append(PassConfig.make(pc.name, {**dict(pc.options), **mine}, f"recipe {recipe.name}") if mine else pc)
+        return tuple(out)
+
+    when = tuple(replace(w, passes=None if w.passes is None else edit(w.passes)) for w in recipe.when)
+    return replace(recipe, passes=edit(recipe.passes), when=when)
 
 
 def override_pass_options(recipe: Recipe, **opts: Any) -> Recipe:
@@ -438,5 +478,5 @@ def for_target(recipe: Recipe, bits: "Bits | str", target: str) -> tuple[Recipe,
     return replace(recipe, name=f"{recipe.name}@{target}", rules=tuple(rules.items())), [note]
 
 
-__all__ = ["FORMAT_VERSION", "RECIPE_DIR", "TARGETS", "PassConfig", "Recipe", "SiteRule", "for_target", "list_recipes",
+__all__ = ["FORMAT_VERSION", "RECIPE_DIR", "TARGETS", "PassConfig", "Recipe", "SiteRule", "When", "for_target", "list_recipes",
            "load_recipe", "override_pass_options", "parse_assignments", "set_pass_options"]
