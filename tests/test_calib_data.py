@@ -145,3 +145,23 @@ def test_class_folders_must_match_the_head_and_each_other(tmp_path: Path, capsys
         assert main(argv + ["--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "12 class folders" in err and "scores 10 classes" in err, err
+
+
+def test_the_recipes_calibration_size_is_a_ceiling_not_a_demand(tmp_path: Path, capsys) -> None:
+    # the default recipe (best) takes up to 1024 images at W4A4: a folder of 20 calibrates it with all 20, said in
+    # one line; an explicit --calib-size above what the folder has is still refused
+    root = tmp_path / "imnet"
+    classes = [f"{c:02d}" for c in range(10)]
+    _class_split(root / "train", classes)
+    _class_split(root / "val", classes, seed=500)
+    out = tmp_path / "r.json"
+    assert main(["quantize", "fmnist-vit", "--data", str(root), "--bits", "W4A4", "--iters", "1", "--no-progress",
+                 "--skip-fp", "--json", str(out)]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert "the recipe takes up to 1024, the source has 20: using all 20" in said, said
+    assert "recipe best (the default) at W4A4" in said  # the default reconstructs here: it says what that costs
+    r = json.loads(out.read_text())
+    assert r["recipe"] == "best" and r["calib_size"] == 20, {k: r.get(k) for k in ("recipe", "calib_size")}
+    assert main(["quantize", "fmnist-vit", "--data", str(root), "--recipe", "repq", "--calib-size", "21",
+                 "--no-progress"]) == 2
+    assert "calibration size 21 is larger than" in capsys.readouterr().err

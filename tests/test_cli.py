@@ -201,12 +201,12 @@ def test_quantize_several_seeds(capsys, tmp_path: Path, fmnist_dir: Path, pickle
     single = []
     for seed in ("0", "1", "2"):
         js = tmp_path / f"s{seed}.json"
-        code, _, err = run(q(str(pickled_vit), data, "--trust-pickle", "--bits", "W3A3", "--calib-size", "4",
+        code, _, err = run(q(str(pickled_vit), data, "--trust-pickle", "--recipe", "repq", "--bits", "W3A3", "--calib-size", "4",
                              "--eval-size", "32", "--seed", seed, "--json", str(js)), capsys)
         assert code == 0, err
         single.append(json.loads(js.read_text())["q_top1"])
     js = tmp_path / "multi.json"
-    code, out, err = run(q(str(pickled_vit), data, "--trust-pickle", "--bits", "W3A3", "--calib-size", "4",
+    code, out, err = run(q(str(pickled_vit), data, "--trust-pickle", "--recipe", "repq", "--bits", "W3A3", "--calib-size", "4",
                            "--eval-size", "32", "--seed", "0", "1", "2", "--json", str(js)), capsys)
     assert code == 0, err
     r = json.loads(js.read_text())

@@ -102,10 +102,12 @@ def test_when_passes_replace_the_recipes_passes_at_their_width(tmp_path: Path) -
 
     f = tmp_path / "steps.yaml"
     f.write_text("extends: minmax\npasses:\n  - pass: calibrate\n  - pass: reconstruct\n    iters: 5\n"
-                 "when:\n  A>=6:\n    passes:\n      - pass: calibrate\n        weights_only: false\n")
+                 "when:\n  A>=6:\n    calib_size: 8\n    passes:\n      - pass: calibrate\n        weights_only: false\n")
     r = load_recipe(str(f))
     assert Recipe.from_dict(r.to_dict()) == r
     assert [pc.name for pc in r.at("W8A8").passes] == ["calibrate"]
+    assert (r.at("W8A8").calib_size, r.at("W4A4").calib_size) == (8, r.calib_size)
+    assert {r.with_calib_size(64).at(b).calib_size for b in ("W8A8", "W4A4")} == {64}  # --calib-size wins at every width
     assert [pc.name for pc in r.at("W4A4").passes] == ["calibrate", "reconstruct"]
     assert r.at("W4A4").rules == r.rules and r.at("W4A4").when == ()
     # --set reaches the passes of every width, and an option no pass of any width has is refused

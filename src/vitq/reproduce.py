@@ -163,7 +163,8 @@ def reproduce(protocol: Protocol, imagenet: "str | Path", weights: "str | Path",
             + ("" if pm.fp is None else f" (published {pm.fp:.2f})") + f" on {fp['n']} images")
         for b in chosen_bits:
             for recipe_name, method in chosen_recipes:
-                recipe = override_pass_options(load_recipe(recipe_name), iters=iters) if iters else load_recipe(recipe_name)
+                recipe = load_recipe(recipe_name).at(b)
+                recipe = override_pass_options(recipe, iters=iters) if iters else recipe
                 n_cal = calib_size or recipe.calib_size
                 top1s, secs = [], []
                 for seed in seeds:

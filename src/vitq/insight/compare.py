@@ -92,7 +92,8 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, Cal
     seeds = list(seeds)
     device = device if device is not None else model_device(model)
     data = cache_batches(eval_data)
-    calib_t = {(r.calib_size, s): calibration_tensor(source(r.calib_size, s)) for r in recipes_l for s in seeds}
+    sizes = {r.at(b).calib_size for r in recipes_l for b in bits_l}  # a recipe's size may follow the width (when)
+    calib_t = {(n, s): calibration_tensor(source(n, s)) for n in sizes for s in seeds}
     fp = evaluate(model, data, progress=progress, desc="eval fp")
     runs: list[dict[str, Any]] = []
     preds: dict[tuple[str, str, int], Predictions] = {}
@@ -104,12 +105,12 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, Cal
         bar = tqdm(total=total, desc="compare", unit="run")
     for b in bits_l:
         for r in recipes_l:
-            rr = r if target is None else for_target(r, b, target)[0]
+            rr = r.at(b) if target is None else for_target(r, b, target)[0]
             for s in seeds:
                 qm = copy.deepcopy(model)
                 reset_peak_rss()
                 t0 = time.perf_counter()
-                ct = calib_t[(r.calib_size, s)]
+                ct = calib_t[(rr.calib_size, s)]
                 run_recipe(qm, rr, Context(calib=ct, bits=b, seed=s, batch_size=batch_size, device=device))
                 secs = time.perf_counter() - t0
                 res = evaluate(qm, data, desc=f"eval {r.name} {b} seed {s}")

@@ -14,7 +14,7 @@ run's WxAy) or an int. ``softmax`` names the :class:`~vitq.nn.QSoftmax` implemen
 widths - ``when: {"A<=3": {rules: {...}}}`` (conditions ``A<=n``, ``A>=n``, ``A==n``) - because the best
 quantizer for a site can change with its width (post-GELU / post-Softmax at 3 bits, ``best``); they win over
 ``rules`` where they apply. A ``when`` block may also give ``passes``, which replace the recipe's passes at
-those widths (``best`` reconstructs only below 6-bit activations). :meth:`Recipe.at` folds the blocks in
+those widths (``best`` reconstructs only below 6-bit activations), and ``calib_size``. :meth:`Recipe.at` folds the blocks in
 once the run's bits are known (the pipeline does, before any quantizer exists). ``extends`` takes a recipe or a list of recipes,
 merged left to right: rules accumulate (later wins per key); any other key of a later base wins
 where it is not the default; the recipe's own keys win over all (``extends: [fq, repq]`` = repq,
@@ -137,12 +137,17 @@ class Recipe:
         if not self.when:
             return self
         b = Bits.parse(bits)
-        rules, passes = dict(self.rules), self.passes
+        rules, passes, calib = dict(self.rules), self.passes, self.calib_size
         for w in self.when:
             if _holds(w.condition, b):
                 rules.update(w.rules)
                 passes = w.passes if w.passes is not None else passes
-        return replace(self, rules=tuple(rules.items()), passes=passes, when=())
+                calib = w.calib_size if w.calib_size is not None else calib
+        return replace(self, rules=tuple(rules.items()), passes=passes, calib_size=calib, when=())
+
+    def with_calib_size(self, n: int) -> "Recipe":
+        """The recipe calibrating on ``n`` images at every width (``--calib-size``: over the ``when`` blocks' sizes)."""
+        return replace(self, calib_size=int(n), when=tuple(replace(w, calib_size=None) for w in self.when))
 
     def all_passes(self) -> list[PassConfig]:
         """Every pass the recipe can run, at any width (its own and its ``when`` blocks')."""
@@ -205,7 +210,7 @@ class Recipe:
             where = f"{source} when {cond!r}"
             ps = block.get("passes")
             when.append(When(cond, tuple(_parse_rules(block.get("rules") or {}, where)),
-                             None if ps is None else tuple(_parse_passes(ps, where))))
+                             None if ps is None else tuple(_parse_passes(ps, where)), block.get("calib_size")))
         overrides = []
         for o in d.get("overrides") or base.get("overrides") or []:
             rule = o.get("rule")
@@ -236,11 +241,14 @@ class When:
     condition: str
     rules: tuple[tuple[str, Optional[SiteRule]], ...] = ()
     passes: Optional[tuple[PassConfig, ...]] = None
+    calib_size: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"rules": {k: (None if r is None else r.to_dict()) for k, r in self.rules}}
         if self.passes is not None:
             d["passes"] = [p.to_dict() for p in self.passes]
+        if self.calib_size is not None:
+            d["calib_size"] = self.calib_size
         return d
 
 
@@ -294,8 +302,9 @@ def _merge_when(base: Any, mine: Any) -> dict[str, Any]:
             key = str(cond).replace(" ", "")
             merged = dict(out.get(key) or {})
             merged["rules"] = {**(merged.get("rules") or {}), **(block.get("rules") or {})}
-            if block.get("passes") is not None:
-                merged["passes"] = block["passes"]
+            for k in ("passes", "calib_size"):
+                if block.get(k) is not None:
+                    merged[k] = block[k]
             out[key] = merged
     return out
 
@@ -325,11 +334,14 @@ def _check_shapes(d: Mapping[str, Any], source: str) -> None:
     if "when" in d and d["when"] is not None:
         w = d["when"]
         if not (isinstance(w, Mapping) and all(
-                isinstance(v, Mapping) and set(v) <= {"rules", "passes"} and isinstance(v.get("rules") or {}, Mapping)
+                isinstance(v, Mapping) and set(v) <= {"rules", "passes", "calib_size"}
+                and isinstance(v.get("rules") or {}, Mapping)
                 and (v.get("passes") is None or (isinstance(v["passes"], list)
                                                  and all(isinstance(x, Mapping) for x in v["passes"])))
+                and (v.get("calib_size") is None or (type(v["calib_size"]) is int and v["calib_size"] >= 1))
                 for v in w.values())):
-            raise bad("when", "a mapping of a condition (A<=3, A>=6, A==4) to {rules: {...}, passes: [...]}")
+            raise bad("when", "a mapping of a condition (A<=3, A>=6, A==4) to {rules: {...}, passes: [...], "
+                              "calib_size: N}")
     if "rules" in d and isinstance(d["rules"], Mapping):
         for k, v in d["rules"].items():
             if v is not None and not isinstance(v, Mapping):
