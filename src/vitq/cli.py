@@ -95,6 +95,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate", default="exact", choices=["exact", "uniform8"],
                    help="sites without an integer form (log2 / TanQ post-Softmax, ...): exact float emulation "
                         "(default) or 8-bit uniform post-Softmax (faster, a different quantizer)")
+    p.add_argument("--weight-dtype", choices=["uint8", "int8"], default=None,
+                   help="onnx: the weight codes' container: uint8 (default; exact on every CPU) or int8 (faster "
+                        "matmuls on CPUs with AVX512-VNNI / AVX-VNNI / AMX and on ARM, but onnxruntime's AVX2 "
+                        "kernel saturates it: wrong logits on x86 CPUs without VNNI)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,7 +594,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace, loader: Any = None) -> dict[str, Any]:
     from .export.deploy import export, verify
 
-    rep = export(model, out, fmt, emulate=args.emulate)
+    rep = export(model, out, fmt, emulate=args.emulate, weight_dtype=getattr(args, "weight_dtype", None))
     low = rep["lowering"]
     if fmt == "vitq":
         print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['bytes'] / rep['float32_state_bytes']:.3f}x "
@@ -598,8 +602,8 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
     else:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
         kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in _integer_ops()}
-        print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB): sites {counts}; integer kernels after "
-              f"onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
+        print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['weight_dtype']} weights): sites {counts}; "
+              f"integer kernels after onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
         for fb in low["fallbacks"]:
             print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
     if loader is not None:

@@ -56,10 +56,18 @@ def register_backend(b: Backend) -> Backend:
     return b
 
 
-def _onnx_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], source: Any) -> dict[str, Any]:
-    from .onnx import runtime_ops, to_onnx
+def _onnx_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], source: Any,
+                weight_dtype: Optional[str] = None) -> dict[str, Any]:
+    from .onnx import DEFAULT_WEIGHT_DTYPE, runtime_ops, to_onnx, u8s8_exact
 
-    stats = to_onnx(model, out / "model.onnx", example, lowering)
+    wd = weight_dtype or DEFAULT_WEIGHT_DTYPE
+    stats = to_onnx(model, out / "model.onnx", example, lowering, wd)
+    if wd == "int8":
+        exact, why = u8s8_exact()
+        stats["int8_exact_here"] = exact
+        if exact is False:
+            log.warning("int8 weights on this CPU (%s): onnxruntime's results here will differ from the simulated "
+                        "model; export with --weight-dtype uint8 for CPUs like this one", why)
     with tempfile.TemporaryDirectory() as tmp:
         stats["runtime_ops"] = runtime_ops(out / "model.onnx", tmp)
     return stats
@@ -72,13 +80,18 @@ def _onnx_load(out: Path) -> Any:
 
 
 register_backend(Backend("onnx", "model.onnx", _onnx_write, _onnx_load,
-                         "ONNX QDQ graph (opset 21) for onnxruntime: int8 weights, QuantizeLinear / DequantizeLinear "
-                         "activations, integer kernels after onnxruntime's fusions"))
+                         "ONNX QDQ graph (opset 21) for onnxruntime: 8-bit weight codes (uint8, or int8 for VNNI / ARM "
+                         "targets), QuantizeLinear / DequantizeLinear activations, integer kernels after onnxruntime's "
+                         "fusions"))
 
 
-def _packed_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], src: Any) -> dict[str, Any]:
+def _packed_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], src: Any,
+                  weight_dtype: Optional[str] = None) -> dict[str, Any]:
     from .packed import save_packed
 
+    if weight_dtype is not None:
+        raise ConfigError("--weight-dtype chooses the ONNX file's weight containers: the packed format stores codes "
+                          "at their own bit-width; drop it, or use --format onnx")
     if src is None:
         raise ConfigError("the packed format needs the model's source (how to rebuild its architecture): "
                           "export a vitq quantize --out folder, or pass a model from vitq.load_model")
@@ -109,12 +122,18 @@ def example_input(model: nn.Module, batch: int = 2) -> Tensor:
 
 
 def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: Optional[Tensor] = None,
-           emulate: str = "exact", source: Any = None) -> dict[str, Any]:
+           emulate: str = "exact", source: Any = None, weight_dtype: Optional[str] = None) -> dict[str, Any]:
     """Write ``model`` (quantized by vitq) in format ``fmt`` to ``out_dir``; returns the report (also
     written to ``out_dir/export.json``). ``source``: the :class:`~vitq.adapters.ModelSource` of the
     float model (``vitq.load_model``'s second value), which the packed format needs when the model's
-    state does not have it yet."""
+    state does not have it yet. ``weight_dtype`` (onnx only): the weight codes' container, ``uint8``
+    (default: exact on every CPU) or ``int8`` (faster on CPUs with VNNI and on ARM; onnxruntime's
+    AVX2 kernel saturates it)."""
     backend = get_backend(fmt)
+    if weight_dtype is not None:
+        from .onnx import check_weight_dtype
+
+        check_weight_dtype(weight_dtype)
     if emulate not in EMULATE_MODES:
         raise ConfigError(f"unknown lowering {emulate!r} for inexpressible sites: use one of {', '.join(EMULATE_MODES)}")
     check_exportable(model)
@@ -130,7 +149,8 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
     t0 = time.perf_counter()
     st = state_of(model)
     src = source if source is not None else (None if st is None else st.source)
-    stats = backend.write(model, out, example if example is not None else example_input(model), lowering, src)
+    stats = backend.write(model, out, example if example is not None else example_input(model), lowering, src,
+                          weight_dtype=weight_dtype)
     report = {"format": fmt, "file": backend.file, "emulate": emulate, "seconds": round(time.perf_counter() - t0, 2),
               "recipe": None if st is None or st.recipe is None else st.recipe.name,
               "bits": None if st is None or st.bits is None else str(st.bits),
@@ -181,8 +201,22 @@ def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onn
     if not res["ok"]:
         raise ExportError(f"the {fmt} export's top-1 {res['exported_top1']:.2f}% differs from the simulated "
                           f"{res['simulated_top1']:.2f}% by {res['top1_diff']:+.2f} points (limit {max_top1_diff}): "
-                          "see the fallback sites in export.json, or raise the limit with --max-top1-diff")
+                          f"{_int8_hint(out)}see the fallback sites in export.json, or raise the limit with --max-top1-diff")
     return res
+
+
+def _int8_hint(out: Path) -> str:
+    """The likely cause when an int8-weight file fails its parity check on a CPU without VNNI."""
+    try:
+        rep = json.loads((out / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    if rep.get("weight_dtype") != "int8":
+        return ""
+    from .onnx import u8s8_exact
+
+    exact, why = u8s8_exact()
+    return "" if exact is not False else f"its int8 weights are not exact on this CPU ({why}): re-export with --weight-dtype uint8; "
 
 
 __all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "ExportError", "export", "get_backend", "register_backend",

@@ -4,7 +4,7 @@ Reparameterizations (RepQ, MOSF, Add_alpha / LN_alpha) are already folded into L
 Linear parameters by their passes, so post-LayerNorm activations are per-tensor by the time a model
 is exported. Then, per quantization site (:func:`plan`):
 
-* weight, uniform, at most 8 bits: its integer codes, stored as int8 / uint8 (a 3-, 4- or 6-bit code
+* weight, uniform, at most 8 bits: its integer codes, stored as uint8 / int8 (a 3-, 4- or 6-bit code
   fits an 8-bit container exactly, with the same scale and zero point), dequantized in the graph
   (``DequantizeLinear``, per tensor or per output channel): ``int-weight``;
 * activation, uniform, 8 bits, per tensor, static: a quantize -> dequantize pair with its scale and

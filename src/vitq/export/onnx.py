@@ -4,10 +4,16 @@
    ``torch.onnx.export`` (the ``torch.export`` based exporter, opset 21, dynamic batch): activation
    sites of kind ``qdq`` become ``QuantizeLinear`` / ``DequantizeLinear`` pairs; emulated sites their
    float formula; weights their dequantized grid values.
-2. Every weight constant is replaced by its integer codes (int8 / uint8, in the orientation the
-   exported graph uses) and a ``DequantizeLinear`` with its per-channel scales and zero points, so
-   onnxruntime's QDQ fusions see ``DQ(x) -> MatMul <- DQ(W)`` and run ``MatMulIntegerToFloat`` /
-   ``QLinearMatMul``; the weights ship at 1 byte per parameter.
+2. Every weight constant is replaced by its integer codes (in the orientation the exported graph
+   uses) and a ``DequantizeLinear`` with its per-channel scales and zero points, so onnxruntime's QDQ
+   fusions see ``DQ(x) -> MatMul <- DQ(W)`` and run ``MatMulIntegerToFloat`` / ``QLinearMatMul``; the
+   weights ship at 1 byte per parameter. The container (``weight_dtype``) is ``uint8`` by default:
+   activations are uint8 too, and onnxruntime's u8 x u8 kernels are exact on every CPU. ``int8``
+   (u8 x s8) is faster where the CPU has a u8 x s8 dot product (AVX512-VNNI, AVX-VNNI, AMX, ARM), but
+   on x86 CPUs with AVX2 and no VNNI onnxruntime computes it with ``vpmaddubsw``, which saturates
+   the sum of two products at 16 bits: measurably wrong logits (:func:`u8s8_exact` says which CPU
+   this is). Either container holds the same codes shifted by a constant, with the zero point
+   shifted alike, so the dequantized weights are identical.
 3. Node metadata (the exporter's stack traces) is dropped; the file is checked with onnx's checker.
 
 The graph's input is the preprocessed image batch (N, C, H, W float32, name ``pixel_values``) and
@@ -36,6 +42,10 @@ INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 #: onnxruntime ops that compute in integers (what "the integer kernels ran" means in a report)
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv", "ConvInteger",
                "DynamicQuantizeMatMul", "QAttention", "MatMulNBits")
+#: weight containers: uint8 (exact everywhere, the default) or int8 (faster with VNNI / on ARM)
+WEIGHT_DTYPES = ("uint8", "int8")
+DEFAULT_WEIGHT_DTYPE = "uint8"
+_VNNI = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni", "avxvnni")
 _INSTALL = "install the deployment extra: pip install 'vitq[deploy]' (onnx, onnxruntime)"
 
 
@@ -47,6 +57,48 @@ def require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise ModelError(f"exporting to ONNX needs the {module} package: {_INSTALL}") from None
+
+
+def cpu_flags() -> Optional[set[str]]:
+    """This x86 CPU's ISA flags (``/proc/cpuinfo``), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("flags"):
+                    return set(ln.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def u8s8_exact(machine: Optional[str] = None, flags: Optional[set[str]] = None) -> tuple[Optional[bool], str]:
+    """Whether onnxruntime's u8 x s8 integer GEMM is exact on this CPU (int8 weights), and why:
+    True on ARM and on x86 with a VNNI / AMX dot product, False on x86 without (AVX2's
+    ``vpmaddubsw`` saturates pairs of products at 16 bits), None when the CPU cannot be told."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
+        return True, f"{machine}: onnxruntime's ARM kernels widen before they add"
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return None, f"{machine}: not known"
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return None, "x86 CPU whose ISA flags cannot be read"
+    vnni = sorted(f for f in _VNNI if f in flags)
+    if vnni:
+        return True, f"x86 with {', '.join(vnni)}"
+    return False, ("x86 without VNNI (" + ("AVX2" if "avx2" in flags else "no AVX2") +
+                   "): onnxruntime's u8 x s8 kernel saturates sums of two products at 16 bits")
+
+
+def check_weight_dtype(weight_dtype: str) -> str:
+    if weight_dtype not in WEIGHT_DTYPES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown weight container {weight_dtype!r}: use uint8 (exact on every CPU) or int8 "
+                          "(faster on CPUs with VNNI and on ARM, wrong on AVX2-only x86)")
+    return weight_dtype
 
 
 class LogitsOnly(nn.Module):
@@ -61,9 +113,11 @@ class LogitsOnly(nn.Module):
         return as_logits(self.model(pixel_values))
 
 
-def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: list[SiteLowering]) -> dict[str, Any]:
-    """Export ``model`` (calibrated, eval mode) to ``path``; returns what was written (weights as
-    codes, sizes)."""
+def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: list[SiteLowering],
+            weight_dtype: str = DEFAULT_WEIGHT_DTYPE) -> dict[str, Any]:
+    """Export ``model`` (calibrated, eval mode) to ``path`` with its weight codes in ``weight_dtype``
+    containers; returns what was written (weights as codes, sizes)."""
+    check_weight_dtype(weight_dtype)
     onnx = require("onnx")
     require("onnxscript")
     path = Path(path)
@@ -85,7 +139,7 @@ def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: lis
         assert prog is not None  # dynamo=True returns the program
         prog.save(str(path))
     proto = onnx.load(str(path))
-    stats = _weights_to_codes(proto, values)
+    stats = _weights_to_codes(proto, values, weight_dtype)
     for n in proto.graph.node:
         del n.metadata_props[:]
     del proto.graph.value_info[:]
@@ -95,7 +149,25 @@ def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: lis
     return stats
 
 
-def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]]) -> dict[str, Any]:
+def container_codes(codes: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int,
+                    weight_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes in ``[qmin, qmax]`` and their zero points moved into a ``weight_dtype`` container by
+    one integer shift (so ``(code - zp)`` and every dequantized value are unchanged)."""
+    if weight_dtype == "uint8":
+        shift = 0 if qmin >= 0 else -128
+        dt: Any = np.uint8
+    else:
+        shift = (qmax + 1) // 2 if qmin >= 0 else 0
+        dt = np.int8
+    c, z = codes.astype(np.int64) - shift, zero_point.astype(np.int64) - shift
+    info = np.iinfo(dt)
+    if c.size and (c.min() < info.min or c.max() > info.max) or z.size and (z.min() < info.min or z.max() > info.max):
+        raise ModelError(f"weight codes in [{qmin}, {qmax}] do not fit a {weight_dtype} container: report this recipe")
+    return c.astype(dt), z.astype(dt)
+
+
+def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]],
+                      weight_dtype: str = DEFAULT_WEIGHT_DTYPE) -> dict[str, Any]:
     """Replace every weight constant of ``proto`` by its codes and a DequantizeLinear (in place)."""
     from onnx import helper, numpy_helper
 
@@ -126,17 +198,13 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
             zp = np.round(lw.zero_point.cpu().numpy()).astype(np.int64)
             if transposed:
                 codes = codes.T
-            # signed containers: onnxruntime's x86 integer GEMMs run u8 x s8 about 1.4x faster than u8 x u8, and
-            # shifting codes and zero point by the same integer keeps every dequantized value
-            shift = (lw.qmax + 1) // 2 if lw.qmin >= 0 else 0
-            codes, zp = codes - shift, zp - shift
+            codes, zp = container_codes(codes, zp, lw.qmin, lw.qmax, weight_dtype)
             q = f"{name}_quantized"
             proto.graph.initializer.extend([
-                numpy_helper.from_array(np.ascontiguousarray(codes.astype(np.int8)), q),
+                numpy_helper.from_array(np.ascontiguousarray(codes), q),
                 numpy_helper.from_array(lw.scale.cpu().numpy().astype(np.float32) if lw.per_channel
                                         else np.array(float(lw.scale.reshape(-1)[0]), np.float32), f"{q}_scale"),
-                numpy_helper.from_array(zp.astype(np.int8) if lw.per_channel else np.array(int(zp.reshape(-1)[0]), np.int8),
-                                        f"{q}_zero_point"),
+                numpy_helper.from_array(zp if lw.per_channel else zp.reshape(-1)[:1].reshape(()), f"{q}_zero_point"),
             ])
             kw: dict[str, Any] = {"axis": (1 if transposed else 0)} if lw.per_channel else {}
             new_nodes.append(helper.make_node("DequantizeLinear", [q, f"{q}_scale", f"{q}_zero_point"], [f"{q}_dq"],
@@ -153,7 +221,7 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
     if missing:
         raise ModelError(f"{len(missing)} quantized weight(s) were not found in the exported graph ({missing[0]}, ...): "
                          "the exporter folded them into other constants; report this model")
-    return {"weights_as_codes": len(replaced)}
+    return {"weights_as_codes": len(replaced), "weight_dtype": weight_dtype}
 
 
 def session(path: "str | Path", threads: Optional[int] = None, optimized_path: Optional[str] = None) -> Any:
@@ -193,5 +261,6 @@ class OnnxModel:
         return self
 
 
-__all__ = ["INPUT_NAME", "INTEGER_OPS", "OPSET", "OUTPUT_NAME", "LogitsOnly", "OnnxModel", "runtime_ops", "session",
-           "to_onnx"]
+__all__ = ["DEFAULT_WEIGHT_DTYPE", "INPUT_NAME", "INTEGER_OPS", "OPSET", "OUTPUT_NAME", "WEIGHT_DTYPES", "LogitsOnly",
+           "OnnxModel", "check_weight_dtype", "container_codes", "cpu_flags", "runtime_ops", "session", "to_onnx",
+           "u8s8_exact"]
