@@ -12,6 +12,8 @@ resident memory of the process that ran it, for
                           log-sqrt2 post-Softmax emulated in float: exact, no integer kernel for probs x V);
 * ``vitq RECIPE@onnx WxA8`` - ``repq`` and ``dopq-calib`` quantized for onnx (``--target onnx``, what
                           ``vitq quantize --export onnx`` does: post-Softmax on the 8-bit uniform grid, calibrated);
+* ``... s8w``           - the same file with int8 weight containers (``--weight-dtype int8``: u8 x s8 kernels,
+                          faster with VNNI, saturating on AVX2-only CPUs) instead of the default uint8;
 * ``torch pt2e int8``   - PyTorch's own integer path: PT2E with the X86 Inductor quantizer, torch.compile
                           (torchao), where it runs on this host.
 
@@ -23,6 +25,7 @@ flags (AVX2 / AVX-512 VNNI / AMX) are in the result file: the ratios differ by I
 
     python -m bench.deploy                                  # all models (about 40 min on 2 cores)
     python -m bench.deploy --models fmnist-vit --batches 32
+    python -m bench.deploy --out bench/results/deploy_avx2.json       # another host: its own file
 """
 
 from __future__ import annotations
@@ -53,9 +56,11 @@ OUT = ROOT / "bench" / "results" / "deploy.json"
 CACHE = ROOT / "bench" / "cache" / "deploy"
 MODELS = ("deit-s", "fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-deit-outlier", "fmnist-swin",
           "fmnist-swin-outlier")
-#: (recipe, bits, target): the recipe as it is (sites without an integer form emulated exactly), or quantized for onnx
-VITQ = (("repq", "W8A8", None), ("repq", "W4A8", None), ("repq", "W8A8", "onnx"), ("repq", "W4A8", "onnx"),
-        ("dopq-calib", "W8A8", "onnx"), ("dopq-calib", "W4A8", "onnx"))
+#: (recipe, bits, target, weight container): the recipe as it is (sites without an integer form emulated exactly),
+#: or quantized for onnx; uint8 weights (the default) or int8 (u8 x s8 kernels)
+VITQ = (("repq", "W8A8", None, "uint8"), ("repq", "W4A8", None, "uint8"), ("repq", "W8A8", "onnx", "uint8"),
+        ("repq", "W4A8", "onnx", "uint8"), ("repq", "W8A8", "onnx", "int8"), ("repq", "W4A8", "onnx", "int8"),
+        ("dopq-calib", "W8A8", "onnx", "uint8"), ("dopq-calib", "W4A8", "onnx", "uint8"))
 KEY = ("model", "runtime", "batch")
 
 
@@ -130,15 +135,22 @@ def prepare(name: str, threads: int) -> tuple[list[dict[str, Any]], dict[str, An
         ort_static(d / "fp32.onnx", f, calib, wb)
         runs.append({"runtime": f"ort static W{wb}A8", "kind": "ort", "file": str(f)})
     sims: dict[str, float] = {}
-    for recipe, bits, target in VITQ:
-        q = vitq.quantize(copy.deepcopy(model), recipe, bits, calib_data=calib, batch_size=8, target=target)
-        tag = f"vitq {recipe}{'' if target is None else '@' + target} {bits}"
+    done: dict[tuple[str, str, Optional[str]], Any] = {}
+    sim_of: dict[tuple[str, str, Optional[str]], float] = {}
+    for recipe, bits, target, wdt in VITQ:
+        key = (recipe, bits, target)
+        if key not in done:
+            done[key] = vitq.quantize(copy.deepcopy(model), recipe, bits, calib_data=calib, batch_size=8, target=target)
+        q = done[key]
+        tag = f"vitq {recipe}{'' if target is None else '@' + target} {bits}{'' if wdt == 'uint8' else ' s8w'}"
         folder = d / tag.replace(" ", "_").replace("@", "_")
-        rep = export(q, folder, "onnx")
+        rep = export(q, folder, "onnx", weight_dtype=wdt)
         runs.append({"runtime": tag, "kind": "ort", "file": str(folder / "model.onnx"),
                      "fallbacks": len(rep["lowering"]["fallbacks"])})
-        if data is not None:
-            sims[tag] = round(evaluate(q, data.eval_loader)["top1"], 2)
+        if data is not None:  # one simulated evaluation per quantized model, whatever its file's weight container
+            if key not in sim_of:
+                sim_of[key] = round(evaluate(q, data.eval_loader)["top1"], 2)
+            sims[tag] = sim_of[key]
     runs.append({"runtime": "torch pt2e int8", "kind": "pt2e", "model": name})
     acc: dict[str, Any] = {}
     if data is not None:
@@ -264,6 +276,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per runtime and batch")
+    ap.add_argument("--out", type=Path, default=OUT, help="result file (one host per file: its meta names the CPU)")
+    ap.add_argument("--note", help="a line for the report (e.g. what else ran on the host)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # child process: one JSON run description
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -272,7 +286,8 @@ def main() -> None:
         return
     import onnxruntime
 
-    meta = {**machine_meta(), "isa": isa_flags(), "onnxruntime": onnxruntime.__version__, "threads": args.threads}
+    meta = {**machine_meta(), "isa": isa_flags(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
+            **({"note": args.note} if args.note else {})}
     for name in args.models.split(","):
         runs, acc = prepare(name, args.threads)
         for order, run in enumerate(runs):
@@ -293,12 +308,12 @@ def main() -> None:
                     err = [ln for ln in child.stderr.strip().splitlines() if ln.strip()]
                     row["error"] = (err[-1] if err else f"exit {child.returncode}")[:240]
                 print(json.dumps(row), flush=True)
-                save_rows(OUT, [row], meta, key=KEY)
-    d = json.loads(OUT.read_text())
+                save_rows(args.out, [row], meta, key=KEY)
+    d = json.loads(args.out.read_text())
     order = {m: i for i, m in enumerate(MODELS)}
     rows = sorted(d["rows"], key=lambda r: (order.get(r["model"], 99), r["batch"], r.get("order", 0)))
-    write_md(OUT.with_suffix(".md"), render(rows, d["meta"]))
-    print(f"wrote {OUT.with_suffix('.md')}")
+    write_md(args.out.with_suffix(".md"), render(rows, d["meta"]))
+    print(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

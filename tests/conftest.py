@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import torch
 
 import vitq  # noqa: F401  (registers quantizers and adapters)
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# pytest-xdist (pyproject's addopts: one worker per core): one torch thread per worker, so the workers share
+# the cores instead of oversubscribing them; alone, at most 2 threads (the CPUs CI runs on)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(1 if _WORKERS > 1 else max(1, min(2, torch.get_num_threads())))
 
 
 def tiny_vit(**kw):
