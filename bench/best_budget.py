@@ -1,11 +1,13 @@
-"""Why ``best`` misses W3A3 <= 2 on four reference models: its W3A3 drop against the reconstruction budget.
+"""``best``'s W3A3 drop against its reconstruction budget (the iterations per unit per stage).
 
-``best`` (DopQ-ViT + I&S-ViT's three-stage reconstruction, 1024 calibration images) with the iterations
-per unit per stage set to each budget, seed 0, top-1 on the 10 000 test images. The 1000-iteration
-point is ``best`` itself, read from bench/results/best/ (the same recipe, images and seed) unless it is
-measured here too. Rows go to bench/results/best_budget.json; ``--render`` writes best_budget.{md,png}.
+``best`` (DopQ-ViT + I&S-ViT's three-stage reconstruction, 1024 calibration images; ``--recipe best-1204``:
+the composition until 2026-12-05, bench/recipes/best-1204.yaml) with the iterations per unit per stage set
+to each budget, seed 0, top-1 on the 10 000 test images. The recipes' own points are read from
+bench/results/best/ (best-1204 at 1000 iterations, best at 300) unless measured here too. Rows go to
+bench/results/best_budget.json; ``--render`` writes best_budget.{md,png}.
 
-    .venv/bin/python -m bench.best_budget --models fmnist-vit --iters 300 3000
+    .venv/bin/python -m bench.best_budget --models fmnist-vit --iters 1000
+    .venv/bin/python -m bench.best_budget --recipe best-1204 --models fmnist-vit --iters 300 3000
     .venv/bin/python -m bench.best_budget --render
 """
 
@@ -19,9 +21,9 @@ from bench.common import (
     RESULTS,
     Data,
     available,
+    bench_recipe,
     fp_top1,
     load_rows,
-    machine_line,
     md_table,
     pyplot,
     quantize_row,
@@ -33,15 +35,16 @@ from vitq.reference import load_reference
 
 NAME = "best_budget"
 PATH = RESULTS / f"{NAME}.json"
-#: the models on which best's W3A3 drop is above the issue's 2 points (bench/results/best.md)
+#: the models on which best-1204's W3A3 drop was above the issue's 2 points (bench/results/best.md)
 MISSES = ["fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-deit-outlier"]
-ITERS = [100, 300, 1000, 3000]
+#: each recipe's own budget, whose rows come from bench/results/best/
+OWN_ITERS = {"best-1204": 1000, "best": 300}
 TARGET = 2.0
 BITS = "W3A3"
 KEY = ("model", "bits", "recipe", "iters", "lr_scale")
 
 
-def run(models: list[str], iters: list[int], lr_scale: float) -> None:
+def run(models: list[str], iters: list[int], lr_scale: float, recipe: str = "best") -> None:
     for name in models:
         model = load_reference(name)
         data = Data(model, calib_size=1024)
@@ -50,24 +53,25 @@ def run(models: list[str], iters: list[int], lr_scale: float) -> None:
             ov: dict[str, Any] = {"iters": n}
             if lr_scale != 1.0:
                 ov["lr_scale"] = lr_scale
-            row = quantize_row(name, model, data, "best", BITS, overrides=ov)
-            row.update(fp_top1=fp, drop=round(fp - row["q_top1"], 2), lr_scale=lr_scale, source="measured")
+            row = quantize_row(name, model, data, bench_recipe(recipe) or recipe, BITS, overrides=ov)
+            row.update(recipe=recipe, fp_top1=fp, drop=round(fp - row["q_top1"], 2), lr_scale=lr_scale, source="measured")
             save_rows(PATH, [row], {"bench": NAME}, key=KEY)
-            print(f"{name} best {BITS} iters={n} lr x{lr_scale:g}: {row['q_top1']:.2f} (drop {row['drop']:+.2f}, "
+            print(f"{name} {recipe} {BITS} iters={n} lr x{lr_scale:g}: {row['q_top1']:.2f} (drop {row['drop']:+.2f}, "
                   f"{row['calib_seconds']:.0f} s)", flush=True)
 
 
 def _from_best() -> list[dict[str, Any]]:
-    """best's own W3A3 rows (1000 iterations) from bench/results/best/, as budget rows."""
+    """The recipes' own W3A3 rows from bench/results/best/ (best-1204 at 1000 iterations, best at 300), as budget rows."""
     rows = []
     for p in sorted((RESULTS / "best").glob("*.json")):
         res = json.loads(p.read_text())
         for r in res["rows"]:
-            if r["recipe"] == "best" and r["bits"] == BITS:
-                rows.append({"model": res["model"], "bits": BITS, "recipe": "best", "iters": 1000, "lr_scale": 1.0,
+            if r["recipe"] in OWN_ITERS and r["bits"] == BITS:
+                rows.append({"model": res["model"], "bits": BITS, "recipe": r["recipe"], "iters": OWN_ITERS[r["recipe"]],
+                             "lr_scale": 1.0,
                              "q_top1": round(r["mean"], 2), "fp_top1": round(res["fp"]["top1"], 2),
                              "drop": round(r["drop"], 2), "calib_seconds": r["calib_seconds"],
-                             "source": "bench/results/best.md"})
+                             "machine": r.get("machine", "?"), "source": "bench/results/best.md"})
     return rows
 
 
@@ -75,55 +79,69 @@ def render() -> None:
     measured = load_rows(PATH)
     if not measured:
         raise SystemExit(f"no rows in {PATH}: run some budgets first")
-    have = {(r["model"], r["iters"], r.get("lr_scale", 1.0)) for r in measured}
+    have = {(r["model"], r["recipe"], r["iters"], r.get("lr_scale", 1.0)) for r in measured}
     models = [m for m in MISSES if any(r["model"] == m for r in measured)]
     rows = measured + [r for r in _from_best()
-                       if r["model"] in models and (r["model"], r["iters"], r["lr_scale"]) not in have]
-    rows.sort(key=lambda r: (MISSES.index(r["model"]), r.get("lr_scale", 1.0), r["iters"]))
+                       if r["model"] in models and (r["model"], r["recipe"], r["iters"], r["lr_scale"]) not in have]
+    rows.sort(key=lambda r: (MISSES.index(r["model"]), r["recipe"] != "best-1204", r.get("lr_scale", 1.0), r["iters"]))
     meta = json.loads(PATH.read_text())["meta"]
-    table = md_table(["model", "iters / unit / stage", "lr scale", "FP", "W3A3 top-1", "drop", "meets <= 2",
-                      "seconds", "from"],
-                     [[r["model"], r["iters"], f"{r.get('lr_scale', 1.0):g}", f"{r['fp_top1']:.2f}", f"{r['q_top1']:.2f}",
+    table = md_table(["model", "recipe", "iters / unit / stage", "lr scale", "FP", "W3A3 top-1", "drop", "meets <= 2",
+                      "seconds", "machine", "from"],
+                     [[r["model"], r["recipe"], r["iters"], f"{r.get('lr_scale', 1.0):g}", f"{r['fp_top1']:.2f}", f"{r['q_top1']:.2f}",
                        f"{r['drop']:+.2f}", "yes" if r["drop"] <= TARGET else "no", f"{r['calib_seconds']:.0f}",
-                       r.get("source", "measured")] for r in rows], align="lrrrrrlrl")
+                       _machine(r), r.get("source", "measured")] for r in rows], align="llrrrrrlrll")
     lines = ["# `best` at W3A3 against its reconstruction budget", "",
-             "Generated by `bench/best_budget.py`: the `best` recipe (DopQ-ViT's calibration, TanQ, MOSF and I&S-ViT's "
+             "Generated by `bench/best_budget.py`: a recipe (DopQ-ViT's calibration, TanQ, MOSF and I&S-ViT's "
              "three-stage block reconstruction, 1024 calibration images) with its iterations per unit per stage set to "
-             "each budget, seed 0, top-1 on the 10 000 Fashion-MNIST test images; drop = FP - quantized, points. The "
-             "models are the four on which `best` (1000 iterations) misses the insight issue's W3A3 target of 2 points. "
-             "One seed resolves about 0.3-0.5 points. Seconds are calibration + reconstruction on one thread, measured in "
-             "different runs beside other benchmarks: read them as orders of magnitude, not ratios.", "",
-             machine_line(meta), "", *table, ""]
+             "each budget, seed 0, top-1 on the 10 000 Fashion-MNIST test images; drop = FP - quantized, points. "
+             "`best-1204` is `best` until 2026-12-05 (uniform post-GELU, TanQ's tan levels; bench/recipes/best-1204.yaml); "
+             "`best` since then takes V-2SF post-GELU, TanQ's log-tan levels and QDrop in stage 3 at 3 bits, 300 "
+             "iterations by default (bench/results/best_parts.md). The models are the four on which best-1204 (1000 "
+             "iterations) missed the insight issue's W3A3 target of 2 points. One seed resolves about 0.3-0.5 points, and "
+             "one recipe's results differ by a few tenths between the two machines. Seconds are calibration + "
+             "reconstruction on one thread, measured in different runs beside other benchmarks: read them as orders of "
+             "magnitude, not ratios.", "", f"torch {meta.get('torch', '?')}, 1 thread.", "", *table, ""]
     lines += _summary(rows, models)
     write_md(RESULTS / f"{NAME}.md", lines, echo=True)
     plot(rows, models)
 
 
+def _machine(r: dict[str, Any]) -> str:
+    return r.get("machine", "?") if "cpu_capability" not in r else f"{r['machine']} ({r['cpu_capability']})"
+
+
 def _summary(rows: list[dict[str, Any]], models: list[str]) -> list[str]:
     out = ["## Reading", ""]
     for m in models:
-        mine = sorted((r for r in rows if r["model"] == m and r.get("lr_scale", 1.0) == 1.0), key=lambda r: r["iters"])
-        if len(mine) < 2:
-            continue
-        pts = ", ".join(f"{r['iters']}: {r['drop']:+.2f} ({r['calib_seconds']:.0f} s)" for r in mine)
-        hit = next((r for r in mine if r["drop"] <= TARGET), None)
-        verdict = (f"first meets the target at {hit['iters']} iterations ({hit['calib_seconds']:.0f} s)" if hit
-                   else f"does not reach {TARGET} within {mine[-1]['iters']} iterations")
-        out.append(f"- {m}: {pts}; {verdict}.")
+        for rec in ("best-1204", "best"):
+            mine = sorted((r for r in rows if r["model"] == m and r["recipe"] == rec and r.get("lr_scale", 1.0) == 1.0),
+                          key=lambda r: r["iters"])
+            if not mine:
+                continue
+            pts = ", ".join(f"{r['iters']}: {r['drop']:+.2f} ({r['calib_seconds']:.0f} s)" for r in mine)
+            hit = next((r for r in mine if r["drop"] <= TARGET), None)
+            verdict = (f"first meets the target at {hit['iters']} iterations ({hit['calib_seconds']:.0f} s)" if hit
+                       else f"does not reach {TARGET} within {mine[-1]['iters']} iterations")
+            out.append(f"- {m}, {rec}: {pts}; {verdict}.")
     return out + [""]
 
 
 def plot(rows: list[dict[str, Any]], models: list[str]) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for m in models:
-        mine = sorted((r for r in rows if r["model"] == m and r.get("lr_scale", 1.0) == 1.0), key=lambda r: r["iters"])
-        ax.plot([r["iters"] for r in mine], [r["drop"] for r in mine], marker="o", label=m.replace("fmnist-", ""))
+    for k, m in enumerate(models):
+        for rec, ls in (("best-1204", "--"), ("best", "-")):
+            mine = sorted((r for r in rows if r["model"] == m and r["recipe"] == rec and r.get("lr_scale", 1.0) == 1.0),
+                          key=lambda r: r["iters"])
+            if mine:
+                ax.plot([r["iters"] for r in mine], [r["drop"] for r in mine], marker="o", ls=ls, color=f"C{k}",
+                        label=f"{m.replace('fmnist-', '')} ({rec})")
     ax.axhline(TARGET, color="k", ls="--", lw=1, label=f"target {TARGET}")
     ax.set_xscale("log")
     ax.set_xlabel("reconstruction iterations per unit per stage (log)")
     ax.set_ylabel("W3A3 drop, points (FP - quantized)")
-    ax.set_title("best at W3A3 against its budget (seed 0; one seed resolves ~0.4)", fontsize=9)
+    ax.set_title("W3A3 drop against the budget: best-1204 dashed, best solid (seed 0; one seed resolves ~0.4)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
@@ -134,7 +152,8 @@ def plot(rows: list[dict[str, Any]], models: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=MISSES)
-    ap.add_argument("--iters", nargs="+", type=int, default=[n for n in ITERS if n != 1000])
+    ap.add_argument("--iters", nargs="+", type=int, default=[1000])
+    ap.add_argument("--recipe", default="best", help="best, or best-1204 (the composition until 2026-12-05)")
     ap.add_argument("--lr-scale", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--render", action="store_true")
@@ -146,7 +165,7 @@ def main() -> None:
     models, missing = available(args.models)
     if missing:
         print("missing:", missing)
-    run(models, args.iters, args.lr_scale)
+    run(models, args.iters, args.lr_scale, args.recipe)
 
 
 if __name__ == "__main__":

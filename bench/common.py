@@ -125,7 +125,7 @@ class Data:
 def quantize_row(name: str, model: torch.nn.Module, data: Data, recipe: str, bits: str,
                  overrides: Optional[dict[str, Any]] = None, seed: int = 0,
                  extra: Optional[Callable[[torch.nn.Module], dict[str, Any]]] = None) -> dict[str, Any]:
-    r = scaled_recipe(recipe, overrides)
+    r = scaled_recipe(recipe, overrides, bits)
     reset_peak_rss()
     q = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -288,7 +288,7 @@ def calibrate_once(model: torch.nn.Module, recipe: str, bits: str, data: Data,
 def run_rest(calibrated: torch.nn.Module, recipe: str, bits: str, data: Data, overrides: Optional[dict[str, Any]] = None,
              seed: int = 0) -> tuple[torch.nn.Module, float, float]:
     """The recipe's passes after ``calibrate`` on a deep copy of ``calibrated``: (model, seconds, peak RSS MB)."""
-    r = scaled_recipe(recipe, overrides)
+    r = scaled_recipe(recipe, overrides, bits)
     reset_peak_rss()
     q = copy.deepcopy(calibrated)
     ctx = Context(calib=data.calib, bits=Bits.parse(bits), seed=seed, batch_size=64)
@@ -313,7 +313,7 @@ OAS_VALIDATE: dict[str, Any] = {"select": "validate", "val_iters": 50, "val_imag
 OAS_BENCH_SELECT: dict[str, Any] = {"select": "proxy"}
 
 
-def scaled_recipe(recipe: str, overrides: Optional[dict[str, Any]] = None) -> Any:
+def scaled_recipe(recipe: str, overrides: Optional[dict[str, Any]] = None, bits: Optional[str] = None) -> Any:
     """``recipe`` with ``overrides`` applied to every pass that has the option; the special key
     ``lr_scale`` multiplies each reconstruction pass's own learning rates (BRECQ's two passes keep
     their ratio), for runs with far fewer iterations than the published 20k. An ``oas`` pass selects
@@ -326,7 +326,7 @@ def scaled_recipe(recipe: str, overrides: Optional[dict[str, Any]] = None) -> An
 
     ov = dict(overrides or {})
     scale = float(ov.pop("lr_scale", 1.0))
-    r = load_recipe(recipe)
+    r = load_recipe(recipe) if bits is None else load_recipe(recipe).at(bits)  # the passes of that width (when)
     if any(pc.name == "oas" for pc in r.passes):
         # keep each bench row measuring the selection rule it was named for (OAS_BENCH_SELECT, OAS_VALIDATE):
         # the recipes' defaults changed on 2026-11-28; ``prefer: None`` (the plain rule) must be set, not skipped
