@@ -86,10 +86,12 @@ def render() -> None:
              "points (README, 'Is a gap real?').", "",
              f"torch {meta['torch']}, {meta['threads']} thread(s); calibration seconds include reconstruction, and "
              "compare only within one machine (listed at the end).", "",
-             "The repq column (and the `vs repq` tests) are repq before its post-Softmax zero code (2026-12-03, "
-             "docs/methods/baselines.md); repq now: bench/results/baselines.md and peers.md. dopq and best replace "
-             "that quantizer with TanQ, so their columns are current. Why best misses W3A3 <= 2 on four models: "
-             "bench/results/best_budget.md.", ""]
+             "`best` is the recipe of 2026-12-05 (width-dependent parts, 300 iterations per unit per stage; "
+             "bench/results/best_parts.md); `best-1204` the composition before it (1000 iterations, "
+             "bench/recipes/best-1204.yaml). The W4A4 repq column is repq before its post-Softmax zero code "
+             "(2026-12-03, docs/methods/baselines.md); the W3A3 repq rows were re-measured with it beside `best`. A "
+             "`vs repq` test is made only between rows of one run ('-' otherwise). How far more iterations take "
+             "best where it misses: bench/results/best_budget.md.", ""]
     machines: set[str] = set()
     for b in bits:
         lines += [f"## {b}", "", "| model | FP | " + " | ".join(f"{r} top-1 (drop)" for r in recipes)
@@ -115,7 +117,7 @@ def render() -> None:
         n_b = sum(1 for res in results if any(r["bits"] == b for r in res["rows"]))
         lines += ["", f"best meets the {b} target on {met} of the {n_b} models measured.", ""]
     lines += ["Machines that measured these rows (each row records its own): " + "; ".join(sorted(machines))
-              + ". Results of one recipe differ between them by a few tenths at W3A3 (the same run, `best` at 300 "
+              + ". Results of one recipe differ between them by a few tenths at W3A3 (the same run, `best-1204` at 300 "
               "iterations on the ViT: 83.47 on the AVX512 host, 83.23 on the AVX2 one), so read gaps below ~0.5 "
               "between rows of different machines as ties.", ""]
     write_md(RESULTS / "best.md", lines)
@@ -131,17 +133,19 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(bits), figsize=(5.5 * len(bits), 3.6), squeeze=False)
     for ax, b in zip(axes[0], bits):
         xs = range(len(results))
+        w = 0.8 / len(recipes)
         for k, r in enumerate(recipes):
             drops = [next((x["drop"] for x in res["rows"] if x["bits"] == b and x["recipe"] == r), float("nan"))
                      for res in results]
-            ax.bar([x + (k - (len(recipes) - 1) / 2) * 0.25 for x in xs], drops, width=0.25, label=r)
-        ax.axhline(TARGET[b], color="k", ls="--", lw=1, label=f"target {TARGET[b]}")
+            ax.bar([x + (k - (len(recipes) - 1) / 2) * w for x in xs], drops, width=w, label=r)
+        ax.axhline(TARGET[b], color="k", ls="--", lw=1, label="target")
+        ax.annotate(f"target {TARGET[b]}", (len(results) - 0.5, TARGET[b]), xytext=(0, 3), textcoords="offset points",
+                    ha="right", va="bottom", fontsize=8)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([res["model"].replace("fmnist-", "") for res in results], fontsize=8, rotation=20)
         ax.set_ylabel("drop, points (FP - quantized)")
-        ax.set_title(b, fontsize=10)
+        ax.set_title(f"{b} (seed 0; one seed resolves ~0.3-0.5)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_yscale("symlog", linthresh=1.0)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
