@@ -65,10 +65,10 @@ KEY = ("model", "runtime", "batch")
 
 
 def isa_flags() -> list[str]:
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return []
+    """The ISA flags the speed ratios depend on (the library reads /proc/cpuinfo for its int8-weight check)."""
+    from vitq.export.onnx import cpu_flags
+
+    flags = cpu_flags() or set()
     want = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
     return [f for f in want if f in flags]
 
