@@ -967,7 +967,7 @@ def _default_notice(recipe: Any, bits: Any, args: argparse.Namespace) -> None:
     iters = args.iters if args.iters is not None else max(int(pc.opts.iters) for pc in steps)
     print(f"recipe {recipe.name} (the default) at {bits}: {len(steps)} reconstruction stage(s) of {iters} iterations per "
           f"block, for the last points of accuracy: minutes on a GPU (--device cuda), tens of minutes for a small model "
-          f"and hours for a ViT-B on a CPU; --iters 300 takes about a third, --recipe {FAST_RECIPE} seconds",
+          f"and hours for a ViT-B on a CPU; --recipe {FAST_RECIPE} takes seconds",
           flush=True)
 
 
