@@ -38,7 +38,7 @@ from vitq.data import (  # noqa: E402
     make_loader,
     stack_images,
 )
-from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
+from vitq.evaluate import Predictions, compare_paired, evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
 from vitq.models import data_config  # noqa: E402
 from vitq.pipeline import Context, run_passes, run_recipe  # noqa: E402
 from vitq.recipes import list_recipes, load_recipe, override_pass_options  # noqa: E402
@@ -124,7 +124,12 @@ class Data:
 
 def quantize_row(name: str, model: torch.nn.Module, data: Data, recipe: str, bits: str,
                  overrides: Optional[dict[str, Any]] = None, seed: int = 0,
-                 extra: Optional[Callable[[torch.nn.Module], dict[str, Any]]] = None) -> dict[str, Any]:
+                 extra: Optional[Callable[[torch.nn.Module], dict[str, Any]]] = None,
+                 reference: Optional[Predictions] = None) -> dict[str, Any]:
+    """Quantize a copy of ``model`` with ``recipe`` at ``bits`` and evaluate it: one result row. With ``reference``
+    (the float model's :class:`~vitq.evaluate.Predictions` on ``data.eval_loader``) the row also holds
+    ``vs_fp``, the paired comparison quantized - FP on the same images (its 95 % interval is the test set's
+    sampling error of the drop; it says nothing of another calibration seed)."""
     r = scaled_recipe(recipe, overrides, bits)
     reset_peak_rss()
     q = copy.deepcopy(model)
@@ -142,7 +147,10 @@ def quantize_row(name: str, model: torch.nn.Module, data: Data, recipe: str, bit
         "units": rec[-1]["units"] if rec else None,
         "iters": rec[-1]["config"]["iters"] if rec else 0,
         "oas": rec[-1].get("oas") if rec else None,
+        "q_nll": None if res["nll"] is None else round(res["nll"], 5),
     }
+    if reference is not None:
+        row["vs_fp"] = compare_paired(reference, res["predictions"]).to_dict()
     if extra is not None:
         row.update(extra(q))
     return row
