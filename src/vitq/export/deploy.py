@@ -58,7 +58,7 @@ def register_backend(b: Backend) -> Backend:
 
 def _onnx_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], source: Any,
                 weight_dtype: Optional[str] = None) -> dict[str, Any]:
-    from .onnx import DEFAULT_WEIGHT_DTYPE, runtime_ops, to_onnx, u8s8_exact
+    from .onnx import DEFAULT_WEIGHT_DTYPE, SESSION_CONFIG, runtime_ops, to_onnx, u8s8_exact
 
     wd = weight_dtype or DEFAULT_WEIGHT_DTYPE
     stats = to_onnx(model, out / "model.onnx", example, lowering, wd)
@@ -70,6 +70,8 @@ def _onnx_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any
                         "model; export with --weight-dtype uint8 for CPUs like this one", why)
     with tempfile.TemporaryDirectory() as tmp:
         stats["runtime_ops"] = runtime_ops(out / "model.onnx", tmp)
+    # what a user's own onnxruntime session must set to run the simulated model's arithmetic (SESSION_CONFIG)
+    stats["session_config"] = dict(SESSION_CONFIG)
     return stats
 
 
