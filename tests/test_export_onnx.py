@@ -202,8 +202,8 @@ def test_export_refusals(tmp_path: Path, monkeypatch) -> None:
     fp = vitq.quantize(tiny_vit(), "fp", "W8A8")
     with pytest.raises(ModelError, match="recipe fp quantizes no site"):
         export(fp, tmp_path / "fp", "onnx")
-    recipe = tmp_path / "logw.yaml"  # log2 weights, 4-bit activations: nothing ONNX runs as integers
-    recipe.write_text('rules:\n  "weight:*": {quantizer: log2, bits: W}\n  "act:*": {bits: A}\n')
+    recipe = tmp_path / "logw.yaml"  # log2 weights, 10-bit activations: nothing ONNX runs as integers
+    recipe.write_text('rules:\n  "weight:*": {quantizer: log2, bits: W}\n  "act:*": {bits: 10}\n')
     lw = vitq.quantize(tiny_vit(), str(recipe), "W4A4", calib_data=torch.randn(8, 3, 16, 16))
     with pytest.raises(ModelError, match="no quantization site of this model has an integer form in onnx"):
         export(lw, tmp_path / "lw", "onnx")
@@ -266,10 +266,44 @@ def test_the_default_recipe_exports_with_parity(tmp_path: Path, bits: str) -> No
     rep = export(q, tmp_path, "onnx")
     assert rep["lowering"]["counts"]["int-weight"] == 10  # every Linear's weight as integer codes
     emulated = {f["role"] for f in rep["lowering"]["fallbacks"]}
-    assert ("FC2_IN" in emulated) == (bits != "W8A8")  # below 8 bits (and V-2SF at 3): emulated exactly, in float
-    # float activations meet integer weights there: onnxruntime's default MatMulNBits fusion would quantize them
-    # again to int8 (the error was 20-30 % of the largest logit); the session (and export.json) set level 1
+    # 3- and 4-bit uniform activations are QDQ in 8-bit containers (clipped to their code range): integer kernels
+    assert rep["lowering"]["counts"]["qdq"] >= 14 and rep["runtime_ops"].get("MatMulIntegerToFloat", 0) >= 6
+    assert ("FC2_IN" in emulated) == (bits == "W3A3")  # V-2SF has no QuantizeLinear form: emulated exactly, in float
+    # a float activation meets integer weights there: onnxruntime's default MatMulNBits fusion would quantize it
+    # again to int8 (20-30 % of the largest logit here); the session (and export.json) set accuracy level 1
     assert rep["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "1"}
     ref, out = logits(q, x), OnnxModel(tmp_path / "model.onnx")(x)
     assert (out - ref).abs().max() < 0.01 * ref.abs().max()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("bits,symmetric", [(3, False), (4, False), (4, True), (8, False)])
+def test_qdq_of_fewer_bit_codes_equals_the_fake_quant(tmp_path: Path, bits: int, symmetric: bool) -> None:
+    """A 3- or 4-bit uniform activation is a QDQ pair in an 8-bit container: the clip before the quantize keeps
+    its code range (``QuantizeLinear`` saturates only to the container's), so the values are the fake-quant's
+    (ties apart), in eager and in onnxruntime alike."""
+    from vitq.export.lowering import QDQ
+    from vitq.nn import FakeQuant
+    from vitq.quantizers import QuantSpec
+    from vitq.roles import Role
+
+    g = torch.Generator().manual_seed(0)
+    fq = FakeQuant(QuantSpec("uniform", bits, symmetric=symmetric), Role.FC1_IN, "x")
+    fq.start_calibration()
+    fq(torch.randn(64, 32, generator=g))
+    fq.finish_calibration()
+    assert fq.spec.integer_act
+    x = 3 * torch.randn(64, 32, generator=g)  # well outside the calibrated range too
+    qmin, qmax = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
+    qdq = QDQ(float(fq.scale), int(round(float(fq.zero_point))), qmin, qmax)
+    assert (qdq.clip is None) == (bits == 8)
+    with torch.no_grad():
+        ref, eager = fq(x), qdq(x)
+    assert (eager - ref).abs().max() <= 1e-6 * ref.abs().max()
+    assert len(torch.unique(eager)) <= 1 << bits
+    from vitq.export.onnx import session
+
+    torch.onnx.export(qdq, (x,), str(tmp_path / "qdq.onnx"), dynamo=True, opset_version=21, verbose=False)
+    s = session(tmp_path / "qdq.onnx")
+    out = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()

@@ -7,15 +7,16 @@ is exported. Then, per quantization site (:func:`plan`):
 * weight, uniform, at most 8 bits: its integer codes, stored as uint8 / int8 (a 3-, 4- or 6-bit code
   fits an 8-bit container exactly, with the same scale and zero point), dequantized in the graph
   (``DequantizeLinear``, per tensor or per output channel): ``int-weight``;
-* activation, uniform, 8 bits, per tensor, static: a quantize -> dequantize pair with its scale and
-  zero point (``QuantizeLinear`` / ``DequantizeLinear``), which onnxruntime fuses with the consumer
-  into an integer kernel: ``qdq``. A fractional zero point (RepQ-ViT's reparameterized ``zt`` is a
+* activation, uniform, at most 8 bits, per tensor, static: a quantize -> dequantize pair with its
+  scale and zero point (``QuantizeLinear`` / ``DequantizeLinear``), which onnxruntime fuses with the
+  consumer into an integer kernel: ``qdq``. A 3- to 7-bit code sits in an 8-bit container, and a float
+  clip to its code range comes first (``QuantizeLinear`` saturates only to the container's range). A fractional zero point (RepQ-ViT's reparameterized ``zt`` is a
   mean of integers) has no ``QuantizeLinear`` form; on a post-LayerNorm site its fraction ``f`` is
   folded away exactly: ``round(x/s + z) = round((x + f s)/s + round(z))``, so the LayerNorm's bias
   gains ``f s`` and every consumer's bias loses ``W_q (f s)`` (``W_q`` its quantized weight). Elsewhere
   such a site is emulated;
 * everything else (log2 / log-sqrt2 / TanQ post-Softmax, two-scale, PTF, per-channel or per-token
-  activations, activations below 8 bits, non-uniform weights): the quantizer's own formula, exported
+  activations, activations above 8 bits, non-uniform weights): the quantizer's own formula, exported
   as float operations - exact, but no integer kernel: ``emulated``. A static per-tensor quantizer
   with at most 2^10 codes is emulated as its code formula followed by a table of its levels
   (:class:`LUTQuant`: the table holds ``dequantize(code)`` for every code, so the values are the
@@ -87,7 +88,7 @@ def _act_note(fq: FakeQuant) -> str:
         return f"{spec.quantizer} has no QuantizeLinear form: emulated in {how} (exact)"
     if not isinstance(spec.granularity, PerTensor):
         return f"{spec.granularity} activations: emulated in float (exact; integer kernels take per-tensor inputs)"
-    return f"{spec.bits}-bit activations: emulated in float (exact; integer kernels take 8-bit inputs)"
+    return f"{spec.bits}-bit activations: emulated in float (exact; integer kernels take at most 8-bit inputs)"
 
 
 def _fraction(fq: FakeQuant) -> float:
@@ -170,14 +171,24 @@ class QDQ(nn.Module):
     """Quantize -> dequantize with constant per-tensor parameters, in the op pair ONNX exporters map
     to ``QuantizeLinear`` / ``DequantizeLinear`` (``quantized_decomposed``). Eager values are those
     of torch's quantize_per_tensor (``round(x * (1/s))``); the runtime follows the ONNX definition
-    (``round(x / s)``), which :mod:`vitq`'s uniform quantizer rounds like except for ties."""
+    (``round(x / s)``), which :mod:`vitq`'s uniform quantizer rounds like except for ties.
+
+    Codes of fewer than 8 bits sit in an 8-bit container: ``QuantizeLinear`` saturates only to the
+    container's range, so the input is first clipped to the values of the lowest and highest code,
+    ``[(qmin - z) s, (qmax - z) s]`` (a float ``Clip``; ``round`` of a clipped value is the clamped code)."""
 
     def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
         super().__init__()
         self.scale, self.zero_point, self.qmin, self.qmax = float(scale), int(zero_point), int(qmin), int(qmax)
         self.dtype = torch.uint8 if qmin >= 0 else torch.int8
+        full = (0, 255) if self.dtype == torch.uint8 else (-128, 127)
+        self.clip: Optional[tuple[float, float]] = None
+        if (self.qmin, self.qmax) != full:
+            self.clip = ((self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.clip is not None:
+            x = x.clamp(self.clip[0], self.clip[1])
         ops = torch.ops.quantized_decomposed
         c = ops.quantize_per_tensor(x, self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)
         return ops.dequantize_per_tensor(c, self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)

@@ -66,8 +66,9 @@ class QuantSpec:
     @property
     def integer_act(self) -> bool:
         """An activation quantizer integer runtimes execute (ONNX ``QuantizeLinear``, integer kernels):
-        uniform, 8 bits, one static scale and zero point per tensor."""
-        return self.quantizer == "uniform" and self.bits == 8 and isinstance(self.granularity, PerTensor)
+        uniform, at most 8 bits (fewer-bit codes in an 8-bit container, their range kept by a clip before
+        the quantize), one static scale and zero point per tensor."""
+        return self.quantizer == "uniform" and self.bits <= 8 and isinstance(self.granularity, PerTensor)
 
     def opt(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)

@@ -470,9 +470,9 @@ def for_target(recipe: Recipe, bits: "Bits | str", target: str) -> tuple[Recipe,
     probabilities x V product as a float matmul (about half the throughput). For ``target="onnx"`` such a
     rule becomes 8-bit uniform per tensor over the observed range (:data:`INTEGER_POST_SOFTMAX`) *before*
     calibration, so every later pass calibrates and measures the quantizer that is shipped: the simulated
-    top-1 is the deployed one. Below 8-bit activations nothing changes (integer kernels take 8-bit
-    inputs; those sites are emulated exactly). Other sites keep their quantizers; the export reports each
-    one it cannot lower."""
+    top-1 is the deployed one. Below 8-bit activations nothing changes: a uniform post-Softmax grid of 16 or
+    8 levels costs the attention far more than the float emulation of TanQ / log2 costs speed (those sites
+    are emulated exactly). Other sites keep their quantizers; the export reports each one it cannot lower."""
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}: use one of {', '.join(TARGETS)} (or none)")
     b = Bits.parse(bits)
