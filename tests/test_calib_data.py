@@ -155,11 +155,12 @@ def test_the_recipes_calibration_size_is_a_ceiling_not_a_demand(tmp_path: Path, 
     _class_split(root / "train", classes)
     _class_split(root / "val", classes, seed=500)
     out = tmp_path / "r.json"
-    assert main(["quantize", "fmnist-vit", "--data", str(root), "--bits", "W4A4", "--iters", "1", "--no-progress",
+    assert main(["quantize", "fmnist-vit", "--data", str(root), "--bits", "W4A4", "--set", "iters=1", "--no-progress",
                  "--skip-fp", "--json", str(out)]) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
     assert "the recipe takes up to 1024, the source has 20: using all 20" in said, said
-    assert "recipe best (the default) at W4A4" in said  # the default reconstructs here: it says what that costs
+    # the default reconstructs here: it says what that costs, with the iterations asked for (--set or --iters)
+    assert "recipe best (the default) at W4A4: 2 reconstruction stage(s) of 1 iterations per block" in said, said
     r = json.loads(out.read_text())
     assert r["recipe"] == "best" and r["calib_size"] == 20, {k: r.get(k) for k in ("recipe", "calib_size")}
     assert main(["quantize", "fmnist-vit", "--data", str(root), "--recipe", "repq", "--calib-size", "21",

@@ -960,11 +960,13 @@ def _recipe_from_args(args: argparse.Namespace, bits: Any) -> Any:
 def _default_notice(recipe: Any, bits: Any, args: argparse.Namespace) -> None:
     """One line when the default recipe (not asked for by name) will reconstruct: what it costs, and the fast one."""
     from .passes import get_pass
+    from .recipes import parse_assignments
 
     steps = [pc for pc in recipe.passes if "iters" in get_pass(pc.name).options]
     if not steps:
         return
-    iters = args.iters if args.iters is not None else max(int(pc.opts.iters) for pc in steps)
+    given = args.iters if args.iters is not None else parse_assignments(args.set_options).get("iters")
+    iters = int(given) if given is not None else max(int(pc.opts.iters) for pc in steps)
     print(f"recipe {recipe.name} (the default) at {bits}: {len(steps)} reconstruction stage(s) of {iters} iterations per "
           f"block, for the last points of accuracy: minutes on a GPU (--device cuda), tens of minutes for a small model "
           f"and hours for a ViT-B on a CPU; --recipe {FAST_RECIPE} takes seconds",
