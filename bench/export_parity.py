@@ -143,7 +143,10 @@ def main() -> None:
     ap.add_argument("--bits", default=",".join(BITS))
     ap.add_argument("--iters", type=int, default=200, help="reconstruction iterations per unit (qdrop rows)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=OUT,
+                    help="rows file (its .md beside it); another machine's rows belong in another file")
     args = ap.parse_args()
+    out = args.out
     setup(args.threads)
     import onnxruntime
 
@@ -156,12 +159,12 @@ def main() -> None:
             for bits in args.bits.split(","):
                 r = row(name, recipe, bits, data, args.iters, fp)
                 print(json.dumps(r), flush=True)
-                save_rows(OUT, [r], meta, key=KEY)
-    d = json.loads(OUT.read_text())
+                save_rows(out, [r], meta, key=KEY)
+    d = json.loads(out.read_text())
     order = {m: i for i, m in enumerate(MODELS)}
     rows = sorted(d["rows"], key=lambda r: (order.get(r["model"], 99), r["recipe"], r["bits"]))
-    write_md(OUT.with_suffix(".md"), render(rows, d["meta"]))
-    print(f"wrote {OUT.with_suffix('.md')}")
+    write_md(out.with_suffix(".md"), render(rows, d["meta"]))
+    print(f"wrote {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
