@@ -226,9 +226,9 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
 
 #: onnxruntime session settings an exported file needs to compute what the simulated model computes. Its
 #: graph optimizer fuses a DequantizeLinear of integer weights that meets a *float* activation (a site emulated
-#: in float: activations below 8 bits, two-scale, per-channel) with the MatMul into ``MatMulNBits`` with
-#: accuracy level 4 by default, which quantizes that activation again, to int8 per block of 32 values at run
-#: time: fmnist-vit minmax W4A4 lost 0.35 points of top-1 to it (onnxruntime 1.32). Level 1 computes in float.
+#: in float: V-2SF / two-scale, PTF, per-channel; every sub-8-bit site until 2026-12-06) with the MatMul into
+#: ``MatMulNBits`` with accuracy level 4 by default, which quantizes that activation again, to int8 per block
+#: of 32 values at run time: fmnist-vit minmax W4A4 lost 0.35 points of top-1 to it (onnxruntime 1.32). Level 1 computes in float.
 #: ``export.json`` records these for users who open the file in their own session.
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
