@@ -28,7 +28,11 @@ def test_sigint_ends_with_one_line_and_exit_130(tmp_path: Path, fmnist_dir: Path
     cmd = _cli("quantize", str(pickled_vit), "--trust-pickle", "--data", f"fashion-mnist:{fmnist_dir}", "--no-progress",
                "--recipe", "qdrop", "--bits", "W4A4", "--calib-size", "16", "--eval-size", "8", "--skip-fp",
                "--iters", "100000", "--resume-dir", str(resume))
-    proc = subprocess.Popen(cmd, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the child starts with SIGINT at its default: a child inherits an ignored SIGINT (a pytest-xdist worker's, once
+    # some earlier test in it ignored the signal), and Python then never raises KeyboardInterrupt, as in a shell's
+    # background job
+    proc = subprocess.Popen(cmd, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not list(resume.glob("*/run.json")) and proc.poll() is None and time.time() - t0 < 120:
         time.sleep(0.02)  # the reconstruction has started once its run record exists
