@@ -104,8 +104,6 @@ def _rows() -> list[dict[str, Any]]:
     measured = load_rows(PATH)
     if not measured:
         raise SystemExit(f"no rows in {PATH}: run some budgets first")
-    for r in measured:
-        r.setdefault("bits", "W3A3")
     have = {(r["model"], r["bits"], r["recipe"], r["iters"], r.get("lr_scale", 1.0)) for r in measured}
     rows = measured + [r for r in _from_best()
                        if any(m["model"] == r["model"] and m["bits"] == r["bits"] for m in measured)
