@@ -25,8 +25,8 @@ from bench.common import RESULTS, FashionData, machine_line, md_table, save_rows
 from vitq.bits import Bits
 from vitq.data import calibration_subset, stack_images
 from vitq.errors import VitqError
-from vitq.insight.compare import cache_batches, compare
 from vitq.reference import list_reference_models, load_reference, weights_path
+from vitq.run.compare import cache_batches, compare
 
 DEFAULT_RECIPES = ["minmax", "percentile", "omse", "ptq4vit", "repq", "fqvit"]
 #: fully-quantized variants (FQ-ViT Table 2 protocol), benchmarked at W8A8: --recipes ... --bits W8A8
@@ -93,15 +93,9 @@ def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: 
             print(f"{name:<22} {rname:<12} {','.join(bits_todo)}: FAILED: {e}", flush=True)
             errors += 1
             continue
-        fp = res["fp"]["top1"]
-        for run in res["runs"]:
-            row = {
-                "model": name, "recipe": rname, "bits": run["bits"], "fp_top1": round(fp, 2),
-                "q_top1": round(run["top1"], 2), "drop": round(fp - run["top1"], 2),
-                "calib_size": run["calib_size"], "eval_size": res["fp"]["images"], "seed": seed,
-                "calib_seconds": run["calib_seconds"], "peak_rss_mb": run["peak_rss_mb"], "digest": run["digest"],
-            }
-            log.info("%s", row)
+        for row in res["rows"]:  # run records (vitq.run.record), as `vitq compare` and `vitq quantize --json` write
+            row["model"] = name
+            log.info("%s", {k: v for k, v in row.items() if k not in ("per_seed", "vs_fp", "vs_fp_pooled")})
             print(f"{name:<22} {rname:<12} {row['bits']}: FP {row['fp_top1']:6.2f}  Q {row['q_top1']:6.2f}  "
                   f"drop {row['drop']:+6.2f}  calib {row['calib_seconds']:6.1f}s  rss {row['peak_rss_mb']:.0f} MB",
                   flush=True)
@@ -167,7 +161,7 @@ def write(jpath: Path, rows: list[dict[str, Any]], title: str | None) -> None:
             "note": "Fashion-MNIST test split, top-1 %. Calibration images: a seeded sample of the train split. "
                     "drop = FP - quantized. Sites: inputs and weights of every Linear, both operands of both "
                     "attention matmuls, patch-embed weight (its input, the image, stays float), head. "
-                    "Each model's rows: `vitq.insight.compare` (what `vitq compare` runs), one recipe at a time."}
+                    "Each model's rows: `vitq.run.compare` (what `vitq compare` runs), one recipe at a time."}
     save_rows(jpath, rows, meta, key=("model", "recipe", "bits"), indent=1)
     write_md(jpath.with_suffix(".md"), render(merge(jpath, []), json.loads(jpath.read_text())["meta"]))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")

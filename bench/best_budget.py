@@ -67,15 +67,13 @@ def run(models: list[str], iters: list[int], lr_scale: float, recipe: str = "bes
         model = load_reference(name)
         data = Data(model, calib_size=1024)
         ref = evaluate(model, data.eval_loader)
-        fp = round(ref["top1"], 2)
         for n in iters:
             ov: dict[str, Any] = {"iters": n}
             if lr_scale != 1.0:
                 ov["lr_scale"] = lr_scale
-            row = quantize_row(name, model, data, bench_recipe(recipe) or recipe, bits, overrides=ov,
-                               reference=ref["predictions"], extra=split(ref["predictions"], data) if with_split else None)
-            row.update(recipe=recipe, fp_top1=fp, fp_nll=None if ref["nll"] is None else round(ref["nll"], 5),
-                       drop=round(fp - row["q_top1"], 2), lr_scale=lr_scale, source="measured")
+            row = quantize_row(name, model, data, bench_recipe(recipe) or recipe, bits, overrides=ov, fp=ref,
+                               extra=split(ref["predictions"], data) if with_split else None)
+            row.update(recipe=recipe, lr_scale=lr_scale, source="measured")
             save_rows(PATH, [row], {"bench": NAME}, key=KEY)
             print(f"{name} {recipe} {bits} iters={n} lr x{lr_scale:g}: {row['q_top1']:.2f} (drop {row['drop']:+.2f}, "
                   f"95% CI {-row['vs_fp']['ci95'][1]:+.2f} .. {-row['vs_fp']['ci95'][0]:+.2f}; log-loss "
@@ -93,7 +91,7 @@ def _from_best() -> list[dict[str, Any]]:
             if r["recipe"] in OWN_ITERS and r["bits"] in TARGETS:
                 rows.append({"model": res["model"], "bits": r["bits"], "recipe": r["recipe"],
                              "iters": OWN_ITERS[r["recipe"]], "lr_scale": 1.0,
-                             "q_top1": round(r["mean"], 2), "fp_top1": round(res["fp"]["top1"], 2),
+                             "q_top1": round(r["q_top1"], 2), "fp_top1": round(res["fp"]["top1"], 2),
                              "drop": round(r["drop"], 2), "calib_seconds": r["calib_seconds"],
                              "machine": r.get("machine", "?"), "source": "bench/results/best.md"})
     return rows

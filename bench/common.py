@@ -1,9 +1,10 @@
 """The benchmark suite's shared plumbing: reference models and data, rows, and the one report writer.
 
 Every benchmark is a module run from the repository root as ``python -m bench.NAME`` (one-off studies:
-``python -m bench.studies.NAME``). A benchmark row is one run of the library (``vitq.insight.compare``,
-``run_recipe``) on a fresh copy of a reference model, calibrated on a seeded sample of the Fashion-MNIST
-train split and evaluated on its test split. Results are written only through this module:
+``python -m bench.studies.NAME``). A benchmark row is a run record (``vitq.run.record``: the format of ``vitq quantize
+--json``) of one run of the library's run layer (``vitq.run.compare``, ``vitq.run.trial``) on a fresh copy of a
+reference model, calibrated on a seeded sample of the Fashion-MNIST train split and evaluated on its test split.
+Results are written only through this module:
 
 * :func:`save_rows` merges rows into ``bench/results/NAME.json`` keyed by their identity (under a lock,
   atomically; several processes may share a file, and an interrupted benchmark continues where it
@@ -38,11 +39,12 @@ from vitq.data import (  # noqa: E402
     make_loader,
     stack_images,
 )
-from vitq.evaluate import Predictions, compare_paired, evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
+from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
 from vitq.models import data_config  # noqa: E402
 from vitq.pipeline import Context, run_passes, run_recipe  # noqa: E402
 from vitq.recipes import list_recipes, load_recipe, override_pass_options  # noqa: E402
 from vitq.reference import load_reference, weights_path  # noqa: E402
+from vitq.run import Trial, make_record, trial  # noqa: E402
 from vitq.state import state_of  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -125,34 +127,33 @@ class Data:
 def quantize_row(name: str, model: torch.nn.Module, data: Data, recipe: str, bits: str,
                  overrides: Optional[dict[str, Any]] = None, seed: int = 0,
                  extra: Optional[Callable[[torch.nn.Module], dict[str, Any]]] = None,
-                 reference: Optional[Predictions] = None) -> dict[str, Any]:
-    """Quantize a copy of ``model`` with ``recipe`` at ``bits`` and evaluate it: one result row. With ``reference``
-    (the float model's :class:`~vitq.evaluate.Predictions` on ``data.eval_loader``) the row also holds
-    ``vs_fp``, the paired comparison quantized - FP on the same images (its 95 % interval is the test set's
-    sampling error of the drop; it says nothing of another calibration seed)."""
+                 fp: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Quantize a copy of ``model`` with ``recipe`` at ``bits`` and evaluate it: one run record
+    (:mod:`vitq.run.record`, the format of ``vitq quantize --json``) with the bench's fields beside it. With ``fp``
+    (the float model's ``evaluate`` on ``data.eval_loader``) the record holds ``fp_top1``, ``drop`` and ``vs_fp``,
+    the paired comparison quantized - FP on the same images (its 95 % interval is the test set's sampling error of
+    the drop; it says nothing of another calibration seed)."""
     r = scaled_recipe(recipe, overrides, bits)
-    reset_peak_rss()
-    q = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    run_recipe(q, r, Context(calib=data.calib, bits=Bits.parse(bits), seed=seed, batch_size=64))
-    secs = time.perf_counter() - t0
-    res = evaluate(q, data.eval_loader)
-    rec = state_of(q).reconstruction or []
-    row: dict[str, Any] = {
-        "model": name, "recipe": recipe, "bits": bits, "q_top1": round(res["top1"], 2), "eval_size": res["n"],
-        "calib_size": int(data.calib.shape[0]), "calib_seconds": round(secs, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "overrides": overrides or {},
-        "slicing": rec[-1]["slicing"] if rec else None,
-        "blocks_per_unit": rec[-1]["blocks_per_unit"] if rec else None,
-        "units": rec[-1]["units"] if rec else None,
-        "iters": rec[-1]["config"]["iters"] if rec else 0,
-        "oas": rec[-1].get("oas") if rec else None,
-        "q_nll": None if res["nll"] is None else round(res["nll"], 5),
-    }
-    if reference is not None:
-        row["vs_fp"] = compare_paired(reference, res["predictions"]).to_dict()
+    t = trial(model, r, bits, data.calib, seed, data.eval_loader, batch_size=64)
+    row = bench_record(name, t, fp, r.name, bits, overrides)
     if extra is not None:
-        row.update(extra(q))
+        row.update(extra(t.model))
+    return row
+
+
+def bench_record(name: str, t: Trial, fp: Optional[dict[str, Any]], recipe: str, bits: str,
+                 overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A run record of one trial, with the bench's fields: the overrides, and the reconstruction's slicing,
+    units and iterations."""
+    st = None if t.model is None else state_of(t.model)
+    rec = (st.reconstruction if st is not None else None) or []
+    row = make_record([t], fp, recipe, bits, model=name)
+    row.update({"overrides": overrides or {},
+                "slicing": rec[-1]["slicing"] if rec else None,
+                "blocks_per_unit": rec[-1]["blocks_per_unit"] if rec else None,
+                "units": rec[-1]["units"] if rec else None,
+                "iters": rec[-1]["config"]["iters"] if rec else 0,
+                "oas": rec[-1].get("oas") if rec else None})
     return row
 
 

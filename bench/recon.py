@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from bench.common import (  # noqa: E402
     MODELS,
@@ -28,8 +29,8 @@ from bench.common import (  # noqa: E402
     Data,
     available,
     bench_recipe,
+    bench_record,
     calibrate_once,
-    fp_top1,
     has_recipe,
     load_rows,
     quantize_row,
@@ -41,7 +42,7 @@ from bench.common import (  # noqa: E402
 )
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
-from vitq.state import state_of  # noqa: E402
+from vitq.run import Trial, manifest_digest  # noqa: E402
 
 log = logging.getLogger("bench.recon")
 OUT = RESULTS / "reconstruction"
@@ -87,38 +88,34 @@ def main() -> int:
                    for r in rows)
 
     loaded: dict[str, tuple] = {}
-    fps: dict[str, float] = {}
+    fps: dict[str, dict[str, Any]] = {}  # the float model's evaluation, per model
     for bits, name in [(b, n) for b in args.bits for n in models]:  # every model at the first bits first
         if name not in loaded:
             m = load_reference(name)
             loaded[name] = (m, Data(m, 1024, args.eval_size, seed=args.seed))
         model, data = loaded[name]
-        fp = fps.get(name)
+        fp_eval = fps.get(name)
         todo = [r for r in recipes if not done(name, r, bits)]
         shared = [r for r in todo if (r in RECON or r in VARIANTS) and same_setup(VARIANTS.get(r, (r,))[0], "qdrop")]
         if not todo and (args.no_calib_only or done(name, "calib-only", bits)):
             continue
-        fp = fps[name] = fp if fp is not None else fp_top1(model, data)
+        fp_eval = fps[name] = fp_eval if fp_eval is not None else evaluate(model, data.eval_loader)
         if shared or (not args.no_calib_only and not done(name, "calib-only", bits)):
             qcal, cal_s, cal_rss = calibrate_once(model, "qdrop", bits, data, seed=args.seed)
             if not args.no_calib_only and not done(name, "calib-only", bits):
-                res = evaluate(qcal, data.eval_loader)
-                rows.append({"model": name, "recipe": "calib-only", "bits": bits, "fp_top1": fp,
-                             "q_top1": round(res["top1"], 2), "eval_size": res["n"], "iters": 0,
-                             "calib_seconds": round(cal_s, 1), "peak_rss_mb": round(cal_rss, 1)})
+                t = Trial(args.seed, qcal, evaluate(qcal, data.eval_loader), cal_s, data.calib.shape[0], cal_rss,
+                          manifest_digest(qcal))
+                rows.append({**bench_record(name, t, fp_eval, "calib-only", bits), "iters": 0})
                 save_rows(path, rows, meta)
             for recipe in shared:
                 log.info("%s %s %s", name, bits, recipe)
                 base, extra = VARIANTS.get(recipe, (recipe, {}))
                 q, secs, rss = run_rest(qcal, base, bits, data, {**ov, **extra}, seed=args.seed)
-                res = evaluate(q, data.eval_loader)
-                rep = state_of(q).reconstruction
-                rows.append({"model": name, "recipe": recipe, "bits": bits, "fp_top1": fp,
-                             "q_top1": round(res["top1"], 2), "eval_size": res["n"], "iters": args.iters,
-                             "lr_scale": args.lr_scale, "slicing": rep[-1]["slicing"],
-                             "calib_seconds": round(cal_s + secs, 1), "recon_seconds": round(secs, 1),
-                             "peak_rss_mb": round(max(rss, cal_rss), 1),
-                             "oas_chosen": (rep[-1].get("oas") or {}).get("chosen")})
+                t = Trial(args.seed, q, evaluate(q, data.eval_loader), cal_s + secs, data.calib.shape[0], max(rss, cal_rss),
+                          manifest_digest(q))
+                row = bench_record(name, t, fp_eval, recipe, bits, {**ov, **extra})
+                rows.append({**row, "lr_scale": args.lr_scale, "recon_seconds": round(secs, 1),
+                             "oas_chosen": (row["oas"] or {}).get("chosen")})
                 save_rows(path, rows, meta)
                 del q
             del qcal
@@ -126,8 +123,8 @@ def main() -> int:
             log.info("%s %s %s (own calibration)", name, bits, recipe)
             recon = recipe in RECON or recipe in RECON_REPQ or bench_recipe(recipe) is not None
             source = bench_recipe(recipe) or recipe  # bench/recipes/ compositions run like the reconstruction recipes
-            row = quantize_row(name, model, data, source, bits, ov if recon else None, seed=args.seed)
-            row.update({"recipe": recipe, "fp_top1": fp, "lr_scale": args.lr_scale if recon else None})
+            row = quantize_row(name, model, data, source, bits, ov if recon else None, seed=args.seed, fp=fp_eval)
+            row.update({"recipe": recipe, "lr_scale": args.lr_scale if recon else None})
             rows.append(row)
             save_rows(path, rows, meta)
     save_rows(path, rows, meta)

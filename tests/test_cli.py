@@ -135,7 +135,7 @@ def test_empty_imagefolder(capsys, tmp_path: Path, pickled_vit: Path) -> None:
 
 
 def test_nan_during_calibration(capsys, tmp_path: Path, fmnist_dir: Path) -> None:
-    m = tiny_vit(in_chans=1, img_size=28, patch_size=7)
+    m = tiny_vit(in_chans=1, img_size=28, patch_size=7, num_classes=10)
     with torch.no_grad():
         m.blocks[0].norm1.weight[3] = float("nan")
     p = tmp_path / "nan.pt"

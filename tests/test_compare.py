@@ -12,7 +12,8 @@ import torch
 from conftest import has_fashion_mnist, has_reference_weights, tiny_vit
 from test_cli import expect_error, run
 
-from vitq.insight.compare import compare, manifest_digest, to_csv, to_markdown
+from vitq.run import manifest_digest
+from vitq.run.compare import compare, to_csv, to_markdown
 
 
 def _data():
@@ -31,14 +32,15 @@ def test_compare_rows_are_the_runs_and_the_tests_against_the_first() -> None:
     assert res["fp"]["top1"] == 100.0 and len(res["runs"]) == 2 * 2 * 3
     for row in res["rows"]:
         mine = [r["top1"] for r in res["runs"] if r["recipe"] == row["recipe"] and r["bits"] == row["bits"]]
-        assert row["top1"] == mine and abs(row["mean"] - sum(mine) / 3) < 1e-3
-        assert row["std"] is not None and row["std"] >= 0
+        assert [x["q_top1"] for x in row["per_seed"]] == [round(v, 2) for v in mine]
+        assert abs(row["q_top1"] - sum(mine) / 3) < 6e-3 and row["schema"] == "vitq.result/1"
+        assert row["q_top1_std"] is not None and row["q_top1_std"] >= 0
     first, other = res["rows"][0], res["rows"][1]
     assert first["vs_first"] is None
-    assert abs(other["vs_first"]["diff"] - (other["mean"] - first["mean"])) < 1e-2  # pooled = mean of per-seed diffs
-    assert other["vs_first"]["seeds"] == 3 and other["vs_fp"]["seeds"] == 3
-    w4 = {r["recipe"]: r["mean"] for r in res["rows"] if r["bits"] == "W4A4"}
-    w8 = {r["recipe"]: r["mean"] for r in res["rows"] if r["bits"] == "W8A8"}
+    assert abs(other["vs_first"]["diff"] - (other["q_top1"] - first["q_top1"])) < 1e-2  # pooled = mean of per-seed diffs
+    assert other["vs_first"]["seeds"] == 3 and other["vs_fp_pooled"]["seeds"] == 3 and other["vs_fp"] is None
+    w4 = {r["recipe"]: r["q_top1"] for r in res["rows"] if r["bits"] == "W4A4"}
+    w8 = {r["recipe"]: r["q_top1"] for r in res["rows"] if r["bits"] == "W8A8"}
     assert all(w8[k] >= w4[k] for k in w4)  # more bits, less error
     # a recipe's manifest is the same for every seed, and differs between recipes and bits
     digests = {(r["recipe"], r["bits"]): r["digest"] for r in res["rows"]}
@@ -59,7 +61,7 @@ def test_compare_equals_quantize_on_the_same_seed() -> None:
     q = vitq.quantize(copy.deepcopy(tiny_vit()), "omse", "W4A4", calib_data=calib[1], seed=1)
     with torch.no_grad():
         top1 = 100.0 * sum(int((q(x).argmax(-1) == y).sum()) for x, y in batches) / 96
-    assert res["rows"][0]["mean"] == pytest.approx(top1, abs=1e-3)
+    assert res["rows"][0]["q_top1"] == pytest.approx(top1, abs=6e-3)
     assert res["rows"][0]["digest"] == manifest_digest(q)
 
 
@@ -70,7 +72,7 @@ def test_compare_bad_inputs(capsys) -> None:
     expect_error(["compare", "fmnist-vit", "--recipes", "minmax", "--seeds", "0,x"], capsys, "give integers")
     expect_error(["compare", "fmnist-vit", "--recipes", "minmax", "--seeds", "0,0"], capsys, "a seed is given twice")
     expect_error(["compare", "fmnist-vit", "--recipes", "minmax,repq", "--set", "lr_round=0.1"], capsys,
-                 r"no recipe of --recipes has a pass with option\(s\) lr_round")
+                 r"no recipe of minmax, repq has a pass with option\(s\) lr_round")
     expect_error(["compare", "fmnist-vit", "--recipes", "minmax", "--bits", "W4A4,W9A9"], capsys, "weight bit-width 9 is out of range")
     expect_error(["compare", "fmnist-vit", "--recipes", "nosuch"], capsys, "nosuch")
 
@@ -94,7 +96,7 @@ def test_cli_compare_writes_every_format_and_matches_quantize(tmp_path: Path, ca
     assert code == 0, err
     q = json.loads((tmp_path / "q.json").read_text())
     row = next(r for r in res["rows"] if r["recipe"] == "repq" and r["bits"] == "W4A4")
-    assert row["top1"][1] == pytest.approx(q["q_top1"], abs=0.006)
+    assert row["per_seed"][1]["q_top1"] == q["q_top1"]
 
 
 def test_each_recipe_calibrates_on_its_own_number_of_images() -> None:

@@ -202,8 +202,8 @@ def test_export_refusals(tmp_path: Path, monkeypatch) -> None:
     fp = vitq.quantize(tiny_vit(), "fp", "W8A8")
     with pytest.raises(ModelError, match="recipe fp quantizes no site"):
         export(fp, tmp_path / "fp", "onnx")
-    recipe = tmp_path / "logw.yaml"  # log2 weights, 10-bit activations: nothing ONNX runs as integers
-    recipe.write_text('rules:\n  "weight:*": {quantizer: log2, bits: W}\n  "act:*": {bits: 10}\n')
+    recipe = tmp_path / "logw.yaml"  # log2 weights, per-token activations: nothing ONNX runs as integers
+    recipe.write_text('rules:\n  "weight:*": {quantizer: log2, bits: W}\n  "act:*": {granularity: token}\n')
     lw = vitq.quantize(tiny_vit(), str(recipe), "W4A4", calib_data=torch.randn(8, 3, 16, 16))
     with pytest.raises(ModelError, match="no quantization site of this model has an integer form in onnx"):
         export(lw, tmp_path / "lw", "onnx")

@@ -15,12 +15,12 @@ from conftest import has_fashion_mnist, has_reference_weights, tiny_vit
 from test_cli import expect_error, run
 
 import vitq
+from vitq.bits import parse_auto as parse_auto_bits
 from vitq.errors import ConfigError
 from vitq.insight.mixed import (
     _bits_of,
     allocate,
     mixed_recipe,
-    parse_auto_bits,
     recipe_yaml,
     sensitivity_table,
 )

@@ -90,10 +90,11 @@ def test_when_rules_extend_and_yield_to_exclusions(tmp_path: Path) -> None:
     r = load_recipe(str(f)).at("W3A3")
     rules = dict(r.rules)
     assert rules["act:ATTN_PROBS"].quantizer == "log2" and rules["act:FC2_IN"].bits == 8  # merged by condition
-    # the CLI folds the width in first, so --exclude FC2_IN still leaves it float at W3A3
-    from vitq.cli import _exclude_roles
+    # a run folds the width in first, so --exclude FC2_IN still leaves it float at W3A3
+    from vitq.recipes import edit_recipe
 
-    m = vitq.quantize(tiny_vit(), _exclude_roles(r, ["FC2_IN"]), "W3A3", calib_data=torch.randn(4, 3, 16, 16))
+    edited, _ = edit_recipe(str(f), "W3A3", exclude=["FC2_IN"])
+    m = vitq.quantize(tiny_vit(), edited, "W3A3", calib_data=torch.randn(4, 3, 16, 16))
     assert {e["quantizer"] for e in _roles(m, "FC2_IN")} == {"float"}
 
 

@@ -79,9 +79,10 @@ reported:
     assert main(["reproduce", str(proto), "--imagenet", str(root), "--weights", str(weights), "--calib-size", "6",
                  "--bits", "W4A4", "--no-progress", "--json", str(out), "--md", str(md)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["bits"], r["recipe"]) for r in rows] == [("Tiny", "W4A4", "minmax"), ("Tiny", "W4A4", "repq")]
+    assert [(r["label"], r["bits"], r["recipe"]) for r in rows] == [("Tiny", "W4A4", "minmax"), ("Tiny", "W4A4", "repq")]
     repq = rows[1]
-    assert repq["paper_top1"] == 40.0 and repq["diff"] == round(repq["top1"] - 40.0, 2) and repq["eval_size"] == 12
+    assert repq["paper_top1"] == 40.0 and repq["paper_diff"] == round(repq["q_top1"] - 40.0, 2) and repq["eval_size"] == 12
+    assert repq["schema"] == "vitq.result/1" and repq["model"] == "test_vit" and repq["vs_fp"]["n"] == 12
     assert repq["context"] == {"Somebody else (not in vitq)": 45.5} and repq["calib_size"] == 6
     table = md.read_text()
     assert "| repq (RepQ-ViT) |" in table and "40.00" in table and "*Somebody else (not in vitq)* | 45.50" in table

@@ -111,7 +111,8 @@ def test_a_truncated_run_json_is_refused(stopped_run):
 
 
 def test_cli_refuses_a_resume_folder_of_other_arguments_before_loading(tmp_path, capsys):
-    from vitq.cli import RESUME_RECORD, main
+    from vitq.cli import main
+    from vitq.run import RESUME_RECORD
 
     d = tmp_path / "resume"
     base = ["quantize", "no-such-model-file.pth", "--resume-dir", str(d), "--no-progress"]
@@ -128,7 +129,7 @@ def test_cli_refuses_a_resume_folder_of_other_arguments_before_loading(tmp_path,
     assert len(err) == 1 and "--bits W3A3 (now W4A4)" in err[0] and "another --resume-dir" in err[0], err
     assert "no-such-model-file" not in err[0], "the model was looked at before the resume folder was checked"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("extends: minmax\n")
+    recipe.write_text("extends: qdrop\n")
     assert main(base + ["--bits", "W3A3", "--recipe", str(recipe)]) == 2
     assert "--recipe" in capsys.readouterr().err
     (d / RESUME_RECORD).write_text("{trunc")

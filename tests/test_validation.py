@@ -23,10 +23,21 @@ def _fast(args: list[str], capsys, pattern: str) -> None:
     assert time.perf_counter() - t0 < 5  # refused from the arguments, not after loading and evaluating
 
 
-@pytest.mark.parametrize("flag", ["--batch-size", "--eval-size", "--num-classes", "--calib-size", "--iters"])
+@pytest.mark.parametrize("flag", ["--batch-size", "--eval-size", "--num-classes", "--calib-size"])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_sizes_must_be_positive(flag: str, value: str, capsys) -> None:
     _fast(["quantize", flag, value], capsys, rf"{flag} {value}: give a positive number")
+
+
+@pytest.mark.parametrize("given", [["--iters", "-3"], ["--set", "iters=-3"]])
+def test_iters_is_one_option_with_one_rule(given: list[str], capsys) -> None:
+    """--iters N is --set iters=N: the reconstruction options' rule (>= 0) for both, before loading."""
+    from vitq.run import RunSpec
+
+    _fast(["quantize", "--recipe", "qdrop", *given], capsys, r"iters must be an integer >= 0, got -3")
+    zero = [RunSpec(recipe="qdrop", options={"iters": 0}), RunSpec(recipe="qdrop", options=(("iters", 0),))]
+    assert all(pc.opts.iters == 0 for s in zero for pc in s.recipe_obj.passes if pc.name == "reconstruct")
+    _fast(["quantize", "--recipe", "qdrop", "--iters", "5", "--set", "iters=6"], capsys, "iters given both as --iters")
 
 
 def test_output_paths_are_checked_first(afile: Path, tmp_path: Path, capsys) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.common import RESULTS, Data, fp_top1, load_rows, quantize_row, save_rows, setup  # noqa: E402
+from bench.common import RESULTS, Data, load_rows, quantize_row, save_rows, setup  # noqa: E402
+from vitq.evaluate import evaluate  # noqa: E402
 from vitq.reference import load_reference  # noqa: E402
 
 OUT = RESULTS / "recon_budget.json"
@@ -34,14 +35,15 @@ def main() -> int:
     for name in args.models:
         model = load_reference(name)
         data = Data(model, 1024, None)
-        fp = fp_top1(model, data)
+        fp = evaluate(model, data.eval_loader)
         for recipe in args.recipes:
             for iters in args.iters:
                 if any(r["model"] == name and r["recipe"] == recipe and r["bits"] == args.bits
                        and r["iters"] == iters and r["lr_scale"] == args.lr_scale for r in rows):
                     continue
-                row = quantize_row(name, model, data, recipe, args.bits, {"iters": iters, "lr_scale": args.lr_scale})
-                row.update({"fp_top1": fp, "lr_scale": args.lr_scale, "iters": iters})
+                row = quantize_row(name, model, data, recipe, args.bits, {"iters": iters, "lr_scale": args.lr_scale},
+                                   fp=fp)
+                row.update({"lr_scale": args.lr_scale, "iters": iters})
                 print(f"{name} {recipe} {args.bits} iters {iters}: {row['q_top1']:.2f} ({row['calib_seconds']:.0f} s)",
                       flush=True)
                 rows.append(row)

@@ -1,32 +1,21 @@
-"""``vitq`` command line: thin - parse, build the recipe and context, call the library."""
+"""``vitq`` command line: argument parsing, printing, saving and export. What a run is and how it executes is
+the run layer's (:mod:`vitq.run`): each command builds a :class:`~vitq.run.RunSpec` and calls it."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
-import re
-import statistics
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .defaults import DEFAULT_MODEL, DEFAULT_RECIPE
 from .errors import VitqError
 
 log = logging.getLogger("vitq")
-
-DEFAULT_MODEL = "fmnist-vit"
-DEFAULT_DATA = "fashion-mnist"
-#: the recipe when --recipe is not given: the composition that scores highest at every width
-#: (bench/results/best.md); calibration only (seconds) at 6-8-bit activations, reconstruction below
-#: (tens of minutes on a CPU for a reference model, hours for a DeiT-Small: a notice says so)
-DEFAULT_RECIPE = "best"
-#: the recipe the notice offers when the default would reconstruct: calibration only, seconds
-FAST_RECIPE = "repq"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -39,10 +28,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="build a timm model with random weights (cost measurements only)")
     p.add_argument("--num-classes", type=int, help="classifier size of a timm model (default: from checkpoint)")
-    p.add_argument("--data", default=DEFAULT_DATA,
+    p.add_argument("--data", default=None,
                    help="evaluation data (and calibration data without --calib-data): 'fashion-mnist', "
                         "'fashion-mnist:DIR', an ImageNet-layout root (train/<class>/, val/<class>/; val/ alone with "
-                        f"--calib-data) or a class-folder split itself (default {DEFAULT_DATA})")
+                        "--calib-data) or a class-folder split itself (default: a run folder's recorded data, "
+                        "Fashion-MNIST for a reference model; any other model needs --data)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="cpu, cuda, cuda:N or auto (a GPU where there is one) for calibration, reconstruction and "
                         "evaluation (default cpu)")
@@ -244,17 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Refuse what the arguments alone show to be wrong (sizes, output paths, flags a command ignores),
-    before any model or data is loaded: one line each, never after hours of work."""
+    """Refuse what the arguments alone show to be wrong about outputs and flags a command ignores, before any
+    model or data is loaded (the run's own values are checked by RunSpec, also before loading)."""
     from .errors import ConfigError
 
-    for flag, key in (("--batch-size", "batch_size"), ("--eval-size", "eval_size"), ("--num-classes", "num_classes"),
-                      ("--calib-size", "calib_size"), ("--iters", "iters")):
-        v = getattr(args, key, None)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{flag} {v}: give a positive number")
-    if getattr(args, "workers", 0) < 0:
-        raise ConfigError(f"--workers {args.workers}: give 0 (decode in the main process) or more worker processes")
     if args.command == "eval" and getattr(args, "seed", [0]) != [0]:
         raise ConfigError("eval does not calibrate, so --seed changes nothing: drop it (quantize takes --seed)")
     for flag in ("json", "md", "csv", "png", "recipe_out"):
@@ -263,34 +246,14 @@ def _check_args(args: argparse.Namespace) -> None:
             _check_output_file(f"--{flag.replace('_', '-')}", path)
     if getattr(args, "resume_dir", None):
         _check_output_dir("--resume-dir", args.resume_dir)
-        _check_resume_args(args)
     out = getattr(args, "out", None)
     if out and args.command in ("quantize", "report", "export"):
         _check_output_dir("--out", out)
         if args.command == "quantize" and (Path(out) / "vitq.json").is_file() and not args.overwrite:
             raise ConfigError(f"--out {out} already holds a saved quantization: pass --overwrite to replace it, or "
                               "another folder")
-    exclude = getattr(args, "exclude", None) or []
-    from .roles import Role
-
-    roles = {r.value for r in Role}
-    for e in exclude:
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", e) and e not in roles:
-            raise ConfigError(f"--exclude {e}: no such role; roles are {', '.join(sorted(roles))} (or give a "
-                              "module-name regex, e.g. 'blocks\\.0\\.')")
-
-
-def _check_exclusions(patterns: list[str], model: Any) -> None:
-    """A module-name --exclude that matches no module of the model is a typo, not a no-op."""
-    from .errors import ConfigError
-    from .roles import Role
-
-    roles = {r.value for r in Role}
-    names = [n for n, _ in model.named_modules()]
-    for p in patterns:
-        if p.upper() not in roles and not any(re.search(p, n) for n in names):
-            raise ConfigError(f"--exclude {p!r} matches no module of the model (e.g. {names[1] if len(names) > 1 else ''!r}): "
-                              "check the pattern, or give a role")
+    if getattr(args, "recipe_out", None) and Path(args.recipe_out).is_dir():
+        raise ConfigError(f"--recipe-out {args.recipe_out} is a folder: give a file name (e.g. mixed.yaml)")
 
 
 def _first_existing(p: Path) -> Path:
@@ -315,71 +278,6 @@ def _check_output_file(flag: str, path: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"{flag} {path}: cannot write in {base} ({e.strerror}): choose a path you can write to") from None
-
-
-#: the quantize arguments that decide what a reconstruction computes (not where output goes, nor how it is shown)
-RESUME_ARGS = ("model", "checkpoint", "random_weights", "num_classes", "data", "input_size", "crop_pct", "interpolation",
-               "batch_size", "seed", "recipe", "bits", "calib_size", "calib_data", "exclude", "iters", "set_options",
-               "target", "export", "budget", "budget_mb", "sensitivity_size")
-RESUME_RECORD = "vitq-args.json"
-
-
-def _file_identity(path: str) -> Any:
-    """A file argument as the resume record keeps it: resolved path, size and modification time (a recipe
-    file: its content), so a replaced file is noticed; other values as given."""
-    p = Path(path)
-    if not p.is_file():
-        return path
-    if p.suffix in (".yaml", ".yml"):
-        import hashlib
-
-        return {"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-    st = p.stat()
-    return {"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _check_resume_args(args: argparse.Namespace) -> None:
-    """--resume-dir keeps the arguments of the run that made it (vitq-args.json); once the folder holds saved
-    state, a later run with other arguments is refused here, before any loading or calibration, naming what
-    differs (the reconstruction's own fingerprint check would only notice after calibration)."""
-    from .errors import ConfigError
-
-    here = {k: getattr(args, k, None) for k in RESUME_ARGS}
-    for k in ("model", "checkpoint", "recipe", "data", "calib_data"):
-        v = here[k]
-        if isinstance(v, str):
-            here[k] = _file_identity(v)
-    here = json.loads(json.dumps(here, default=str))
-    rec = Path(args.resume_dir) / RESUME_RECORD
-    holds_state = any(p.name != RESUME_RECORD and not p.name.endswith(".tmp") for p in rec.parent.iterdir())
-    if rec.is_file() and holds_state:  # without saved state there is nothing to mix up: the record is rewritten
-        from .checkpoints import read_record
-
-        old = read_record(rec, "delete that --resume-dir folder to start over, or pass another --resume-dir")
-        diff = [k for k in RESUME_ARGS if old.get(k) != here[k]]
-        if diff:
-            shown = ", ".join(_describe(k, old.get(k), here[k]) for k in diff[:3])
-            raise ConfigError(f"--resume-dir {args.resume_dir} holds a run made with {shown}: rerun with its arguments "
-                              "to resume, or pass another --resume-dir")
-        return
-    tmp = rec.with_name(rec.name + ".tmp")
-    tmp.write_text(json.dumps(here, indent=1) + "\n")
-    tmp.replace(rec)
-
-
-def _describe(key: str, old: Any, new: Any) -> str:
-    flag = "MODEL" if key == "model" else f"--{key.replace('_', '-')}"
-    if isinstance(old, dict) and isinstance(new, dict) and old.get("path") == new.get("path"):
-        return f"{flag} {old.get('path')} as it was then (the file has changed since)"
-    return f"{flag} {_shown(old)} (now {_shown(new)})"
-
-
-def _shown(v: Any) -> str:
-    if isinstance(v, dict):
-        return str(v.get("path", v))
-    if isinstance(v, list):
-        return " ".join(map(str, v)) or "(none)"
-    return "(none)" if v is None else str(v)
 
 
 def _check_output_dir(flag: str, path: str) -> None:
@@ -412,13 +310,12 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------------
 def cmd_list() -> int:
-    import textwrap
-
     from .adapters import supported_models
     from .passes import all_passes
     from .quantizers import QUANTIZERS
     from .recipes import list_recipes, load_recipe
     from .reference import list_reference_models, reference_fp_top1
+    from .reproduce import list_protocols, load_protocol
 
     print("recipes:")
     for r in list_recipes():
@@ -431,8 +328,6 @@ def cmd_list() -> int:
         print(f"  {name:<16} {info.doc}")
         print(textwrap.fill(opts, width=110, initial_indent=" " * 19, subsequent_indent=" " * 19,
                             break_on_hyphens=False))
-    from .reproduce import list_protocols, load_protocol
-
     print("protocols (vitq reproduce PROTOCOL --imagenet DIR --weights DIR):")
     for name in list_protocols():
         pr = load_protocol(name)
@@ -448,51 +343,40 @@ def cmd_list() -> int:
     return 0
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .devices import resolve
-    from .models import ModelSource, load_model
+def _spec(args: argparse.Namespace, **extra: Any) -> Any:
+    from .run import RunSpec
 
-    device = resolve(getattr(args, "device", None))  # a missing GPU is one line, before any loading
-    p = Path(args.model)
-    if p.is_dir() and (p / "vitq.json").is_file():
-        from .export import load_quantized
-
-        return load_quantized(p, trust_pickle=args.trust_pickle).to(device), ModelSource("export", str(p))
-    model, source = load_model(args.model, checkpoint=args.checkpoint, trust_pickle=args.trust_pickle,
-                               random_weights=args.random_weights, num_classes=args.num_classes)
-    return model.to(device), source
+    return RunSpec.from_cli(args, **extra)
 
 
-def _eval_loader(args: argparse.Namespace, model: Any, shard: bool = False) -> Any:
-    from . import distributed
-    from .adapters import get_adapter
-    from .data import DataSpec, build_dataset, check_classes, eval_subset, make_loader
-    from .models import transforms
+def _open(spec: Any, data: Optional[str] = None, shard: bool = False) -> Any:
+    """The spec's model and the data it is evaluated on (recorded by a run folder unless given)."""
+    from .run.inputs import open_model_and_data
 
-    spec = DataSpec.parse(args.data)
-    pre = transforms(model, args.input_size, args.crop_pct, args.interpolation)
-    full = build_dataset(spec, "eval", pre)
-    check_classes(full, get_adapter(model).num_outputs(model))  # before any image is decoded
-    ds = eval_subset(full, args.eval_size)
-    if shard:  # torchrun: this rank's block of the test set; evaluate(sharded=True) merges them
-        ds = distributed.shard(ds, args.batch_size)
-    return spec, pre, make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
+    return open_model_and_data(spec.model, data if data is not None else spec.data, checkpoint=spec.checkpoint,
+                               trust_pickle=spec.trust_pickle, random_weights=spec.random_weights,
+                               num_classes=spec.num_classes, device=spec.device, input_size=spec.input_size,
+                               crop_pct=spec.crop_pct, interpolation=spec.interpolation, eval_size=spec.eval_size,
+                               batch_size=spec.batch_size, workers=spec.workers, shard=shard)
+
+
+def _data_line(choice: Any) -> str:
+    return {"given": "", "recorded": " (the data the run recorded)", "reference": " (the reference models' data)"}[choice.origin]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import distributed
     from .evaluate import evaluate, peak_rss_mb
 
-    model, source = _load(args)
-    _, _, loader = _eval_loader(args, model, shard=True)
-    res = evaluate(model, loader, progress=not args.no_progress, sharded=distributed.active())
-    out = {"model": args.model, "source": source.to_dict(), "data": args.data, "top1": round(res["top1"], 2),
-           "top5": round(res["top5"], 2), "eval_size": res["n"], "eval_seconds": round(res["seconds"], 2),
-           "nll": None if res["nll"] is None else round(res["nll"], 5),
+    o = _open(_spec(args), shard=True)
+    res = evaluate(o.model, o.loader, progress=not args.no_progress, sharded=distributed.active())
+    out = {"model": args.model, "source": o.source.to_dict(), "data": str(o.choice.spec), "data_origin": o.choice.origin,
+           "top1": round(res["top1"], 2), "top5": round(res["top5"], 2), "eval_size": res["n"],
+           "eval_seconds": round(res["seconds"], 2), "nll": None if res["nll"] is None else round(res["nll"], 5),
            "peak_rss_mb": round(peak_rss_mb(), 1)}
     nll = "" if out["nll"] is None else f"  test log-loss {out['nll']:.4f}"
-    print(f"{args.model}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%{nll}  on {res['n']} images "
-          f"({out['eval_seconds']:.1f}s)")
+    print(f"{args.model}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%{nll}  on {res['n']} images of "
+          f"{o.choice.spec}{_data_line(o.choice)} ({out['eval_seconds']:.1f}s)")
     if distributed.is_main():
         _write_json(args.json, out)
     return 0
@@ -508,50 +392,42 @@ def _csv_list(text: Optional[str], what: str) -> list[str]:
 
 
 def cmd_compare_recipes(args: argparse.Namespace) -> int:
-    from .bits import Bits
     from .devices import resolve
     from .errors import ConfigError
-    from .insight.compare import compare, plot, to_csv, to_markdown, to_text
-    from .recipes import load_recipe, parse_assignments, set_pass_options
+    from .recipes import load_recipe, parse_assignments, set_pass_options, split_pass_options
+    from .run.compare import compare, plot, to_csv, to_markdown, to_text
+    from .run.execute import calibration_samples
+    from .run.inputs import calibration_source
 
     if args.model_b:
         raise ConfigError("give either MODEL_B (compare two models) or --recipes (compare recipes on MODEL), not both")
-    bits = [Bits.parse(b) for b in _csv_list(args.bits, "--bits")]
+    bits = _csv_list(args.bits, "--bits")
     try:
-        seeds = [int(s) for s in _csv_list(args.seeds, "--seeds")] if args.seeds else list(dict.fromkeys(args.seed))
+        seeds = [int(s) for s in _csv_list(args.seeds, "--seeds")] if args.seeds else list(args.seed)
     except ValueError:
         raise ConfigError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {args.seeds}: a seed is given twice")
-    from .passes import get_pass
-
+    names = _csv_list(args.recipes, "--recipes")
     sets = parse_assignments(args.set_options)
     if args.iters is not None:
         sets["iters"] = args.iters
-    recipes, used = [], set()
-    for name in _csv_list(args.recipes, "--recipes"):
-        r = load_recipe(name)
-        mine = {k: v for k, v in sets.items() if any(k in get_pass(pc.name).options for pc in r.all_passes())}
-        used |= set(mine)
-        recipes.append(set_pass_options(r, mine))  # each recipe takes the options its passes have
-    if set(sets) - used:
-        raise ConfigError(f"no recipe of --recipes has a pass with option(s) {', '.join(sorted(set(sets) - used))}: "
-                          "`vitq list` shows each pass's options")
-    for flag, path in (("--md", args.md), ("--csv", args.csv), ("--png", args.png), ("--json", args.json)):
-        if path and Path(path).is_dir():
-            raise ConfigError(f"{flag} {path} is a folder: give a file name")
-
+    per_recipe = split_pass_options([load_recipe(n) for n in names], sets)  # each recipe takes the options its passes have
+    # every recipe at every width is a run spec: its values checked by the one set of rules, before any loading
+    specs = [_spec(args, recipe=n, bits=b, seeds=tuple(seeds), options=tuple(sorted(per_recipe[i].items())))
+             for i, n in enumerate(names) for b in bits]
+    recipes = [set_pass_options(load_recipe(n), per_recipe[i]) for i, n in enumerate(names)]
     if args.calib_size is not None:  # one size for all: every recipe calibrates on the same images
-        recipes = [r.with_calib_size(_calib_size(args, r)) for r in recipes]
+        recipes = [r.with_calib_size(args.calib_size) for r in recipes]
+    spec = specs[0]
+    o = _open(spec)
+    csource = calibration_source(o.choice, o.pre, spec.calib_data, o.loader.dataset)
     sizes = sorted({r.at(b).calib_size for r in recipes for b in bits})  # a size may follow the width (when)
-    model, _ = _load(args)
-    spec, pre, loader = _eval_loader(args, model)
-    calib_sets = {n: _calibration_sets(args, spec, pre, n, seeds, loader.dataset)[0] for n in sizes}  # bad sizes fail here
-    res = compare(model, loader, lambda n, s: calib_sets[n][s], recipes, bits, batch_size=args.batch_size,
-                  device=resolve(args.device), target=None if args.target in (None, "none") else args.target,
-                  progress=not args.no_progress, seeds=seeds)
-    print(f"{args.model} on {res['fp']['images']} images of {spec}, {'/'.join(map(str, sizes))} calibration images, "
-          f"seeds {', '.join(map(str, seeds))}: FP top-1 {res['fp']['top1']:.2f}%")
+    samples = {n: calibration_samples(csource, n, seeds, print, ceiling=args.calib_size is None)[0] for n in sizes}  # bad sizes fail here
+    res = compare(o.model, o.loader, lambda n, s: samples[n][s], recipes, bits, batch_size=spec.batch_size,
+                  device=resolve(spec.device), target=spec.effective_target, progress=spec.progress, seeds=seeds,
+                  model_name=args.model)
+    print(f"{args.model} on {res['fp']['images']} images of {o.choice.spec}{_data_line(o.choice)}, "
+          f"{'/'.join(map(str, sizes))} calibration images, seeds {', '.join(map(str, seeds))}: "
+          f"FP top-1 {res['fp']['top1']:.2f}%")
     print(to_text(res))
     if args.md:
         Path(args.md).write_text(to_markdown(res))
@@ -559,34 +435,38 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         Path(args.csv).write_text(to_csv(res))
     if args.png:
         plot(res, args.png)
-    _write_json(args.json, {"model": args.model, "data": str(spec), **res})
+    _write_json(args.json, {"model": args.model, "data": str(o.choice.spec), **res})
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .evaluate import compare_paired, evaluate
+    from .run.inputs import recorded
 
     if args.recipes:
         return cmd_compare_recipes(args)
     if not args.model_b:
         raise ConfigError("compare needs MODEL_B (two models) or --recipes R1,R2 (recipes on MODEL)")
-    model_a, _ = _load(args)
-    args_b = copy.copy(args)
-    args_b.model, args_b.checkpoint = args.model_b, args.checkpoint_b
-    model_b, _ = _load(args_b)
-    _, pre_a, loader_a = _eval_loader(args, model_a)
-    _, pre_b, loader_b = _eval_loader(args_b, model_b)
-    if pre_a.config != pre_b.config:
-        raise ConfigError(f"{args.model} and {args.model_b} preprocess images differently ({pre_a.config} vs "
-                          f"{pre_b.config}): compare quantized versions of the same float model")
+    a = _open(_spec(args))
+    spec_b = _spec(args, model=args.model_b, checkpoint=args.checkpoint_b)
+    # without --data both models are evaluated on A's data: B must have recorded the same (or none)
+    b = _open(spec_b, data=args.data if args.data is not None else str(a.choice.spec))
+    rb = recorded(b.model)
+    if args.data is None and rb is not None and rb.get("data") and str(rb["data"]) != str(a.choice.spec):
+        raise ConfigError(f"{args.model} was run on {a.choice.spec} and {args.model_b} on {rb['data']}: pass --data to "
+                          "compare them on the same images")
+    if a.pre.config != b.pre.config:
+        raise ConfigError(f"{args.model} and {args.model_b} preprocess images differently ({a.pre.config} vs "
+                          f"{b.pre.config}): compare quantized versions of the same float model")
     progress = not args.no_progress
-    ra = evaluate(model_a, loader_a, progress=progress, desc="eval A")
-    rb = evaluate(model_b, loader_b, progress=progress, desc="eval B")
-    cmp = compare_paired(ra["predictions"], rb["predictions"])
-    print(f"A {args.model}: top-1 {ra['top1']:.2f}%\nB {args.model_b}: top-1 {rb['top1']:.2f}%")
+    ra = evaluate(a.model, a.loader, progress=progress, desc="eval A")
+    rb_ = evaluate(b.model, b.loader, progress=progress, desc="eval B")
+    cmp = compare_paired(ra["predictions"], rb_["predictions"])
+    print(f"A {args.model}: top-1 {ra['top1']:.2f}%\nB {args.model_b}: top-1 {rb_['top1']:.2f}%  "
+          f"(on {ra['n']} images of {a.choice.spec}{_data_line(a.choice)})")
     print(cmp.summary("A", "B"))
-    _write_json(args.json, {"model_a": args.model, "model_b": args.model_b, "data": args.data, **cmp.to_dict(),
+    _write_json(args.json, {"model_a": args.model, "model_b": args.model_b, "data": str(a.choice.spec), **cmp.to_dict(),
                             "significant_5pct": cmp.significant()})
     return 0
 
@@ -600,8 +480,10 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
         print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['bytes'] / rep['float32_state_bytes']:.3f}x "
               f"the float32 state): {rep['packed_weights']} weights as packed integer codes")
     else:
+        from .export.onnx import INTEGER_OPS
+
         counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
-        kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in _integer_ops()}
+        kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in INTEGER_OPS}
         print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['weight_dtype']} weights): sites {counts}; "
               f"integer kernels after onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
         for fb in low["fallbacks"]:
@@ -620,22 +502,24 @@ def _subdir(fmt: str) -> str:
     return "packed" if fmt == "vitq" else ""
 
 
-def _integer_ops() -> tuple[str, ...]:
-    from .export.onnx import INTEGER_OPS
-
-    return INTEGER_OPS
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .errors import ConfigError
+    from .run import is_run_folder
+    from .run.inputs import load
 
-    p = Path(args.model)
-    if not (p.is_dir() and (p / "vitq.json").is_file()):
+    if not is_run_folder(args.model):
         raise ConfigError(f"{args.model} is not a vitq quantize --out folder: export the folder a quantization saved "
                           "(vitq quantize MODEL ... --out DIR), or use vitq quantize --export")
-    model, _ = _load(args)
-    loader = _eval_loader(args, model)[2] if args.verify else None
-    rep = _export_and_verify(model, Path(args.out) if args.out else p / _subdir(args.format), args.format, args, loader)
+    spec = _spec(args)
+    if args.verify:
+        o = _open(spec)
+        model, loader = o.model, o.loader
+        print(f"verifying on {o.choice.spec}{_data_line(o.choice)}")
+    else:
+        model, _ = load(spec.model, trust_pickle=spec.trust_pickle, device=spec.device)
+        loader = None
+    rep = _export_and_verify(model, Path(args.out) if args.out else Path(args.model) / _subdir(args.format), args.format,
+                             args, loader)
     _write_json(args.json, rep)
     return 0
 
@@ -647,7 +531,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     protocol = load_protocol(args.protocol)
     rows = reproduce(protocol, args.imagenet, args.weights, models=args.models, recipes=args.recipes, bits=args.bits,
                      eval_size=args.eval_size, calib_size=args.calib_size, calib_data=args.calib_data,
-                     seeds=list(dict.fromkeys(args.seed)), iters=args.iters, batch_size=args.batch_size,
+                     seeds=list(args.seed), iters=args.iters, batch_size=args.batch_size,
                      device=args.device, workers=args.workers, progress=not args.no_progress)
     if not distributed.is_main():
         return 0
@@ -660,62 +544,58 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .bits import Bits
+    import copy
+
     from .data import make_loader
-    from .devices import resolve
     from .errors import DataError
     from .evaluate import evaluate
     from .insight import first_batches, most_sensitive
     from .insight.report import ReportInputs, write_report
     from .nn import disabled
-    from .pipeline import Context, prepare, run_recipe
+    from .pipeline import prepare
+    from .run import is_run_folder, quantize_copy
+    from .run.execute import calibration_samples
+    from .run.inputs import calibration_source
     from .state import state_of
 
     for flag, v in (("--sensitivity-size", args.sensitivity_size), ("--error-images", args.error_images)):
         if v <= 0:
             raise DataError(f"{flag} must be positive, got {v}: pass a number of images >= 1")
-    device = resolve(args.device)
-    seed = args.seed[0]
-    p = Path(args.model)
-    exported = p.is_dir() and (p / "vitq.json").is_file()
-    if not exported:
-        bits = Bits.parse(args.bits)
-        recipe = _recipe_from_args(args, bits)
-        calib_size = _calib_size(args, recipe)
-    model, source = _load(args)
-    spec, pre, eval_loader = _eval_loader(args, model)
-    progress = not args.no_progress
+    spec = _spec(args)
+    seed = spec.seeds[0]
+    o = _open(spec)
+    progress = spec.progress
     before = None
-    if exported:  # already quantized: report it as it is
-        q, st = model, state_of(model)
-        assert st is not None and st.bits is not None  # an export is a quantized model
+    recipe: Any
+    if is_run_folder(args.model):  # already quantized: report it as it is
+        q, st = o.model, state_of(o.model)
+        assert st is not None and st.bits is not None and st.recipe is not None  # an export is a quantized model
         recipe, bits = st.recipe, st.bits
         calib_seconds = None
     else:
-        calib_sets, _ = _calibration_sets(args, spec, pre, calib_size, [seed], eval_loader.dataset)
-        calib_size = len(calib_sets[seed])
-        before = prepare(copy.deepcopy(model), recipe, bits)  # the float model's sites, before any folding
-        q = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        run_recipe(q, recipe, Context(calib=make_loader(calib_sets[seed], batch_size=min(args.batch_size, calib_size),
-                                                         num_workers=args.workers),
-                                      bits=bits, seed=seed, batch_size=args.batch_size, progress=progress, device=device))
-        calib_seconds = round(time.perf_counter() - t0, 2)
+        recipe, bits = spec.recipe_obj, spec.run_bits
+        sets, n, _ = calibration_samples(calibration_source(o.choice, o.pre, spec.calib_data, o.loader.dataset),
+                                         spec.calib_size_asked, [seed], print, ceiling=spec.calib_size is None)
+        before = prepare(copy.deepcopy(o.model), recipe, bits)  # the float model's sites, before any folding
+        q, secs, _ = quantize_copy(o.model, recipe, bits, make_loader(sets[seed], batch_size=min(spec.batch_size, n),
+                                                                      num_workers=spec.workers),
+                                   seed, batch_size=spec.batch_size, device=spec.device, progress=progress)
+        calib_seconds = round(secs, 2)
     with disabled(q):
-        fp = evaluate(q, eval_loader, progress=progress, desc="eval fp")
-    res = evaluate(q, eval_loader, progress=progress, desc="eval quantized")
-    batches = first_batches(eval_loader, args.sensitivity_size)
-    meta = {"model": args.model, "data": str(spec), "recipe": recipe.name, "bits": str(bits), "seed": seed,
+        fp = evaluate(q, o.loader, progress=progress, desc="eval fp")
+    res = evaluate(q, o.loader, progress=progress, desc="eval quantized")
+    batches = first_batches(o.loader, args.sensitivity_size)
+    meta = {"model": args.model, "data": str(o.choice.spec), "recipe": recipe.name, "bits": str(bits), "seed": seed,
             "FP top-1": round(fp["top1"], 2), "quantized top-1": round(res["top1"], 2),
             "drop (points)": round(fp["top1"] - res["top1"], 2), "evaluation images": res["n"],
             "sensitivity images": sum(len(x) for x, _ in batches), "calibration seconds": calib_seconds,
-            "source": source.to_dict().get("name")}
+            "source": o.source.to_dict().get("name")}
     path = write_report(q, batches, args.out, ReportInputs(meta=meta, recipe=recipe.to_dict(), before=before),
                         error_images=args.error_images, progress=progress)
     rep = json.loads((path.parent / "report.json").read_text())
     worst = most_sensitive(rep["sites"])[:5]
     print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp['top1']:.2f}%  quantized {res['top1']:.2f}%  "
-          f"({res['n']} images)")
+          f"({res['n']} images of {o.choice.spec}{_data_line(o.choice)})")
     print("most sensitive sites (only that site quantized): " + "; ".join(
         f"{r['site']} {r['d_top1']:+.2f} pt" + ("" if r["d_nll"] is None else f", {r['d_nll']:+.4f} nats")
         for r in worst))
@@ -724,296 +604,89 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_mixed_args(args: argparse.Namespace, auto: bool) -> None:
-    from .errors import ConfigError
-
-    budgets = [f for f, v in (("--budget", args.budget), ("--budget-mb", args.budget_mb)) if v is not None]
-    if not auto:
-        if budgets or args.recipe_out:
-            raise ConfigError(f"{(budgets or ['--recipe-out'])[0]} chooses bits per site: pass --bits auto (or autoA4)")
-        return
-    if len(budgets) != 1:
-        raise ConfigError("--bits auto needs one budget: --budget BITS (average weight bits, e.g. 4.5) or --budget-mb MB")
-    if args.budget is not None and not 3 <= args.budget <= 32:
-        raise ConfigError(f"--budget {args.budget}: average weight bits between 3 (all 3-bit) and 32 (all float)")
-    if args.budget_mb is not None and args.budget_mb <= 0:
-        raise ConfigError(f"--budget-mb {args.budget_mb}: give a positive size in megabytes")
-    if args.sensitivity_size <= 0:
-        raise ConfigError(f"--sensitivity-size {args.sensitivity_size}: give a number of images >= 1")
-    if args.recipe_out and Path(args.recipe_out).is_dir():
-        raise ConfigError(f"--recipe-out {args.recipe_out} is a folder: give a file name (e.g. mixed.yaml)")
-
-
-def _mixed_precision(args: argparse.Namespace, model: Any, recipe: Any, act_bits: int, spec: Any, pre: Any,
-                     calib: Any, seed: int) -> tuple[Any, dict[str, Any]]:
-    """--bits auto: measure per-site weight sensitivity on calibration-source images, allocate bits under
-    the budget, and return the mixed-precision recipe (written to --recipe-out) with its record."""
-    from collections import Counter
-
-    from .data import build_dataset, calibration_images, calibration_subset, make_loader
-    from .insight.compare import calibration_tensor
-    from .insight.mixed import allocate, mixed_recipe, recipe_yaml, sensitivity_table
-
-    source: Any = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
-    n = min(args.sensitivity_size, len(source))
-    probe = calibration_subset(source, n, seed + 1)  # another draw than the calibration sample; never eval images
-    images = [b[0] if isinstance(b, (list, tuple)) else b for b in make_loader(probe, batch_size=args.batch_size)]
-    table = sensitivity_table(model, recipe, act_bits, calibration_tensor(calib), images, seed=seed,
-                              batch_size=args.batch_size, progress=not args.no_progress)
-    alloc = allocate(table, budget_bits=args.budget, budget_mb=args.budget_mb)
-    mixed = mixed_recipe(recipe, model, alloc)
-    counts = Counter(alloc["bits"].values())
-    print(f"mixed precision: {len(alloc['bits'])} weight sites, "
-          + ", ".join(f"{counts[k]} at {k}{'' if k == 'float' else ' bits'}" for k in ("3", "4", "6", "8", "float")
-                      if counts[k])
-          + f"; average {alloc['avg_bits']:.2f} bits ({alloc['weight_mb']:.3f} MB of weight codes), chosen by "
-            f"{alloc['method']} over output KL measured on {table['images']} calibration-source images")
-    if args.recipe_out:
-        Path(args.recipe_out).write_text(recipe_yaml(mixed))
-        print(f"mixed-precision recipe: {args.recipe_out}")
-    return mixed, {"allocation": alloc, "sensitivity": table}
-
-
-def _exclusions(patterns: list[str]) -> list[tuple[str, str, None]]:
-    from .roles import Role
-
-    out: list[tuple[str, str, None]] = []
-    roles = {r.value for r in Role}
-    for p in patterns:
-        if p.upper() in roles:
-            out.append(("role", p.upper(), None))
-        else:
-            out.append(("*", p, None))
-    return out
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from . import distributed
-    from .bits import Bits
-    from .data import make_loader
-    from .devices import resolve
-    from .evaluate import compare_paired, compare_pooled, evaluate, peak_rss_mb
-    from .export import save_quantized
-    from .insight.mixed import parse_auto_bits
-    from .pipeline import Context, manifest, run_recipe
-    from .state import state_of
+    from .run import check_resume, default_notice, run
 
-    auto_a = parse_auto_bits(args.bits)
-    bits = Bits(8, auto_a) if auto_a is not None else Bits.parse(args.bits)  # cheap inputs first, before loading
-    _check_mixed_args(args, auto_a is not None)
-    device = resolve(args.device)
-    recipe = _recipe_from_args(args, bits)
-    calib_size = _calib_size(args, recipe)
-
-    seeds = list(dict.fromkeys(args.seed))
-    if args.export and not args.out:
-        from .errors import ConfigError
-
-        raise ConfigError(f"--export {args.export} writes into the --out folder: pass --out DIR")
-    if args.export == "onnx":
+    spec = _spec(args)  # every value checked, the recipe built and edited: before anything is loaded
+    if spec.export == "onnx":
         from .export.onnx import require
 
         for pkg in ("onnx", "onnxruntime", "onnxscript"):
             require(pkg)  # a missing package is one line now, not after calibration
-    if args.out and len(seeds) > 1:
-        from .errors import ConfigError
+    if spec.option("run_dir"):
+        check_resume(spec, str(spec.option("run_dir")))
+    notice = default_notice(spec)
+    if notice:
+        print(notice, flush=True)
+    result = run(spec, say=lambda line: print(line, flush=True))
+    rec = result.record
+    _print_result(args.model, result)
+    if not distributed.is_main():
+        return 0  # rank 0 writes the files (and verifies the export on the whole test set)
+    if args.out:
+        _save(args, result)
+    _write_json(args.json, rec)
+    return 0
 
-        raise ConfigError(f"--out saves one model but {len(seeds)} seeds were given: pass a single --seed with --out")
 
-    model, source = _load(args)
-    _check_exclusions(args.exclude, model)
-    spec, pre, eval_loader = _eval_loader(args, model, shard=True)
-    sharded = distributed.active()
-    progress = not args.no_progress
-    calib_sets, skipped = _calibration_sets(args, spec, pre, calib_size, seeds, eval_loader.dataset)
-    calib_size = len(calib_sets[seeds[0]])  # what it calibrates on (a recipe's size is a ceiling)
-    mixed = None
-    if auto_a is not None:
-        recipe, mixed = _mixed_precision(args, model, recipe, auto_a, spec, pre, calib_sets[seeds[0]], seeds[0])
+def _print_result(name: str, result: Any) -> None:
+    rec = result.record
+    n_q = sum(1 for m in rec["manifest"] if m["quantizer"] != "float")
+    several = len(rec["seeds"]) > 1
+    fp_txt = "-" if rec["fp_top1"] is None else f"{rec['fp_top1']:.2f}"
+    drop_txt = "" if rec["drop"] is None else f"  (drop {rec['drop']:+.2f})"
+    q_txt = (f"{rec['q_top1']:.2f} ± {rec['q_top1_std']:.2f}% (mean ± std over {len(rec['seeds'])} seeds)" if several
+             else f"{rec['q_top1']:.2f}%")
+    print(f"{name} {rec['recipe']} {rec['bits']}: FP top-1 {fp_txt}%  quantized top-1 {q_txt}{drop_txt}  "
+          f"[{n_q}/{len(rec['manifest'])} sites quantized, calib {rec['per_seed'][0]['calib_seconds']:.1f}s, "
+          f"{rec['eval_size']} eval images of {rec['data']}{'' if rec['data_origin'] == 'given' else ' (' + rec['data_origin'] + ')'}, "
+          f"peak RSS {rec['peak_rss_mb']:.0f} MB]")
+    if result.fp is not None:
+        from .evaluate import compare_paired
 
-    fp = None
-    if not args.skip_fp:
-        fp = evaluate(model, eval_loader, progress=progress, desc="eval fp", sharded=sharded)
-    runs: list[dict[str, Any]] = []
-    qmodel: Any = None
-    for seed in seeds:
-        calib_loader = make_loader(calib_sets[seed], batch_size=min(args.batch_size, calib_size),
-                                   num_workers=args.workers)
-        qm = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        ctx = Context(calib=calib_loader, bits=bits, seed=seed, batch_size=args.batch_size, progress=progress,
-                      device=device)
-        run_recipe(qm, recipe, ctx)
-        secs = time.perf_counter() - t0
-        res = evaluate(qm, eval_loader, progress=progress, desc=f"eval quantized (seed {seed})", sharded=sharded)
-        runs.append({"seed": seed, "res": res, "calib_seconds": secs,
-                     "vs_fp": None if fp is None else compare_paired(fp["predictions"], res["predictions"])})
-        if qmodel is None:
-            qmodel = qm  # the first seed's model gives the manifest and the export
-        if len(seeds) > 1:
-            print(f"  seed {seed}: quantized top-1 {res['top1']:.2f}%  (calib {secs:.1f}s)")
-    q, vs_fp, calib_seconds = runs[0]["res"], runs[0]["vs_fp"], runs[0]["calib_seconds"]
-    top1s = [r["res"]["top1"] for r in runs]
-    q_top1 = sum(top1s) / len(top1s)
-    q_std = statistics.stdev(top1s) if len(top1s) > 1 else None
-
-    result: dict[str, Any] = {
-        "model": args.model, "source": source.to_dict(), "data": str(spec), "recipe": recipe.name,
-        "bits": str(bits), "calib_size": calib_size, "eval_size": q["n"], "seed": seeds[0],
-        "fp_top1": None if fp is None else round(fp["top1"], 2), "q_top1": round(q_top1, 2),
-        "fp_top5": None if fp is None else round(fp["top5"], 2), "q_top5": round(q["top5"], 2),
-        "drop": None if fp is None else round(fp["top1"] - q_top1, 2),
-        "calib_seconds": round(calib_seconds, 2), "eval_seconds": round(q["seconds"], 2),
-        "fp_eval_seconds": None if fp is None else round(fp["seconds"], 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1), "device": str(device),
-        "preprocessing": {**asdict(pre.config), "transform": pre.source},
-        "calib_data": args.calib_data, "calib_skipped": skipped, "mixed_precision": mixed,
-        "vs_fp": None if vs_fp is None else vs_fp.to_dict(), "recipe_config": recipe.to_dict(), "manifest": manifest(qmodel),
-    }
-    if len(seeds) > 1:
-        # top-level numbers are over all seeds: mean top-1 and calibration time; each seed's own test vs FP
-        result.update(seeds=seeds, q_top1_std=round(q_std or 0.0, 3), q_top5=None, vs_fp=None,
-                      calib_seconds=round(sum(r["calib_seconds"] for r in runs) / len(runs), 2), per_seed=[
-            {"seed": r["seed"], "q_top1": round(r["res"]["top1"], 2), "q_top5": round(r["res"]["top5"], 2),
-             "calib_seconds": round(r["calib_seconds"], 2),
-             "vs_fp": None if r["vs_fp"] is None else r["vs_fp"].to_dict()} for r in runs])
-        if fp is not None:  # the mean over seeds against FP, tested once (the seeds share the test images)
-            result["vs_fp_pooled"] = compare_pooled([(fp["predictions"], r["res"]["predictions"]) for r in runs])
-    st = state_of(qmodel)
-    if st is not None and st.reconstruction:
-        result["reconstruction"] = st.reconstruction
-    n_q = sum(1 for m in result["manifest"] if m["quantizer"] != "float")
-    fp_txt = "-" if fp is None else f"{fp['top1']:.2f}"
-    drop_txt = "" if fp is None else f"  (drop {fp['top1'] - q_top1:+.2f})"
-    q_txt = f"{q_top1:.2f}%" if q_std is None else f"{q_top1:.2f} ± {q_std:.2f}% (mean ± std over {len(seeds)} seeds)"
-    print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp_txt}%  quantized top-1 {q_txt}{drop_txt}  "
-          f"[{n_q}/{len(result['manifest'])} sites quantized, calib {calib_seconds:.1f}s, "
-          f"{q['n']} eval images, peak RSS {result['peak_rss_mb']:.0f} MB]")
-    for r in runs:
-        if r["vs_fp"] is not None:
-            tag = "quantized" if len(runs) == 1 else f"seed {r['seed']}"
-            print(textwrap.indent(r["vs_fp"].summary("FP", tag), "  "))
-    if result.get("vs_fp_pooled"):
-        pl = result["vs_fp_pooled"]
+        for t in result.trials:
+            tag = "quantized" if not several else f"seed {t.seed}"
+            print(textwrap.indent(compare_paired(result.fp["predictions"], t.res["predictions"]).summary("FP", tag), "  "))
+    pl = rec.get("vs_fp_pooled")
+    if several and pl:
         p_txt = "" if pl["p_value"] is None else f" (pooled p = {pl['p_value']:.3g})"
         nll_txt = "" if pl["nll_p"] is None else f"; test log-loss {pl['nll_diff']:+.4f} nats (pooled p = {pl['nll_p']:.3g})"
         print(f"  mean over {pl['seeds']} seeds, quantized - FP: {pl['diff']:+.2f} points{p_txt}{nll_txt}; "
               "one test over the seeds, which share the test images")
-    if not distributed.is_main():
-        return 0  # rank 0 writes the files (and verifies the export on the whole test set)
-    if args.out:
-        out = save_quantized(qmodel, args.out, source, extra={"result": {k: v for k, v in result.items()
-                                                                         if k not in ("manifest", "recipe_config")}})
-        (Path(out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        if mixed is not None and not args.recipe_out:
-            from .insight.mixed import recipe_yaml
-
-            (Path(out) / "recipe.yaml").write_text(recipe_yaml(recipe))
-            print(f"mixed-precision recipe: {Path(out) / 'recipe.yaml'} (vitq quantize --recipe {Path(out) / 'recipe.yaml'} "
-                  f"--bits {bits} runs it again)")
-        print(f"saved to {out}")
-        if args.export:
-            st = state_of(qmodel)
-            if st is not None and st.source is None and source.kind != "export":
-                st.source = source
-            full = _eval_loader(args, qmodel)[2] if sharded else eval_loader
-            rep = _export_and_verify(qmodel, Path(out) / _subdir(args.export), args.export, args, full)
-            result["export"] = {k: rep[k] for k in ("format", "file", "bytes", "lowering", "runtime_ops", "verify")
-                                if k in rep}
-    _write_json(args.json, result)
-    return 0
 
 
-def _recipe_from_args(args: argparse.Namespace, bits: Any) -> Any:
-    """The recipe quantize / report run: --recipe, --exclude, --set, --iters / --max-cache-gb /
-    --resume-dir, then --target (or --export onnx)."""
-    from .errors import ConfigError
-    from .recipes import load_recipe, override_pass_options, parse_assignments, set_pass_options
+def _save(args: argparse.Namespace, result: Any) -> None:
+    """--out: the quantized model (its run record sealed with it), result.json, a mixed-precision recipe, the export."""
+    from .export import save_quantized
 
-    recipe = load_recipe(args.recipe or DEFAULT_RECIPE).at(bits)  # width-conditional rules first: --exclude,
-    if args.recipe is None:                                          # --target and --set win over them
-        _default_notice(recipe, bits, args)
-    excl = _exclusions(args.exclude)
-    recipe = recipe.with_overrides([e for e in excl if e[0] != "role"])
-    role_excl = [e[1] for e in excl if e[0] == "role"]
-    if role_excl:
-        recipe = _exclude_roles(recipe, role_excl)
-    flags = {"iters": args.iters, "max_cache_gb": getattr(args, "max_cache_gb", None),
-             "run_dir": getattr(args, "resume_dir", None)}
-    sets = parse_assignments(args.set_options)
-    both = sorted(k for k, v in flags.items() if v is not None and k in sets)
-    if both:
-        raise ConfigError(f"{', '.join(both)} given both as a flag and with --set: use one of them")
-    recipe = override_pass_options(set_pass_options(recipe, sets), **flags)
-    target = args.target or ("onnx" if getattr(args, "export", None) == "onnx" else "none")
-    if target != "none":
-        from .recipes import for_target
+    rec = result.record
+    out = save_quantized(result.model, args.out, result.source if result.source.kind != "export" else None,
+                         extra={"result": {k: v for k, v in rec.items() if k not in ("manifest", "recipe_config")}})
+    (Path(out) / "result.json").write_text(json.dumps(rec, indent=2) + "\n")
+    if rec.get("mixed_precision") is not None:
+        from .insight.mixed import recipe_yaml
 
-        recipe, changes = for_target(recipe, bits, target)
-        for line in changes:
-            print(f"target {target}: {line}")
-    return recipe
+        path = Path(args.recipe_out) if args.recipe_out else Path(out) / "recipe.yaml"
+        path.write_text(recipe_yaml(result.recipe))
+        print(f"mixed-precision recipe: {path} (vitq quantize --recipe {path} --bits {rec['bits']} runs it again)")
+    print(f"saved to {out}")
+    if args.export:
+        from . import distributed
+        from .run.inputs import eval_loader
+
+        full = result.eval_loader
+        if distributed.active():  # the export is verified on the whole test set
+            full = eval_loader(result.model, result.data, _pre(result), result.spec.eval_size, result.spec.batch_size,
+                               result.spec.workers)
+        rep = _export_and_verify(result.model, Path(out) / _subdir(args.export), args.export, args, full)
+        rec["export"] = {k: rep[k] for k in ("format", "file", "bytes", "lowering", "runtime_ops", "verify") if k in rep}
 
 
-def _default_notice(recipe: Any, bits: Any, args: argparse.Namespace) -> None:
-    """One line when the default recipe (not asked for by name) will reconstruct: what it costs, and the fast one."""
-    from .passes import get_pass
-    from .recipes import parse_assignments
+def _pre(result: Any) -> Any:
+    from .run.inputs import preprocessing
 
-    steps = [pc for pc in recipe.passes if "iters" in get_pass(pc.name).options]
-    if not steps:
-        return
-    given = args.iters if args.iters is not None else parse_assignments(args.set_options).get("iters")
-    iters = int(given) if given is not None else max(int(pc.opts.iters) for pc in steps)
-    print(f"recipe {recipe.name} (the default) at {bits}: {len(steps)} reconstruction stage(s) of {iters} iterations per "
-          f"block, for the last points of accuracy: minutes on a GPU (--device cuda), tens of minutes for a small model "
-          f"and hours for a ViT-B on a CPU; --recipe {FAST_RECIPE} takes seconds",
-          flush=True)
-
-
-def _calib_size(args: argparse.Namespace, recipe: Any) -> int:
-    calib_size = args.calib_size if args.calib_size is not None else recipe.calib_size
-    if calib_size <= 0:
-        from .errors import DataError
-
-        raise DataError(f"calibration size must be positive, got {calib_size}: pass --calib-size N with N >= 1")
-    return int(calib_size)
-
-
-def _calibration_sets(args: argparse.Namespace, spec: Any, pre: Any, calib_size: int, seeds: list[int],
-                      eval_data: Any = None) -> tuple[dict[int, Any], list[str]]:
-    """Each seed's calibration sample (from --calib-data or --data's train split; bad sizes fail here)
-    and the unreadable files skipped; --data's train split must have the evaluation split's classes."""
-    from .data import build_dataset, calibration_images, calibration_subset, check_classes, folder_classes
-
-    train: Any = calibration_images(args.calib_data, pre) if args.calib_data else build_dataset(spec, "train", pre)
-    if not args.calib_data and eval_data is not None:
-        check_classes(eval_data, None, train)
-    if getattr(args, "calib_size", None) is None and 0 < len(train) < calib_size:
-        # the recipe's own size (best: 1024) is a ceiling, not a demand: a user's few dozen images calibrate it
-        print(f"calibration images: the recipe takes up to {calib_size}, the source has {len(train)}: using all "
-              f"{len(train)} (--calib-size N to choose)")
-        calib_size = len(train)
-    calib_sets = {seed: calibration_subset(train, calib_size, seed) for seed in seeds}
-    skipped = sorted({f for c in calib_sets.values() for f in c.skipped})
-    folder = args.calib_data or (folder_classes(train) or (None,))[0]
-    if folder is not None:
-        print(f"calibration images: {calib_size} of the {len(train)} image files under {folder}"
-              + (f" ({len(skipped)} unreadable, skipped: {', '.join(Path(f).name for f in skipped[:3])}"
-                 f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""))
-    return calib_sets, skipped
-
-
-def _exclude_roles(recipe: Any, roles: list[str]) -> Any:
-    from dataclasses import replace
-
-    rules = dict(recipe.rules)
-    for r in roles:
-        rules[f"act:{r}"] = None
-        rules[f"weight:{r}"] = None
-    return replace(recipe, rules=tuple(rules.items()))
+    return preprocessing(result.float_model, result.data)
 
 
 def _write_json(path: Optional[str], obj: dict[str, Any]) -> None:

@@ -1,4 +1,8 @@
-"""Evaluation: top-1 / top-5 accuracy, test log-loss, paired comparisons, timings."""
+"""Evaluation: top-1 / top-5 accuracy, test log-loss, paired comparisons, timings.
+
+``vitq.evaluate(model, data)`` calls :func:`evaluate` (this module is callable): ``data`` is a DataLoader, a
+Dataset of ``(image, label)`` items, an ``(images, labels)`` pair of tensors, or any iterable of batches.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
 from .batches import batch_images, batch_labels, forward_logits
@@ -109,12 +113,35 @@ def gather(p: Predictions) -> Predictions:
     return Predictions(torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]), max(q[2] for q in parts), nll)
 
 
-def evaluate(model: nn.Module, loader: "DataLoader | Iterable[Any]", progress: bool = False, desc: str = "eval",
-             device: Optional[torch.device] = None, sharded: bool = False) -> dict[str, Any]:
+def batches_of(data: Any, batch_size: int = 64) -> "DataLoader | Iterable[Any]":
+    """Evaluation data as batches: a DataLoader or an iterable of batches as they are, a Dataset through a
+    DataLoader, an ``(images, labels)`` pair of tensors cut into batches."""
+    if isinstance(data, (str, bytes)):
+        raise DataError(f"evaluation data is the string {data!r}: pass a DataLoader, a Dataset or (images, labels) "
+                        "tensors; for a folder of images use vitq.data.build_dataset(DIR, 'eval', vitq.transforms(model))")
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+        if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"(images, labels) must be N,C,H,W and N, got {tuple(x.shape)} and {tuple(y.shape)}")
+        return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        return DataLoader(data, batch_size=batch_size)
+    if not hasattr(data, "__iter__"):
+        raise DataError(f"evaluation data must be a DataLoader, a Dataset, (images, labels) tensors or an iterable of "
+                        f"batches, got {type(data).__name__}")
+    return data  # type: ignore[no-any-return]
+
+
+def evaluate(model: nn.Module, loader: Any, progress: bool = False, desc: str = "eval",
+             device: Optional[torch.device] = None, sharded: bool = False, batch_size: int = 64) -> dict[str, Any]:
     """Top-1 / top-5 (percent) and mean test cross-entropy ``nll`` (nats; None without class-index
-    labels) of ``model`` over ``loader`` of ``(images, labels)``; ``predictions`` holds the per-image
-    :class:`Predictions` (for :func:`compare_paired`). ``sharded``: ``loader`` holds this rank's block
-    of the test set (:func:`vitq.distributed.shard`); the result is over every rank's, as one process's."""
+    labels) of ``model`` over ``loader`` (any form :func:`batches_of` takes; ``batch_size`` cuts a Dataset or a
+    tensor pair); ``predictions`` holds the per-image :class:`Predictions` (for :func:`compare_paired`).
+    ``sharded``: ``loader`` holds this rank's block of the test set (:func:`vitq.distributed.shard`); the
+    result is over every rank's, as one process's."""
+    if not callable(model):
+        raise DataError(f"evaluate takes a model first, got {type(model).__name__} (load it with vitq.load_model)")
+    loader = batches_of(loader, batch_size)
     p = predict(model, loader, k=5, progress=progress and distributed.is_main(), desc=desc, device=device)
     if sharded:
         p = gather(p)
@@ -358,3 +385,8 @@ def sqnr_db(ref: Tensor, out: Tensor) -> float:
     noise = (ref - out).pow(2).mean().item()
     sig = ref.pow(2).mean().item()
     return float("inf") if noise == 0 else 10 * math.log10(max(sig, 1e-30) / noise)
+
+
+from ._callable import make_callable  # noqa: E402
+
+make_callable(__name__, "evaluate")  # vitq.evaluate(model, data) is evaluate(model, data)

@@ -20,6 +20,7 @@ from .checkpoints import load_into, load_state_file, short_error
 from .data import Preprocess, PreprocessConfig, Transforms
 from .errors import DataError, ModelError
 from .reference import is_reference, list_reference_models, load_reference
+from .state import ensure_state
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,12 @@ def load_model(name: str, checkpoint: Optional[str] = None, trust_pickle: bool =
         if num_classes is not None:
             raise ModelError(f"{name} is a reference model with its own 10-class head: drop --num-classes (it sizes "
                              "the classifier of a timm model name)")
-        return load_reference(name), ModelSource("reference", name)
+        src = ModelSource("reference", name)
+        return _remember(load_reference(name), src), src
     lib = library_for(name)
     if lib is not None:
         model, source = lib.load(name, checkpoint=checkpoint, random_weights=random_weights, num_classes=num_classes)
-        return model.eval(), source
+        return _remember(model.eval(), source), source
     p = Path(name)
     if p.is_file() and num_classes is not None:
         raise ModelError(f"--num-classes sizes the classifier of a timm model name; {name} is a file with its own head: "
@@ -57,12 +59,32 @@ def load_model(name: str, checkpoint: Optional[str] = None, trust_pickle: bool =
                 f"{name} holds a {type(obj).__name__}, not an nn.Module: for a state dict use a timm model name "
                 "as MODEL and this file as --checkpoint"
             )
-        return obj.eval(), ModelSource("pickle", str(p))
+        src = ModelSource("pickle", str(p))
+        return _remember(obj.eval(), src), src
     usages = "; ".join(lib.usage for lib in LIBRARIES.values())
     raise ModelError(
         f"unknown model {name!r}: use a reference model ({', '.join(list_reference_models())}), {usages}, "
         "or a pickled model file with --trust-pickle"
     )
+
+
+def source_from_model(model: nn.Module) -> Optional[ModelSource]:
+    """A source that rebuilds ``model``, asked of each library (:meth:`ModelLibrary.source_of`), or None."""
+    for lib in LIBRARIES.values():
+        found = lib.source_of(model)
+        if found is not None:
+            return found
+    return None
+
+
+def _remember(model: nn.Module, source: ModelSource) -> nn.Module:
+    """Record where ``model`` came from in its quantization state, so that a save needs no source argument
+    (models vitq has no adapter for are refused later, where they are used)."""
+    try:
+        ensure_state(model).source = source
+    except ModelError:
+        pass
+    return model
 
 
 def rebuild(source: ModelSource, trust_pickle: bool = False, weights: bool = True) -> nn.Module:
@@ -97,4 +119,4 @@ def transforms(model: nn.Module, input_size: Optional[Sequence[int]] = None, cro
     return Transforms(cfg, image, Preprocess(cfg), name)
 
 
-__all__ = ["ModelSource", "data_config", "transforms", "load_into", "load_model", "load_state_file", "rebuild"]
+__all__ = ["ModelSource", "data_config", "source_from_model", "transforms", "load_into", "load_model", "load_state_file", "rebuild"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -13,9 +14,11 @@ from torch.utils.data import DataLoader, Dataset
 from .adapters import Adapter, get_adapter
 from .batches import batch_images
 from .bits import Bits
+from .defaults import DEFAULT_BITS, DEFAULT_RECIPE, FAST_RECIPE
 from .devices import DeviceLike, model_device
 from .devices import resolve as resolve_device
 from .errors import CalibrationError, ConfigError, DataError, ModelError
+from .nn import calibrate, fake_quants
 from .passes import get_pass
 from .passes.quantize import insert_quantizers, manifest
 from .recipes import PassConfig, Recipe, for_target, load_recipe
@@ -70,6 +73,16 @@ def _iter_batches(data: CalibData, batch_size: int) -> Iterator[Tensor]:
     for b in data:  # type: ignore[union-attr]
         x = batch_images(b)
         yield x.unsqueeze(0) if x.ndim == 3 else x  # an iterable of single images
+
+
+def calibration_tensor(data: CalibData) -> Tensor:
+    """A calibration set (tensor, Dataset, DataLoader or iterable of batches) as one N,C,H,W tensor."""
+    if isinstance(data, Tensor):
+        return data
+    xs = list(_iter_batches(data, 64))
+    if not xs:
+        raise ConfigError("a calibration set is empty: give each seed at least one calibration image")
+    return torch.cat(xs)
 
 
 def wrap(model: nn.Module) -> nn.Module:
@@ -135,8 +148,25 @@ def _first_batch(ctx: Context) -> Optional[Tensor]:
     return next(_iter_batches(data, ctx.batch_size), None)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Quantized by vitq: prepared with a recipe and at least one quantizer calibrated (a model only prepared,
+    its quantizers empty, is the structure a recipe or a checkpoint fills, and may be run again)."""
+    st = state_of(model)
+    return st is not None and st.recipe is not None and any(fq.ready for fq in fake_quants(model))
+
+
+def refuse_quantized(model: nn.Module, what: str = "the model") -> None:
+    """A model vitq already quantized is not quantized again (its quantizers would be replaced, and the float
+    model it is judged against would be the quantized one): one line naming the fix."""
+    st = state_of(model)
+    if st is not None and st.recipe is not None and is_quantized(model):
+        raise ModelError(f"{what} is already quantized (recipe {st.recipe.name}, {st.bits}): quantize the float model "
+                         "(load it again, or copy.deepcopy it before quantizing)")
+
+
 def run_recipe(model: nn.Module, recipe: "Recipe | str", ctx: Context) -> nn.Module:
-    """Quantize ``model`` in place with ``recipe``: prepare, then every pass in order."""
+    """Quantize the float ``model`` in place with ``recipe``: prepare, then every pass in order."""
+    refuse_quantized(model)
     recipe = load_recipe(recipe).at(ctx.bits)
     model.eval()
     ctx.adapter = ctx.adapter or get_adapter(model)
@@ -151,10 +181,14 @@ def run_recipe(model: nn.Module, recipe: "Recipe | str", ctx: Context) -> nn.Mod
     return run_passes(model, recipe.passes, ctx)
 
 
-def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | str" = "W8A8",
+def quantize(model: nn.Module, recipe: "Recipe | str" = DEFAULT_RECIPE, bits: "Bits | str" = DEFAULT_BITS,
              calib_data: Optional[CalibData] = None, seed: int = 0, batch_size: int = 32,
              progress: bool = False, target: Optional[str] = None, device: DeviceLike = None) -> nn.Module:
     """One-call API: ``qmodel = vitq.quantize(model, "minmax", "W4A4", calib_images)`` (in place).
+
+    The default recipe is the CLI's (``best``: calibration only at 6-8-bit activations, seconds; below that it
+    reconstructs, minutes to hours on a CPU - a log line says so). A model vitq already quantized is refused
+    (one line): quantize the float model.
 
     ``calib_data``: a tensor N,C,H,W, a Dataset, a DataLoader or any iterable of image tensors,
     ``(images, labels)`` pairs or ``{"pixel_values": ...}`` dicts. ``target="onnx"``: quantize for an
@@ -177,7 +211,12 @@ def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | 
         raise DataError(f"calib_data is the string {calib_data!r}: pass image tensors (N,C,H,W), a DataLoader or "
                         "(images, labels) pairs; for a folder of images use vitq.data.calibration_images(DIR, "
                         "vitq.models.transforms(model))")
+    refuse_quantized(model)
+    default = recipe == DEFAULT_RECIPE
     recipe = load_recipe(recipe).at(bits)
+    if default and any("iters" in get_pass(pc.name).options for pc in recipe.passes):
+        log.warning("recipe %s (the default) at %s reconstructs: minutes on a GPU, tens of minutes to hours on a CPU; "
+                    "recipe=%r takes seconds", recipe.name, Bits.parse(bits), FAST_RECIPE)
     if target is not None:
         recipe, changes = for_target(recipe, bits, target)
         for line in changes:
@@ -191,4 +230,35 @@ def quantize(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | 
     return run_recipe(model, recipe, ctx)
 
 
-__all__ = ["Context", "QuantState", "manifest", "prepare", "quantize", "run_passes", "run_recipe", "state_of", "wrap"]
+@contextmanager
+def calibrating(model: nn.Module, recipe: "Recipe | str" = "minmax", bits: "Bits | str" = DEFAULT_BITS,
+                seed: int = 0) -> Iterator[nn.Module]:
+    """Quantize the float ``model`` in place from batches your own loop runs through it (as optimum-quanto's
+    ``Calibration()``)::
+
+        with vitq.calibrating(model, "percentile", "W8A8") as qmodel:
+            for batch in my_loader:
+                qmodel(batch)
+        # qmodel is quantized here, as vitq.quantize(model, "percentile", "W8A8", calib_data=my_loader) makes it
+
+    Inside the block the quantizers observe what flows and the outputs stay float; on exit every site gets its
+    parameters. For recipes that only calibrate ranges (``minmax``, ``percentile``, ``omse``, ``fq``, ...);
+    recipes with search or reconstruction passes need the images up front: :func:`quantize`."""
+    refuse_quantized(model)
+    r = load_recipe(recipe).at(bits)
+    other = [pc.name for pc in r.passes if pc.name != "calibrate"]
+    if other or len(r.passes) != 1:
+        raise ConfigError(f"recipe {r.name} runs {', '.join(other) or 'no calibration'} beside the range calibration, "
+                          "which needs the calibration images up front: use vitq.quantize(model, recipe, bits, "
+                          "calib_data=...), or a calibration-only recipe (minmax, percentile, omse)")
+    opts = r.passes[0].opts
+    if opts.to_dict().get("upstream") != "float" or opts.to_dict().get("weights_only"):
+        raise ConfigError(f"recipe {r.name} calibrates in one forward of all images (upstream: quantized): use "
+                          "vitq.quantize(model, recipe, bits, calib_data=...)")
+    model.eval()
+    prepare(model, r, bits)
+    with torch.no_grad(), calibrate(model, max_elements=int(opts.to_dict()["max_elements"]), seed=seed):
+        yield model
+
+
+__all__ = ["Context", "calibrating", "calibration_tensor", "is_quantized", "refuse_quantized", "QuantState", "manifest", "prepare", "quantize", "run_passes", "run_recipe", "state_of", "wrap"]

@@ -14,9 +14,6 @@ W4A4, W6A6, W8A8) and ``fqvit-lineage`` (fully quantized: FQ-ViT, AOCQ, TSPTQ-Vi
 
 from __future__ import annotations
 
-import copy
-import statistics
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -133,62 +130,60 @@ def reproduce(protocol: Protocol, imagenet: "str | Path", weights: "str | Path",
               eval_size: Optional[int] = None, calib_size: Optional[int] = None, calib_data: Optional[str] = None,
               seeds: Sequence[int] = (0,), iters: Optional[int] = None, batch_size: int = 64, device: Any = None,
               workers: int = 0, progress: bool = False, log: Any = print) -> list[dict[str, Any]]:
-    """Run the protocol (or the chosen part of it); one row per model x bits x recipe (mean over seeds)."""
-    from .data import build_dataset, calibration_images, calibration_subset, eval_subset, make_loader
+    """Run the protocol (or the chosen part of it); one row per model x bits x recipe over the seeds: a run
+    record (:mod:`vitq.run.record`) with the paper's numbers beside it."""
+    from .data import DataSpec, make_loader
     from .devices import resolve
     from .evaluate import evaluate
-    from .models import load_model, transforms
-    from .pipeline import Context, run_recipe
-    from .recipes import load_recipe, override_pass_options
+    from .models import load_model
+    from .recipes import edit_recipe
+    from .run import inputs
+    from .run.execute import calibration_samples, trial
+    from .run.record import make_record
 
     dev = resolve(device)
     chosen_models = _pick(protocol.models, models, lambda m: (m.label, m.timm), "models")
     chosen_recipes = _pick(protocol.recipes, recipes, lambda r: (r[0],), "recipes")
     chosen_bits = _pick(protocol.bits, [str(Bits.parse(b)) for b in bits] if bits else None, lambda b: (b,), "bits")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seed {' '.join(map(str, seeds))}: a seed is given twice: give each seed once")
     files = {m.label: find_weights(weights, m.timm) for m in chosen_models}  # every file checked before any work
     root = Path(imagenet)
     if not root.is_dir():
         raise DataError(f"ImageNet folder {root} does not exist: pass --imagenet DIR with train/ and val/ (or val/ "
                         "and --calib-data)")
+    edited = {(r, b): edit_recipe(r, b, sets={"iters": iters} if iters else None)[0]
+              for r, _ in chosen_recipes for b in chosen_bits}  # bad edits fail before any model is loaded
     rows: list[dict[str, Any]] = []
     for pm in chosen_models:
         model, _ = load_model(pm.timm, checkpoint=str(files[pm.label]))
         model = model.to(dev)
-        pre = transforms(model)
-        val = eval_subset(build_dataset(str(root), "eval", pre), eval_size)
-        loader = make_loader(distributed.shard(val, batch_size), batch_size=batch_size, num_workers=workers)
+        choice = inputs.DataChoice(DataSpec.parse(str(root)))
+        pre = inputs.preprocessing(model, choice)
+        loader = inputs.eval_loader(model, choice, pre, eval_size, batch_size, workers, shard=True)
         fp = evaluate(model, loader, progress=progress, desc=f"{pm.label} fp", sharded=distributed.active())
-        train = calibration_images(calib_data, pre) if calib_data else build_dataset(str(root), "train", pre)
+        source = inputs.calibration_source(choice, pre, calib_data)
         log(f"{pm.label} ({pm.timm}, {files[pm.label].name}): FP top-1 {fp['top1']:.2f}"
             + ("" if pm.fp is None else f" (published {pm.fp:.2f})") + f" on {fp['n']} images")
         for b in chosen_bits:
             for recipe_name, method in chosen_recipes:
-                recipe = load_recipe(recipe_name).at(b)
-                recipe = override_pass_options(recipe, iters=iters) if iters else recipe
-                n_cal = calib_size or recipe.calib_size
-                top1s, secs = [], []
-                for seed in seeds:
-                    calib = make_loader(calibration_subset(train, n_cal, seed), batch_size=min(batch_size, n_cal),
-                                        num_workers=workers)
-                    qm = copy.deepcopy(model)
-                    t0 = time.perf_counter()
-                    run_recipe(qm, recipe, Context(calib=calib, bits=Bits.parse(b), seed=seed, batch_size=batch_size,
-                                                   progress=progress, device=dev))
-                    secs.append(time.perf_counter() - t0)
-                    res = evaluate(qm, loader, progress=progress, desc=f"{pm.label} {recipe_name} {b}",
-                                   sharded=distributed.active())
-                    top1s.append(res["top1"])
-                ours = statistics.fmean(top1s)
+                recipe = edited[(recipe_name, b)]
+                sets, n_cal, _ = calibration_samples(source, calib_size or recipe.calib_size, seeds, lambda _: None,
+                                                     ceiling=False)
+                trials = [trial(model, recipe, b, make_loader(sets[seed], batch_size=min(batch_size, n_cal),
+                                                              num_workers=workers), seed, loader,
+                                batch_size=batch_size, device=dev, progress=progress, sharded=distributed.active(),
+                                desc=f"{pm.label} {recipe_name} {b}", keep_model=False) for seed in seeds]
+                row = make_record(trials, fp, recipe.name, b, model=pm.timm)
                 paper = protocol.paper(method, b, pm.label)
-                row = {"protocol": protocol.name, "model": pm.label, "timm": pm.timm, "bits": b, "recipe": recipe_name,
-                       "method": method, "top1": round(ours, 2),
-                       "top1_std": round(statistics.stdev(top1s), 3) if len(top1s) > 1 else None, "seeds": list(seeds),
-                       "paper_top1": paper, "diff": None if paper is None else round(ours - paper, 2),
-                       "fp_top1": round(fp["top1"], 2), "paper_fp_top1": pm.fp, "calib_size": n_cal,
-                       "eval_size": fp["n"], "calib_seconds": round(statistics.fmean(secs), 1),
-                       "context": {m: protocol.paper(m, b, pm.label) for m in protocol.others()
-                                   if protocol.paper(m, b, pm.label) is not None}}
+                row.update({"protocol": protocol.name, "label": pm.label, "timm": pm.timm, "recipe": recipe_name,
+                            "method": method, "paper_top1": paper,
+                            "paper_diff": None if paper is None else round(row["q_top1"] - paper, 2),
+                            "paper_fp_top1": pm.fp,
+                            "context": {m: protocol.paper(m, b, pm.label) for m in protocol.others()
+                                        if protocol.paper(m, b, pm.label) is not None}})
                 rows.append(row)
+                ours = row["q_top1"]
                 log(f"  {b} {recipe_name:<10} {ours:6.2f}" + ("" if paper is None else f"   {method} {paper:.2f} "
                                                                f"({ours - paper:+.2f})"))
     return rows
@@ -199,23 +194,23 @@ def render(rows: Sequence[dict[str, Any]], protocol: Protocol) -> str:
     lines = [f"# vitq reproduce {protocol.name}", "", protocol.description, "", f"Reported numbers: {protocol.source}", ""]
     for b in dict.fromkeys(r["bits"] for r in rows):
         mine = [r for r in rows if r["bits"] == b]
-        models = list(dict.fromkeys(r["model"] for r in mine))
+        models = list(dict.fromkeys(r["label"] for r in mine))
         lines += [f"## {b}", "", "| recipe (vs paper row) | " + " | ".join(models) + " |",
                   "|---|" + "---:|" * len(models)]
-        fp = {r["model"]: r for r in mine}
+        fp = {r["label"]: r for r in mine}
         lines.append("| FP (ours / published) | " + " | ".join(
             f"{fp[m]['fp_top1']:.2f} / {fp[m]['paper_fp_top1'] if fp[m]['paper_fp_top1'] is not None else '-'}"
             for m in models) + " |")
         for recipe in dict.fromkeys(r["recipe"] for r in mine):
             cells = []
             for m in models:
-                r = next((x for x in mine if x["recipe"] == recipe and x["model"] == m), None)
+                r = next((x for x in mine if x["recipe"] == recipe and x["label"] == m), None)
                 if r is None:
                     cells.append("")
                 elif r["paper_top1"] is None:
-                    cells.append(f"{r['top1']:.2f} / -")
+                    cells.append(f"{r['q_top1']:.2f} / -")
                 else:
-                    cells.append(f"{r['top1']:.2f} / {r['paper_top1']:.2f} ({r['diff']:+.2f})")
+                    cells.append(f"{r['q_top1']:.2f} / {r['paper_top1']:.2f} ({r['paper_diff']:+.2f})")
             method = next(x["method"] for x in mine if x["recipe"] == recipe)
             lines.append(f"| {recipe} ({method}) | " + " | ".join(cells) + " |")
         for other in protocol.others():

@@ -36,7 +36,9 @@ class QuantState:
     (set by the CLI and by loading an export; the packed export rebuilds the architecture from it);
     ``recipe`` / ``bits``: what ``prepare`` inserted; ``reparam``: one record per reparameterization pass; ``balance`` (AOCQ Add_alpha /
     LN_alpha), ``act_scales`` (AOCQ stage 1), ``oas`` (the slicing search): the last such pass's
-    report; ``reconstruction``: one report per reconstruction run, in order."""
+    report; ``reconstruction``: one report per reconstruction run, in order; ``run``: the run that made
+    it (the data and preprocessing it was calibrated and evaluated on, the calibration sample, the seed:
+    ``vitq.run.inputs.record_of``), saved with it, so that commands on a run folder use its data."""
 
     adapter: str
     source: Optional[ModelSource] = None
@@ -47,6 +49,7 @@ class QuantState:
     act_scales: Optional[dict[str, Any]] = None
     oas: Optional[dict[str, Any]] = None
     reconstruction: list[dict[str, Any]] = field(default_factory=list)
+    run: Optional[dict[str, Any]] = None
 
 
 def state_of(model: nn.Module) -> Optional[QuantState]:

@@ -80,6 +80,11 @@ class ModelLibrary:
         """The float architecture ``source`` describes, in eval mode (its weights come from an export)."""
         raise NotImplementedError
 
+    def source_of(self, model: nn.Module) -> Optional[ModelSource]:
+        """A source that rebuilds ``model``'s architecture, for a model this library made but vitq did not
+        load (``vitq.save_quantized`` without a source), or None when the library cannot tell."""
+        return None
+
 
 LIBRARIES: dict[str, ModelLibrary] = {}
 

@@ -15,13 +15,17 @@ from typing import Any, Optional
 
 from torch import nn
 
+from .._callable import make_callable
 from ..bits import Bits
 from ..checkpoints import load_into, load_state_file
 from ..errors import ModelError
-from ..models import ModelSource, rebuild
+from ..evaluate import batches_of
+from ..models import ModelSource, rebuild, source_from_model
 from ..pipeline import prepare
 from ..recipes import Recipe
 from ..state import ensure_state, state_of
+from .deploy import DEFAULT_MAX_TOP1_DIFF, verify
+from .deploy import export as deploy_export
 from .integrity import check, read_meta, seal
 from .packed import PACKED_FORMAT, load_packed
 
@@ -38,13 +42,39 @@ def _in_export(source: ModelSource, folder: Path) -> ModelSource:
     return source
 
 
-def save_quantized(model: nn.Module, out_dir: "str | Path", source: ModelSource,
+def source_of(model: nn.Module, source: Optional[ModelSource] = None) -> ModelSource:
+    """Where ``model``'s float architecture comes from, for an export to rebuild it: ``source`` when given,
+    else what :func:`vitq.load_model` recorded, else what the model's library can tell from the model itself
+    (a Hugging Face model carries its config; a timm model its architecture name, checked by rebuilding it).
+    A model nothing can rebuild is a one-line ModelError naming the fix."""
+    if source is not None:
+        if not isinstance(source, ModelSource):
+            raise ModelError(f"source must be the ModelSource vitq.load_model returned, got {type(source).__name__}")
+        return source
+    st = state_of(model)
+    if st is not None and st.source is not None:
+        return st.source
+    found = source_from_model(model)
+    if found is None:
+        raise ModelError(f"vitq cannot tell how to rebuild this {type(model).__name__} when the export is loaded: load "
+                         "the float model with vitq.load_model (which records its source), or pass "
+                         "source=vitq.models.ModelSource(...)")
+    return found
+
+
+def save_quantized(model: nn.Module, out_dir: "str | Path", source: Optional[ModelSource] = None,
                    extra: Optional[dict[str, Any]] = None) -> Path:
+    """Save a quantized model: ``model.safetensors`` + ``vitq.json`` (source, recipe, bits, the run record).
+    ``source`` (where the float architecture comes from) defaults to what :func:`source_of` finds."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"save_quantized takes the quantized nn.Module, got {type(model).__name__}")
     st = state_of(model)
     recipe: Any = None if st is None else st.recipe  # a Recipe (RecipeLike in the state, which sits below recipes)
     bits: Optional[Bits] = None if st is None else st.bits
     if recipe is None or bits is None:
-        raise ModelError("only a model quantized by vitq (run_recipe / quantize) can be saved with save_quantized")
+        raise ModelError("only a model quantized by vitq (vitq.quantize / run_recipe) can be saved with save_quantized: "
+                         "quantize it first")
+    source = source_of(model, source)
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -62,7 +92,8 @@ def save_quantized(model: nn.Module, out_dir: "str | Path", source: ModelSource,
         source = replace(source, name=PICKLE_FILE, checkpoint=PICKLE_IN_EXPORT)
         files.append(PICKLE_FILE)
     meta = {"format": EXPORT_FORMAT, "source": source.to_dict(), "recipe": recipe.to_dict(), "bits": str(bits),
-            "pretrained_cfg": _jsonable(getattr(model, "pretrained_cfg", {}) or {}), **(extra or {})}
+            "pretrained_cfg": _jsonable(getattr(model, "pretrained_cfg", {}) or {}),
+            **({"run": st.run} if st is not None and st.run else {}), **(extra or {})}
     (out / "vitq.json").write_text(json.dumps(seal(meta, out, files), indent=2) + "\n")
     return out
 
@@ -83,10 +114,42 @@ def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
     recipe = Recipe.from_dict(meta["recipe"], str(meta_file))
     prepare(model, recipe, meta["bits"])
     load_into(model, load_state_file(weights), f"export {weights}")
-    ensure_state(model).source = _in_export(source, p)
+    st = ensure_state(model)
+    st.source = _in_export(source, p)
+    st.run = run_record(meta)
     if meta.get("pretrained_cfg"):
         model.pretrained_cfg = meta["pretrained_cfg"]
     return model.eval()
+
+
+def export(model: nn.Module, path: "str | Path", format: str = "onnx", *, weight_dtype: Optional[str] = None,
+           emulate: str = "exact", verify_data: Any = None, max_top1_diff: float = DEFAULT_MAX_TOP1_DIFF,
+           progress: bool = False) -> dict[str, Any]:
+    """``vitq.export(qmodel, "out/", format="onnx")``: write a quantized model for a runtime, as ``vitq export``
+    does, and return its report (also in ``out/export.json``). ``format``: ``onnx`` (a QDQ graph for onnxruntime,
+    ``model.onnx``) or ``vitq`` (packed integer weight codes). ``weight_dtype`` (onnx): ``uint8`` (default; exact
+    on every CPU) or ``int8`` (VNNI / ARM). ``verify_data``: evaluation batches (any form ``vitq.evaluate`` takes):
+    the file is run in its runtime beside the simulated model and refused when their top-1 differ by more than
+    ``max_top1_diff`` points; the check's figures are the report's ``verify``."""
+    rep = deploy_export(model, path, format, emulate=emulate, weight_dtype=weight_dtype)
+    if verify_data is not None:
+        rep["verify"] = verify(model, path, batches_of(verify_data), format, max_top1_diff=max_top1_diff,
+                               progress=progress)
+    return rep
+
+
+def run_record(meta: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The run record of an export's ``vitq.json``: its ``run`` entry, or for folders saved before runs were
+    recorded (2026-12-06) the data and resolved preprocessing of its ``result``."""
+    run = meta.get("run")
+    if isinstance(run, dict):
+        return run
+    res = meta.get("result")
+    if isinstance(res, dict) and res.get("data"):
+        pre = res.get("preprocessing") or {}
+        return {"data": res["data"], "input_size": pre.get("input_size"), "crop_pct": pre.get("crop_pct"),
+                "interpolation": pre.get("interpolation"), "calib_data": res.get("calib_data")}
+    return None
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -99,4 +162,6 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["save_quantized", "load_quantized", "EXPORT_FORMAT"]
+__all__ = ["EXPORT_FORMAT", "export", "load_quantized", "run_record", "save_quantized", "source_of"]
+
+make_callable(__name__, "export")  # vitq.export(qmodel, path, format=...) is export(...)

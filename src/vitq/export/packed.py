@@ -124,7 +124,7 @@ def save_packed(model: nn.Module, out_dir: "str | Path", source: Any) -> dict[st
             "uninitialized_keys": not_ready, "source": source.to_dict(), "recipe": st.recipe.to_dict(), "bits": str(st.bits),
             "pretrained_cfg": {k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
                                if isinstance(v, (str, int, float, bool, list, tuple)) or v is None},
-            "quantization_map": qmap}
+            "quantization_map": qmap, **({"run": st.run} if st.run else {})}
     (out / "vitq.json").write_text(json.dumps(seal(meta, out, ["model.safetensors"]), indent=2) + "\n")
     # the float model's size: its own tensors in float32 (the quantizers' buffers are not part of it)
     float_bytes = sum(t.numel() * 4 for k, t in model.state_dict().items()
@@ -160,7 +160,9 @@ def load_packed(path: "str | Path", meta: dict[str, Any], trust_pickle: bool = F
         params = {k: sd[prefix + "weight_quant." + k] for k in get_quantizer(spec.quantizer).param_names}
         sd[key] = dequantize(codes.to(torch.int32), params, spec).to(getattr(torch, q.get("dtype", "float32")))
     load_into(model, sd, f"packed export {p}")
-    ensure_state(model).source = ModelSource.from_dict(meta["source"])
+    st = ensure_state(model)
+    st.source = ModelSource.from_dict(meta["source"])
+    st.run = meta.get("run") if isinstance(meta.get("run"), dict) else None
     if meta.get("pretrained_cfg"):
         model.pretrained_cfg = meta["pretrained_cfg"]
     return model.eval()

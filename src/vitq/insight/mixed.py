@@ -36,7 +36,7 @@ import yaml
 from torch import Tensor, nn
 
 from ..batches import batch_images, forward_logits
-from ..bits import MAX_BITS, MIN_BITS, Bits
+from ..bits import MIN_BITS, Bits, check_width
 from ..devices import model_device
 from ..errors import ConfigError
 from ..nn import FakeQuant, disabled, fake_quants
@@ -49,16 +49,6 @@ CHOICES: tuple[Optional[int], ...] = (3, 4, 6, 8, None)  # None: the weight stay
 FLOAT_BITS = 32
 RESOLUTION = 20_000
 MAX_UNITS = 200_000  # budget units the exact knapsack may use (one numpy row each)
-
-
-def parse_auto_bits(text: str) -> Optional[int]:
-    """``auto`` -> 8 (activation bits), ``autoA4`` / ``WautoA4`` -> 4; None when ``text`` is not an auto form."""
-    m = re.fullmatch(r"(?:[Ww])?auto(?:[Aa](\d+))?", text.strip())
-    if not m:
-        return None
-    a = int(m.group(1) or 8)
-    Bits(8, a)  # range check, one line
-    return a
 
 
 def _trains(pc: PassConfig) -> bool:
@@ -232,9 +222,7 @@ def mixed_recipe(recipe: "str | Recipe", model: nn.Module, assignment: dict[str,
         rule = recipe.rule_for("weight", roles[module], module)
         if rule is None:
             continue
-        b = None if key == "float" else int(key)
-        if b is not None and not MIN_BITS <= b <= MAX_BITS:
-            raise ConfigError(f"mixed precision: {b} bits for {module} is out of range {MIN_BITS}..{MAX_BITS}")
+        b = None if key == "float" else check_width(int(key), f"mixed precision: bits for {module}")
         extra.append(("weight", f"^{re.escape(module)}$", None if b is None else replace(rule, bits=b)))
     budget = (f"{assignment['budget_bits']} average weight bits" if assignment.get("budget_bits") is not None
               else f"{assignment['budget_mb']} MB of weight codes")

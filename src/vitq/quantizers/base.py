@@ -21,6 +21,7 @@ from typing import Any, Mapping, Protocol
 import torch
 from torch import Tensor
 
+from ..bits import check_width
 from ..errors import ConfigError
 from ..granularity import Granularity, PerTensor, PerToken, parse_granularity
 
@@ -48,8 +49,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise ConfigError(f"unknown quantizer {self.quantizer!r}: use one of {', '.join(sorted(QUANTIZERS))}")
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
-            raise ConfigError(f"bit-width {self.bits!r} is out of range: use an integer from 2 to 16")
+        check_width(self.bits)
         if self.observer not in OBSERVERS:
             raise ConfigError(f"unknown observer {self.observer!r}: use one of {', '.join(OBSERVERS)}")
         if not 0.5 < self.percentile <= 1.0:

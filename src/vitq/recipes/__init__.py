@@ -35,7 +35,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from ..bits import Bits
+from ..bits import MAX_BITS, MIN_BITS, Bits, check_width
+from ..defaults import DEFAULT_RECIPE, FAST_RECIPE
 from ..errors import ConfigError
 from ..granularity import parse_granularity
 from ..nn import SOFTMAX_IMPLS
@@ -73,6 +74,11 @@ class SiteRule:
         rule = cls(**d)
         if isinstance(rule.bits, bool) or not (rule.bits in ("W", "A") or isinstance(rule.bits, int)):
             raise ConfigError(f"{where}: bits must be 'W', 'A' or an integer, got {rule.bits!r}")
+        if rule.bits not in ("W", "A"):
+            try:
+                check_width(rule.bits)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
         try:
             rule.resolve(Bits(8, 8))  # validates quantizer / granularity / observer now
         except ConfigError as e:
@@ -278,15 +284,19 @@ def _parse_rules(rules_in: Mapping[str, Any], source: str) -> list[tuple[str, Op
     return rules
 
 
-_CONDITION = re.compile(r"^A(<=|>=|==)([2-8])$")
+_CONDITION = re.compile(r"^A(<=|>=|==)(\d+)$")
 
 
 def _condition(cond: Any, source: str) -> tuple[str, int]:
     m = _CONDITION.match(str(cond).replace(" ", ""))
     if not m:
         raise ConfigError(f"{source}: when condition {cond!r} is not understood: use A<=n, A>=n or A==n "
-                          "(the run's activation bits, n in 2..8)")
-    return m.group(1), int(m.group(2))
+                          f"(the run's activation bits, n in {MIN_BITS}..{MAX_BITS})")
+    try:
+        n = check_width(int(m.group(2)), f"when condition {cond!r}:")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return m.group(1), n
 
 
 def _holds(cond: str, bits: Bits) -> bool:
@@ -449,6 +459,18 @@ def set_pass_options(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
     return replace(recipe, passes=edit(recipe.passes), when=when)
 
 
+def split_pass_options(recipes: Sequence[Recipe], values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Pass options given once for several recipes (``vitq compare --recipes ... --set``): each recipe takes the
+    options one of its passes has; an option none of them has is a one-line error, as for one recipe."""
+    mine = [{k: v for k, v in values.items() if any(k in get_pass(pc.name).options for pc in r.all_passes())}
+            for r in recipes]
+    homeless = sorted(set(values) - {k for m in mine for k in m})
+    if homeless:
+        raise ConfigError(f"no recipe of {', '.join(r.name for r in recipes)} has a pass with option(s) "
+                          f"{', '.join(homeless)}: `vitq list` shows each pass's options")
+    return mine
+
+
 def override_pass_options(recipe: Recipe, **opts: Any) -> Recipe:
     """:func:`set_pass_options` for optional settings: ``None`` means "not given" and is skipped (the
     CLI's ``--iters`` / ``--max-cache-gb`` / ``--resume-dir``, the benches' variants)."""
@@ -490,5 +512,49 @@ def for_target(recipe: Recipe, bits: "Bits | str", target: str) -> tuple[Recipe,
     return replace(recipe, name=f"{recipe.name}@{target}", rules=tuple(rules.items())), [note]
 
 
-__all__ = ["FORMAT_VERSION", "RECIPE_DIR", "TARGETS", "PassConfig", "Recipe", "SiteRule", "When", "for_target", "list_recipes",
-           "load_recipe", "override_pass_options", "parse_assignments", "set_pass_options"]
+# -- a run's edits, in the one order every entry point applies them ----------------------------------------
+def exclusions(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--exclude`` values split into role names (upper-cased) and module-name regexes; an upper-case word
+    that is no role is a typo, not a regex (one line naming the roles)."""
+    roles = {r.value for r in Role}
+    by_role, by_name = [], []
+    for p in patterns:
+        if p.upper() in roles:
+            by_role.append(p.upper())
+        elif re.fullmatch(r"[A-Z][A-Z0-9_]*", p):
+            raise ConfigError(f"--exclude {p}: no such role; roles are {', '.join(sorted(roles))} (or give a "
+                              "module-name regex, e.g. 'blocks\\.0\\.')")
+        else:
+            by_name.append(p)
+    return by_role, by_name
+
+
+def exclude_roles(recipe: Recipe, roles: Sequence[str]) -> Recipe:
+    """``recipe`` with every site of these roles (weights and activations) left in float."""
+    rules = dict(recipe.rules)
+    for r in roles:
+        rules[f"act:{r}"] = None
+        rules[f"weight:{r}"] = None
+    return replace(recipe, rules=tuple(rules.items()))
+
+
+def edit_recipe(recipe: "Recipe | str", bits: "Bits | str", exclude: Sequence[str] = (),
+                sets: Optional[Mapping[str, Any]] = None, target: Optional[str] = None) -> tuple[Recipe, list[str]]:
+    """The recipe a run executes, and one line per change ``target`` made: the width's ``when`` blocks
+    folded in first (so the edits win over them), then ``exclude`` (roles or module-name regexes left in
+    float), then ``sets`` (pass options, :func:`set_pass_options`), then ``target`` (:func:`for_target`).
+    The CLI, ``RunSpec``, compare and reproduce all edit through here."""
+    r = load_recipe(recipe).at(bits)
+    by_role, by_name = exclusions(exclude)
+    r = r.with_overrides([("*", p, None) for p in by_name])
+    if by_role:
+        r = exclude_roles(r, by_role)
+    r = set_pass_options(r, dict(sets or {}))
+    if target in (None, "none"):
+        return r, []
+    return for_target(r, bits, str(target))
+
+
+__all__ = ["DEFAULT_RECIPE", "FAST_RECIPE", "FORMAT_VERSION", "RECIPE_DIR", "TARGETS", "edit_recipe", "exclude_roles",
+           "exclusions", "PassConfig", "Recipe", "SiteRule", "When", "for_target", "list_recipes",
+           "load_recipe", "override_pass_options", "parse_assignments", "set_pass_options", "split_pass_options"]

@@ -116,6 +116,14 @@ class HFLibrary(ModelLibrary):
         config = cls.config_class.from_dict(dict(bc["config"]))
         return finish(cls(config), bc.get("preprocessor"))
 
+    def source_of(self, model: nn.Module) -> Optional[ModelSource]:
+        """A transformers model carries its config: the build config rebuilds it (its image-processor settings
+        too when vitq loaded it; the processor defaults otherwise)."""
+        if not any(c.__name__ in SUPPORTED for c in type(model).__mro__) or not hasattr(model, "config"):
+            return None
+        return ModelSource("hf", f"<{type(model).__name__} in memory>",
+                           build_config=build_config(model, getattr(model, "vitq_preprocessor", None)))
+
 
 register_library(HFLibrary())
 

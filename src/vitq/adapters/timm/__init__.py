@@ -80,6 +80,25 @@ class TimmLibrary(ModelLibrary):
         except Exception as e:  # timm raises many types for bad arguments
             raise ModelError(f"timm cannot build {source.name} ({short_error(e)})") from None
 
+    def source_of(self, model: nn.Module) -> Optional[ModelSource]:
+        """A timm model made by ``timm.create_model(NAME, ...)`` names its architecture in ``pretrained_cfg``; the
+        source is kept only if ``create_model(NAME, num_classes=...)`` rebuilds every tensor in its shape (other
+        constructor arguments, such as ``img_size``, are not recorded by timm)."""
+        import timm
+
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if not isinstance(arch, str) or not timm.is_model(arch):
+            return None
+        source = ModelSource("timm", arch, None, timm_num_outputs(model) if hasattr(model, "num_classes") else None)
+        try:
+            rebuilt = self.build(source).state_dict()
+        except ModelError:
+            return None
+        mine = model.state_dict()
+        if any(k not in mine or mine[k].shape != v.shape for k, v in rebuilt.items()):
+            return None
+        return source
+
 
 register_library(TimmLibrary())
 

@@ -3,21 +3,16 @@ bit-width and seed on one model, in one table.
 
 The float model is evaluated once; each seed's calibration images are decoded once and shared by
 every recipe and bit-width; the evaluation images are decoded once where they fit in memory. Each
-row holds the mean +- std of the quantized top-1 over the seeds, the test of the row against the
-first recipe at the same bits (pooled over the seeds, which share the test images:
-:func:`vitq.evaluate.compare_pooled`), calibration seconds, peak RSS and a digest of the manifest
-(what was quantized, and how), so that two tables can be checked to describe the same models.
+row is a run record (:mod:`vitq.run.record`: mean +- std of the quantized top-1 over the seeds, the
+pooled test against FP, seconds, peak RSS, the manifest digest - equal digests: the same sites
+quantized the same way) plus ``vs_first``, the pooled test of the row against the first recipe at the
+same bits (the seeds share the test images: :func:`vitq.evaluate.compare_pooled`).
 """
 
 from __future__ import annotations
 
-import copy
 import csv
-import hashlib
 import io
-import json
-import statistics
-import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -27,10 +22,11 @@ from ..batches import batch_images, batch_labels
 from ..bits import Bits
 from ..devices import model_device
 from ..errors import ConfigError
-from ..evaluate import Predictions, compare_pooled, evaluate, peak_rss_mb, reset_peak_rss
-from ..passes.quantize import manifest
-from ..pipeline import CalibData, Context, _iter_batches, run_recipe
-from ..recipes import Recipe, for_target, load_recipe
+from ..evaluate import Predictions, compare_pooled, evaluate
+from ..pipeline import CalibData, calibration_tensor
+from ..recipes import Recipe, edit_recipe, load_recipe
+from .execute import trial
+from .record import make_record
 
 CACHE_BYTES = 1 << 30  # evaluation images kept decoded in memory up to this size
 CalibSource = Callable[[int, int], CalibData]  # (number of images, seed) -> calibration data
@@ -50,30 +46,15 @@ def cache_batches(loader: Iterable[Any], max_bytes: int = CACHE_BYTES) -> Any:
     return out
 
 
-def calibration_tensor(data: CalibData) -> Tensor:
-    """A calibration set (tensor, Dataset, DataLoader or iterable of batches) as one N,C,H,W tensor."""
-    if isinstance(data, Tensor):
-        return data
-    xs = list(_iter_batches(data, 64))
-    if not xs:
-        raise ConfigError("a calibration set is empty: give each seed at least one calibration image")
-    return torch.cat(xs)
-
-
-def manifest_digest(model: nn.Module) -> str:
-    """First 12 hex digits of the sha256 of the model's manifest (sites, quantizers, bits, granularity)."""
-    return hashlib.sha256(json.dumps(manifest(model), sort_keys=True).encode()).hexdigest()[:12]
-
-
 def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, CalibData] | CalibSource",
             recipes: Sequence["str | Recipe"], bits: Sequence["str | Bits"], batch_size: int = 64,
             device: Optional[torch.device] = None, target: Optional[str] = None,
-            progress: bool = False, seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
+            progress: bool = False, seeds: Optional[Sequence[int]] = None, model_name: Optional[str] = None) -> dict[str, Any]:
     """Quantize a copy of ``model`` with every recipe x bits x seed and evaluate it on ``eval_data``
     (``(images, labels)`` batches). ``calib``: seed -> calibration data (every recipe calibrates on
     it), or a function ``(n_images, seed) -> data`` with ``seeds`` (each recipe gets its own
-    ``calib_size``). Returns ``{"fp": {...}, "rows": [...], "runs": [...]}``; rows are in recipe order
-    within each bit-width."""
+    ``calib_size``). Returns ``{"fp": {...}, "rows": [...], "runs": [...]}``; rows are run records in recipe
+    order within each bit-width."""
     if callable(calib):
         if not seeds:
             raise ConfigError("compare with a calibration source needs seeds")
@@ -92,58 +73,41 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, Cal
     seeds = list(seeds)
     device = device if device is not None else model_device(model)
     data = cache_batches(eval_data)
-    sizes = {r.at(b).calib_size for r in recipes_l for b in bits_l}  # a recipe's size may follow the width (when)
+    edited = {(r.name, str(b)): edit_recipe(r, b, target=target)[0] for r in recipes_l for b in bits_l}
+    sizes = {r.calib_size for r in edited.values()}  # a recipe's size may follow the width (when)
     calib_t = {(n, s): calibration_tensor(source(n, s)) for n in sizes for s in seeds}
     fp = evaluate(model, data, progress=progress, desc="eval fp")
     runs: list[dict[str, Any]] = []
     preds: dict[tuple[str, str, int], Predictions] = {}
-    total = len(recipes_l) * len(bits_l) * len(seeds)
+    rows: list[dict[str, Any]] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="compare", unit="run")
+        bar = tqdm(total=len(recipes_l) * len(bits_l) * len(seeds), desc="compare", unit="run")
     for b in bits_l:
         for r in recipes_l:
-            rr = r.at(b) if target is None else for_target(r, b, target)[0]
+            rr = edited[(r.name, str(b))]
+            trials = []
             for s in seeds:
-                qm = copy.deepcopy(model)
-                reset_peak_rss()
-                t0 = time.perf_counter()
-                ct = calib_t[(rr.calib_size, s)]
-                run_recipe(qm, rr, Context(calib=ct, bits=b, seed=s, batch_size=batch_size, device=device))
-                secs = time.perf_counter() - t0
-                res = evaluate(qm, data, desc=f"eval {r.name} {b} seed {s}")
-                preds[(r.name, str(b), s)] = res["predictions"]
-                runs.append({"recipe": r.name, "bits": str(b), "seed": s, "calib_size": len(ct), "top1": round(res["top1"], 3),
-                             "nll": None if res["nll"] is None else round(res["nll"], 5),
-                             "calib_seconds": round(secs, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-                             "digest": manifest_digest(qm)})
-                del qm
+                t = trial(model, rr, b, calib_t[(rr.calib_size, s)], s, data, batch_size=batch_size, device=device,
+                          desc=f"eval {r.name} {b} seed {s}", keep_model=False)
+                trials.append(t)
+                preds[(r.name, str(b), s)] = t.res["predictions"]
+                runs.append({"recipe": r.name, "bits": str(b), "seed": s, "calib_size": t.calib_size,
+                             "top1": round(t.res["top1"], 3), "nll": None if t.res["nll"] is None else round(t.res["nll"], 5),
+                             "calib_seconds": round(t.calib_seconds, 2), "peak_rss_mb": round(t.peak_rss_mb, 1),
+                             "digest": t.digest})
                 if bar is not None:
                     bar.update(1)
+            rows.append({**make_record(trials, fp, r.name, str(b), model=model_name), "recipe_run": rr.name})
     if bar is not None:
         bar.close()
-    rows = []
-    for b in bits_l:
+    for row in rows:
         first = names[0]
-        for name in names:
-            mine = [x for x in runs if x["recipe"] == name and x["bits"] == str(b)]
-            top1 = [x["top1"] for x in mine]
-            nll = [x["nll"] for x in mine]
-            row: dict[str, Any] = {
-                "recipe": name, "bits": str(b), "seeds": seeds, "calib_size": mine[0]["calib_size"], "top1": top1,
-                "mean": round(statistics.fmean(top1), 3), "std": round(statistics.stdev(top1), 3) if len(top1) > 1 else None,
-                "drop": round(fp["top1"] - statistics.fmean(top1), 3),
-                "nll": None if None in nll else round(statistics.fmean(nll), 5),
-                "calib_seconds": round(statistics.fmean(x["calib_seconds"] for x in mine), 2),
-                "peak_rss_mb": max(x["peak_rss_mb"] for x in mine),
-                "digest": mine[0]["digest"] if len({x["digest"] for x in mine}) == 1 else "differs by seed",
-                "vs_fp": compare_pooled([(fp["predictions"], preds[(name, str(b), s)]) for s in seeds]),
-                "vs_first": None if name == first else
-                compare_pooled([(preds[(first, str(b), s)], preds[(name, str(b), s)]) for s in seeds]),
-            }
-            rows.append(row)
+        row["vs_first"] = None if row["recipe"] == first else compare_pooled(
+            [(preds[(first, row["bits"], s)], preds[(row["recipe"], row["bits"], s)]) for s in seeds])
+    rows.sort(key=lambda x: ([str(b) for b in bits_l].index(x["bits"]), names.index(x["recipe"])))
     return {"fp": {"top1": round(fp["top1"], 3), "nll": None if fp["nll"] is None else round(fp["nll"], 5),
                    "images": fp["n"]},
             "recipes": names, "bits": [str(b) for b in bits_l], "seeds": seeds, "target": target,
@@ -152,7 +116,7 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, Cal
 
 # ------------------------------------------------------------------------------------- rendering
 def _pm(row: dict[str, Any]) -> str:
-    return f"{row['mean']:.2f}" + ("" if row["std"] is None else f" ± {row['std']:.2f}")
+    return f"{row['q_top1']:.2f}" + ("" if row["q_top1_std"] is None else f" ± {row['q_top1_std']:.2f}")
 
 
 def _vs(row: dict[str, Any]) -> str:
@@ -170,7 +134,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in result["rows"]:
         body.append([r["recipe"], r["bits"], str(r["calib_size"]), f"{result['fp']['top1']:.2f}", _pm(r), f"{r['drop']:+.2f}", _vs(r),
-                     "-" if r["nll"] is None else f"{r['nll']:.4f}", f"{r['calib_seconds']:.1f}",
+                     "-" if r["q_nll"] is None else f"{r['q_nll']:.4f}", f"{r['calib_seconds']:.1f}",
                      f"{r['peak_rss_mb']:.0f}", r["digest"]])
     return head, body
 
@@ -196,16 +160,16 @@ def to_csv(result: dict[str, Any]) -> str:
                 "nll", "calib_seconds", "peak_rss_mb", "manifest_digest", "top1_per_seed"])
     for r in result["rows"]:
         v = r["vs_first"] or {}
-        w.writerow([r["recipe"], r["bits"], " ".join(map(str, r["seeds"])), r["calib_size"], result["fp"]["top1"], r["mean"],
-                     "" if r["std"] is None else r["std"], r["drop"], v.get("diff", ""),
-                     "" if v.get("p_value") is None else v["p_value"], "" if r["nll"] is None else r["nll"],
-                     r["calib_seconds"], r["peak_rss_mb"], r["digest"], " ".join(map(str, r["top1"]))])
+        w.writerow([r["recipe"], r["bits"], " ".join(map(str, r["seeds"])), r["calib_size"], result["fp"]["top1"], r["q_top1"],
+                     "" if r["q_top1_std"] is None else r["q_top1_std"], r["drop"], v.get("diff", ""),
+                     "" if v.get("p_value") is None else v["p_value"], "" if r["q_nll"] is None else r["q_nll"],
+                     r["calib_seconds"], r["peak_rss_mb"], r["digest"], " ".join(str(x["q_top1"]) for x in r["per_seed"])])
     return buf.getvalue()
 
 
 def plot(result: dict[str, Any], path: str) -> None:
     """Top-1 against bit-width, one line per recipe, +- std over seeds, the float model dashed."""
-    from .report import pyplot
+    from ..insight.report import pyplot
 
     plt = pyplot()
     bits = result["bits"]
@@ -216,8 +180,8 @@ def plot(result: dict[str, Any], path: str) -> None:
     n = len(result["recipes"])
     for k, name in enumerate(result["recipes"]):
         rows = {r["bits"]: r for r in result["rows"] if r["recipe"] == name}
-        ys = [rows[bits[i]]["mean"] for i in order]
-        es = [rows[bits[i]]["std"] or 0.0 for i in order]
+        ys = [rows[bits[i]]["q_top1"] for i in order]
+        es = [rows[bits[i]]["q_top1_std"] or 0.0 for i in order]
         off = (k - (n - 1) / 2) * 0.06  # a small horizontal offset so error bars do not overlap
         ax.errorbar([x + off for x in xs], ys, yerr=es, marker="o", capsize=3, lw=1.4, ms=4, label=name)
     ax.axhline(result["fp"]["top1"], color="k", ls="--", lw=1, label=f"float {result['fp']['top1']:.2f}")
