@@ -1,0 +1,235 @@
+"""The run layer: one spec, one execution, one record; run folders remember their data; the Python API is the CLI's."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_vit
+from test_cli import expect_error, run
+from test_reproduce import imagenet
+
+import vitq
+from vitq.errors import ConfigError, DataError, ModelError
+from vitq.run import RunSpec, measured
+
+
+@pytest.fixture
+def rgb(tmp_path: Path) -> SimpleNamespace:
+    """A tiny ImageNet-layout folder (3 classes, RGB photos of mixed sizes) and timm's test_vit for it."""
+    import timm
+    from safetensors.torch import save_file
+
+    root = imagenet(tmp_path / "imagenet")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_vit", pretrained=False, num_classes=3).state_dict(),
+              str(weights / "test_vit.safetensors"))
+    return SimpleNamespace(root=root, weights=weights, ckpt=str(weights / "test_vit.safetensors"), tmp=tmp_path)
+
+
+def test_quantize_compare_reproduce_and_bench_write_the_same_record(rgb: SimpleNamespace, capsys) -> None:
+    """One spec (test_vit, minmax W8A8, 6 calibration images of train/, seed 0, the 12 val images) through the four
+    entry points: the same record, timings aside."""
+    from bench.common import quantize_row
+    from vitq.data import DataSpec, build_dataset, calibration_subset, stack_images
+    from vitq.run.inputs import eval_loader, preprocessing
+
+    common = ["--data", str(rgb.root), "--calib-size", "6", "--no-progress"]
+    code, _, err = run(["quantize", "test_vit", "--checkpoint", rgb.ckpt, "--recipe", "minmax", "--bits", "W8A8", *common,
+                        "--json", str(rgb.tmp / "q.json")], capsys)
+    assert code == 0, err
+    q = json.loads((rgb.tmp / "q.json").read_text())
+    code, _, err = run(["compare", "test_vit", "--checkpoint", rgb.ckpt, "--recipes", "minmax", "--bits", "W8A8", *common,
+                        "--json", str(rgb.tmp / "c.json")], capsys)
+    assert code == 0, err
+    c = json.loads((rgb.tmp / "c.json").read_text())["rows"][0]
+    proto = rgb.tmp / "p.yaml"
+    proto.write_text("bits: [W8A8]\nmodels:\n  Tiny: {timm: test_vit}\nrecipes:\n  minmax: MinMax\n")
+    code, _, err = run(["reproduce", str(proto), "--imagenet", str(rgb.root), "--weights", str(rgb.weights),
+                        "--calib-size", "6", "--no-progress", "--json", str(rgb.tmp / "r.json")], capsys)
+    assert code == 0, err
+    r = json.loads((rgb.tmp / "r.json").read_text())["rows"][0]
+    model, _ = vitq.load_model("test_vit", checkpoint=rgb.ckpt)
+    pre = preprocessing(model, vitq.run.DataChoice(DataSpec.parse(str(rgb.root))))
+    data = SimpleNamespace(calib=stack_images(calibration_subset(build_dataset(str(rgb.root), "train", pre), 6, 0))[0],
+                           eval_loader=eval_loader(model, vitq.run.DataChoice(DataSpec.parse(str(rgb.root))), pre))
+    b = quantize_row("test_vit", model, data, "minmax", "W8A8", fp=vitq.evaluate(model, data.eval_loader))
+    assert q["schema"] == c["schema"] == r["schema"] == b["schema"] == "vitq.result/1"
+    assert q["vs_fp"]["n"] == 12 and q["per_seed"][0]["vs_fp"] == q["vs_fp"]
+    assert measured(q) == measured(c) == measured(r) == measured(b)
+
+
+def test_a_run_folder_remembers_its_data_and_refuses_other_data(rgb: SimpleNamespace, fmnist_dir: Path, capsys) -> None:
+    out = rgb.tmp / "run"
+    code, _, err = run(["quantize", "test_vit", "--checkpoint", rgb.ckpt, "--data", str(rgb.root), "--recipe", "minmax",
+                        "--calib-size", "6", "--no-progress", "--out", str(out), "--json", str(rgb.tmp / "q.json")], capsys)
+    assert code == 0, err
+    q = json.loads((rgb.tmp / "q.json").read_text())
+    assert q["data"] == str(rgb.root) and q["data_origin"] == "given"
+    # eval without --data evaluates on the data the run recorded (not Fashion-MNIST): the same top-1
+    code, stdout, err = run(["eval", str(out), "--no-progress", "--json", str(rgb.tmp / "e.json")], capsys)
+    assert code == 0, err
+    e = json.loads((rgb.tmp / "e.json").read_text())
+    assert e["data"] == str(rgb.root) and e["data_origin"] == "recorded" and e["top1"] == q["q_top1"]
+    assert e["eval_size"] == 12 and "the data the run recorded" in stdout
+    # Fashion-MNIST does not fit this model: one line, before any image is decoded
+    for cmd in (["eval", str(out)], ["export", str(out), "--format", "onnx", "--verify", "--out", str(rgb.tmp / "x")],
+                ["compare", str(out), str(out)]):
+        expect_error([*cmd, "--data", f"fashion-mnist:{fmnist_dir}", "--no-progress"], capsys,
+                     r"holds grey \(1-channel\) images of 10 classes, but .* takes 3-channel images and scores 3 classes")
+    # the recorded data moved away: one line asking for --data (never a fallback)
+    shutil.move(str(rgb.root), str(rgb.tmp / "moved"))
+    for cmd in (["eval", str(out)], ["export", str(out), "--format", "onnx", "--verify", "--out", str(rgb.tmp / "x")],
+                ["report", str(out), "--out", str(rgb.tmp / "rep")], ["compare", str(out), str(out)]):
+        expect_error([*cmd, "--no-progress"], capsys, r"was quantized on .*imagenet, which is not there any more: pass --data")
+    # a model that is neither a reference model nor a run folder has no default data
+    expect_error(["quantize", "test_vit", "--checkpoint", rgb.ckpt, "--recipe", "minmax", "--no-progress"], capsys,
+                 r"test_vit is not a reference model, so there is no data to default to: pass --data")
+    # and quantizing a run folder again is refused: it is already quantized
+    expect_error(["quantize", str(out), "--data", str(rgb.tmp / "moved"), "--no-progress"], capsys,
+                 "is already quantized .*quantize the float model")
+
+
+def test_run_folders_saved_before_runs_were_recorded_use_their_result_data(rgb: SimpleNamespace, capsys) -> None:
+    """Folders of earlier versions hold the data only in result.json's copy inside vitq.json: it is used too."""
+    from vitq.export.integrity import seal
+
+    out = rgb.tmp / "run"
+    code, _, err = run(["quantize", "test_vit", "--checkpoint", rgb.ckpt, "--data", str(rgb.root), "--recipe", "minmax",
+                        "--calib-size", "6", "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, err
+    meta = json.loads((out / "vitq.json").read_text())
+    meta.pop("run")
+    meta.pop("integrity", None)
+    (out / "vitq.json").write_text(json.dumps(seal(meta, out, ["model.safetensors"])))
+    code, stdout, err = run(["eval", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"of {rgb.root} (the data the run recorded)" in stdout
+
+
+def test_run_spec_checks_every_value_once_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="a seed is given twice"):
+        RunSpec(seeds=(0, 0))
+    with pytest.raises(ConfigError, match="needs one budget"):
+        RunSpec(bits="auto")
+    with pytest.raises(ConfigError, match="--budget chooses bits per site"):
+        RunSpec(bits="W4A4", budget=4.0)
+    with pytest.raises(ConfigError, match="--budget-mb nan: give a finite number"):
+        RunSpec(bits="auto", budget_mb=float("nan"))
+    with pytest.raises(ConfigError, match="writes into the --out folder"):
+        RunSpec(export="onnx")
+    with pytest.raises(ConfigError, match="single --seed with --out"):
+        RunSpec(out=str(tmp_path), seeds=(0, 1))
+    with pytest.raises(ConfigError, match="has no pass with option"):
+        RunSpec(recipe="minmax", options={"lr_round": 0.1})
+    s = RunSpec(recipe="qdrop", bits="W4A4", options={"iters": 7}, export="onnx", out=str(tmp_path))
+    assert s.effective_target == "onnx" and [pc.opts.iters for pc in s.recipe_obj.passes if pc.name == "reconstruct"] == [7]
+    assert RunSpec.from_dict(s.to_dict()) == s and RunSpec().recipe_obj.name == vitq.DEFAULT_RECIPE
+
+
+def test_one_bit_width_rule_everywhere(tmp_path: Path) -> None:
+    from vitq.quantizers.base import QuantSpec
+    from vitq.recipes import load_recipe
+
+    for make in (lambda: vitq.Bits.parse("W9A8"), lambda: QuantSpec(bits=9), lambda: QuantSpec(bits=1),
+                 lambda: vitq.bits.parse_run_bits("autoA9")):
+        with pytest.raises(ConfigError, match=r"out of range: use .*2.*8"):
+            make()
+    for text in ('rules:\n  "act:*": {bits: 10}\n', 'when:\n  A<=9:\n    rules: {}\n'):
+        f = tmp_path / "r.yaml"
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=r"out of range: use an integer from 2 to 8"):
+            load_recipe(str(f))
+
+
+def test_python_api_is_the_clis(tmp_path: Path) -> None:
+    import inspect
+
+    assert inspect.signature(vitq.quantize).parameters["recipe"].default == vitq.DEFAULT_RECIPE == "best"
+    from vitq.cli import build_parser
+
+    args = build_parser().parse_args(["quantize"])
+    assert RunSpec.from_cli(args).recipe_obj.name == vitq.DEFAULT_RECIPE
+    x = torch.randn(8, 3, 16, 16)
+    q = vitq.quantize(tiny_vit(), bits="W8A8", calib_data=x)
+    assert vitq.state_of(q).recipe.name == "best"
+    with pytest.raises(ModelError, match=r"already quantized \(recipe best, W8A8\)"):
+        vitq.quantize(q, "minmax", "W8A8", calib_data=x)
+    with pytest.raises(ModelError, match="already quantized"):
+        vitq.run(model="fmnist-vit", recipe="minmax", float_model=q)
+    # vitq.evaluate is callable, and takes (images, labels) tensors as well as a loader
+    y = tiny_vit()(x).argmax(-1)
+    a, b = vitq.evaluate(q, (x, y), batch_size=3), vitq.evaluate.evaluate(q, [(x[:5], y[:5]), (x[5:], y[5:])])
+    assert a["top1"] == b["top1"] and a["n"] == 8 and torch.equal(a["predictions"].top1, b["predictions"].top1)
+    with pytest.raises(DataError, match="is the string"):
+        vitq.evaluate(q, "images/")
+
+
+def test_python_export_and_save_without_a_source(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    import timm
+
+    x = torch.randn(6, 3, 16, 16)
+    q = vitq.quantize(tiny_vit(), "minmax", "W8A8", calib_data=x)
+    rep = vitq.export(q, tmp_path / "onnx", format="onnx", verify_data=(x, q(x).argmax(-1)))
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and rep["verify"]["agreement"] >= 99.0
+    # a model built directly has no name any library can rebuild it from: one line naming the fix
+    with pytest.raises(ModelError, match="cannot tell how to rebuild this VisionTransformer"):
+        vitq.save_quantized(q, tmp_path / "q")
+    # one made by timm.create_model names its architecture; one from vitq.load_model recorded its source
+    torch.manual_seed(0)
+    t = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
+    xt = torch.randn(2, 3, 160, 160)
+    qt = vitq.quantize(t, "minmax", "W8A8", calib_data=xt)
+    vitq.save_quantized(qt, tmp_path / "t")
+    assert torch.equal(vitq.load_quantized(tmp_path / "t")(xt), qt(xt))
+    ref, _ = vitq.load_model("fmnist-vit") if _has_ref() else (None, None)
+    if ref is not None:
+        xr = torch.randn(4, 1, 28, 28)
+        qr = vitq.quantize(ref, "minmax", "W8A8", calib_data=xr)
+        vitq.save_quantized(qr, tmp_path / "r")
+        assert torch.equal(vitq.load_quantized(tmp_path / "r")(xr), qr(xr))
+    with pytest.raises(ModelError, match="only a model quantized by vitq"):
+        vitq.save_quantized(tiny_vit(), tmp_path / "f")
+
+
+def _has_ref() -> bool:
+    from conftest import has_reference_weights
+
+    return has_reference_weights("fmnist-vit")
+
+
+def test_calibrating_with_your_own_loop_equals_quantize() -> None:
+    x = torch.randn(12, 3, 16, 16)
+    for recipe in ("minmax", "percentile"):
+        ref = vitq.quantize(tiny_vit(), recipe, "W4A8", calib_data=x, batch_size=4)
+        with vitq.calibrating(tiny_vit(), recipe, "W4A8") as q:
+            for i in range(0, 12, 4):
+                q(x[i:i + 4])
+        assert torch.equal(q(x), ref(x)), recipe
+    with pytest.raises(ConfigError, match="recipe repq runs reparam beside the range calibration, which needs the calibration images up front"):
+        with vitq.calibrating(tiny_vit(), "repq", "W4A4"):
+            pass
+    with pytest.raises(ModelError, match="already quantized"):
+        with vitq.calibrating(copy.deepcopy(ref), "minmax", "W8A8"):
+            pass
+
+
+def test_python_preprocessing_is_the_clis(rgb: SimpleNamespace) -> None:
+    """vitq.transforms(model) on a PIL image gives what the CLI's evaluation loader gives for that file."""
+    from PIL import Image
+
+    from vitq.run.inputs import open_model_and_data
+
+    o = open_model_and_data("test_vit", str(rgb.root), checkpoint=rgb.ckpt)
+    path, _ = o.loader.dataset.samples[5]
+    with Image.open(path) as im:
+        mine = vitq.transforms(o.model)(im)
+    assert torch.equal(mine, o.loader.dataset[5][0])
