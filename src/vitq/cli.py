@@ -14,14 +14,32 @@ from typing import Any, Optional, Sequence
 
 from .defaults import DEFAULT_MODEL, DEFAULT_RECIPE
 from .errors import VitqError
+from .run.outputs import write_json
 
 log = logging.getLogger("vitq")
+
+
+def _add_compute_args(p: argparse.ArgumentParser) -> None:
+    """Where and how a command computes and what it writes (every command that evaluates)."""
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu, cuda, cuda:N or auto (a GPU where there is one) for calibration, reconstruction and "
+                        "evaluation (default cpu)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="DataLoader processes decoding image files (default 0: in the main process)")
+    p.add_argument("--eval-size", type=int, help="evaluate on the first N images of the test/val split")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation / calibration batch size")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="calibration sample / training seed; quantize takes several (--seed 0 1 2) to repeat the "
+                        "calibration and report mean and std over seeds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("-v", "--verbose", action="store_true")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"reference model name, timm model name (with --checkpoint), a pickled model file "
-                        f"(with --trust-pickle) or a vitq export folder (default {DEFAULT_MODEL})")
+                        f"(with --trust-pickle) or a vitq run folder (default {DEFAULT_MODEL})")
     p.add_argument("--checkpoint", help="weights for a timm model name: .pth/.pt state dict or .safetensors")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow MODEL to be a pickled nn.Module file (unpickling runs code from the file)")
@@ -33,43 +51,37 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "'fashion-mnist:DIR', an ImageNet-layout root (train/<class>/, val/<class>/; val/ alone with "
                         "--calib-data) or a class-folder split itself (default: a run folder's recorded data, "
                         "Fashion-MNIST for a reference model; any other model needs --data)")
-    p.add_argument("--device", default="cpu", metavar="DEVICE",
-                   help="cpu, cuda, cuda:N or auto (a GPU where there is one) for calibration, reconstruction and "
-                        "evaluation (default cpu)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="DataLoader processes decoding image files (default 0: in the main process)")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="override the model's input size for preprocessing (as timm's validate script)")
     p.add_argument("--crop-pct", type=float, help="override the centre-crop fraction (timm's crop_pct)")
     p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"],
                    help="override the resize interpolation")
-    p.add_argument("--eval-size", type=int, help="evaluate on the first N images of the test/val split")
-    p.add_argument("--batch-size", type=int, default=64, help="evaluation / calibration batch size")
-    p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
-                   help="calibration sample / training seed; quantize takes several (--seed 0 1 2) to repeat the "
-                        "calibration and report mean and std over seeds")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--json", help="write the results as JSON to this file")
-    p.add_argument("-v", "--verbose", action="store_true")
+    _add_compute_args(p)
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """What quantizes: recipe, bits, calibration data and the recipe's edits (quantize, report)."""
-    p.add_argument("--recipe", default=None,
-                   help=f"recipe name (see `vitq list`) or a recipe YAML file (default {DEFAULT_RECIPE}: the highest "
-                        "accuracy we measured; calibration only at 6-8-bit activations, seconds; below that it "
-                        "reconstructs, minutes to hours on a CPU; `--recipe repq` for seconds at any width)")
-    p.add_argument("--bits", default="W8A8",
-                   help="WxAy with x, y in 2..8, e.g. W8A8, W4A4, W4A8; quantize also takes auto / autoA4 (weight bits "
-                        "per site under --budget, activations at 8 / 4 bits)")
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-size", type=int, help="number of calibration images (default: the recipe's)")
     p.add_argument("--calib-data", metavar="DIR",
                    help="calibrate on the images of this folder (flat or nested, no labels, any size / format / colour "
                         "mode; unreadable files are skipped and counted) instead of --data's train split")
-    p.add_argument("--exclude", action="append", default=[], metavar="ROLE|REGEX",
-                   help="leave sites in float: a role (e.g. HEAD_IN) or a module-name regex; repeatable")
     p.add_argument("--iters", type=int, metavar="N",
-                   help="iterations per unit of the recipe's reconstruction passes (trade time for accuracy)")
+                   help="iterations per unit of the recipe's reconstruction passes (trade time for accuracy; "
+                        "--set iters=N)")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, one: bool = True) -> None:
+    """What quantizes: recipe, bits, calibration data and the recipe's edits (quantize, report; compare: one=False)."""
+    if one:
+        p.add_argument("--recipe", default=None,
+                       help=f"recipe name (see `vitq list`) or a recipe YAML file (default {DEFAULT_RECIPE}: the highest "
+                            "accuracy we measured; calibration only at 6-8-bit activations, seconds; below that it "
+                            "reconstructs, minutes to hours on a CPU; `--recipe repq` for seconds at any width)")
+        p.add_argument("--bits", default="W8A8",
+                       help="WxAy with x, y in 2..8, e.g. W8A8, W4A4, W4A8; quantize also takes auto / autoA4 (weight "
+                            "bits per site under --budget, activations at 8 / 4 bits)")
+        p.add_argument("--exclude", action="append", default=[], metavar="ROLE|REGEX",
+                       help="leave sites in float: a role (e.g. HEAD_IN) or a module-name regex; repeatable")
+    _add_calib_args(p)
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="set_options",
                    help="set a pass option of the recipe (every pass that has it), e.g. --set loss=fisher_diag "
                         "--set slicing=half; repeatable; `vitq list` shows each pass's options")
@@ -101,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate a quantized model, evaluate FP vs quantized top-1")
     _add_model_args(q)
     _add_recipe_args(q)
-    q.add_argument("--out", help="save the quantized model (safetensors + vitq.json) and results here")
+    q.add_argument("--out", help="save the quantized model (safetensors + vitq.json, with the run's data) and results here")
     q.add_argument("--overwrite", action="store_true", help="replace a saved quantization already in --out")
     q.add_argument("--budget", type=float, metavar="BITS",
                    help="with --bits auto: average weight bits the per-site choice of 3 / 4 / 6 / 8 bits / float may use")
@@ -117,14 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget of reconstruction caches; larger caches stream from disk")
     q.add_argument("--resume-dir", metavar="DIR",
                    help="save reconstruction state here after every unit; rerun with the same arguments to resume")
-
     q.add_argument("--export", choices=["onnx", "vitq"], metavar="FORMAT",
                    help="also write a deployment export into the --out folder (onnx: QDQ graph for onnxruntime, "
                         "model.onnx; vitq: packed integer weights, packed/), verified against the simulated model "
                         "on the evaluation images")
     _add_export_args(q)
 
-    e = sub.add_parser("eval", help="evaluate a model (float, or a vitq export folder) on a dataset")
+    e = sub.add_parser("eval", help="evaluate a model (float, or a vitq run folder on its recorded data) on a dataset")
     _add_model_args(e)
 
     x = sub.add_parser("export", help="lower a vitq quantize --out folder to a deployment format (onnx) and verify it")
@@ -134,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="folder for the exported file and export.json (default: the run folder; "
                                  "for vitq its packed/ subfolder)")
     x.add_argument("--verify", action="store_true",
-                   help="evaluate the export in its runtime beside the simulated model on --data (parity check)")
+                   help="evaluate the export in its runtime beside the simulated model on the run's data (parity check)")
     _add_export_args(x)
 
     c = sub.add_parser("compare", help="recipes x bits x seeds on one model in one table (--recipes), or a paired "
@@ -147,15 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "each row is tested against)")
     c.add_argument("--bits", default="W4A4", metavar="WxAy,..", help="bit-widths for --recipes (default W4A4)")
     c.add_argument("--seeds", metavar="S1,S2,..", help="calibration seeds for --recipes (default: --seed)")
-    c.add_argument("--calib-size", type=int, help="calibration images (default: each recipe's)")
-    c.add_argument("--calib-data", metavar="DIR", help="calibrate on the images of this folder")
-    c.add_argument("--iters", type=int, metavar="N", help="reconstruction iterations per unit")
-    c.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="set_options",
-                   help="set a pass option in every recipe that has it")
-    c.add_argument("--target", choices=["onnx", "none"], help="quantize for a runtime (see quantize --target)")
-    c.add_argument("--md", metavar="FILE", help="write the table as markdown")
-    c.add_argument("--csv", metavar="FILE", help="write the table as CSV")
-    c.add_argument("--png", metavar="FILE", help="plot top-1 against bits per recipe")
+    _add_recipe_args(c, one=False)
+    for flag, what in (("--md", "the table as markdown"), ("--csv", "the table as CSV"), ("--png", "top-1 against bits")):
+        c.add_argument(flag, metavar="FILE", help=f"write {what}")
 
     rp = sub.add_parser("report", help="HTML report of a quantized model: per-site error and sensitivity, "
                                        "distributions with the quantizer's levels, manifest")
@@ -175,18 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--models", nargs="+", metavar="M", help="a part of the protocol's models (ViT-S, deit_small_patch16_224, ...)")
     r.add_argument("--recipes", nargs="+", metavar="R", help="a part of its recipes")
     r.add_argument("--bits", nargs="+", metavar="WxAy", help="a part of its bit-widths")
-    r.add_argument("--eval-size", type=int, help="evaluate on the first N val images (default all)")
-    r.add_argument("--calib-size", type=int, help="calibration images (default: each recipe's)")
-    r.add_argument("--calib-data", metavar="DIR", help="calibrate on this image folder instead of train/")
-    r.add_argument("--iters", type=int, metavar="N", help="reconstruction iterations per unit (default: the recipe's)")
-    r.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu, cuda, cuda:N or auto")
-    r.add_argument("--workers", type=int, default=0, metavar="N")
-    r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--json", help="write the rows as JSON to this file")
     r.add_argument("--md", help="write the table as markdown to this file")
-    r.add_argument("-v", "--verbose", action="store_true")
+    _add_calib_args(r)
+    _add_compute_args(r)
 
     sub.add_parser("list", help="list recipes, quantizers, reference models, protocols and supported model types")
     return ap
@@ -237,64 +233,24 @@ def _check_args(args: argparse.Namespace) -> None:
     """Refuse what the arguments alone show to be wrong about outputs and flags a command ignores, before any
     model or data is loaded (the run's own values are checked by RunSpec, also before loading)."""
     from .errors import ConfigError
+    from .run.outputs import check_output_dir, check_output_file
 
     if args.command == "eval" and getattr(args, "seed", [0]) != [0]:
         raise ConfigError("eval does not calibrate, so --seed changes nothing: drop it (quantize takes --seed)")
     for flag in ("json", "md", "csv", "png", "recipe_out"):
         path = getattr(args, flag, None)
         if path:
-            _check_output_file(f"--{flag.replace('_', '-')}", path)
+            check_output_file(f"--{flag.replace('_', '-')}", path)
     if getattr(args, "resume_dir", None):
-        _check_output_dir("--resume-dir", args.resume_dir)
+        check_output_dir("--resume-dir", args.resume_dir)
     out = getattr(args, "out", None)
     if out and args.command in ("quantize", "report", "export"):
-        _check_output_dir("--out", out)
+        check_output_dir("--out", out)
         if args.command == "quantize" and (Path(out) / "vitq.json").is_file() and not args.overwrite:
             raise ConfigError(f"--out {out} already holds a saved quantization: pass --overwrite to replace it, or "
                               "another folder")
     if getattr(args, "recipe_out", None) and Path(args.recipe_out).is_dir():
         raise ConfigError(f"--recipe-out {args.recipe_out} is a folder: give a file name (e.g. mixed.yaml)")
-
-
-def _first_existing(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _check_output_file(flag: str, path: str) -> None:
-    from .errors import ConfigError
-
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder: give a file name")
-    base = _first_existing(p.parent if str(p.parent) else Path("."))
-    if not base.is_dir():
-        raise ConfigError(f"{flag} {path}: {base} is a file, so nothing can be written under it: choose another path")
-    try:  # the one honest test of writability (root ignores permission bits; /proc refuses everyone)
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(dir=base, prefix=".vitq-check-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write in {base} ({e.strerror}): choose a path you can write to") from None
-
-
-def _check_output_dir(flag: str, path: str) -> None:
-    from .errors import ConfigError
-
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{flag} {path} is a file: give a folder (it is created if missing)")
-    base = _first_existing(p)
-    if not base.is_dir():
-        raise ConfigError(f"{flag} {path}: {base} is a file, so no folder can be made under it: choose another path")
-    try:
-        p.mkdir(parents=True, exist_ok=True)  # made now, so a bad place fails before the work, not after
-        _check_output_file(flag, str(p / "x"))
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot create or write the folder ({e.strerror}): choose a folder you can "
-                          "write to") from None
 
 
 def _start_distributed(args: argparse.Namespace) -> None:
@@ -349,19 +305,15 @@ def _spec(args: argparse.Namespace, **extra: Any) -> Any:
     return RunSpec.from_cli(args, **extra)
 
 
-def _open(spec: Any, data: Optional[str] = None, shard: bool = False) -> Any:
+def _open(spec: Any, shard: bool = False) -> Any:
     """The spec's model and the data it is evaluated on (recorded by a run folder unless given)."""
-    from .run.inputs import open_model_and_data
+    from .run.inputs import open_spec
 
-    return open_model_and_data(spec.model, data if data is not None else spec.data, checkpoint=spec.checkpoint,
-                               trust_pickle=spec.trust_pickle, random_weights=spec.random_weights,
-                               num_classes=spec.num_classes, device=spec.device, input_size=spec.input_size,
-                               crop_pct=spec.crop_pct, interpolation=spec.interpolation, eval_size=spec.eval_size,
-                               batch_size=spec.batch_size, workers=spec.workers, shard=shard)
+    return open_spec(spec, shard=shard)
 
 
-def _data_line(choice: Any) -> str:
-    return {"given": "", "recorded": " (the data the run recorded)", "reference": " (the reference models' data)"}[choice.origin]
+def _data_line(origin: str) -> str:
+    return {"given": "", "recorded": " (the data the run recorded)", "reference": " (the reference models' data)"}[origin]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -376,9 +328,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
            "peak_rss_mb": round(peak_rss_mb(), 1)}
     nll = "" if out["nll"] is None else f"  test log-loss {out['nll']:.4f}"
     print(f"{args.model}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%{nll}  on {res['n']} images of "
-          f"{o.choice.spec}{_data_line(o.choice)} ({out['eval_seconds']:.1f}s)")
+          f"{o.choice.spec}{_data_line(o.choice.origin)} ({out['eval_seconds']:.1f}s)")
     if distributed.is_main():
-        _write_json(args.json, out)
+        write_json(args.json, out)
     return 0
 
 
@@ -392,82 +344,51 @@ def _csv_list(text: Optional[str], what: str) -> list[str]:
 
 
 def cmd_compare_recipes(args: argparse.Namespace) -> int:
-    from .devices import resolve
     from .errors import ConfigError
-    from .recipes import load_recipe, parse_assignments, set_pass_options, split_pass_options
-    from .run.compare import compare, plot, to_csv, to_markdown, to_text
-    from .run.execute import calibration_samples
-    from .run.inputs import calibration_source
+    from .recipes import parse_assignments
+    from .run.compare import compare_spec, plot, to_csv, to_markdown, to_text
 
     if args.model_b:
         raise ConfigError("give either MODEL_B (compare two models) or --recipes (compare recipes on MODEL), not both")
-    bits = _csv_list(args.bits, "--bits")
     try:
         seeds = [int(s) for s in _csv_list(args.seeds, "--seeds")] if args.seeds else list(args.seed)
     except ValueError:
         raise ConfigError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
-    names = _csv_list(args.recipes, "--recipes")
     sets = parse_assignments(args.set_options)
     if args.iters is not None:
         sets["iters"] = args.iters
-    per_recipe = split_pass_options([load_recipe(n) for n in names], sets)  # each recipe takes the options its passes have
-    # every recipe at every width is a run spec: its values checked by the one set of rules, before any loading
-    specs = [_spec(args, recipe=n, bits=b, seeds=tuple(seeds), options=tuple(sorted(per_recipe[i].items())))
-             for i, n in enumerate(names) for b in bits]
-    recipes = [set_pass_options(load_recipe(n), per_recipe[i]) for i, n in enumerate(names)]
-    if args.calib_size is not None:  # one size for all: every recipe calibrates on the same images
-        recipes = [r.with_calib_size(args.calib_size) for r in recipes]
-    spec = specs[0]
-    o = _open(spec)
-    csource = calibration_source(o.choice, o.pre, spec.calib_data, o.loader.dataset)
-    sizes = sorted({r.at(b).calib_size for r in recipes for b in bits})  # a size may follow the width (when)
-    samples = {n: calibration_samples(csource, n, seeds, print, ceiling=args.calib_size is None)[0] for n in sizes}  # bad sizes fail here
-    res = compare(o.model, o.loader, lambda n, s: samples[n][s], recipes, bits, batch_size=spec.batch_size,
-                  device=resolve(spec.device), target=spec.effective_target, progress=spec.progress, seeds=seeds,
-                  model_name=args.model)
-    print(f"{args.model} on {res['fp']['images']} images of {o.choice.spec}{_data_line(o.choice)}, "
-          f"{'/'.join(map(str, sizes))} calibration images, seeds {', '.join(map(str, seeds))}: "
+    names, bits = _csv_list(args.recipes, "--recipes"), _csv_list(args.bits, "--bits")
+    spec = _spec(args, recipe=names[0], bits=bits[0], seeds=tuple(seeds), options=())
+    res = compare_spec(spec, names, bits, sets, say=print)
+    print(f"{args.model} on {res['fp']['images']} images of {res['data']}{_data_line(res['data_origin'])}, "
+          f"{'/'.join(map(str, res['calib_sizes']))} calibration images, seeds {', '.join(map(str, seeds))}: "
           f"FP top-1 {res['fp']['top1']:.2f}%")
     print(to_text(res))
-    if args.md:
-        Path(args.md).write_text(to_markdown(res))
-    if args.csv:
-        Path(args.csv).write_text(to_csv(res))
+    for path, render in ((args.md, to_markdown), (args.csv, to_csv)):
+        if path:
+            Path(path).write_text(render(res))
     if args.png:
         plot(res, args.png)
-    _write_json(args.json, {"model": args.model, "data": str(o.choice.spec), **res})
+    write_json(args.json, res)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .evaluate import compare_paired, evaluate
-    from .run.inputs import recorded
+    from .run.compare import compare_models
 
     if args.recipes:
         return cmd_compare_recipes(args)
     if not args.model_b:
         raise ConfigError("compare needs MODEL_B (two models) or --recipes R1,R2 (recipes on MODEL)")
-    a = _open(_spec(args))
-    spec_b = _spec(args, model=args.model_b, checkpoint=args.checkpoint_b)
-    # without --data both models are evaluated on A's data: B must have recorded the same (or none)
-    b = _open(spec_b, data=args.data if args.data is not None else str(a.choice.spec))
-    rb = recorded(b.model)
-    if args.data is None and rb is not None and rb.get("data") and str(rb["data"]) != str(a.choice.spec):
-        raise ConfigError(f"{args.model} was run on {a.choice.spec} and {args.model_b} on {rb['data']}: pass --data to "
-                          "compare them on the same images")
-    if a.pre.config != b.pre.config:
-        raise ConfigError(f"{args.model} and {args.model_b} preprocess images differently ({a.pre.config} vs "
-                          f"{b.pre.config}): compare quantized versions of the same float model")
-    progress = not args.no_progress
-    ra = evaluate(a.model, a.loader, progress=progress, desc="eval A")
-    rb_ = evaluate(b.model, b.loader, progress=progress, desc="eval B")
-    cmp = compare_paired(ra["predictions"], rb_["predictions"])
-    print(f"A {args.model}: top-1 {ra['top1']:.2f}%\nB {args.model_b}: top-1 {rb_['top1']:.2f}%  "
-          f"(on {ra['n']} images of {a.choice.spec}{_data_line(a.choice)})")
+    res = compare_models(_spec(args), _spec(args, model=args.model_b, checkpoint=args.checkpoint_b),
+                         progress=not args.no_progress)
+    ra, rb, cmp, choice = res["a"], res["b"], res["comparison"], res["choice"]
+    print(f"A {args.model}: top-1 {ra['top1']:.2f}%\nB {args.model_b}: top-1 {rb['top1']:.2f}%  "
+          f"(on {ra['n']} images of {choice.spec}{_data_line(choice.origin)})")
     print(cmp.summary("A", "B"))
-    _write_json(args.json, {"model_a": args.model, "model_b": args.model_b, "data": str(a.choice.spec), **cmp.to_dict(),
-                            "significant_5pct": cmp.significant()})
+    write_json(args.json, {"model_a": args.model, "model_b": args.model_b, "data": str(choice.spec), **cmp.to_dict(),
+                           "significant_5pct": cmp.significant()})
     return 0
 
 
@@ -514,13 +435,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.verify:
         o = _open(spec)
         model, loader = o.model, o.loader
-        print(f"verifying on {o.choice.spec}{_data_line(o.choice)}")
+        print(f"verifying on {o.choice.spec}{_data_line(o.choice.origin)}")
     else:
         model, _ = load(spec.model, trust_pickle=spec.trust_pickle, device=spec.device)
         loader = None
     rep = _export_and_verify(model, Path(args.out) if args.out else Path(args.model) / _subdir(args.format), args.format,
                              args, loader)
-    _write_json(args.json, rep)
+    write_json(args.json, rep)
     return 0
 
 
@@ -537,7 +458,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return 0
     table = render(rows, protocol)
     print("\n" + table)
-    _write_json(args.json, {"protocol": protocol.name, "rows": rows})
+    write_json(args.json, {"protocol": protocol.name, "rows": rows})
     if args.md:
         Path(args.md).write_text(table)
     return 0
@@ -546,16 +467,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import copy
 
-    from .data import make_loader
     from .errors import DataError
     from .evaluate import evaluate
     from .insight import first_batches, most_sensitive
     from .insight.report import ReportInputs, write_report
     from .nn import disabled
     from .pipeline import prepare
-    from .run import is_run_folder, quantize_copy
-    from .run.execute import calibration_samples
-    from .run.inputs import calibration_source
+    from .run import is_run_folder
+    from .run.execute import quantize_first_seed
     from .state import state_of
 
     for flag, v in (("--sensitivity-size", args.sensitivity_size), ("--error-images", args.error_images)):
@@ -574,12 +493,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         calib_seconds = None
     else:
         recipe, bits = spec.recipe_obj, spec.run_bits
-        sets, n, _ = calibration_samples(calibration_source(o.choice, o.pre, spec.calib_data, o.loader.dataset),
-                                         spec.calib_size_asked, [seed], print, ceiling=spec.calib_size is None)
         before = prepare(copy.deepcopy(o.model), recipe, bits)  # the float model's sites, before any folding
-        q, secs, _ = quantize_copy(o.model, recipe, bits, make_loader(sets[seed], batch_size=min(spec.batch_size, n),
-                                                                      num_workers=spec.workers),
-                                   seed, batch_size=spec.batch_size, device=spec.device, progress=progress)
+        q, secs = quantize_first_seed(spec, o, print)
         calib_seconds = round(secs, 2)
     with disabled(q):
         fp = evaluate(q, o.loader, progress=progress, desc="eval fp")
@@ -595,12 +510,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     rep = json.loads((path.parent / "report.json").read_text())
     worst = most_sensitive(rep["sites"])[:5]
     print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp['top1']:.2f}%  quantized {res['top1']:.2f}%  "
-          f"({res['n']} images of {o.choice.spec}{_data_line(o.choice)})")
+          f"({res['n']} images of {o.choice.spec}{_data_line(o.choice.origin)})")
     print("most sensitive sites (only that site quantized): " + "; ".join(
         f"{r['site']} {r['d_top1']:+.2f} pt" + ("" if r["d_nll"] is None else f", {r['d_nll']:+.4f} nats")
         for r in worst))
     print(f"report: {path}")
-    _write_json(args.json, {k: v for k, v in rep.items() if k != "recipe"})
+    write_json(args.json, {k: v for k, v in rep.items() if k != "recipe"})
     return 0
 
 
@@ -626,7 +541,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0  # rank 0 writes the files (and verifies the export on the whole test set)
     if args.out:
         _save(args, result)
-    _write_json(args.json, rec)
+    write_json(args.json, rec)
     return 0
 
 
@@ -687,17 +602,6 @@ def _pre(result: Any) -> Any:
     from .run.inputs import preprocessing
 
     return preprocessing(result.float_model, result.data)
-
-
-def _write_json(path: Optional[str], obj: dict[str, Any]) -> None:
-    if not path:
-        return
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")  # written whole, then renamed: never a truncated file
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(p)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -20,13 +21,15 @@ from torch import Tensor, nn
 
 from ..batches import batch_images, batch_labels
 from ..bits import Bits
-from ..devices import model_device
+from ..devices import model_device, resolve
 from ..errors import ConfigError
-from ..evaluate import Predictions, compare_pooled, evaluate
-from ..pipeline import CalibData, calibration_tensor
-from ..recipes import Recipe, edit_recipe, load_recipe
-from .execute import trial
+from ..evaluate import Predictions, compare_paired, compare_pooled, evaluate
+from ..pipeline import CalibData, calibration_tensor, refuse_quantized
+from ..recipes import Recipe, edit_recipe, load_recipe, set_pass_options, split_pass_options
+from . import inputs
+from .execute import calibration_samples, trial
 from .record import make_record
+from .spec import RunSpec
 
 CACHE_BYTES = 1 << 30  # evaluation images kept decoded in memory up to this size
 CalibSource = Callable[[int, int], CalibData]  # (number of images, seed) -> calibration data
@@ -112,6 +115,52 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, Cal
                    "images": fp["n"]},
             "recipes": names, "bits": [str(b) for b in bits_l], "seeds": seeds, "target": target,
             "rows": rows, "runs": runs}
+
+
+def compare_spec(spec: RunSpec, recipes: Sequence[str], bits: Sequence[str], options: Optional[Mapping[str, Any]] = None,
+                 say: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """``vitq compare MODEL --recipes ... --bits ...``: ``spec`` names the model, data, calibration (size, data,
+    seeds), device and target; ``options`` are pass options given once for every recipe (each recipe takes those
+    its passes have). Every recipe at every width is checked as its own :class:`RunSpec` before anything is
+    loaded; the model and data are loaded once and :func:`compare` runs the grid. The result also names the data
+    (``data``, ``data_origin``) and the calibration sizes drawn (``calib_sizes``)."""
+    say = say or (lambda line: None)
+    per = split_pass_options([load_recipe(n) for n in recipes], dict(options or {}))
+    for i, n in enumerate(recipes):  # every run of the grid is a valid spec: one set of rules
+        for b in bits:
+            replace(spec, recipe=n, bits=b, options=tuple(sorted(per[i].items())))
+    edited = [set_pass_options(load_recipe(n), per[i]) for i, n in enumerate(recipes)]
+    if spec.calib_size is not None:  # one size for all: every recipe calibrates on the same images
+        edited = [r.with_calib_size(spec.calib_size) for r in edited]
+    o = inputs.open_spec(spec)
+    refuse_quantized(o.model, spec.model)
+    source = inputs.calibration_source(o.choice, o.pre, spec.calib_data, o.loader.dataset)
+    sizes = sorted({r.at(b).calib_size for r in edited for b in bits})  # a size may follow the width (when)
+    samples = {n: calibration_samples(source, n, spec.seeds, say, ceiling=spec.calib_size is None)[0] for n in sizes}
+    res = compare(o.model, o.loader, lambda n, s: samples[n][s], edited, bits, batch_size=spec.batch_size,
+                  device=resolve(spec.device), target=spec.effective_target, progress=spec.progress,
+                  seeds=list(spec.seeds), model_name=spec.model)
+    return {"model": spec.model, "data": str(o.choice.spec), "data_origin": o.choice.origin,
+            "calib_sizes": [len(next(iter(samples[n].values()))) for n in sizes], **res}
+
+
+def compare_models(a: RunSpec, b: RunSpec, progress: bool = False) -> dict[str, Any]:
+    """``vitq compare A B``: two models on the same images, the paired comparison. Without ``data`` both are
+    evaluated on A's data (given, recorded by A's run folder, or a reference model's), and B must have recorded
+    the same data or none; both must preprocess images alike. Returns ``{"a", "b"}`` (``evaluate``'s results),
+    ``"comparison"`` (:class:`~vitq.evaluate.PairedComparison`) and the data ``"choice"``."""
+    oa = inputs.open_spec(a)
+    ob = inputs.open_spec(b, data=a.data if a.data is not None else str(oa.choice.spec))
+    rb = inputs.recorded(ob.model)
+    if a.data is None and rb is not None and rb.get("data") and str(rb["data"]) != str(oa.choice.spec):
+        raise ConfigError(f"{a.model} was run on {oa.choice.spec} and {b.model} on {rb['data']}: pass --data to "
+                          "compare them on the same images")
+    if oa.pre.config != ob.pre.config:
+        raise ConfigError(f"{a.model} and {b.model} preprocess images differently ({oa.pre.config} vs "
+                          f"{ob.pre.config}): compare quantized versions of the same float model")
+    ra = evaluate(oa.model, oa.loader, progress=progress, desc="eval A")
+    rb_ = evaluate(ob.model, ob.loader, progress=progress, desc="eval B")
+    return {"a": ra, "b": rb_, "comparison": compare_paired(ra["predictions"], rb_["predictions"]), "choice": oa.choice}
 
 
 # ------------------------------------------------------------------------------------- rendering

@@ -137,6 +137,18 @@ def calibration_samples(source: inputs.CalibrationSource, size: int, seeds: Sequ
     return sets, n, skipped
 
 
+def quantize_first_seed(spec: RunSpec, opened: inputs.Opened, say: Log) -> tuple[nn.Module, float]:
+    """The spec's first seed quantized on a copy of ``opened``'s float model, without an evaluation (what
+    ``vitq report`` inspects): ``(quantized copy, calibration seconds)``."""
+    seed = spec.seeds[0]
+    source = inputs.calibration_source(opened.choice, opened.pre, spec.calib_data, opened.loader.dataset)
+    sets, n, _ = calibration_samples(source, spec.calib_size_asked, [seed], say, ceiling=spec.calib_size is None)
+    calib = make_loader(sets[seed], batch_size=min(spec.batch_size, n), num_workers=spec.workers)
+    q, secs, _ = quantize_copy(opened.model, spec.recipe_obj, spec.run_bits, calib, seed, batch_size=spec.batch_size,
+                               device=spec.device, progress=spec.progress)
+    return q, secs
+
+
 def mixed_precision(spec: RunSpec, model: nn.Module, recipe: Recipe, choice: inputs.DataChoice, pre: Any,
                     source: inputs.CalibrationSource, calib: Any, say: Log) -> tuple[Recipe, dict[str, Any]]:
     """``bits=auto``: per-site weight sensitivity on calibration-source images (a draw other than the calibration
@@ -223,4 +235,4 @@ def run(spec: Optional[RunSpec] = None, *, float_model: Optional[nn.Module] = No
 
 
 __all__ = ["RunResult", "calib_count", "calibration_samples", "check_exclusions", "default_notice", "mixed_precision",
-           "quantize_copy", "refuse_quantized", "run", "trial"]
+           "quantize_copy", "quantize_first_seed", "refuse_quantized", "run", "trial"]

@@ -178,6 +178,15 @@ def open_model_and_data(model: str, data: Optional[str] = None, *, checkpoint: O
     return Opened(m, source, choice, pre, eval_loader(m, choice, pre, eval_size, batch_size, workers, shard))
 
 
+def open_spec(spec: Any, data: Optional[str] = None, shard: bool = False) -> Opened:
+    """:func:`open_model_and_data` for a :class:`~vitq.run.RunSpec` (``data`` overrides the spec's)."""
+    return open_model_and_data(spec.model, data if data is not None else spec.data, checkpoint=spec.checkpoint,
+                               trust_pickle=spec.trust_pickle, random_weights=spec.random_weights,
+                               num_classes=spec.num_classes, device=spec.device, input_size=spec.input_size,
+                               crop_pct=spec.crop_pct, interpolation=spec.interpolation, eval_size=spec.eval_size,
+                               batch_size=spec.batch_size, workers=spec.workers, shard=shard)
+
+
 @dataclass
 class CalibrationSource:
     """Where calibration images come from: ``--calib-data``'s folder or the data's train split; ``sample(n,
@@ -233,7 +242,7 @@ def record_of(choice: DataChoice, pre: Transforms, calib_data: Optional[str], ca
             "seeds": list(seeds), "calib_sample": sample_record(sets) if sets else None, "spec": spec}
 
 
-__all__ = ["GIVEN", "RECORDED", "REFERENCE", "CalibrationSource", "DataChoice", "Opened", "open_model_and_data", "calibration_source", "check_fit",
+__all__ = ["GIVEN", "RECORDED", "REFERENCE", "CalibrationSource", "DataChoice", "Opened", "open_model_and_data", "open_spec", "calibration_source", "check_fit",
            "choose_data", "eval_loader", "is_reference_model", "is_run_folder", "load", "preprocessing",
            "preprocessing_record", "record_of",
            "recorded"]
