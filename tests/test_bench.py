@@ -256,3 +256,21 @@ def test_peer_softmax_ablation_decodes_as_vitqs_twin_uniform(bits):
         torch.testing.assert_close(ours[away], fake_quant(x, p, spec)[away], rtol=0, atol=1e-6, msg=str(i))
         big = x >= split  # and no element is decoded with the other region's saturated value added
         assert (ours[big] <= 1).all() and ((ours[big] * q).round() == ours[big] * q).all()
+
+
+def test_every_results_page_is_in_the_index_as_current_or_superseded():
+    from bench import index
+
+    current, archived = index.pages()
+    for p in current + archived:
+        if p.name != "README.md":
+            assert p.name in index.PAGES, f"bench/results/{p.name} has no entry in bench/index.py PAGES"
+    assert {p.name for p in archived} == set(index.SUPERSEDED), "archive/ and SUPERSEDED disagree"
+    names = {p.name for p in current}
+    for page, (by, _) in index.SUPERSEDED.items():
+        assert all(b.strip() in names for b in by.split(",")), f"{page} is superseded by a page that is not current"
+    assert not (names & set(index.SUPERSEDED)), "a superseded page is still in bench/results/"
+    readme = (ROOT / "bench" / "results" / "README.md").read_text()
+    for p in current + archived:
+        if p.name != "README.md":
+            assert f"[{p.name}]" in readme, f"bench/results/README.md does not list {p.name}: python -m bench.index"

@@ -38,6 +38,7 @@ def test_quantize_compare_reproduce_and_bench_write_the_same_record(rgb: SimpleN
     """One spec (test_vit, minmax W8A8, 6 calibration images of train/, seed 0, the 12 val images) through the four
     entry points: the same record, timings aside."""
     from bench.common import quantize_row
+
     from vitq.data import DataSpec, build_dataset, calibration_subset, stack_images
     from vitq.run.inputs import eval_loader, preprocessing
 

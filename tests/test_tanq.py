@@ -32,7 +32,7 @@ def _params(x: torch.Tensor, spec: QuantSpec):
 
 
 def _unit(spec: QuantSpec, theta: float | None = None):
-    th = spec.opt("theta", 0.9 if spec.opt("level_fn", "tan") == "tan" else 0.5) if theta is None else theta
+    th = spec.opts.initial_theta if theta is None else theta
     return {"scale": torch.tensor(1.0), "theta": torch.tensor(float(th))}
 
 

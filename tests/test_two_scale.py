@@ -48,7 +48,7 @@ def _data(seed: int, spec: QuantSpec) -> torch.Tensor:
         x[:, seed % 8] *= 4 + 28 * torch.rand(1, generator=g).item()  # one 4-32x outlier channel
         return x
     x = torch.randn(64, 12, generator=g) * (0.5 + 4 * torch.rand(1, 12, generator=g))
-    return F.gelu(x) if spec.opt("mode", "softmax") == "gelu" else torch.softmax(x, -1)
+    return F.gelu(x) if spec.opts.mode == "gelu" else torch.softmax(x, -1)
 
 
 def _params(x: torch.Tensor, spec: QuantSpec):
@@ -127,7 +127,7 @@ def test_power_of_two_ratio(spec: QuantSpec) -> None:
     for r in regions(p, spec):
         ratio = (r.scale / p[r.unit]).item()
         assert ratio == 2.0 ** r.shift.item()  # exact: decoding is a shift
-    if spec.quantizer == "v2sf" and spec.opt("mode", "softmax") == "softmax" and not spec.opt("large_scale"):
+    if spec.quantizer == "v2sf" and spec.opts.mode == "softmax" and "large_scale" not in dict(spec.options):
         assert regions(p, spec)[-1].scale.item() == pytest.approx(1 / (2 ** (spec.bits - 1) - 1), rel=1e-7)
 
 
@@ -303,7 +303,7 @@ def test_o2sf_in_fakequant_buffers_and_state_dict() -> None:
 def test_integer_matmul_equals_fake_quant(spec: QuantSpec) -> None:
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(2, 3, 24, 24, generator=g) * 3
-    a = torch.softmax(logits, -1) if spec.opt("mode", "softmax") == "softmax" else F.gelu(logits)
+    a = torch.softmax(logits, -1) if spec.opts.mode == "softmax" else F.gelu(logits)
     v = torch.randn(2, 3, 24, 16, generator=g)
     vspec = QuantSpec("uniform", 8)
     pa, pv = _params(a, spec), _params(v, vspec)

@@ -46,7 +46,7 @@ Each group re-runs the rows of the benchmark whose target it checks, in that ben
   ``qdrop`` recipe unchanged (20k iterations per block at the published learning rates, 1024
   calibration images, batch 32), beside ``repq`` on its recipe's own calibration set and
   ``repq@calib1024`` on the same 1024 images qdrop sees. Each seed costs about 1.5-2 CPU hours per
-  qdrop row (bench/results/recon_cost.md).
+  qdrop row (bench/results/archive/recon_cost.md).
 * ``objective`` (issue 5): reconstruction on RepQ-ViT's complete start (``qdrop-repqfull``) loses to
   repq on Swin although every unit's loss falls. Is it what the reconstruction trains (``acts=none``:
   AdaRound only, RepQ's activation ranges kept) or what it minimises (``loss=fisher_diag``: BRECQ's

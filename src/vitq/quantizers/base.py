@@ -24,6 +24,7 @@ from torch import Tensor
 from ..bits import check_width
 from ..errors import ConfigError
 from ..granularity import Granularity, PerTensor, PerToken, parse_granularity
+from ..options import Options
 
 Params = dict[str, Tensor]
 
@@ -34,8 +35,10 @@ OBSERVERS = ("minmax", "percentile", "mse", "pct_mse")
 class QuantSpec:
     """What a quantization site does. Frozen; unknown keys in :meth:`from_dict` are errors.
 
-    ``options`` holds quantizer-specific settings as a sorted tuple of ``(key, value)`` pairs, so
-    the spec stays hashable and serialisable.
+    ``options`` holds quantizer-specific settings as given, a sorted tuple of ``(key, value)`` pairs, so the
+    spec stays hashable and serialisable (and an export records only what was set); :attr:`opts` is the
+    quantizer's typed options object built from them once, here (``Quantizer.Options``: its field defaults
+    are the quantizer's defaults, the only place they live; unknown keys and bad values are one-line errors).
     """
 
     quantizer: str = "uniform"
@@ -45,6 +48,7 @@ class QuantSpec:
     observer: str = "minmax"
     percentile: float = 0.9999
     options: tuple[tuple[str, Any], ...] = ()
+    _opts: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -57,7 +61,17 @@ class QuantSpec:
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
         if isinstance(self.options, Mapping):
             object.__setattr__(self, "options", tuple(sorted(self.options.items())))
+        try:
+            opts = QUANTIZERS[self.quantizer].Options.parse(dict(self.options))
+        except ConfigError as e:
+            raise ConfigError(f"quantizer {self.quantizer} {e}") from None
+        object.__setattr__(self, "_opts", opts)
         QUANTIZERS[self.quantizer].check_spec(self)
+
+    @property
+    def opts(self) -> Any:
+        """The quantizer's typed options (``Quantizer.Options``), every field set: given or its default."""
+        return self._opts
 
     @property
     def dynamic(self) -> bool:
@@ -69,9 +83,6 @@ class QuantSpec:
         uniform, at most 8 bits (fewer-bit codes in an 8-bit container, their range kept by a clip before
         the quantize), one static scale and zero point per tensor."""
         return self.quantizer == "uniform" and self.bits <= 8 and isinstance(self.granularity, PerTensor)
-
-    def opt(self, key: str, default: Any = None) -> Any:
-        return dict(self.options).get(key, default)
 
     def with_(self, **kw: Any) -> "QuantSpec":
         return replace(self, **kw)
@@ -85,7 +96,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantSpec":
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown quantizer spec key(s) {sorted(unknown)}: allowed are {sorted(known)}")
@@ -101,6 +112,9 @@ class QuantSpec:
 class Quantizer(Protocol):
     name: str
     param_names: tuple[str, ...]
+    @property
+    def Options(self) -> type[Options]:  # noqa: N802  (a class: the quantizer's frozen options dataclass)
+        ...
 
     def check_spec(self, spec: QuantSpec) -> None: ...
     def init_params(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params: ...
@@ -182,8 +196,13 @@ def init_params(lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
     return QUANTIZERS[spec.quantizer].init_params(lo, hi, spec)
 
 
+@dataclass(frozen=True)
+class NoOptions(Options):
+    """The options of a quantizer that has none: any key is an error."""
+
+
 __all__ = [
-    "Params", "QuantSpec", "Quantizer", "QUANTIZERS", "register_quantizer", "get_quantizer",
+    "NoOptions", "Params", "QuantSpec", "Quantizer", "QUANTIZERS", "register_quantizer", "get_quantizer",
     "round_ste", "fake_quant", "quantize", "dequantize", "init_params",
 ]
 

@@ -24,26 +24,42 @@ gradient is that of ``-log2 r`` in both domains.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..granularity import PerTensor
+from ..options import Options, need
 from .base import Params, QuantSpec, register_quantizer, round_ste
 
 TINY = 1e-30
 ROUND_DOMAINS = ("log", "linear")
 
 
+@dataclass(frozen=True)
+class LogOptions(Options):
+    """``extra_zero``: the papers' 2^b powers plus a separate zero (2^b + 1 values) instead of the top code
+    spent on zero; ``round_domain``: ``log`` (round the exponent) or ``linear`` (FQ-ViT's, log2 only)."""
+
+    extra_zero: bool = False
+    round_domain: str = "log"
+
+    def validate(self) -> None:
+        need(self.round_domain in ROUND_DOMAINS,
+             f"round_domain {self.round_domain!r} is unknown: use one of {', '.join(ROUND_DOMAINS)}")
+
+
 class _LogQuantizer:
     name = "log2"
     param_names: tuple[str, ...] = ("scale",)
     steps_per_octave = 1
+    Options = LogOptions
 
     def check_spec(self, spec: QuantSpec) -> None:
-        domain = spec.opt("round_domain", "log")
-        if domain not in ROUND_DOMAINS or (domain == "linear" and self.steps_per_octave != 1):
+        domain = spec.opts.round_domain
+        if domain == "linear" and self.steps_per_octave != 1:
             allowed = ", ".join(ROUND_DOMAINS) if self.steps_per_octave == 1 else "log"
             raise ConfigError(f"{self.name} round_domain {domain!r} is unknown: use {allowed}")
         if spec.symmetric:
@@ -55,7 +71,7 @@ class _LogQuantizer:
         return 0, self._n_power_codes(spec)
 
     def _n_power_codes(self, spec: QuantSpec) -> int:
-        return 2 ** spec.bits if spec.opt("extra_zero", False) else 2 ** spec.bits - 1
+        return 2 ** spec.bits if spec.opts.extra_zero else 2 ** spec.bits - 1
 
     def init_params(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
         return {"scale": hi.float().clamp_min(TINY)}
@@ -63,7 +79,7 @@ class _LogQuantizer:
     def _exponent(self, x: Tensor, p: Params, spec: QuantSpec, rnd) -> Tensor:  # type: ignore[no-untyped-def]
         ratio = (x / p["scale"]).clamp_min(TINY)
         soft = -self.steps_per_octave * torch.log2(ratio)
-        if spec.opt("round_domain", "log") != "linear":
+        if spec.opts.round_domain != "linear":
             return rnd(soft).clamp_min(0)
         y = torch.round(1.0 / ratio).clamp_min(1.0)
         k = torch.floor(torch.log2(y))

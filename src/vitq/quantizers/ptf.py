@@ -34,13 +34,14 @@ the same value in every channel), ``zero_point`` (``z``, the same in every chann
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..granularity import PerChannel
+from ..options import Options, is_int, need
 from .base import Params, QuantSpec, register_quantizer, round_ste
 
 EPS = 1e-8
@@ -68,10 +69,19 @@ def integer_values(codes: Tensor, p: Params) -> tuple[Tensor, Tensor]:
     return q << p["shift"].round().long(), s[0]
 
 
-def _check_bool_int(name: str, v: Any, lo: int, hi: int, quantizer: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ConfigError(f"{quantizer} option {name}={v!r} must be an integer from {lo} to {hi}")
-    return v
+@dataclass(frozen=True)
+class PTFOptions(Options):
+    """``max_shift``: the largest power-of-two factor ``K`` (FQ-ViT: 3); ``shift_rule``: each channel's factor by
+    ``l2`` (FQ-ViT's search of the quantization error) or ``range`` (the smallest that covers the channel)."""
+
+    max_shift: int = PTF_K
+    shift_rule: str = "l2"
+
+    def validate(self) -> None:
+        need(is_int(self.max_shift) and 0 <= self.max_shift <= 16,
+             f"option max_shift={self.max_shift!r} must be an integer from 0 to 16")
+        need(self.shift_rule in SHIFT_RULES,
+             f"shift_rule {self.shift_rule!r} is unknown: use one of {', '.join(SHIFT_RULES)}")
 
 
 class ShiftedUniform:
@@ -79,7 +89,6 @@ class ShiftedUniform:
 
     name = "shifted_uniform"  # abstract: subclasses register under their own names
     param_names: tuple[str, ...] = ("scale", "zero_point", "shift")
-    options: tuple[str, ...] = ()
 
     def _check_common(self, spec: QuantSpec) -> None:
         if spec.symmetric:
@@ -88,9 +97,6 @@ class ShiftedUniform:
             raise ConfigError(f"{self.name} needs per-channel statistics: set granularity: channel")
         if spec.observer in SEARCH_OBSERVERS:
             raise ConfigError(f"{self.name} chooses its own per-channel shifts: use observer minmax or percentile")
-        unknown = sorted(k for k, _ in spec.options if k not in self.options)
-        if unknown:
-            raise ConfigError(f"{self.name} has no option(s) {unknown}: allowed are {list(self.options)}")
 
     def code_range(self, spec: QuantSpec) -> tuple[int, int]:
         return 0, 2 ** spec.bits - 1
@@ -142,18 +148,14 @@ class PTFQuantizer(ShiftedUniform):
     """FQ-ViT's Power-of-Two Factor quantizer (``ptf``), see the module docstring."""
 
     name = "ptf"
-    options = ("max_shift", "shift_rule")
+    Options = PTFOptions
 
     def check_spec(self, spec: QuantSpec) -> None:
         self._check_common(spec)
-        _check_bool_int("max_shift", spec.opt("max_shift", PTF_K), 0, 16, self.name)
-        rule = spec.opt("shift_rule", "l2")
-        if rule not in SHIFT_RULES:
-            raise ConfigError(f"ptf shift_rule {rule!r} is unknown: use one of {', '.join(SHIFT_RULES)}")
 
     def init_params(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
         """Layer-wise ``s, z`` from the per-channel ranges; ``α_c`` by the range rule (no data)."""
-        k = int(spec.opt("max_shift", PTF_K))
+        k = int(spec.opts.max_shift)
         lo, hi = self._range(lo, hi)
         s, z = self._base(lo.min(), hi.max(), k, spec)
         shift = self._covering_shift(lo, hi, s, z, spec).clamp_max(k)
@@ -162,9 +164,9 @@ class PTFQuantizer(ShiftedUniform):
     def init_from_sample(self, rows: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
         """FQ-ViT's rule: per channel, the ``α ∈ {0..K}`` of least L2 error on ``rows`` (N, C)."""
         p = self.init_params(lo, hi, spec)
-        if spec.opt("shift_rule", "l2") == "range":
+        if spec.opts.shift_rule == "range":
             return p
-        return {**p, "shift": best_shift_per_channel(rows, p, spec, range(int(spec.opt("max_shift", PTF_K)) + 1))}
+        return {**p, "shift": best_shift_per_channel(rows, p, spec, range(int(spec.opts.max_shift) + 1))}
 
 
 def best_shift_per_channel(rows: Tensor, p: Params, spec: QuantSpec, shifts: "range | list[int]") -> Tensor:

@@ -41,29 +41,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..granularity import PerTensor
+from ..options import Options, need
 from .base import Params, QuantSpec, register_quantizer
 
 TINY = 1e-30
 LEVEL_FNS = ("tan", "logtan")
 DEFAULT_THETA = {"tan": 0.9, "logtan": 0.5}
-OPTIONS = ("level_fn", "theta")
 #: θ grid of the per-layer search (METHODS.md §1b(iii) proposal)
 THETA_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
+@dataclass(frozen=True)
+class TanOptions(Options):
+    """``level_fn``: ``tan`` (DopQ-ViT's levels) or ``logtan`` (power-of-two spaced, [R]); ``theta``: the initial
+    angle fraction in (0, 1) (None: the level function's own, :data:`DEFAULT_THETA`)."""
+
+    level_fn: str = "tan"
+    theta: Optional[float] = field(default=None, metadata={"any_type": True})
+
+    def validate(self) -> None:
+        need(self.level_fn in LEVEL_FNS, f"level_fn {self.level_fn!r} is unknown: use one of {', '.join(LEVEL_FNS)}")
+        t = self.theta
+        need(t is None or (not isinstance(t, bool) and isinstance(t, (int, float)) and 0.0 < float(t) < 1.0),
+             f"theta {t!r} must be a number strictly between 0 and 1 (e.g. 0.9)")
+
+    @property
+    def initial_theta(self) -> float:
+        return float(DEFAULT_THETA[self.level_fn] if self.theta is None else self.theta)
+
+
 def level_fn(spec: QuantSpec) -> str:
-    return str(spec.opt("level_fn", "tan"))
+    return str(spec.opts.level_fn)
 
 
 def default_theta(spec: QuantSpec) -> float:
-    return float(spec.opt("theta", DEFAULT_THETA[level_fn(spec)]))
+    return float(spec.opts.initial_theta)
 
 
 def _scalar(p: Params, name: str) -> Tensor:
@@ -97,21 +117,13 @@ def lut(p: Params, spec: QuantSpec) -> Tensor:
 class TanQuantizer:
     name = "tanq"
     param_names: tuple[str, ...] = ("scale", "theta")
+    Options = TanOptions
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.symmetric:
             raise ConfigError("tanq quantizer is for non-negative (post-Softmax) values: set symmetric: false")
         if not isinstance(spec.granularity, PerTensor):
             raise ConfigError("tanq quantizer supports per-tensor granularity only: set granularity: tensor")
-        unknown = sorted(k for k, _ in spec.options if k not in OPTIONS)
-        if unknown:
-            raise ConfigError(f"tanq has no option(s) {unknown}: allowed are {list(OPTIONS)}")
-        fn = spec.opt("level_fn", "tan")
-        if fn not in LEVEL_FNS:
-            raise ConfigError(f"tanq level_fn {fn!r} is unknown: use one of {', '.join(LEVEL_FNS)}")
-        theta = spec.opt("theta", DEFAULT_THETA[fn])
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0.0 < float(theta) < 1.0:
-            raise ConfigError(f"tanq theta {theta!r} must be a number strictly between 0 and 1 (e.g. 0.9)")
 
     def code_range(self, spec: QuantSpec) -> tuple[int, int]:
         return 0, 2 ** spec.bits - 1

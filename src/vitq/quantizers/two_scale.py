@@ -92,14 +92,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..granularity import PerTensor
+from ..options import Options
 from .base import Params, QuantSpec, fake_quant, register_quantizer, round_ste
 from .ptf import SEARCH_OBSERVERS, ShiftedUniform
 
@@ -141,11 +142,16 @@ class Region:
     x_max: Optional[Tensor] = None
 
 
+def two_scale_options(spec: QuantSpec) -> "TwoScaleOptions":
+    """A ``twin_uniform`` / ``v2sf`` spec's typed options."""
+    return cast(TwoScaleOptions, spec.opts)
+
+
 def _layout(spec: QuantSpec) -> str:
-    mode = spec.opt("mode", "softmax")
+    o = two_scale_options(spec)
     if spec.quantizer == "twin_uniform":
-        return "two" if mode == "softmax" else "pos_neg"
-    if mode == "softmax" or spec.opt("negative", "own_scale") == "clip":
+        return "two" if o.mode == "softmax" else "pos_neg"
+    if o.mode == "softmax" or o.negative == "clip":
         return "two"
     return "gelu3"
 
@@ -168,14 +174,14 @@ def regions(p: Params, spec: QuantSpec) -> list[Region]:
         return [Region(s, 1, zero, q, 0, 0, "scale", zero),
                 Region(p["scale_neg"], -1, zero + 1, h, 0, 1, "scale_neg", zero)]
     large = torch.ldexp(s, shift.to(torch.int32))
-    threshold = spec.opt("split_rule", "nearest") == "threshold"
+    threshold = two_scale_options(spec).split_rule == "threshold"
     if layout == "two":
         tau = s * h if threshold else None
         return [Region(s, 1, zero, q, 0, 0, "scale", zero, x_max=tau),
                 Region(large, 1, _first_large(q, shift, q), q, h, 0, "scale", shift, x_min=tau)]
     h2 = 2 ** (b - 2)
     tau = s * h2 if threshold else None
-    if spec.opt("negative", "own_scale") == "small_scale":
+    if two_scale_options(spec).negative == "small_scale":
         neg = Region(s, -1, zero + 1, h2, h, 1, "scale", zero)
     else:
         neg = Region(p["scale_neg"], -1, zero + 1, h2, h, 1, "scale_neg", zero)
@@ -259,23 +265,71 @@ DEFAULT_SPLIT_EXPS = tuple(range(20))
 DEFAULT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
-def _ints(name: str, v: Any, lo: int, hi: int, who: str) -> tuple[int, ...]:
+def _ints(name: str, v: Any, lo: int, hi: int) -> tuple[int, ...]:
     vals = tuple(v) if isinstance(v, (list, tuple)) else (v,)
     if not vals or any(isinstance(i, bool) or not isinstance(i, int) or not lo <= i <= hi for i in vals):
-        raise ConfigError(f"{who} option {name}={v!r} must be integers from {lo} to {hi}")
+        raise ConfigError(f"option {name}={v!r} must be integers from {lo} to {hi}")
     return vals
 
 
-def _number(name: str, v: Any, lo: float, hi: float, who: str, open_lo: bool = False) -> float:
+def _number(name: str, v: Any, lo: float, hi: float, open_lo: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo < v if open_lo else lo <= v) or v > hi:
-        raise ConfigError(f"{who} option {name}={v!r} must be a number in {'(' if open_lo else '['}{lo}, {hi}]")
+        raise ConfigError(f"option {name}={v!r} must be a number in {'(' if open_lo else '['}{lo}, {hi}]")
     return float(v)
 
 
-def _choice(name: str, v: Any, allowed: Sequence[str], who: str) -> str:
+def _choice(name: str, v: Any, allowed: Sequence[str]) -> str:
     if v not in allowed:
-        raise ConfigError(f"{who} option {name}={v!r} is unknown: use one of {', '.join(allowed)}")
+        raise ConfigError(f"option {name}={v!r} is unknown: use one of {', '.join(allowed)}")
     return str(v)
+
+
+@dataclass(frozen=True)
+class TwoScaleOptions(Options):
+    """The options of ``v2sf`` (and, with ``shift`` 7, of ``twin_uniform``; each quantizer and mode takes the
+    subset :data:`TWIN_OPTIONS` / :data:`V2SF_OPTIONS` names). The module docstring says what each does. Lists
+    are kept as tuples; a single number where a list belongs is a list of one."""
+
+    mode: str = "softmax"
+    search: bool = True
+    shift: int = DEFAULT_SHIFT["v2sf"]
+    split_rule: str = "nearest"
+    split_exps: tuple[int, ...] = field(default=DEFAULT_SPLIT_EXPS, metadata={"any_type": True})
+    shifts: tuple[int, ...] = field(default=DEFAULT_SHIFTS, metadata={"any_type": True})
+    large_scale: str = "one"
+    clip_grid: tuple[float, ...] = field(default=DEFAULT_CLIP_GRID, metadata={"any_type": True})
+    negative: str = "own_scale"
+    neg_range: str = "gelu_min"
+    search_alpha: float = 0.01
+    search_beta: float = 1.2
+    search_steps: int = 100
+
+    def validate(self) -> None:
+        _choice("mode", self.mode, MODES)
+        if isinstance(self.shift, bool) or not isinstance(self.shift, int) or not 0 <= self.shift <= 24:
+            raise ConfigError(f"option shift={self.shift!r} must be an integer from 0 to 24")
+        object.__setattr__(self, "split_exps", _ints("split_exps", self.split_exps, 0, 24))
+        object.__setattr__(self, "shifts", _ints("shifts", self.shifts, 0, 24))
+        _choice("split_rule", self.split_rule, SPLIT_RULES)
+        _choice("large_scale", self.large_scale, LARGE_SCALE)
+        _choice("negative", self.negative, NEGATIVE)
+        _choice("neg_range", self.neg_range, NEG_RANGE)
+        grid = tuple(self.clip_grid) if isinstance(self.clip_grid, (list, tuple)) else (self.clip_grid,)
+        object.__setattr__(self, "clip_grid", tuple(_number("clip_grid", c, 0.0, 1.0, open_lo=True) for c in grid))
+        a = _number("search_alpha", self.search_alpha, 0.0, 100.0, open_lo=True)
+        b = _number("search_beta", self.search_beta, 0.0, 100.0, open_lo=True)
+        if b < a:
+            raise ConfigError(f"search_beta {b} must be >= search_alpha {a}")
+        if isinstance(self.search_steps, bool) or not isinstance(self.search_steps, int) \
+                or not 1 <= self.search_steps <= 10_000:
+            raise ConfigError(f"option search_steps={self.search_steps!r} must be an integer from 1 to 10000")
+
+
+@dataclass(frozen=True)
+class TwinOptions(TwoScaleOptions):
+    """``twin_uniform``'s options: :class:`TwoScaleOptions` with PTQ4ViT's initial split ``2^-7``."""
+
+    shift: int = DEFAULT_SHIFT["twin_uniform"]
 
 
 class _TwoScale:
@@ -297,30 +351,12 @@ class _TwoScale:
         if spec.observer in SEARCH_OBSERVERS:
             raise ConfigError(f"{who} searches its own parameters (options: search): use observer minmax or percentile")
         if spec.bits < 3 and _layout(spec) == "gelu3":
-            raise ConfigError(f"{who} gelu with negative {spec.opt('negative', 'own_scale')} needs at least 3 bits: "
+            raise ConfigError(f"{who} gelu with negative {spec.opts.negative} needs at least 3 bits: "
                               "raise bits or set negative: clip")
-        mode = _choice("mode", spec.opt("mode", "softmax"), MODES, who)
-        allowed = self._allowed(mode)
+        allowed = self._allowed(spec.opts.mode)
         unknown = sorted(k for k, _ in spec.options if k not in allowed)
         if unknown:
-            raise ConfigError(f"{who} mode {mode} has no option(s) {unknown}: allowed are {list(allowed)}")
-        if not isinstance(spec.opt("search", True), bool):
-            raise ConfigError(f"{who} option search must be true or false")
-        _ints("shift", spec.opt("shift", DEFAULT_SHIFT[who]), 0, 24, who)
-        _choice("split_rule", spec.opt("split_rule", "nearest"), SPLIT_RULES, who)
-        _ints("split_exps", spec.opt("split_exps", DEFAULT_SPLIT_EXPS), 0, 24, who)
-        _ints("shifts", spec.opt("shifts", DEFAULT_SHIFTS), 0, 24, who)
-        _choice("large_scale", spec.opt("large_scale", "one"), LARGE_SCALE, who)
-        _choice("negative", spec.opt("negative", "own_scale"), NEGATIVE, who)
-        _choice("neg_range", spec.opt("neg_range", "gelu_min"), NEG_RANGE, who)
-        grid = spec.opt("clip_grid", DEFAULT_CLIP_GRID)
-        for c in tuple(grid) if isinstance(grid, (list, tuple)) else (grid,):
-            _number("clip_grid", c, 0.0, 1.0, who, open_lo=True)
-        a = _number("search_alpha", spec.opt("search_alpha", 0.01), 0.0, 100.0, who, open_lo=True)
-        bta = _number("search_beta", spec.opt("search_beta", 1.2), 0.0, 100.0, who, open_lo=True)
-        if bta < a:
-            raise ConfigError(f"{who} search_beta {bta} must be >= search_alpha {a}")
-        _ints("search_steps", spec.opt("search_steps", 100), 1, 10_000, who)
+            raise ConfigError(f"{who} mode {spec.opts.mode} has no option(s) {unknown}: allowed are {list(allowed)}")
 
     def code_range(self, spec: QuantSpec) -> tuple[int, int]:
         if _layout(spec) == "pos_neg":
@@ -363,7 +399,7 @@ class _TwoScale:
 
     def init_from_sample(self, rows: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
         """Observer hook: search on the calibration sample (``search: true``) or the closed form."""
-        if not spec.opt("search", True):
+        if not two_scale_options(spec).search:
             return self.init_params(lo, hi, spec)
         return search_params(rows, spec, lo=lo, hi=hi)
 
@@ -382,6 +418,7 @@ class TwinUniformQuantizer(_TwoScale):
     """PTQ4ViT twin uniform quantizer (``twin_uniform``), see the module docstring."""
 
     name = "twin_uniform"
+    Options = TwinOptions
 
     def _allowed(self, mode: str) -> tuple[str, ...]:
         return TWIN_OPTIONS[mode]
@@ -389,8 +426,8 @@ class TwinUniformQuantizer(_TwoScale):
     def init_params(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
         b = spec.bits
         h, q = 2 ** (b - 1), 2 ** (b - 1) - 1
-        if spec.opt("mode", "softmax") == "softmax":
-            return self._softmax(q, int(spec.opt("shift", DEFAULT_SHIFT[self.name])))
+        if two_scale_options(spec).mode == "softmax":
+            return self._softmax(q, two_scale_options(spec).shift)
         return _params(_hi(hi) / (h - 0.5), 0, GELU_MIN / h)
 
     @staticmethod
@@ -399,14 +436,14 @@ class TwinUniformQuantizer(_TwoScale):
         return _params(torch.ldexp(torch.tensor([1.0 / q]), torch.tensor([-i])), i, 0.0)
 
     def candidates(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Iterator[Params]:
-        if spec.opt("mode", "softmax") == "softmax":
+        o = two_scale_options(spec)
+        if o.mode == "softmax":
             q = 2 ** (spec.bits - 1) - 1
-            for i in _ints("split_exps", spec.opt("split_exps", DEFAULT_SPLIT_EXPS), 0, 24, self.name):
+            for i in o.split_exps:
                 yield self._softmax(q, i)
             return
         base = self.init_params(lo, hi, spec)
-        a, bta = float(spec.opt("search_alpha", 0.01)), float(spec.opt("search_beta", 1.2))
-        n = int(spec.opt("search_steps", 100))
+        a, bta, n = float(o.search_alpha), float(o.search_beta), int(o.search_steps)
         for j in range(n + 1):
             yield {**base, "scale": base["scale"] * (a + j * (bta - a) / n)}
 
@@ -415,21 +452,24 @@ class V2SFQuantizer(_TwoScale):
     """TSPTQ-ViT value-aware two-scale quantizer (``v2sf``), our reconstruction [R]."""
 
     name = "v2sf"
+    Options = TwoScaleOptions
 
     def _allowed(self, mode: str) -> tuple[str, ...]:
         return V2SF_OPTIONS[mode]
 
     def _large(self, hi: Tensor, spec: QuantSpec, clip: float = 1.0) -> Tensor:
         q = 2 ** (spec.bits - 1) - 1
-        if spec.opt("mode", "softmax") == "softmax" and spec.opt("large_scale", "one") == "one":
+        o = two_scale_options(spec)
+        if o.mode == "softmax" and o.large_scale == "one":
             return torch.tensor([1.0 / q])
         return _hi(hi) * clip / q
 
     def _neg(self, lo: Tensor, spec: QuantSpec) -> float | Tensor:
-        if _layout(spec) != "gelu3" or spec.opt("negative", "own_scale") != "own_scale":
+        o = two_scale_options(spec)
+        if _layout(spec) != "gelu3" or o.negative != "own_scale":
             return 0.0
         h2 = 2 ** (spec.bits - 2)
-        if spec.opt("neg_range", "gelu_min") == "observed":
+        if o.neg_range == "observed":
             return (-lo.float().reshape(-1)[:1]).clamp_min(EPS) / h2
         return GELU_MIN / h2
 
@@ -438,16 +478,13 @@ class V2SFQuantizer(_TwoScale):
         return _params(torch.ldexp(large, torch.tensor([-m])), m, self._neg(lo, spec))
 
     def init_params(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
-        return self._at(lo, hi, spec, int(spec.opt("shift", DEFAULT_SHIFT[self.name])), 1.0)
+        return self._at(lo, hi, spec, two_scale_options(spec).shift, 1.0)
 
     def candidates(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Iterator[Params]:
-        shifts = _ints("shifts", spec.opt("shifts", DEFAULT_SHIFTS), 0, 24, self.name)
-        clips: Iterable[float] = (1.0,)
-        if spec.opt("mode", "softmax") == "gelu":
-            grid = spec.opt("clip_grid", DEFAULT_CLIP_GRID)
-            clips = tuple(grid) if isinstance(grid, (list, tuple)) else (grid,)
+        o = two_scale_options(spec)
+        clips: Iterable[float] = o.clip_grid if o.mode == "gelu" else (1.0,)
         for c in clips:
-            for m in shifts:
+            for m in o.shifts:
                 yield self._at(lo, hi, spec, m, float(c))
 
 
@@ -497,22 +534,35 @@ def outlier_channels(lo: Tensor, hi: Tensor, kappa: float = 4.0) -> Tensor:
     return (r > kappa * r.median()).reshape(lo.shape)
 
 
+@dataclass(frozen=True)
+class O2SFOptions(Options):
+    """``kappa``: the outlier threshold (a channel whose range exceeds ``kappa`` x the median); ``exponent``:
+    ``absmax`` or ``fit``; ``zero_point``: ``per_level`` or ``shared`` (the module docstring)."""
+
+    kappa: float = 4.0
+    exponent: str = "absmax"
+    zero_point: str = "per_level"
+
+    def validate(self) -> None:
+        _number("kappa", self.kappa, 1.0, 1e6, open_lo=True)
+        _choice("exponent", self.exponent, EXPONENT_RULES)
+        _choice("zero_point", self.zero_point, ZERO_POINTS)
+
+
 class O2SFQuantizer(ShiftedUniform):
     """TSPTQ-ViT outlier-aware two-scale quantizer (``o2sf``), our reconstruction [R]."""
 
     name = "o2sf"
-    options = ("kappa", "exponent", "zero_point")
+    Options = O2SFOptions
 
     def check_spec(self, spec: QuantSpec) -> None:
         self._check_common(spec)
-        _number("kappa", spec.opt("kappa", 4.0), 1.0, 1e6, self.name, open_lo=True)
-        _choice("exponent", spec.opt("exponent", "absmax"), EXPONENT_RULES, self.name)
-        _choice("zero_point", spec.opt("zero_point", "per_level"), ZERO_POINTS, self.name)
 
     def init_params(self, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Params:
         lo, hi = self._range(lo, hi)
         qmax = 2 ** spec.bits - 1
-        out = outlier_channels(lo, hi, float(spec.opt("kappa", 4.0)))
+        o = spec.opts
+        out = outlier_channels(lo, hi, float(o.kappa))
         r = torch.maximum(-lo, hi)
         if bool(out.all()) or float(r[~out].max()) <= 0:
             out = torch.zeros_like(out)
@@ -520,10 +570,10 @@ class O2SFQuantizer(ShiftedUniform):
         lo_n, hi_n = lo[normal].min(), hi[normal].max()
         s, z_n = self._base(lo_n, hi_n, 0, spec)
         n, z_o = torch.zeros_like(s), z_n
-        per_level = spec.opt("zero_point", "per_level") == "per_level"
+        per_level = o.zero_point == "per_level"
         if bool(out.any()):
             lo_o, hi_o = lo[out].min(), hi[out].max()
-            if spec.opt("exponent", "absmax") == "absmax":
+            if o.exponent == "absmax":
                 n = torch.ceil(torch.log2(r[out].max() / r[normal].max()))
             elif per_level:  # the outliers' joint range fits 2^n times the normal width
                 n = torch.ceil(torch.log2((hi_o - lo_o) / (hi_n - lo_n)) - 1e-6)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Params, QuantSpec, clamp, register_quantizer, round_ste
+from .base import NoOptions, Params, QuantSpec, clamp, register_quantizer, round_ste
 
 EPS = 1e-8
 #: optional parameter key: learned rounding offset h in [0, 1] (AdaRound), see the module docstring
@@ -25,6 +25,7 @@ ROUND_OFFSET = "round_offset"
 class UniformQuantizer:
     name = "uniform"
     param_names: tuple[str, ...] = ("scale", "zero_point")
+    Options = NoOptions
 
     def check_spec(self, spec: QuantSpec) -> None:
         pass
