@@ -50,16 +50,21 @@ def imagenet(root: Path, classes: int = 3, per_class: int = 4) -> Path:
     return root
 
 
-def test_reproduce_end_to_end_on_a_tiny_imagenet(tmp_path: Path) -> None:
+def make_test_vit_weights(folder: Path, classes: int = 3) -> Path:
+    """timm's ``test_vit`` (RGB, 160 px) with seeded random weights, saved as ``folder/test_vit.safetensors``."""
     import timm
     from safetensors.torch import save_file
 
-    root = imagenet(tmp_path / "imagenet")
-    weights = tmp_path / "weights"
-    weights.mkdir()
+    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    save_file(timm.create_model("test_vit", pretrained=False, num_classes=3).state_dict(),
-              str(weights / "test_vit.safetensors"))
+    save_file(timm.create_model("test_vit", pretrained=False, num_classes=classes).state_dict(),
+              str(folder / "test_vit.safetensors"))
+    return folder / "test_vit.safetensors"
+
+
+def test_reproduce_end_to_end_on_a_tiny_imagenet(tmp_path: Path) -> None:
+    root = imagenet(tmp_path / "imagenet")
+    weights = make_test_vit_weights(tmp_path / "weights").parent
     proto = tmp_path / "tiny.yaml"
     proto.write_text("""description: a tiny protocol
 source: made up for the test

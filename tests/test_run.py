@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_vit
 from test_cli import expect_error, run
-from test_reproduce import imagenet
+from test_reproduce import imagenet, make_test_vit_weights
 
 import vitq
 from vitq.errors import ConfigError, DataError, ModelError
@@ -22,16 +22,8 @@ from vitq.run import RunSpec, measured
 @pytest.fixture
 def rgb(tmp_path: Path) -> SimpleNamespace:
     """A tiny ImageNet-layout folder (3 classes, RGB photos of mixed sizes) and timm's test_vit for it."""
-    import timm
-    from safetensors.torch import save_file
-
-    root = imagenet(tmp_path / "imagenet")
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    torch.manual_seed(0)
-    save_file(timm.create_model("test_vit", pretrained=False, num_classes=3).state_dict(),
-              str(weights / "test_vit.safetensors"))
-    return SimpleNamespace(root=root, weights=weights, ckpt=str(weights / "test_vit.safetensors"), tmp=tmp_path)
+    ckpt = make_test_vit_weights(tmp_path / "weights")
+    return SimpleNamespace(root=imagenet(tmp_path / "imagenet"), weights=ckpt.parent, ckpt=str(ckpt), tmp=tmp_path)
 
 
 def test_quantize_compare_reproduce_and_bench_write_the_same_record(rgb: SimpleNamespace, capsys) -> None:
