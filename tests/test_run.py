@@ -226,3 +226,22 @@ def test_python_preprocessing_is_the_clis(rgb: SimpleNamespace) -> None:
     with Image.open(path) as im:
         mine = vitq.transforms(o.model)(im)
     assert torch.equal(mine, o.loader.dataset[5][0])
+
+
+def test_quantizer_options_are_typed_once() -> None:
+    """Each quantizer's options are one frozen dataclass: defaults live there, unknown keys and bad values are refused
+    for every quantizer, and the spec keeps only what was given (so manifests and exports are unchanged)."""
+    from vitq.quantizers.base import QuantSpec
+
+    v = QuantSpec(quantizer="v2sf", options={"mode": "gelu", "shifts": [2, 3]})
+    assert v.opts.shift == 4 and v.opts.shifts == (2, 3) and v.opts.negative == "own_scale"
+    assert v.to_dict()["options"] == {"mode": "gelu", "shifts": [2, 3]}
+    assert QuantSpec(quantizer="twin_uniform").opts.shift == 7 and QuantSpec(quantizer="tanq").opts.initial_theta == 0.9
+    assert QuantSpec(quantizer="tanq", options={"level_fn": "logtan"}).opts.initial_theta == 0.5
+    for q, opts, msg in (("uniform", {"foo": 1}, r"quantizer uniform has no option\(s\) \['foo'\]"),
+                         ("log2", {"round_domian": "log"}, r"quantizer log2 has no option\(s\) \['round_domian'\]"),
+                         ("tanq", {"theta": 2}, "theta 2 must be a number strictly between 0 and 1"),
+                         ("v2sf", {"shift": 2.5}, "option shift=2.5 must be an integer"),
+                         ("v2sf", {"search_alpha": 2.0, "search_beta": 1.0}, "search_beta 1.0 must be >= search_alpha")):
+        with pytest.raises(ConfigError, match=msg):
+            QuantSpec(quantizer=q, options=opts, granularity="tensor")
