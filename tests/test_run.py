@@ -221,11 +221,14 @@ def test_python_preprocessing_is_the_clis(rgb: SimpleNamespace) -> None:
 
     from vitq.run.inputs import open_model_and_data
 
-    o = open_model_and_data("test_vit", str(rgb.root), checkpoint=rgb.ckpt)
-    path, _ = o.loader.dataset.samples[5]
-    with Image.open(path) as im:
-        mine = vitq.transforms(o.model)(im)
-    assert torch.equal(mine, o.loader.dataset[5][0])
+    opened = [open_model_and_data("test_vit", str(rgb.root), checkpoint=rgb.ckpt)]
+    if _has_ref():  # a Hugging Face model: its own image processor (grey, 28 px) on the same RGB photos
+        opened.append(open_model_and_data("fmnist-vit-hf", str(rgb.root)))
+    for o in opened:
+        path, _ = o.loader.dataset.samples[5]
+        with Image.open(path) as im:
+            mine = vitq.transforms(o.model)(im)
+        assert torch.equal(mine, o.loader.dataset[5][0]) and mine.shape == vitq.data_config(o.model).input_size
 
 
 def test_quantizer_options_are_typed_once() -> None:
