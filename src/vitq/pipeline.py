@@ -170,6 +170,8 @@ def run_recipe(model: nn.Module, recipe: "Recipe | str", ctx: Context) -> nn.Mod
     recipe = load_recipe(recipe).at(ctx.bits)
     model.eval()
     ctx.adapter = ctx.adapter or get_adapter(model)
+    if not ctx.adapter.is_wrapped(model):
+        ctx.adapter.check(model)  # what the adapter refuses is said before the images are checked against the model
     if recipe.passes:
         first = _first_batch(ctx)
         if first is not None:

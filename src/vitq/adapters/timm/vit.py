@@ -148,12 +148,15 @@ class TimmViTAdapter(Adapter):
         return len(model.blocks) > 0 and isinstance(model.blocks[0], TimmBlock)
 
     def check(self, model: Any) -> None:
-        from timm.layers import Mlp
+        from timm.layers import Mlp, PatchEmbed
         from timm.layers.attention import Attention
         from timm.models.vision_transformer import Block
 
         if getattr(model, "attn_pool", None) is not None:
             raise ModelError("attention-pooling head (global_pool='map') is not supported: use 'token' or 'avg'")
+        if not isinstance(model.patch_embed, PatchEmbed):
+            raise ModelError(f"patch embedding {type(model.patch_embed).__name__} (a hybrid ViT's CNN stem) is not "
+                             "supported yet: use a ViT with a plain patch embedding")
         for i, blk in enumerate(model.blocks):
             require_type(blk, (Block,), "transformer block", f"blocks.{i}")
             require_type(blk.attn, (Attention, TimmAttention), "attention", f"blocks.{i}.attn")

@@ -1,0 +1,285 @@
+"""Which architectures go into vitq: every timm ViT-family architecture and Hugging Face vision class we know of,
+as a tiny random-weight configuration, tried the way a user would - ``vitq.quantize(model, "minmax", "W8A8")``,
+the output against the float model, every ``nn.Linear`` of the model counted against the quantized ones, and
+the ONNX export's parity in onnxruntime - or, where vitq refuses it, the one line it says.
+
+    .venv/bin/python -m scripts.coverage            # writes docs/coverage.md
+
+``tests/test_coverage.py`` holds every case to its row: a supported architecture must quantize every Linear
+of its blocks, keep W8A8 output cosine >= 0.99 and export with parity; a refused one must be refused with one
+line naming the architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "coverage.md"
+#: the bar a supported architecture meets at W8A8 (minmax): output cosine against the float model
+MIN_COSINE = 0.99
+
+
+@dataclass(frozen=True)
+class Case:
+    """One architecture: how to build a tiny one, and whether vitq takes it today (``supported``) or which part it
+    refuses (``refused``: the reason a user is given, for the table)."""
+
+    key: str
+    library: str  # timm | hf
+    name: str  # a timm model name, or a transformers class name
+    build: Callable[[], nn.Module] = field(compare=False, repr=False)
+    supported: bool = False
+    note: str = ""
+    size: int = 32
+    #: what the refusal must name (a regex; default: the model's class name)
+    refusal: str = ""
+
+    def input(self, n: int = 4) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(n, 3, self.size, self.size, generator=g)
+
+
+def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, **kw).eval()
+    return build
+
+
+_VIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_classes=5)
+_SWIN = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4, num_classes=5)
+
+
+def _hf(cls: str, config: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers as tf
+
+        torch.manual_seed(0)
+        cfg = getattr(tf, config)(**kw)
+        cfg._attn_implementation = "eager"
+        return getattr(tf, cls)(cfg).eval()
+    return build
+
+
+_HF_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+               patch_size=8, num_labels=5)
+_HF_SWIN = dict(embed_dim=16, depths=[2, 2], num_heads=[2, 4], image_size=32, patch_size=2, window_size=4, num_labels=5)
+
+CASES: list[Case] = [
+    # timm: taken
+    Case("vit", "timm", "vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", **_VIT), True, "ViT"),
+    Case("deit", "timm", "deit_tiny_patch16_224", _timm("deit_tiny_patch16_224", **_VIT), True, "DeiT"),
+    Case("deit_distilled", "timm", "deit_tiny_distilled_patch16_224", _timm("deit_tiny_distilled_patch16_224", **_VIT),
+         True, "DeiT with distillation token"),
+    Case("deit3", "timm", "deit3_small_patch16_224", _timm("deit3_small_patch16_224", **_VIT), True,
+         "DeiT-III (LayerScale)"),
+    Case("dinov2", "timm", "vit_small_patch14_dinov2", _timm("vit_small_patch14_dinov2", **_VIT), True,
+         "DINOv2 (LayerScale)"),
+    Case("dinov2_reg", "timm", "vit_small_patch14_reg4_dinov2", _timm("vit_small_patch14_reg4_dinov2", **_VIT), True,
+         "DINOv2 with registers"),
+    Case("openclip", "timm", "vit_base_patch16_clip_224", _timm("vit_base_patch16_clip_224", **_VIT), True,
+         "OpenCLIP image tower (pre-norm, GELU)"),
+    Case("flexivit", "timm", "flexivit_small", _timm("flexivit_small", **_VIT), True, "FlexiViT"),
+    Case("vit_gap", "timm", "vit_medium_patch16_gap_256", _timm("vit_medium_patch16_gap_256", **_VIT), True,
+         "ViT with global average pooling"),
+    Case("swin", "timm", "swin_tiny_patch4_window7_224", _timm("swin_tiny_patch4_window7_224", **_SWIN), True, "Swin"),
+    # timm: refused today
+    Case("eva02", "timm", "eva02_tiny_patch14_224", _timm("eva02_tiny_patch14_224", **_VIT), False,
+         "EVA-02: rotary embeddings, SwiGLU, inner LayerNorm (Eva)"),
+    Case("vit_rope", "timm", "vit_base_patch16_rope_224", _timm("vit_base_patch16_rope_224", **_VIT), False,
+         "ViT with rotary embeddings (Eva)"),
+    Case("siglip", "timm", "vit_base_patch16_siglip_224", _timm("vit_base_patch16_siglip_224", **_VIT), False,
+         "SigLIP image tower: attention-pool head (global_pool='map')", refusal="attention-pooling head"),
+    Case("clip_quickgelu", "timm", "vit_base_patch16_clip_quickgelu_224",
+         _timm("vit_base_patch16_clip_quickgelu_224", **_VIT), False, "OpenAI CLIP image tower: QuickGELU",
+         refusal="QuickGELU"),
+    Case("beit", "timm", "beit_base_patch16_224", _timm("beit_base_patch16_224", **_VIT), False,
+         "BEiT: relative position bias"),
+    Case("swinv2", "timm", "swinv2_tiny_window8_256", _timm("swinv2_tiny_window8_256", **_SWIN), False,
+         "Swin V2: cosine attention, continuous position bias"),
+    Case("vit_relpos", "timm", "vit_relpos_small_patch16_224", _timm("vit_relpos_small_patch16_224", **_VIT), False,
+         "ViT with relative position bias (VisionTransformerRelPos)"),
+    Case("vit_parallel", "timm", "vit_small_patch16_18x2_224", _timm("vit_small_patch16_18x2_224", **_VIT), False,
+         "ViT with parallel blocks", refusal="ParallelThingsBlock"),
+    Case("cait", "timm", "cait_xxs24_224", _timm("cait_xxs24_224", **_VIT, depth_token_only=1), False,
+         "CaiT: class attention"),
+    Case("hybrid_r26", "timm", "vit_small_r26_s32_224",
+         _timm("vit_small_r26_s32_224", embed_dim=32, depth=2, num_heads=2, img_size=64, num_classes=5), False,
+         "hybrid ViT with a ResNet stem", size=64, refusal="HybridEmbed"),
+    Case("pvt_v2", "timm", "pvt_v2_b0", _timm("pvt_v2_b0", num_classes=5), False,
+         "PVT v2: spatial-reduction attention"),
+    Case("xcit", "timm", "xcit_nano_12_p16_224",
+         _timm("xcit_nano_12_p16_224", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=16, num_classes=5),
+         False, "XCiT (not planned now)"),
+    Case("levit", "timm", "levit_128s", _timm("levit_128s", num_classes=5, img_size=32), False, "LeViT (not planned now)"),
+    Case("mvitv2", "timm", "mvitv2_tiny", _timm("mvitv2_tiny", num_classes=5, img_size=32), False,
+         "MViTv2 (not planned now)"),
+    Case("twins", "timm", "twins_pcpvt_small", _timm("twins_pcpvt_small", num_classes=5, img_size=32), False,
+         "Twins (not planned now)"),
+    Case("hiera", "timm", "hiera_tiny_224", _timm("hiera_tiny_224", num_classes=5, img_size=32), False,
+         "Hiera (not planned now)"),
+    # Hugging Face: taken
+    Case("hf_vit", "hf", "ViTForImageClassification", _hf("ViTForImageClassification", "ViTConfig", **_HF_VIT), True,
+         "ViT classifier"),
+    Case("hf_deit", "hf", "DeiTForImageClassification", _hf("DeiTForImageClassification", "DeiTConfig", **_HF_VIT),
+         True, "DeiT classifier"),
+    Case("hf_deit_teacher", "hf", "DeiTForImageClassificationWithTeacher",
+         _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", **_HF_VIT), True, "DeiT with distillation token"),
+    Case("hf_swin", "hf", "SwinForImageClassification", _hf("SwinForImageClassification", "SwinConfig", **_HF_SWIN),
+         True, "Swin classifier"),
+    # Hugging Face: refused today
+    Case("hf_vit_headless", "hf", "ViTModel", _hf("ViTModel", "ViTConfig", **_HF_VIT), False, "ViT encoder (no head)"),
+    Case("hf_deit_headless", "hf", "DeiTModel", _hf("DeiTModel", "DeiTConfig", **_HF_VIT), False, "DeiT encoder"),
+    Case("hf_swin_headless", "hf", "SwinModel", _hf("SwinModel", "SwinConfig", **_HF_SWIN), False, "Swin encoder"),
+    Case("hf_dinov2", "hf", "Dinov2Model", _hf("Dinov2Model", "Dinov2Config", **_HF_VIT), False, "DINOv2 encoder"),
+    Case("hf_dinov2_cls", "hf", "Dinov2ForImageClassification",
+         _hf("Dinov2ForImageClassification", "Dinov2Config", **_HF_VIT), False, "DINOv2 classifier"),
+    Case("hf_dinov2_reg", "hf", "Dinov2WithRegistersModel",
+         _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", **_HF_VIT), False, "DINOv2 with registers"),
+    Case("hf_clip", "hf", "CLIPVisionModel", _hf("CLIPVisionModel", "CLIPVisionConfig", **{
+        k: v for k, v in _HF_VIT.items() if k != "num_labels"}), False, "CLIP image tower"),
+    Case("hf_clip_proj", "hf", "CLIPVisionModelWithProjection", _hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", **{
+        k: v for k, v in _HF_VIT.items() if k != "num_labels"}, projection_dim=16), False, "CLIP image tower + projection"),
+    Case("hf_siglip", "hf", "SiglipVisionModel", _hf("SiglipVisionModel", "SiglipVisionConfig", **{
+        k: v for k, v in _HF_VIT.items() if k != "num_labels"}), False, "SigLIP image tower"),
+    Case("hf_beit", "hf", "BeitForImageClassification", _hf("BeitForImageClassification", "BeitConfig", **_HF_VIT), False,
+         "BEiT classifier"),
+    Case("hf_data2vec", "hf", "Data2VecVisionForImageClassification",
+         _hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", **_HF_VIT), False, "data2vec-vision"),
+    Case("hf_swinv2", "hf", "Swinv2ForImageClassification",
+         _hf("Swinv2ForImageClassification", "Swinv2Config", **_HF_SWIN), False, "Swin V2 classifier"),
+    Case("hf_vitmsn", "hf", "ViTMSNForImageClassification",
+         _hf("ViTMSNForImageClassification", "ViTMSNConfig", **_HF_VIT), False, "ViT-MSN classifier"),
+]
+
+
+@dataclass
+class Result:
+    case: Case
+    taken: bool
+    message: str = ""  # the refusal's one line
+    linears: int = 0  # nn.Linear modules of the float model
+    quantized: int = 0  # Linear-like modules whose weight site is quantized
+    cosine: Optional[float] = None
+    onnx_diff: Optional[float] = None  # max |logit diff| / max |logit|, onnxruntime against the simulation
+    seconds: float = 0.0
+
+
+def _logits(y: Any) -> torch.Tensor:
+    for k in ("logits", "pooler_output", "image_embeds", "last_hidden_state"):
+        v = getattr(y, k, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    return y if isinstance(y, torch.Tensor) else y[0]
+
+
+def check(case: Case, export: bool = True) -> Result:
+    """Try ``case`` as a user would; never raises for a refusal (it is the result)."""
+    import vitq
+    from vitq.errors import VitqError
+    from vitq.nn import QConv2d, QLinear
+
+    t0 = time.perf_counter()
+    model = case.build()
+    x = case.input()
+    with torch.no_grad():
+        ref = _logits(model(x)).float()
+    linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    try:
+        q = vitq.quantize(model, "minmax", "W8A8", calib_data=x)
+    except VitqError as e:
+        return Result(case, False, str(e).splitlines()[0], linears, seconds=time.perf_counter() - t0)
+    res = Result(case, True, linears=linears)
+    res.quantized = sum(1 for m in q.modules() if isinstance(m, (QLinear, QConv2d)) and not isinstance(m, QConv2d)
+                        and getattr(m, "weight_quant", None) is not None)
+    with torch.no_grad():
+        y = _logits(q(x)).float()
+    res.cosine = float(torch.nn.functional.cosine_similarity(y.flatten(1), ref.flatten(1)).min())
+    if export:
+        try:
+            from vitq.export.deploy import export as do_export
+            from vitq.export.onnx import session
+
+            with tempfile.TemporaryDirectory() as d:
+                do_export(q, d, "onnx")
+                sess = session(Path(d) / "model.onnx")
+                out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+            yo = torch.from_numpy(out).float().reshape(y.shape)
+            res.onnx_diff = float((yo - y).abs().max() / y.abs().max().clamp_min(1e-12))
+        except VitqError as e:
+            res.message = f"onnx: {str(e).splitlines()[0]}"
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def render(results: list[Result]) -> list[str]:
+    from bench.common import md_table  # the one table writer (bench/common.py)
+
+    lines = ["# Architecture coverage", "",
+             "Generated by `scripts/coverage.py` (`python -m scripts.coverage`); `tests/test_coverage.py` holds every row "
+             "to what it says. Each architecture is a tiny random-weight configuration (2 blocks, 32-dim, 32 px), "
+             "quantized with `vitq.quantize(model, \"minmax\", \"W8A8\")` as a user would: **Linears** = the float model's "
+             "`nn.Linear` modules against those with a quantized weight; **cosine** = the smallest per-image output "
+             f"cosine against the float model (the bar: {MIN_COSINE}); **ONNX** = the largest |output difference| of the "
+             "exported file in onnxruntime, relative to the largest output. A refused architecture shows the one line "
+             "vitq says. Issue 42 plans the refused ones (XCiT, LeViT, MViTv2, Twins and Hiera are not planned now).", ""]
+    for lib, title in (("timm", "timm"), ("hf", "Hugging Face (transformers)")):
+        rows = []
+        for r in (r for r in results if r.case.library == lib):
+            c = r.case
+            if r.taken:
+                status = "supported" + ("" if not r.message else f" ({r.message})")
+                rows.append([f"`{c.name}`", c.note, status, f"{r.quantized} / {r.linears}",
+                             "-" if r.cosine is None else f"{r.cosine:.4f}",
+                             "-" if r.onnx_diff is None else f"{r.onnx_diff:.1e}"])
+            else:
+                said = r.message.split(": vitq supports")[0].replace("|", "/")
+                rows.append([f"`{c.name}`", c.note, f"refused: {said}", "-", "-", "-"])
+        n_ok = sum(1 for r in results if r.case.library == lib and r.taken)
+        n = sum(1 for r in results if r.case.library == lib)
+        lines += [f"## {title}: {n_ok} of {n} supported", ""]
+        lines += md_table(["architecture", "what", "vitq", "Linears quantized", "cosine W8A8", "ONNX"], rows,
+                          align="llllrr")
+        lines.append("")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--no-export", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = []
+    for c in CASES:
+        r = check(c, export=not args.no_export)
+        results.append(r)
+        print(f"{c.key:<18} {'taken' if r.taken else 'refused'}  {r.message[:100]}"
+              + ("" if r.cosine is None else f"  cosine {r.cosine:.4f}")
+              + ("" if r.onnx_diff is None else f"  onnx {r.onnx_diff:.1e}"), flush=True)
+    from bench.common import write_md
+
+    write_md(Path(args.out), render(results))
+    print(f"wrote {args.out}")
+    bad = [r.case.key for r in results if r.taken != r.case.supported or (r.taken and not (
+        r.cosine is not None and r.cosine >= MIN_COSINE and math.isfinite(r.cosine)))]
+    if bad:
+        print("rows that disagree with the catalogue: " + ", ".join(bad), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
