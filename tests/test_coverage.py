@@ -33,3 +33,20 @@ def test_the_coverage_page_lists_every_architecture() -> None:
     page = (Path(__file__).resolve().parents[1] / "docs" / "coverage.md").read_text()
     for c in CASES:
         assert f"`{c.name}`" in page, f"docs/coverage.md has no row for {c.name}: python -m scripts.coverage"
+
+
+@pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
+def test_every_recipe_runs_on_the_quickgelu_clip_tower(recipe: str) -> None:
+    """OpenAI CLIP's image tower (QuickGELU): every shipped recipe runs, its post-GELU quantizers (twin uniform, V-2SF)
+    included - QuickGELU's minimum (-0.1636) lies inside GELU's negative range, which those grids cover."""
+    import torch
+    from test_hf import _short
+
+    import vitq
+
+    case = next(c for c in CASES if c.key == "clip_quickgelu")
+    x = case.input(8)
+    q = vitq.quantize(case.build(), _short(recipe), "W4A4", calib_data=x)
+    with torch.no_grad():
+        out = q(x)
+    assert out.shape == (8, 5) and (torch.isfinite(out).all() or recipe.startswith("fq"))

@@ -90,6 +90,15 @@ class TimmAttention(QAttentionCore):
         return x
 
 
+def gelu_like() -> tuple[type, ...]:
+    """MLP activations whose negative range is GELU's (the post-GELU quantizers' fixed negative grid covers them):
+    GELU (min -0.16997), GELU-tanh (-0.17004: 7e-5 below, far under one 8-bit step) and OpenAI CLIP's QuickGELU
+    ``x * sigmoid(1.702 x)`` (-0.16361). SiLU (-0.27846) and others would be clipped: not taken."""
+    from timm.layers import GELU, GELUTanh, QuickGELU
+
+    return (nn.GELU, GELU, GELUTanh, QuickGELU)
+
+
 class TimmBlock(nn.Module):
     """Behaviour mixed into timm's ViT ``Block``: residual adds as QAdd, forward in two halves."""
 
@@ -121,8 +130,8 @@ class TimmBlock(nn.Module):
 @register_adapter
 class TimmViTAdapter(Adapter):
     name = "timm-vit"
-    description = ("timm VisionTransformer (ViT / DeiT, any size) and VisionTransformerDistilled "
-                   "(DeiT with distillation token), global pool token/avg")
+    description = ("timm VisionTransformer (ViT / DeiT / DeiT-III / DINOv2 / CLIP image towers, any size; GELU or "
+                   "QuickGELU) and VisionTransformerDistilled (DeiT with distillation token), global pool token/avg")
 
     library = "timm"
 
@@ -163,8 +172,9 @@ class TimmViTAdapter(Adapter):
             require_type(blk.mlp, (Mlp,), "MLP", f"blocks.{i}.mlp")
             if getattr(blk.attn, "gate", None) is not None:
                 raise ModelError(f"gated attention at blocks.{i}.attn is not supported")
-            if not isinstance(blk.mlp.act, nn.GELU):
-                raise ModelError(f"MLP activation {type(blk.mlp.act).__name__} at blocks.{i}.mlp is not supported: GELU only")
+            if not isinstance(blk.mlp.act, gelu_like()):
+                raise ModelError(f"MLP activation {type(blk.mlp.act).__name__} at blocks.{i}.mlp is not supported: the "
+                                 "post-GELU quantizers assume GELU's range (GELU, GELU-tanh and QuickGELU are taken)")
         head = getattr(model, "head", None)
         if not isinstance(head, (nn.Linear, nn.Identity)):
             raise ModelError(f"head of type {type(head).__name__} is not supported: nn.Linear only")
