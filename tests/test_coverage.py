@@ -36,17 +36,54 @@ def test_the_coverage_page_lists_every_architecture() -> None:
 
 
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
-def test_every_recipe_runs_on_the_quickgelu_clip_tower(recipe: str) -> None:
-    """OpenAI CLIP's image tower (QuickGELU): every shipped recipe runs, its post-GELU quantizers (twin uniform, V-2SF)
-    included - QuickGELU's minimum (-0.1636) lies inside GELU's negative range, which those grids cover."""
+@pytest.mark.parametrize("key", ["clip_quickgelu", "siglip"])
+def test_every_recipe_runs_on_the_new_vit_variants(key: str, recipe: str) -> None:
+    """OpenAI CLIP's image tower (QuickGELU) and SigLIP's (attention-pool head): every shipped recipe runs - the
+    post-GELU quantizers (twin uniform, V-2SF) on QuickGELU, whose minimum (-0.1636) lies inside GELU's negative
+    range that their grids cover; TanQ / log2 on the pool's cross-attention, whose core is the blocks' core."""
     import torch
     from test_hf import _short
 
     import vitq
 
-    case = next(c for c in CASES if c.key == "clip_quickgelu")
+    case = next(c for c in CASES if c.key == key)
     x = case.input(8)
     q = vitq.quantize(case.build(), _short(recipe), "W4A4", calib_data=x)
     with torch.no_grad():
         out = q(x)
     assert out.shape == (8, 5) and (torch.isfinite(out).all() or recipe.startswith("fq"))
+    if key == "siglip" and recipe not in ("fp",):  # the pool's attention is quantized by the recipe's rules
+        probs = {m["quantizer"] for m in vitq.manifest(q) if m["site"] == "attn_pool.matmul_av.quant_a"}
+        assert probs and probs != {"float"}, vitq.manifest(q)[-12:]
+
+
+@pytest.mark.parametrize("recipe", ["repq", "dopq-calib", "aocq-balance"])
+def test_reparameterizing_the_attention_pool_keeps_the_float_function(recipe: str) -> None:
+    """RepQ / MOSF fold into the final norm -> pool keys/values and the pool's norm -> MLP pairs, and AOCQ's LN_alpha /
+    Add_alpha balance the blocks' stream: with quantization disabled the model is the float model."""
+    import torch
+    from conftest import unfuse
+    from test_hf import _short
+
+    import vitq
+
+    case = next(c for c in CASES if c.key == "siglip")
+    x = case.input(8)
+    m = unfuse(case.build())
+    m.attn_pool.fused_attn = False
+    with torch.no_grad():  # outlier channels (as ImageNet ViTs have), so that the balance has something to do
+        for blk in m.blocks:
+            blk.norm1.weight[:3] *= 20
+            blk.norm2.weight[:3] *= 20
+        m.attn_pool.norm.weight[:3] *= 20
+        ref = m(x)
+    r = (vitq.Recipe.from_dict({"extends": "aocq", "passes": [{"pass": "aocq_balance"}, {"pass": "calibrate"}]}, "t")
+         if recipe == "aocq-balance" else _short(recipe))
+    q = vitq.quantize(m, r, "W4A4", calib_data=x)
+    with torch.no_grad(), vitq.disabled(q):
+        torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-5)
+    st = vitq.state_of(q)
+    if recipe == "aocq-balance":
+        assert sum(v["channels_scaled"] for part in ("add_alpha", "ln_alpha") for v in st.balance[part].values()) > 0
+    else:  # two per block, and the two of the head: the final norm -> the pool's kv, the pool's norm -> its MLP
+        assert st.reparam[0]["layernorms"] == 2 * len(m.blocks) + 2

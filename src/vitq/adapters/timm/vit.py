@@ -90,6 +90,44 @@ class TimmAttention(QAttentionCore):
         return x
 
 
+class TimmAttentionPool(QAttentionCore):
+    """Replacement for timm's ``AttentionPoolLatent`` (``global_pool='map'``: SigLIP's head): a learned latent query
+    cross-attends to the tokens through the attention core, in timm's non-fused order, then ``proj`` and a residual
+    MLP on its own LayerNorm (the residual add a :class:`~vitq.nn.QAdd`). Sub-modules and parameters keep timm's
+    names."""
+
+    if TYPE_CHECKING:  # takes over a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
+    def __init__(self, pool: Any) -> None:
+        super().__init__()
+        for name in ("num_heads", "head_dim", "scale", "pool", "latent_len", "latent_dim", "pos_embed", "latent", "q", "kv",
+                     "q_norm", "k_norm", "proj", "proj_drop", "norm", "mlp"):  # timm's order: state dicts unchanged
+            setattr(self, name, getattr(pool, name))
+        self.add = QAdd()
+        self.init_core()
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        B, N, C = x.shape
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
+        q_latent = self.latent.expand(B, -1, -1)
+        q = self.q(q_latent).reshape(B, self.latent_len, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask = None if attn_mask is None else _self_attn_bias(N, q, attn_mask, False)
+        x = self.attend(q, k, v, self.scale, mask=mask)
+        x = x.transpose(1, 2).reshape(B, self.latent_len, C)
+        x = self.proj_drop(self.proj(x))
+        x = self.add(x, self.mlp(self.norm(x)))
+        if self.pool == "token":
+            return x[:, 0]
+        if self.pool == "avg":
+            return x.mean(1)
+        return x
+
+
 def gelu_like() -> tuple[type, ...]:
     """MLP activations whose negative range is GELU's (the post-GELU quantizers' fixed negative grid covers them):
     GELU (min -0.16997), GELU-tanh (-0.17004: 7e-5 below, far under one 8-bit step) and OpenAI CLIP's QuickGELU
@@ -131,7 +169,8 @@ class TimmBlock(nn.Module):
 class TimmViTAdapter(Adapter):
     name = "timm-vit"
     description = ("timm VisionTransformer (ViT / DeiT / DeiT-III / DINOv2 / CLIP image towers, any size; GELU or "
-                   "QuickGELU) and VisionTransformerDistilled (DeiT with distillation token), global pool token/avg")
+                   "QuickGELU) and VisionTransformerDistilled (DeiT with distillation token), global pool token / avg / "
+                   "map (SigLIP's attention-pool head)")
 
     library = "timm"
 
@@ -161,8 +200,17 @@ class TimmViTAdapter(Adapter):
         from timm.layers.attention import Attention
         from timm.models.vision_transformer import Block
 
-        if getattr(model, "attn_pool", None) is not None:
-            raise ModelError("attention-pooling head (global_pool='map') is not supported: use 'token' or 'avg'")
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None and not isinstance(pool, TimmAttentionPool):
+            from timm.layers import AttentionPoolLatent
+
+            require_type(pool, (AttentionPoolLatent,), "attention-pooling head", "attn_pool")
+            if pool.mlp is None or not isinstance(pool.q, nn.Linear):
+                raise ModelError("attention-pooling head without its projection / MLP (out_features=0) or without a "
+                                 "query projection is not supported yet")
+            if not isinstance(pool.mlp.act, gelu_like()):
+                raise ModelError(f"attention-pooling head activation {type(pool.mlp.act).__name__} is not supported: "
+                                 "GELU, GELU-tanh and QuickGELU are taken")
         if not isinstance(model.patch_embed, PatchEmbed):
             raise ModelError(f"patch embedding {type(model.patch_embed).__name__} (a hybrid ViT's CNN stem) is not "
                              "supported yet: use a ViT with a plain patch embedding")
@@ -194,6 +242,16 @@ class TimmViTAdapter(Adapter):
             swap_linear(blk.attn, "proj", Role.PROJ_IN)
             swap_linear(blk.mlp, "fc1", Role.FC1_IN)
             swap_linear(blk.mlp, "fc2", Role.FC2_IN)
+        if getattr(model, "attn_pool", None) is not None:
+            if not isinstance(model.attn_pool, TimmAttentionPool):
+                model.attn_pool = TimmAttentionPool(model.attn_pool)
+            pool = model.attn_pool
+            swap_linear(pool, "q", Role.QKV_IN)  # the latent query's projection (its input: the learned latent)
+            swap_linear(pool, "kv", Role.QKV_IN)
+            swap_linear(pool, "proj", Role.PROJ_IN)
+            swap_layernorm(pool, "norm")
+            swap_linear(pool.mlp, "fc1", Role.FC1_IN)
+            swap_linear(pool.mlp, "fc2", Role.FC2_IN)
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
                 swap_linear(model, head, Role.HEAD_IN)
@@ -205,6 +263,11 @@ class TimmViTAdapter(Adapter):
         for i, _ in enumerate(model.blocks):
             pairs.append(LNPair(f"blocks.{i}.norm1", (f"blocks.{i}.attn.qkv",), Role.QKV_IN))
             pairs.append(LNPair(f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",), Role.FC1_IN))
+        if getattr(model, "attn_pool", None) is not None:
+            if isinstance(model.norm, nn.LayerNorm):  # the final norm feeds only the pool's keys and values
+                pairs.append(LNPair("norm", ("attn_pool.kv",), Role.QKV_IN))
+            if isinstance(model.attn_pool.norm, nn.LayerNorm):
+                pairs.append(LNPair("attn_pool.norm", ("attn_pool.mlp.fc1",), Role.FC1_IN))
         return pairs
 
     def residual_streams(self, model: Any) -> list[ResidualStream]:
@@ -264,8 +327,8 @@ class TimmViTAdapter(Adapter):
                                 block=i))
             pieces.append(Piece(f"blocks.{i}.mlp", "mlp", blk.forward_mlp, (blk.norm2, blk.mlp, blk.ls2, blk.add2),
                                 block=i))
-        head_mods = tuple(m for m in (model.norm, model.fc_norm, model.head, getattr(model, "head_dist", None))
-                          if isinstance(m, nn.Module))
+        head_mods = tuple(m for m in (model.norm, getattr(model, "attn_pool", None), model.fc_norm, model.head,
+                                      getattr(model, "head_dist", None)) if isinstance(m, nn.Module))
         pieces.append(Piece("head", "head", head, head_mods))
         return pieces
 
