@@ -35,12 +35,16 @@ def test_the_coverage_page_lists_every_architecture() -> None:
         assert f"`{c.name}`" in page, f"docs/coverage.md has no row for {c.name}: python -m scripts.coverage"
 
 
+NEW = ["clip_quickgelu", "siglip", "eva02", "eva02_base"]
+
+
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
-@pytest.mark.parametrize("key", ["clip_quickgelu", "siglip"])
-def test_every_recipe_runs_on_the_new_vit_variants(key: str, recipe: str) -> None:
-    """OpenAI CLIP's image tower (QuickGELU) and SigLIP's (attention-pool head): every shipped recipe runs - the
-    post-GELU quantizers (twin uniform, V-2SF) on QuickGELU, whose minimum (-0.1636) lies inside GELU's negative
-    range that their grids cover; TanQ / log2 on the pool's cross-attention, whose core is the blocks' core."""
+@pytest.mark.parametrize("key", NEW)
+def test_every_recipe_runs_on_the_new_families(key: str, recipe: str) -> None:
+    """OpenAI CLIP's image tower (QuickGELU), SigLIP's (attention-pool head) and EVA-02 (rotary embeddings, SwiGLU,
+    inner LayerNorm): every shipped recipe runs - the post-GELU quantizers (twin uniform, V-2SF) on QuickGELU, whose
+    minimum (-0.1636) lies inside GELU's negative range that their grids cover, and not on SwiGLU's signed product
+    (GLU_OUT); TanQ / log2 on the pool's cross-attention and on EVA's rotated q / k, through the one core."""
     import torch
     from test_hf import _short
 
@@ -58,24 +62,27 @@ def test_every_recipe_runs_on_the_new_vit_variants(key: str, recipe: str) -> Non
 
 
 @pytest.mark.parametrize("recipe", ["repq", "dopq-calib", "aocq-balance"])
-def test_reparameterizing_the_attention_pool_keeps_the_float_function(recipe: str) -> None:
-    """RepQ / MOSF fold into the final norm -> pool keys/values and the pool's norm -> MLP pairs, and AOCQ's LN_alpha /
-    Add_alpha balance the blocks' stream: with quantization disabled the model is the float model."""
+@pytest.mark.parametrize("key", ["siglip", "eva02", "eva02_base"])
+def test_reparameterizing_the_new_families_keeps_the_float_function(key: str, recipe: str) -> None:
+    """RepQ / MOSF fold into every LayerNorm -> Linear pair (SigLIP: the final norm -> the pool's kv and the pool's
+    norm -> its MLP; EVA-02: norm1 -> q / k / v, norm2 -> both SwiGLU inputs, the inner norm -> fc2), and AOCQ's
+    LN_alpha / Add_alpha balance the stream: with quantization disabled the model is the float model."""
     import torch
     from conftest import unfuse
     from test_hf import _short
 
     import vitq
+    from vitq.adapters import get_adapter
 
-    case = next(c for c in CASES if c.key == "siglip")
+    case = next(c for c in CASES if c.key == key)
     x = case.input(8)
     m = unfuse(case.build())
-    m.attn_pool.fused_attn = False
-    with torch.no_grad():  # outlier channels (as ImageNet ViTs have), so that the balance has something to do
-        for blk in m.blocks:
-            blk.norm1.weight[:3] *= 20
-            blk.norm2.weight[:3] *= 20
-        m.attn_pool.norm.weight[:3] *= 20
+    if getattr(m, "attn_pool", None) is not None:
+        m.attn_pool.fused_attn = False
+    pairs = get_adapter(m).ln_consumers(m)
+    with torch.no_grad():  # outlier channels (as ImageNet ViTs have), so that the folds have something to do
+        for p in pairs:
+            m.get_submodule(p.ln_name).weight[:3] *= 20
         ref = m(x)
     r = (vitq.Recipe.from_dict({"extends": "aocq", "passes": [{"pass": "aocq_balance"}, {"pass": "calibrate"}]}, "t")
          if recipe == "aocq-balance" else _short(recipe))
@@ -85,5 +92,31 @@ def test_reparameterizing_the_attention_pool_keeps_the_float_function(recipe: st
     st = vitq.state_of(q)
     if recipe == "aocq-balance":
         assert sum(v["channels_scaled"] for part in ("add_alpha", "ln_alpha") for v in st.balance[part].values()) > 0
-    else:  # two per block, and the two of the head: the final norm -> the pool's kv, the pool's norm -> its MLP
-        assert st.reparam[0]["layernorms"] == 2 * len(m.blocks) + 2
+    else:  # every LayerNorm -> Linear pair the adapter names was folded
+        assert st.reparam[0]["layernorms"] == len(pairs)
+
+
+@pytest.mark.parametrize("key", NEW)
+def test_the_new_families_as_reconstruction_chains_and_wrapped_bit_exact(key: str) -> None:
+    """Wrapped with empty slots, each new family computes timm's non-fused float model bit for bit, and its chain of
+    pieces (the units reconstruction trains) computes the model."""
+    import copy
+
+    import torch
+    from conftest import unfuse
+
+    import vitq
+    from vitq.adapters import get_adapter
+    from vitq.adapters.base import run_chain
+
+    case = next(c for c in CASES if c.key == key)
+    m = unfuse(case.build())
+    if getattr(m, "attn_pool", None) is not None:
+        m.attn_pool.fused_attn = False
+    x = case.input(4)
+    with torch.no_grad():
+        ref = m(x)
+        w = vitq.wrap(copy.deepcopy(m))
+        assert torch.equal(w(x), ref)
+        q = vitq.quantize(copy.deepcopy(m), "minmax", "W4A4", calib_data=x)
+        assert torch.equal(run_chain(get_adapter(q).chain(q), x), q(x))

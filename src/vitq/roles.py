@@ -16,6 +16,7 @@ class Role(str, Enum):
     PROJ_IN = "PROJ_IN"            # attention output -> proj
     FC1_IN = "FC1_IN"              # post-LayerNorm (norm2 -> fc1)
     FC2_IN = "FC2_IN"              # post-GELU
+    GLU_OUT = "GLU_OUT"            # a gated linear unit's signed product act(x_gate) * x -> fc2 (SwiGLU, EVA-02)
     REDUCTION_IN = "REDUCTION_IN"  # post-LayerNorm in Swin patch merging
     HEAD_IN = "HEAD_IN"            # classifier input (after final norm + pooling)
     # attention matmul operands
@@ -37,7 +38,7 @@ POST_LN_ROLES = frozenset({Role.QKV_IN, Role.FC1_IN, Role.REDUCTION_IN})
 #: Sites of fully-quantized mode (FQ-ViT, TSPTQ-ViT, AOCQ). A recipe's wildcard rule ``act:*`` does
 #: not reach them: they are quantized only where a rule names them.
 FULL_QUANT_ROLES = frozenset({Role.LN_IN, Role.SOFTMAX_IN, Role.RESIDUAL})
-LAYER_ROLES = frozenset({Role.PATCH_EMBED, Role.QKV_IN, Role.PROJ_IN, Role.FC1_IN, Role.FC2_IN,
+LAYER_ROLES = frozenset({Role.PATCH_EMBED, Role.QKV_IN, Role.PROJ_IN, Role.FC1_IN, Role.FC2_IN, Role.GLU_OUT,
                          Role.REDUCTION_IN, Role.HEAD_IN})
 
 
