@@ -53,7 +53,8 @@ def _rotate(t: Tensor, rope: Tensor, npt: int, half: bool, like: Tensor) -> Tens
 
 
 class TimmEvaAttention(QAttentionCore):
-    """Replacement for timm's ``EvaAttention`` (see the module docstring)."""
+    """Replacement for timm's ``EvaAttention`` and ``AttentionRope`` (ViT-RoPE; grouped-query attention too): see
+    the module docstring."""
 
     if TYPE_CHECKING:  # takes over a library's module: its attributes are the library's, untyped here
         def __getattr__(self, name: str) -> Any: ...
@@ -64,6 +65,9 @@ class TimmEvaAttention(QAttentionCore):
                      "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
             setattr(self, name, getattr(attn, name))
         self.rotate_half = bool(getattr(attn, "rotate_half", False))
+        self.num_kv_heads = int(getattr(attn, "num_kv_heads", self.num_heads))  # AttentionRope: grouped-query attention
+        self.num_kv_groups = self.num_heads // self.num_kv_heads
+        self.attn_dim = self.num_heads * self.head_dim
         if self.qkv is not None and getattr(attn, "q_bias", None) is not None:
             # timm: F.linear(x, qkv.weight, cat(q_bias, k_bias (zeros), v_bias)): the same values as one bias
             self.qkv.bias = nn.Parameter(torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach().clone())
@@ -77,14 +81,17 @@ class TimmEvaAttention(QAttentionCore):
             q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-            k = self.k_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-            v = self.v_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+            k = self.k_proj(x).reshape(B, N, self.num_kv_heads, -1).transpose(1, 2)
+            v = self.v_proj(x).reshape(B, N, self.num_kv_heads, -1).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q = _rotate(q, rope, self.num_prefix_tokens, self.rotate_half, v)
             k = _rotate(k, rope, self.num_prefix_tokens, self.rotate_half, v)
+        if self.num_kv_groups > 1:  # grouped-query attention: each kv head serves its group of query heads
+            k = k.repeat_interleave(self.num_kv_groups, dim=1)
+            v = v.repeat_interleave(self.num_kv_groups, dim=1)
         x = self.attend(q, k, v, self.scale, mask=_self_attn_bias(N, q, attn_mask, is_causal), dropout=self.attn_drop)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))
@@ -151,8 +158,8 @@ def _fc2_role(mlp: Any) -> Role:
 @register_adapter
 class TimmEvaAdapter(Adapter):
     name = "timm-eva"
-    description = ("timm Eva: EVA-02 (rotary embeddings, SwiGLU, inner LayerNorm) and ViT-RoPE models built on it, "
-                   "global pool token / avg")
+    description = ("timm Eva: EVA-02 (rotary embeddings, SwiGLU, inner LayerNorm) and the ViT-RoPE models built on "
+                   "it (AttentionRope), global pool token / avg")
     library = "timm"
 
     @classmethod
@@ -178,6 +185,7 @@ class TimmEvaAdapter(Adapter):
 
     def check(self, model: Any) -> None:
         from timm.layers import PatchEmbed
+        from timm.layers.attention import AttentionRope
         from timm.models.eva import EvaAttention, EvaBlock
 
         if not isinstance(model.patch_embed, PatchEmbed):
@@ -191,7 +199,7 @@ class TimmEvaAdapter(Adapter):
             raise ModelError("Eva with dynamic_img_size is not supported yet: build it for a fixed input size")
         for i, blk in enumerate(model.blocks):
             require_type(blk, (EvaBlock,), "transformer block", f"blocks.{i}")
-            require_type(blk.attn, (EvaAttention, TimmEvaAttention), "attention", f"blocks.{i}.attn")
+            require_type(blk.attn, (EvaAttention, AttentionRope, TimmEvaAttention), "attention", f"blocks.{i}.attn")
             if getattr(blk.attn, "qkv_bias_separate", False):
                 raise ModelError(f"blocks.{i}.attn adds its qkv bias separately (qkv_bias_separate): not supported yet")
             if getattr(blk.attn, "gate", None) is not None:
