@@ -19,7 +19,7 @@ attention by this type, never by a family's class.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -47,16 +47,19 @@ class QAttentionCore(nn.Module):
         self.matmul_av = QMatMul(Role.ATTN_PROBS, Role.ATTN_V)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float, *, scale_first: bool = True,
-               bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+               bias: "Optional[Tensor | Sequence[Optional[Tensor]]]" = None, mask: Optional[Tensor] = None,
                dropout: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-        """``softmax(q kᵀ · scale + bias, mask) v`` for ``q, k, v`` of shape (B, heads, N, d)."""
+        """``softmax(q kᵀ · scale + bias, mask) v`` for ``q, k, v`` of shape (B, heads, N, d). ``bias`` may be a
+        sequence (BEiT: the block's relative position bias, then the model's shared one), added in that order, as
+        the library adds them (the sum's rounding follows)."""
         if scale_first:
             q = q * scale
         attn = self.matmul_qk(q, k.transpose(-2, -1))
         if not scale_first:
             attn = attn * scale
-        if bias is not None:
-            attn = attn + bias
+        for b in (bias if isinstance(bias, (list, tuple)) else (bias,)):
+            if b is not None:
+                attn = attn + b
         attn = self.softmax(attn, mask)
         if dropout is not None:
             attn = dropout(attn)

@@ -46,6 +46,14 @@ from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_ima
 from .vit import _self_attn_bias, gelu_like
 
 
+def adopt_qkv_bias(qkv: Optional[nn.Linear], attn: Any) -> None:
+    """A fused ``qkv`` Linear whose bias the library keeps outside it (``q_bias``, a zero ``k_bias`` buffer,
+    ``v_bias``: EVA, BEiT) computes ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``: the same values become
+    the Linear's own bias, so its QLinear computes exactly that (and reparameterization folds into it)."""
+    if qkv is not None and getattr(attn, "q_bias", None) is not None:
+        qkv.bias = nn.Parameter(torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach().clone())
+
+
 def _rotate(t: Tensor, rope: Tensor, npt: int, half: bool, like: Tensor) -> Tensor:
     from timm.layers import apply_rot_embed_cat
 
@@ -68,9 +76,7 @@ class TimmEvaAttention(QAttentionCore):
         self.num_kv_heads = int(getattr(attn, "num_kv_heads", self.num_heads))  # AttentionRope: grouped-query attention
         self.num_kv_groups = self.num_heads // self.num_kv_heads
         self.attn_dim = self.num_heads * self.head_dim
-        if self.qkv is not None and getattr(attn, "q_bias", None) is not None:
-            # timm: F.linear(x, qkv.weight, cat(q_bias, k_bias (zeros), v_bias)): the same values as one bias
-            self.qkv.bias = nn.Parameter(torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach().clone())
+        adopt_qkv_bias(self.qkv, attn)
         self.init_core()
 
     def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
