@@ -248,3 +248,58 @@ def test_quantizer_options_are_typed_once() -> None:
                          ("v2sf", {"search_alpha": 2.0, "search_beta": 1.0}, "search_beta 1.0 must be >= search_alpha")):
         with pytest.raises(ConfigError, match=msg):
             QuantSpec(quantizer=q, options=opts, granularity="tensor")
+
+
+def test_knn_votes_rank_the_classes_of_the_nearest_neighbours() -> None:
+    from vitq.features import knn_predict
+
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    q = torch.tensor([[1.0, 0.05], [0.05, 1.0], [-1.0, 0.1]])
+    top = knn_predict(bank, labels, q, k=3)
+    assert top[:, 0].tolist() == [0, 1, 2] and top.shape == (3, 3)
+    with pytest.raises(DataError, match="needs labelled images"):
+        knn_predict(bank, torch.tensor([0, 0, 1, 1, -1]), q)
+
+
+def test_an_encoder_is_judged_by_knn_and_embedding_agreement(rgb: SimpleNamespace, capsys) -> None:
+    """A model without a head (timm num_classes=0, here a checkpoint without one): quantize, eval and compare report
+    k-NN top-1 against a bank of train-split embeddings, paired against the float model, and the embeddings' cosine
+    and SQNR against the float model's - in the same record as a classifier's."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    enc = rgb.tmp / "enc.safetensors"
+    save_file(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), str(enc))
+    base = ["--checkpoint", str(enc), "--data", str(rgb.root), "--calib-size", "6", "--no-progress"]
+    code, out, err = run(["quantize", "test_vit", *base, "--recipe", "minmax", "--bits", "W8A8", "--out",
+                          str(rgb.tmp / "run"), "--json", str(rgb.tmp / "q.json")], capsys)
+    assert code == 0, err
+    q = json.loads((rgb.tmp / "q.json").read_text())
+    assert q["task"] == "features" and q["knn"]["k"] == 20 and q["knn"]["bank"] == 12
+    assert 0.99 <= q["emb_cosine_mean"] <= 1.0 and q["emb_cosine_p5"] <= q["emb_cosine_mean"] and q["emb_sqnr_db"] > 20
+    assert q["vs_fp"]["n"] == 12 and q["per_seed"][0]["emb_cosine_mean"] == q["emb_cosine_mean"]
+    assert "k-NN top-1" in out and "embeddings against the float model's: cosine" in out
+    # the run folder evaluates as an encoder on its recorded data: the same k-NN top-1
+    code, out, err = run(["eval", str(rgb.tmp / "run"), "--no-progress", "--json", str(rgb.tmp / "e.json")], capsys)
+    assert code == 0, err
+    e = json.loads((rgb.tmp / "e.json").read_text())
+    assert e["task"] == "features" and e["top1"] == q["q_top1"] and "k-NN top-1" in out
+    code, _, err = run(["compare", "test_vit", *base, "--recipes", "minmax,percentile", "--bits", "W8A8,W4A4",
+                        "--json", str(rgb.tmp / "c.json")], capsys)
+    assert code == 0, err
+    rows = json.loads((rgb.tmp / "c.json").read_text())["rows"]
+    assert all(r["task"] == "features" and 0.0 < r["emb_cosine_mean"] <= 1.0 for r in rows)
+    w8 = next(r for r in rows if r["recipe"] == "minmax" and r["bits"] == "W8A8")
+    assert measured(w8) == measured(q)  # the same record through compare
+    w4 = next(r for r in rows if r["recipe"] == "minmax" and r["bits"] == "W4A4")
+    assert w4["emb_sqnr_db"] < w8["emb_sqnr_db"]  # more bits, less error
+    expect_error(["quantize", "test_vit", *base, "--task", "classify"], capsys, "has no classification head")
+    # the export's parity check of an encoder: its embeddings against the simulated ones, on the recorded data
+    pytest.importorskip("onnxruntime")
+    code, out, err = run(["export", str(rgb.tmp / "run"), "--format", "onnx", "--verify", "--no-progress",
+                          "--json", str(rgb.tmp / "x.json")], capsys)
+    assert code == 0, err
+    v = json.loads((rgb.tmp / "x.json").read_text())["verify"]
+    assert v["task"] == "features" and v["images"] == 12 and v["embedding_cosine_min"] >= 0.999 and "embeddings" in out

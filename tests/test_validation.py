@@ -23,10 +23,14 @@ def _fast(args: list[str], capsys, pattern: str) -> None:
     assert time.perf_counter() - t0 < 5  # refused from the arguments, not after loading and evaluating
 
 
-@pytest.mark.parametrize("flag", ["--batch-size", "--eval-size", "--num-classes", "--calib-size"])
+@pytest.mark.parametrize("flag", ["--batch-size", "--eval-size", "--calib-size", "--knn-bank"])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_sizes_must_be_positive(flag: str, value: str, capsys) -> None:
     _fast(["quantize", flag, value], capsys, rf"{flag} {value}: give a positive number")
+
+
+def test_num_classes_may_be_zero_for_an_encoder(capsys) -> None:
+    _fast(["quantize", "--num-classes", "-3"], capsys, r"--num-classes -3: give 0 \(an encoder")
 
 
 @pytest.mark.parametrize("given", [["--iters", "-3"], ["--set", "iters=-3"]])

@@ -56,6 +56,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-pct", type=float, help="override the centre-crop fraction (timm's crop_pct)")
     p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"],
                    help="override the resize interpolation")
+    p.add_argument("--task", choices=["auto", "classify", "features"], default="auto",
+                   help="classify: top-1 of the model's head; features: an image encoder - k-NN top-1 (k 20, cosine) "
+                        "with a bank of train-split images, and the embeddings' agreement with the float model "
+                        "(default auto: features for a model without a classification head)")
+    p.add_argument("--knn-bank", type=int, default=10000, metavar="N",
+                   help="encoders: train-split images in the k-NN memory bank (a seeded sample; default 10000)")
     _add_compute_args(p)
 
 
@@ -318,16 +324,19 @@ def _data_line(origin: str) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import distributed
-    from .evaluate import evaluate, peak_rss_mb
+    from .evaluate import peak_rss_mb
+    from .run.execute import evaluate_opened
 
-    o = _open(_spec(args), shard=True)
-    res = evaluate(o.model, o.loader, progress=not args.no_progress, sharded=distributed.active())
+    spec = _spec(args)
+    o = _open(spec, shard=True)
+    res = evaluate_opened(spec, o)
     out = {"model": args.model, "source": o.source.to_dict(), "data": str(o.choice.spec), "data_origin": o.choice.origin,
-           "top1": round(res["top1"], 2), "top5": round(res["top5"], 2), "eval_size": res["n"],
+           "task": "features" if "features" in res else "classify", "top1": round(res["top1"], 2), "top5": round(res["top5"], 2), "eval_size": res["n"],
            "eval_seconds": round(res["seconds"], 2), "nll": None if res["nll"] is None else round(res["nll"], 5),
            "peak_rss_mb": round(peak_rss_mb(), 1)}
     nll = "" if out["nll"] is None else f"  test log-loss {out['nll']:.4f}"
-    print(f"{args.model}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%{nll}  on {res['n']} images of "
+    knn = "k-NN " if out["task"] == "features" else ""
+    print(f"{args.model}: {knn}top-1 {out['top1']:.2f}%  {knn}top-5 {out['top5']:.2f}%{nll}  on {res['n']} images of "
           f"{o.choice.spec}{_data_line(o.choice.origin)} ({out['eval_seconds']:.1f}s)")
     if distributed.is_main():
         write_json(args.json, out)
@@ -392,7 +401,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace, loader: Any = None) -> dict[str, Any]:
+def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace, loader: Any = None,
+                       embeddings: bool = False) -> dict[str, Any]:
     from .export.deploy import export, verify
 
     rep = export(model, out, fmt, emulate=args.emulate, weight_dtype=getattr(args, "weight_dtype", None))
@@ -410,11 +420,17 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
         for fb in low["fallbacks"]:
             print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
     if loader is not None:
-        v = verify(model, out, loader, fmt, max_top1_diff=args.max_top1_diff, progress=not args.no_progress)
+        v = verify(model, out, loader, fmt, max_top1_diff=args.max_top1_diff, progress=not args.no_progress,
+                   embeddings=embeddings)
         rep["verify"] = v
-        print(f"  verified on {v['images']} images: {fmt} top-1 {v['exported_top1']:.2f}% vs simulated "
-              f"{v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f}), predictions agree on {v['agreement']:.2f}%, "
-              f"max |logit diff| {v['max_logit_diff']:.3g} (mean {v['mean_logit_diff']:.3g})")
+        if embeddings:
+            print(f"  verified on {v['images']} images: {fmt} embeddings against the simulated ones, cosine "
+                  f"{v['embedding_cosine_mean']:.6f} mean, {v['embedding_cosine_min']:.6f} smallest, max |diff| "
+                  f"{v['max_abs_diff']:.3g}")
+        else:
+            print(f"  verified on {v['images']} images: {fmt} top-1 {v['exported_top1']:.2f}% vs simulated "
+                  f"{v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f}), predictions agree on {v['agreement']:.2f}%, "
+                  f"max |logit diff| {v['max_logit_diff']:.3g} (mean {v['mean_logit_diff']:.3g})")
     return rep
 
 
@@ -432,15 +448,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model} is not a vitq quantize --out folder: export the folder a quantization saved "
                           "(vitq quantize MODEL ... --out DIR), or use vitq quantize --export")
     spec = _spec(args)
+    embeddings = False
     if args.verify:
+        from .run.inputs import task_of
+
         o = _open(spec)
         model, loader = o.model, o.loader
+        embeddings = task_of(model, spec.task) == "features"
         print(f"verifying on {o.choice.spec}{_data_line(o.choice.origin)}")
     else:
         model, _ = load(spec.model, trust_pickle=spec.trust_pickle, device=spec.device)
         loader = None
     rep = _export_and_verify(model, Path(args.out) if args.out else Path(args.model) / _subdir(args.format), args.format,
-                             args, loader)
+                             args, loader, embeddings)
     write_json(args.json, rep)
     return 0
 
@@ -483,6 +503,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     spec = _spec(args)
     seed = spec.seeds[0]
     o = _open(spec)
+    from .run.inputs import task_of
+
+    if task_of(o.model, spec.task) == "features":
+        raise DataError("vitq report measures each site's cost in top-1 of a classification head; this model is an "
+                        "encoder: use vitq quantize / compare (k-NN top-1 and the embeddings' agreement) for now")
     progress = spec.progress
     before = None
     recipe: Any
@@ -553,10 +578,14 @@ def _print_result(name: str, result: Any) -> None:
     drop_txt = "" if rec["drop"] is None else f"  (drop {rec['drop']:+.2f})"
     q_txt = (f"{rec['q_top1']:.2f} ± {rec['q_top1_std']:.2f}% (mean ± std over {len(rec['seeds'])} seeds)" if several
              else f"{rec['q_top1']:.2f}%")
-    print(f"{name} {rec['recipe']} {rec['bits']}: FP top-1 {fp_txt}%  quantized top-1 {q_txt}{drop_txt}  "
+    what = "k-NN top-1" if rec["task"] == "features" else "top-1"
+    print(f"{name} {rec['recipe']} {rec['bits']}: FP {what} {fp_txt}%  quantized {what} {q_txt}{drop_txt}  "
           f"[{n_q}/{len(rec['manifest'])} sites quantized, calib {rec['per_seed'][0]['calib_seconds']:.1f}s, "
           f"{rec['eval_size']} eval images of {rec['data']}{'' if rec['data_origin'] == 'given' else ' (' + rec['data_origin'] + ')'}, "
           f"peak RSS {rec['peak_rss_mb']:.0f} MB]")
+    if rec["task"] == "features":
+        print(f"  embeddings against the float model's: cosine {rec['emb_cosine_mean']:.4f} mean, "
+              f"{rec['emb_cosine_p5']:.4f} at the 5th percentile; SQNR {rec['emb_sqnr_db']:.1f} dB")
     if result.fp is not None:
         from .evaluate import compare_paired
 
@@ -594,7 +623,8 @@ def _save(args: argparse.Namespace, result: Any) -> None:
         if distributed.active():  # the export is verified on the whole test set
             full = eval_loader(result.model, result.data, _pre(result), result.spec.eval_size, result.spec.batch_size,
                                result.spec.workers)
-        rep = _export_and_verify(result.model, Path(out) / _subdir(args.export), args.export, args, full)
+        rep = _export_and_verify(result.model, Path(out) / _subdir(args.export), args.export, args, full,
+                                 embeddings=rec["task"] == "features")
         rec["export"] = {k: rep[k] for k in ("format", "file", "bytes", "lowering", "runtime_ops", "verify") if k in rep}
 
 

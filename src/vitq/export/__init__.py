@@ -124,17 +124,18 @@ def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:
 
 def export(model: nn.Module, path: "str | Path", format: str = "onnx", *, weight_dtype: Optional[str] = None,
            emulate: str = "exact", verify_data: Any = None, max_top1_diff: float = DEFAULT_MAX_TOP1_DIFF,
-           progress: bool = False) -> dict[str, Any]:
+           progress: bool = False, embeddings: bool = False) -> dict[str, Any]:
     """``vitq.export(qmodel, "out/", format="onnx")``: write a quantized model for a runtime, as ``vitq export``
     does, and return its report (also in ``out/export.json``). ``format``: ``onnx`` (a QDQ graph for onnxruntime,
     ``model.onnx``) or ``vitq`` (packed integer weight codes). ``weight_dtype`` (onnx): ``uint8`` (default; exact
     on every CPU) or ``int8`` (VNNI / ARM). ``verify_data``: evaluation batches (any form ``vitq.evaluate`` takes):
     the file is run in its runtime beside the simulated model and refused when their top-1 differ by more than
-    ``max_top1_diff`` points; the check's figures are the report's ``verify``."""
+    ``max_top1_diff`` points (``embeddings=True``, an encoder: when an image's embedding cosine against the simulated
+    one is below 0.999); the check's figures are the report's ``verify``."""
     rep = deploy_export(model, path, format, emulate=emulate, weight_dtype=weight_dtype)
     if verify_data is not None:
         rep["verify"] = verify(model, path, batches_of(verify_data), format, max_top1_diff=max_top1_diff,
-                               progress=progress)
+                               progress=progress, embeddings=embeddings)
     return rep
 
 

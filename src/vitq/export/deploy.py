@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "export.json"
 DEFAULT_MAX_TOP1_DIFF = 0.1
+#: an encoder's parity: the smallest image-by-image cosine of the file's embeddings against the simulated ones
+DEFAULT_MIN_COSINE = 0.999
 
 
 class ExportError(VitqError):
@@ -173,17 +175,56 @@ def _logits(model: Any, loader: Any, limit: int) -> Tensor:
     return torch.cat(out)
 
 
+def _write_verify(out: Path, res: dict[str, Any]) -> None:
+    rep_file = out / REPORT_FILE
+    if rep_file.is_file():
+        rep = json.loads(rep_file.read_text())
+        rep["verify"] = res
+        rep_file.write_text(json.dumps(rep, indent=2) + "\n")
+
+
+def verify_embeddings(model: nn.Module, runtime: Any, out: Path, loader: Any, fmt: str,
+                      min_cosine: float = DEFAULT_MIN_COSINE) -> dict[str, Any]:
+    """An encoder's parity check: the exported file's embeddings against the simulated model's, image by image
+    (cosine: mean and smallest; max |difference|). Raises :class:`ExportError` when an image's cosine is below
+    ``min_cosine``."""
+    from ..features import as_embedding
+
+    sims, exps = [], []
+    with torch.no_grad():
+        for b in loader:
+            x = batch_images(b)
+            sims.append(as_embedding(model(x.to(model_device(model)))).float().cpu())
+            exps.append(as_embedding(runtime(x)).float().cpu())
+    s, e = torch.cat(sims), torch.cat(exps)
+    cos = torch.nn.functional.cosine_similarity(s.double(), e.double(), dim=1)
+    worst = float(cos.min())
+    res: dict[str, Any] = {"format": fmt, "task": "features", "images": int(s.shape[0]),
+                           "embedding_cosine_mean": float(cos.mean()), "embedding_cosine_min": worst,
+                           "max_abs_diff": float((s - e).abs().max()), "min_cosine": min_cosine}
+    _write_verify(out, res)
+    res["ok"] = worst >= min_cosine
+    if not res["ok"]:
+        raise ExportError(f"the {fmt} export's embeddings differ from the simulated ones: cosine down to "
+                          f"{worst:.5f} (limit {min_cosine}): {_int8_hint(out)}see the fallback "
+                          "sites in export.json")
+    return res
+
+
 def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onnx",
            max_top1_diff: float = DEFAULT_MAX_TOP1_DIFF, logit_images: int = 1024,
-           progress: bool = False) -> dict[str, Any]:
+           progress: bool = False, embeddings: bool = False) -> dict[str, Any]:
     """The parity check: the exported file in its runtime against the simulated model on ``loader``'s
     images: both top-1s, the paired test, prediction agreement, max / mean |logit difference| (on the
-    first ``logit_images``). Raises :class:`ExportError` when |Δ top-1| > ``max_top1_diff`` points."""
+    first ``logit_images``). Raises :class:`ExportError` when |Δ top-1| > ``max_top1_diff`` points.
+    ``embeddings``: the model is an encoder, checked by :func:`verify_embeddings` instead."""
     if not max_top1_diff >= 0:
         raise ConfigError(f"--max-top1-diff {max_top1_diff} must be >= 0 (points of top-1)")
     out = Path(out_dir)
     backend = get_backend(fmt)
     runtime = backend.load(out)
+    if embeddings:
+        return verify_embeddings(model, runtime, out, loader, fmt)
     sim = evaluate(model, loader, progress=progress, desc="eval simulated")
     exp = evaluate(runtime, loader, progress=progress, desc=f"eval {fmt}")
     cmp = compare_paired(sim["predictions"], exp["predictions"])
@@ -194,11 +235,7 @@ def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onn
            "p_value": cmp.p_value, "max_logit_diff": float(d.max()), "mean_logit_diff": float(d.mean()),
            "logit_images": int(ls.shape[0]), "max_top1_diff": max_top1_diff,
            "simulated_seconds": round(sim["seconds"], 2), "exported_seconds": round(exp["seconds"], 2)}
-    rep_file = out / REPORT_FILE
-    if rep_file.is_file():
-        rep = json.loads(rep_file.read_text())
-        rep["verify"] = res
-        rep_file.write_text(json.dumps(rep, indent=2) + "\n")
+    _write_verify(out, res)
     res["ok"] = abs(res["top1_diff"]) <= max_top1_diff
     if not res["ok"]:
         raise ExportError(f"the {fmt} export's top-1 {res['exported_top1']:.2f}% differs from the simulated "
@@ -221,5 +258,5 @@ def _int8_hint(out: Path) -> str:
     return "" if exact is not False else f"its int8 weights are not exact on this CPU ({why}): re-export with --weight-dtype uint8; "
 
 
-__all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "ExportError", "export", "get_backend", "register_backend",
+__all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "get_backend", "register_backend",
            "verify"]

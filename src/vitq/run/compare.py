@@ -27,7 +27,7 @@ from ..evaluate import Predictions, compare_paired, compare_pooled, evaluate
 from ..pipeline import CalibData, calibration_tensor, refuse_quantized
 from ..recipes import Recipe, edit_recipe, load_recipe, set_pass_options, split_pass_options
 from . import inputs
-from .execute import calibration_samples, trial
+from .execute import bank_loader, calibration_samples, features_evaluator, trial
 from .record import make_record
 from .spec import RunSpec
 
@@ -52,12 +52,14 @@ def cache_batches(loader: Iterable[Any], max_bytes: int = CACHE_BYTES) -> Any:
 def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, CalibData] | CalibSource",
             recipes: Sequence["str | Recipe"], bits: Sequence["str | Bits"], batch_size: int = 64,
             device: Optional[torch.device] = None, target: Optional[str] = None,
-            progress: bool = False, seeds: Optional[Sequence[int]] = None, model_name: Optional[str] = None) -> dict[str, Any]:
+            progress: bool = False, seeds: Optional[Sequence[int]] = None, model_name: Optional[str] = None,
+            knn_bank: Optional[Iterable[Any]] = None) -> dict[str, Any]:
     """Quantize a copy of ``model`` with every recipe x bits x seed and evaluate it on ``eval_data``
     (``(images, labels)`` batches). ``calib``: seed -> calibration data (every recipe calibrates on
     it), or a function ``(n_images, seed) -> data`` with ``seeds`` (each recipe gets its own
-    ``calib_size``). Returns ``{"fp": {...}, "rows": [...], "runs": [...]}``; rows are run records in recipe
-    order within each bit-width."""
+    ``calib_size``). ``knn_bank``: ``model`` is an encoder, evaluated by k-NN against its own embeddings of these
+    labelled batches, and by its embeddings' agreement with the float model's. Returns ``{"fp": {...}, "rows":
+    [...], "runs": [...]}``; rows are run records in recipe order within each bit-width."""
     if callable(calib):
         if not seeds:
             raise ConfigError("compare with a calibration source needs seeds")
@@ -79,7 +81,13 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, Cal
     edited = {(r.name, str(b)): edit_recipe(r, b, target=target)[0] for r in recipes_l for b in bits_l}
     sizes = {r.calib_size for r in edited.values()}  # a recipe's size may follow the width (when)
     calib_t = {(n, s): calibration_tensor(source(n, s)) for n in sizes for s in seeds}
-    fp = evaluate(model, data, progress=progress, desc="eval fp")
+    evaluator = None
+    if knn_bank is not None:
+        bank = cache_batches(knn_bank)
+        fp = features_evaluator(data, bank, progress)(model, "eval fp")
+        evaluator = features_evaluator(data, bank, reference=fp)
+    else:
+        fp = evaluate(model, data, progress=progress, desc="eval fp")
     runs: list[dict[str, Any]] = []
     preds: dict[tuple[str, str, int], Predictions] = {}
     rows: list[dict[str, Any]] = []
@@ -94,7 +102,7 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, Cal
             trials = []
             for s in seeds:
                 t = trial(model, rr, b, calib_t[(rr.calib_size, s)], s, data, batch_size=batch_size, device=device,
-                          desc=f"eval {r.name} {b} seed {s}", keep_model=False)
+                          desc=f"eval {r.name} {b} seed {s}", keep_model=False, evaluator=evaluator)
                 trials.append(t)
                 preds[(r.name, str(b), s)] = t.res["predictions"]
                 runs.append({"recipe": r.name, "bits": str(b), "seed": s, "calib_size": t.calib_size,
@@ -137,9 +145,11 @@ def compare_spec(spec: RunSpec, recipes: Sequence[str], bits: Sequence[str], opt
     source = inputs.calibration_source(o.choice, o.pre, spec.calib_data, o.loader.dataset)
     sizes = sorted({r.at(b).calib_size for r in edited for b in bits})  # a size may follow the width (when)
     samples = {n: calibration_samples(source, n, spec.seeds, say, ceiling=spec.calib_size is None)[0] for n in sizes}
+    features = inputs.task_of(o.model, spec.task) == "features"
     res = compare(o.model, o.loader, lambda n, s: samples[n][s], edited, bits, batch_size=spec.batch_size,
                   device=resolve(spec.device), target=spec.effective_target, progress=spec.progress,
-                  seeds=list(spec.seeds), model_name=spec.model)
+                  seeds=list(spec.seeds), model_name=spec.model,
+                  knn_bank=bank_loader(spec, o.choice, o.pre) if features else None)
     return {"model": spec.model, "data": str(o.choice.spec), "data_origin": o.choice.origin,
             "calib_sizes": [len(next(iter(samples[n].values()))) for n in sizes], **res}
 

@@ -61,13 +61,20 @@ def quantize_copy(model: nn.Module, recipe: "Recipe | str", bits: "Bits | str", 
     return qm, time.perf_counter() - t0, peak_rss_mb()
 
 
+Evaluator = Callable[[nn.Module, str], dict[str, Any]]
+
+
 def trial(model: nn.Module, recipe: "Recipe | str", bits: "Bits | str", calib: CalibData, seed: int,
           eval_data: Iterable[Any], *, batch_size: int = 64, device: Any = None, progress: bool = False,
-          sharded: bool = False, desc: Optional[str] = None, keep_model: bool = True) -> Trial:
-    """One seed: :func:`quantize_copy`, then the copy evaluated on ``eval_data`` (``(images, labels)`` batches)."""
+          sharded: bool = False, desc: Optional[str] = None, keep_model: bool = True,
+          evaluator: Optional[Evaluator] = None) -> Trial:
+    """One seed: :func:`quantize_copy`, then the copy evaluated on ``eval_data`` (``(images, labels)`` batches), or
+    by ``evaluator(model, desc)`` (an encoder's k-NN and embedding agreement: :func:`features_evaluator`)."""
     qm, secs, rss = quantize_copy(model, recipe, bits, calib, seed, batch_size=batch_size, device=device,
                                   progress=progress)
-    res = evaluate(qm, eval_data, progress=progress, desc=desc or f"eval quantized (seed {seed})", sharded=sharded)
+    desc = desc or f"eval quantized (seed {seed})"
+    res = evaluator(qm, desc) if evaluator is not None else evaluate(qm, eval_data, progress=progress, desc=desc,
+                                                                        sharded=sharded)
     t = Trial(seed, qm, res, secs, calib_count(calib), max(rss, peak_rss_mb()), manifest_digest(qm))
     if not keep_model:
         t.model = None  # type: ignore[assignment]
@@ -94,6 +101,34 @@ class RunResult:
     @property
     def top1(self) -> float:
         return float(self.record["q_top1"])
+
+
+def features_evaluator(eval_data: Iterable[Any], bank_data: Iterable[Any], progress: bool = False,
+                       reference: Optional[dict[str, Any]] = None) -> Evaluator:
+    """An encoder's evaluation (``task: features``): k-NN top-1 against the model's own embeddings of ``bank_data``,
+    and, against ``reference`` (the float model's result), the embeddings' agreement."""
+    from ..features import evaluate_features
+
+    return lambda m, desc: evaluate_features(m, eval_data, bank_data, progress=progress, desc=desc, reference=reference)
+
+
+def bank_loader(spec: RunSpec, choice: inputs.DataChoice, pre: Any) -> Any:
+    """An encoder's k-NN memory bank: a seeded sample (seed 0, whatever the calibration seed, so every run of the
+    data shares it) of up to ``spec.knn_bank`` labelled images of the data's train split."""
+    from ..data import build_dataset, calibration_subset
+
+    if distributed.active():
+        raise ConfigError("an encoder's k-NN evaluation under torchrun is not supported yet: run it in one process")
+    train: Any = build_dataset(choice.spec, "train", pre)
+    return make_loader(calibration_subset(train, min(spec.knn_bank, len(train)), 0), batch_size=spec.batch_size,
+                       num_workers=spec.workers)
+
+
+def evaluate_opened(spec: RunSpec, o: inputs.Opened, desc: str = "eval") -> dict[str, Any]:
+    """``vitq eval``: a classifier's top-1 / top-5 / log-loss, or an encoder's k-NN top-1 (``task``)."""
+    if inputs.task_of(o.model, spec.task) == "features":
+        return features_evaluator(o.loader, bank_loader(spec, o.choice, o.pre), spec.progress)(o.model, desc)
+    return evaluate(o.model, o.loader, progress=spec.progress, desc=desc, sharded=distributed.active())
 
 
 def check_exclusions(patterns: Iterable[str], model: nn.Module) -> None:
@@ -207,12 +242,22 @@ def run(spec: Optional[RunSpec] = None, *, float_model: Optional[nn.Module] = No
     if spec.auto_bits:
         recipe, mixed = mixed_precision(spec, model, recipe, choice, pre, csource, sets[spec.seeds[0]], say)
     sharded = distributed.active()
-    fp = None if spec.skip_fp else evaluate(model, loader, progress=spec.progress, desc="eval fp", sharded=sharded)
+    features = inputs.task_of(model, spec.task) == "features"
+    evaluator: Optional[Evaluator] = None
+    fp: Optional[dict[str, Any]]
+    if features:
+        bank = bank_loader(spec, choice, pre)
+        fp = features_evaluator(loader, bank, spec.progress)(model, "eval fp")
+        evaluator = features_evaluator(loader, bank, spec.progress, reference=fp)
+        say(f"encoder (no classification head): k-NN top-1 (k 20, cosine, a bank of {fp['bank_size']} train images) "
+            "and the embeddings' agreement with the float model")
+    else:
+        fp = None if spec.skip_fp else evaluate(model, loader, progress=spec.progress, desc="eval fp", sharded=sharded)
     trials = []
     for i, seed in enumerate(spec.seeds):
         calib = make_loader(sets[seed], batch_size=min(spec.batch_size, calib_size), num_workers=spec.workers)
         t = trial(model, recipe, spec.run_bits, calib, seed, loader, batch_size=spec.batch_size, device=spec.device,
-                  progress=spec.progress, sharded=sharded, keep_model=i == 0)
+                  progress=spec.progress, sharded=sharded, keep_model=i == 0, evaluator=evaluator)
         trials.append(t)
         if len(spec.seeds) > 1:
             say(f"  seed {seed}: quantized top-1 {t.res['top1']:.2f}%  (calib {t.calib_seconds:.1f}s)")
@@ -234,5 +279,5 @@ def run(spec: Optional[RunSpec] = None, *, float_model: Optional[nn.Module] = No
     return RunResult(spec, record, qmodel, trials, fp, source, choice, recipe, model, loader)
 
 
-__all__ = ["RunResult", "calib_count", "calibration_samples", "check_exclusions", "default_notice", "mixed_precision",
+__all__ = ["Evaluator", "RunResult", "bank_loader", "calib_count", "evaluate_opened", "features_evaluator", "calibration_samples", "check_exclusions", "default_notice", "mixed_precision",
            "quantize_copy", "quantize_first_seed", "refuse_quantized", "run", "trial"]

@@ -123,6 +123,17 @@ def choose_data(model_arg: str, model: nn.Module, source: ModelSource, data: Opt
     return choice
 
 
+def task_of(model: nn.Module, task: str = "auto") -> str:
+    """``classify`` or ``features``: ``auto`` is features for a model without a classification head (an encoder:
+    ``num_classes=0``, DINOv2 / CLIP / SigLIP towers)."""
+    if task != "auto":
+        if task == "classify" and get_adapter(model).num_outputs(model) is None:
+            raise ConfigError("--task classify: the model has no classification head; it is an encoder: use --task "
+                              "features (k-NN and embedding agreement)")
+        return task
+    return "features" if get_adapter(model).num_outputs(model) is None else "classify"
+
+
 def check_fit(model: nn.Module, spec: DataSpec, model_arg: str = "the model") -> None:
     """Refuse data the model was not made for, before any image is decoded: Fashion-MNIST (grey 28x28
     images, 10 classes) for a model that takes another number of channels or scores another number of
@@ -243,6 +254,6 @@ def record_of(choice: DataChoice, pre: Transforms, calib_data: Optional[str], ca
 
 
 __all__ = ["GIVEN", "RECORDED", "REFERENCE", "CalibrationSource", "DataChoice", "Opened", "open_model_and_data", "open_spec", "calibration_source", "check_fit",
-           "choose_data", "eval_loader", "is_reference_model", "is_run_folder", "load", "preprocessing",
+           "choose_data", "eval_loader", "task_of", "is_reference_model", "is_run_folder", "load", "preprocessing",
            "preprocessing_record", "record_of",
            "recorded"]

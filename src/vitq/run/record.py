@@ -10,7 +10,9 @@ A record describes one recipe at one bit-width on one model and data, over one o
 * tests: ``vs_fp`` (one seed: the paired test against FP, :class:`vitq.evaluate.PairedComparison`),
   ``vs_fp_pooled`` (the mean over seeds against FP, one test: :func:`vitq.evaluate.compare_pooled`);
   ``per_seed``: each seed's top-1, log-loss, seconds and own paired test;
-* costs: ``calib_seconds`` (mean), ``eval_seconds``, ``peak_rss_mb`` (the largest).
+* costs: ``calib_seconds`` (mean), ``eval_seconds``, ``peak_rss_mb`` (the largest);
+* ``task``: ``classify``, or ``features`` for an encoder (then top-1 is k-NN top-1, ``knn`` says how, and
+  ``emb_cosine_mean`` / ``emb_cosine_p5`` / ``emb_sqnr_db`` are the embeddings' agreement with the float model's).
 
 Callers add their own fields beside these (the CLI: source, data, manifest; compare: ``vs_first``; reproduce:
 the paper's numbers; benches: their variant), never other names for these.
@@ -27,9 +29,12 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from ..evaluate import compare_paired, compare_pooled
+from ..features import KNN_K, KNN_TEMPERATURE
 from ..passes.quantize import manifest
 
 RESULT_SCHEMA = "vitq.result/1"
+#: an encoder's fields (``task: features``): the embeddings' agreement with the float model's, mean over seeds
+EMBEDDING_FIELDS = ("emb_cosine_mean", "emb_cosine_p5", "emb_sqnr_db")
 #: fields that depend on the machine and the moment, not on what was measured
 TIMING_FIELDS = ("calib_seconds", "eval_seconds", "fp_eval_seconds", "peak_rss_mb")
 
@@ -72,9 +77,14 @@ def make_record(trials: Sequence[Trial], fp: Optional[dict[str, Any]], recipe: s
     fp_pred = None if fp is None else fp["predictions"]
     per_seed = [{"seed": t.seed, "q_top1": _r(t.res["top1"], 2), "q_top5": _r(t.res["top5"], 2), "q_nll": _r(t.res["nll"], 5),
                  "calib_seconds": round(t.calib_seconds, 2),
-                 "vs_fp": None if fp_pred is None else compare_paired(fp_pred, t.res["predictions"]).to_dict()}
+                 "vs_fp": None if fp_pred is None else compare_paired(fp_pred, t.res["predictions"]).to_dict(),
+                 **{k: t.res[k] for k in EMBEDDING_FIELDS if k in t.res}}
                 for t in trials]
-    return {
+    features = "features" in first.res
+    emb = {k: round(statistics.fmean(p[k] for p in per_seed), 6) for k in EMBEDDING_FIELDS if k in per_seed[0]}
+    return {"task": "features" if features else "classify",
+            **({"knn": {"k": KNN_K, "temperature": KNN_TEMPERATURE, "bank": first.res.get("bank_size")}, **emb}
+               if features else {}),
         "schema": RESULT_SCHEMA, "model": model, "recipe": recipe, "bits": str(bits),
         "calib_size": first.calib_size, "eval_size": first.res["n"], "seeds": [t.seed for t in trials], "seed": first.seed,
         "fp_top1": None if fp is None else _r(fp["top1"], 2), "fp_top5": None if fp is None else _r(fp["top5"], 2),
@@ -103,7 +113,7 @@ def measured(record: dict[str, Any]) -> dict[str, Any]:
             return [strip(x) for x in v]
         return v
 
-    keys = ("schema", "recipe", "bits", "calib_size", "eval_size", "seeds", "seed", "fp_top1", "fp_top5", "fp_nll",
+    keys = ("schema", "task", "knn", *EMBEDDING_FIELDS, "recipe", "bits", "calib_size", "eval_size", "seeds", "seed", "fp_top1", "fp_top5", "fp_nll",
             "q_top1", "q_top1_std", "q_top5", "q_nll", "drop", "digest", "vs_fp", "vs_fp_pooled", "per_seed")
     return {k: strip(record.get(k)) for k in keys}
 

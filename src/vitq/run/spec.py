@@ -21,6 +21,7 @@ from ..recipes import DEFAULT_RECIPE, Recipe, edit_recipe, parse_assignments
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 TARGETS = ("onnx", "none")
+TASKS = ("auto", "classify", "features")
 EXPORTS = ("onnx", "vitq")
 #: pass options the CLI also takes as flags (``--iters N`` is ``--set iters=N``)
 FLAG_OPTIONS = {"iters": "--iters", "max_cache_gb": "--max-cache-gb", "run_dir": "--resume-dir"}
@@ -39,7 +40,10 @@ class RunSpec:
     model, otherwise an error (never another data set than the model's). ``recipe=None``: the default
     recipe (:data:`vitq.recipes.DEFAULT_RECIPE`). ``bits``: ``WxAy`` or ``auto`` / ``autoA4`` with ``budget``
     (average weight bits) or ``budget_mb``. ``options``: pass options of the recipe (``--set``; ``--iters``,
-    ``--max-cache-gb`` and ``--resume-dir`` are options too). ``seeds``: one run per calibration seed."""
+    ``--max-cache-gb`` and ``--resume-dir`` are options too). ``seeds``: one run per calibration seed. ``task``:
+    ``classify`` (top-1 of the model's head), ``features`` (an encoder: k-NN top-1 with a bank of ``knn_bank``
+    train-split images, and the embeddings' agreement with the float model's), ``auto`` (features for a model
+    without a classification head)."""
 
     model: str = DEFAULT_MODEL
     checkpoint: Optional[str] = None
@@ -66,6 +70,8 @@ class RunSpec:
     batch_size: int = 64
     eval_size: Optional[int] = None
     skip_fp: bool = False
+    task: str = "auto"
+    knn_bank: int = 10000
     out: Optional[str] = None
     export: Optional[str] = None
     progress: bool = False
@@ -81,8 +87,14 @@ class RunSpec:
             object.__setattr__(self, k, v)
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"model must be a model name, folder or file, got {self.model!r}")
-        for name in ("batch_size", "eval_size", "num_classes", "calib_size", "sensitivity_size"):
-            _positive(f"--{name.replace('_', '-')}", getattr(self, name), allow_none=name != "batch_size")
+        for name in ("batch_size", "eval_size", "calib_size", "sensitivity_size", "knn_bank"):
+            _positive(f"--{name.replace('_', '-')}", getattr(self, name), allow_none=name not in ("batch_size", "knn_bank"))
+        n = self.num_classes
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ConfigError(f"--num-classes {n!r}: give 0 (an encoder, timm's num_classes=0: no head) or more")
+        if self.task not in TASKS:
+            raise ConfigError(f"--task {self.task}: use one of {', '.join(TASKS)} (auto: features for a model without a "
+                              "classification head)")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError(f"--workers {self.workers!r}: give 0 (decode in the main process) or more worker processes")
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
@@ -212,6 +224,7 @@ class RunSpec:
             exclude=tuple(get("exclude") or ()), options=tuple(sorted(sets.items())), target=get("target"),
             seeds=tuple(get("seed", (0,))), device=get("device", "cpu"), workers=get("workers", 0),
             batch_size=get("batch_size", 64), eval_size=get("eval_size"), skip_fp=bool(get("skip_fp")),
+            task=get("task", "auto"), knn_bank=get("knn_bank", 10000),
             out=get("out") if get("command") == "quantize" else None, export=get("export"),
             progress=not get("no_progress", False))
         kw.update(extra)

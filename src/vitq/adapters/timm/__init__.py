@@ -59,7 +59,8 @@ class TimmLibrary(ModelLibrary):
         sd = None
         if checkpoint:
             sd = load_state_file(checkpoint)
-            num_classes = num_classes or infer_num_classes(sd)
+            if num_classes is None:  # a checkpoint without a classifier is an encoder (timm's num_classes=0)
+                num_classes = infer_num_classes(sd) or 0
         elif not random_weights:
             raise ModelError(
                 f"timm model {model} needs its weights as --checkpoint FILE (.pth/.pt/.safetensors): "
@@ -89,7 +90,8 @@ class TimmLibrary(ModelLibrary):
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         if not isinstance(arch, str) or not timm.is_model(arch):
             return None
-        source = ModelSource("timm", arch, None, timm_num_outputs(model) if hasattr(model, "num_classes") else None)
+        n = getattr(model, "num_classes", None)
+        source = ModelSource("timm", arch, None, int(n) if isinstance(n, int) else None)  # 0: an encoder
         try:
             rebuilt = self.build(source).state_dict()
         except ModelError:
