@@ -145,8 +145,9 @@ CASES: list[Case] = [
     Case("hf_swin", "hf", "SwinForImageClassification", _hf("SwinForImageClassification", "SwinConfig", **_HF_SWIN),
          True, "Swin classifier"),
     # Hugging Face: refused today
-    Case("hf_vit_headless", "hf", "ViTModel", _hf("ViTModel", "ViTConfig", **_HF_VIT), False, "ViT encoder (no head)"),
-    Case("hf_deit_headless", "hf", "DeiTModel", _hf("DeiTModel", "DeiTConfig", **_HF_VIT), False, "DeiT encoder"),
+    Case("hf_vit_headless", "hf", "ViTModel", _hf("ViTModel", "ViTConfig", **_HF_VIT), True,
+         "ViT encoder (no head; the pooler's output)"),
+    Case("hf_deit_headless", "hf", "DeiTModel", _hf("DeiTModel", "DeiTConfig", **_HF_VIT), True, "DeiT encoder"),
     Case("hf_swin_headless", "hf", "SwinModel", _hf("SwinModel", "SwinConfig", **_HF_SWIN), False, "Swin encoder"),
     Case("hf_dinov2", "hf", "Dinov2Model", _hf("Dinov2Model", "Dinov2Config", **_HF_VIT), False, "DINOv2 encoder"),
     Case("hf_dinov2_cls", "hf", "Dinov2ForImageClassification",

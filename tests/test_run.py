@@ -303,3 +303,20 @@ def test_an_encoder_is_judged_by_knn_and_embedding_agreement(rgb: SimpleNamespac
     assert code == 0, err
     v = json.loads((rgb.tmp / "x.json").read_text())["verify"]
     assert v["task"] == "features" and v["images"] == 12 and v["embedding_cosine_min"] >= 0.999 and "embeddings" in out
+
+
+def test_a_hugging_face_encoder_goes_through_the_cli(rgb: SimpleNamespace, capsys) -> None:
+    """A saved transformers ViTModel (no head, a pooler): loaded from hf:DIR, judged by k-NN and embedding agreement."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    d = rgb.tmp / "hf-enc"
+    transformers.ViTModel(cfg).save_pretrained(str(d))
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(d))
+    code, out, err = run(["quantize", f"hf:{d}", "--data", str(rgb.root), "--recipe", "repq", "--bits", "W8A8",
+                          "--calib-size", "6", "--no-progress", "--json", str(rgb.tmp / "h.json")], capsys)
+    assert code == 0, err
+    r = json.loads((rgb.tmp / "h.json").read_text())
+    assert r["task"] == "features" and r["source"]["kind"] == "hf" and r["emb_cosine_mean"] > 0.98
+    assert any(m["site"].endswith("pooler.dense.weight_quant") and m["quantizer"] != "float" for m in r["manifest"])

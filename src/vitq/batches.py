@@ -43,8 +43,27 @@ def batch_labels(b: Any) -> Optional[Any]:
     return None
 
 
+def as_embedding(out: Any) -> Tensor:
+    """An encoder's embedding of a model output: a (N, D) tensor as it is (a (N, T, D) one: its first token); a
+    transformers output's ``image_embeds`` or ``pooler_output``; else the first token of ``last_hidden_state``."""
+    if isinstance(out, Tensor):
+        return out[:, 0] if out.ndim == 3 else out
+    for name in ("image_embeds", "pooler_output"):
+        v = getattr(out, name, None)
+        if isinstance(v, Tensor):
+            return v
+    h = getattr(out, "last_hidden_state", None)
+    if isinstance(h, Tensor):
+        return h[:, 0]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return as_embedding(out[0])
+    raise ModelError(f"the model returned a {type(out).__name__}: no embedding (a tensor, pooler_output or "
+                     "last_hidden_state)")
+
+
 def as_logits(out: Any) -> Tensor:
-    """The logits of a model output."""
+    """The output tensor methods compare float and quantized models by: the logits of a classifier (a tensor, an
+    output's ``logits``), or an encoder's embedding (:func:`as_embedding`)."""
     if isinstance(out, Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -52,7 +71,11 @@ def as_logits(out: Any) -> Tensor:
         return logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
-    raise ModelError(f"the model returned a {type(out).__name__}, not logits (a tensor, or an output with .logits)")
+    try:
+        return as_embedding(out)
+    except ModelError:
+        raise ModelError(f"the model returned a {type(out).__name__}, not logits (a tensor, or an output with .logits) "
+                         "nor an embedding (pooler_output, last_hidden_state)") from None
 
 
 def forward_logits(model: nn.Module, x: Tensor) -> Tensor:
@@ -60,4 +83,4 @@ def forward_logits(model: nn.Module, x: Tensor) -> Tensor:
     return as_logits(model(x))
 
 
-__all__ = ["as_logits", "batch_images", "batch_labels", "forward_logits"]
+__all__ = ["as_embedding", "as_logits", "batch_images", "batch_labels", "forward_logits"]

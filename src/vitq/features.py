@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .batches import batch_images, batch_labels
+from .batches import as_embedding, batch_images, batch_labels
 from .devices import model_device
 from .errors import DataError, ModelError
 from .evaluate import Predictions
@@ -28,26 +28,6 @@ from .evaluate import Predictions
 #: the DINO k-NN protocol
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
-
-
-def as_embedding(out: Any) -> Tensor:
-    """The image embedding of a model output: a (N, D) tensor as it is; a transformers output's
-    ``image_embeds`` or ``pooler_output``; else the first token of ``last_hidden_state``."""
-    if isinstance(out, Tensor):
-        if out.ndim == 3:
-            return out[:, 0]
-        return out
-    for name in ("image_embeds", "pooler_output"):
-        v = getattr(out, name, None)
-        if isinstance(v, Tensor):
-            return v
-    h = getattr(out, "last_hidden_state", None)
-    if isinstance(h, Tensor):
-        return h[:, 0]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return as_embedding(out[0])
-    raise ModelError(f"the model returned a {type(out).__name__}: no embedding (a tensor, pooler_output or "
-                     "last_hidden_state)")
 
 
 @torch.no_grad()

@@ -188,7 +188,7 @@ def verify_embeddings(model: nn.Module, runtime: Any, out: Path, loader: Any, fm
     """An encoder's parity check: the exported file's embeddings against the simulated model's, image by image
     (cosine: mean and smallest; max |difference|). Raises :class:`ExportError` when an image's cosine is below
     ``min_cosine``."""
-    from ..features import as_embedding
+    from ..batches import as_embedding
 
     sims, exps = [], []
     with torch.no_grad():

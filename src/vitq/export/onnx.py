@@ -102,8 +102,9 @@ def check_weight_dtype(weight_dtype: str) -> str:
 
 
 class LogitsOnly(nn.Module):
-    """The model with its output reduced to the logits tensor (a Hugging Face model returns an
-    output object), the graph's only output."""
+    """The model with its output reduced to one tensor, the graph's only output: the logits (a Hugging Face model
+    returns an output object), or an encoder's embedding (:func:`vitq.batches.as_embedding`: the pooled output,
+    what vitq evaluates it by)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

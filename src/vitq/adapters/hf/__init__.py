@@ -26,7 +26,7 @@ from ..base import ModelLibrary, ModelSource, register_library
 PREFIX = "hf:"
 #: the model classes vitq has adapters for, by the name ``config.json``'s ``architectures`` uses
 SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
-             "SwinForImageClassification")
+             "SwinForImageClassification", "ViTModel", "DeiTModel")
 #: PIL resample codes of image-processor configs -> interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 #: ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / STD), for configs that leave them out

@@ -46,7 +46,15 @@ MODELS = {
     "ViTForImageClassification": ("vit", ("classifier",)),
     "DeiTForImageClassification": ("deit", ("classifier",)),
     "DeiTForImageClassificationWithTeacher": ("deit", ("cls_classifier", "distillation_classifier")),
+    # encoders without a head ("" : the model is the base): their embedding is the pooler's output, or the class token
+    "ViTModel": ("", ()),
+    "DeiTModel": ("", ()),
 }
+
+
+def _at(prefix: str, rest: str) -> str:
+    """A module name under the base model (which is the model itself for an encoder)."""
+    return f"{prefix}.{rest}" if prefix else rest
 
 
 def additive_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -113,7 +121,7 @@ def _model_name(model: Any) -> Optional[str]:
 class HFViTAdapter(Adapter):
     name = "hf-vit"
     description = ("Hugging Face ViTForImageClassification, DeiTForImageClassification and "
-                   "DeiTForImageClassificationWithTeacher (hf:DIR)")
+                   "DeiTForImageClassificationWithTeacher, and the encoders ViTModel / DeiTModel (hf:DIR)")
     library = "hf"
 
     @classmethod
@@ -124,10 +132,10 @@ class HFViTAdapter(Adapter):
         name = _model_name(model)
         assert name is not None
         prefix, heads = MODELS[name]
-        return prefix, getattr(model, prefix), heads
+        return prefix, (getattr(model, prefix) if prefix else model), heads
 
     def num_outputs(self, model: Any) -> Optional[int]:
-        return hf_num_outputs(model)
+        return hf_num_outputs(model) if self._parts(model)[2] else None  # an encoder has no classes
 
     def data_config(self, model: Any) -> PreprocessConfig:
         return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
@@ -147,10 +155,14 @@ class HFViTAdapter(Adapter):
         act = getattr(model.config, "hidden_act", None)
         if act != "gelu":
             raise ModelError(f"MLP activation {act!r} is not supported: hidden_act 'gelu' only")
-        if getattr(base, "pooler", None) is not None:
-            raise ModelError("a ViT with a pooler layer is not supported: build the classifier with add_pooling_layer=False")
+        pooler = getattr(base, "pooler", None)
+        if pooler is not None and heads:
+            raise ModelError("a ViT classifier with a pooler layer is not supported: build it with add_pooling_layer=False")
+        if pooler is not None and not (type(getattr(pooler, "dense", None)) is nn.Linear
+                                       and isinstance(getattr(pooler, "activation", None), nn.Tanh)):
+            raise ModelError(f"pooler {type(pooler).__name__} is not supported: a dense layer with tanh only")
         for i, layer in enumerate(base.layers):
-            where = f"{prefix}.layers.{i}"
+            where = _at(prefix, f"layers.{i}")
             require_type(layer, (ViTLayer, DeiTLayer), "transformer layer", where)
             require_type(layer.attention, (ViTAttention, DeiTAttention), "attention", where + ".attention")
             require_type(layer.mlp, (ViTMLP, DeiTMLP), "MLP", where + ".mlp")
@@ -181,6 +193,8 @@ class HFViTAdapter(Adapter):
         for h in heads:
             if isinstance(getattr(model, h), nn.Linear):
                 swap_linear(model, h, Role.HEAD_IN)
+        if getattr(base, "pooler", None) is not None:  # an encoder's pooler: its output is the embedding
+            swap_linear(base.pooler, "dense", Role.HEAD_IN)
         check_nothing_left(model)
         return model
 
@@ -188,7 +202,7 @@ class HFViTAdapter(Adapter):
         prefix, base, _ = self._parts(model)
         pairs = []
         for i, _ in enumerate(base.layers):
-            p = f"{prefix}.layers.{i}"
+            p = _at(prefix, f"layers.{i}")
             pairs.append(LNPair(f"{p}.layernorm_before", tuple(f"{p}.attention.{a}" for a in ("q_proj", "k_proj", "v_proj")),
                                 Role.QKV_IN))
             pairs.append(LNPair(f"{p}.layernorm_after", (f"{p}.mlp.fc1",), Role.FC1_IN))
@@ -199,17 +213,17 @@ class HFViTAdapter(Adapter):
         position embedding, and by o_proj / fc2 of every layer; read by layernorm_before / _after and
         the final layernorm."""
         prefix, base, _ = self._parts(model)
-        emb = f"{prefix}.embeddings"
+        emb = _at(prefix, "embeddings")
         w = [StreamWriter(f"{emb}.patch_embeddings.projection", "rows")]
         for tok in ("cls_token", "distillation_token", "position_embeddings"):
             if isinstance(getattr(base.embeddings, tok, None), nn.Parameter):
                 w.append(StreamWriter(f"{emb}.{tok}", "param"))
         r: list[StreamReader] = []
         for i, _ in enumerate(base.layers):
-            p = f"{prefix}.layers.{i}"
+            p = _at(prefix, f"layers.{i}")
             w += [StreamWriter(f"{p}.attention.o_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
             r += [StreamReader(f"{p}.layernorm_before", "ln"), StreamReader(f"{p}.layernorm_after", "ln")]
-        r.append(StreamReader(f"{prefix}.layernorm", "ln"))
+        r.append(StreamReader(_at(prefix, "layernorm"), "ln"))
         return [ResidualStream("stream", int(model.config.hidden_size), tuple(w), tuple(r))]
 
     def chain(self, model: Any) -> list[Piece]:
@@ -224,6 +238,8 @@ class HFViTAdapter(Adapter):
 
         def head(x: Tensor) -> Tensor:
             x = base.layernorm(x)
+            if not heads:  # an encoder: its embedding, as vitq.features.as_embedding reads the output
+                return base.pooler(x) if getattr(base, "pooler", None) is not None else x[:, 0, :]
             if len(heads) == 1:
                 return getattr(model, heads[0])(x[:, 0, :])
             return (getattr(model, heads[0])(x[:, 0, :]) + getattr(model, heads[1])(x[:, 1, :])) / 2
@@ -234,5 +250,6 @@ class HFViTAdapter(Adapter):
                                 (layer.layernorm_before, layer.attention, layer.add1), block=i))
             pieces.append(Piece(f"layers.{i}.mlp", "mlp", layer.forward_mlp,
                                 (layer.layernorm_after, layer.mlp, layer.add2), block=i))
-        pieces.append(Piece("head", "head", head, (base.layernorm, *(getattr(model, h) for h in heads))))
+        tail = [getattr(model, h) for h in heads] + ([base.pooler] if getattr(base, "pooler", None) is not None else [])
+        pieces.append(Piece("head", "head", head, (base.layernorm, *tail)))
         return pieces
