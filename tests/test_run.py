@@ -320,3 +320,22 @@ def test_a_hugging_face_encoder_goes_through_the_cli(rgb: SimpleNamespace, capsy
     r = json.loads((rgb.tmp / "h.json").read_text())
     assert r["task"] == "features" and r["source"]["kind"] == "hf" and r["emb_cosine_mean"] > 0.98
     assert any(m["site"].endswith("pooler.dense.weight_quant") and m["quantizer"] != "float" for m in r["manifest"])
+
+
+def test_a_dinov2_folder_with_its_own_image_processor(rgb: SimpleNamespace, capsys) -> None:
+    """A DINOv2 encoder saved as DINOv2 ships: a config built for 518 px (position embeddings interpolated) and an
+    image processor that resizes the shorter side to 256 and crops 224 - judged on 224 px crops, by k-NN."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=70, patch_size=14)
+    torch.manual_seed(0)
+    d = rgb.tmp / "dinov2"
+    transformers.Dinov2Model(cfg).save_pretrained(str(d))
+    transformers.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
+                                   do_center_crop=True).save_pretrained(str(d))
+    code, out, err = run(["quantize", f"hf:{d}", "--data", str(rgb.root), "--recipe", "minmax", "--bits", "W8A8",
+                          "--calib-size", "6", "--no-progress", "--json", str(rgb.tmp / "d.json")], capsys)
+    assert code == 0, err
+    r = json.loads((rgb.tmp / "d.json").read_text())
+    assert r["task"] == "features" and r["preprocessing"]["input_size"] == [3, 56, 56]
+    assert r["preprocessing"]["crop_pct"] == pytest.approx(56 / 64) and r["emb_cosine_mean"] > 0.98

@@ -26,7 +26,8 @@ from ..base import ModelLibrary, ModelSource, register_library
 PREFIX = "hf:"
 #: the model classes vitq has adapters for, by the name ``config.json``'s ``architectures`` uses
 SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
-             "SwinForImageClassification", "ViTModel", "DeiTModel")
+             "SwinForImageClassification", "ViTModel", "DeiTModel", "Dinov2Model", "Dinov2ForImageClassification",
+             "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")
 #: PIL resample codes of image-processor configs -> interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 #: ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / STD), for configs that leave them out
@@ -178,16 +179,20 @@ def hf_num_outputs(model: Any) -> Optional[int]:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def hf_data_config(model: Any, num_channels: int, image_size: tuple[int, int]) -> PreprocessConfig:
+def hf_data_config(model: Any, num_channels: int, image_size: tuple[int, int], any_size: bool = False) -> PreprocessConfig:
     """The preprocessing of a Hugging Face model from its image-processor settings: resize to
-    ``size`` (height x width), centre crop to ``crop_size`` when ``do_center_crop``, rescale by 1/255,
-    normalise with ``image_mean`` / ``image_std`` (the ViT / DeiT image processors' pipeline)."""
+    ``size`` (height x width, or the shorter side to ``shortest_edge``), centre crop to ``crop_size`` when
+    ``do_center_crop``, rescale by 1/255, normalise with ``image_mean`` / ``image_std`` (the ViT / DeiT / DINOv2
+    image processors' pipeline). ``any_size``: the model interpolates its position embeddings (DINOv2), so its
+    input size is what the processor makes, not the config's ``image_size``."""
     pre: dict[str, Any] = dict(getattr(model, "vitq_preprocessor", None) or {})
     if pre.get("do_rescale", True) is False:
         raise ModelError("the image processor does not rescale pixel values (do_rescale: false): vitq feeds images "
                          "scaled to [0, 1]; set do_rescale: true in preprocessor_config.json")
     size = _hw(pre.get("size"), image_size)
     crop = _hw(pre.get("crop_size"), size) if pre.get("do_center_crop", False) else size
+    if any_size:
+        image_size = crop
     if crop != image_size:
         raise ModelError(f"the image processor makes {crop[0]}x{crop[1]} inputs but the model is built for "
                          f"{image_size[0]}x{image_size[1]}: fix size / crop_size in preprocessor_config.json")
@@ -249,9 +254,9 @@ def _hw(size: Any, default: tuple[int, int]) -> tuple[int, int]:
     if isinstance(size, dict):
         if "height" in size and "width" in size:
             return (int(size["height"]), int(size["width"]))
-        if "shortest_edge" in size:
-            raise ModelError("the image processor resizes the shortest edge (size: {shortest_edge: ...}): vitq supports "
-                             "size: {height: H, width: W} for Hugging Face models so far")
+        if "shortest_edge" in size and len(size) == 1:
+            # the shorter side to S, the aspect kept: what PreprocessConfig's resize does with crop / crop_pct = S
+            return (int(size["shortest_edge"]), int(size["shortest_edge"]))
     raise ModelError(f"image-processor size {size!r} is not understood: use {{height: H, width: W}}")
 
 
@@ -260,4 +265,4 @@ def config_image_size(config: Any) -> tuple[int, int]:
     return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
-from . import swin, vit  # noqa: E402,F401  (registration of the families)
+from . import dinov2, swin, vit  # noqa: E402,F401  (registration of the families)
