@@ -162,9 +162,10 @@ CASES: list[Case] = [
          _hf("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", **_HF_VIT), True,
          "DINOv2 with registers, classifier"),
     Case("hf_clip", "hf", "CLIPVisionModel", _hf("CLIPVisionModel", "CLIPVisionConfig", **{
-        k: v for k, v in _HF_VIT.items() if k != "num_labels"}), False, "CLIP image tower"),
+        k: v for k, v in _HF_VIT.items() if k != "num_labels"}), True, "CLIP image tower (QuickGELU)"),
     Case("hf_clip_proj", "hf", "CLIPVisionModelWithProjection", _hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", **{
-        k: v for k, v in _HF_VIT.items() if k != "num_labels"}, projection_dim=16), False, "CLIP image tower + projection"),
+        k: v for k, v in _HF_VIT.items() if k != "num_labels"}, projection_dim=16), True,
+        "CLIP image tower + projection (image_embeds)"),
     Case("hf_siglip", "hf", "SiglipVisionModel", _hf("SiglipVisionModel", "SiglipVisionConfig", **{
         k: v for k, v in _HF_VIT.items() if k != "num_labels"}), False, "SigLIP image tower"),
     Case("hf_beit", "hf", "BeitForImageClassification", _hf("BeitForImageClassification", "BeitConfig", **_HF_VIT), False,
