@@ -22,6 +22,7 @@ ARCHITECTURES = {
     "vit": ("timm.models.vision_transformer", "VisionTransformer"),
     "deit": ("timm.models.deit", "VisionTransformerDistilled"),
     "swin": ("timm.models.swin_transformer", "SwinTransformer"),
+    "eva": ("timm.models.eva", "Eva"),
 }
 
 #: where timm checkpoints keep their classifier, to infer ``num_classes``

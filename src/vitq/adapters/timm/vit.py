@@ -128,6 +128,47 @@ class TimmAttentionPool(QAttentionCore):
         return x
 
 
+class TimmParallelBlock(nn.Module):
+    """Behaviour mixed into timm's ``ParallelThingsBlock`` (parallel attention and MLP branches, their outputs summed
+    into the stream): one QAdd per half, over the branches' sum, in timm's order."""
+
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
+    add1: QAdd
+    add2: QAdd
+
+    @staticmethod
+    def from_float(block: Any) -> nn.Module:
+        mix_in(block, TimmParallelBlock)
+        if "add1" not in block._modules:
+            block.add1 = QAdd()
+            block.add2 = QAdd()
+        return block
+
+    def forward_attn(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        outs = [a.drop_path(a.ls(a.attn(a.norm(x), attn_mask=attn_mask, is_causal=is_causal))) for a in self.attns]
+        return self.add1(x, torch.stack(outs).sum(dim=0))
+
+    def forward_mlp(self, x: Tensor) -> Tensor:
+        return self.add2(x, torch.stack([f(x) for f in self.ffns]).sum(dim=0))
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        return self.forward_mlp(self.forward_attn(x, attn_mask=attn_mask, is_causal=is_causal))
+
+
+def _branches(blk: Any, prefix: str) -> list[tuple[str, Any, str, Any]]:
+    """A block's (attention part name, the module holding norm / attn, MLP part name, the module holding norm / mlp)
+    pairs: one for a Block (norm1 / attn, norm2 / mlp), one per branch of a parallel block."""
+    if isinstance(blk, TimmParallelBlock) or hasattr(blk, "attns"):
+        return [(f"{prefix}.attns.{j}", a, f"{prefix}.ffns.{j}", f) for j, (a, f) in enumerate(zip(blk.attns, blk.ffns))]
+    return [(prefix, blk, prefix, blk)]
+
+
+def _norm_names(blk: Any) -> tuple[str, str]:
+    return ("norm", "norm") if hasattr(blk, "attns") else ("norm1", "norm2")
+
+
 def gelu_like() -> tuple[type, ...]:
     """MLP activations whose negative range is GELU's (the post-GELU quantizers' fixed negative grid covers them):
     GELU (min -0.16997), GELU-tanh (-0.17004: 7e-5 below, far under one 8-bit step) and OpenAI CLIP's QuickGELU
@@ -193,12 +234,12 @@ class TimmViTAdapter(Adapter):
         return accepts_any_size(model) or super().accepts_input_size(model, hw)
 
     def is_wrapped(self, model: Any) -> bool:
-        return len(model.blocks) > 0 and isinstance(model.blocks[0], TimmBlock)
+        return len(model.blocks) > 0 and isinstance(model.blocks[0], (TimmBlock, TimmParallelBlock))
 
     def check(self, model: Any) -> None:
         from timm.layers import Mlp, PatchEmbed
         from timm.layers.attention import Attention
-        from timm.models.vision_transformer import Block
+        from timm.models.vision_transformer import Block, ParallelThingsBlock
 
         pool = getattr(model, "attn_pool", None)
         if pool is not None and not isinstance(pool, TimmAttentionPool):
@@ -215,14 +256,17 @@ class TimmViTAdapter(Adapter):
             raise ModelError(f"patch embedding {type(model.patch_embed).__name__} (a hybrid ViT's CNN stem) is not "
                              "supported yet: use a ViT with a plain patch embedding")
         for i, blk in enumerate(model.blocks):
-            require_type(blk, (Block,), "transformer block", f"blocks.{i}")
-            require_type(blk.attn, (Attention, TimmAttention), "attention", f"blocks.{i}.attn")
-            require_type(blk.mlp, (Mlp,), "MLP", f"blocks.{i}.mlp")
-            if getattr(blk.attn, "gate", None) is not None:
-                raise ModelError(f"gated attention at blocks.{i}.attn is not supported")
-            if not isinstance(blk.mlp.act, gelu_like()):
-                raise ModelError(f"MLP activation {type(blk.mlp.act).__name__} at blocks.{i}.mlp is not supported: the "
-                                 "post-GELU quantizers assume GELU's range (GELU, GELU-tanh and QuickGELU are taken)")
+            require_type(blk, (Block, ParallelThingsBlock), "transformer block", f"blocks.{i}")
+            for aname, a, fname, f in _branches(blk, f"blocks.{i}"):
+                require_type(a.attn, (Attention, TimmAttention), "attention", f"{aname}.attn")
+                require_type(f.mlp, (Mlp,), "MLP", f"{fname}.mlp")
+                if getattr(a.attn, "gate", None) is not None:
+                    raise ModelError(f"gated attention at {aname}.attn is not supported")
+                if not isinstance(f.mlp.act, gelu_like()):
+                    raise ModelError(f"MLP activation {type(f.mlp.act).__name__} at {fname}.mlp is not supported: the "
+                                     "post-GELU quantizers assume GELU's range (GELU, GELU-tanh and QuickGELU are taken)")
+                if not isinstance(getattr(f.mlp, "norm", nn.Identity()), nn.Identity):
+                    raise ModelError(f"an MLP with an inner norm at {fname}.mlp is not supported in a timm ViT yet")
         head = getattr(model, "head", None)
         if not isinstance(head, (nn.Linear, nn.Identity)):
             raise ModelError(f"head of type {type(head).__name__} is not supported: nn.Linear only")
@@ -233,15 +277,17 @@ class TimmViTAdapter(Adapter):
         for attr in ("norm_pre", "norm", "fc_norm"):
             swap_layernorm(model, attr)
         for blk in model.blocks:
-            TimmBlock.from_float(blk)
-            swap_layernorm(blk, "norm1")
-            swap_layernorm(blk, "norm2")
-            if not isinstance(blk.attn, TimmAttention):
-                blk.attn = TimmAttention(blk.attn)
-            swap_linear(blk.attn, "qkv", Role.QKV_IN)
-            swap_linear(blk.attn, "proj", Role.PROJ_IN)
-            swap_linear(blk.mlp, "fc1", Role.FC1_IN)
-            swap_linear(blk.mlp, "fc2", Role.FC2_IN)
+            (TimmParallelBlock if hasattr(blk, "attns") else TimmBlock).from_float(blk)
+            n1, n2 = _norm_names(blk)
+            for _, a, _, f in _branches(blk, ""):
+                swap_layernorm(a, n1)
+                swap_layernorm(f, n2)
+                if not isinstance(a.attn, TimmAttention):
+                    a.attn = TimmAttention(a.attn)
+                swap_linear(a.attn, "qkv", Role.QKV_IN)
+                swap_linear(a.attn, "proj", Role.PROJ_IN)
+                swap_linear(f.mlp, "fc1", Role.FC1_IN)
+                swap_linear(f.mlp, "fc2", Role.FC2_IN)
         if getattr(model, "attn_pool", None) is not None:
             if not isinstance(model.attn_pool, TimmAttentionPool):
                 model.attn_pool = TimmAttentionPool(model.attn_pool)
@@ -260,9 +306,11 @@ class TimmViTAdapter(Adapter):
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
         pairs = []
-        for i, _ in enumerate(model.blocks):
-            pairs.append(LNPair(f"blocks.{i}.norm1", (f"blocks.{i}.attn.qkv",), Role.QKV_IN))
-            pairs.append(LNPair(f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",), Role.FC1_IN))
+        for i, blk in enumerate(model.blocks):
+            n1, n2 = _norm_names(blk)
+            for aname, _, fname, _ in _branches(blk, f"blocks.{i}"):
+                pairs.append(LNPair(f"{aname}.{n1}", (f"{aname}.attn.qkv",), Role.QKV_IN))
+                pairs.append(LNPair(f"{fname}.{n2}", (f"{fname}.mlp.fc1",), Role.FC1_IN))
         if getattr(model, "attn_pool", None) is not None:
             if isinstance(model.norm, nn.LayerNorm):  # the final norm feeds only the pool's keys and values
                 pairs.append(LNPair("norm", ("attn_pool.kv",), Role.QKV_IN))
@@ -290,9 +338,11 @@ class TimmViTAdapter(Adapter):
                 if isinstance(getattr(model, tok, None), nn.Parameter):
                     w.append(StreamWriter(tok, "param"))
         r: list[StreamReader] = []
-        for i, _ in enumerate(model.blocks):
-            w += [StreamWriter(f"blocks.{i}.attn.proj", "rows"), StreamWriter(f"blocks.{i}.mlp.fc2", "rows")]
-            r += [StreamReader(f"blocks.{i}.norm1", "ln"), StreamReader(f"blocks.{i}.norm2", "ln")]
+        for i, blk in enumerate(model.blocks):
+            n1, n2 = _norm_names(blk)
+            for aname, _, fname, _ in _branches(blk, f"blocks.{i}"):
+                w += [StreamWriter(f"{aname}.attn.proj", "rows"), StreamWriter(f"{fname}.mlp.fc2", "rows")]
+                r += [StreamReader(f"{aname}.{n1}", "ln"), StreamReader(f"{fname}.{n2}", "ln")]
         # pooling (class token / average / max) commutes with a positive per-channel scale
         if isinstance(model.norm, nn.LayerNorm):
             r.append(StreamReader("norm", "ln"))
@@ -323,10 +373,13 @@ class TimmViTAdapter(Adapter):
         embed_mods = tuple(m for m in (model.patch_embed, model.norm_pre) if isinstance(m, nn.Module))
         pieces = [Piece("embed", "embed", embed, embed_mods)]
         for i, blk in enumerate(model.blocks):
-            pieces.append(Piece(f"blocks.{i}.attn", "attn", blk.forward_attn, (blk.norm1, blk.attn, blk.ls1, blk.add1),
-                                block=i))
-            pieces.append(Piece(f"blocks.{i}.mlp", "mlp", blk.forward_mlp, (blk.norm2, blk.mlp, blk.ls2, blk.add2),
-                                block=i))
+            if hasattr(blk, "attns"):
+                attn_mods: tuple[nn.Module, ...] = (blk.attns, blk.add1)
+                mlp_mods: tuple[nn.Module, ...] = (blk.ffns, blk.add2)
+            else:
+                attn_mods, mlp_mods = (blk.norm1, blk.attn, blk.ls1, blk.add1), (blk.norm2, blk.mlp, blk.ls2, blk.add2)
+            pieces.append(Piece(f"blocks.{i}.attn", "attn", blk.forward_attn, attn_mods, block=i))
+            pieces.append(Piece(f"blocks.{i}.mlp", "mlp", blk.forward_mlp, mlp_mods, block=i))
         head_mods = tuple(m for m in (model.norm, getattr(model, "attn_pool", None), model.fc_norm, model.head,
                                       getattr(model, "head_dist", None)) if isinstance(m, nn.Module))
         pieces.append(Piece("head", "head", head, head_mods))
@@ -334,10 +387,11 @@ class TimmViTAdapter(Adapter):
 
 
 def _predefine() -> None:
-    # the mixed block class exists at import, so that pickled / deep-copied models find it by name
-    from timm.models.vision_transformer import Block
+    # the mixed block classes exist at import, so that pickled / deep-copied models find them by name
+    from timm.models.vision_transformer import Block, ParallelThingsBlock
 
     mixed_class(Block, TimmBlock)
+    mixed_class(ParallelThingsBlock, TimmParallelBlock)
 
 
 _predefine()
