@@ -190,7 +190,7 @@ CASES: list[Case] = [
     Case("hf_swinv2", "hf", "Swinv2ForImageClassification",
          _hf("Swinv2ForImageClassification", "Swinv2Config", **_HF_SWIN), False, "Swin V2 classifier"),
     Case("hf_vitmsn", "hf", "ViTMSNForImageClassification",
-         _hf("ViTMSNForImageClassification", "ViTMSNConfig", **_HF_VIT), False, "ViT-MSN classifier"),
+         _hf("ViTMSNForImageClassification", "ViTMSNConfig", **_HF_VIT), True, "ViT-MSN classifier"),
 ]
 
 

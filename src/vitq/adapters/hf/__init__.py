@@ -28,7 +28,8 @@ PREFIX = "hf:"
 SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
              "SwinForImageClassification", "ViTModel", "DeiTModel", "Dinov2Model", "Dinov2ForImageClassification",
              "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
-             "CLIPVisionModelWithProjection", "SiglipVisionModel", "SiglipForImageClassification")
+             "CLIPVisionModelWithProjection", "SiglipVisionModel", "SiglipForImageClassification",
+             "ViTMSNForImageClassification", "ViTMSNModel")
 #: PIL resample codes of image-processor configs -> interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 #: ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / STD), for configs that leave them out

@@ -49,6 +49,8 @@ MODELS = {
     # encoders without a head ("" : the model is the base): their embedding is the pooler's output, or the class token
     "ViTModel": ("", ()),
     "DeiTModel": ("", ()),
+    "ViTMSNForImageClassification": ("vit", ("classifier",)),
+    "ViTMSNModel": ("", ()),
 }
 
 
@@ -121,7 +123,8 @@ def _model_name(model: Any) -> Optional[str]:
 class HFViTAdapter(Adapter):
     name = "hf-vit"
     description = ("Hugging Face ViTForImageClassification, DeiTForImageClassification and "
-                   "DeiTForImageClassificationWithTeacher, and the encoders ViTModel / DeiTModel (hf:DIR)")
+                   "DeiTForImageClassificationWithTeacher, ViTMSNForImageClassification, and the encoders ViTModel / "
+                   "DeiTModel / ViTMSNModel (hf:DIR)")
     library = "hf"
 
     @classmethod
@@ -150,6 +153,7 @@ class HFViTAdapter(Adapter):
     def check(self, model: Any) -> None:
         from transformers.models.deit.modeling_deit import DeiTAttention, DeiTLayer, DeiTMLP
         from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTMLP
+        from transformers.models.vit_msn.modeling_vit_msn import ViTMSNAttention, ViTMSNLayer, ViTMSNMLP
 
         prefix, base, heads = self._parts(model)
         act = getattr(model.config, "hidden_act", None)
@@ -163,9 +167,9 @@ class HFViTAdapter(Adapter):
             raise ModelError(f"pooler {type(pooler).__name__} is not supported: a dense layer with tanh only")
         for i, layer in enumerate(base.layers):
             where = _at(prefix, f"layers.{i}")
-            require_type(layer, (ViTLayer, DeiTLayer), "transformer layer", where)
-            require_type(layer.attention, (ViTAttention, DeiTAttention), "attention", where + ".attention")
-            require_type(layer.mlp, (ViTMLP, DeiTMLP), "MLP", where + ".mlp")
+            require_type(layer, (ViTLayer, DeiTLayer, ViTMSNLayer), "transformer layer", where)
+            require_type(layer.attention, (ViTAttention, DeiTAttention, ViTMSNAttention), "attention", where + ".attention")
+            require_type(layer.mlp, (ViTMLP, DeiTMLP, ViTMSNMLP), "MLP", where + ".mlp")
         for h in heads:
             if not isinstance(getattr(model, h), (nn.Linear, nn.Identity)):
                 raise ModelError(f"head {h} of type {type(getattr(model, h)).__name__} is not supported: nn.Linear only")
