@@ -72,7 +72,12 @@ def _hf(cls: str, config: str, **kw: Any) -> Callable[[], nn.Module]:
         torch.manual_seed(0)
         cfg = getattr(tf, config)(**kw)
         cfg._attn_implementation = "eager"
-        return getattr(tf, cls)(cfg).eval()
+        m = getattr(tf, cls)(cfg).eval()
+        with torch.no_grad():  # transformers starts relative position bias tables at zero: a trained one is not
+            for name, p in m.named_parameters():
+                if name.endswith("relative_position_bias_table"):
+                    p.normal_(0.0, 0.5)
+        return m
     return build
 
 
@@ -183,10 +188,12 @@ CASES: list[Case] = [
         k: v for k, v in _HF_VIT.items() if k != "num_labels"}), True, "SigLIP image tower (attention-pool head)"),
     Case("hf_siglip_cls", "hf", "SiglipForImageClassification", _hf_siglip_cls, True,
          "SigLIP classifier (the mean token; its unused pool head removed)", unused_linears=5),
-    Case("hf_beit", "hf", "BeitForImageClassification", _hf("BeitForImageClassification", "BeitConfig", **_HF_VIT), False,
+    Case("hf_beit", "hf", "BeitForImageClassification", _hf("BeitForImageClassification", "BeitConfig", **_HF_VIT,
+                                                                        use_relative_position_bias=True), True,
          "BEiT classifier"),
     Case("hf_data2vec", "hf", "Data2VecVisionForImageClassification",
-         _hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", **_HF_VIT), False, "data2vec-vision"),
+         _hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", **_HF_VIT), False,
+         "data2vec-vision (BEiT in transformers' older module layout)"),
     Case("hf_swinv2", "hf", "Swinv2ForImageClassification",
          _hf("Swinv2ForImageClassification", "Swinv2Config", **_HF_SWIN), False, "Swin V2 classifier"),
     Case("hf_vitmsn", "hf", "ViTMSNForImageClassification",

@@ -37,7 +37,7 @@ def test_the_coverage_page_lists_every_architecture() -> None:
 
 NEW = ["clip_quickgelu", "siglip", "eva02", "eva02_base", "vit_rope", "beit", "beit_shared", "hf_vit_headless",
        "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
-       "hf_siglip_cls"]
+       "hf_siglip_cls", "hf_beit"]
 
 
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
@@ -66,7 +66,7 @@ def test_every_recipe_runs_on_the_new_families(key: str, recipe: str) -> None:
 @pytest.mark.parametrize("recipe", ["repq", "dopq-calib", "aocq-balance"])
 @pytest.mark.parametrize("key", ["siglip", "eva02", "eva02_base", "vit_rope", "beit", "hf_vit_headless",
                                  "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
-       "hf_siglip_cls"])
+                                 "hf_siglip_cls", "hf_beit"])
 def test_reparameterizing_the_new_families_keeps_the_float_function(key: str, recipe: str) -> None:
     """RepQ / MOSF fold into every LayerNorm -> Linear pair (SigLIP: the final norm -> the pool's kv and the pool's
     norm -> its MLP; EVA-02: norm1 -> q / k / v, norm2 -> both SwiGLU inputs, the inner norm -> fc2), and AOCQ's
@@ -124,3 +124,45 @@ def test_the_new_families_as_reconstruction_chains_and_wrapped_bit_exact(key: st
         assert torch.equal(_logits(w(x)), ref)
         q = vitq.quantize(copy.deepcopy(m), "minmax", "W4A4", calib_data=x)
         assert torch.equal(run_chain(get_adapter(q).chain(q), x), _logits(q(x)))
+
+
+@pytest.mark.parametrize("variant", [
+    dict(use_shared_relative_position_bias=True),
+    dict(use_relative_position_bias=True, use_mean_pooling=False, use_absolute_position_embeddings=True),
+    dict(use_relative_position_bias=True, layer_scale_init_value=0.0),
+    dict(use_shared_relative_position_bias=True, headless=True),
+], ids=["shared_bias", "cls_token_abs_pos", "no_layer_scale", "headless_encoder"])
+def test_hugging_face_beit_variants_wrap_exactly_and_balance(variant: dict) -> None:
+    """The BEiT layouts checkpoints use (a per-layer or a model-wide relative position bias, mean or class-token
+    pooling, with or without layer scale, the bare BeitModel encoder): wrapped with empty slots the model is the float
+    model bit for bit, the chain computes it, and AOCQ's stream balance keeps the float function."""
+    import copy
+
+    import torch
+    from scripts.coverage import _HF_VIT, _hf
+
+    import vitq
+    from vitq.adapters import get_adapter
+    from vitq.adapters.base import run_chain
+
+    pytest.importorskip("transformers")
+    kw = dict(variant)
+    headless = kw.pop("headless", False)
+    cfg = {k: v for k, v in _HF_VIT.items() if not (headless and k == "num_labels")}
+    m = _hf("BeitModel" if headless else "BeitForImageClassification", "BeitConfig", **cfg, **kw)()
+    with torch.no_grad():  # an outlier channel after every pre-attention LayerNorm, as trained ViTs have
+        for layer in m.modules():
+            if type(layer).__name__ == "BeitLayer":
+                layer.layernorm_before.weight[3] *= 24.0
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = _logits(m(x))
+        assert torch.equal(_logits(vitq.wrap(copy.deepcopy(m))(x)), ref)
+        q = vitq.quantize(copy.deepcopy(m), "minmax", "W4A4", calib_data=x)
+        assert torch.equal(run_chain(get_adapter(q).chain(q), x), _logits(q(x)))
+    r = vitq.Recipe.from_dict({"extends": "aocq", "passes": [{"pass": "aocq_balance"}, {"pass": "calibrate"}]}, "t")
+    fp = vitq.quantize(copy.deepcopy(m), r, "W4A4", calib_data=x)
+    with torch.no_grad(), vitq.disabled(fp):
+        torch.testing.assert_close(_logits(fp(x)), ref, rtol=1e-4, atol=1e-4)
+    st = vitq.state_of(fp)
+    assert sum(v["channels_scaled"] for part in ("add_alpha", "ln_alpha") for v in st.balance[part].values()) > 0
