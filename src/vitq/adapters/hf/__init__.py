@@ -30,7 +30,7 @@ SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTFor
              "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
              "CLIPVisionModelWithProjection", "SiglipVisionModel", "SiglipForImageClassification",
              "ViTMSNForImageClassification", "ViTMSNModel",
-             "BeitForImageClassification", "BeitModel")
+             "BeitForImageClassification", "BeitModel", "SwinModel")
 #: PIL resample codes of image-processor configs -> interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 #: ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / STD), for configs that leave them out

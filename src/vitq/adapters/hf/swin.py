@@ -104,23 +104,43 @@ class HFSwinLayer(nn.Module):
         return self.forward_mlp(x), None
 
 
-def _is_swin(model: Any) -> bool:
-    return any(c.__name__ == "SwinForImageClassification" and c.__module__.startswith("transformers.")
-               for c in type(model).__mro__)
+#: model class -> the base-model attribute ("" : the model is the base) and whether it has the classifier
+MODELS = {
+    "SwinForImageClassification": ("swin", True),
+    "SwinModel": ("", False),
+}
+
+
+def _model_name(model: Any) -> Optional[str]:
+    for c in type(model).__mro__:
+        if c.__name__ in MODELS and c.__module__.startswith("transformers."):
+            return c.__name__
+    return None
+
+
+def _at(prefix: str, rest: str) -> str:
+    return f"{prefix}.{rest}" if prefix else rest
 
 
 @register_adapter
 class HFSwinAdapter(Adapter):
     name = "hf-swin"
-    description = "Hugging Face SwinForImageClassification (hf:DIR; window attention, shifted windows, patch merging)"
+    description = ("Hugging Face SwinForImageClassification, SwinModel (the pooled embedding) (hf:DIR; window "
+                   "attention, shifted windows, patch merging)")
     library = "hf"
 
     @classmethod
     def matches(cls, model: Any) -> bool:
-        return transformers_available() and _is_swin(model)
+        return transformers_available() and _model_name(model) is not None
+
+    def _parts(self, model: Any) -> tuple[str, Any, bool]:
+        name = _model_name(model)
+        assert name is not None
+        prefix, head = MODELS[name]
+        return prefix, (getattr(model, prefix) if prefix else model), head
 
     def num_outputs(self, model: Any) -> Optional[int]:
-        return hf_num_outputs(model)
+        return hf_num_outputs(model) if self._parts(model)[2] else None
 
     def data_config(self, model: Any) -> PreprocessConfig:
         return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
@@ -129,7 +149,7 @@ class HFSwinAdapter(Adapter):
         return hf_image_transform(model, cfg)
 
     def is_wrapped(self, model: Any) -> bool:
-        return isinstance(model.swin.encoder.layers[0].blocks[0], HFSwinLayer)
+        return isinstance(self._parts(model)[1].encoder.layers[0].blocks[0], HFSwinLayer)
 
     def check(self, model: Any) -> None:
         from transformers.models.swin.modeling_swin import SwinAttention, SwinLayer, SwinMLP, SwinPatchMerging
@@ -137,20 +157,25 @@ class HFSwinAdapter(Adapter):
         act = getattr(model.config, "hidden_act", None)
         if act != "gelu":
             raise ModelError(f"MLP activation {act!r} is not supported: hidden_act 'gelu' only")
-        for si, stage in enumerate(model.swin.encoder.layers):
+        prefix, base, has_head = self._parts(model)
+        for si, stage in enumerate(base.encoder.layers):
             if stage.downsample is not None:
-                require_type(stage.downsample, (SwinPatchMerging,), "downsample", f"swin.encoder.layers.{si}.downsample")
+                require_type(stage.downsample, (SwinPatchMerging,), "downsample",
+                             _at(prefix, f"encoder.layers.{si}.downsample"))
             for bi, blk in enumerate(stage.blocks):
-                where = f"swin.encoder.layers.{si}.blocks.{bi}"
+                where = _at(prefix, f"encoder.layers.{si}.blocks.{bi}")
                 require_type(blk, (SwinLayer,), "Swin layer", where)
                 require_type(blk.attention, (SwinAttention,), "window attention", where + ".attention")
                 require_type(blk.mlp, (SwinMLP,), "MLP", where + ".mlp")
-        if not isinstance(model.classifier, (nn.Linear, nn.Identity)):
+        if has_head and not isinstance(model.classifier, (nn.Linear, nn.Identity)):
             raise ModelError(f"classifier of type {type(model.classifier).__name__} is not supported: nn.Linear only")
+        if not has_head and base.pooler is None:
+            raise ModelError("a SwinModel built without its pooling layer has no image embedding to quantize for: "
+                             "load it with add_pooling_layer=True (the default)")
 
     def wrap(self, model: Any) -> nn.Module:
         self.check(model)
-        sw = model.swin
+        _, sw, has_head = self._parts(model)
         swap_conv(sw.embeddings.patch_embeddings, "projection", Role.PATCH_EMBED)
         swap_layernorm(sw.embeddings, "norm")
         swap_layernorm(sw, "layernorm")
@@ -173,21 +198,22 @@ class HFSwinAdapter(Adapter):
             if stage.downsample is not None:
                 swap_layernorm(stage.downsample, "norm")
                 swap_linear(stage.downsample, "reduction", Role.REDUCTION_IN)
-        if isinstance(model.classifier, nn.Linear):
+        if has_head and isinstance(model.classifier, nn.Linear):
             swap_linear(model, "classifier", Role.HEAD_IN)
         check_nothing_left(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
+        prefix, base, _ = self._parts(model)
         pairs = []
-        for si, stage in enumerate(model.swin.encoder.layers):
+        for si, stage in enumerate(base.encoder.layers):
             for bi, _ in enumerate(stage.blocks):
-                p = f"swin.encoder.layers.{si}.blocks.{bi}"
+                p = _at(prefix, f"encoder.layers.{si}.blocks.{bi}")
                 pairs.append(LNPair(f"{p}.layernorm_before",
                                     tuple(f"{p}.attention.{a}" for a in ("q_proj", "k_proj", "v_proj")), Role.QKV_IN))
                 pairs.append(LNPair(f"{p}.layernorm_after", (f"{p}.mlp.fc1",), Role.FC1_IN))
             if stage.downsample is not None:
-                d = f"swin.encoder.layers.{si}.downsample"
+                d = _at(prefix, f"encoder.layers.{si}.downsample")
                 pairs.append(LNPair(f"{d}.norm", (f"{d}.reduction",), Role.REDUCTION_IN))
         return pairs
 
@@ -197,25 +223,25 @@ class HFSwinAdapter(Adapter):
         within a stage by o_proj / fc2 of every layer. Read by layernorm_before / _after, and at the
         end of the stage by its patch merging's norm (the 2x2 neighbours concatenated: the channels
         4 times, channel fastest) or the final layernorm."""
-        sw = model.swin
+        prefix, sw, _ = self._parts(model)
         streams: list[ResidualStream] = []
-        w: list[StreamWriter] = [StreamWriter("swin.embeddings.norm", "affine")]
+        w: list[StreamWriter] = [StreamWriter(_at(prefix, "embeddings.norm"), "affine")]
         if isinstance(getattr(sw.embeddings, "position_embeddings", None), nn.Parameter):
-            w.append(StreamWriter("swin.embeddings.position_embeddings", "param"))
+            w.append(StreamWriter(_at(prefix, "embeddings.position_embeddings"), "param"))
         r: list[StreamReader] = []
         width = int(model.config.embed_dim)
         for si, stage in enumerate(sw.encoder.layers):
             for bi, _ in enumerate(stage.blocks):
-                p = f"swin.encoder.layers.{si}.blocks.{bi}"
+                p = _at(prefix, f"encoder.layers.{si}.blocks.{bi}")
                 w += [StreamWriter(f"{p}.attention.o_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
                 r += [StreamReader(f"{p}.layernorm_before", "ln"), StreamReader(f"{p}.layernorm_after", "ln")]
             if stage.downsample is not None:
-                d = f"swin.encoder.layers.{si}.downsample"
+                d = _at(prefix, f"encoder.layers.{si}.downsample")
                 r.append(StreamReader(f"{d}.norm", "ln", tile=4))
                 streams.append(ResidualStream(f"stage{len(streams)}", width, tuple(w), tuple(r)))
                 w, r = [StreamWriter(f"{d}.reduction", "rows")], []
                 width = int(stage.downsample.reduction.out_features)
-        r.append(StreamReader("swin.layernorm", "ln"))
+        r.append(StreamReader(_at(prefix, "layernorm"), "ln"))
         streams.append(ResidualStream(f"stage{len(streams)}", width, tuple(w), tuple(r)))
         return streams
 
@@ -225,7 +251,7 @@ class HFSwinAdapter(Adapter):
         average pooling, classifier)."""
         if not self.is_wrapped(model):
             self.wrap(model)
-        sw = model.swin
+        _, sw, has_head = self._parts(model)
         grid = tuple(sw.embeddings.patch_grid)
 
         def embed(x: Tensor) -> Tensor:
@@ -236,8 +262,8 @@ class HFSwinAdapter(Adapter):
             return out
 
         def head(x: Tensor) -> Tensor:
-            x = sw.layernorm(x)
-            return model.classifier(sw.pooler(x.transpose(1, 2)).flatten(1))
+            pooled = sw.pooler(sw.layernorm(x).transpose(1, 2)).flatten(1)
+            return model.classifier(pooled) if has_head else pooled  # type: ignore[no-any-return]
 
         pieces = [Piece("embed", "embed", embed, (sw.embeddings,))]
         nblk = 0
@@ -261,5 +287,5 @@ class HFSwinAdapter(Adapter):
                     return ds(x, dims)
 
                 pieces.append(Piece(f"layers.{si}.downsample", "merge", merge, (stage.downsample,), stage=si + 1))
-        pieces.append(Piece("head", "head", head, (sw.layernorm, model.classifier)))
+        pieces.append(Piece("head", "head", head, (sw.layernorm, model.classifier) if has_head else (sw.layernorm,)))
         return pieces
