@@ -46,6 +46,8 @@ class Case:
     refusal: str = ""
     #: Linear weight matrices the model's output does not depend on, which the adapter removes
     unused_linears: int = 0
+    #: Linear layers that stay float by design: they read constants, not the image (Swin V2's position-bias MLP)
+    constant_linears: int = 0
 
     def input(self, n: int = 4) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
@@ -57,7 +59,19 @@ def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
         import timm
 
         torch.manual_seed(0)
-        return timm.create_model(name, pretrained=False, **kw).eval()
+        m = timm.create_model(name, pretrained=False, **kw).eval()
+        with torch.no_grad():  # timm starts Swin V2's q / v biases and its residual post-norms at zero (a block adds
+            # nothing) and its logit scales equal: trained ones are not
+            for mod in m.modules():
+                if isinstance(mod, nn.LayerNorm) and mod.weight is not None and not mod.weight.any():
+                    mod.weight.uniform_(0.5, 1.5)
+                    mod.bias.normal_(0.0, 0.1)
+            for pname, p in m.named_parameters():
+                if pname.endswith(("q_bias", "v_bias")):
+                    p.normal_(0.0, 0.5)
+                elif pname.endswith("logit_scale"):
+                    p.uniform_(1.0, 4.0)
+        return m
     return build
 
 
@@ -130,8 +144,9 @@ CASES: list[Case] = [
     Case("beit_shared", "timm", "beitv2_base_patch16_224",
          _timm("beitv2_base_patch16_224", **_VIT, use_rel_pos_bias=False, use_shared_rel_pos_bias=True), True,
          "BEiT v2 with a shared relative position bias"),
-    Case("swinv2", "timm", "swinv2_tiny_window8_256", _timm("swinv2_tiny_window8_256", **_SWIN), False,
-         "Swin V2: cosine attention, continuous position bias"),
+    Case("swinv2", "timm", "swinv2_tiny_window8_256", _timm("swinv2_tiny_window8_256", **_SWIN), True,
+         "Swin V2: cosine attention, continuous position bias (its MLP, 2 Linears a block, reads constant "
+         "coordinates and stays float)", constant_linears=8),
     Case("vit_relpos", "timm", "vit_relpos_small_patch16_224", _timm("vit_relpos_small_patch16_224", **_VIT), False,
          "ViT with relative position bias (VisionTransformerRelPos)"),
     Case("vit_parallel", "timm", "vit_small_patch16_18x2_224", _timm("vit_small_patch16_18x2_224", **_VIT), True,
@@ -237,7 +252,7 @@ def check(case: Case, export: bool = True) -> Result:
     # as (the query's rows, the key / value rows); a module the model's output does not depend on is not counted
     # when the adapter removes it (SigLIP's classifier has a pool head it does not use)
     linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear)) + 2 * sum(
-        1 for m in model.modules() if isinstance(m, nn.MultiheadAttention)) - case.unused_linears
+        1 for m in model.modules() if isinstance(m, nn.MultiheadAttention)) - case.unused_linears - case.constant_linears
     try:
         q = vitq.quantize(model, "minmax", "W8A8", calib_data=x)
     except VitqError as e:

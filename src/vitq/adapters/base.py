@@ -295,9 +295,15 @@ def require_type(module: Optional[nn.Module], types: tuple[type, ...], what: str
         )
 
 
-def check_nothing_left(model: nn.Module) -> None:
-    """After wrapping, any plain Linear / Conv2d left would silently stay float: refuse."""
-    left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+def check_nothing_left(model: nn.Module, keep_float: tuple[str, ...] = ()) -> None:
+    """After wrapping, any plain Linear / Conv2d left would silently stay float: refuse. ``keep_float``: names of
+    sub-modules (any depth) whose layers stay float by design (a constant of the model, such as Swin V2's
+    position-bias MLP, which reads fixed coordinates rather than the image)."""
+
+    def kept(name: str) -> bool:
+        return any(part in keep_float for part in name.split("."))
+
+    left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and not kept(n)]
     if left:
         raise ModelError(
             f"the adapter does not know layer(s) {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}:"

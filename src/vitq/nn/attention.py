@@ -46,7 +46,7 @@ class QAttentionCore(nn.Module):
             self.softmax = QSoftmax(dim=-1)
         self.matmul_av = QMatMul(Role.ATTN_PROBS, Role.ATTN_V)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float, *, scale_first: bool = True,
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: "float | Tensor", *, scale_first: bool = True,
                bias: "Optional[Tensor | Sequence[Optional[Tensor]]]" = None, mask: Optional[Tensor] = None,
                dropout: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         """``softmax(q kᵀ · scale + bias, mask) v`` for ``q, k, v`` of shape (B, heads, N, d). ``bias`` may be a

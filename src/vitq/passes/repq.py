@@ -215,7 +215,11 @@ def reparam_pass(model: nn.Module, ctx: Any, opts: ReparamOptions = ReparamOptio
     n = reparameterize(model, target, opts.round_zero_point, getattr(ctx, "adapter", None), opts.zero_point_target,
                        clip_mad_k)
     ensure_state(model).reparam.append({"pass": "reparam", **opts.to_dict(), "layernorms": n})
-    if n == 0:
+    adapter = getattr(ctx, "adapter", None)
+    if n == 0 and adapter is not None and not adapter.ln_consumers(model):
+        log.warning("reparam: this model has no LayerNorm -> Linear pair (%s: post-norm blocks read the residual "
+                    "stream directly); RepQ-ViT's reparameterization does not apply, nothing changed", adapter.name)
+    elif n == 0:
         log.warning("reparam: no LayerNorm consumer has a channel-wise uniform input quantizer; nothing to do "
                     "(give act:QKV_IN / act:FC1_IN / act:REDUCTION_IN granularity: channel)")
     else:

@@ -48,6 +48,8 @@ class ReferenceSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_size: tuple[int, int, int] = (1, 28, 28)
     description: str = ""
+    #: an image encoder: trained with a linear head, which load_reference removes (``reset_classifier(0)``)
+    headless: bool = False
 
 
 REFERENCE_MODELS: dict[str, ReferenceSpec] = {
@@ -69,6 +71,28 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
         dict(img_size=32, patch_size=2, in_chans=1, num_classes=10, window_size=4, embed_dim=32,
              depths=(2, 2, 2), num_heads=(2, 4, 8), mlp_ratio=4.0),
         (1, 32, 32), "timm Swin, 32x32 grey (resized), patch 2, window 4, dims 32/64/128",
+    ),
+    "fmnist-eva": ReferenceSpec(
+        "fmnist-eva", "eva",
+        dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
+             mlp_ratio=8 / 3, qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+             ref_feat_shape=(7, 7)),
+        (1, 28, 28), "timm Eva (EVA-02 style): rotary position embedding, SwiGLU MLP with its inner LayerNorm,"
+                     " separate q / k / v; dim 64, depth 6",
+    ),
+    "fmnist-siglip": ReferenceSpec(
+        "fmnist-siglip", "vit",
+        dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
+             mlp_ratio=4.0, qkv_bias=True, class_token=False, global_pool="map"),
+        (1, 28, 28), "timm ViT, SigLIP style: no class token, attention-pool (map) head; dim 64, depth 6",
+    ),
+    "fmnist-dinov2": ReferenceSpec(
+        "fmnist-dinov2", "vit",
+        dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
+             mlp_ratio=4.0, qkv_bias=True, init_values=1e-5, reg_tokens=4, no_embed_class=True),
+        (1, 28, 28), "timm ViT, DINOv2 style image encoder (headless): LayerScale, 4 register tokens;"
+                     " trained with a linear head that is removed",
+        headless=True,
     ),
 }
 OUTLIER_SUFFIX = "-outlier"
@@ -159,6 +183,8 @@ def load_reference(name: str, weights: bool = True) -> Any:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(wp)))
+    if spec.headless:
+        model.reset_classifier(0)
     model.pretrained_cfg = {**model.pretrained_cfg, "fp_top1": meta.get("fp_top1")}
     if outlier:
         _apply_outliers(model, base, meta)
@@ -175,5 +201,8 @@ def _apply_outliers(model: nn.Module, base: str, meta: dict[str, Any]) -> None:
 
 
 def reference_fp_top1(name: str) -> Optional[float]:
-    v = load_meta(_base(name)).get("fp_top1")
+    """The float model's test top-1 (an encoder's: its k-NN top-1, ``fp_knn_top1``)."""
+    base = _base(name)
+    spec = REFERENCE_MODELS.get(base)
+    v = load_meta(base).get("fp_knn_top1" if spec is not None and spec.headless else "fp_top1")
     return None if v is None else float(v)

@@ -22,6 +22,7 @@ ARCHITECTURES = {
     "vit": ("timm.models.vision_transformer", "VisionTransformer"),
     "deit": ("timm.models.deit", "VisionTransformerDistilled"),
     "swin": ("timm.models.swin_transformer", "SwinTransformer"),
+    "swinv2": ("timm.models.swin_transformer_v2", "SwinTransformerV2"),
     "eva": ("timm.models.eva", "Eva"),
 }
 
@@ -165,4 +166,4 @@ def patch_embed_geometry(model: Any) -> tuple[Optional[int], Optional[tuple[int,
     return in_chans, (int(size[0]), int(size[1]))
 
 
-from . import beit, eva, swin, vit  # noqa: E402,F401  (registration of the families)
+from . import beit, eva, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)
