@@ -68,9 +68,9 @@ def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
                     mod.bias.normal_(0.0, 0.1)
             for pname, p in m.named_parameters():
                 if pname.endswith(("q_bias", "v_bias")):
-                    p.normal_(0.0, 0.5)
+                    p.normal_(0.0, 0.05)
                 elif pname.endswith("logit_scale"):
-                    p.uniform_(1.0, 4.0)
+                    p.uniform_(1.5, 3.0)
         return m
     return build
 
@@ -91,6 +91,8 @@ def _hf(cls: str, config: str, **kw: Any) -> Callable[[], nn.Module]:
             for name, p in m.named_parameters():
                 if name.endswith("relative_position_bias_table"):
                     p.normal_(0.0, 0.5)
+                elif name.endswith("logit_scale"):  # Swin V2's, all log(10) at the start
+                    p.uniform_(1.5, 3.0)
         return m
     return build
 
@@ -210,8 +212,13 @@ CASES: list[Case] = [
     Case("hf_data2vec", "hf", "Data2VecVisionForImageClassification",
          _hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", **_HF_VIT), False,
          "data2vec-vision (BEiT in transformers' older module layout)"),
+    # Swin V2 at transformers' initializer_range 0.02: the logits of a random tiny model are ~0.01 and almost equal
+    # across classes (post-norm blocks), and a per-image cosine of them measures noise; 0.1 gives image-dependent ones
     Case("hf_swinv2", "hf", "Swinv2ForImageClassification",
-         _hf("Swinv2ForImageClassification", "Swinv2Config", **_HF_SWIN), False, "Swin V2 classifier"),
+         _hf("Swinv2ForImageClassification", "Swinv2Config", **_HF_SWIN, initializer_range=0.1), True,
+         "Swin V2 classifier (the position-bias MLP, 2 Linears a layer, stays float)", constant_linears=8),
+    Case("hf_swinv2_headless", "hf", "Swinv2Model", _hf("Swinv2Model", "Swinv2Config", **_HF_SWIN, initializer_range=0.1), True,
+         "Swin V2 encoder (the pooled embedding)", constant_linears=8),
     Case("hf_vitmsn", "hf", "ViTMSNForImageClassification",
          _hf("ViTMSNForImageClassification", "ViTMSNConfig", **_HF_VIT), True, "ViT-MSN classifier"),
 ]

@@ -38,7 +38,7 @@ def test_the_coverage_page_lists_every_architecture() -> None:
 
 NEW = ["clip_quickgelu", "siglip", "eva02", "eva02_base", "vit_rope", "beit", "beit_shared", "hf_vit_headless",
        "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
-       "hf_siglip_cls", "hf_beit", "hf_swin_headless", "swinv2"]
+       "hf_siglip_cls", "hf_beit", "hf_swin_headless", "swinv2", "hf_swinv2", "hf_swinv2_headless"]
 
 
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
@@ -169,11 +169,12 @@ def test_hugging_face_beit_variants_wrap_exactly_and_balance(variant: dict) -> N
     assert sum(v["channels_scaled"] for part in ("add_alpha", "ln_alpha") for v in st.balance[part].values()) > 0
 
 
-def test_swin_v2_post_norm_blocks_balance_exactly_and_fold_their_qkv_bias(tmp_path: Any) -> None:
-    """Swin V2 (post-norm, cosine attention): the q / v biases are folded into the qkv Linear exactly; RepQ-ViT finds
-    no LayerNorm -> Linear pair and says so, changing nothing; AOCQ's Add_alpha balances an outlier the post-norms
-    write into the stream (read by the qkv / fc1 columns and the next merging's reduction) keeping the float
-    function; save -> load gives the same outputs."""
+@pytest.mark.parametrize("key", ["swinv2", "hf_swinv2"])
+def test_swin_v2_post_norm_blocks_balance_exactly_and_fold_their_qkv_bias(key: str, tmp_path: Any) -> None:
+    """Swin V2 (post-norm, cosine attention), timm and Hugging Face: timm's q / v biases are folded into the qkv
+    Linear exactly; RepQ-ViT finds no LayerNorm -> Linear pair and says so, changing nothing; AOCQ's Add_alpha
+    balances an outlier the post-norms write into the stream (read by the q / k / v and fc1 columns and the next
+    merging's reduction) keeping the float function; save -> load gives the same outputs."""
     import copy
 
     import torch
@@ -181,19 +182,24 @@ def test_swin_v2_post_norm_blocks_balance_exactly_and_fold_their_qkv_bias(tmp_pa
     import vitq
     from vitq.adapters import get_adapter
 
-    case = next(c for c in CASES if c.key == "swinv2")
+    if key.startswith("hf"):
+        pytest.importorskip("transformers")
+    case = next(c for c in CASES if c.key == key)
     m = case.build()
+    timm_model = key == "swinv2"
+    blocks = m.layers[0].blocks if timm_model else m.swinv2.encoder.layers[0].blocks
     with torch.no_grad():  # an outlier channel in what the first stage's post-norms write, as trained Swins have
-        for blk in m.layers[0].blocks:
-            blk.norm1.weight[3] *= 24.0
-            blk.norm2.weight[3] *= 24.0
+        for blk in blocks:
+            for ln in ((blk.norm1, blk.norm2) if timm_model else (blk.layernorm_before, blk.layernorm_after)):
+                ln.weight[3] *= 24.0
     x = case.input(4)
-    att = m.layers[1].blocks[0].attn
-    bias = torch.cat((att.q_bias, att.k_bias, att.v_bias)).detach().clone()
     with torch.no_grad():
         ref = _logits(m(x))
     w = vitq.wrap(copy.deepcopy(m))
-    assert torch.equal(w.layers[1].blocks[0].attn.qkv.bias, bias) and w.layers[1].blocks[0].attn.q_bias is None
+    if timm_model:
+        att = m.layers[1].blocks[0].attn
+        bias = torch.cat((att.q_bias, att.k_bias, att.v_bias)).detach()
+        assert torch.equal(w.layers[1].blocks[0].attn.qkv.bias, bias) and w.layers[1].blocks[0].attn.q_bias is None
     assert get_adapter(w).ln_consumers(w) == []
     q = vitq.quantize(copy.deepcopy(m), "repq", "W8A8", calib_data=x)
     with torch.no_grad(), vitq.disabled(q):
@@ -204,8 +210,11 @@ def test_swin_v2_post_norm_blocks_balance_exactly_and_fold_their_qkv_bias(tmp_pa
     with torch.no_grad(), vitq.disabled(fp):
         torch.testing.assert_close(_logits(fp(x)), ref, rtol=1e-4, atol=1e-4)
     assert vitq.state_of(fp).balance["add_alpha"]["stage0"]["channels_scaled"] > 0
-    torch.save(m, tmp_path / "float.pt")  # a timm model built with custom arguments: rebuilt from its pickle
-    vitq.save_quantized(fp, tmp_path / "q", source=vitq.ModelSource("pickle", str(tmp_path / "float.pt")))
-    back = vitq.load_quantized(tmp_path / "q", trust_pickle=True)
+    source = None
+    if timm_model:  # a timm model built with custom arguments: rebuilt from its pickle
+        torch.save(m, tmp_path / "float.pt")
+        source = vitq.ModelSource("pickle", str(tmp_path / "float.pt"))
+    vitq.save_quantized(fp, tmp_path / "q", source=source)
+    back = vitq.load_quantized(tmp_path / "q", trust_pickle=timm_model)
     with torch.no_grad():
         assert torch.equal(_logits(back(x)), _logits(fp(x)))

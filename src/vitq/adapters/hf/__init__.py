@@ -30,7 +30,8 @@ SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTFor
              "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
              "CLIPVisionModelWithProjection", "SiglipVisionModel", "SiglipForImageClassification",
              "ViTMSNForImageClassification", "ViTMSNModel",
-             "BeitForImageClassification", "BeitModel", "SwinModel")
+             "BeitForImageClassification", "BeitModel", "SwinModel",
+             "Swinv2ForImageClassification", "Swinv2Model")
 #: PIL resample codes of image-processor configs -> interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 #: ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / STD), for configs that leave them out
@@ -268,4 +269,4 @@ def config_image_size(config: Any) -> tuple[int, int]:
     return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
-from . import beit, clip, dinov2, siglip, swin, vit  # noqa: E402,F401  (registration of the families)
+from . import beit, clip, dinov2, siglip, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)
