@@ -23,10 +23,15 @@ import torch
 
 from bench.common import RESULTS, FashionData, machine_line, md_table, save_rows, setup, write_md
 from vitq.bits import Bits
-from vitq.data import calibration_subset, stack_images
+from vitq.data import calibration_subset, make_loader, stack_images
 from vitq.errors import VitqError
 from vitq.reference import list_reference_models, load_reference, weights_path
 from vitq.run.compare import cache_batches, compare
+from vitq.run.inputs import task_of
+from vitq.run.spec import RunSpec
+
+#: an encoder's k-NN memory bank: the CLI's default size (``--knn-bank``), the same seeded sample
+KNN_BANK = RunSpec.__dataclass_fields__["knn_bank"].default
 
 DEFAULT_RECIPES = ["minmax", "percentile", "omse", "ptq4vit", "repq", "fqvit"]
 #: fully-quantized variants (FQ-ViT Table 2 protocol), benchmarked at W8A8: --recipes ... --bits W8A8
@@ -83,12 +88,18 @@ def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: 
     def source(n: int, s: int) -> torch.Tensor:
         return stack_images(calibration_subset(train, calib_size or n, s))[0]
 
+    knn_bank = None
+    if task_of(model) == "features":  # an encoder: k-NN top-1 against its own embeddings of 10 000 train images
+        knn_bank = cache_batches(make_loader(calibration_subset(train, min(KNN_BANK, len(train)), 0),
+                                             batch_size=batch_size))
+
     for rname in recipes:
         bits_todo = [b for b in bits_list if (rname, b) in todo]
         if not bits_todo:
             continue
         try:
-            res = compare(model, eval_batches, source, [rname], bits_todo, batch_size=batch_size, seeds=[seed])
+            res = compare(model, eval_batches, source, [rname], bits_todo, batch_size=batch_size, seeds=[seed],
+                          knn_bank=knn_bank)
         except VitqError as e:
             print(f"{name:<22} {rname:<12} {','.join(bits_todo)}: FAILED: {e}", flush=True)
             errors += 1
@@ -113,12 +124,28 @@ def merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
-    table = md_table(["model", "recipe", "bits", "FP top-1", "Q top-1", "drop", "calib imgs", "eval imgs", "calib s",
-                      "peak RSS MB"],
-                     [[r["model"], r["recipe"], r["bits"], f"{r['fp_top1']:.2f}", f"{r['q_top1']:.2f}", f"{r['drop']:+.2f}",
-                       r["calib_size"], r["eval_size"], f"{r['calib_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}"] for r in rows],
-                     align="lllrrrrrrr")
-    return [f"# {meta['title']}", "", meta["note"], "", machine_line(meta), "", *table]
+    heads = [r for r in rows if r.get("task", "classify") != "features"]
+    encoders = [r for r in rows if r.get("task") == "features"]
+    out = [f"# {meta['title']}", "", meta["note"], "", machine_line(meta), ""]
+    if heads:
+        out += md_table(["model", "recipe", "bits", "FP top-1", "Q top-1", "drop", "calib imgs", "eval imgs", "calib s",
+                         "peak RSS MB"],
+                        [[r["model"], r["recipe"], r["bits"], f"{r['fp_top1']:.2f}", f"{r['q_top1']:.2f}",
+                          f"{r['drop']:+.2f}", r["calib_size"], r["eval_size"], f"{r['calib_seconds']:.1f}",
+                          f"{r['peak_rss_mb']:.0f}"] for r in heads],
+                        align="lllrrrrrrr")
+    if encoders:
+        out += ["", "Encoders (no head): k-NN top-1 (k 20, cosine, the DINO protocol; a bank of the model's own "
+                "embeddings of 10 000 train images), and the quantized embeddings' agreement with the float ones "
+                "image by image (cosine mean and 5th percentile, SQNR).", ""]
+        out += md_table(["model", "recipe", "bits", "FP k-NN", "Q k-NN", "drop", "emb cos mean", "emb cos p5",
+                         "SQNR dB", "calib imgs", "eval imgs", "calib s"],
+                        [[r["model"], r["recipe"], r["bits"], f"{r['fp_top1']:.2f}", f"{r['q_top1']:.2f}",
+                          f"{r['drop']:+.2f}", f"{r['emb_cosine_mean']:.4f}", f"{r['emb_cosine_p5']:.4f}",
+                          f"{r['emb_sqnr_db']:.1f}", r["calib_size"], r["eval_size"], f"{r['calib_seconds']:.1f}"]
+                         for r in encoders],
+                        align="lllrrrrrrrrr")
+    return out
 
 
 def main() -> None:
