@@ -149,8 +149,8 @@ CASES: list[Case] = [
     Case("swinv2", "timm", "swinv2_tiny_window8_256", _timm("swinv2_tiny_window8_256", **_SWIN), True,
          "Swin V2: cosine attention, continuous position bias (its MLP, 2 Linears a block, reads constant "
          "coordinates and stays float)", constant_linears=8),
-    Case("vit_relpos", "timm", "vit_relpos_small_patch16_224", _timm("vit_relpos_small_patch16_224", **_VIT), False,
-         "ViT with relative position bias (VisionTransformerRelPos)"),
+    Case("vit_relpos", "timm", "vit_relpos_small_patch16_224", _timm("vit_relpos_small_patch16_224", **_VIT), True,
+         "ViT with relative position bias (VisionTransformerRelPos; the bias MLP, 2 Linears a block, reads constant coordinates and stays float)", constant_linears=4),
     Case("vit_parallel", "timm", "vit_small_patch16_18x2_224", _timm("vit_small_patch16_18x2_224", **_VIT), True,
          "ViT with parallel blocks (two attention and two MLP branches, summed)"),
     Case("cait", "timm", "cait_xxs24_224", _timm("cait_xxs24_224", **_VIT, depth_token_only=1), False,

@@ -38,7 +38,8 @@ def test_the_coverage_page_lists_every_architecture() -> None:
 
 NEW = ["clip_quickgelu", "siglip", "eva02", "eva02_base", "vit_rope", "beit", "beit_shared", "hf_vit_headless",
        "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
-       "hf_siglip_cls", "hf_beit", "hf_swin_headless", "swinv2", "hf_swinv2", "hf_swinv2_headless"]
+       "hf_siglip_cls", "hf_beit", "hf_swin_headless", "swinv2", "hf_swinv2", "hf_swinv2_headless",
+       "vit_relpos"]
 
 
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
@@ -218,3 +219,58 @@ def test_swin_v2_post_norm_blocks_balance_exactly_and_fold_their_qkv_bias(key: s
     back = vitq.load_quantized(tmp_path / "q", trust_pickle=timm_model)
     with torch.no_grad():
         assert torch.equal(_logits(back(x)), _logits(fp(x)))
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(shared_rel_pos=True, rel_pos_type="bias"),
+    dict(class_token=True, global_pool="token", init_values=0.1, rel_pos_type="mlp_swin"),
+    dict(fc_norm=True, rel_pos_type="bias"),
+    dict(block_fn="post"),
+], ids=["mlp_bias", "shared_table", "cls_token_layer_scale", "fc_norm", "res_post_norm"])
+def test_timm_relpos_variants_wrap_exactly_reparameterize_and_balance(variant: dict) -> None:
+    """VisionTransformerRelPos as its checkpoints come (an MLP or a table bias per block, one shared by all blocks,
+    class-token pooling with LayerScale, fc_norm, residual post-norm blocks): wrapped with empty slots it is timm's
+    non-fused model bit for bit, the chain computes it, RepQ-ViT keeps the float function (folding every pre-norm
+    pair, none in post-norm blocks), and Add_alpha balances an outlier keeping it too."""
+    import copy
+
+    import timm
+    import torch
+    from conftest import unfuse
+    from timm.models.vision_transformer_relpos import ResPostRelPosBlock
+
+    import vitq
+    from vitq.adapters import get_adapter
+    from vitq.adapters.base import run_chain
+
+    kw = dict(variant)
+    if kw.pop("block_fn", None) == "post":
+        kw["block_fn"] = ResPostRelPosBlock
+    torch.manual_seed(0)
+    m = unfuse(timm.create_model("vit_relpos_small_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,
+                                 img_size=32, patch_size=8, num_classes=5, **kw).eval())
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("relative_position_bias_table"):  # timm starts tables at zero
+                p.normal_(0.0, 0.5)
+        m.patch_embed.proj.weight[3] *= 24.0  # an outlier channel in the stream, as trained ViTs have
+        for blk in m.blocks:
+            if isinstance(blk, ResPostRelPosBlock):
+                blk.norm1.weight.add_(1.0)  # timm starts the post-norms at zero: the block would add nothing
+                blk.norm2.weight.add_(1.0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        assert torch.equal(vitq.wrap(copy.deepcopy(m))(x), ref)
+        q = vitq.quantize(copy.deepcopy(m), "minmax", "W4A4", calib_data=x)
+        assert torch.equal(run_chain(get_adapter(q).chain(q), x), q(x))
+    rq = vitq.quantize(copy.deepcopy(m), "repq", "W4A4", calib_data=x)
+    with torch.no_grad(), vitq.disabled(rq):
+        torch.testing.assert_close(rq(x), ref, rtol=1e-4, atol=1e-5)
+    assert vitq.state_of(rq).reparam[0]["layernorms"] == len(get_adapter(rq).ln_consumers(rq))
+    r = vitq.Recipe.from_dict({"extends": "aocq", "passes": [{"pass": "aocq_balance"}, {"pass": "calibrate"}]}, "t")
+    fp = vitq.quantize(copy.deepcopy(m), r, "W4A4", calib_data=x)
+    with torch.no_grad(), vitq.disabled(fp):
+        torch.testing.assert_close(fp(x), ref, rtol=1e-4, atol=1e-4)
+    assert vitq.state_of(fp).balance["add_alpha"]["stream"]["channels_scaled"] > 0
