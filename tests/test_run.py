@@ -296,6 +296,19 @@ def test_an_encoder_is_judged_by_knn_and_embedding_agreement(rgb: SimpleNamespac
     w4 = next(r for r in rows if r["recipe"] == "minmax" and r["bits"] == "W4A4")
     assert w4["emb_sqnr_db"] < w8["emb_sqnr_db"]  # more bits, less error
     expect_error(["quantize", "test_vit", *base, "--task", "classify"], capsys, "has no classification head")
+    # vitq report: each site's sensitivity is how far it alone moves the embeddings; the page and its JSON say so
+    pytest.importorskip("matplotlib")
+    code, out, err = run(["report", "test_vit", *base, "--recipe", "minmax", "--bits", "W4A4", "--out",
+                          str(rgb.tmp / "rep"), "--sensitivity-size", "8", "--error-images", "8"], capsys)
+    assert code == 0, err
+    rep = json.loads((rgb.tmp / "rep" / "report.json").read_text())
+    assert rep["meta"]["FP k-NN top-1"] == w4["fp_top1"] and rep["meta"]["quantized k-NN top-1"] == w4["q_top1"]
+    assert rep["meta"]["embedding SQNR dB"] == w4["emb_sqnr_db"]
+    sens = [r for r in rep["sites"] if r["emb_sqnr_db"] is not None]
+    assert len(sens) == len(rep["sites"]) and all(0.0 < r["emb_cosine_p5"] <= r["emb_cosine_mean"] <= 1.0 for r in sens)
+    # one site alone moves the embeddings less than all sites together
+    assert min(r["emb_sqnr_db"] for r in sens) > w4["emb_sqnr_db"]
+    assert "embedding SQNR" in (rgb.tmp / "rep" / "report.html").read_text() and "k-NN top-1" in out
     # the export's parity check of an encoder: its embeddings against the simulated ones, on the recorded data
     pytest.importorskip("onnxruntime")
     code, out, err = run(["export", str(rgb.tmp / "run"), "--format", "onnx", "--verify", "--no-progress",

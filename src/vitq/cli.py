@@ -505,9 +505,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     o = _open(spec)
     from .run.inputs import task_of
 
-    if task_of(o.model, spec.task) == "features":
-        raise DataError("vitq report measures each site's cost in top-1 of a classification head; this model is an "
-                        "encoder: use vitq quantize / compare (k-NN top-1 and the embeddings' agreement) for now")
+    features = task_of(o.model, spec.task) == "features"
     progress = spec.progress
     before = None
     recipe: Any
@@ -521,23 +519,40 @@ def cmd_report(args: argparse.Namespace) -> int:
         before = prepare(copy.deepcopy(o.model), recipe, bits)  # the float model's sites, before any folding
         q, secs = quantize_first_seed(spec, o, print)
         calib_seconds = round(secs, 2)
-    with disabled(q):
-        fp = evaluate(q, o.loader, progress=progress, desc="eval fp")
-    res = evaluate(q, o.loader, progress=progress, desc="eval quantized")
+    metric = "k-NN top-1" if features else "top-1"
+    if features:  # an encoder: k-NN top-1 against its own embeddings of the train split, and the agreement
+        from .run.compare import cache_batches
+        from .run.execute import bank_loader, features_evaluator
+
+        bank = cache_batches(bank_loader(spec, o.choice, o.pre))
+        data = cache_batches(o.loader)
+        with disabled(q):
+            fp = features_evaluator(data, bank, progress)(q, "eval fp")
+        res = features_evaluator(data, bank, progress, reference=fp)(q, "eval quantized")
+    else:
+        with disabled(q):
+            fp = evaluate(q, o.loader, progress=progress, desc="eval fp")
+        res = evaluate(q, o.loader, progress=progress, desc="eval quantized")
     batches = first_batches(o.loader, args.sensitivity_size)
     meta = {"model": args.model, "data": str(o.choice.spec), "recipe": recipe.name, "bits": str(bits), "seed": seed,
-            "FP top-1": round(fp["top1"], 2), "quantized top-1": round(res["top1"], 2),
-            "drop (points)": round(fp["top1"] - res["top1"], 2), "evaluation images": res["n"],
-            "sensitivity images": sum(len(x) for x, _ in batches), "calibration seconds": calib_seconds,
-            "source": o.source.to_dict().get("name")}
+            f"FP {metric}": round(fp["top1"], 2), f"quantized {metric}": round(res["top1"], 2),
+            "drop (points)": round(fp["top1"] - res["top1"], 2), "evaluation images": res["n"]}
+    if features:
+        meta.update({"k-NN bank images": res["bank_size"], "embedding cosine (mean)": res["emb_cosine_mean"],
+                     "embedding cosine (5th percentile)": res["emb_cosine_p5"], "embedding SQNR dB": res["emb_sqnr_db"]})
+    meta.update({"sensitivity images": sum(len(x) for x, _ in batches), "calibration seconds": calib_seconds,
+                 "source": o.source.to_dict().get("name")})
     path = write_report(q, batches, args.out, ReportInputs(meta=meta, recipe=recipe.to_dict(), before=before),
-                        error_images=args.error_images, progress=progress)
+                        error_images=args.error_images, progress=progress, features=features)
     rep = json.loads((path.parent / "report.json").read_text())
     worst = most_sensitive(rep["sites"])[:5]
-    print(f"{args.model} {recipe.name} {bits}: FP top-1 {fp['top1']:.2f}%  quantized {res['top1']:.2f}%  "
-          f"({res['n']} images of {o.choice.spec}{_data_line(o.choice.origin)})")
+    print(f"{args.model} {recipe.name} {bits}: FP {metric} {fp['top1']:.2f}%  quantized {res['top1']:.2f}%  "
+          f"({res['n']} images of {o.choice.spec}{_data_line(o.choice.origin)})"
+          + (f"; embeddings: cosine {res['emb_cosine_mean']:.4f} (p5 {res['emb_cosine_p5']:.4f}), "
+             f"SQNR {res['emb_sqnr_db']:.1f} dB" if features else ""))
     print("most sensitive sites (only that site quantized): " + "; ".join(
-        f"{r['site']} {r['d_top1']:+.2f} pt" + ("" if r["d_nll"] is None else f", {r['d_nll']:+.4f} nats")
+        (f"{r['site']} SQNR {r['emb_sqnr_db']:.1f} dB, cosine {r['emb_cosine_mean']:.4f}" if features else
+         f"{r['site']} {r['d_top1']:+.2f} pt" + ("" if r["d_nll"] is None else f", {r['d_nll']:+.4f} nats"))
         for r in worst))
     print(f"report: {path}")
     write_json(args.json, {k: v for k, v in rep.items() if k != "recipe"})

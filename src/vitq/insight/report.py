@@ -24,7 +24,7 @@ from ..nn import FakeQuant, fake_quants
 from ..passes.quantize import manifest
 from ..roles import Role
 from ..state import state_of
-from .sites import Batch, levels, most_sensitive, site_errors, site_samples, site_sensitivity
+from .sites import Batch, embedding_sensitivity, levels, most_sensitive, site_errors, site_samples, site_sensitivity
 
 #: the distributions the report draws: role -> what a reader calls it
 DIST_ROLES = {Role.QKV_IN: "post-LayerNorm (QKV input)", Role.FC1_IN: "post-LayerNorm (FC1 input)",
@@ -33,6 +33,10 @@ ROLE_COLOURS = {"PATCH_EMBED": "#7f7f7f", "QKV_IN": "#1f77b4", "PROJ_IN": "#ff7f
                 "FC2_IN": "#d62728", "GLU_OUT": "#ff9896", "REDUCTION_IN": "#8c564b", "HEAD_IN": "#e377c2", "ATTN_Q": "#9467bd",
                 "ATTN_K": "#c5b0d5", "ATTN_PROBS": "#17becf", "ATTN_V": "#bcbd22", "LN_IN": "#393b79",
                 "SOFTMAX_IN": "#637939", "RESIDUAL": "#843c39"}
+
+
+#: an encoder's per-site sensitivity fields (:func:`~vitq.insight.sites.embedding_sensitivity`)
+SENS_KEYS_FEATURES = ("emb_cosine_mean", "emb_cosine_p5", "emb_sqnr_db")
 
 
 def pyplot() -> Any:
@@ -107,6 +111,24 @@ def plot_errors(errors: list[dict[str, Any]], plt: Any) -> bytes:
     axes[0].legend(handles=handles, fontsize=7, ncol=min(len(handles), 8), loc="lower left",
                    bbox_to_anchor=(0, 1.12), frameon=False)
     axes[1].set_xlabel("site (model order; higher SQNR = less error)")
+    return _png(fig, plt)
+
+
+def plot_embedding_sensitivity(sens: list[dict[str, Any]], plt: Any, top: int = 20) -> bytes:
+    """An encoder's sites whose quantization alone moves the embeddings most (lowest SQNR against the float ones)."""
+    rows = most_sensitive(sens)[:top][::-1]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.4))
+    vals = [r["emb_sqnr_db"] for r in rows]
+    ax.barh(range(len(rows)), vals, color=[ROLE_COLOURS.get(r["role"], "k") for r in rows])
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{_short(r['site'])} ({r['kind'][0]}{r['bits']})" for r in rows], fontsize=8)
+    for i, r in enumerate(rows):
+        ax.annotate(f"cos {r['emb_cosine_mean']:.4f}", (vals[i], i), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=7)
+    ax.set_xlabel("embedding SQNR against the float model, dB (only this site quantized; lower is worse)")
+    ax.set_title(f"the {len(rows)} most sensitive sites (label: mean embedding cosine)", fontsize=10, loc="left")
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.15)
     return _png(fig, plt)
 
 
@@ -227,9 +249,10 @@ window.addEventListener('load', function () {
 
 
 def write_report(model: nn.Module, eval_batches: Sequence[Batch], out_dir: "str | Path", inputs: ReportInputs,
-                 error_images: int = 64, progress: bool = False) -> Path:
+                 error_images: int = 64, progress: bool = False, features: bool = False) -> Path:
     """Measure ``model`` (quantized, calibrated) on ``eval_batches`` and write ``report.html``,
-    ``report.json`` and the PNGs into ``out_dir``. Returns the HTML path."""
+    ``report.json`` and the PNGs into ``out_dir``. Returns the HTML path. ``features``: the model is an encoder,
+    each site's sensitivity is how far it alone moves the embeddings (:func:`embedding_sensitivity`)."""
     plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,9 +264,10 @@ def write_report(model: nn.Module, eval_batches: Sequence[Batch], out_dir: "str 
         err_imgs.append(x[: error_images - n])
         n += len(err_imgs[-1])
     errors = site_errors(model, err_imgs)
-    sens = site_sensitivity(model, eval_batches, progress=progress)
+    sens = (embedding_sensitivity if features else site_sensitivity)(model, eval_batches, progress=progress)
     by_site = {r["site"]: r for r in sens["sites"]}
-    rows = [{**e, **{k: by_site.get(e["site"], {}).get(k) for k in ("d_top1", "d_nll", "p_value")}} for e in errors]
+    sens_keys = SENS_KEYS_FEATURES if features else ("d_top1", "d_nll", "p_value")
+    rows = [{**e, **{k: by_site.get(e["site"], {}).get(k) for k in sens_keys}} for e in errors]
     specs = {m["site"]: m for m in manifest(model)}
     for r in rows:
         r["granularity"] = specs.get(r["site"], {}).get("granularity")
@@ -258,7 +282,8 @@ def write_report(model: nn.Module, eval_batches: Sequence[Batch], out_dir: "str 
         have = {fq.site for fq in fake_quants(inputs.before)}
         before = site_samples(inputs.before, [s for s in names if s in have], err_imgs)
 
-    figs: dict[str, bytes] = {"errors": plot_errors(errors, plt), "sensitivity": plot_sensitivity(sens["sites"], plt)}
+    figs: dict[str, bytes] = {"errors": plot_errors(errors, plt), "sensitivity": (
+        plot_embedding_sensitivity if features else plot_sensitivity)(sens["sites"], plt)}
     if groups:
         figs["distributions"] = plot_distributions(groups, after, before, plt)
         ln = [fq for role, sites in groups if role in (Role.QKV_IN, Role.FC1_IN) for fq in sites]
@@ -290,9 +315,18 @@ def write_report(model: nn.Module, eval_batches: Sequence[Batch], out_dir: "str 
                 ("bits", "bits", 0), ("granularity", "granularity", 0), ("sqnr_db", "SQNR dB", 1),
                 ("cosine", "cosine", 5), ("acc_sqnr_db", "acc. SQNR dB", 1), ("acc_cosine", "acc. cosine", 5),
                 ("d_top1", "Δ top-1", 2), ("d_nll", "Δ log-loss", 4), ("p_value", "p", 3)]
+    if features:
+        emb = [("emb_cosine_mean", "emb. cosine", 5), ("emb_cosine_p5", "cosine p5", 5), ("emb_sqnr_db", "emb. SQNR dB", 1)]
+        top_cols = top_cols[:5] + emb
+        all_cols = all_cols[:10] + emb
     man_cols = [("site", "site", 0), ("role", "role", 0), ("kind", "kind", 0), ("quantizer", "quantizer", 0),
                 ("bits", "bits", 0), ("granularity", "granularity", 0), ("observer", "observer", 0)]
     fp = sens["fp"]
+    sens_note = (f"""Every other site float; how far the embeddings move from the float model's on the same
+{fp['images']} images, image by image: mean and 5th-percentile cosine, SQNR (the encoder has no head to
+score).""" if features else f"""Every other site float; the change against the float model ({fp['top1']:.2f} % top-1,
+log-loss {_fmt(fp['nll'], 4)}) on the same {fp['images']} images. p: exact McNemar test of the top-1 change
+(most single-site changes are not significant; the log-loss resolves far smaller ones).""")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vitq report: {html.escape(str(meta.get('model', '')))}
 {html.escape(str(meta.get('recipe', '')))} {html.escape(str(meta.get('bits', '')))}</title><style>{_CSS}</style></head>
@@ -306,9 +340,7 @@ that reaches it (what the site alone does). Accumulated: the fully quantized mod
 against the float model's (everything upstream included). Squares are weights, circles activations.</p>
 {img("errors", "per-site SQNR")}
 <h2>Sensitivity: one site quantized at a time</h2>
-<p class="note">Every other site float; the change against the float model ({fp['top1']:.2f} % top-1,
-log-loss {_fmt(fp['nll'], 4)}) on the same {fp['images']} images. p: exact McNemar test of the top-1 change
-(most single-site changes are not significant; the log-loss resolves far smaller ones).</p>
+<p class="note">{sens_note}</p>
 {img("sensitivity", "per-site sensitivity")}
 {_table(worst[:15], top_cols)}
 <h2>Distributions that matter</h2>

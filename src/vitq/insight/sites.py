@@ -185,8 +185,37 @@ def site_sensitivity(model: nn.Module, batches: Sequence[Batch], progress: bool 
                    "images": len(fp.labels)}, "sites": rows}
 
 
+def embedding_sensitivity(model: nn.Module, batches: Sequence[Batch], progress: bool = False,
+                          sites: Optional[Sequence[FakeQuant]] = None) -> dict[str, Any]:
+    """An encoder's :func:`site_sensitivity`: quantize one site at a time (all others float) and measure how far the
+    embeddings move from the float model's on ``batches``, image by image (:func:`vitq.features.agreement`: cosine
+    mean and 5th percentile, SQNR). Returns ``{"fp": {images}, "sites": [{site, role, kind, quantizer, bits,
+    emb_cosine_mean, emb_cosine_p5, emb_sqnr_db, d_top1: None, d_nll: None, p_value: None}, ...]}``."""
+    from ..features import agreement, embed
+
+    sites = list(sites) if sites is not None else quantized_sites(model)
+    images = [(batch_images(b), None) for b in batches]
+    with disabled(model), torch.no_grad():
+        ref, _ = embed(model, images)
+    rows = []
+    it: Iterable[FakeQuant] = sites
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(sites, desc="sensitivity", unit="site", leave=False)
+    for fq in it:
+        with only(model, [fq]), torch.no_grad():
+            got, _ = embed(model, images)
+        rows.append({"site": fq.site, "role": str(fq.role), "kind": fq.kind, "quantizer": fq.spec.quantizer,
+                     "bits": fq.spec.bits, **agreement(ref, got), "d_top1": None, "d_nll": None, "p_value": None})
+    return {"fp": {"images": len(ref)}, "sites": rows}
+
+
 def most_sensitive(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sensitivity rows, costliest first: by log-loss increase, or by top-1 loss without log-losses."""
+    """Sensitivity rows, costliest first: by log-loss increase, or by top-1 loss without log-losses; an encoder's
+    (:func:`embedding_sensitivity`) by the embeddings' SQNR, lowest first."""
+    if rows and "emb_sqnr_db" in rows[0]:
+        return sorted(rows, key=lambda r: (r["emb_sqnr_db"], r["emb_cosine_mean"]))
     return sorted(rows, key=lambda r: r["d_nll"] if r["d_nll"] is not None else -r["d_top1"], reverse=True)
 
 
