@@ -9,7 +9,8 @@ the tests and the benchmarks get HF twins of timm models, and how the shipped HF
     python scripts/timm_to_hf.py fmnist-vit --out src/vitq/reference/weights/fmnist-vit-hf
 
 Supported timm configurations: ViT / DeiT with a class token (and a distillation token), token
-pooling, no registers, layer scale, q/k norm or fc_norm; Swin v1 without absolute position
+pooling, no registers, layer scale, q/k norm or fc_norm; a headless DINOv2-style ViT (registers,
+layer scale, ``no_embed_class``) as ``Dinov2WithRegistersModel``; Swin v1 without absolute position
 embedding. Anything else raises ``ValueError``.
 """
 
@@ -157,10 +158,66 @@ def convert_swin(m: nn.Module) -> nn.Module:
     return hf.eval()
 
 
+def _int_ratio(hidden: int, dim: int) -> int:
+    if hidden % dim:
+        raise ValueError(f"an MLP of {hidden} for width {dim}: the DINOv2 config takes a whole mlp_ratio")
+    return hidden // dim
+
+
+def convert_dinov2(m: nn.Module) -> nn.Module:
+    """A headless timm DINOv2-style ViT (class token, register tokens, LayerScale, position embedding of the patches
+    only: ``no_embed_class``) -> Dinov2WithRegistersModel (its pooler output is the class token after the final
+    LayerNorm, as timm's token pooling). The class token's position embedding is zero."""
+    import transformers
+
+    if m.num_classes != 0 or m.global_pool != "token" or not getattr(m, "no_embed_class", False):
+        raise ValueError("only headless (num_classes=0), token-pooled ViTs with no_embed_class convert to DINOv2")
+    if not isinstance(m.fc_norm, nn.Identity) or not isinstance(m.norm_pre, nn.Identity):
+        raise ValueError("fc_norm / norm_pre have no Hugging Face DINOv2 counterpart")
+    blk = m.blocks[0]
+    if isinstance(blk.ls1, nn.Identity) or not isinstance(blk.attn.q_norm, nn.Identity):
+        raise ValueError("a DINOv2 layer has layer scale and no q-k norm")
+    img = m.patch_embed.img_size
+    config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=m.embed_dim, num_hidden_layers=len(m.blocks), num_attention_heads=blk.attn.num_heads,
+        mlp_ratio=_int_ratio(blk.mlp.fc1.out_features, blk.mlp.fc1.in_features), hidden_act="gelu", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, layer_norm_eps=_ln_eps(m), image_size=int(img[0]),
+        patch_size=int(m.patch_embed.patch_size[0]), num_channels=m.patch_embed.proj.in_channels,
+        qkv_bias=blk.attn.qkv.bias is not None, num_register_tokens=int(m.num_reg_tokens), use_swiglu_ffn=False)
+    config.architectures = ["Dinov2WithRegistersModel"]
+    hf = transformers.Dinov2WithRegistersModel(config)
+    sd = m.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    _copy(sd, "patch_embed.proj", "embeddings.patch_embeddings.projection", out)
+    out["embeddings.cls_token"] = sd["cls_token"].clone()
+    out["embeddings.register_tokens"] = sd["reg_token"].clone()
+    pos = sd["pos_embed"]
+    out["embeddings.position_embeddings"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
+    out["embeddings.mask_token"] = torch.zeros(1, m.embed_dim)
+    for i in range(len(m.blocks)):
+        s, d = f"blocks.{i}", f"encoder.layer.{i}"
+        _copy(sd, f"{s}.norm1", f"{d}.norm1", out)
+        _split_qkv(sd, f"{s}.attn.qkv", f"{d}.attention", out)
+        _copy(sd, f"{s}.attn.proj", f"{d}.attention.o_proj", out)
+        out[f"{d}.layer_scale1.lambda1"] = sd[f"{s}.ls1.gamma"].clone()
+        _copy(sd, f"{s}.norm2", f"{d}.norm2", out)
+        _copy(sd, f"{s}.mlp.fc1", f"{d}.mlp.fc1", out)
+        _copy(sd, f"{s}.mlp.fc2", f"{d}.mlp.fc2", out)
+        out[f"{d}.layer_scale2.lambda1"] = sd[f"{s}.ls2.gamma"].clone()
+    _copy(sd, "norm", "layernorm", out)
+    hf.load_state_dict(out, strict=True)
+    hf.config._attn_implementation = "eager"
+    return hf.eval()
+
+
 def convert(m: nn.Module) -> nn.Module:
     from timm.models.swin_transformer import SwinTransformer
 
-    return convert_swin(m) if isinstance(m, SwinTransformer) else convert_vit(m)
+    if isinstance(m, SwinTransformer):
+        return convert_swin(m)
+    if getattr(m, "reg_token", None) is not None:
+        return convert_dinov2(m)
+    return convert_vit(m)
 
 
 def preprocessor_config(m: nn.Module) -> dict[str, Any]:
@@ -189,6 +246,8 @@ def ln_name_map(m: nn.Module, hf: nn.Module) -> dict[str, str]:
                 out[f"layers.{si}.blocks.{bi}.norm1"] = f"swin.encoder.layers.{si}.blocks.{bi}.layernorm_before"
                 out[f"layers.{si}.blocks.{bi}.norm2"] = f"swin.encoder.layers.{si}.blocks.{bi}.layernorm_after"
         return out
+    if getattr(m, "reg_token", None) is not None:  # DINOv2 (Dinov2WithRegistersModel: the base model itself)
+        return {f"blocks.{i}.{n}": f"encoder.layer.{i}.{n}" for i in range(len(m.blocks)) for n in ("norm1", "norm2")}
     prefix = hf.base_model_prefix
     for i in range(len(m.blocks)):
         out[f"blocks.{i}.norm1"] = f"{prefix}.layers.{i}.layernorm_before"
@@ -210,6 +269,7 @@ def write_reference(name: str, out: Path) -> None:
     names = ln_name_map(m, hf)
     scales = {names[k]: v for k, v in (meta.get("outlier_scales") or {}).items()}
     ref = {"converted_from": name, "fp_top1": meta.get("fp_top1"), "eval_split": meta.get("eval_split"),
+           **({"fp_knn_top1": meta["fp_knn_top1"]} if "fp_knn_top1" in meta else {}),
            "outlier_scales": scales,
            "note": "made by scripts/timm_to_hf.py: the same float function as the timm reference model"}
     (out / "vitq_reference.json").write_text(json.dumps(ref, indent=2) + "\n")
@@ -218,7 +278,7 @@ def write_reference(name: str, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name", help="a timm reference model (fmnist-vit, fmnist-deit, fmnist-swin)")
+    ap.add_argument("name", help="a timm reference model (fmnist-vit, fmnist-deit, fmnist-swin, fmnist-dinov2)")
     ap.add_argument("--out", required=True, help="the folder to write (save_pretrained layout)")
     args = ap.parse_args()
     write_reference(args.name, Path(args.out))
