@@ -12,6 +12,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -272,3 +273,45 @@ def test_only_adapters_know_model_families() -> None:
             if re.search(r"^\s*(from|import)\s+(timm|transformers)\b", line) or FAMILY_CLASS.search(line):
                 bad.append(f"{rel}:{i}: {line.strip()}")
     assert not bad, "family knowledge outside adapters/:\n" + "\n".join(bad)
+
+
+def test_a_folder_whose_weights_do_not_match_its_config_is_refused(tmp_path: Path, capsys) -> None:
+    """transformers fills missing weights at random with only a notice: a weight file missing one tensor, a config
+    that claims one layer more than the weights hold, or weights the config does not know are one line naming the
+    keys, exit 2 - never a quantized result of a half-random model."""
+    from safetensors.torch import load_file, save_file
+
+    from vitq.cli import main
+
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=32, patch_size=8, num_labels=3)
+    torch.manual_seed(0)
+    good = tmp_path / "good"
+    transformers.ViTForImageClassification(cfg).save_pretrained(str(good))
+    model, _ = vitq.load_model(f"hf:{good}")  # a healthy folder loads
+    assert model.config.num_hidden_layers == 2
+    capsys.readouterr()  # what building the folder printed
+
+    def variant(name: str, edit_weights: Any = None, edit_config: Any = None) -> Path:
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        if edit_weights is not None:
+            sd = load_file(str(d / "model.safetensors"))
+            edit_weights(sd)
+            save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        if edit_config is not None:
+            c = json.loads((d / "config.json").read_text())
+            edit_config(c)
+            (d / "config.json").write_text(json.dumps(c))
+        return d
+
+    one = variant("one_missing", edit_weights=lambda sd: sd.pop(next(k for k in sd if k.endswith("1.output.dense.weight"))))
+    more = variant("more_layers", edit_config=lambda c: c.update(num_hidden_layers=3))
+    extra = variant("extra", edit_weights=lambda sd: sd.update({"vit.extra.weight": torch.zeros(2)}))
+    for d, what in ((one, r"missing weights vit\.layers\.1\.mlp\.fc2\.weight"), (more, r"missing weights vit\.layers\.2\."),
+                    (extra, r"unexpected weights vit\.extra\.weight")):
+        with pytest.raises(ModelError, match=what):
+            vitq.load_model(f"hf:{d}")
+        assert main(["quantize", f"hf:{d}", "--recipe", "minmax", "--bits", "W8A8", "--no-progress"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("vitq: error: ") and "do not match its config.json" in err[0], err

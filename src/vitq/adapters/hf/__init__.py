@@ -57,10 +57,21 @@ def _transformers() -> Any:
 
 
 def model_class(name: str) -> Any:
-    """A supported transformers model class by name."""
+    """A supported transformers model class by name. Importing a model module imports torchao when it is installed
+    (vitq's bench extra), whose enum registrations make torch log two deprecation warnings on stderr; they say
+    nothing about the user's model, so that logger is quiet while the class is imported."""
+    import logging
+
     if name not in SUPPORTED:
         raise ModelError(f"Hugging Face architecture {name} is not supported: vitq supports {', '.join(SUPPORTED)}")
-    return getattr(_transformers(), name)
+    tf = _transformers()
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
+    try:
+        return getattr(tf, name)
+    finally:
+        pytree.setLevel(level)
 
 
 class HFLibrary(ModelLibrary):
@@ -101,13 +112,16 @@ class HFLibrary(ModelLibrary):
             if random_weights:
                 m = cls(config)
             else:
-                m = cls.from_pretrained(str(folder), config=config, local_files_only=True)
+                m, info = cls.from_pretrained(str(folder), config=config, local_files_only=True,
+                                              output_loading_info=True)
         except Exception as e:  # truncated weights, mismatching shapes
             raise ModelError(f"transformers cannot load {folder} as {arch} ({short_error(e)}): "
                              "re-save the folder with save_pretrained") from None
         finally:
             if bars:
                 tf.utils.logging.enable_progress_bar()
+        if not random_weights:
+            check_loading_info(folder, arch, info)
         pre = read_preprocessor(folder)
         source = ModelSource("hf", model, build_config=build_config(m, pre))
         return finish(m, pre), source
@@ -131,6 +145,28 @@ class HFLibrary(ModelLibrary):
 
 
 register_library(HFLibrary())
+
+
+def check_loading_info(folder: Path, arch: str, info: dict[str, Any]) -> None:
+    """Refuse a folder whose weights do not match its config: transformers initializes missing weights at random
+    (and drops unexpected ones) with only a notice; a result computed on those is not the user's model."""
+
+    def few(keys: Any) -> str:
+        ks = sorted(str(k) for k in keys)
+        return ", ".join(ks[:4]) + (f" (+{len(ks) - 4} more)" if len(ks) > 4 else "")
+
+    parts = []
+    if info.get("missing_keys"):
+        parts.append(f"missing weights {few(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        parts.append(f"unexpected weights {few(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        parts.append(f"weights of another shape {few(k[0] if isinstance(k, tuple) else k for k in info['mismatched_keys'])}")
+    if info.get("error_msgs"):
+        parts.append(str(info["error_msgs"][0]).splitlines()[0])
+    if parts:
+        raise ModelError(f"{folder}: the weights do not match its config.json ({arch}): {'; '.join(parts)}: re-save "
+                         "the folder with save_pretrained (transformers would fill missing weights at random)")
 
 
 def _architecture(config: Any, where: Path) -> str:
