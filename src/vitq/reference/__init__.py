@@ -97,7 +97,7 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
 }
 OUTLIER_SUFFIX = "-outlier"
 #: Hugging Face reference models: name -> the timm reference model they were converted from
-HF_REFERENCE_MODELS: dict[str, str] = {"fmnist-vit-hf": "fmnist-vit"}
+HF_REFERENCE_MODELS: dict[str, str] = {"fmnist-vit-hf": "fmnist-vit", "fmnist-dinov2-hf": "fmnist-dinov2"}
 HF_META_FILE = "vitq_reference.json"
 
 
@@ -203,6 +203,6 @@ def _apply_outliers(model: nn.Module, base: str, meta: dict[str, Any]) -> None:
 def reference_fp_top1(name: str) -> Optional[float]:
     """The float model's test top-1 (an encoder's: its k-NN top-1, ``fp_knn_top1``)."""
     base = _base(name)
-    spec = REFERENCE_MODELS.get(base)
+    spec = REFERENCE_MODELS.get(HF_REFERENCE_MODELS.get(base, base))
     v = load_meta(base).get("fp_knn_top1" if spec is not None and spec.headless else "fp_top1")
     return None if v is None else float(v)
