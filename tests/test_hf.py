@@ -288,6 +288,7 @@ def test_a_folder_whose_weights_do_not_match_its_config_is_refused(tmp_path: Pat
     torch.manual_seed(0)
     good = tmp_path / "good"
     transformers.ViTForImageClassification(cfg).save_pretrained(str(good))
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(good))
     model, _ = vitq.load_model(f"hf:{good}")  # a healthy folder loads
     assert model.config.num_hidden_layers == 2
     capsys.readouterr()  # what building the folder printed
@@ -315,3 +316,23 @@ def test_a_folder_whose_weights_do_not_match_its_config_is_refused(tmp_path: Pat
         assert main(["quantize", f"hf:{d}", "--recipe", "minmax", "--bits", "W8A8", "--no-progress"]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("vitq: error: ") and "do not match its config.json" in err[0], err
+
+
+def test_a_folder_without_its_image_processor_or_with_another_models_is_refused(tmp_path: Path) -> None:
+    """The preprocessing comes from the folder's preprocessor_config.json: without one vitq would guess size, mean and
+    std (it ran with ViTImageProcessor's defaults before); a mean / std of 3 values for a 1-channel model is another
+    model's processor (it was averaged before). One value for every channel is the processors' own shorthand."""
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 image_size=28, patch_size=7, num_channels=1, num_labels=3)
+    torch.manual_seed(0)
+    d = tmp_path / "grey"
+    transformers.ViTForImageClassification(cfg).save_pretrained(str(d))
+    with pytest.raises(ModelError, match=r"no preprocessor_config.json: .*\(processor\.save_pretrained"):
+        vitq.load_model(f"hf:{d}")
+    pre = {"size": {"height": 28, "width": 28}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    (d / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(ModelError, match=r"image_mean in preprocessor_config.json has 3 values for a model of 1 input"):
+        vitq.data_config(vitq.load_model(f"hf:{d}")[0])
+    (d / "preprocessor_config.json").write_text(json.dumps({**pre, "image_mean": 0.3, "image_std": [0.2]}))
+    c = vitq.data_config(vitq.load_model(f"hf:{d}")[0])
+    assert c.mean == (0.3,) and c.std == (0.2,) and c.input_size == (1, 28, 28)

@@ -122,6 +122,10 @@ class HFLibrary(ModelLibrary):
                 tf.utils.logging.enable_progress_bar()
         if not random_weights:
             check_loading_info(folder, arch, info)
+        if not random_weights and not (folder / "preprocessor_config.json").is_file():
+            raise ModelError(f"{folder} has no preprocessor_config.json: the image preprocessing (size, mean, std) "
+                             "would be guessed; save the model's image processor beside it (processor.save_pretrained"
+                             f"('{folder}'))")
         pre = read_preprocessor(folder)
         source = ModelSource("hf", model, build_config=build_config(m, pre))
         return finish(m, pre), source
@@ -213,6 +217,21 @@ def _base_name(m: Any) -> str:
     raise ModelError(f"{type(m).__name__} is not a supported Hugging Face model")
 
 
+def _per_channel(pre: dict[str, Any], key: str, default: Any, channels: int) -> tuple[float, ...]:
+    """The image processor's ``image_mean`` / ``image_std``: one value per input channel of the model (or one value
+    for every channel); another count is the processor of another model."""
+    v = pre.get(key)
+    if v is None:
+        return fit_channels(tuple(float(x) for x in default), channels)
+    vals = (v,) if isinstance(v, (int, float)) else tuple(v) if isinstance(v, (list, tuple)) else None
+    if vals is None or not vals or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+        raise ModelError(f"{key} in preprocessor_config.json must be a number or a list of numbers, got {v!r}")
+    if len(vals) not in (1, channels):
+        raise ModelError(f"{key} in preprocessor_config.json has {len(vals)} values for a model of {channels} input "
+                         f"channel(s): it is another model's image processor; give {channels} value(s)")
+    return tuple(float(x) for x in vals) * (channels if len(vals) == 1 else 1)
+
+
 def hf_num_outputs(model: Any) -> Optional[int]:
     """A transformers image classifier's class count (``config.num_labels``)."""
     n = getattr(getattr(model, "config", None), "num_labels", None)
@@ -246,9 +265,8 @@ def hf_data_config(model: Any, num_channels: int, image_size: tuple[int, int], a
     if pre.get("do_normalize", True) is False:
         mean, std = (0.0,) * num_channels, (1.0,) * num_channels
     else:
-        mean = tuple(float(v) for v in (pre.get("image_mean") or _DEFAULT_MEAN))
-        std = tuple(float(v) for v in (pre.get("image_std") or _DEFAULT_STD))
-        mean, std = fit_channels(mean, num_channels), fit_channels(std, num_channels)
+        mean = _per_channel(pre, "image_mean", _DEFAULT_MEAN, num_channels)
+        std = _per_channel(pre, "image_std", _DEFAULT_STD, num_channels)
     return PreprocessConfig(input_size=(int(num_channels), int(image_size[0]), int(image_size[1])),
                             mean=mean, std=std, interpolation=_RESAMPLE.get(int(pre.get("resample", 2)), "bilinear"),
                             crop_pct=float(crop_pct))
