@@ -166,3 +166,46 @@ def test_the_recipes_calibration_size_is_a_ceiling_not_a_demand(tmp_path: Path, 
     assert main(["quantize", "fmnist-vit", "--data", str(root), "--recipe", "repq", "--calib-size", "21",
                  "--no-progress"]) == 2
     assert "calibration size 21 is larger than" in capsys.readouterr().err
+
+
+def test_image_depths_bombs_and_unreadable_files_in_a_folder(tmp_path: Path, capsys) -> None:
+    """16-bit greyscale PNGs are scaled to 8 bits (PIL's conversion clipped every value above 255 to white) and
+    counted in the summary; a PNG whose header claims 100 000 x 100 000 pixels is one line naming it; a folder with
+    one unreadable file calibrates at the recipe's default size on the readable ones (it failed: the default counted
+    files)."""
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    from vitq.data.folders import read_image
+    from vitq.errors import DataError
+
+    g16 = tmp_path / "g16.png"
+    Image.fromarray(np.full((28, 28), 65535 // 2, dtype=np.uint16)).save(g16)
+    im = read_image(g16)
+    assert im.mode == "L" and im.getextrema() == (127, 127) and im.info["vitq_scaled_from"].startswith("I")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=r"bomb.png is too large to decode safely"):
+        read_image(bomb)
+
+    folder = tmp_path / "calib"
+    for i in range(8):
+        _img(folder / f"{i}.png", (28, 28), "L", i)
+    for i in range(3):
+        Image.fromarray((np.arange(28 * 28).reshape(28, 28) * 80).astype(np.uint16)).save(folder / f"w{i}.png")
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    bomb.rename(folder / "bomb.png")
+    out = tmp_path / "r.json"
+    assert main(["quantize", "fmnist-vit", "--calib-data", str(folder), "--recipe", "minmax", "--bits", "W8A8",
+                 "--eval-size", "50", "--no-progress", "--skip-fp", "--json", str(out)]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert json.loads(out.read_text())["calib_size"] == 11
+    assert "11 of the 13 image files" in said and "2 unreadable" in said and "3 of 16 bits per pixel, scaled" in said, said

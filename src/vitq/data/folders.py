@@ -59,17 +59,46 @@ class DataSpec:
         return str(self.root)
 
 
+#: PIL modes of more than 8 bits per pixel that hold integers of up to 16 bits (16-bit PNG / TIFF greyscale)
+WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def read_image(path: "str | Path") -> Any:
-    """A decoded PIL image, or a one-line DataError naming the file."""
+    """A decoded PIL image, or a one-line DataError naming the file. Decoding is bounded by PIL's decompression-bomb
+    limit (a header claiming billions of pixels is refused before they are allocated). A greyscale image of 16 bits
+    per pixel is scaled to 8 bits (PIL's own conversion clips every value above 255); a float image is refused."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            out = im.copy()
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is too large to decode safely ({str(e).split('.')[0]}): resize it, or remove "
+                        "it from the folder") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
                         "remove or replace the file") from None
+    if out.mode in WIDE_INT_MODES:
+        return _to_8_bits(out, path)
+    if out.mode == "F":
+        raise DataError(f"image {path} holds 32-bit float pixels, whose range is unknown: save it as an 8- or 16-bit "
+                        "image")
+    return out
+
+
+def _to_8_bits(im: Any, path: "str | Path") -> Any:
+    """A 16-bit greyscale image as 8-bit ``L``: value * 255 / 65535, rounded (the full 16-bit range maps to 0..255,
+    as image viewers show it)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise DataError(f"image {path} holds 32-bit integer pixels outside 0..65535: save it as an 8- or 16-bit image")
+    out = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    out.info["vitq_scaled_from"] = im.mode
+    return out
 
 
 def _is_image(p: Path) -> bool:
@@ -97,20 +126,31 @@ class ImageFiles(Dataset):
         return self.transform(read_image(self.files[i])), NO_LABEL
 
     def readable(self, i: int) -> bool:
-        try:
-            read_image(self.files[i])
-            return True
-        except DataError as e:
-            log.info("skipping %s", e)  # counted in the run's summary
-            return False
+        return _probe(self, i, self.files[i])
+
+
+def _probe(ds: Any, i: int, path: "str | Path") -> bool:
+    """Whether item ``i`` of a folder dataset decodes; a 16-bit image's index is kept in ``ds.scaled`` (counted in
+    the run's summary, as the unreadable files are)."""
+    try:
+        im = read_image(path)
+    except DataError as e:
+        log.info("skipping %s", e)  # counted in the run's summary
+        return False
+    if "vitq_scaled_from" in im.info:
+        ds.__dict__.setdefault("scaled", set()).add(i)
+    return True
 
 
 class CalibrationSet(Subset):
-    """A seeded sample of a dataset; ``skipped``: the unreadable files passed over to draw it."""
+    """A seeded sample of a dataset; ``skipped``: the unreadable files passed over to draw it; ``scaled``: its files
+    of 16 bits per pixel, scaled to 8."""
 
-    def __init__(self, dataset: Dataset, indices: list[int], skipped: Optional[list[str]] = None) -> None:
+    def __init__(self, dataset: Dataset, indices: list[int], skipped: Optional[list[str]] = None,
+                 scaled: Optional[list[str]] = None) -> None:
         super().__init__(dataset, indices)
         self.skipped = list(skipped or [])
+        self.scaled = list(scaled or [])
 
 
 class _ImageFolderItems(Dataset):
@@ -133,12 +173,7 @@ class _ImageFolderItems(Dataset):
         return [p for p, _ in self.samples]
 
     def readable(self, i: int) -> bool:
-        try:
-            read_image(self.samples[i][0])
-            return True
-        except DataError as e:
-            log.info("skipping %s", e)  # counted in the run's summary
-            return False
+        return _probe(self, i, self.samples[i][0])
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -202,9 +237,10 @@ def calibration_images(root: "str | Path", preprocess: Callable[..., Tensor]) ->
     return ImageFiles(root, _image_transform(preprocess))
 
 
-def calibration_subset(ds: Any, size: int, seed: int) -> CalibrationSet:
+def calibration_subset(ds: Any, size: int, seed: int, at_most: bool = False) -> CalibrationSet:
     """A seeded random sample of ``size`` items of ``ds`` (the same seed always gives the same images).
-    From an :class:`ImageFiles`, unreadable files are skipped (and counted) while the sample is drawn."""
+    From an :class:`ImageFiles`, unreadable files are skipped (and counted) while the sample is drawn. ``at_most``:
+    ``size`` is a ceiling (the recipe's default, not asked for): fewer readable images than that is the sample."""
     n = len(ds)  # type: ignore[arg-type]
     if size <= 0:
         raise DataError(f"calibration size must be positive, got {size}: pass --calib-size N with N >= 1")
@@ -225,11 +261,12 @@ def calibration_subset(ds: Any, size: int, seed: int) -> CalibrationSet:
             idx.append(i)
         else:
             skipped.append(str(ds.files[i]))
-    if len(idx) < size:
+    if len(idx) < size and not (at_most and idx):
         raise DataError(f"only {len(idx)} of the {n} files under {ds.root} are readable images ({len(skipped)} "
                         f"skipped), fewer than the {size} calibration images asked for: pass --calib-size <= {len(idx)} "
                         "or add images")
-    return CalibrationSet(ds, idx, skipped)
+    wide: set[int] = getattr(ds, "scaled", set())
+    return CalibrationSet(ds, idx, skipped, [str(ds.files[i]) for i in idx if i in wide])
 
 
 def folder_classes(ds: Any) -> Optional[tuple[Path, list[str]]]:

@@ -159,16 +159,22 @@ def calibration_samples(source: inputs.CalibrationSource, size: int, seeds: Sequ
     """Each seed's calibration sample of ``size`` images, the size drawn and the unreadable files skipped.
     ``ceiling``: ``size`` is the recipe's own (not asked for): a smaller source is used whole."""
     n = size
-    if ceiling and 0 < len(source) < n:
-        say(f"calibration images: the recipe takes up to {n}, the source has {len(source)}: using all {len(source)} "
-            "(--calib-size N to choose)")
+    whole = ceiling and 0 < len(source) < n
+    if whole:
         n = len(source)
-    sets = {seed: source.sample(n, seed) for seed in seeds}
+    # the recipe's own size is a ceiling: a folder's unreadable files leave fewer images, not an error
+    sets = {seed: source.sample(n, seed, at_most=ceiling) for seed in seeds}
+    n = min(len(c) for c in sets.values())
+    if whole:
+        say(f"calibration images: the recipe takes up to {size}, the source has {n}: using all {n} "
+            "(--calib-size N to choose)")
     skipped = sorted({f for c in sets.values() for f in getattr(c, "skipped", [])})
+    scaled = sorted({f for c in sets.values() for f in getattr(c, "scaled", [])})
     if source.folder is not None:
         say(f"calibration images: {n} of the {len(source)} image files under {source.folder}"
             + (f" ({len(skipped)} unreadable, skipped: {', '.join(s.rsplit('/', 1)[-1] for s in skipped[:3])}"
-               f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""))
+               f"{', ...' if len(skipped) > 3 else ''})" if skipped else "")
+            + (f"; {len(scaled)} of 16 bits per pixel, scaled to 8 bits" if scaled else ""))
     return sets, n, skipped
 
 

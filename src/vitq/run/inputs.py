@@ -206,8 +206,8 @@ class CalibrationSource:
     dataset: Any
     folder: Optional[str]
 
-    def sample(self, n: int, seed: int) -> Any:
-        return calibration_subset(self.dataset, n, seed)
+    def sample(self, n: int, seed: int, at_most: bool = False) -> Any:
+        return calibration_subset(self.dataset, n, seed, at_most)
 
     def __len__(self) -> int:
         return len(self.dataset)
