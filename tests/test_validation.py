@@ -74,3 +74,32 @@ def test_flags_a_command_would_ignore(capsys) -> None:
 def test_an_exclusion_that_matches_no_module(capsys) -> None:
     expect_error(["quantize", "fmnist-vit", "--exclude", r"blokcs\.0"], capsys,
                  r"--exclude 'blokcs\\\\.0' matches no module of the model")
+
+
+def test_flags_that_only_make_sense_with_others(tmp_path: Path, capsys) -> None:
+    """Refused from the arguments, before any model is loaded (they were ignored, or refused after the work)."""
+    _fast(["quantize", "fmnist-vit", "--weight-dtype", "int8"], capsys, r"--weight-dtype int8 .* writes none: pass --export onnx")
+    _fast(["quantize", "fmnist-vit", "--out", str(tmp_path / "o"), "--export", "vitq", "--weight-dtype", "int8"], capsys,
+          r"writes a vitq export: pass --export onnx")
+    for v in ("-1", "nan"):
+        _fast(["quantize", "fmnist-vit", "--out", str(tmp_path / "o2"), "--export", "onnx", "--max-top1-diff", v], capsys,
+              r"--max-top1-diff \S+: give the points of top-1 the parity check allows")
+    _fast(["quantize", "fmnist-vit", "--random-weights"], capsys, r"fmnist-vit is a reference model with trained weights")
+
+
+def test_two_when_blocks_that_both_hold_and_disagree(tmp_path: Path, capsys) -> None:
+    """Two when blocks holding at one width with different values: one silently won before."""
+    import vitq
+    from vitq.errors import ConfigError
+
+    r = vitq.Recipe.from_dict({"extends": "minmax", "when": {"A<=4": {"calib_size": 64}, "A<=6": {"calib_size": 128}}}, "t")
+    assert r.at("W6A6").calib_size == 128 and r.at("W8A8").calib_size == r.calib_size
+    with pytest.raises(ConfigError, match=r"when blocks 'A<=4' and 'A<=6' both hold at W4A4 and give different calib_size"):
+        r.at("W4A4")
+    same = vitq.Recipe.from_dict({"extends": "minmax", "when": {"A<=4": {"calib_size": 64}, "A<=6": {"calib_size": 64}}}, "t")
+    assert same.at("W4A4").calib_size == 64  # agreeing blocks are fine
+    y = tmp_path / "r.yaml"
+    y.write_text("extends: minmax\nwhen:\n  A<=4: {rules: {'act:FC2_IN': {quantizer: uniform, bits: A, granularity: tensor, "
+                 "observer: percentile}}}\n  A==4: {rules: {'act:FC2_IN': {quantizer: uniform, bits: A, granularity: tensor, "
+                 "observer: mse}}}\n")
+    _fast(["quantize", "fmnist-vit", "--recipe", str(y), "--bits", "W4A4"], capsys, r"both hold at W4A4 and give different rule act:FC2_IN")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from .defaults import DEFAULT_MODEL, DEFAULT_RECIPE
 from .errors import VitqError
-from .run.outputs import write_json
+from .run.outputs import write_json, write_text
 
 log = logging.getLogger("vitq")
 
@@ -107,6 +108,21 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="onnx: the weight codes' container: uint8 (default; exact on every CPU) or int8 (faster "
                         "matmuls on CPUs with AVX512-VNNI / AVX-VNNI / AMX and on ARM, but onnxruntime's AVX2 "
                         "kernel saturates it: wrong logits on x86 CPUs without VNNI)")
+
+
+def check_export_args(args: argparse.Namespace, fmt: Optional[str]) -> None:
+    """The export flags, before anything is loaded or quantized: ``fmt`` is the file the command will write (None:
+    none, ``vitq`` or ``onnx``)."""
+    from .errors import ConfigError
+
+    d = getattr(args, "max_top1_diff", None)
+    if d is not None and not (math.isfinite(d) and d >= 0):
+        raise ConfigError(f"--max-top1-diff {d}: give the points of top-1 the parity check allows, a number >= 0")
+    wd = getattr(args, "weight_dtype", None)
+    if wd is not None and fmt != "onnx":
+        raise ConfigError(f"--weight-dtype {wd} sets the weight container of an ONNX file, and this command writes "
+                          + ("none" if fmt is None else f"a {fmt} export") + ": pass --export onnx (vitq export: --format "
+                          "onnx), or drop --weight-dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +263,10 @@ def _check_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag, None)
         if path:
             check_output_file(f"--{flag.replace('_', '-')}", path)
+    if getattr(args, "png", None):
+        from .insight.report import pyplot
+
+        pyplot()  # a missing matplotlib is one line now, not after the whole comparison
     if getattr(args, "resume_dir", None):
         check_output_dir("--resume-dir", args.resume_dir)
     out = getattr(args, "out", None)
@@ -375,7 +395,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     print(to_text(res))
     for path, render in ((args.md, to_markdown), (args.csv, to_csv)):
         if path:
-            Path(path).write_text(render(res))
+            write_text(path, render(res))
     if args.png:
         plot(res, args.png)
     write_json(args.json, res)
@@ -447,6 +467,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not is_run_folder(args.model):
         raise ConfigError(f"{args.model} is not a vitq quantize --out folder: export the folder a quantization saved "
                           "(vitq quantize MODEL ... --out DIR), or use vitq quantize --export")
+    check_export_args(args, args.format)
     spec = _spec(args)
     embeddings = False
     if args.verify:
@@ -480,7 +501,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print("\n" + table)
     write_json(args.json, {"protocol": protocol.name, "rows": rows})
     if args.md:
-        Path(args.md).write_text(table)
+        write_text(args.md, table)
     return 0
 
 
@@ -564,6 +585,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .run import check_resume, default_notice, run
 
     spec = _spec(args)  # every value checked, the recipe built and edited: before anything is loaded
+    check_export_args(args, spec.export)
     if spec.export == "onnx":
         from .export.onnx import require
 

@@ -144,11 +144,25 @@ class Recipe:
             return self
         b = Bits.parse(bits)
         rules, passes, calib = dict(self.rules), self.passes, self.calib_size
+        by: dict[str, str] = {}  # what a holding block set -> its condition: two that disagree are an error
+
+        def claim(what: str, cond: str, same: bool) -> None:
+            if what in by and not same:
+                raise ConfigError(f"recipe {self.name}: when blocks {by[what]!r} and {cond!r} both hold at {b} and give "
+                                  f"different {what}: make the conditions exclusive, or give it in one block")
+            by[what] = cond
+
         for w in self.when:
             if _holds(w.condition, b):
-                rules.update(w.rules)
-                passes = w.passes if w.passes is not None else passes
-                calib = w.calib_size if w.calib_size is not None else calib
+                for key, rule in w.rules:
+                    claim(f"rule {key}", w.condition, rules.get(key) == rule)
+                    rules[key] = rule
+                if w.passes is not None:
+                    claim("passes", w.condition, passes == w.passes)
+                    passes = w.passes
+                if w.calib_size is not None:
+                    claim("calib_size", w.condition, calib == w.calib_size)
+                    calib = w.calib_size
         return replace(self, rules=tuple(rules.items()), passes=passes, calib_size=calib, when=())
 
     def with_calib_size(self, n: int) -> "Recipe":

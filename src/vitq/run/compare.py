@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -250,5 +251,6 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_title(f"mean ± std over {len(result['seeds'])} seed(s), {result['fp']['images']} images", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

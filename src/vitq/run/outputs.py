@@ -46,14 +46,18 @@ def check_output_dir(flag: str, path: str) -> None:
 
 
 def write_json(path: Optional[str], obj: dict[str, Any]) -> None:
-    if not path:
-        return
+    if path:
+        write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path: "str | Path", text: str) -> None:
+    """``text`` into ``path``, its missing folders made (an output path was checked writable before the work, not
+    created), written whole and then renamed: never a truncated file."""
     p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")  # written whole, then renamed: never a truncated file
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(text)
     tmp.replace(p)
 
 
-__all__ = ["check_output_dir", "check_output_file", "first_existing", "write_json"]
+__all__ = ["check_output_dir", "check_output_file", "first_existing", "write_json", "write_text"]

@@ -117,6 +117,12 @@ class RunSpec:
             raise ConfigError(f"--export {self.export} writes into the --out folder: pass --out DIR")
         if self.out and len(self.seeds) > 1:
             raise ConfigError(f"--out saves one model but {len(self.seeds)} seeds were given: pass a single --seed with --out")
+        if self.random_weights:
+            from ..reference import is_reference
+
+            if is_reference(self.model):
+                raise ConfigError(f"--random-weights builds a timm architecture untrained; {self.model} is a reference "
+                                  "model with trained weights: drop --random-weights (or name a timm model)")
         resolve(self.device)  # a missing GPU is one line now
         bits, auto = parse_run_bits(self.bits)
         self._check_budget(auto)
