@@ -136,3 +136,42 @@ def test_an_export_of_a_pickled_model_is_self_contained(tmp_path):
     (Path(moved) / "float_model.pt").write_bytes(bytes(data))
     with pytest.raises(ModelError, match="float_model.pt does not match the digest"):
         load_quantized(moved, trust_pickle=True)
+
+
+@pytest.mark.parametrize("entry", ["../outside.bin", "/etc/hostname", "sub/../../x", "..", ""])
+def test_an_integrity_entry_outside_the_export_is_refused_before_it_is_opened(exported, entry: str, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """The seal lists file names of the folder; a path that leaves it (crafted) is refused before anything is read
+    (it was opened and hashed)."""
+    import vitq.export.integrity as integ
+
+    d = _copy(exported["plain"], tmp_path / "x")
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    meta = json.loads((d / "vitq.json").read_text())
+    meta["integrity"]["files"][entry] = "0" * 64
+    (d / "vitq.json").write_text(json.dumps(meta))
+    opened: list[str] = []
+    real = integ.file_sha256
+    monkeypatch.setattr(integ, "file_sha256", lambda f: opened.append(str(f)) or real(f))
+    with pytest.raises(ModelError, match="which is not a file name inside the export"):
+        load_quantized(d)
+    assert opened == []
+
+
+def test_what_vitq_wrote_but_does_not_load_is_named(exported, tmp_path: Path, capsys) -> None:
+    """An interrupted export (its files, no vitq.json) and an ONNX file or folder given as MODEL: one line with the
+    right fix ("unknown model" and "pass --trust-pickle" - the wrong fix - before)."""
+    from test_cli import expect_error
+
+    d = _copy(exported["plain"], tmp_path / "half")
+    (d / "vitq.json").unlink()
+    with pytest.raises(ModelError, match="is an incomplete vitq export"):
+        vitq.load_model(str(d))
+    expect_error(["eval", str(d), "--no-progress"], capsys, r"incomplete vitq export .*: export the model again")
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"\x08\x07")  # what it holds is not read
+    (onnx_dir / "export.json").write_text("{}")
+    for target in (onnx_dir, onnx_dir / "model.onnx"):
+        expect_error(["eval", str(target), "--no-progress"], capsys,
+                     r"is an ONNX export: .* onnxruntime \(vitq.export.OnnxModel\)")

@@ -41,6 +41,7 @@ def load_model(name: str, checkpoint: Optional[str] = None, trust_pickle: bool =
         model, source = lib.load(name, checkpoint=checkpoint, random_weights=random_weights, num_classes=num_classes)
         return _remember(model.eval(), source), source
     p = Path(name)
+    _not_loadable_export(p)
     if p.is_file() and num_classes is not None:
         raise ModelError(f"--num-classes sizes the classifier of a timm model name; {name} is a file with its own head: "
                          "drop --num-classes")
@@ -66,6 +67,20 @@ def load_model(name: str, checkpoint: Optional[str] = None, trust_pickle: bool =
         f"unknown model {name!r}: use a reference model ({', '.join(list_reference_models())}), {usages}, "
         "or a pickled model file with --trust-pickle"
     )
+
+
+def _not_loadable_export(p: Path) -> None:
+    """The right one line for what vitq wrote but does not load as MODEL: an ONNX file or folder (run by its runtime,
+    not by vitq's PyTorch commands) and an export that was interrupted (its files, no ``vitq.json``)."""
+    onnx = p if p.is_file() and p.suffix.lower() == ".onnx" else p / "model.onnx" if p.is_dir() else None
+    if onnx is not None and onnx.is_file():
+        raise ModelError(f"{p} is an ONNX export: vitq's commands take the vitq run folder it was exported from; run "
+                         f"{onnx.name} in onnxruntime (vitq.export.OnnxModel), or check it with vitq export RUN --format "
+                         "onnx --verify")
+    if p.is_dir() and not (p / "vitq.json").is_file() and any(
+            (p / f).exists() for f in ("model.safetensors", "model.pt", "packed.safetensors", "export.json")):
+        raise ModelError(f"{p} is an incomplete vitq export (its files without vitq.json, which is written last: the "
+                         "export was interrupted or the folder copied in part): export the model again")
 
 
 def source_from_model(model: nn.Module) -> Optional[ModelSource]:

@@ -42,6 +42,11 @@ def check(meta: dict[str, Any], folder: "str | Path") -> None:
     if rec.get("config") != config_digest(meta):
         raise ModelError(f"{p / 'vitq.json'} differs from the configuration it was exported with (edited or "
                          "damaged): export the model again rather than editing the file")
+    for name in rec["files"]:  # every entry a plain file name of the folder, before anything is opened
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+                or Path(name).is_absolute():
+            raise ModelError(f"{p / 'vitq.json'} lists {name!r} among its files, which is not a file name inside the "
+                             "export (edited or crafted): export the model again")
     for name, digest in rec["files"].items():
         f = p / name
         if not f.is_file():
