@@ -103,3 +103,28 @@ def test_two_when_blocks_that_both_hold_and_disagree(tmp_path: Path, capsys) -> 
                  "observer: percentile}}}\n  A==4: {rules: {'act:FC2_IN': {quantizer: uniform, bits: A, granularity: tensor, "
                  "observer: mse}}}\n")
     _fast(["quantize", "fmnist-vit", "--recipe", str(y), "--bits", "W4A4"], capsys, r"both hold at W4A4 and give different rule act:FC2_IN")
+
+
+def test_a_folder_another_run_is_writing_is_refused(tmp_path: Path, capsys) -> None:
+    """Two runs writing one --out at once both said "saved" and one replaced the other: the folder's lock refuses
+    the second in one line; a lock whose process ended (killed) is taken over, and a finished run leaves none."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from vitq.cli import main
+    from vitq.run.outputs import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / LOCK_FILE
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))  # a live run
+    _fast(["quantize", "fmnist-vit", "--recipe", "minmax", "--bits", "W8A8", "--out", str(out), "--no-progress"], capsys,
+          rf"--out {out} is being written by another vitq run \(pid {os.getpid()} on ")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "then"}))
+    assert main(["quantize", "fmnist-vit", "--recipe", "minmax", "--bits", "W8A8", "--out", str(out), "--eval-size", "50",
+                 "--skip-fp", "--no-progress"]) == 0, capsys.readouterr().err
+    assert (out / "vitq.json").is_file() and not lock.exists()

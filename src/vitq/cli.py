@@ -4,6 +4,7 @@ the run layer's (:mod:`vitq.run`): each command builds a :class:`~vitq.run.RunSp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from .defaults import DEFAULT_MODEL, DEFAULT_RECIPE
 from .errors import VitqError
-from .run.outputs import write_json, write_text
+from .run.outputs import folder_lock, write_json, write_text
 
 log = logging.getLogger("vitq")
 
@@ -596,14 +597,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     notice = default_notice(spec)
     if notice:
         print(notice, flush=True)
-    result = run(spec, say=lambda line: print(line, flush=True))
-    rec = result.record
-    _print_result(args.model, result)
-    if not distributed.is_main():
-        return 0  # rank 0 writes the files (and verifies the export on the whole test set)
-    if args.out:
-        _save(args, result)
-    write_json(args.json, rec)
+    with contextlib.ExitStack() as held:
+        if os.environ.get("RANK", "0") == "0":  # the process that writes (rank 0 under torchrun) holds the folders
+            for flag, folder in (("--out", args.out), ("--resume-dir", spec.option("run_dir"))):
+                if folder:
+                    held.enter_context(folder_lock(flag, str(folder)))
+        result = run(spec, say=lambda line: print(line, flush=True))
+        rec = result.record
+        _print_result(args.model, result)
+        if not distributed.is_main():
+            return 0  # rank 0 writes the files (and verifies the export on the whole test set)
+        if args.out:
+            _save(args, result)
+        write_json(args.json, rec)
     return 0
 
 

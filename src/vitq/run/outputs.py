@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ..errors import ConfigError
 
@@ -60,4 +64,57 @@ def write_text(path: "str | Path", text: str) -> None:
     tmp.replace(p)
 
 
-__all__ = ["check_output_dir", "check_output_file", "first_existing", "write_json", "write_text"]
+#: the lock a run holds in the folder it writes (``--out``, ``--resume-dir``) while it runs
+LOCK_FILE = ".vitq.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def folder_lock(flag: str, folder: "str | Path") -> Iterator[None]:
+    """Hold ``folder`` for this run: a second vitq run writing the same folder is refused in one line (both saved,
+    one silently replacing the other, before). A lock whose process ended on this machine (killed) is taken over."""
+    p = Path(folder)
+    p.mkdir(parents=True, exist_ok=True)
+    lock = p / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    fd = None
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid, host = {}, -1, ""
+            if host == me["host"] and pid > 0 and not _alive(pid):
+                lock.unlink(missing_ok=True)  # its run was killed: the folder is free
+                continue
+            if not holder:  # being written this instant, or damaged
+                time.sleep(0.2)
+                continue
+            raise ConfigError(f"{flag} {folder} is being written by another vitq run (pid {pid} on {host}, since "
+                              f"{holder.get('since', '?')}): wait for it to finish, or choose another folder (a lock left "
+                              f"by a run that crashed on another machine: delete {lock})") from None
+    if fd is None:
+        raise ConfigError(f"{flag} {folder}: its lock {lock} cannot be taken (unreadable): delete it if no vitq run is "
+                          "writing the folder")
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+__all__ = ["LOCK_FILE", "check_output_dir", "folder_lock", "check_output_file", "first_existing", "write_json", "write_text"]
