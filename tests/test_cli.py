@@ -257,3 +257,19 @@ def test_reference_w8a8_minmax_loses_at_most_one_point(capsys, tmp_path: Path) -
     r = json.loads(js.read_text())
     assert r["fp_top1"] - r["q_top1"] <= 1.0, r
     assert r["fp_top1"] > 50
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path: Path) -> None:
+    """Importing torch, timm and transformers takes seconds: Ctrl-C there was a 40-line traceback from an import."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).with_name("vitq")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "vitq"]
+    p = subprocess.Popen([*cmd, "list"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(0.5)  # inside the imports (`vitq list` takes several seconds here)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip() == "vitq: interrupted", (p.returncode, err)

@@ -109,3 +109,12 @@ def test_torchrun_eval_and_a_failing_rank(tmp_path: Path) -> None:
     assert (one["top1"], one["top5"], one["nll"], one["eval_size"]) == (two["top1"], two["top5"], two["nll"], two["eval_size"])
     bad = torchrun(["quantize", "fmnist-vit", "--calib-size", "999999", "--no-progress"], tmp_path)
     assert bad.returncode != 0 and "calibration size 999999 is larger" in bad.stderr
+
+
+def test_a_bad_argument_under_torchrun_is_said_once(tmp_path: Path) -> None:
+    """Every rank reads the same arguments: a refusal before the ranks join is one line from rank 0, and every rank
+    exits 2 (each rank printed it before)."""
+    r = torchrun(["quantize", "fmnist-vit", "--recipe", "minmax", "--bits", "W8A8", "--eval-size", "0"], tmp_path)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("vitq: error")]
+    assert ours == ["vitq: error: --eval-size 0: give a positive number"], r.stderr
+    assert "exitcode  : 2" in r.stderr or "exit code 2" in r.stderr.lower() or "exitcode: 2" in r.stderr, r.stderr

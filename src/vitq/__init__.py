@@ -9,6 +9,10 @@
     result = vitq.run(model="fmnist-vit", recipe="repq", bits="W4A4")              # what `vitq quantize` runs
 """
 
+from . import _startup
+
+_previous_sigint = _startup.begin()  # the command line: Ctrl-C during the imports is one line, exit 130
+
 from . import adapters as _adapters  # noqa: F401  (registers adapters)
 from . import evaluate, export, run  # callable modules: vitq.evaluate(...), vitq.export(...), vitq.run(...)
 from . import quantizers as _quantizers  # noqa: F401  (registers quantizers)
@@ -31,3 +35,5 @@ __all__ = [
     "load_model", "load_quantized", "load_recipe", "manifest", "prepare", "quantize", "run", "run_recipe",
     "save_quantized", "state_of", "transforms", "wrap", "__version__",
 ]
+
+_startup.end(_previous_sigint)

@@ -220,6 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _check_args(args)  # everything the arguments alone can tell, before any loading
         if distributed.launched() and args.command in ("quantize", "eval", "reproduce"):
+            if args.command in ("quantize", "eval"):
+                _spec(args)  # the run's values checked before the ranks join: a bad one is said once, by rank 0
             _start_distributed(args)
         if args.command == "list":
             return cmd_list()
@@ -238,6 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = str(e)
         if "Original Traceback" in msg:  # re-raised from a DataLoader worker: the original message is the last line
             msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        if distributed.launched() and not distributed.active() and os.environ.get("RANK", "0") != "0":
+            return e.exit_code  # refused before the ranks joined: every rank read the same arguments; rank 0 says it
         tag = f" (rank {distributed.rank()})" if distributed.active() else ""
         print(f"vitq: error{tag}: {msg}", file=sys.stderr)
         if distributed.active():
