@@ -307,3 +307,20 @@ def test_qdq_of_fewer_bit_codes_equals_the_fake_quant(tmp_path: Path, bits: int,
     s = session(tmp_path / "qdq.onnx")
     out = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
     assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_an_onnx_export_is_sealed(tmp_path: Path) -> None:
+    """export.json records the file's sha256; a changed model.onnx is refused in one line before onnxruntime reads it
+    (a tampered file ran unnoticed before); the intact file runs."""
+    q, x = quantized()
+    rep = export(q, tmp_path, "onnx")
+    assert len(rep["sha256"]) == 64 and json.loads((tmp_path / "export.json").read_text())["sha256"] == rep["sha256"]
+    ref = OnnxModel(tmp_path / "model.onnx")(x)
+    data = bytearray((tmp_path / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"model.onnx does not match the sha256 recorded in export.json"):
+        OnnxModel(tmp_path / "model.onnx")
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / "model.onnx").write_bytes(bytes(data))
+    assert torch.equal(OnnxModel(tmp_path / "model.onnx")(x), ref)

@@ -155,7 +155,10 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
     src = source if source is not None else (None if st is None else st.source)
     stats = backend.write(model, out, example if example is not None else example_input(model), lowering, src,
                           weight_dtype=weight_dtype)
-    report = {"format": fmt, "file": backend.file, "emulate": emulate, "seconds": round(time.perf_counter() - t0, 2),
+    from .integrity import file_sha256
+
+    report = {"format": fmt, "file": backend.file, "sha256": file_sha256(out / backend.file),
+              "emulate": emulate, "seconds": round(time.perf_counter() - t0, 2),
               "recipe": None if st is None or st.recipe is None else st.recipe.name,
               "bits": None if st is None or st.bits is None else str(st.bits),
               **stats, "lowering": summary(lowering), "sites": [s.to_dict() for s in lowering]}

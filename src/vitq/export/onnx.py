@@ -259,10 +259,32 @@ def runtime_ops(path: "str | Path", tmp_dir: "str | Path") -> dict[str, int]:
     return dict(sorted(ops.items(), key=lambda kv: -kv[1]))
 
 
+def check_digest(path: Path) -> None:
+    """A file vitq exported is sealed: ``export.json`` beside it records its sha256; a file that differs (changed or
+    damaged) is refused in one line before onnxruntime reads it. A file without that record is run as it is."""
+    import json
+
+    from ..errors import ModelError
+    from .integrity import file_sha256
+
+    rep = path.parent / "export.json"
+    if not rep.is_file():
+        return
+    try:
+        rec = json.loads(rep.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(f"{rep} is not readable JSON (truncated or damaged): export the model again") from None
+    want = rec.get("sha256") if isinstance(rec, dict) and rec.get("file") == path.name else None
+    if want is not None and file_sha256(path) != want:
+        raise ModelError(f"{path} does not match the sha256 recorded in {rep.name} (changed or damaged): export the "
+                         "model again")
+
+
 class OnnxModel:
     """An exported file run by onnxruntime, callable like a model on image batches (for evaluation)."""
 
     def __init__(self, path: "str | Path", threads: Optional[int] = None) -> None:
+        check_digest(Path(path))
         self.sess = session(path, threads)
         self.input = self.sess.get_inputs()[0].name
 
@@ -275,5 +297,5 @@ class OnnxModel:
 
 
 __all__ = ["DEFAULT_WEIGHT_DTYPE", "INPUT_NAME", "INTEGER_OPS", "OPSET", "OUTPUT_NAME", "WEIGHT_DTYPES", "LogitsOnly",
-           "OnnxModel", "SESSION_CONFIG", "check_weight_dtype", "container_codes", "cpu_flags", "runtime_ops", "session", "to_onnx",
+           "OnnxModel", "SESSION_CONFIG", "check_digest", "check_weight_dtype", "container_codes", "cpu_flags", "runtime_ops", "session", "to_onnx",
            "u8s8_exact"]
