@@ -336,3 +336,27 @@ def test_a_folder_without_its_image_processor_or_with_another_models_is_refused(
     (d / "preprocessor_config.json").write_text(json.dumps({**pre, "image_mean": 0.3, "image_std": [0.2]}))
     c = vitq.data_config(vitq.load_model(f"hf:{d}")[0])
     assert c.mean == (0.3,) and c.std == (0.2,) and c.input_size == (1, 28, 28)
+
+
+def test_shipped_hf_dinov2_reference_is_the_timm_encoder(tmp_path: Path, capsys) -> None:
+    """fmnist-dinov2-hf (Dinov2WithRegistersModel, converted by scripts/timm_to_hf.py) computes fmnist-dinov2's
+    embedding (its pooler output: the class token after the final LayerNorm), twins included, and goes through the
+    CLI as an encoder (k-NN top-1, embedding agreement)."""
+    from vitq.batches import as_embedding
+    from vitq.cli import main
+    from vitq.reference import load_reference, reference_fp_top1
+
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for name in ("fmnist-dinov2", "fmnist-dinov2-outlier"):
+        hf_name = name.replace("fmnist-dinov2", "fmnist-dinov2-hf")
+        t, hf = load_reference(name), load_reference(hf_name)
+        assert type(hf).__name__ == "Dinov2WithRegistersModel"
+        with torch.no_grad():
+            torch.testing.assert_close(as_embedding(hf(x)), as_embedding(t(x)), atol=1e-5, rtol=1e-5)
+        assert vitq.data_config(hf) == vitq.data_config(t)
+        assert reference_fp_top1(hf_name) == reference_fp_top1(name) is not None
+    out = tmp_path / "r.json"
+    assert main(["quantize", "fmnist-dinov2-hf", "--recipe", "minmax", "--bits", "W8A8", "--eval-size", "64",
+                 "--knn-bank", "500", "--no-progress", "--json", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert r["task"] == "features" and r["emb_cosine_mean"] > 0.98 and r["knn"]["bank"] == 500
