@@ -175,3 +175,20 @@ def test_what_vitq_wrote_but_does_not_load_is_named(exported, tmp_path: Path, ca
     for target in (onnx_dir, onnx_dir / "model.onnx"):
         expect_error(["eval", str(target), "--no-progress"], capsys,
                      r"is an ONNX export: .* onnxruntime \(vitq.export.OnnxModel\)")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda e: e.update(bits=9), lambda e: e.update(shape=[3]), lambda e: e.update(offset="x"), lambda e: e.pop("spec"),
+], ids=["bits_9", "shape", "offset", "no_spec"])
+def test_a_resealed_packed_export_with_a_wrong_quantization_map(exported, edit, tmp_path: Path) -> None:
+    """The seal covers vitq.json, but a map edited and resealed (crafted) is still checked: one line (a ValueError
+    traceback before)."""
+    from vitq.export.integrity import KEY, seal
+
+    d = _copy(exported["packed"], tmp_path / "p")
+    meta = json.loads((d / "vitq.json").read_text())
+    edit(meta["quantization_map"][next(iter(meta["quantization_map"]))])
+    files = list(meta.pop(KEY)["files"])
+    (d / "vitq.json").write_text(json.dumps(seal(meta, d, files)))
+    with pytest.raises(ModelError, match=r"the quantization map.s entry for .* is not valid|out of range|does not match the architecture"):
+        load_quantized(d)

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import load_into, load_state_file
-from ..errors import ModelError
+from ..checkpoints import load_into, load_state_file, short_error
+from ..errors import ModelError, VitqError
 from ..passes.quantize import iter_slots
 from ..quantizers.base import QuantSpec, dequantize, get_quantizer, quantize
 from ..state import ensure_state, state_of
@@ -153,12 +153,18 @@ def load_packed(path: "str | Path", meta: dict[str, Any], trust_pickle: bool = F
         packed = sd.pop(key + CODES_SUFFIX, None)
         if packed is None:
             raise ModelError(f"{p / 'model.safetensors'} has no {key}{CODES_SUFFIX}: the export is incomplete, re-export it")
-        spec = QuantSpec.from_dict(q["spec"])
-        n = math.prod(q["shape"])
-        codes = unpack_bits(packed, int(q["bits"]), n).reshape(q["shape"]) + int(q["offset"])
-        prefix = key[: -len("weight")]
-        params = {k: sd[prefix + "weight_quant." + k] for k in get_quantizer(spec.quantizer).param_names}
-        sd[key] = dequantize(codes.to(torch.int32), params, spec).to(getattr(torch, q.get("dtype", "float32")))
+        try:  # a map the seal covers can still be wrong (crafted, resealed): every value checked, one line
+            spec = QuantSpec.from_dict(q["spec"])
+            n = math.prod(q["shape"])
+            codes = unpack_bits(packed, int(q["bits"]), n).reshape(q["shape"]) + int(q["offset"])
+            prefix = key[: -len("weight")]
+            params = {k: sd[prefix + "weight_quant." + k] for k in get_quantizer(spec.quantizer).param_names}
+            sd[key] = dequantize(codes.to(torch.int32), params, spec).to(getattr(torch, q.get("dtype", "float32")))
+        except VitqError:
+            raise
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+            raise ModelError(f"{p / 'vitq.json'}: the quantization map's entry for {key} is not valid "
+                             f"({short_error(e)}): export the model again") from None
     load_into(model, sd, f"packed export {p}")
     st = ensure_state(model)
     st.source = ModelSource.from_dict(meta["source"])
