@@ -134,3 +134,75 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         build_dataset(str(tmp_path / "nosplit"), "eval", pre)
     with pytest.raises(DataError, match="neither 'fashion-mnist'"):
         DataSpec.parse(str(tmp_path / "missing"))
+
+
+def _image_cases(tmp: "Path") -> list[tuple[str, "Path"]]:
+    """Generated files: every PIL mode a folder may hold, odd sizes, 16-bit and float depths, truncations and
+    headers that lie about the size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for mode in ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"):
+        for size in ((1, 1), (3, 500), (28, 28)):
+            if mode == "I;16":
+                im = Image.fromarray(rng.integers(0, 65536, size[::-1], dtype=np.uint16))
+            elif mode == "I":
+                im = Image.fromarray(rng.integers(0, 65536, size[::-1]).astype(np.int32))
+            elif mode == "F":
+                im = Image.fromarray(rng.random(size[::-1], dtype=np.float32))
+            else:
+                im = Image.new(mode, size)
+            ext = "tiff" if mode in ("CMYK", "F", "I") else "png"
+            f = tmp / f"{mode.replace(';', '_')}_{size[0]}x{size[1]}.{ext}"
+            im.save(f)
+            out.append((f"{mode} {size}", f))
+            data = f.read_bytes()
+            for frac in (0.0, 0.1, 0.5, 0.9):
+                t = tmp / f"trunc{int(frac * 10)}_{f.name}"
+                t.write_bytes(data[: int(len(data) * frac)])
+                out.append((f"{mode} {size} truncated to {frac}", t))
+    big = tmp / "lies.png"  # a valid small PNG whose header claims 60000 x 60000
+    Image.new("L", (4, 4)).save(big)
+    b = bytearray(big.read_bytes())
+    b[16:24] = (60000).to_bytes(4, "big") * 2
+    big.write_bytes(bytes(b))
+    out.append(("header claims 60000x60000", big))
+    junk = tmp / "junk.jpg"
+    junk.write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    out.append(("random bytes", junk))
+    return out
+
+
+def test_the_image_reader_decodes_or_says_one_line_for_any_file(tmp_path) -> None:
+    """Property of read_image + the model's preprocessing over generated files: an image comes out as the grey or RGB
+    tensor the model takes, in range (16-bit data scaled, not clipped), or one DataError line names the file -
+    never another exception."""
+    import torch
+
+    from vitq.data import Preprocess, PreprocessConfig, pil_mode
+    from vitq.data.folders import read_image
+    from vitq.errors import DataError
+
+    decoded = refused = 0
+    for what, f in _image_cases(tmp_path):
+        try:
+            im = read_image(f)
+        except DataError as e:
+            assert str(f) in str(e) and "\n" not in str(e), (what, e)
+            refused += 1
+            continue
+        except Exception as e:  # noqa: BLE001
+            raise AssertionError(f"{what}: {type(e).__name__}: {e}") from None
+        for channels in (1, 3):
+            x = torch.from_numpy(__import__("numpy").asarray(im.convert(pil_mode(channels))).copy())
+            x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+            cfg = PreprocessConfig(input_size=(channels, 28, 28), mean=(0.5,) * channels, std=(0.5,) * channels,
+                                   interpolation="bilinear", crop_pct=1.0)
+            y = Preprocess(cfg)(x)
+            assert y.shape == (channels, 28, 28) and torch.isfinite(y).all() and -1.0 <= y.min() and y.max() <= 1.0, what
+        if "I;16" in what and "truncated" not in what and "(28, 28)" in what:  # scaled: the spread survives
+            assert im.getextrema()[1] > 200 and im.getextrema()[0] < 50, (what, im.getextrema())
+        decoded += 1
+    assert decoded >= 25 and refused >= 40, (decoded, refused)

@@ -88,6 +88,9 @@ class HFLibrary(ModelLibrary):
         if num_classes is not None:
             raise ModelError(f"{model} takes its classifier size from its config.json: drop --num-classes")
         folder = Path(model[len(PREFIX):]).expanduser()
+        if folder.is_file():
+            raise ModelError(f"{folder} is a file: hf:DIR takes the folder save_pretrained wrote (config.json, "
+                             "model.safetensors, preprocessor_config.json)")
         if not folder.is_dir():
             raise ModelError(f"Hugging Face model folder {folder} does not exist: pass hf:DIR with a local "
                              "save_pretrained folder (nothing is downloaded)")
