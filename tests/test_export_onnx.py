@@ -324,3 +324,19 @@ def test_an_onnx_export_is_sealed(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0x01
     (tmp_path / "model.onnx").write_bytes(bytes(data))
     assert torch.equal(OnnxModel(tmp_path / "model.onnx")(x), ref)
+
+
+def test_the_float_model_exports_as_the_baseline(tmp_path: Path, capsys) -> None:
+    """vitq export MODEL (a float model, not a run folder) --format onnx --out DIR: the float ONNX file with a quantized
+    export's conventions (input pixel_values, export.json with its sha256), its outputs the float model's."""
+    from vitq.cli import main
+
+    assert main(["export", "fmnist-vit", "--format", "onnx", "--out", str(tmp_path / "f"), "--no-progress"]) == 0
+    assert "exported the float model fmnist-vit" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "f" / "export.json").read_text())
+    assert rep["lowering"]["counts"] == {"float": rep["lowering"]["counts"]["float"]} and len(rep["sha256"]) == 64
+    m, _ = vitq.load_model("fmnist-vit")
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(OnnxModel(tmp_path / "f" / "model.onnx")(x), logits(m, x), atol=1e-4, rtol=1e-4)
+    assert main(["export", "fmnist-vit", "--format", "onnx", "--no-progress"]) == 2
+    assert "pass --out DIR" in capsys.readouterr().err

@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq run folder on its recorded data) on a dataset")
     _add_model_args(e)
 
-    x = sub.add_parser("export", help="lower a vitq quantize --out folder to a deployment format (onnx) and verify it")
+    x = sub.add_parser("export", help="lower a vitq quantize --out folder to a deployment format (onnx) and verify it; "
+                                          "a float MODEL (not a run folder) exports as the float ONNX baseline (--out DIR)")
     _add_model_args(x)
     x.add_argument("--format", default="onnx", choices=["onnx", "vitq"],
                    help="onnx: QDQ graph for onnxruntime (default); vitq: packed integer weight codes")
@@ -459,20 +460,60 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
     return rep
 
 
+def _export_float(args: argparse.Namespace) -> int:
+    """``vitq export MODEL --format onnx --out DIR`` of a float model (not a run folder): the baseline file, with the
+    conventions of a quantized export, to time and score beside it."""
+    import copy
+
+    from .errors import ConfigError
+    from .export.deploy import export_float, verify
+    from .pipeline import quantize
+    from .recipes import load_recipe
+    from .run.inputs import load, task_of
+
+    if args.format != "onnx":
+        raise ConfigError(f"{args.model} is a float model (not a vitq quantize --out folder): the {args.format} format "
+                          "stores quantized weights; export it with --format onnx (the float baseline), or quantize it "
+                          "first (vitq quantize MODEL ... --out DIR)")
+    if not args.out:
+        raise ConfigError(f"{args.model} is a float model: pass --out DIR for its ONNX file (a run folder's export goes "
+                          "into the run folder)")
+    spec = _spec(args)
+    if args.verify:
+        o = _open(spec)
+        model, loader, embeddings = o.model, o.loader, task_of(o.model, spec.task) == "features"
+    else:
+        model, _ = load(spec.model, checkpoint=spec.checkpoint, trust_pickle=spec.trust_pickle,
+                        random_weights=spec.random_weights, num_classes=spec.num_classes, device=spec.device)
+        loader, embeddings = None, False
+    out = Path(args.out)
+    rep = export_float(model, out)
+    print(f"exported the float model {args.model} to {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, no quantized "
+          "site: the baseline for a quantized file)")
+    if loader is not None:
+        fp = quantize(copy.deepcopy(model), load_recipe("fp"), "W8A8", calib_data=None)
+        v = verify(fp, out, loader, "onnx", max_top1_diff=args.max_top1_diff, progress=not args.no_progress,
+                   embeddings=embeddings)
+        rep["verify"] = v
+        what = (f"embedding cosine {v['embedding_cosine_min']:.6f} smallest" if embeddings else
+                f"top-1 {v['exported_top1']:.2f}% vs PyTorch {v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f})")
+        print(f"  verified on {v['images']} images: onnx {what}")
+    write_json(args.json, rep)
+    return 0
+
+
 def _subdir(fmt: str) -> str:
     """Where a format goes inside a run folder (the packed format would replace the run's own files)."""
     return "packed" if fmt == "vitq" else ""
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
     from .run import is_run_folder
     from .run.inputs import load
 
-    if not is_run_folder(args.model):
-        raise ConfigError(f"{args.model} is not a vitq quantize --out folder: export the folder a quantization saved "
-                          "(vitq quantize MODEL ... --out DIR), or use vitq quantize --export")
     check_export_args(args, args.format)
+    if not is_run_folder(args.model):
+        return _export_float(args)
     spec = _spec(args)
     embeddings = False
     if args.verify:

@@ -125,8 +125,22 @@ def example_input(model: nn.Module, batch: int = 2) -> Tensor:
     return torch.randn(batch, *data_config(model).input_size)
 
 
+def export_float(model: nn.Module, out_dir: "str | Path", example: Optional[Tensor] = None) -> dict[str, Any]:
+    """The float model as an ONNX file with the conventions of a quantized export (vitq's wrapped graph: the input
+    ``pixel_values``, the same attention order, ``export.json`` with its sha256), so a user compares a quantized
+    file with its float model like with like. ``model`` is not changed (a wrapped copy is exported)."""
+    import copy
+
+    from ..pipeline import quantize
+    from ..recipes import load_recipe
+
+    fp = quantize(copy.deepcopy(model).cpu(), load_recipe("fp"), "W8A8", calib_data=None)
+    return export(fp, out_dir, "onnx", example=example, _float=True)
+
+
 def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: Optional[Tensor] = None,
-           emulate: str = "exact", source: Any = None, weight_dtype: Optional[str] = None) -> dict[str, Any]:
+           emulate: str = "exact", source: Any = None, weight_dtype: Optional[str] = None,
+           _float: bool = False) -> dict[str, Any]:
     """Write ``model`` (quantized by vitq) in format ``fmt`` to ``out_dir``; returns the report (also
     written to ``out_dir/export.json``). ``source``: the :class:`~vitq.adapters.ModelSource` of the
     float model (``vitq.load_model``'s second value), which the packed format needs when the model's
@@ -140,7 +154,7 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
         check_weight_dtype(weight_dtype)
     if emulate not in EMULATE_MODES:
         raise ConfigError(f"unknown lowering {emulate!r} for inexpressible sites: use one of {', '.join(EMULATE_MODES)}")
-    check_exportable(model)
+    check_exportable(model, float_ok=_float)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export destination {out} is a file: pass a folder")
@@ -148,7 +162,7 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
     if model_device(model).type != "cpu":  # the files are device-neutral: trace a CPU copy
         model = copy.deepcopy(model).cpu()
     lowering = plan(model, emulate)
-    if fmt == "onnx":
+    if fmt == "onnx" and not _float:
         check_lowerable(lowering, fmt)
     t0 = time.perf_counter()
     st = state_of(model)
@@ -261,5 +275,5 @@ def _int8_hint(out: Path) -> str:
     return "" if exact is not False else f"its int8 weights are not exact on this CPU ({why}): re-export with --weight-dtype uint8; "
 
 
-__all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "get_backend", "register_backend",
+__all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "export_float", "get_backend", "register_backend",
            "verify"]

@@ -143,8 +143,9 @@ def plan(model: nn.Module, emulate: str = "exact") -> list[SiteLowering]:
     return out
 
 
-def check_exportable(model: nn.Module) -> None:
-    """One-line errors for a model that cannot be exported: not quantized by vitq, or uncalibrated."""
+def check_exportable(model: nn.Module, float_ok: bool = False) -> None:
+    """One-line errors for a model that cannot be exported: not quantized by vitq, or uncalibrated. ``float_ok``: a
+    model whose recipe quantizes no site is the float baseline (:func:`vitq.export.deploy.export_float`)."""
     st = state_of(model)
     if st is None or st.recipe is None:
         raise ModelError("only a model quantized by vitq (run_recipe / quantize, or a vitq quantize --out folder) "
@@ -153,9 +154,10 @@ def check_exportable(model: nn.Module) -> None:
     if missing:
         raise ModelError(f"{len(missing)} quantization site(s) are not calibrated ({missing[0]}, ...): "
                          "calibrate the model (vitq quantize) before exporting it")
-    if not any(isinstance(m, FakeQuant) and m.enabled for m in model.modules()):
+    if not float_ok and not any(isinstance(m, FakeQuant) and m.enabled for m in model.modules()):
         raise ModelError(f"recipe {st.recipe.name} quantizes no site, so there is nothing to export as integers: "
-                         "quantize with a recipe that does (vitq list), or export the float model itself")
+                         "quantize with a recipe that does (vitq list), or export the float model itself (vitq "
+                         "export MODEL --format onnx --out DIR)")
 
 
 def check_lowerable(lowering: list[SiteLowering], fmt: str) -> None:
