@@ -192,3 +192,22 @@ def test_a_resealed_packed_export_with_a_wrong_quantization_map(exported, edit, 
     (d / "vitq.json").write_text(json.dumps(seal(meta, d, files)))
     with pytest.raises(ModelError, match=r"the quantization map.s entry for .* is not valid|out of range|does not match the architecture"):
         load_quantized(d)
+
+
+def test_an_overwrite_interrupted_half_way_is_incomplete_not_the_old_export(exported, tmp_path: Path, monkeypatch) -> None:
+    """Re-exporting into a folder removes its vitq.json (the completion marker, written last) first: a write that
+    dies after the tensors leaves an export named incomplete, never the previous configuration over new tensors."""
+    import vitq.export as vexp
+
+    d = _copy(exported["plain"], tmp_path / "o")
+    q = load_quantized(d)
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vexp, "finish_write", die)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(q, d, vitq.state_of(q).source)
+    assert not (d / "vitq.json").exists()
+    with pytest.raises(ModelError, match="is an incomplete vitq export"):
+        vitq.load_model(str(d))

@@ -7,7 +7,6 @@ including each FakeQuant's parameters. What you calibrated is exactly what you l
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..recipes import Recipe
 from ..state import ensure_state, state_of
 from .deploy import DEFAULT_MAX_TOP1_DIFF, verify
 from .deploy import export as deploy_export
-from .integrity import check, read_meta, seal
+from .integrity import begin_write, check, finish_write, read_meta
 from .packed import PACKED_FORMAT, load_packed
 
 EXPORT_FORMAT = "vitq.quantized/1"
@@ -77,8 +76,7 @@ def save_quantized(model: nn.Module, out_dir: "str | Path", source: Optional[Mod
     source = source_of(model, source)
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = begin_write(out_dir)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(sd, str(out / "model.safetensors"))
     files = ["model.safetensors"]
@@ -94,7 +92,7 @@ def save_quantized(model: nn.Module, out_dir: "str | Path", source: Optional[Mod
     meta = {"format": EXPORT_FORMAT, "source": source.to_dict(), "recipe": recipe.to_dict(), "bits": str(bits),
             "pretrained_cfg": _jsonable(getattr(model, "pretrained_cfg", {}) or {}),
             **({"run": st.run} if st is not None and st.run else {}), **(extra or {})}
-    (out / "vitq.json").write_text(json.dumps(seal(meta, out, files), indent=2) + "\n")
+    finish_write(out, meta, files)
     return out
 
 

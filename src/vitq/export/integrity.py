@@ -70,3 +70,20 @@ def read_meta(folder: "str | Path") -> dict[str, Any]:
         if key not in meta:
             raise ModelError(f"{f} has no {key!r}: it is not a complete vitq export, export the model again")
     return meta
+
+
+def begin_write(folder: "str | Path") -> Path:
+    """Start (re)writing an export in ``folder``: its ``vitq.json`` - the completion marker, written last by
+    :func:`finish_write` - is removed first, so an export interrupted half-way is recognised as incomplete rather than
+    as a damaged one (or, worse, as the previous export)."""
+    p = Path(folder)
+    p.mkdir(parents=True, exist_ok=True)
+    (p / "vitq.json").unlink(missing_ok=True)
+    return p
+
+
+def finish_write(folder: Path, meta: dict[str, Any], files: Sequence[str]) -> None:
+    """Seal ``meta`` over ``files`` and write ``vitq.json`` whole (a temporary file renamed into place), last."""
+    tmp = folder / ".vitq.json.tmp"
+    tmp.write_text(json.dumps(seal(meta, folder, files), indent=2) + "\n")
+    tmp.replace(folder / "vitq.json")

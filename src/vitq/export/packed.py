@@ -22,7 +22,6 @@ model computes exactly what the quantized one did.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from ..errors import ModelError, VitqError
 from ..passes.quantize import iter_slots
 from ..quantizers.base import QuantSpec, dequantize, get_quantizer, quantize
 from ..state import ensure_state, state_of
-from .integrity import seal
+from .integrity import begin_write, finish_write
 from .lowering import check_exportable
 
 PACKED_FORMAT = "vitq.packed/1"
@@ -117,15 +116,14 @@ def save_packed(model: nn.Module, out_dir: "str | Path", source: Any) -> dict[st
     not_ready = [k for k in flags if not bool(sd[k])]
     for k in flags:
         sd.pop(k)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = begin_write(out_dir)
     save_file(sd, str(out / "model.safetensors"))
     meta = {"format": PACKED_FORMAT, "integral_tensors": integral, "initialized_keys": flags,
             "uninitialized_keys": not_ready, "source": source.to_dict(), "recipe": st.recipe.to_dict(), "bits": str(st.bits),
             "pretrained_cfg": {k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
                                if isinstance(v, (str, int, float, bool, list, tuple)) or v is None},
             "quantization_map": qmap, **({"run": st.run} if st.run else {})}
-    (out / "vitq.json").write_text(json.dumps(seal(meta, out, ["model.safetensors"]), indent=2) + "\n")
+    finish_write(out, meta, ["model.safetensors"])
     # the float model's size: its own tensors in float32 (the quantizers' buffers are not part of it)
     float_bytes = sum(t.numel() * 4 for k, t in model.state_dict().items()
                       if t.is_floating_point() and "_quant." not in k and not k.startswith(("weight_quant", "input_quant")))
