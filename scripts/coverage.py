@@ -75,6 +75,18 @@ def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
     return build
 
 
+def _timm_any_size(name: str, size: int, **kw: Any) -> Callable[[], nn.Module]:
+    """A timm model without a fixed input size (PVTv2): its preprocessing (and so its export's example input) set to
+    the test's image size, as a user's pretrained_cfg would say."""
+    build = _timm(name, **kw)
+
+    def sized() -> nn.Module:
+        m = build()
+        m.pretrained_cfg = {**getattr(m, "pretrained_cfg", {}), "input_size": (3, size, size)}
+        return m
+    return sized
+
+
 _VIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_classes=5)
 _SWIN = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4, num_classes=5)
 
@@ -158,8 +170,9 @@ CASES: list[Case] = [
     Case("hybrid_r26", "timm", "vit_small_r26_s32_224",
          _timm("vit_small_r26_s32_224", embed_dim=32, depth=2, num_heads=2, img_size=64, num_classes=5), False,
          "hybrid ViT with a ResNet stem", size=64, refusal="HybridEmbed"),
-    Case("pvt_v2", "timm", "pvt_v2_b0", _timm("pvt_v2_b0", num_classes=5), False,
-         "PVT v2: spatial-reduction attention"),
+    Case("pvt_v2", "timm", "pvt_v2_b0", _timm_any_size("pvt_v2_b0", 64, num_classes=5, depths=(1, 1, 1, 1),
+                                                        embed_dims=(16, 32, 40, 64)), True,
+         "PVT v2: spatial-reduction attention, depthwise-conv MLP", size=64),
     Case("xcit", "timm", "xcit_nano_12_p16_224",
          _timm("xcit_nano_12_p16_224", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=16, num_classes=5),
          False, "XCiT (not planned now)"),

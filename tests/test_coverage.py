@@ -39,7 +39,7 @@ def test_the_coverage_page_lists_every_architecture() -> None:
 NEW = ["clip_quickgelu", "siglip", "eva02", "eva02_base", "vit_rope", "beit", "beit_shared", "hf_vit_headless",
        "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
        "hf_siglip_cls", "hf_beit", "hf_swin_headless", "swinv2", "hf_swinv2", "hf_swinv2_headless",
-       "vit_relpos"]
+       "vit_relpos", "pvt_v2"]
 
 
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
@@ -68,7 +68,7 @@ def test_every_recipe_runs_on_the_new_families(key: str, recipe: str) -> None:
 @pytest.mark.parametrize("recipe", ["repq", "dopq-calib", "aocq-balance"])
 @pytest.mark.parametrize("key", ["siglip", "eva02", "eva02_base", "vit_rope", "beit", "hf_vit_headless",
                                  "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
-                                 "hf_siglip_cls", "hf_beit", "hf_swin_headless"])
+                                 "hf_siglip_cls", "hf_beit", "hf_swin_headless", "pvt_v2"])
 def test_reparameterizing_the_new_families_keeps_the_float_function(key: str, recipe: str) -> None:
     """RepQ / MOSF fold into every LayerNorm -> Linear pair (SigLIP: the final norm -> the pool's kv and the pool's
     norm -> its MLP; EVA-02: norm1 -> q / k / v, norm2 -> both SwiGLU inputs, the inner norm -> fc2), and AOCQ's
@@ -274,3 +274,36 @@ def test_timm_relpos_variants_wrap_exactly_reparameterize_and_balance(variant: d
     with torch.no_grad(), vitq.disabled(fp):
         torch.testing.assert_close(fp(x), ref, rtol=1e-4, atol=1e-4)
     assert vitq.state_of(fp).balance["add_alpha"]["stream"]["channels_scaled"] > 0
+
+
+def test_pvt_v2_spatial_reduction_folds_exactly_and_round_trips(tmp_path: Any) -> None:
+    """PVTv2's spatial-reduction conv reads norm1's output as tokens, beside q: RepQ-ViT folds norm1 into both (the
+    conv's unpadded-window case of the fold) and keeps the float function; PTQ4ViT searches the token conv per output
+    channel (in the every-recipe test); save -> load gives the same outputs."""
+    import copy
+
+    import torch
+
+    import vitq
+    from vitq.adapters.timm.pvt import TokenConv
+
+    case = next(c for c in CASES if c.key == "pvt_v2")
+    m = case.build()
+    with torch.no_grad():  # outlier channels after every norm1, as trained models have
+        for stage in m.stages:
+            for blk in stage.blocks:
+                blk.norm1.weight[2] *= 24.0
+    x = case.input(4)
+    with torch.no_grad():
+        ref = _logits(m(x))
+    q = vitq.quantize(copy.deepcopy(m), "repq", "W4A4", calib_data=x)
+    srs = [mod for mod in q.modules() if isinstance(mod, TokenConv)]
+    assert len(srs) == 3 and all(s.input_quant.spec.granularity.__class__.__name__ == "PerTensor" for s in srs)
+    with torch.no_grad(), vitq.disabled(q):
+        torch.testing.assert_close(_logits(q(x)), ref, rtol=1e-4, atol=1e-5)
+    p = vitq.quantize(copy.deepcopy(m), "minmax", "W4A8", calib_data=x)
+    torch.save(m, tmp_path / "float.pt")
+    vitq.save_quantized(p, tmp_path / "q", source=vitq.ModelSource("pickle", str(tmp_path / "float.pt")))
+    back = vitq.load_quantized(tmp_path / "q", trust_pickle=True)
+    with torch.no_grad():
+        assert torch.equal(_logits(back(x)), _logits(p(x)))

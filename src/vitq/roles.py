@@ -18,6 +18,7 @@ class Role(str, Enum):
     FC2_IN = "FC2_IN"              # post-GELU
     GLU_OUT = "GLU_OUT"            # a gated linear unit's signed product act(x_gate) * x -> fc2 (SwiGLU, EVA-02)
     REDUCTION_IN = "REDUCTION_IN"  # post-LayerNorm in Swin patch merging
+    DWCONV_IN = "DWCONV_IN"        # fc1's output -> the MLP's depthwise 3x3 conv, before its activation (PVTv2)
     HEAD_IN = "HEAD_IN"            # classifier input (after final norm + pooling)
     # attention matmul operands
     ATTN_Q = "ATTN_Q"
@@ -39,7 +40,7 @@ POST_LN_ROLES = frozenset({Role.QKV_IN, Role.FC1_IN, Role.REDUCTION_IN})
 #: not reach them: they are quantized only where a rule names them.
 FULL_QUANT_ROLES = frozenset({Role.LN_IN, Role.SOFTMAX_IN, Role.RESIDUAL})
 LAYER_ROLES = frozenset({Role.PATCH_EMBED, Role.QKV_IN, Role.PROJ_IN, Role.FC1_IN, Role.FC2_IN, Role.GLU_OUT,
-                         Role.REDUCTION_IN, Role.HEAD_IN})
+                         Role.REDUCTION_IN, Role.DWCONV_IN, Role.HEAD_IN})
 
 
 def parse_role(name: str) -> Role:

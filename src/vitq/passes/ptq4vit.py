@@ -91,7 +91,8 @@ def search_layers(model: nn.Module, roles: Optional[Sequence[str]] = None,
     for m in model.modules():
         if not isinstance(m, LAYER_TYPES):
             continue
-        slots = [s for s in SLOT_ORDER[type(m)] if _searchable(getattr(m, s, None))
+        base = next(t for t in LAYER_TYPES if isinstance(m, t))  # a subclass (a conv on tokens) orders as its base
+        slots = [s for s in SLOT_ORDER[base] if _searchable(getattr(m, s, None))
                  and (keep is None or getattr(m, s).role in keep)
                  and (names is None or getattr(m, s).spec.quantizer in names)]
         if slots:
@@ -138,7 +139,7 @@ def _capture(model: nn.Module, x: Tensor, layers: Sequence[nn.Module]) -> list[t
 
     def hook(i: int):  # type: ignore[no-untyped-def]
         def fn(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-            got[i] = (tuple(a.detach() for a in args), out.detach())
+            got[i] = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), out.detach())
         return fn
 
     hs = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
@@ -260,7 +261,7 @@ def group_axis(layer: Any, slot: str, fq: FakeQuant, args: Sequence[Tensor], out
     if slot == "weight_quant":
         if g.axis % layer.weight.dim() != 0:
             return None
-        axis = out.dim() - 1 if isinstance(layer, QLinear) else 1
+        axis = out.dim() - 1 if isinstance(layer, QLinear) or getattr(layer, "tokens_out", False) else 1
     elif isinstance(layer, QMatMul):
         x = args[SLOT_ARG[slot]]
         axis = g.axis % x.dim()

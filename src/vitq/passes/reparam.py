@@ -45,8 +45,15 @@ def fold_ln_affine(ln: Any, consumers: list[Any], r: Tensor, b: Optional[Tensor]
     ln.weight.div_(r)
     ln.bias.div_(r).sub_(b)
     for lin in consumers:
-        lin.weight.mul_(r.unsqueeze(0))
-        shift = lin.weight @ b
+        if lin.weight.dim() == 4:  # a conv reading the LayerNorm's channels (PVTv2's spatial reduction)
+            if any(p != 0 for p in lin.padding) or lin.groups != 1:
+                raise ModelError(f"a padded or grouped conv ({type(lin).__name__}) cannot take an exact LayerNorm fold: "
+                                 "the shift differs at the borders")
+            lin.weight.mul_(r.view(1, -1, 1, 1))
+            shift = lin.weight.sum(dim=(2, 3)) @ b  # every output sees a whole window: the shift sums over it
+        else:
+            lin.weight.mul_(r.unsqueeze(0))
+            shift = lin.weight @ b
         if lin.bias is None:
             if bool((shift != 0).any()):
                 lin.bias = nn.Parameter(shift.clone())

@@ -166,4 +166,4 @@ def patch_embed_geometry(model: Any) -> tuple[Optional[int], Optional[tuple[int,
     return in_chans, (int(size[0]), int(size[1]))
 
 
-from . import beit, eva, relpos, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)
+from . import beit, eva, pvt, relpos, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)
