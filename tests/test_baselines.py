@@ -484,7 +484,7 @@ def test_cli_quantize_repq(capsys, fmnist_dir: Path, tmp_path: Path) -> None:
     from vitq.cli import main
 
     out = tmp_path / "r.json"
-    code = main(["quantize", "fmnist-vit", "--random-weights", "--data", f"fashion-mnist:{fmnist_dir}",
+    code = main(["quantize", "fmnist-vit", "--data", f"fashion-mnist:{fmnist_dir}",
                  "--recipe", "repq", "--bits", "W4A4", "--calib-size", "8", "--no-progress", "--json", str(out)])
     assert code == 0, capsys.readouterr()
     import json

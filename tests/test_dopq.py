@@ -264,7 +264,7 @@ def test_cli_dopq_recipes(capsys, fmnist_dir: Path, tmp_path: Path) -> None:
     assert "dopq-calib" in listed and "\n  dopq " in listed
     for name, extra in (("dopq-calib", []), ("dopq", ["--iters", "1"])):
         out = tmp_path / f"{name}.json"
-        code = main(["quantize", "fmnist-vit", "--random-weights", "--data", f"fashion-mnist:{fmnist_dir}",
+        code = main(["quantize", "fmnist-vit", "--data", f"fashion-mnist:{fmnist_dir}",
                      "--recipe", name, "--bits", "W4A4", "--calib-size", "8", "--no-progress", "--json", str(out),
                      *extra])
         assert code == 0, capsys.readouterr()

@@ -19,8 +19,10 @@ def _is_cli() -> bool:
 
 
 def _interrupted(signum: int, frame: Any) -> None:
+    # nothing is written yet; an exception raised here can be swallowed by a library's import-time ``except
+    # BaseException`` (then the command ran on, exit 0): leave at once
     print("vitq: interrupted", file=sys.stderr, flush=True)
-    raise SystemExit(130)
+    os._exit(130)
 
 
 def begin() -> Optional[Any]:
