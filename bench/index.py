@@ -26,6 +26,9 @@ PAGES: dict[str, tuple[str, str]] = {
     "best_parts.md": ("which parts make `best` at W3A3 (V-2SF post-GELU, a power-of-two attention grid, QDrop stage 3)",
                       "bench/best.py with bench/recipes/parts-*"),
     "baselines.md": ("every calibration-only baseline recipe on all six models, W8A8 to W3A3", "bench/baselines.py"),
+    "int4_weights.md": ("would ONNX UINT4 weight containers make a W4A8 file smaller and as fast? (size, ops after "
+                        "onnxruntime's fusions, images/s beside the float and the 8-bit-container files)",
+                        "bench/studies/int4_weights.py"),
     "new_families.md": ("calibration-only recipes on the EVA-02- and SigLIP-style reference models and their outlier "
                         "twins, W8A8 / W4A4 / W3A3", "bench/baselines.py --name new_families"),
     "new_families_dinov2.md": ("the same on the DINOv2-style encoder and its twin: k-NN top-1 and the embeddings' "
