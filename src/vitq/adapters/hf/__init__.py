@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from torch import Tensor, nn
 
@@ -21,7 +21,7 @@ from ...checkpoints import short_error
 from ...data import PreprocessConfig, fit_channels
 from ...data.preprocess import torchvision_image_transform
 from ...errors import DataError, ModelError
-from ..base import ModelLibrary, ModelSource, register_library
+from ..base import Adapter, ModelLibrary, ModelSource, register_library
 
 PREFIX = "hf:"
 #: the model classes vitq has adapters for, by the name ``config.json``'s ``architectures`` uses
@@ -324,6 +324,48 @@ def _hw(size: Any, default: tuple[int, int]) -> tuple[int, int]:
 def config_image_size(config: Any) -> tuple[int, int]:
     s = config.image_size
     return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+def at(prefix: str, rest: str) -> str:
+    """A sub-module's name under the base model: ``prefix.rest``, or ``rest`` when the model is the base itself."""
+    return f"{prefix}.{rest}" if prefix else rest
+
+
+class HFAdapter(Adapter):
+    """What every Hugging Face family adapter shares. ``MODELS``: transformers class name -> (the attribute that holds
+    the base model, "" when the model is the base; the family's head: whether it has a classifier, or what its head
+    is called). A model is matched by a class of those names (its own or a base class) in transformers' modules; the
+    preprocessing comes from its image processor (:func:`hf_data_config`)."""
+
+    library = "hf"
+    MODELS: ClassVar[dict[str, tuple[str, Any]]] = {}
+
+    @classmethod
+    def model_name(cls, model: Any) -> Optional[str]:
+        for c in type(model).__mro__:
+            if c.__name__ in cls.MODELS and c.__module__.startswith("transformers."):
+                return c.__name__
+        return None
+
+    @classmethod
+    def matches(cls, model: Any) -> bool:
+        return transformers_available() and cls.model_name(model) is not None
+
+    def _parts(self, model: Any) -> tuple[str, Any, Any]:
+        """``(prefix, base model, head)`` of ``model`` (see ``MODELS``)."""
+        name = self.model_name(model)
+        assert name is not None
+        prefix, head = self.MODELS[name]
+        return prefix, (getattr(model, prefix) if prefix else model), head
+
+    def num_outputs(self, model: Any) -> Optional[int]:
+        return hf_num_outputs(model) if self._parts(model)[2] else None  # an encoder has no classes
+
+    def data_config(self, model: Any) -> PreprocessConfig:
+        return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
+
+    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+        return hf_image_transform(model, cfg)
 
 
 from . import beit, clip, dinov2, siglip, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)

@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -35,7 +33,11 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, hf_num_outputs, transformers_available
+from . import (
+    HFAdapter,
+    at,
+    config_image_size,
+)
 from .vit import HFViTAttention
 
 #: model class -> the base-model attribute ("" : the model is the base) and whether it has the classifier
@@ -43,17 +45,6 @@ MODELS = {
     "BeitForImageClassification": ("beit", True),
     "BeitModel": ("", False),
 }
-
-
-def _model_name(model: Any) -> Optional[str]:
-    for c in type(model).__mro__:
-        if c.__name__ in MODELS and c.__module__.startswith("transformers."):
-            return c.__name__
-    return None
-
-
-def _at(prefix: str, rest: str) -> str:
-    return f"{prefix}.{rest}" if prefix else rest
 
 
 class HFBeitLayer(nn.Module):
@@ -92,30 +83,11 @@ class HFBeitLayer(nn.Module):
 
 
 @register_adapter
-class HFBeitAdapter(Adapter):
+class HFBeitAdapter(HFAdapter):
     name = "hf-beit"
     description = ("Hugging Face BeitForImageClassification / BeitModel (hf:DIR): relative position bias, layer "
                    "scale, mean-pooling head")
-    library = "hf"
-
-    @classmethod
-    def matches(cls, model: Any) -> bool:
-        return transformers_available() and _model_name(model) is not None
-
-    def _parts(self, model: Any) -> tuple[str, Any, bool]:
-        name = _model_name(model)
-        assert name is not None
-        prefix, head = MODELS[name]
-        return prefix, (getattr(model, prefix) if prefix else model), head
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return hf_num_outputs(model) if self._parts(model)[2] else None
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return hf_image_transform(model, cfg)
+    MODELS = MODELS
 
     def is_wrapped(self, model: Any) -> bool:
         layers = self._parts(model)[1].layers
@@ -129,7 +101,7 @@ class HFBeitAdapter(Adapter):
         for i, layer in enumerate(base.layers):
             for attr in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 if not isinstance(getattr(layer.attention, attr, None), nn.Linear):
-                    raise ModelError(f"{_at(prefix, f'layers.{i}')}.attention has no Linear {attr}: not supported")
+                    raise ModelError(f"{at(prefix, f'layers.{i}')}.attention has no Linear {attr}: not supported")
         if head and not isinstance(model.classifier, (nn.Linear, nn.Identity)):
             raise ModelError(f"classifier of type {type(model.classifier).__name__} is not supported: nn.Linear only")
 
@@ -165,7 +137,7 @@ class HFBeitAdapter(Adapter):
         prefix, base, _ = self._parts(model)
         pairs = []
         for i, _ in enumerate(base.layers):
-            p = _at(prefix, f"layers.{i}")
+            p = at(prefix, f"layers.{i}")
             pairs.append(LNPair(f"{p}.layernorm_before", tuple(f"{p}.attention.{a}" for a in ("q_proj", "k_proj", "v_proj")),
                                 Role.QKV_IN))
             pairs.append(LNPair(f"{p}.layernorm_after", (f"{p}.mlp.fc1",), Role.FC1_IN))
@@ -177,20 +149,20 @@ class HFBeitAdapter(Adapter):
         and at the end by the final layernorm, or by the pooler's LayerNorm after the mean (a mean commutes with a
         per-channel scale), or the class token's classifier columns."""
         prefix, base, head = self._parts(model)
-        emb = _at(prefix, "embeddings")
+        emb = at(prefix, "embeddings")
         w = [StreamWriter(f"{emb}.patch_embeddings.projection", "rows")]
         for tok in ("cls_token", "position_embeddings"):
             if isinstance(getattr(base.embeddings, tok, None), nn.Parameter):
                 w.append(StreamWriter(f"{emb}.{tok}", "param"))
         r: list[StreamReader] = []
         for i, _ in enumerate(base.layers):
-            p = _at(prefix, f"layers.{i}")
+            p = at(prefix, f"layers.{i}")
             w += [StreamWriter(f"{p}.attention.o_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
             r += [StreamReader(f"{p}.layernorm_before", "ln"), StreamReader(f"{p}.layernorm_after", "ln")]
         if isinstance(base.layernorm, nn.LayerNorm):
-            r.append(StreamReader(_at(prefix, "layernorm"), "ln"))
+            r.append(StreamReader(at(prefix, "layernorm"), "ln"))
         elif base.pooler is not None and isinstance(getattr(base.pooler, "layernorm", None), nn.LayerNorm):
-            r.append(StreamReader(_at(prefix, "pooler.layernorm"), "ln"))
+            r.append(StreamReader(at(prefix, "pooler.layernorm"), "ln"))
         elif head and isinstance(model.classifier, nn.Linear):
             r.append(StreamReader("classifier", "cols"))
         else:

@@ -11,16 +11,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -33,24 +31,13 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, transformers_available
+from . import HFAdapter, at
 from .vit import additive_mask
 
 #: model class -> the vision tower's attribute ("" : the model is the tower) and its projection's ("" : none)
 MODELS = {"CLIPVisionModel": ("", ""), "CLIPVisionModelWithProjection": ("vision_model", "visual_projection")}
 #: MLP activations whose negative range the post-GELU quantizers cover (QuickGELU's minimum is -0.1636)
 GELU_LIKE = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
-
-
-def _model_name(model: Any) -> Optional[str]:
-    for c in type(model).__mro__:
-        if c.__name__ in MODELS and c.__module__.startswith("transformers."):
-            return c.__name__
-    return None
-
-
-def _at(prefix: str, rest: str) -> str:
-    return f"{prefix}.{rest}" if prefix else rest
 
 
 class HFCLIPAttention(QAttentionCore):
@@ -97,29 +84,13 @@ class HFCLIPLayer(nn.Module):
 
 
 @register_adapter
-class HFCLIPAdapter(Adapter):
+class HFCLIPAdapter(HFAdapter):
     name = "hf-clip"
     description = "Hugging Face CLIPVisionModel / CLIPVisionModelWithProjection (hf:DIR): CLIP image towers"
-    library = "hf"
-
-    @classmethod
-    def matches(cls, model: Any) -> bool:
-        return transformers_available() and _model_name(model) is not None
-
-    def _parts(self, model: Any) -> tuple[str, Any, str]:
-        name = _model_name(model)
-        assert name is not None
-        prefix, proj = MODELS[name]
-        return prefix, (getattr(model, prefix) if prefix else model), proj
+    MODELS = MODELS
 
     def num_outputs(self, model: Any) -> Optional[int]:
         return None  # an image tower: an encoder
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return hf_image_transform(model, cfg)
 
     def is_wrapped(self, model: Any) -> bool:
         layers = self._parts(model)[1].encoder.layers
@@ -166,7 +137,7 @@ class HFCLIPAdapter(Adapter):
         prefix, tower, proj = self._parts(model)
         pairs = []
         for i, _ in enumerate(tower.encoder.layers):
-            p = _at(prefix, f"encoder.layers.{i}")
+            p = at(prefix, f"encoder.layers.{i}")
             pairs.append(LNPair(f"{p}.layer_norm1", tuple(f"{p}.self_attn.{a}" for a in ("q_proj", "k_proj", "v_proj")),
                                 Role.QKV_IN))
             pairs.append(LNPair(f"{p}.layer_norm2", (f"{p}.mlp.fc1",), Role.FC1_IN))
@@ -176,13 +147,13 @@ class HFCLIPAdapter(Adapter):
         """One stream: written by the pre-LayerNorm (its affine) and by out_proj / fc2 of every layer; read by
         layer_norm1 / layer_norm2 and the post-LayerNorm."""
         prefix, tower, _ = self._parts(model)
-        w = [StreamWriter(_at(prefix, "pre_layrnorm"), "affine")]
+        w = [StreamWriter(at(prefix, "pre_layrnorm"), "affine")]
         r: list[StreamReader] = []
         for i, _ in enumerate(tower.encoder.layers):
-            p = _at(prefix, f"encoder.layers.{i}")
+            p = at(prefix, f"encoder.layers.{i}")
             w += [StreamWriter(f"{p}.self_attn.out_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
             r += [StreamReader(f"{p}.layer_norm1", "ln"), StreamReader(f"{p}.layer_norm2", "ln")]
-        r.append(StreamReader(_at(prefix, "post_layernorm"), "ln"))
+        r.append(StreamReader(at(prefix, "post_layernorm"), "ln"))
         return [ResidualStream("stream", int(model.config.hidden_size), tuple(w), tuple(r))]
 
     def chain(self, model: Any) -> list[Piece]:

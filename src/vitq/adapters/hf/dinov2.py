@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,6 @@ from ...errors import ModelError
 from ...nn import QAdd
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -35,7 +34,12 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, hf_num_outputs, transformers_available
+from . import (
+    HFAdapter,
+    at,
+    config_image_size,
+    hf_data_config,
+)
 from .vit import HFViTAttention
 
 #: model class -> the base-model attribute ("" : the model is the base) and whether it has the classifier
@@ -45,17 +49,6 @@ MODELS = {
     "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", True),
     "Dinov2WithRegistersModel": ("", False),
 }
-
-
-def _model_name(model: Any) -> Optional[str]:
-    for c in type(model).__mro__:
-        if c.__name__ in MODELS and c.__module__.startswith("transformers."):
-            return c.__name__
-    return None
-
-
-def _at(prefix: str, rest: str) -> str:
-    return f"{prefix}.{rest}" if prefix else rest
 
 
 def _swiglu(mlp: Any) -> bool:
@@ -83,27 +76,14 @@ class HFDinov2Layer(nn.Module):
 
 
 @register_adapter
-class HFDinov2Adapter(Adapter):
+class HFDinov2Adapter(HFAdapter):
     name = "hf-dinov2"
     description = ("Hugging Face Dinov2Model / Dinov2ForImageClassification and the same with registers (hf:DIR): "
                    "layer scale, GELU MLP or SwiGLU FFN")
-    library = "hf"
-
-    @classmethod
-    def matches(cls, model: Any) -> bool:
-        return transformers_available() and _model_name(model) is not None
-
-    def _parts(self, model: Any) -> tuple[str, Any, bool]:
-        name = _model_name(model)
-        assert name is not None
-        prefix, head = MODELS[name]
-        return prefix, (getattr(model, prefix) if prefix else model), head
+    MODELS = MODELS
 
     def _layers(self, model: Any) -> Any:
         return self._parts(model)[1].encoder.layer
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return hf_num_outputs(model) if self._parts(model)[2] else None
 
     def data_config(self, model: Any) -> PreprocessConfig:
         # DINOv2 interpolates its position embeddings: its input size is the processor's crop (224 for a 518 config)
@@ -112,9 +92,6 @@ class HFDinov2Adapter(Adapter):
     def accepts_input_size(self, model: Any, hw: tuple[int, int]) -> bool:
         p = int(model.config.patch_size)
         return hw[0] % p == 0 and hw[1] % p == 0
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return hf_image_transform(model, cfg)
 
     def is_wrapped(self, model: Any) -> bool:
         layers = self._layers(model)
@@ -126,7 +103,7 @@ class HFDinov2Adapter(Adapter):
         if act != "gelu":
             raise ModelError(f"MLP activation {act!r} is not supported: hidden_act 'gelu' only")
         for i, layer in enumerate(self._layers(model)):
-            where = _at(prefix, f"encoder.layer.{i}")
+            where = at(prefix, f"encoder.layer.{i}")
             for attr in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 if not isinstance(getattr(layer.attention, attr, None), nn.Linear):
                     raise ModelError(f"{where}.attention has no Linear {attr}: this DINOv2 variant is not supported")
@@ -167,7 +144,7 @@ class HFDinov2Adapter(Adapter):
         prefix, _, _ = self._parts(model)
         pairs = []
         for i, layer in enumerate(self._layers(model)):
-            p = _at(prefix, f"encoder.layer.{i}")
+            p = at(prefix, f"encoder.layer.{i}")
             pairs.append(LNPair(f"{p}.norm1", tuple(f"{p}.attention.{a}" for a in ("q_proj", "k_proj", "v_proj")),
                                 Role.QKV_IN))
             fc1 = ("gate_proj", "up_proj") if _swiglu(layer.mlp) else ("fc1",)
@@ -179,18 +156,18 @@ class HFDinov2Adapter(Adapter):
         (interpolated linearly per channel: a per-channel scale commutes), then o_proj and the MLP's output of every
         layer (the layer scales are per channel); read by norm1 / norm2 and the final layernorm."""
         prefix, base, _ = self._parts(model)
-        emb = _at(prefix, "embeddings")
+        emb = at(prefix, "embeddings")
         w = [StreamWriter(f"{emb}.patch_embeddings.projection", "rows")]
         for tok in ("cls_token", "register_tokens", "position_embeddings"):
             if isinstance(getattr(base.embeddings, tok, None), nn.Parameter):
                 w.append(StreamWriter(f"{emb}.{tok}", "param"))
         r: list[StreamReader] = []
         for i, layer in enumerate(self._layers(model)):
-            p = _at(prefix, f"encoder.layer.{i}")
+            p = at(prefix, f"encoder.layer.{i}")
             out = "down_proj" if _swiglu(layer.mlp) else "fc2"
             w += [StreamWriter(f"{p}.attention.o_proj", "rows"), StreamWriter(f"{p}.mlp.{out}", "rows")]
             r += [StreamReader(f"{p}.norm1", "ln"), StreamReader(f"{p}.norm2", "ln")]
-        r.append(StreamReader(_at(prefix, "layernorm"), "ln"))
+        r.append(StreamReader(at(prefix, "layernorm"), "ln"))
         return [ResidualStream("stream", int(model.config.hidden_size), tuple(w), tuple(r))]
 
     def chain(self, model: Any) -> list[Piece]:

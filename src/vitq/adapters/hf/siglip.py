@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor, nn
 
@@ -25,7 +25,6 @@ from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -38,22 +37,16 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, hf_num_outputs, transformers_available
+from . import (
+    HFAdapter,
+    at,
+    config_image_size,
+    hf_data_config,
+)
 from .clip import GELU_LIKE, HFCLIPAttention, HFCLIPLayer
 
 #: model class -> the vision tower's attribute ("" : the model is the tower) and whether it has a classifier
 MODELS = {"SiglipVisionModel": ("", False), "SiglipForImageClassification": ("vision_model", True)}
-
-
-def _model_name(model: Any) -> Optional[str]:
-    for c in type(model).__mro__:
-        if c.__name__ in MODELS and c.__module__.startswith("transformers."):
-            return c.__name__
-    return None
-
-
-def _at(prefix: str, rest: str) -> str:
-    return f"{prefix}.{rest}" if prefix else rest
 
 
 def _vision_config(model: Any) -> Any:
@@ -105,31 +98,15 @@ class HFSiglipPoolHead(QAttentionCore):
 
 
 @register_adapter
-class HFSiglipAdapter(Adapter):
+class HFSiglipAdapter(HFAdapter):
     name = "hf-siglip"
     description = ("Hugging Face SiglipVisionModel / SiglipForImageClassification (hf:DIR): SigLIP image towers, the "
                    "attention-pool head")
-    library = "hf"
-
-    @classmethod
-    def matches(cls, model: Any) -> bool:
-        return transformers_available() and _model_name(model) is not None
-
-    def _parts(self, model: Any) -> tuple[str, Any, bool]:
-        name = _model_name(model)
-        assert name is not None
-        prefix, head = MODELS[name]
-        return prefix, (getattr(model, prefix) if prefix else model), head
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return hf_num_outputs(model) if self._parts(model)[2] else None
+    MODELS = MODELS
 
     def data_config(self, model: Any) -> PreprocessConfig:
         vc = _vision_config(model)
         return hf_data_config(model, int(vc.num_channels), config_image_size(vc))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return hf_image_transform(model, cfg)
 
     def is_wrapped(self, model: Any) -> bool:
         layers = self._parts(model)[1].encoder.layers
@@ -194,26 +171,26 @@ class HFSiglipAdapter(Adapter):
         prefix, tower, has_cls = self._parts(model)
         pairs = []
         for i, _ in enumerate(tower.encoder.layers):
-            p = _at(prefix, f"encoder.layers.{i}")
+            p = at(prefix, f"encoder.layers.{i}")
             pairs.append(LNPair(f"{p}.layer_norm1", tuple(f"{p}.self_attn.{a}" for a in ("q_proj", "k_proj", "v_proj")),
                                 Role.QKV_IN))
             pairs.append(LNPair(f"{p}.layer_norm2", (f"{p}.mlp.fc1",), Role.FC1_IN))
         if getattr(tower, "head", None) is not None and not has_cls:  # a classifier's pool head is removed
-            pairs.append(LNPair(_at(prefix, "head.layernorm"), (_at(prefix, "head.mlp.fc1"),), Role.FC1_IN))
+            pairs.append(LNPair(at(prefix, "head.layernorm"), (at(prefix, "head.mlp.fc1"),), Role.FC1_IN))
         return pairs
 
     def residual_streams(self, model: Any) -> list[ResidualStream]:
         """One stream: the patch projection's rows and the position embedding, then out_proj / fc2 of every layer;
         read by layer_norm1 / layer_norm2 and the post-LayerNorm."""
         prefix, tower, _ = self._parts(model)
-        emb = _at(prefix, "embeddings")
+        emb = at(prefix, "embeddings")
         w = [StreamWriter(f"{emb}.patch_embedding", "rows"), StreamWriter(f"{emb}.position_embedding.weight", "param")]
         r: list[StreamReader] = []
         for i, _ in enumerate(tower.encoder.layers):
-            p = _at(prefix, f"encoder.layers.{i}")
+            p = at(prefix, f"encoder.layers.{i}")
             w += [StreamWriter(f"{p}.self_attn.out_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
             r += [StreamReader(f"{p}.layer_norm1", "ln"), StreamReader(f"{p}.layer_norm2", "ln")]
-        r.append(StreamReader(_at(prefix, "post_layernorm"), "ln"))
+        r.append(StreamReader(at(prefix, "post_layernorm"), "ln"))
         return [ResidualStream("stream", int(_vision_config(model).hidden_size), tuple(w), tuple(r))]
 
     def chain(self, model: Any) -> list[Piece]:

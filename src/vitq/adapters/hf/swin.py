@@ -15,16 +15,14 @@ Reconstruction's chain needs each stage's resolution: it is the one the model wa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -38,7 +36,10 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, hf_num_outputs, transformers_available
+from . import (
+    HFAdapter,
+    at,
+)
 from .vit import attention_dropout
 
 
@@ -111,42 +112,12 @@ MODELS = {
 }
 
 
-def _model_name(model: Any) -> Optional[str]:
-    for c in type(model).__mro__:
-        if c.__name__ in MODELS and c.__module__.startswith("transformers."):
-            return c.__name__
-    return None
-
-
-def _at(prefix: str, rest: str) -> str:
-    return f"{prefix}.{rest}" if prefix else rest
-
-
 @register_adapter
-class HFSwinAdapter(Adapter):
+class HFSwinAdapter(HFAdapter):
     name = "hf-swin"
     description = ("Hugging Face SwinForImageClassification, SwinModel (the pooled embedding) (hf:DIR; window "
                    "attention, shifted windows, patch merging)")
-    library = "hf"
-
-    @classmethod
-    def matches(cls, model: Any) -> bool:
-        return transformers_available() and _model_name(model) is not None
-
-    def _parts(self, model: Any) -> tuple[str, Any, bool]:
-        name = _model_name(model)
-        assert name is not None
-        prefix, head = MODELS[name]
-        return prefix, (getattr(model, prefix) if prefix else model), head
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return hf_num_outputs(model) if self._parts(model)[2] else None
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return hf_image_transform(model, cfg)
+    MODELS = MODELS
 
     def is_wrapped(self, model: Any) -> bool:
         return isinstance(self._parts(model)[1].encoder.layers[0].blocks[0], HFSwinLayer)
@@ -161,9 +132,9 @@ class HFSwinAdapter(Adapter):
         for si, stage in enumerate(base.encoder.layers):
             if stage.downsample is not None:
                 require_type(stage.downsample, (SwinPatchMerging,), "downsample",
-                             _at(prefix, f"encoder.layers.{si}.downsample"))
+                             at(prefix, f"encoder.layers.{si}.downsample"))
             for bi, blk in enumerate(stage.blocks):
-                where = _at(prefix, f"encoder.layers.{si}.blocks.{bi}")
+                where = at(prefix, f"encoder.layers.{si}.blocks.{bi}")
                 require_type(blk, (SwinLayer,), "Swin layer", where)
                 require_type(blk.attention, (SwinAttention,), "window attention", where + ".attention")
                 require_type(blk.mlp, (SwinMLP,), "MLP", where + ".mlp")
@@ -208,12 +179,12 @@ class HFSwinAdapter(Adapter):
         pairs = []
         for si, stage in enumerate(base.encoder.layers):
             for bi, _ in enumerate(stage.blocks):
-                p = _at(prefix, f"encoder.layers.{si}.blocks.{bi}")
+                p = at(prefix, f"encoder.layers.{si}.blocks.{bi}")
                 pairs.append(LNPair(f"{p}.layernorm_before",
                                     tuple(f"{p}.attention.{a}" for a in ("q_proj", "k_proj", "v_proj")), Role.QKV_IN))
                 pairs.append(LNPair(f"{p}.layernorm_after", (f"{p}.mlp.fc1",), Role.FC1_IN))
             if stage.downsample is not None:
-                d = _at(prefix, f"encoder.layers.{si}.downsample")
+                d = at(prefix, f"encoder.layers.{si}.downsample")
                 pairs.append(LNPair(f"{d}.norm", (f"{d}.reduction",), Role.REDUCTION_IN))
         return pairs
 
@@ -225,23 +196,23 @@ class HFSwinAdapter(Adapter):
         4 times, channel fastest) or the final layernorm."""
         prefix, sw, _ = self._parts(model)
         streams: list[ResidualStream] = []
-        w: list[StreamWriter] = [StreamWriter(_at(prefix, "embeddings.norm"), "affine")]
+        w: list[StreamWriter] = [StreamWriter(at(prefix, "embeddings.norm"), "affine")]
         if isinstance(getattr(sw.embeddings, "position_embeddings", None), nn.Parameter):
-            w.append(StreamWriter(_at(prefix, "embeddings.position_embeddings"), "param"))
+            w.append(StreamWriter(at(prefix, "embeddings.position_embeddings"), "param"))
         r: list[StreamReader] = []
         width = int(model.config.embed_dim)
         for si, stage in enumerate(sw.encoder.layers):
             for bi, _ in enumerate(stage.blocks):
-                p = _at(prefix, f"encoder.layers.{si}.blocks.{bi}")
+                p = at(prefix, f"encoder.layers.{si}.blocks.{bi}")
                 w += [StreamWriter(f"{p}.attention.o_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
                 r += [StreamReader(f"{p}.layernorm_before", "ln"), StreamReader(f"{p}.layernorm_after", "ln")]
             if stage.downsample is not None:
-                d = _at(prefix, f"encoder.layers.{si}.downsample")
+                d = at(prefix, f"encoder.layers.{si}.downsample")
                 r.append(StreamReader(f"{d}.norm", "ln", tile=4))
                 streams.append(ResidualStream(f"stage{len(streams)}", width, tuple(w), tuple(r)))
                 w, r = [StreamWriter(f"{d}.reduction", "rows")], []
                 width = int(stage.downsample.reduction.out_features)
-        r.append(StreamReader(_at(prefix, "layernorm"), "ln"))
+        r.append(StreamReader(at(prefix, "layernorm"), "ln"))
         streams.append(ResidualStream(f"stage{len(streams)}", width, tuple(w), tuple(r)))
         return streams
 

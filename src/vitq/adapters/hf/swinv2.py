@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -45,7 +43,10 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, hf_num_outputs, transformers_available
+from . import (
+    HFAdapter,
+    at,
+)
 
 #: model class -> the base-model attribute ("" : the model is the base) and whether it has the classifier
 MODELS = {
@@ -54,17 +55,6 @@ MODELS = {
 }
 #: the sub-module that stays float (the continuous position-bias MLP reads constant coordinates)
 FLOAT_MODULE = "continuous_position_bias_mlp"
-
-
-def _model_name(model: Any) -> Optional[str]:
-    for c in type(model).__mro__:
-        if c.__name__ in MODELS and c.__module__.startswith("transformers."):
-            return c.__name__
-    return None
-
-
-def _at(prefix: str, rest: str) -> str:
-    return f"{prefix}.{rest}" if prefix else rest
 
 
 class HFSwinv2SelfAttention(QAttentionCore):
@@ -142,30 +132,11 @@ class HFSwinv2Layer(nn.Module):
 
 
 @register_adapter
-class HFSwinv2Adapter(Adapter):
+class HFSwinv2Adapter(HFAdapter):
     name = "hf-swinv2"
     description = ("Hugging Face Swinv2ForImageClassification, Swinv2Model (hf:DIR; cosine window attention, "
                    "continuous position bias kept float, residual post-norm, patch merging)")
-    library = "hf"
-
-    @classmethod
-    def matches(cls, model: Any) -> bool:
-        return transformers_available() and _model_name(model) is not None
-
-    def _parts(self, model: Any) -> tuple[str, Any, bool]:
-        name = _model_name(model)
-        assert name is not None
-        prefix, head = MODELS[name]
-        return prefix, (getattr(model, prefix) if prefix else model), head
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return hf_num_outputs(model) if self._parts(model)[2] else None
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return hf_image_transform(model, cfg)
+    MODELS = MODELS
 
     def is_wrapped(self, model: Any) -> bool:
         return isinstance(self._parts(model)[1].encoder.layers[0].blocks[0], HFSwinv2Layer)
@@ -185,9 +156,9 @@ class HFSwinv2Adapter(Adapter):
         for si, stage in enumerate(base.encoder.layers):
             if stage.downsample is not None:
                 require_type(stage.downsample, (Swinv2PatchMerging,), "downsample",
-                             _at(prefix, f"encoder.layers.{si}.downsample"))
+                             at(prefix, f"encoder.layers.{si}.downsample"))
             for bi, blk in enumerate(stage.blocks):
-                where = _at(prefix, f"encoder.layers.{si}.blocks.{bi}")
+                where = at(prefix, f"encoder.layers.{si}.blocks.{bi}")
                 require_type(blk, (Swinv2Layer,), "Swin V2 layer", where)
                 require_type(blk.attention, (Swinv2Attention,), "window attention", where + ".attention")
                 require_type(blk.attention.self, (Swinv2SelfAttention,), "window attention", where + ".attention.self")
@@ -239,24 +210,24 @@ class HFSwinv2Adapter(Adapter):
         channel fastest) or the final layernorm."""
         prefix, sw, _ = self._parts(model)
         streams: list[ResidualStream] = []
-        w: list[StreamWriter] = [StreamWriter(_at(prefix, "embeddings.norm"), "affine")]
+        w: list[StreamWriter] = [StreamWriter(at(prefix, "embeddings.norm"), "affine")]
         if isinstance(getattr(sw.embeddings, "position_embeddings", None), nn.Parameter):
-            w.append(StreamWriter(_at(prefix, "embeddings.position_embeddings"), "param"))
+            w.append(StreamWriter(at(prefix, "embeddings.position_embeddings"), "param"))
         r: list[StreamReader] = []
         width = int(model.config.embed_dim)
         for si, stage in enumerate(sw.encoder.layers):
             for bi, _ in enumerate(stage.blocks):
-                p = _at(prefix, f"encoder.layers.{si}.blocks.{bi}")
+                p = at(prefix, f"encoder.layers.{si}.blocks.{bi}")
                 w += [StreamWriter(f"{p}.layernorm_before", "affine"), StreamWriter(f"{p}.layernorm_after", "affine")]
                 r += [StreamReader(f"{p}.attention.self.{a}", "cols") for a in ("query", "key", "value")]
                 r.append(StreamReader(f"{p}.intermediate.dense", "cols"))
             if stage.downsample is not None:
-                d = _at(prefix, f"encoder.layers.{si}.downsample")
+                d = at(prefix, f"encoder.layers.{si}.downsample")
                 r.append(StreamReader(f"{d}.reduction", "cols", tile=4))
                 streams.append(ResidualStream(f"stage{len(streams)}", width, tuple(w), tuple(r)))
                 w, r = [StreamWriter(f"{d}.norm", "affine")], []
                 width = int(stage.downsample.reduction.out_features)
-        r.append(StreamReader(_at(prefix, "layernorm"), "ln"))
+        r.append(StreamReader(at(prefix, "layernorm"), "ln"))
         streams.append(ResidualStream(f"stage{len(streams)}", width, tuple(w), tuple(r)))
         return streams
 

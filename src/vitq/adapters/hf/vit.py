@@ -14,18 +14,16 @@ mixed in place (:func:`~vitq.adapters.base.mix_in`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -39,7 +37,10 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import config_image_size, hf_data_config, hf_image_transform, hf_num_outputs, transformers_available
+from . import (
+    HFAdapter,
+    at,
+)
 
 #: model class -> (base-model attribute, head Linear attributes)
 MODELS = {
@@ -52,11 +53,6 @@ MODELS = {
     "ViTMSNForImageClassification": ("vit", ("classifier",)),
     "ViTMSNModel": ("", ()),
 }
-
-
-def _at(prefix: str, rest: str) -> str:
-    """A module name under the base model (which is the model itself for an encoder)."""
-    return f"{prefix}.{rest}" if prefix else rest
 
 
 def additive_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -112,39 +108,13 @@ class HFViTLayer(nn.Module):
         return self.forward_mlp(self.forward_attn(hidden_states, attention_mask, **kwargs))
 
 
-def _model_name(model: Any) -> Optional[str]:
-    for c in type(model).__mro__:
-        if c.__name__ in MODELS and c.__module__.startswith("transformers."):
-            return c.__name__
-    return None
-
-
 @register_adapter
-class HFViTAdapter(Adapter):
+class HFViTAdapter(HFAdapter):
     name = "hf-vit"
     description = ("Hugging Face ViTForImageClassification, DeiTForImageClassification and "
                    "DeiTForImageClassificationWithTeacher, ViTMSNForImageClassification, and the encoders ViTModel / "
                    "DeiTModel / ViTMSNModel (hf:DIR)")
-    library = "hf"
-
-    @classmethod
-    def matches(cls, model: Any) -> bool:
-        return transformers_available() and _model_name(model) is not None
-
-    def _parts(self, model: Any) -> tuple[str, Any, tuple[str, ...]]:
-        name = _model_name(model)
-        assert name is not None
-        prefix, heads = MODELS[name]
-        return prefix, (getattr(model, prefix) if prefix else model), heads
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return hf_num_outputs(model) if self._parts(model)[2] else None  # an encoder has no classes
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return hf_data_config(model, int(model.config.num_channels), config_image_size(model.config))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return hf_image_transform(model, cfg)
+    MODELS = MODELS
 
     def is_wrapped(self, model: Any) -> bool:
         _, base, _ = self._parts(model)
@@ -166,7 +136,7 @@ class HFViTAdapter(Adapter):
                                        and isinstance(getattr(pooler, "activation", None), nn.Tanh)):
             raise ModelError(f"pooler {type(pooler).__name__} is not supported: a dense layer with tanh only")
         for i, layer in enumerate(base.layers):
-            where = _at(prefix, f"layers.{i}")
+            where = at(prefix, f"layers.{i}")
             require_type(layer, (ViTLayer, DeiTLayer, ViTMSNLayer), "transformer layer", where)
             require_type(layer.attention, (ViTAttention, DeiTAttention, ViTMSNAttention), "attention", where + ".attention")
             require_type(layer.mlp, (ViTMLP, DeiTMLP, ViTMSNMLP), "MLP", where + ".mlp")
@@ -206,7 +176,7 @@ class HFViTAdapter(Adapter):
         prefix, base, _ = self._parts(model)
         pairs = []
         for i, _ in enumerate(base.layers):
-            p = _at(prefix, f"layers.{i}")
+            p = at(prefix, f"layers.{i}")
             pairs.append(LNPair(f"{p}.layernorm_before", tuple(f"{p}.attention.{a}" for a in ("q_proj", "k_proj", "v_proj")),
                                 Role.QKV_IN))
             pairs.append(LNPair(f"{p}.layernorm_after", (f"{p}.mlp.fc1",), Role.FC1_IN))
@@ -217,17 +187,17 @@ class HFViTAdapter(Adapter):
         position embedding, and by o_proj / fc2 of every layer; read by layernorm_before / _after and
         the final layernorm."""
         prefix, base, _ = self._parts(model)
-        emb = _at(prefix, "embeddings")
+        emb = at(prefix, "embeddings")
         w = [StreamWriter(f"{emb}.patch_embeddings.projection", "rows")]
         for tok in ("cls_token", "distillation_token", "position_embeddings"):
             if isinstance(getattr(base.embeddings, tok, None), nn.Parameter):
                 w.append(StreamWriter(f"{emb}.{tok}", "param"))
         r: list[StreamReader] = []
         for i, _ in enumerate(base.layers):
-            p = _at(prefix, f"layers.{i}")
+            p = at(prefix, f"layers.{i}")
             w += [StreamWriter(f"{p}.attention.o_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
             r += [StreamReader(f"{p}.layernorm_before", "ln"), StreamReader(f"{p}.layernorm_after", "ln")]
-        r.append(StreamReader(_at(prefix, "layernorm"), "ln"))
+        r.append(StreamReader(at(prefix, "layernorm"), "ln"))
         return [ResidualStream("stream", int(model.config.hidden_size), tuple(w), tuple(r))]
 
     def chain(self, model: Any) -> list[Piece]:
