@@ -206,3 +206,68 @@ def test_the_image_reader_decodes_or_says_one_line_for_any_file(tmp_path) -> Non
             assert im.getextrema()[1] > 200 and im.getextrema()[0] < 50, (what, im.getextrema())
         decoded += 1
     assert decoded >= 25 and refused >= 40, (decoded, refused)
+
+
+def test_the_folder_readers_take_a_layout_or_say_one_line(tmp_path) -> None:
+    """Property of the folder readers over generated layouts (an ImageNet root, a split itself, unlabeled images):
+    empty folders, class folders without images, hidden and non-image files, nested folders, a file where a folder
+    should be, a dangling symlink, a broken image - each builds a dataset whose items decode (a broken file being
+    one DataError naming it), or is one DataError line; never another exception."""
+    import itertools
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from vitq.data import DataSpec, build_dataset, calibration_images, calibration_subset
+    from vitq.errors import DataError
+
+    def img(p, seed=0):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(p)
+
+    def pre(x):
+        return x.float()
+
+    parts = {
+        "class_with_image": lambda r: img(r / "a" / "1.png"),
+        "class_empty": lambda r: (r / "b").mkdir(parents=True, exist_ok=True),
+        "class_only_text": lambda r: ((r / "c").mkdir(parents=True, exist_ok=True), (r / "c" / "x.txt").write_text("x")),
+        "hidden_image": lambda r: img(r / "a" / ".h.png"),
+        "nested": lambda r: img(r / "a" / "deep" / "2.png", 1),
+        "broken": lambda r: ((r / "a").mkdir(parents=True, exist_ok=True), (r / "a" / "bad.jpg").write_bytes(b"\xff\xd8junk")),
+        "dangling_link": lambda r: ((r / "a").mkdir(parents=True, exist_ok=True),
+                                    os.symlink(r / "nowhere.png", r / "a" / "link.png")),
+        "file_not_folder": lambda r: (r.parent.mkdir(parents=True, exist_ok=True), r.write_text("not a folder")),
+    }
+    built = refused = 0
+    names = list(parts)
+    for k, combo in enumerate(itertools.chain.from_iterable(itertools.combinations(names, n) for n in (1, 2, 3))):
+        if "file_not_folder" in combo and len(combo) > 1:
+            continue
+        base = tmp_path / f"case{k}"
+        for layout in ("imagenet", "split", "unlabeled"):
+            root = base / layout
+            target = root / "train" if layout == "imagenet" else root
+            for part in combo:
+                parts[part](target)
+            if layout == "imagenet" and "file_not_folder" not in combo:
+                img(root / "val" / "a" / "v.png", 2)
+            try:
+                if layout == "unlabeled":
+                    ds = calibration_images(root, pre)
+                else:
+                    ds = build_dataset(DataSpec.parse(str(root)), "train" if layout == "imagenet" else "eval", pre)
+                for i in range(len(ds)):
+                    try:
+                        ds[i]
+                    except DataError as e:
+                        assert "\n" not in str(e) and ("bad.jpg" in str(e) or "link.png" in str(e)), (combo, layout, e)
+                calibration_subset(ds, 1, 0, at_most=True)
+                built += 1
+            except DataError as e:
+                assert "\n" not in str(e), (combo, layout, e)
+                refused += 1
+            except Exception as e:  # noqa: BLE001
+                raise AssertionError(f"{combo} {layout}: {type(e).__name__}: {e}") from None
+    assert built > 50 and refused > 20, (built, refused)
