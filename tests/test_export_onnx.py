@@ -340,3 +340,23 @@ def test_the_float_model_exports_as_the_baseline(tmp_path: Path, capsys) -> None
     torch.testing.assert_close(OnnxModel(tmp_path / "f" / "model.onnx")(x), logits(m, x), atol=1e-4, rtol=1e-4)
     assert main(["export", "fmnist-vit", "--format", "onnx", "--no-progress"]) == 2
     assert "pass --out DIR" in capsys.readouterr().err
+
+
+def test_a_saved_reparameterized_model_exports_as_the_one_in_memory(tmp_path: Path) -> None:
+    """RepQ-ViT makes its channel-wise post-LayerNorm sites per-tensor after calibration; a saved run reloaded them as
+    channel-wise (the recipe's spec), so `vitq export RUN` emulated them in float where the in-memory export had
+    integer QDQ (the two-step path of issue 43: fewer integer kernels, slower). The loaded model's manifest and its
+    export's lowering now equal the in-memory model's."""
+    q, x = quantized(recipe="repq", bits="W4A8")
+    vitq.save_quantized(q, tmp_path / "run", vitq.ModelSource("pickle", str(_pickled(tmp_path))))
+    back = vitq.load_quantized(tmp_path / "run", trust_pickle=True)
+    assert vitq.manifest(back) == vitq.manifest(q)
+    a, b = export(q, tmp_path / "a", "onnx"), export(back, tmp_path / "b", "onnx")
+    assert a["lowering"]["counts"] == b["lowering"]["counts"]
+    assert torch.equal(OnnxModel(tmp_path / "a" / "model.onnx")(x), OnnxModel(tmp_path / "b" / "model.onnx")(x))
+
+
+def _pickled(tmp_path: Path) -> Path:
+    p = tmp_path / "float.pt"
+    torch.save(tiny_vit(), p)
+    return p

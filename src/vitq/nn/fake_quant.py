@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CalibrationError
-from ..granularity import PerToken
+from ..granularity import PerChannel, PerTensor, PerToken
 from ..observers import Observer, weight_params
 from ..quantizers.base import Params, QuantSpec, fake_quant, get_quantizer
 from ..roles import Role
@@ -66,11 +66,17 @@ class FakeQuant(nn.Module):
         self.ready = True
 
     def adopt_shapes(self, state_dict: dict[str, Tensor], prefix: str) -> None:
-        """Parameter shapes are only known after calibration: take the stored ones before loading."""
+        """Parameter shapes are only known after calibration: take the stored ones before loading. A channel-wise
+        site stored with one scalar scale was made per-tensor after calibration (RepQ-ViT / MOSF fold the channel
+        factors into the LayerNorm): its spec says so again, so what reads the spec (the export's lowering: a
+        per-tensor site is an integer QDQ, a channel-wise one float emulation) sees the model that was saved."""
         for n in (*self.quantizer.param_names, "initialized"):
             key = prefix + n
             if key in state_dict:
                 setattr(self, n, torch.empty_like(state_dict[key]))
+        scale = state_dict.get(prefix + "scale")
+        if isinstance(self.spec.granularity, PerChannel) and isinstance(scale, Tensor) and scale.dim() == 0:
+            self.spec = self.spec.with_(granularity=PerTensor())
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self.adopt_shapes(state_dict, prefix)
