@@ -123,7 +123,8 @@ def main() -> None:
              "(4-bit codes in 8-bit containers), and that file with its weight codes and zero points rewritten as ONNX "
              f"UINT4 ({n4} weights; codes unchanged). onnxruntime, one thread, each file in its own process, "
              f"{args.rounds} interleaved rounds (best shown); max diff: largest |output difference| against vitq's "
-             "file on 32 random images.", "", machine_line(meta), "",
+             "file on 32 random images. Other processes on the host are not controlled: compare the rows of one page only "
+             "(this one ran beside one single-threaded benchmark on the other core).", "", machine_line(meta), "",
              *md_table(["file", "KB", "x FP32", "img/s b1", "img/s b32", "max diff", "ops after fusion (top 4)"], rows,
                        align="lrrrrrl")]
     write_md(RESULTS / "int4_weights.md", lines, echo=True)
