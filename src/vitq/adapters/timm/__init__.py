@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ...checkpoints import load_into, load_state_file, short_error
 from ...data import PreprocessConfig, fit_channels
 from ...errors import ModelError
-from ..base import ModelLibrary, ModelSource, register_library
+from ..base import Adapter, ModelLibrary, ModelSource, register_library
 
 #: architectures the reference models are built from (``vitq.reference`` names them by these keys)
 ARCHITECTURES = {
@@ -164,6 +164,22 @@ def patch_embed_geometry(model: Any) -> tuple[Optional[int], Optional[tuple[int,
     if isinstance(size, int):
         return in_chans, (size, size)
     return in_chans, (int(size[0]), int(size[1]))
+
+
+class TimmAdapter(Adapter):
+    """What every timm family adapter shares: the library, the class count of the model's head, the preprocessing
+    from its ``pretrained_cfg`` and its patch embedding's geometry, and timm's own eval transform."""
+
+    library = "timm"
+
+    def num_outputs(self, model: Any) -> Optional[int]:
+        return timm_num_outputs(model)
+
+    def data_config(self, model: Any) -> PreprocessConfig:
+        return timm_data_config(model, *patch_embed_geometry(model))
+
+    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
+        return timm_image_transform(cfg), "timm.data.create_transform"
 
 
 from . import beit, eva, pvt, relpos, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)

@@ -14,12 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -34,7 +32,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import patch_embed_geometry, timm_data_config, timm_image_transform, timm_num_outputs
+from . import TimmAdapter
 from .eva import adopt_qkv_bias
 from .vit import gelu_like
 
@@ -107,25 +105,15 @@ def _shared_bias(model: Any) -> Optional[Tensor]:
 
 
 @register_adapter
-class TimmBeitAdapter(Adapter):
+class TimmBeitAdapter(TimmAdapter):
     name = "timm-beit"
     description = "timm Beit (BEiT, BEiT v2, data2vec-vision weights): relative position bias, layer scale"
-    library = "timm"
 
     @classmethod
     def matches(cls, model: Any) -> bool:
         from timm.models.beit import Beit
 
         return isinstance(model, Beit)
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return timm_num_outputs(model)
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return timm_data_config(model, *patch_embed_geometry(model))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return timm_image_transform(cfg), "timm.data.create_transform"
 
     def is_wrapped(self, model: Any) -> bool:
         return len(model.blocks) > 0 and isinstance(model.blocks[0], TimmBeitBlock)

@@ -22,12 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -42,7 +40,10 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform, timm_num_outputs
+from . import (
+    TimmAdapter,
+    accepts_any_size,
+)
 from .vit import _self_attn_bias, gelu_like
 
 
@@ -162,26 +163,16 @@ def _fc2_role(mlp: Any) -> Role:
 
 
 @register_adapter
-class TimmEvaAdapter(Adapter):
+class TimmEvaAdapter(TimmAdapter):
     name = "timm-eva"
     description = ("timm Eva: EVA-02 (rotary embeddings, SwiGLU, inner LayerNorm) and the ViT-RoPE models built on "
                    "it (AttentionRope), global pool token / avg")
-    library = "timm"
 
     @classmethod
     def matches(cls, model: Any) -> bool:
         from timm.models.eva import Eva
 
         return isinstance(model, Eva)
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return timm_num_outputs(model)
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return timm_data_config(model, *patch_embed_geometry(model))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return timm_image_transform(cfg), "timm.data.create_transform"
 
     def accepts_input_size(self, model: Any, hw: tuple[int, int]) -> bool:
         return accepts_any_size(model) or super().accepts_input_size(model, hw)

@@ -20,7 +20,7 @@ The linear-attention variant (``linear=True``: pooling, a 1x1 conv and a GELU be
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from torch import Tensor, nn
 
@@ -30,7 +30,6 @@ from ...nn import QAdd, QAttentionCore, QConv2d
 from ...nn.modules import quantized_weight
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -45,7 +44,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import timm_data_config, timm_image_transform, timm_num_outputs
+from . import TimmAdapter, timm_data_config
 from .vit import gelu_like
 
 
@@ -120,11 +119,10 @@ def _to_nchw(x: Tensor) -> Tensor:
 
 
 @register_adapter
-class TimmPvtAdapter(Adapter):
+class TimmPvtAdapter(TimmAdapter):
     name = "timm-pvt-v2"
     description = ("timm PyramidVisionTransformerV2 (PVTv2: spatial-reduction attention, depthwise-conv MLP, overlapping "
                    "patch embeddings)")
-    library = "timm"
 
     @classmethod
     def matches(cls, model: Any) -> bool:
@@ -132,14 +130,8 @@ class TimmPvtAdapter(Adapter):
 
         return isinstance(model, PyramidVisionTransformerV2)
 
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return timm_num_outputs(model)
-
     def data_config(self, model: Any) -> PreprocessConfig:
         return timm_data_config(model, int(model.patch_embed.proj.in_channels), None)  # any size (a multiple of 32)
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return timm_image_transform(cfg), "timm.data.create_transform"
 
     def accepts_input_size(self, model: Any, hw: tuple[int, int]) -> bool:
         return hw[0] % 32 == 0 and hw[1] % 32 == 0  # four stages: stride 4, then 2, 2, 2

@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -39,7 +37,7 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import patch_embed_geometry, timm_data_config, timm_image_transform, timm_num_outputs
+from . import TimmAdapter
 from .vit import gelu_like
 
 #: sub-modules that stay float: they compute the position bias from constant coordinates
@@ -98,26 +96,16 @@ def _post_norm(model: Any) -> bool:
 
 
 @register_adapter
-class TimmRelPosAdapter(Adapter):
+class TimmRelPosAdapter(TimmAdapter):
     name = "timm-relpos"
     description = ("timm VisionTransformerRelPos (relative position bias per block or shared, kept float; pre-norm "
                    "or residual post-norm blocks)")
-    library = "timm"
 
     @classmethod
     def matches(cls, model: Any) -> bool:
         from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
         return isinstance(model, VisionTransformerRelPos)
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return timm_num_outputs(model)
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return timm_data_config(model, *patch_embed_geometry(model))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return timm_image_transform(cfg), "timm.data.create_transform"
 
     def is_wrapped(self, model: Any) -> bool:
         return len(model.blocks) > 0 and isinstance(model.blocks[0], TimmRelPosBlock)

@@ -10,16 +10,14 @@ patch merging).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -34,7 +32,10 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform, timm_num_outputs
+from . import (
+    TimmAdapter,
+    accepts_any_size,
+)
 
 
 class TimmWindowAttention(QAttentionCore):
@@ -108,26 +109,15 @@ class TimmSwinBlock(nn.Module):
 
 
 @register_adapter
-class TimmSwinAdapter(Adapter):
+class TimmSwinAdapter(TimmAdapter):
     name = "timm-swin"
     description = "timm SwinTransformer (Swin v1, any size: window attention, shifted windows, patch merging)"
-
-    library = "timm"
 
     @classmethod
     def matches(cls, model: Any) -> bool:
         from timm.models.swin_transformer import SwinTransformer
 
         return isinstance(model, SwinTransformer)
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return timm_num_outputs(model)
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return timm_data_config(model, *patch_embed_geometry(model))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return timm_image_transform(cfg), "timm.data.create_transform"
 
     def accepts_input_size(self, model: Any, hw: tuple[int, int]) -> bool:
         return accepts_any_size(model) or super().accepts_input_size(model, hw)

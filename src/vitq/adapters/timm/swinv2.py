@@ -22,18 +22,16 @@ readers (the q / k / v and fc1 columns, the next merging's reduction, the final 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -48,7 +46,10 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform, timm_num_outputs
+from . import (
+    TimmAdapter,
+    accepts_any_size,
+)
 
 #: the sub-module name that stays float (the continuous position-bias MLP)
 FLOAT_MODULE = "cpb_mlp"
@@ -114,27 +115,16 @@ def fold_qkv_bias(att: Any) -> None:
 
 
 @register_adapter
-class TimmSwinV2Adapter(Adapter):
+class TimmSwinV2Adapter(TimmAdapter):
     name = "timm-swinv2"
     description = ("timm SwinTransformerV2 (Swin V2: cosine window attention, continuous position bias kept float, "
                    "residual post-norm, patch merging)")
-
-    library = "timm"
 
     @classmethod
     def matches(cls, model: Any) -> bool:
         from timm.models.swin_transformer_v2 import SwinTransformerV2
 
         return isinstance(model, SwinTransformerV2)
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return timm_num_outputs(model)
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return timm_data_config(model, *patch_embed_geometry(model))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return timm_image_transform(cfg), "timm.data.create_transform"
 
     def accepts_input_size(self, model: Any, hw: tuple[int, int]) -> bool:
         return accepts_any_size(model) or super().accepts_input_size(model, hw)

@@ -12,17 +12,15 @@ distillation token).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ...data import PreprocessConfig
 from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
-    Adapter,
     LNPair,
     Piece,
     ResidualStream,
@@ -37,7 +35,10 @@ from ..base import (
     swap_layernorm,
     swap_linear,
 )
-from . import accepts_any_size, patch_embed_geometry, timm_data_config, timm_image_transform, timm_num_outputs
+from . import (
+    TimmAdapter,
+    accepts_any_size,
+)
 
 
 def _self_attn_bias(n: int, attn: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Optional[Tensor]:
@@ -207,28 +208,17 @@ class TimmBlock(nn.Module):
 
 
 @register_adapter
-class TimmViTAdapter(Adapter):
+class TimmViTAdapter(TimmAdapter):
     name = "timm-vit"
     description = ("timm VisionTransformer (ViT / DeiT / DeiT-III / DINOv2 / CLIP image towers, any size; GELU or "
                    "QuickGELU) and VisionTransformerDistilled (DeiT with distillation token), global pool token / avg / "
                    "map (SigLIP's attention-pool head)")
-
-    library = "timm"
 
     @classmethod
     def matches(cls, model: Any) -> bool:
         from timm.models.vision_transformer import VisionTransformer
 
         return isinstance(model, VisionTransformer)
-
-    def num_outputs(self, model: Any) -> Optional[int]:
-        return timm_num_outputs(model)
-
-    def data_config(self, model: Any) -> PreprocessConfig:
-        return timm_data_config(model, *patch_embed_geometry(model))
-
-    def image_transform(self, model: Any, cfg: PreprocessConfig) -> tuple[Callable[[Any], Tensor], str]:
-        return timm_image_transform(cfg), "timm.data.create_transform"
 
     def accepts_input_size(self, model: Any, hw: tuple[int, int]) -> bool:
         return accepts_any_size(model) or super().accepts_input_size(model, hw)
