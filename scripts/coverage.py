@@ -87,6 +87,23 @@ def _timm_any_size(name: str, size: int, **kw: Any) -> Callable[[], nn.Module]:
     return sized
 
 
+def _timm_cait() -> Callable[[], nn.Module]:
+    """CaiT as trained ones are: timm starts its layer scales at 1e-5 (the blocks add almost nothing) and the
+    talking heads' mixes near zero (every head's scores all but erased); a trained mix is near the identity."""
+    build = _timm("cait_xxs24_224", **_VIT, depth_token_only=1, init_values=0.5)
+
+    def cait() -> nn.Module:
+        m = build()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, mod in m.named_modules():
+                if name.endswith(("proj_l", "proj_w")):
+                    h = mod.weight.shape[0]
+                    mod.weight.copy_(torch.eye(h) + 0.3 * torch.randn(h, h, generator=g))
+        return m
+    return cait
+
+
 _VIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_classes=5)
 _SWIN = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4, num_classes=5)
 
@@ -165,8 +182,9 @@ CASES: list[Case] = [
          "ViT with relative position bias (VisionTransformerRelPos; the bias MLP, 2 Linears a block, reads constant coordinates and stays float)", constant_linears=4),
     Case("vit_parallel", "timm", "vit_small_patch16_18x2_224", _timm("vit_small_patch16_18x2_224", **_VIT), True,
          "ViT with parallel blocks (two attention and two MLP branches, summed)"),
-    Case("cait", "timm", "cait_xxs24_224", _timm("cait_xxs24_224", **_VIT, depth_token_only=1), False,
-         "CaiT: class attention"),
+    Case("cait", "timm", "cait_xxs24_224", _timm_cait(), True,
+         "CaiT: talking-heads attention (its head-mixing Linears, 2 a block, heads x heads, stay float), "
+         "class-attention blocks", constant_linears=4),
     Case("hybrid_r26", "timm", "vit_small_r26_s32_224",
          _timm("vit_small_r26_s32_224", embed_dim=32, depth=2, num_heads=2, img_size=64, num_classes=5), False,
          "hybrid ViT with a ResNet stem", size=64, refusal="HybridEmbed"),

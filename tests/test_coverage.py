@@ -39,7 +39,7 @@ def test_the_coverage_page_lists_every_architecture() -> None:
 NEW = ["clip_quickgelu", "siglip", "eva02", "eva02_base", "vit_rope", "beit", "beit_shared", "hf_vit_headless",
        "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
        "hf_siglip_cls", "hf_beit", "hf_swin_headless", "swinv2", "hf_swinv2", "hf_swinv2_headless",
-       "vit_relpos", "pvt_v2"]
+       "vit_relpos", "pvt_v2", "cait"]
 
 
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
@@ -68,7 +68,7 @@ def test_every_recipe_runs_on_the_new_families(key: str, recipe: str) -> None:
 @pytest.mark.parametrize("recipe", ["repq", "dopq-calib", "aocq-balance"])
 @pytest.mark.parametrize("key", ["siglip", "eva02", "eva02_base", "vit_rope", "beit", "hf_vit_headless",
                                  "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
-                                 "hf_siglip_cls", "hf_beit", "hf_swin_headless", "pvt_v2"])
+                                 "hf_siglip_cls", "hf_beit", "hf_swin_headless", "pvt_v2", "cait"])
 def test_reparameterizing_the_new_families_keeps_the_float_function(key: str, recipe: str) -> None:
     """RepQ / MOSF fold into every LayerNorm -> Linear pair (SigLIP: the final norm -> the pool's kv and the pool's
     norm -> its MLP; EVA-02: norm1 -> q / k / v, norm2 -> both SwiGLU inputs, the inner norm -> fc2), and AOCQ's

@@ -25,6 +25,7 @@ class Role(str, Enum):
     ATTN_K = "ATTN_K"
     ATTN_V = "ATTN_V"
     ATTN_PROBS = "ATTN_PROBS"      # post-Softmax
+    ATTN_MIXED = "ATTN_MIXED"      # talking heads (CaiT): the probabilities mixed across heads (signed) -> attn @ v
     # fully-quantized extras
     LN_IN = "LN_IN"
     SOFTMAX_IN = "SOFTMAX_IN"

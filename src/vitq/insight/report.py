@@ -30,8 +30,8 @@ from .sites import Batch, embedding_sensitivity, levels, most_sensitive, site_er
 DIST_ROLES = {Role.QKV_IN: "post-LayerNorm (QKV input)", Role.FC1_IN: "post-LayerNorm (FC1 input)",
               Role.FC2_IN: "post-GELU (FC2 input)", Role.ATTN_PROBS: "post-Softmax (attention probabilities)"}
 ROLE_COLOURS = {"PATCH_EMBED": "#7f7f7f", "QKV_IN": "#1f77b4", "PROJ_IN": "#ff7f0e", "FC1_IN": "#2ca02c",
-                "FC2_IN": "#d62728", "GLU_OUT": "#ff9896", "REDUCTION_IN": "#8c564b", "HEAD_IN": "#e377c2", "ATTN_Q": "#9467bd",
-                "ATTN_K": "#c5b0d5", "ATTN_PROBS": "#17becf", "ATTN_V": "#bcbd22", "LN_IN": "#393b79",
+                "FC2_IN": "#d62728", "GLU_OUT": "#ff9896", "REDUCTION_IN": "#8c564b", "DWCONV_IN": "#c49c94", "HEAD_IN": "#e377c2", "ATTN_Q": "#9467bd",
+                "ATTN_K": "#c5b0d5", "ATTN_PROBS": "#17becf", "ATTN_MIXED": "#9edae5", "ATTN_V": "#bcbd22", "LN_IN": "#393b79",
                 "SOFTMAX_IN": "#637939", "RESIDUAL": "#843c39"}
 
 

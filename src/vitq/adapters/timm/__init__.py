@@ -182,4 +182,4 @@ class TimmAdapter(Adapter):
         return timm_image_transform(cfg), "timm.data.create_transform"
 
 
-from . import beit, eva, pvt, relpos, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)
+from . import beit, cait, eva, pvt, relpos, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)
