@@ -241,8 +241,15 @@ CASES: list[Case] = [
                                                                         use_relative_position_bias=True), True,
          "BEiT classifier"),
     Case("hf_data2vec", "hf", "Data2VecVisionForImageClassification",
-         _hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", **_HF_VIT), False,
-         "data2vec-vision (BEiT in transformers' older module layout)"),
+         _hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", **_HF_VIT,
+             use_relative_position_bias=True), True,
+         "data2vec-vision classifier (BEiT in transformers' older module layout; relative position bias per layer, "
+         "mean pooling)"),
+    Case("hf_data2vec_headless", "hf", "Data2VecVisionModel",
+         _hf("Data2VecVisionModel", "Data2VecVisionConfig", **{k: v for k, v in _HF_VIT.items() if k != "num_labels"},
+             use_shared_relative_position_bias=True, use_absolute_position_embeddings=True, use_mean_pooling=False),
+         True, "data2vec-vision encoder (a shared relative position bias, absolute position embeddings; the class "
+         "token)"),
     # Swin V2 at transformers' initializer_range 0.02: the logits of a random tiny model are ~0.01 and almost equal
     # across classes (post-norm blocks), and a per-image cosine of them measures noise; 0.1 gives image-dependent ones
     Case("hf_swinv2", "hf", "Swinv2ForImageClassification",
@@ -268,11 +275,13 @@ class Result:
 
 
 def _logits(y: Any) -> torch.Tensor:
-    for k in ("logits", "pooler_output", "image_embeds", "last_hidden_state"):
-        v = getattr(y, k, None)
-        if isinstance(v, torch.Tensor):
-            return v
-    return y if isinstance(y, torch.Tensor) else y[0]
+    """A classifier's logits, or an encoder's embedding as vitq takes it (:func:`vitq.batches.as_embedding`)."""
+    from vitq.batches import as_embedding
+
+    v = getattr(y, "logits", None)
+    if isinstance(v, torch.Tensor):
+        return v
+    return y if isinstance(y, torch.Tensor) else as_embedding(y)
 
 
 def check(case: Case, export: bool = True) -> Result:

@@ -39,7 +39,7 @@ def test_the_coverage_page_lists_every_architecture() -> None:
 NEW = ["clip_quickgelu", "siglip", "eva02", "eva02_base", "vit_rope", "beit", "beit_shared", "hf_vit_headless",
        "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
        "hf_siglip_cls", "hf_beit", "hf_swin_headless", "swinv2", "hf_swinv2", "hf_swinv2_headless",
-       "vit_relpos", "pvt_v2", "cait"]
+       "vit_relpos", "pvt_v2", "cait", "hf_data2vec", "hf_data2vec_headless"]
 
 
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
@@ -68,7 +68,8 @@ def test_every_recipe_runs_on_the_new_families(key: str, recipe: str) -> None:
 @pytest.mark.parametrize("recipe", ["repq", "dopq-calib", "aocq-balance"])
 @pytest.mark.parametrize("key", ["siglip", "eva02", "eva02_base", "vit_rope", "beit", "hf_vit_headless",
                                  "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
-                                 "hf_siglip_cls", "hf_beit", "hf_swin_headless", "pvt_v2", "cait"])
+                                 "hf_siglip_cls", "hf_beit", "hf_swin_headless", "pvt_v2", "cait",
+                                 "hf_data2vec", "hf_data2vec_headless"])
 def test_reparameterizing_the_new_families_keeps_the_float_function(key: str, recipe: str) -> None:
     """RepQ / MOSF fold into every LayerNorm -> Linear pair (SigLIP: the final norm -> the pool's kv and the pool's
     norm -> its MLP; EVA-02: norm1 -> q / k / v, norm2 -> both SwiGLU inputs, the inner norm -> fc2), and AOCQ's
@@ -307,3 +308,32 @@ def test_pvt_v2_spatial_reduction_folds_exactly_and_round_trips(tmp_path: Any) -
     back = vitq.load_quantized(tmp_path / "q", trust_pickle=True)
     with torch.no_grad():
         assert torch.equal(_logits(back(x)), _logits(p(x)))
+
+
+@pytest.mark.parametrize("key", ["hf_beit", "hf_data2vec"])
+def test_a_fold_that_gives_a_bias_free_key_a_bias_saves_and_loads(key: str, tmp_path) -> None:
+    """BEiT's and data2vec's key Linear has no bias; RepQ-ViT's fold gives it one (the LayerNorm's shift through its
+    weight). The saved run holds that bias, the architecture rebuilt from the config does not: loading makes room for
+    it (it was refused as an unexpected key, so `vitq export RUN` failed) and gives the same outputs."""
+    import json
+
+    import torch
+
+    import vitq
+
+    case = next(c for c in CASES if c.key == key)
+    hf = case.build()
+    folder = tmp_path / key
+    hf.save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 32, "width": 32},
+                                                                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    model, source = vitq.load_model(f"hf:{folder}")
+    x = case.input(8)
+    before = set(model.state_dict())
+    q = vitq.quantize(model, "repq", "W8A8", calib_data=x)
+    gained = [k for k in q.state_dict() if k.endswith(".bias") and k not in before]
+    assert gained and all(".key." in k or ".k_proj." in k for k in gained), gained
+    vitq.save_quantized(q, tmp_path / "run", source)
+    back = vitq.load_quantized(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(_logits(back(x)), _logits(q(x)))

@@ -48,15 +48,16 @@ class QAttentionCore(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: "float | Tensor", *, scale_first: bool = True,
                bias: "Optional[Tensor | Sequence[Optional[Tensor]]]" = None, mask: Optional[Tensor] = None,
-               dropout: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+               dropout: Optional[Callable[[Tensor], Tensor]] = None, divide: bool = False) -> Tensor:
         """``softmax(q kᵀ · scale + bias, mask) v`` for ``q, k, v`` of shape (B, heads, N, d). ``bias`` may be a
         sequence (BEiT: the block's relative position bias, then the model's shared one), added in that order, as
-        the library adds them (the sum's rounding follows)."""
+        the library adds them (the sum's rounding follows). ``divide``: the library divides the scores by ``scale``
+        (transformers' older modules: ``scores / sqrt(d)``, which rounds unlike ``scores * (1 / sqrt(d))``)."""
         if scale_first:
-            q = q * scale
+            q = q / scale if divide else q * scale
         attn = self.matmul_qk(q, k.transpose(-2, -1))
         if not scale_first:
-            attn = attn * scale
+            attn = attn / scale if divide else attn * scale
         for b in (bias if isinstance(bias, (list, tuple)) else (bias,)):
             if b is not None:
                 attn = attn + b

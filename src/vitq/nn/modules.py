@@ -7,7 +7,7 @@ model computes exactly what the float model computes.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,23 @@ class QuantSlots:
             yield slot, role, kind
 
 
-class QLinear(nn.Linear, QuantSlots):
+class _FoldedBias:
+    """Mixin of QLinear / QConv2d: a RepQ-ViT / MOSF fold gives a bias-free consumer a bias (the LayerNorm's shift
+    through its weight; BEiT's and data2vec's key, CLIP's and SigLIP's bias-free layers), so a checkpoint of the folded
+    model holds one the rebuilt architecture lacks: make room before loading."""
+
+    def adopt_shapes(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        stored = state_dict.get(prefix + "bias")
+        layer = cast(nn.Module, self)
+        if getattr(layer, "bias", None) is None and isinstance(stored, Tensor):
+            nn.Module.__setattr__(layer, "bias", nn.Parameter(torch.zeros_like(stored)))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.adopt_shapes(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+
+class QLinear(_FoldedBias, nn.Linear, QuantSlots):
     """``nn.Linear`` with an input and a weight quantization slot. Same parameter names as Linear."""
 
     input_quant: Optional[FakeQuant]
@@ -78,7 +94,7 @@ class QLinear(nn.Linear, QuantSlots):
         return F.linear(x, quantized_weight(self), self.bias)
 
 
-class QConv2d(nn.Conv2d, QuantSlots):
+class QConv2d(_FoldedBias, nn.Conv2d, QuantSlots):
     """``nn.Conv2d`` with an input and a weight quantization slot."""
 
     input_quant: Optional[FakeQuant]

@@ -31,7 +31,8 @@ SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTFor
              "CLIPVisionModelWithProjection", "SiglipVisionModel", "SiglipForImageClassification",
              "ViTMSNForImageClassification", "ViTMSNModel",
              "BeitForImageClassification", "BeitModel", "SwinModel",
-             "Swinv2ForImageClassification", "Swinv2Model")
+             "Swinv2ForImageClassification", "Swinv2Model", "Data2VecVisionForImageClassification",
+             "Data2VecVisionModel")
 #: PIL resample codes of image-processor configs -> interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 #: ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / STD), for configs that leave them out
@@ -368,4 +369,4 @@ class HFAdapter(Adapter):
         return hf_image_transform(model, cfg)
 
 
-from . import beit, clip, dinov2, siglip, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)
+from . import beit, clip, data2vec, dinov2, siglip, swin, swinv2, vit  # noqa: E402,F401  (registration of the families)

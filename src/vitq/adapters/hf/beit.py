@@ -1,5 +1,5 @@
 """Hugging Face BEiT: ``BeitForImageClassification`` / ``BeitModel``. (data2vec-vision, BEiT in transformers' older
-module layout - ``attention.attention.query`` ... ``output.dense`` - is not adapted yet.)
+module layout - ``attention.attention.query`` ... ``output.dense`` - is :mod:`~vitq.adapters.hf.data2vec`.)
 
 * The attention is ViT's in form (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``): :class:`~vitq.adapters.hf.vit.
   HFViTAttention` is mixed in. transformers hands the relative position bias (the layer's, the model's shared one)
