@@ -186,8 +186,9 @@ CASES: list[Case] = [
          "CaiT: talking-heads attention (its head-mixing Linears, 2 a block, heads x heads, stay float), "
          "class-attention blocks", constant_linears=4),
     Case("hybrid_r26", "timm", "vit_small_r26_s32_224",
-         _timm("vit_small_r26_s32_224", embed_dim=32, depth=2, num_heads=2, img_size=64, num_classes=5), False,
-         "hybrid ViT with a ResNet stem", size=64, refusal="HybridEmbed"),
+         _timm("vit_small_r26_s32_224", embed_dim=32, depth=2, num_heads=2, img_size=64, num_classes=5), True,
+         "hybrid ViT with a ResNet stem (the stem's convolutions stay float, said in the run record; the 1x1 "
+         "projection's weight is quantized)", size=64),
     Case("pvt_v2", "timm", "pvt_v2_b0", _timm_any_size("pvt_v2_b0", 64, num_classes=5, depths=(1, 1, 1, 1),
                                                         embed_dims=(16, 32, 40, 64)), True,
          "PVT v2: spatial-reduction attention, depthwise-conv MLP", size=64),

@@ -39,7 +39,7 @@ def test_the_coverage_page_lists_every_architecture() -> None:
 NEW = ["clip_quickgelu", "siglip", "eva02", "eva02_base", "vit_rope", "beit", "beit_shared", "hf_vit_headless",
        "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
        "hf_siglip_cls", "hf_beit", "hf_swin_headless", "swinv2", "hf_swinv2", "hf_swinv2_headless",
-       "vit_relpos", "pvt_v2", "cait", "hf_data2vec", "hf_data2vec_headless"]
+       "vit_relpos", "pvt_v2", "cait", "hf_data2vec", "hf_data2vec_headless", "hybrid_r26"]
 
 
 @pytest.mark.parametrize("recipe", __import__("vitq").list_recipes())
@@ -69,7 +69,7 @@ def test_every_recipe_runs_on_the_new_families(key: str, recipe: str) -> None:
 @pytest.mark.parametrize("key", ["siglip", "eva02", "eva02_base", "vit_rope", "beit", "hf_vit_headless",
                                  "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",
                                  "hf_siglip_cls", "hf_beit", "hf_swin_headless", "pvt_v2", "cait",
-                                 "hf_data2vec", "hf_data2vec_headless"])
+                                 "hf_data2vec", "hf_data2vec_headless", "hybrid_r26"])
 def test_reparameterizing_the_new_families_keeps_the_float_function(key: str, recipe: str) -> None:
     """RepQ / MOSF fold into every LayerNorm -> Linear pair (SigLIP: the final norm -> the pool's kv and the pool's
     norm -> its MLP; EVA-02: norm1 -> q / k / v, norm2 -> both SwiGLU inputs, the inner norm -> fc2), and AOCQ's
@@ -337,3 +337,32 @@ def test_a_fold_that_gives_a_bias_free_key_a_bias_saves_and_loads(key: str, tmp_
     back = vitq.load_quantized(tmp_path / "run")
     with torch.no_grad():
         assert torch.equal(_logits(back(x)), _logits(q(x)))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.supported], ids=[c.key for c in CASES if c.supported])
+def test_what_stays_float_by_design_is_named_in_the_run_record(case) -> None:
+    """The run record's ``float_parts`` (and the CLI's "float by design" lines) name exactly the layers a supported
+    architecture keeps float: their Linears are the coverage row's constant ones, none holds a quantization slot,
+    and a hybrid ViT's CNN stem is one of them."""
+    from torch import nn
+
+    import vitq
+    from vitq.nn import QConv2d, QLinear
+    from vitq.run.execute import float_parts
+
+    if case.library == "hf":
+        pytest.importorskip("transformers")
+    q = vitq.wrap(case.build())
+    parts = float_parts(q)
+    mods = [q.get_submodule(p["module"]) for p in parts]
+    assert all(p["why"] for p in parts)
+    assert not any(isinstance(m, (QLinear, QConv2d)) for mod in mods for m in mod.modules())
+    assert sum(isinstance(m, nn.Linear) for mod in mods for m in mod.modules()) == case.constant_linears
+    assert ("patch_embed.backbone" in [p["module"] for p in parts]) == (case.key == "hybrid_r26")
+
+
+def test_the_cli_groups_float_parts_by_reason() -> None:
+    from vitq.cli import _group_float_parts
+
+    parts = [{"module": "a.cpb", "why": "constant"}, {"module": "stem", "why": "cnn"}, {"module": "b.cpb", "why": "constant"}]
+    assert _group_float_parts(parts) == [("constant", ["a.cpb", "b.cpb"]), ("cnn", ["stem"])]

@@ -658,6 +658,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_float_parts(parts: list[dict[str, str]]) -> list[tuple[str, list[str]]]:
+    """The run record's ``float_parts`` grouped by reason, in order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for p in parts:
+        groups.setdefault(p["why"], []).append(p["module"])
+    return list(groups.items())
+
+
 def _print_result(name: str, result: Any) -> None:
     rec = result.record
     n_q = sum(1 for m in rec["manifest"] if m["quantizer"] != "float")
@@ -671,6 +679,10 @@ def _print_result(name: str, result: Any) -> None:
           f"[{n_q}/{len(rec['manifest'])} sites quantized, calib {rec['per_seed'][0]['calib_seconds']:.1f}s, "
           f"{rec['eval_size']} eval images of {rec['data']}{'' if rec['data_origin'] == 'given' else ' (' + rec['data_origin'] + ')'}, "
           f"peak RSS {rec['peak_rss_mb']:.0f} MB]")
+    parts = rec.get("float_parts") or []
+    for why, names in _group_float_parts(parts):
+        print(f"  float by design: {names[0]}" + (f" and {len(names) - 1} more like it" if len(names) > 1 else "")
+              + f" ({why})")
     if rec["task"] == "features":
         print(f"  embeddings against the float model's: cosine {rec['emb_cosine_mean']:.4f} mean, "
               f"{rec['emb_cosine_p5']:.4f} at the 5th percentile; SQNR {rec['emb_sqnr_db']:.1f} dB")

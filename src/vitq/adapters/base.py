@@ -214,6 +214,12 @@ class Adapter:
     def wrap(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def float_parts(self, model: nn.Module) -> list[tuple[str, str]]:
+        """Sub-modules with weights that stay float by design, as ``(module name, why)``: what reads constants (a
+        position-bias MLP), what is too small to matter (talking heads' head mixes), a CNN stem. The run record and
+        the CLI name them, so that nothing float goes unsaid. Default: none."""
+        return []
+
     def ln_consumers(self, model: nn.Module) -> list[LNPair]:
         raise NotImplementedError
 
@@ -293,6 +299,17 @@ def require_type(module: Optional[nn.Module], types: tuple[type, ...], what: str
         raise ModelError(
             f"unsupported {what} at {where}: found {found}, vitq supports {', '.join(t.__name__ for t in types)}"
         )
+
+
+def float_modules(model: nn.Module, names: tuple[str, ...], why: str) -> list[tuple[str, str]]:
+    """``(name, why)`` of each outermost sub-module called one of ``names`` (the last part of its name): an adapter's
+    :meth:`Adapter.float_parts` for the modules it keeps float by name (``check_nothing_left(keep_float=names)``)."""
+    found: list[tuple[str, str]] = []
+    for n, m in model.named_modules():
+        if n.split(".")[-1] in names and any(True for _ in m.parameters()) and \
+                not any(n.startswith(f + ".") for f, _ in found):
+            found.append((n, why))
+    return found
 
 
 def check_nothing_left(model: nn.Module, keep_float: tuple[str, ...] = ()) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from torch import Tensor, nn
 
 from .. import distributed
-from ..adapters import ModelSource
+from ..adapters import ModelSource, get_adapter
 from ..bits import Bits
 from ..data import make_loader
 from ..devices import resolve
@@ -36,6 +36,11 @@ from .spec import RunSpec
 
 log = logging.getLogger("vitq.run")
 Log = Callable[[str], None]
+
+
+def float_parts(model: nn.Module) -> list[dict[str, str]]:
+    """What the model's adapter keeps float by design (``Adapter.float_parts``), for the run record."""
+    return [{"module": n, "why": why} for n, why in get_adapter(model).float_parts(model)]
 
 
 def calib_count(calib: CalibData) -> int:
@@ -274,7 +279,7 @@ def run(spec: Optional[RunSpec] = None, *, float_model: Optional[nn.Module] = No
         "preprocessing": inputs.preprocessing_record(pre),
         "calib_data": spec.calib_data, "calib_skipped": skipped, "mixed_precision": mixed,
         "fp_eval_seconds": None if fp is None else round(fp["seconds"], 2), "recipe_config": recipe.to_dict(),
-        "manifest": manifest(qmodel)})
+        "manifest": manifest(qmodel), "float_parts": float_parts(qmodel)})
     st = state_of(qmodel)
     if st is not None:
         if st.reconstruction:

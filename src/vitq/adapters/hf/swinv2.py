@@ -36,6 +36,7 @@ from ..base import (
     StreamReader,
     StreamWriter,
     check_nothing_left,
+    float_modules,
     mix_in,
     register_adapter,
     require_type,
@@ -197,6 +198,9 @@ class HFSwinv2Adapter(HFAdapter):
             swap_linear(model, "classifier", Role.HEAD_IN)
         check_nothing_left(model, keep_float=(FLOAT_MODULE,))
         return model
+
+    def float_parts(self, model: Any) -> list[tuple[str, str]]:
+        return float_modules(model, (FLOAT_MODULE,), "the continuous position-bias MLP: it reads constant coordinates, not the image")
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
         """None: every LayerNorm of a post-norm layer writes the residual stream (RepQ-ViT / MOSF: nothing to fold)."""

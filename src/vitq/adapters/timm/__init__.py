@@ -156,8 +156,10 @@ def accepts_any_size(model: Any) -> bool:
 def patch_embed_geometry(model: Any) -> tuple[Optional[int], Optional[tuple[int, int]]]:
     """``(in_chans, img_size)`` of a timm model's ``patch_embed`` (``img_size`` None when dynamic)."""
     pe = getattr(model, "patch_embed", None)
-    proj = getattr(pe, "proj", None)
-    in_chans = int(proj.in_channels) if proj is not None and hasattr(proj, "in_channels") else None
+    # the image meets the first conv: the projection, or a hybrid ViT's CNN stem (whose output the projection reads)
+    first = next((m for m in getattr(pe, "backbone", pe).modules() if isinstance(m, nn.Conv2d)), None) \
+        if isinstance(pe, nn.Module) else None
+    in_chans = int(first.in_channels) if first is not None else None
     size = getattr(pe, "img_size", None)
     if size is None or getattr(pe, "dynamic_img_size", False):
         return in_chans, None

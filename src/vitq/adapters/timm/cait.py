@@ -36,6 +36,7 @@ from ..base import (
     StreamReader,
     StreamWriter,
     check_nothing_left,
+    float_modules,
     mix_in,
     mixed_class,
     register_adapter,
@@ -213,6 +214,9 @@ class TimmCaitAdapter(TimmAdapter):
             swap_linear(model, "head", Role.HEAD_IN)
         check_nothing_left(model, keep_float=FLOAT_MODULES)
         return model
+
+    def float_parts(self, model: Any) -> list[tuple[str, str]]:
+        return float_modules(model, FLOAT_MODULES, "talking heads' mix across heads (heads x heads, about 1 % of a block's multiply-adds)")
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
         pairs = []

@@ -29,6 +29,7 @@ from ..base import (
     StreamReader,
     StreamWriter,
     check_nothing_left,
+    float_modules,
     mix_in,
     mixed_class,
     register_adapter,
@@ -157,6 +158,9 @@ class TimmRelPosAdapter(TimmAdapter):
             swap_linear(model, "head", Role.HEAD_IN)
         check_nothing_left(model, keep_float=FLOAT_MODULES)
         return model
+
+    def float_parts(self, model: Any) -> list[tuple[str, str]]:
+        return float_modules(model, FLOAT_MODULES, "the relative position bias: it reads constant coordinates, not the image")
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
         if _post_norm(model):  # the post-norms write the stream: no LayerNorm output meets a Linear

@@ -38,6 +38,7 @@ from ..base import (
     StreamReader,
     StreamWriter,
     check_nothing_left,
+    float_modules,
     mix_in,
     mixed_class,
     register_adapter,
@@ -182,6 +183,9 @@ class TimmSwinV2Adapter(TimmAdapter):
             swap_linear(model.head, "fc", Role.HEAD_IN)
         check_nothing_left(model, keep_float=(FLOAT_MODULE,))
         return model
+
+    def float_parts(self, model: Any) -> list[tuple[str, str]]:
+        return float_modules(model, (FLOAT_MODULE,), "the continuous position-bias MLP: it reads constant coordinates, not the image")
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
         """None: every LayerNorm of a post-norm block writes the residual stream; nothing reads a LayerNorm's output

@@ -8,6 +8,9 @@ distillation token).
 * :class:`TimmBlock` is mixed into timm's ``Block`` in place (:func:`~vitq.adapters.base.mix_in`):
   the two residual additions become :class:`~vitq.nn.QAdd` and the forward splits into
   ``forward_attn`` / ``forward_mlp``, the halves reconstruction uses as units.
+* A hybrid ViT (``HybridEmbed``: a ResNet makes the tokens) keeps its CNN stem float (:meth:`float_parts` says so;
+  timm's ResNet stems standardize their weights in every forward, ``StdConv2d``); the 1x1 projection is the
+  PATCH_EMBED conv (weight quantized, input float).
 """
 
 from __future__ import annotations
@@ -158,6 +161,13 @@ class TimmParallelBlock(nn.Module):
         return self.forward_mlp(self.forward_attn(x, attn_mask=attn_mask, is_causal=is_causal))
 
 
+def _hybrid(model: Any) -> bool:
+    """A hybrid ViT: a CNN (timm's ``HybridEmbed``: a ResNet stem) makes the tokens, a 1x1 projection maps them."""
+    from timm.layers import HybridEmbed
+
+    return isinstance(model.patch_embed, HybridEmbed)
+
+
 def _branches(blk: Any, prefix: str) -> list[tuple[str, Any, str, Any]]:
     """A block's (attention part name, the module holding norm / attn, MLP part name, the module holding norm / mlp)
     pairs: one for a Block (norm1 / attn, norm2 / mlp), one per branch of a parallel block."""
@@ -242,9 +252,13 @@ class TimmViTAdapter(TimmAdapter):
             if not isinstance(pool.mlp.act, gelu_like()):
                 raise ModelError(f"attention-pooling head activation {type(pool.mlp.act).__name__} is not supported: "
                                  "GELU, GELU-tanh and QuickGELU are taken")
-        if not isinstance(model.patch_embed, PatchEmbed):
-            raise ModelError(f"patch embedding {type(model.patch_embed).__name__} (a hybrid ViT's CNN stem) is not "
-                             "supported yet: use a ViT with a plain patch embedding")
+        if _hybrid(model):
+            if not isinstance(model.patch_embed.proj, nn.Conv2d):
+                raise ModelError("a hybrid ViT whose CNN stem feeds the blocks without a projection (patch_embed.proj "
+                                 f"is {type(model.patch_embed.proj).__name__}) is not supported: the stem stays float")
+        elif not isinstance(model.patch_embed, PatchEmbed):
+            raise ModelError(f"patch embedding {type(model.patch_embed).__name__} is not supported: a plain patch "
+                             "embedding or a hybrid CNN stem (HybridEmbed)")
         for i, blk in enumerate(model.blocks):
             require_type(blk, (Block, ParallelThingsBlock), "transformer block", f"blocks.{i}")
             for aname, a, fname, f in _branches(blk, f"blocks.{i}"):
@@ -291,8 +305,15 @@ class TimmViTAdapter(TimmAdapter):
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
                 swap_linear(model, head, Role.HEAD_IN)
-        check_nothing_left(model)
+        check_nothing_left(model, keep_float=("backbone",) if _hybrid(model) else ())
         return model
+
+    def float_parts(self, model: Any) -> list[tuple[str, str]]:
+        if not _hybrid(model):
+            return []
+        return [("patch_embed.backbone", f"a hybrid ViT's CNN stem ({type(model.patch_embed.backbone).__name__}): it "
+                 "runs in float; the projection that reads its features has a quantized weight (its input float, as "
+                 "an image patch embedding's)")]
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
         pairs = []
