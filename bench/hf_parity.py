@@ -38,7 +38,8 @@ RECIPES = ("minmax", "percentile", "omse", "ptq4vit", "repq", "dopq-calib", "tsp
 BITS = ("W8A8", "W4A4", "W3A3")
 #: timm reference model -> its HF twin (a shipped reference model, or converted here)
 PAIRS = {"fmnist-vit": "fmnist-vit-hf", "fmnist-vit-outlier": "fmnist-vit-hf-outlier",
-         "fmnist-deit": None, "fmnist-deit-outlier": None, "fmnist-swin": None, "fmnist-swin-outlier": None}
+         "fmnist-deit": None, "fmnist-deit-outlier": None, "fmnist-swin": None, "fmnist-swin-outlier": None,
+         "fmnist-dinov2": "fmnist-dinov2-hf", "fmnist-dinov2-outlier": "fmnist-dinov2-hf-outlier"}
 KEY = ("model", "recipe", "bits")
 
 
@@ -77,7 +78,38 @@ def row(name: str, hf_name: str, timm_model: torch.nn.Module, hf: torch.nn.Modul
             "finite": finite, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+@torch.no_grad()
+def embeddings(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from vitq.batches import as_embedding
+
+    return torch.cat([as_embedding(model(x[i:i + 256])) for i in range(0, len(x), 256)])
+
+
+def encoder_row(name: str, hf_name: str, timm_model: torch.nn.Module, hf: torch.nn.Module, data: FashionData,
+                recipe: str, bits: str) -> dict[str, Any]:
+    """An encoder pair (no head): the two quantized models' embeddings of the first 1024 test images against each
+    other (identical? the largest difference, the smallest per-image cosine) and each against its float model."""
+    import torch.nn.functional as F
+
+    calib = data.calib(vitq.load_recipe(recipe).calib_size)
+    t0 = time.perf_counter()
+    qt = vitq.quantize(copy.deepcopy(timm_model), recipe, bits, calib_data=calib)
+    qh = vitq.quantize(copy.deepcopy(hf), recipe, bits, calib_data=calib)
+    x = data.eval_tensors()[0][:1024]
+    et, eh, fp = embeddings(qt, x), embeddings(qh, x), embeddings(timm_model, x)
+    finite = bool(torch.isfinite(et).all() and torch.isfinite(eh).all())
+    return {"model": name, "hf_model": hf_name, "recipe": recipe, "bits": bits, "task": "features",
+            "identical_embeddings": bool(torch.equal(et, eh)) if finite else False,
+            "max_emb_diff": float((et - eh).abs().max()) if finite else None,
+            "emb_cos_min": float(F.cosine_similarity(et, eh).min()) if finite else None,
+            "timm_vs_fp_cos": float(F.cosine_similarity(et, fp).mean()) if finite else None,
+            "hf_vs_fp_cos": float(F.cosine_similarity(eh, fp).mean()) if finite else None,
+            "finite": finite, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    enc = [r for r in rows if r.get("task") == "features"]
+    rows = [r for r in rows if r.get("task") != "features"]
     n_same = sum(r["same_predictions"] for r in rows)
     lines = [
         "# Hugging Face models vs their timm twins (calibration-only recipes)",
@@ -119,6 +151,22 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         mean = sum(r["diff"] for r in ptq) / len(ptq)
         lines += ["", f"`ptq4vit`, HF − timm over its {len(ptq)} rows: mean {mean:+.2f} points, "
                       f"range {min(r['diff'] for r in ptq):+.2f} .. {max(r['diff'] for r in ptq):+.2f}."]
+    if enc:
+        n_id = sum(r["identical_embeddings"] for r in enc)
+        lines += ["", "## Encoders: the DINOv2-style model and its Hugging Face twin (`Dinov2WithRegistersModel`)", "",
+                  "No head: each pair's quantized embeddings of the first 1024 test images against each other "
+                  "(identical, the largest |difference|, the smallest per-image cosine) and each against the float "
+                  "model's (mean per-image cosine). The twin is `scripts/timm_to_hf.py convert_dinov2` of the timm "
+                  f"model. **{n_id} of {len(enc)} rows give identical embeddings.**", "",
+                  "| timm model | recipe | bits | identical | max \\|Δemb\\| | min cos HF vs timm | timm q vs FP | HF q vs FP |",
+                  "|---|---|---|---|---:|---:|---:|---:|"]
+
+        def f(v: Any, nd: int = 4) -> str:
+            return "nan" if v is None else (f"{v:.{nd}f}" if v >= 1e-3 or v == 0 else f"{v:.2g}")
+        for r in enc:
+            lines.append(f"| {r['model']} | {r['recipe']} | {r['bits']} | {'yes' if r['identical_embeddings'] else 'no'} | "
+                         f"{f(r['max_emb_diff'])} | {f(r['emb_cos_min'])} | {f(r['timm_vs_fp_cos'])} | "
+                         f"{f(r['hf_vs_fp_cos'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +188,8 @@ def main() -> None:
         assert vitq.data_config(hf) == vitq.data_config(timm_model) or PAIRS[name] is None
         for recipe in args.recipes.split(","):
             for bits in args.bits.split(","):
-                r = row(name, hf_name, timm_model, hf, data, recipe, bits)
+                headless = vitq.adapters.get_adapter(timm_model).num_outputs(timm_model) is None
+                r = (encoder_row if headless else row)(name, hf_name, timm_model, hf, data, recipe, bits)
                 print(json.dumps(r), flush=True)
                 save_rows(OUT, [r], meta, key=KEY)
     rows = json.loads(OUT.read_text())["rows"]

@@ -339,7 +339,7 @@ def render(results: list[Result]) -> list[str]:
              "matrices) against those with a quantized weight; **cosine** = the smallest per-image output "
              f"cosine against the float model (the bar: {MIN_COSINE}); **ONNX** = the largest |output difference| of the "
              "exported file in onnxruntime, relative to the largest output. A refused architecture shows the one line "
-             "vitq says. Issue 42 plans the refused ones (XCiT, LeViT, MViTv2, Twins and Hiera are not planned now).", ""]
+             "vitq says. The refused ones (XCiT, LeViT, MViTv2, Twins, Hiera) are not planned now.", ""]
     for lib, title in (("timm", "timm"), ("hf", "Hugging Face (transformers)")):
         rows = []
         for r in (r for r in results if r.case.library == lib):

@@ -57,3 +57,24 @@ def test_reference_outlier_variants(name: str) -> None:
     worst_after = [float(r.max() / r.median()) for r in after.values()]
     assert max(worst_after) >= 8 and min(worst_after) >= 4   # outliers are there, on real data
     assert max(worst_after) > 2 * worst_before
+
+
+@pytest.mark.parametrize("key,recipe", [("hf_vit_headless", "repq"), ("eva02_base", "qdrop-repq"),
+                                        ("hf_beit", "repq")])
+def test_consumers_of_one_layernorm_calibrate_alike_when_samples_are_bounded(key: str, recipe: str) -> None:
+    """q / k / v as three Linears (Hugging Face, EVA-02 B) and SwiGLU's two inputs read one LayerNorm output. When the
+    calibration set holds more values than a site keeps (``max_elements``: every ImageNet-size run), each site keeps a
+    seeded sample; with a different seed per site the three samples differed, so did their parameters, and RepQ-ViT
+    refused the model ("consumers of blocks.0.norm1 have different input quantizers"). One seed: the same rows."""
+    pytest.importorskip("transformers")
+    from scripts.coverage import CASES
+
+    import vitq
+
+    case = next(c for c in CASES if c.key == key)
+    x = case.input(16)
+    r = vitq.load_recipe(recipe).to_dict()
+    r["passes"] = [{"pass": "calibrate", "max_elements": 2000}, {"pass": "reparam"}]  # 16 images x 17 tokens x 32 > 2000
+    q = vitq.quantize(case.build(), vitq.Recipe.from_dict(r, "bounded"), "W4A4", calib_data=x)
+    st = vitq.state_of(q)
+    assert st.reparam[0]["layernorms"] == len(vitq.adapters.get_adapter(q).ln_consumers(q))

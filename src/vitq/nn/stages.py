@@ -26,8 +26,10 @@ def calibrate(model: nn.Module, max_elements: Optional[int] = None, seed: int = 
     (RepQ-ViT's order: one forward with the upstream sites already quantized). Meant for one forward."""
     calibrate_weights(model)
     acts = [fq for fq in fake_quants(model, "act") if fq.enabled]
-    for i, fq in enumerate(acts):
-        fq.start_calibration(max_elements, seed=seed + i, plan=plan, once=sequential)
+    # one seed for every site: sites that read one tensor (q / k / v after one LayerNorm, SwiGLU's two inputs) keep
+    # the same rows when their samples are bounded, so they compute the same parameters and a fold can share them
+    for fq in acts:
+        fq.start_calibration(max_elements, seed=seed, plan=plan, once=sequential)
     try:
         yield model
     except BaseException:
