@@ -277,6 +277,27 @@ def test_the_default_recipe_exports_with_parity(tmp_path: Path, bits: str) -> No
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.parametrize("bits", ["W8A8", "W4A8"])
+def test_the_default_recipe_is_all_integer_on_the_two_step_path(tmp_path: Path, bits: str) -> None:
+    """Issue 43, integer by default: `vitq quantize` without --target / --export, saved, then `vitq export RUN` -
+    the default recipe at 8-bit activations is made of quantizers onnxruntime runs as integers (its post-Softmax
+    uniform 8-bit, not TanQ), so the file has no float fallback and the attention's probs x V is integer too."""
+    from vitq.recipes import for_target, load_recipe
+
+    recipe = load_recipe("best")
+    assert for_target(recipe, bits, "onnx")[1] == []  # nothing for --target onnx to change
+    g = torch.Generator().manual_seed(0)
+    calib, x = torch.randn(16, 3, 16, 16, generator=g), torch.randn(32, 3, 16, 16, generator=g)
+    q = vitq.quantize(tiny_vit(), recipe, bits, calib_data=calib)
+    vitq.save_quantized(q, tmp_path / "run", vitq.ModelSource("pickle", str(_pickled(tmp_path))))
+    back = vitq.load_quantized(tmp_path / "run", trust_pickle=True)
+    rep = export(back, tmp_path / "onnx", "onnx")
+    assert rep["lowering"]["fallbacks"] == [], rep["lowering"]["fallbacks"]
+    assert rep["runtime_ops"].get("QLinearMatMul", 0) + rep["runtime_ops"].get("MatMulInteger", 0) >= 2  # probs x V
+    ref, out = logits(q, x), OnnxModel(tmp_path / "onnx" / "model.onnx")(x)
+    assert (out - ref).abs().max() < 0.01 * ref.abs().max()
+
+
 @pytest.mark.parametrize("bits,symmetric", [(3, False), (4, False), (4, True), (8, False)])
 def test_qdq_of_fewer_bit_codes_equals_the_fake_quant(tmp_path: Path, bits: int, symmetric: bool) -> None:
     """A 3- or 4-bit uniform activation is a QDQ pair in an 8-bit container: the clip before the quantize keeps
