@@ -51,7 +51,10 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def test_w8a8_export_runs_integer_kernels_with_8bit_weights(tmp_path: Path) -> None:
+def test_w8a8_export_runs_integer_kernels_with_8bit_weights(tmp_path: Path, monkeypatch) -> None:
+    import vitq.export.onnx as vo
+
+    monkeypatch.setattr(vo, "u8s8_exact", lambda: (False, "x86 without VNNI (AVX2)"))  # auto: uint8 on such a CPU
     q, x = quantized()
     rep = export(q, tmp_path, "onnx")
     assert rep["lowering"]["counts"]["int-weight"] == rep["weights_as_codes"] == 10  # 2 blocks x 4 + patch + head
@@ -59,8 +62,9 @@ def test_w8a8_export_runs_integer_kernels_with_8bit_weights(tmp_path: Path) -> N
     assert rep["runtime_ops"].get("MatMulIntegerToFloat", 0) >= 8  # onnxruntime fused every Linear
     g = onnx.load(str(tmp_path / "model.onnx"))
     codes = [numpy_helper.to_array(i) for i in g.graph.initializer if i.name.endswith("_quantized")]
-    # uint8 by default: onnxruntime's u8 x u8 kernels are exact on every CPU (its AVX2 u8 x s8 kernel saturates)
-    assert rep["weight_dtype"] == "uint8" and len(codes) == 10 and all(c.dtype == np.uint8 for c in codes)
+    # 8-bit weights on an AVX2-only CPU: uint8 (onnxruntime's u8 x u8 kernels are exact on every CPU, its AVX2 u8 x s8
+    # kernel saturates)
+    assert rep["weight_dtype"] == "uint8" and rep["weight_dtype_why"].startswith("auto") and len(codes) == 10 and all(c.dtype == np.uint8 for c in codes)
     floats = [numpy_helper.to_array(i) for i in g.graph.initializer if numpy_helper.to_array(i).dtype.kind == "f"]
     assert sum(c.size for c in codes) > 4 * max(f.size for f in floats)  # no float copy of a weight is left
     assert not any(n.metadata_props for n in g.graph.node)
@@ -106,6 +110,41 @@ def test_container_codes_keep_code_minus_zero_point(qmin: int, qmax: int, dtype:
     c, z = container_codes(codes, zp, qmin, qmax, dtype)
     assert c.dtype == np.dtype(dtype) and z.dtype == np.dtype(dtype)
     assert np.array_equal(c.astype(np.int64) - z.astype(np.int64)[:, None], codes - zp[:, None])
+
+
+def test_auto_weight_containers(monkeypatch) -> None:
+    """--weight-dtype auto (the default): int8 (u8 x s8, the faster kernels on CPUs with a dot product) wherever it is
+    exact - at <= 7-bit weights on every CPU, at 8 bits where this CPU has VNNI / AMX / ARM - else uint8."""
+    import vitq.export.onnx as vo
+
+    for cpu, w8 in (((True, "x86 with avx512_vnni"), "int8"), ((False, "x86 without VNNI (AVX2)"), "uint8"),
+                    ((None, "not known"), "uint8")):
+        monkeypatch.setattr(vo, "u8s8_exact", lambda cpu=cpu: cpu)
+        assert vo.resolve_weight_dtype("auto", 8)[0] == w8
+        assert vo.resolve_weight_dtype("auto", None)[0] == w8
+        for bits in (2, 4, 7):
+            dt, why = vo.resolve_weight_dtype("auto", bits)
+            assert dt == "int8" and "every CPU" in why
+        assert vo.resolve_weight_dtype("uint8", 4) == ("uint8", "asked for")
+
+
+def test_int8_containers_of_7_bit_codes_cannot_saturate_avx2() -> None:
+    """The arithmetic behind SAFE_INT8_WEIGHT_BITS: AVX2's vpmaddubsw adds two u8 x s8 products in a saturating
+    int16. Every 7-bit code in an int8 container lies in [-64, 63], so a pair sums to at most 2 x 255 x 64 < 32767;
+    8-bit codes (-128 .. 127) overflow it."""
+    from vitq.export.onnx import SAFE_INT8_WEIGHT_BITS, container_codes
+
+    def pairs_exact(a: np.ndarray, w: np.ndarray) -> bool:
+        s = a[0::2].astype(np.int64) * w[0::2] + a[1::2].astype(np.int64) * w[1::2]
+        return bool((np.clip(s, -32768, 32767) == s).all())
+
+    a = np.full(64, 255, np.int64)
+    for bits in range(2, 9):
+        for qmin, qmax in ((0, (1 << bits) - 1), (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)):
+            codes = np.arange(qmin, qmax + 1)
+            c, _ = container_codes(codes.reshape(1, -1), np.array([qmin]), qmin, qmax, "int8")
+            worst = np.array([c.min(), c.min()] * 32, np.int64), np.array([c.max(), c.max()] * 32, np.int64)
+            assert all(pairs_exact(a, w) for w in worst) == (bits <= SAFE_INT8_WEIGHT_BITS), (bits, qmin, qmax)
 
 
 def test_u8s8_exact_by_cpu() -> None:

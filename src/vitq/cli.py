@@ -105,10 +105,11 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate", default="exact", choices=["exact", "uniform8"],
                    help="sites without an integer form (log2 / TanQ post-Softmax, ...): exact float emulation "
                         "(default) or 8-bit uniform post-Softmax (faster, a different quantizer)")
-    p.add_argument("--weight-dtype", choices=["uint8", "int8"], default=None,
-                   help="onnx: the weight codes' container: uint8 (default; exact on every CPU) or int8 (faster "
-                        "matmuls on CPUs with AVX512-VNNI / AVX-VNNI / AMX and on ARM, but onnxruntime's AVX2 "
-                        "kernel saturates it: wrong logits on x86 CPUs without VNNI)")
+    p.add_argument("--weight-dtype", choices=["auto", "uint8", "int8"], default=None,
+                   help="onnx: the weight codes' container: auto (default: int8 where this CPU runs it exactly - "
+                        "VNNI, AMX, ARM -, uint8 elsewhere), uint8 (exact on every CPU) or int8 (faster matmuls on "
+                        "CPUs with AVX512-VNNI / AVX-VNNI / AMX and on ARM, but onnxruntime's AVX2 kernel saturates "
+                        "it: wrong logits on x86 CPUs without VNNI)")
 
 
 def check_export_args(args: argparse.Namespace, fmt: Optional[str]) -> None:
@@ -441,7 +442,9 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
 
         counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
         kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in INTEGER_OPS}
-        print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['weight_dtype']} weights): sites {counts}; "
+        wd = rep["weight_dtype"] + (f" weights, {rep['weight_dtype_why'].split(',')[0]}"
+                                    if rep.get("weight_dtype_why", "").startswith("auto") else " weights")
+        print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {wd}): sites {counts}; "
               f"integer kernels after onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
         for fb in low["fallbacks"]:
             print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")

@@ -60,11 +60,22 @@ def register_backend(b: Backend) -> Backend:
 
 def _onnx_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], source: Any,
                 weight_dtype: Optional[str] = None) -> dict[str, Any]:
-    from .onnx import DEFAULT_WEIGHT_DTYPE, SESSION_CONFIG, runtime_ops, to_onnx, u8s8_exact
+    from .onnx import (
+        DEFAULT_WEIGHT_DTYPE,
+        SAFE_INT8_WEIGHT_BITS,
+        SESSION_CONFIG,
+        resolve_weight_dtype,
+        runtime_ops,
+        to_onnx,
+        u8s8_exact,
+    )
 
-    wd = weight_dtype or DEFAULT_WEIGHT_DTYPE
+    wbits = [lw.bits for lw in lowering if lw.how == "int-weight" and lw.bits is not None]
+    wd, why = resolve_weight_dtype(weight_dtype or DEFAULT_WEIGHT_DTYPE, max(wbits) if wbits else None)
     stats = to_onnx(model, out / "model.onnx", example, lowering, wd)
-    if wd == "int8":
+    stats["weight_dtype_why"] = why
+    stats["int8_exact_everywhere"] = wd == "int8" and bool(wbits) and max(wbits) <= SAFE_INT8_WEIGHT_BITS
+    if wd == "int8" and not stats["int8_exact_everywhere"]:
         exact, why = u8s8_exact()
         stats["int8_exact_here"] = exact
         if exact is False:
@@ -267,7 +278,7 @@ def _int8_hint(out: Path) -> str:
         rep = json.loads((out / REPORT_FILE).read_text())
     except (OSError, ValueError):
         return ""
-    if rep.get("weight_dtype") != "int8":
+    if rep.get("weight_dtype") != "int8" or rep.get("int8_exact_everywhere"):
         return ""
     from .onnx import u8s8_exact
 

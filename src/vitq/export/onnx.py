@@ -7,10 +7,11 @@
 2. Every weight constant is replaced by its integer codes (in the orientation the exported graph
    uses) and a ``DequantizeLinear`` with its per-channel scales and zero points, so onnxruntime's QDQ
    fusions see ``DQ(x) -> MatMul <- DQ(W)`` and run ``MatMulIntegerToFloat`` / ``QLinearMatMul``; the
-   weights ship at 1 byte per parameter. The container (``weight_dtype``) is ``uint8`` by default:
-   activations are uint8 too, and onnxruntime's u8 x u8 kernels are exact on every CPU. ``int8``
-   (u8 x s8) is faster where the CPU has a u8 x s8 dot product (AVX512-VNNI, AVX-VNNI, AMX, ARM), but
-   on x86 CPUs with AVX2 and no VNNI onnxruntime computes it with ``vpmaddubsw``, which saturates
+   weights ship at 1 byte per parameter. The container (``weight_dtype``): ``uint8`` - activations are
+   uint8 too, and onnxruntime's u8 x u8 kernels are exact on every CPU - or ``int8`` (u8 x s8), faster
+   where the CPU has a u8 x s8 dot product (AVX512-VNNI, AVX-VNNI, AMX, ARM); ``auto`` (the default)
+   takes int8 where the exporting CPU runs it exactly and uint8 elsewhere. On
+   x86 CPUs with AVX2 and no VNNI onnxruntime computes int8 with ``vpmaddubsw``, which saturates
    the sum of two products at 16 bits: measurably wrong logits (:func:`u8s8_exact` says which CPU
    this is). Either container holds the same codes shifted by a constant, with the zero point
    shifted alike, so the dequantized weights are identical.
@@ -42,9 +43,10 @@ INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 #: onnxruntime ops that compute in integers (what "the integer kernels ran" means in a report)
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv", "ConvInteger",
                "DynamicQuantizeMatMul", "QAttention", "MatMulNBits")
-#: weight containers: uint8 (exact everywhere, the default) or int8 (faster with VNNI / on ARM)
-WEIGHT_DTYPES = ("uint8", "int8")
-DEFAULT_WEIGHT_DTYPE = "uint8"
+#: weight containers: uint8 (exact everywhere) or int8 (faster with VNNI / AMX / on ARM, wrong on AVX2-only x86);
+#: ``auto`` (the default): int8 where this CPU runs it exactly, uint8 elsewhere (:func:`resolve_weight_dtype`)
+WEIGHT_DTYPES = ("auto", "uint8", "int8")
+DEFAULT_WEIGHT_DTYPE = "auto"
 _VNNI = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni", "avxvnni")
 _INSTALL = "install the deployment extra: pip install 'vitq[deploy]' (onnx, onnxruntime)"
 
@@ -96,9 +98,34 @@ def check_weight_dtype(weight_dtype: str) -> str:
     if weight_dtype not in WEIGHT_DTYPES:
         from ..errors import ConfigError
 
-        raise ConfigError(f"unknown weight container {weight_dtype!r}: use uint8 (exact on every CPU) or int8 "
-                          "(faster on CPUs with VNNI and on ARM, wrong on AVX2-only x86)")
+        raise ConfigError(f"unknown weight container {weight_dtype!r}: use auto (int8 where this CPU runs it exactly, "
+                          "uint8 elsewhere), uint8 (exact on every CPU) or int8 (faster on CPUs with VNNI / AMX and on "
+                          "ARM, wrong on AVX2-only x86)")
     return weight_dtype
+
+
+#: the widest weight codes an int8 container holds within [-64, 63]: AVX2's ``vpmaddubsw`` adds two u8 x s8 products
+#: in 16 bits, 2 x 255 x 64 = 32640 < 32767, so such a file is exact on every CPU (onnxruntime's ``reduce_range``)
+SAFE_INT8_WEIGHT_BITS = 7
+
+
+def resolve_weight_dtype(weight_dtype: str = DEFAULT_WEIGHT_DTYPE,
+                         weight_bits: Optional[int] = None) -> tuple[str, str]:
+    """The container a file gets, and why. ``auto``: int8 - onnxruntime's u8 x s8 kernels, the faster ones on CPUs
+    with a dot product (bench/results/deploy.md) and as fast as u8 x u8 on AVX2-only ones (deploy_avx2.md) - where it
+    is exact: on every CPU when the widest weight codes (``weight_bits``) are at most 7 bits (W4A8: codes in [-8, 7]),
+    and at 8-bit weights where :func:`u8s8_exact` says this CPU computes them exactly (VNNI, AMX, ARM); uint8 (u8 x u8,
+    exact everywhere) otherwise. An 8-bit-weight int8 file is made for CPUs like the one exporting it."""
+    check_weight_dtype(weight_dtype)
+    if weight_dtype != "auto":
+        return weight_dtype, "asked for"
+    if weight_bits is not None and weight_bits <= SAFE_INT8_WEIGHT_BITS:
+        return "int8", (f"auto: {weight_bits}-bit weight codes fit [-64, 63], where int8 containers are exact on every "
+                        "CPU and run on the faster u8 x s8 kernels")
+    exact, why = u8s8_exact()
+    if exact:
+        return "int8", f"auto: {why}, where 8-bit int8 weights run exactly on the faster u8 x s8 kernels"
+    return "uint8", f"auto: {why}; uint8 weights are exact on every CPU"
 
 
 class LogitsOnly(nn.Module):
@@ -118,7 +145,7 @@ def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: lis
             weight_dtype: str = DEFAULT_WEIGHT_DTYPE) -> dict[str, Any]:
     """Export ``model`` (calibrated, eval mode) to ``path`` with its weight codes in ``weight_dtype``
     containers; returns what was written (weights as codes, sizes)."""
-    check_weight_dtype(weight_dtype)
+    weight_dtype = resolve_weight_dtype(weight_dtype)[0]
     onnx = require("onnx")
     require("onnxscript")
     path = Path(path)
@@ -297,5 +324,5 @@ class OnnxModel:
 
 
 __all__ = ["DEFAULT_WEIGHT_DTYPE", "INPUT_NAME", "INTEGER_OPS", "OPSET", "OUTPUT_NAME", "WEIGHT_DTYPES", "LogitsOnly",
-           "OnnxModel", "SESSION_CONFIG", "check_digest", "check_weight_dtype", "container_codes", "cpu_flags", "runtime_ops", "session", "to_onnx",
+           "OnnxModel", "SESSION_CONFIG", "check_digest", "check_weight_dtype", "resolve_weight_dtype", "SAFE_INT8_WEIGHT_BITS", "container_codes", "cpu_flags", "runtime_ops", "session", "to_onnx",
            "u8s8_exact"]
