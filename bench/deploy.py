@@ -8,12 +8,15 @@ resident memory of the process that ran it, for
 * ``ort fp32``          - the float model exported to ONNX, onnxruntime;
 * ``ort static WxA8``   - onnxruntime's own ``quantize_static`` (QDQ, per-channel s8 weights - s4 for W4A8 -,
                           u8 activations, min-max calibration on the same calibration images);
-* ``vitq RECIPE WxA8``  - ``vitq export --format onnx`` of ``repq`` at W8A8 and W4A8 as the recipe is (its
-                          log-sqrt2 post-Softmax emulated in float: exact, no integer kernel for probs x V);
-* ``vitq RECIPE@onnx WxA8`` - ``repq`` and ``dopq-calib`` quantized for onnx (``--target onnx``, what
-                          ``vitq quantize --export onnx`` does: post-Softmax on the 8-bit uniform grid, calibrated);
-* ``... s8w``           - the same file with int8 weight containers (``--weight-dtype int8``: u8 x s8 kernels,
-                          faster with VNNI, saturating on AVX2-only CPUs) instead of the default uint8;
+* ``vitq best WxA8``    - the default recipe exported as ``vitq export`` does by default (``--weight-dtype auto``);
+* ``vitq repq W8A8``    - ``repq`` as the recipe is (its log-sqrt2 post-Softmax emulated in float: exact, no integer
+                          kernel for probs x V), and ``repq@onnx`` quantized for onnx (``--target onnx``);
+* ``... u8w``           - the same file with uint8 weight containers (u8 x u8 kernels) instead of auto's choice;
+* ``vitq best-symw``    - best with symmetric weights (bench/recipes/best-symw.yaml), the form OpenVINO's INT8
+                          kernels take;
+* ``ort dynamic W8``    - onnxruntime's ``quantize_dynamic`` (what its docs recommend for transformers);
+* ``ov fp32`` / ``ov nncf int8`` / ``ov vitq ...`` - OpenVINO (when installed: ``pip install 'vitq[openvino]'``)
+                          reading the float ONNX file, NNCF's own INT8 of it, and vitq's ONNX files;
 * ``torch pt2e int8``   - PyTorch's own integer path: PT2E with the X86 Inductor quantizer, torch.compile
                           (torchao), where it runs on this host.
 
@@ -44,10 +47,11 @@ import numpy as np
 import torch
 
 import vitq
-from bench.common import FashionData, machine_meta, save_rows, write_md
+from bench.common import FashionData, bench_recipe, machine_meta, save_rows, write_md
 from vitq.evaluate import evaluate
 from vitq.export.deploy import export
 from vitq.export.onnx import INTEGER_OPS, OnnxModel, runtime_ops
+from vitq.export.openvino import OpenVinoModel
 from vitq.reference import load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +62,11 @@ MODELS = ("deit-s", "fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-d
           "fmnist-swin-outlier")
 #: (recipe, bits, target, weight container): the recipe as it is (sites without an integer form emulated exactly),
 #: or quantized for onnx; uint8 weights (the default) or int8 (u8 x s8 kernels)
-VITQ = (("repq", "W8A8", None, "uint8"), ("repq", "W4A8", None, "uint8"), ("repq", "W8A8", "onnx", "uint8"),
-        ("repq", "W4A8", "onnx", "uint8"), ("repq", "W8A8", "onnx", "int8"), ("repq", "W4A8", "onnx", "int8"),
-        ("dopq-calib", "W8A8", "onnx", "uint8"), ("dopq-calib", "W4A8", "onnx", "uint8"))
+VITQ = (("best", "W8A8", None, "auto"), ("best", "W4A8", None, "auto"), ("best", "W8A8", None, "uint8"),
+        ("best", "W4A8", None, "uint8"), ("repq", "W8A8", None, "auto"), ("repq", "W8A8", "onnx", "auto"),
+        ("best-symw", "W8A8", None, "auto"))
+#: vitq files OpenVINO also reads (its ONNX frontend: QuantizeLinear / DequantizeLinear -> FakeQuantize)
+OV_VITQ = ("vitq best W8A8", "vitq best-symw W8A8")
 KEY = ("model", "runtime", "batch")
 
 
@@ -112,11 +118,42 @@ def ort_static(fp32: Path, out: Path, calib: torch.Tensor, weight_bits: int) -> 
             return next(self.it, None)
 
     pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)  # what onnxruntime's docs say to run first
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4)
     pre.unlink(missing_ok=True)
+
+
+def ort_dynamic(fp32: Path, out: Path) -> None:
+    """onnxruntime's ``quantize_dynamic`` (what its docs recommend for transformer models): int8 weights, activations
+    quantized at run time per tensor."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def nncf_int8(fp32: Path, out: Path, calib: torch.Tensor) -> bool:
+    """NNCF's own post-training INT8 for OpenVINO (``nncf.quantize``, ModelType.TRANSFORMER) on the same calibration
+    images; False when NNCF / OpenVINO are not installed."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        return False
+    m = ov.Core().read_model(str(fp32))
+    ds = nncf.Dataset([calib[i:i + 1].numpy() for i in range(len(calib))])
+    q = nncf.quantize(m, ds, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+    ov.save_model(q, str(out))
+    return True
+
+
+def has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def prepare(name: str, threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -134,33 +171,47 @@ def prepare(name: str, threads: int) -> tuple[list[dict[str, Any]], dict[str, An
         f = d / f"ort_static_w{wb}a8.onnx"
         ort_static(d / "fp32.onnx", f, calib, wb)
         runs.append({"runtime": f"ort static W{wb}A8", "kind": "ort", "file": str(f)})
+    ort_dynamic(d / "fp32.onnx", d / "ort_dynamic.onnx")
+    runs.append({"runtime": "ort dynamic W8", "kind": "ort", "file": str(d / "ort_dynamic.onnx")})
+    if has_openvino():
+        runs.append({"runtime": "ov fp32", "kind": "ov", "file": str(d / "fp32.onnx")})
+        if nncf_int8(d / "fp32.onnx", d / "nncf_int8.xml", calib):
+            runs.append({"runtime": "ov nncf int8", "kind": "ov", "file": str(d / "nncf_int8.xml")})
     sims: dict[str, float] = {}
     done: dict[tuple[str, str, Optional[str]], Any] = {}
     sim_of: dict[tuple[str, str, Optional[str]], float] = {}
     for recipe, bits, target, wdt in VITQ:
         key = (recipe, bits, target)
         if key not in done:
-            done[key] = vitq.quantize(copy.deepcopy(model), recipe, bits, calib_data=calib, batch_size=8, target=target)
+            done[key] = vitq.quantize(copy.deepcopy(model), bench_recipe(recipe) or recipe, bits, calib_data=calib,
+                                      batch_size=8, target=target)
         q = done[key]
-        tag = f"vitq {recipe}{'' if target is None else '@' + target} {bits}{'' if wdt == 'uint8' else ' s8w'}"
+        tag = f"vitq {recipe}{'' if target is None else '@' + target} {bits}{'' if wdt == 'auto' else ' ' + wdt[0] + '8w'}"
         folder = d / tag.replace(" ", "_").replace("@", "_")
         rep = export(q, folder, "onnx", weight_dtype=wdt)
         runs.append({"runtime": tag, "kind": "ort", "file": str(folder / "model.onnx"),
-                     "fallbacks": len(rep["lowering"]["fallbacks"])})
+                     "fallbacks": len(rep["lowering"]["fallbacks"]), "weight_dtype": rep["weight_dtype"]})
+        if tag in OV_VITQ and has_openvino():
+            runs.append({"runtime": f"ov {tag}", "kind": "ov", "file": str(folder / "model.onnx"),
+                         "fallbacks": len(rep["lowering"]["fallbacks"]), "weight_dtype": rep["weight_dtype"]})
         if data is not None:  # one simulated evaluation per quantized model, whatever its file's weight container
             if key not in sim_of:
                 sim_of[key] = round(evaluate(q, data.eval_loader)["top1"], 2)
-            sims[tag] = sim_of[key]
+            sims[tag] = sims[f"ov {tag}"] = sim_of[key]
     runs.append({"runtime": "torch pt2e int8", "kind": "pt2e", "model": name})
     acc: dict[str, Any] = {}
     if data is not None:
         acc["fp32"] = round(evaluate(model, data.eval_loader)["top1"], 2)
         for r in runs:
-            if r["kind"] == "ort":
-                acc[r["runtime"]] = round(evaluate(OnnxModel(r["file"], threads), data.eval_loader)["top1"], 2)
+            if r["kind"] in ("ort", "ov"):
+                rt = OnnxModel(r["file"], threads) if r["kind"] == "ort" else OpenVinoModel(r["file"], threads)
+                acc[r["runtime"]] = round(evaluate(rt, data.eval_loader)["top1"], 2)
         acc["simulated"] = sims
     for r in runs:
         r["model"] = name
+        if r["kind"] == "ov":
+            r["bytes"] = os.path.getsize(r["file"]) + (os.path.getsize(Path(r["file"]).with_suffix(".bin"))
+                                                        if r["file"].endswith(".xml") else 0)
         if r["kind"] == "ort":
             import tempfile
 
@@ -205,6 +256,17 @@ def measure(run: dict[str, Any], batch: int, threads: int, seconds: float) -> di
         sess = session(run["file"], threads)
         xn = x.numpy()
         t = time_fn(lambda a: sess.run(None, {"pixel_values": a}), xn, seconds)
+    elif run["kind"] == "ov":
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(run["file"]), "CPU",
+                                      {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+        req = compiled.create_infer_request()
+        xn = x.numpy()
+        t = time_fn(lambda a: req.infer({0: a}), xn, seconds)
+        note = "OpenVINO " + ov.__version__.split("-")[0] + ", inference precision " + \
+            str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     else:
         fn, note = pt2e_model(model, x)
         with torch.no_grad():
@@ -232,7 +294,7 @@ def pt2e_model(model: torch.nn.Module, x: torch.Tensor) -> tuple[Any, str]:
 
 # ------------------------------------------------------------------------------------------ report
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["# Deployment: speed and accuracy beside onnxruntime's own quantization", "",
+    lines = ["# Deployment: speed and accuracy beside onnxruntime's and OpenVINO's own quantization", "",
              "Generated by `bench/deploy.py`: every runtime on the same host in one run, each timing in its own",
              "process (median of timed rounds; peak RSS of that process). Accuracy: top-1 on the 10 000",
              "Fashion-MNIST test images in the runtime itself; `sim` = vitq's simulated top-1 of the same",
@@ -240,7 +302,16 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "",
              f"Host: {meta.get('machine')}; torch CPU capability {meta.get('cpu_capability')}; ISA flags "
              f"{', '.join(meta.get('isa', [])) or '?'}; {meta.get('threads')} threads; onnxruntime "
-             f"{meta.get('onnxruntime')}; torch {meta.get('torch')}.", "",
+             f"{meta.get('onnxruntime')}; OpenVINO {meta.get('openvino') or 'not installed'}; torch {meta.get('torch')}.", "",
+             "Rows: `ort static` = onnxruntime's `quant_pre_process` + `quantize_static` (QDQ, per-channel s8 weights, "
+             "u8 activations, min-max on the same 32 calibration images); `ort dynamic W8` = `quantize_dynamic` (int8 "
+             "weights per channel, activations quantized at run time); `ov fp32` = OpenVINO reading the float ONNX file "
+             "(on a CPU with AMX / AVX512-BF16 OpenVINO runs it in bf16 by default: see the note column in the JSON); "
+             "`ov nncf int8` = NNCF's `nncf.quantize` (ModelType.TRANSFORMER) on the same images; `ov vitq ...` = "
+             "OpenVINO reading vitq's ONNX file. `vitq best WxA8` = the default recipe, exported as `vitq export` "
+             "does by default (`--weight-dtype auto`: int8 containers here when exact, see `weight_dtype`); `u8w` = "
+             "the same with uint8 weight containers; `best-symw` = best with symmetric weights "
+             "(bench/recipes/best-symw.yaml: the form OpenVINO's INT8 kernels take).", "",
              "`vitq RECIPE@onnx` is what `vitq quantize --export onnx` ships (`--target onnx`: post-Softmax on the",
              "8-bit uniform grid, calibrated); `vitq RECIPE` the recipe as it is (its log-sqrt2 post-Softmax emulated",
              "exactly in float: no integer kernel for probs x V). Speed: compare on `deit-s`. The reference models",
@@ -286,16 +357,22 @@ def main() -> None:
         return
     import onnxruntime
 
-    meta = {**machine_meta(), "isa": isa_flags(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
+    ov_version = None
+    if has_openvino():
+        import openvino
+
+        ov_version = openvino.__version__.split("-")[0]
+    meta = {**machine_meta(), "isa": isa_flags(), "onnxruntime": onnxruntime.__version__, "openvino": ov_version,
+            "threads": args.threads,
             **({"note": args.note} if args.note else {})}
     for name in args.models.split(","):
         runs, acc = prepare(name, args.threads)
         for order, run in enumerate(runs):
             for b in (int(v) for v in args.batches.split(",")):
                 row = {"model": name, "runtime": run["runtime"], "batch": b, "order": order,
-                       **{k: run[k] for k in ("bytes", "integer_ops", "fallbacks") if k in run}}
+                       **{k: run[k] for k in ("bytes", "integer_ops", "fallbacks", "weight_dtype") if k in run}}
                 if name != "deit-s":
-                    row["top1"] = acc.get(run["runtime"]) if run["kind"] == "ort" else acc.get("fp32") \
+                    row["top1"] = acc.get(run["runtime"]) if run["kind"] in ("ort", "ov") else acc.get("fp32") \
                         if run["kind"] == "torch" else None
                     row["sim_top1"] = acc["simulated"].get(run["runtime"])
                 child = subprocess.run([sys.executable, "-m", "bench.deploy", "--measure", json.dumps(run), "--batch", str(b),

@@ -78,8 +78,18 @@ PAGES: dict[str, tuple[str, str]] = {
     "export_parity.md": ("simulated top-1 against the exported files in onnxruntime and the packed format, A8",
                          "bench/export_parity.py"),
     "export_parity_a4.md": ("the same at W4A4 / W3A3 with the sub-8-bit QDQ lowering", "bench/export_parity.py --out"),
-    "deploy.md": ("speed and accuracy in onnxruntime beside its own quantize_static and PT2E, AVX-512 VNNI host",
-                  "bench/deploy.py"),
+    "deploy.md": ("speed and accuracy of vitq's default files in onnxruntime and OpenVINO beside onnxruntime's "
+                  "quantize_static / quantize_dynamic, NNCF's INT8 and PT2E, one host (AMX / VNNI)", "bench/deploy.py"),
+    "deploy_epyc_2026-12-05.md": ("speed and accuracy in onnxruntime beside its own quantize_static and PT2E, an "
+                                  "AVX-512 VNNI AMD host (the uint8-default era)", "bench/deploy.py"),
+    "recon_new_families.md": ("reconstruction recipes (brecq, qdrop, oas, qdrop-repq, oas-repq) on the EVA-02- and "
+                              "SigLIP-style reference models and their twins, W4A4 / W3A3",
+                              "bench/recon.py --name recon_new_families"),
+    "best_a8.md": ("the default recipe at 8-bit activations: uniform 8-bit post-Softmax (all-integer files) against "
+                   "its former TanQ (dopq-calib), W8A8 / W4A8, eight reference models",
+                   "bench/baselines.py --name best_a8"),
+    "export_parity_new_families.md": ("export parity on the EVA-02- and SigLIP-style reference models and their twins "
+                                      "(onnx, uniform8, packed, @onnx)", "bench/export_parity.py --out"),
     "deploy_avx2.md": ("the same on an AVX2-only host, with int8-weight rows", "bench/deploy.py --out"),
     "peers_before.md": ("vitq repq beside RepQ-ViT's code before repq's post-Softmax zero code", "bench/peers.py"),
     "recon_cost.md": ("reconstruction seconds per 1k iterations per unit kind, and a DeiT-S sized model",
@@ -90,6 +100,9 @@ PAGES: dict[str, tuple[str, str]] = {
 SUPERSEDED: dict[str, tuple[str, str]] = {
     "peers_before.md": ("peers.md", "measured before `repq`'s post-Softmax zero code (2026-12-03), which closed most "
                                     "of the gap it shows"),
+    "deploy_epyc_2026-12-05.md": ("deploy.md", "another host (AMD EPYC, AVX-512 VNNI), uint8 weight containers and "
+                                                "repq / dopq-calib rows: re-run on 2026-12-06 with the new defaults "
+                                                "(best, auto containers) and the OpenVINO / NNCF / quantize_dynamic rows"),
     "recon_cost.md": ("recon_speed.md, published_20k.md", "seconds measured before the float-mask engine (2026-12-02: "
                                                           "QDrop blocks train 1.55-1.65x faster); its memory and "
                                                           "DeiT-S cache figures still hold"),
@@ -98,8 +111,8 @@ SUPERSEDED: dict[str, tuple[str, str]] = {
 #: current pages whose figures predate a change that may move them: what a reader must know
 CAVEATS: dict[str, str] = {
     "export_parity.md": "int8 weight containers on a VNNI host, before the uint8 default (2026-12-05)",
-    "deploy.md": "vitq rows with int8 weights; predates the sub-8-bit QDQ lowering and the MatMulNBits session setting "
-                 "(2026-12-06)",
+    "deploy.md": "DeiT-S timed in one run and the reference models in a second one on the same host; speed is for "
+                 "DeiT-S only",
     "deploy_avx2.md": "predates the sub-8-bit QDQ lowering (2026-12-06)",
     "best.md": "`best-1204` and the W4A4 `repq` column are older compositions, labelled in the page",
     "dopq.md": "the dopq recipe; the default is `best` since 2026-12-05 (best.md)",

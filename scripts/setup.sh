@@ -25,5 +25,5 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 # (the hf / deploy extras allow ranges); onnxruntime's graph fusions decide which integer kernels run
 .venv/bin/python -m pip install -q --disable-pip-version-check "transformers==5.24.0" "onnx==1.23.2" \
   "onnxruntime==1.32.0" "onnxscript==0.7.2" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[hf,deploy,report,test,bench]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[hf,deploy,report,test,bench,openvino]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import vitq, torch, timm, transformers; print('vitq', vitq.__version__, '| torch', torch.__version__, '| timm', timm.__version__, '| transformers', transformers.__version__)"

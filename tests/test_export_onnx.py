@@ -3,7 +3,9 @@ model, and the one-line refusals."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -251,7 +253,7 @@ def test_export_refusals(tmp_path: Path, monkeypatch) -> None:
         export(q, tmp_path / "x", "onnx")
 
 
-def test_cli_quantize_export_verify(tmp_path: Path) -> None:
+def test_cli_quantize_export_verify(tmp_path: Path, capsys) -> None:
     from vitq.cli import main
 
     run = tmp_path / "run"
@@ -265,8 +267,17 @@ def test_cli_quantize_export_verify(tmp_path: Path) -> None:
     r = json.loads((tmp_path / "rq.json").read_text())
     assert r["recipe"] == "repq@onnx" and r["export"]["lowering"]["fallbacks"] == []  # --export onnx implies --target
     assert json.loads((tmp_path / "rq" / "vitq.json").read_text())["recipe"]["name"] == "repq@onnx"
+    capsys.readouterr()
     assert main(["export", str(run), "--verify", "--eval-size", "200", "--no-progress", "--max-top1-diff", "1.0",
                  "--out", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out  # --verify also times the file against the float ONNX, and records it
+    assert re.search(r"speed: [\d.]+ images/s against the float ONNX's [\d.]+ \([\d.]+x\) in onnxruntime", out), out
+    assert json.loads((tmp_path / "again" / "export.json").read_text())["speed"]["runtime"] == "onnxruntime"
+    if importlib.util.find_spec("openvino") is not None:
+        assert main(["export", str(run), "--verify", "--eval-size", "200", "--no-progress", "--max-top1-diff", "1.0",
+                     "--out", str(tmp_path / "ov"), "--runtime", "openvino"]) == 0
+        out = capsys.readouterr().out
+        assert "onnx in openvino top-1" in out and "in openvino, batch 1" in out, out
     assert main(["export", "fmnist-vit", "--no-progress"]) == 2  # not a quantize --out folder
     assert main(["export", str(run), "--format", "vitq", "--weight-dtype", "int8", "--no-progress"]) == 2  # onnx only
     assert main(["quantize", "fmnist-vit", "--export", "onnx", "--no-progress"]) == 2  # --export needs --out
@@ -420,3 +431,44 @@ def _pickled(tmp_path: Path) -> Path:
     p = tmp_path / "float.pt"
     torch.save(tiny_vit(), p)
     return p
+
+
+def test_openvino_runs_the_same_file_with_parity_and_digest(tmp_path: Path) -> None:
+    """--runtime openvino: OpenVINO compiles vitq's ONNX file as it is (QDQ -> FakeQuantize) and gives the simulated
+    predictions; the file's digest is checked first, as for onnxruntime."""
+    pytest.importorskip("openvino")
+    from vitq.export.deploy import load_runtime
+
+    q, x = quantized(recipe="best", bits="W8A8")
+    export(q, tmp_path, "onnx")
+    ref = logits(q, x)
+    out = load_runtime(tmp_path, "onnx", "openvino")(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max() and (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    res = verify(q, tmp_path, [(x, ref.argmax(-1))], max_top1_diff=10.0, runtime="openvino")
+    assert res["runtime"] == "openvino" and res["format"] == "onnx in openvino"
+    with pytest.raises(ConfigError, match="--runtime openvino runs ONNX files"):
+        load_runtime(tmp_path, "vitq", "openvino")
+    with open(tmp_path / "model.onnx", "r+b") as f:  # one byte changed: refused before OpenVINO reads it
+        f.seek(-3, 2)
+        b = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ModelError, match="does not match the sha256"):
+        load_runtime(tmp_path, "onnx", "openvino")
+
+
+def test_verify_times_the_file_against_the_float_onnx(tmp_path: Path) -> None:
+    """--verify also times the file against the float ONNX of the same model (same runtime, this host) and records it
+    (export.json's speed); the float copy is the quantized model with its slots emptied: its outputs are the float
+    model's (reparameterization is exact)."""
+    from vitq.export.deploy import float_copy, time_against_float
+
+    q, x = quantized(recipe="repq", bits="W8A8")
+    fp = float_copy(q)
+    assert not any(m["quantizer"] != "float" for m in vitq.manifest(fp))
+    torch.testing.assert_close(logits(fp, x), logits(tiny_vit(), x), rtol=1e-4, atol=1e-4)
+    export(q, tmp_path, "onnx")
+    sp = time_against_float(q, tmp_path, seconds=0.2)
+    assert sp["quantized_ips"] > 0 and sp["float_ips"] > 0 and sp["speedup"] == pytest.approx(
+        sp["quantized_ips"] / sp["float_ips"], rel=1e-2)
+    assert json.loads((tmp_path / "export.json").read_text())["speed"] == sp

@@ -105,6 +105,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate", default="exact", choices=["exact", "uniform8"],
                    help="sites without an integer form (log2 / TanQ post-Softmax, ...): exact float emulation "
                         "(default) or 8-bit uniform post-Softmax (faster, a different quantizer)")
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default=None,
+                   help="onnx: the runtime --verify evaluates and times the file in (default onnxruntime; openvino "
+                        "needs the openvino extra)")
     p.add_argument("--weight-dtype", choices=["auto", "uint8", "int8"], default=None,
                    help="onnx: the weight codes' container: auto (default: int8 where this CPU runs it exactly - "
                         "VNNI, AMX, ARM -, uint8 elsewhere), uint8 (exact on every CPU) or int8 (faster matmuls on "
@@ -448,19 +451,39 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
               f"integer kernels after onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
         for fb in low["fallbacks"]:
             print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
+    runtime = getattr(args, "runtime", None)
     if loader is not None:
         v = verify(model, out, loader, fmt, max_top1_diff=args.max_top1_diff, progress=not args.no_progress,
-                   embeddings=embeddings)
+                   embeddings=embeddings, runtime=runtime)
         rep["verify"] = v
         if embeddings:
-            print(f"  verified on {v['images']} images: {fmt} embeddings against the simulated ones, cosine "
+            print(f"  verified on {v['images']} images: {v['format']} embeddings against the simulated ones, cosine "
                   f"{v['embedding_cosine_mean']:.6f} mean, {v['embedding_cosine_min']:.6f} smallest, max |diff| "
                   f"{v['max_abs_diff']:.3g}")
         else:
-            print(f"  verified on {v['images']} images: {fmt} top-1 {v['exported_top1']:.2f}% vs simulated "
+            print(f"  verified on {v['images']} images: {v['format']} top-1 {v['exported_top1']:.2f}% vs simulated "
                   f"{v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f}), predictions agree on {v['agreement']:.2f}%, "
                   f"max |logit diff| {v['max_logit_diff']:.3g} (mean {v['mean_logit_diff']:.3g})")
+        if fmt == "onnx":
+            _print_speed(model, out, runtime, rep)
     return rep
+
+
+def _print_speed(model: Any, out: Path, runtime: Optional[str], rep: dict[str, Any]) -> None:
+    """--verify's timing: the file against the float ONNX of the same model, same runtime, this host."""
+    from .export.deploy import time_against_float
+    from .export.onnx import cpu_flags
+
+    sp = time_against_float(model, out, runtime)
+    rep["speed"] = sp
+    flags = cpu_flags() or set()
+    isa = next((f for f in ("amx_int8", "avx512_vnni", "avx_vnni", "avx2") if f in flags), "no x86 SIMD flags read")
+    line = (f"  speed: {sp['quantized_ips']:.1f} images/s against the float ONNX's {sp['float_ips']:.1f} "
+            f"({sp['speedup']:.2f}x) in {sp['runtime']}, batch {sp['batch']}, {sp['threads']} threads, this CPU ({isa})")
+    print(line)
+    if sp["speedup"] <= 1.0:
+        log.warning("the quantized file is not faster than the float one here (%.2fx in %s): integer kernels pay on "
+                    "CPUs with a u8 x s8 dot product (VNNI, AMX, ARM); see docs/deploy.md", sp["speedup"], sp["runtime"])
 
 
 def _export_float(args: argparse.Namespace) -> int:

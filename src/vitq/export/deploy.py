@@ -203,11 +203,11 @@ def _logits(model: Any, loader: Any, limit: int) -> Tensor:
     return torch.cat(out)
 
 
-def _write_verify(out: Path, res: dict[str, Any]) -> None:
+def _write_verify(out: Path, res: dict[str, Any], key: str = "verify") -> None:
     rep_file = out / REPORT_FILE
     if rep_file.is_file():
         rep = json.loads(rep_file.read_text())
-        rep["verify"] = res
+        rep[key] = res
         rep_file.write_text(json.dumps(rep, indent=2) + "\n")
 
 
@@ -239,26 +239,83 @@ def verify_embeddings(model: nn.Module, runtime: Any, out: Path, loader: Any, fm
     return res
 
 
+def load_runtime(out: Path, fmt: str, runtime: Optional[str] = None) -> Any:
+    """The written file as a callable model in ``runtime`` (None: the format's own: onnxruntime for onnx, PyTorch for
+    the packed format; ``openvino``: an ONNX file compiled by OpenVINO)."""
+    backend = get_backend(fmt)
+    if runtime in (None, "onnxruntime") or fmt != "onnx":
+        if runtime not in (None, "onnxruntime"):
+            raise ConfigError(f"--runtime {runtime} runs ONNX files: use it with --format onnx")
+        return backend.load(out)
+    from .openvino import RUNTIMES, OpenVinoModel
+
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    return OpenVinoModel(out / backend.file)
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A copy of a quantized model with every quantization slot emptied: its float function (reparameterized folds
+    are exact), in the same graph form, to export as the float baseline of a quantized file."""
+    from ..passes.quantize import iter_slots
+
+    fp = copy.deepcopy(model).cpu()
+    for _, mod, slot, _, _ in list(iter_slots(fp)):
+        setattr(mod, slot, None)
+    return fp
+
+
+def time_against_float(model: nn.Module, out: Path, runtime: Optional[str] = None, batch: int = 1,
+                       seconds: float = 3.0) -> dict[str, Any]:
+    """The exported file's images / s against the float ONNX of the same model (:func:`float_copy`, exported with the
+    same conventions to a temporary folder), both in ``runtime`` on this host, timed in alternating rounds (so a
+    busy neighbour slows both alike): medians of ``seconds`` each at ``batch``."""
+    import numpy as np
+
+    from ..models import data_config
+
+    x = torch.randn(batch, *data_config(model).input_size, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        export(float_copy(model), tmp, "onnx", _float=True)
+        q, f = load_runtime(out, "onnx", runtime), load_runtime(Path(tmp), "onnx", runtime)
+        times: dict[str, list[float]] = {"q": [], "f": []}
+        for m in (q, f):
+            m(x)  # warm-up
+        t_end = time.perf_counter() + 2 * seconds
+        while time.perf_counter() < t_end or min(len(v) for v in times.values()) < 5:
+            for k, m in (("q", q), ("f", f)):
+                t0 = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - t0)
+    ips = {k: batch / float(np.median(v)) for k, v in times.items()}
+    res = {"runtime": runtime or "onnxruntime", "batch": batch, "quantized_ips": round(ips["q"], 2),
+           "float_ips": round(ips["f"], 2), "speedup": round(ips["q"] / ips["f"], 3),
+           "threads": torch.get_num_threads()}
+    _write_verify(out, res, key="speed")
+    return res
+
+
 def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onnx",
            max_top1_diff: float = DEFAULT_MAX_TOP1_DIFF, logit_images: int = 1024,
-           progress: bool = False, embeddings: bool = False) -> dict[str, Any]:
+           progress: bool = False, embeddings: bool = False, runtime: Optional[str] = None) -> dict[str, Any]:
     """The parity check: the exported file in its runtime against the simulated model on ``loader``'s
     images: both top-1s, the paired test, prediction agreement, max / mean |logit difference| (on the
     first ``logit_images``). Raises :class:`ExportError` when |Δ top-1| > ``max_top1_diff`` points.
-    ``embeddings``: the model is an encoder, checked by :func:`verify_embeddings` instead."""
+    ``embeddings``: the model is an encoder, checked by :func:`verify_embeddings` instead. ``runtime``: which
+    runtime runs an ONNX file (``onnxruntime``, the default, or ``openvino``)."""
     if not max_top1_diff >= 0:
         raise ConfigError(f"--max-top1-diff {max_top1_diff} must be >= 0 (points of top-1)")
     out = Path(out_dir)
-    backend = get_backend(fmt)
-    runtime = backend.load(out)
+    rt_model = load_runtime(out, fmt, runtime)
+    fmt_label = fmt if runtime in (None, "onnxruntime") else f"{fmt} in {runtime}"
     if embeddings:
-        return verify_embeddings(model, runtime, out, loader, fmt)
+        return verify_embeddings(model, rt_model, out, loader, fmt_label)
     sim = evaluate(model, loader, progress=progress, desc="eval simulated")
-    exp = evaluate(runtime, loader, progress=progress, desc=f"eval {fmt}")
+    exp = evaluate(rt_model, loader, progress=progress, desc=f"eval {fmt_label}")
     cmp = compare_paired(sim["predictions"], exp["predictions"])
-    ls, le = _logits(model, loader, logit_images), _logits(runtime, loader, logit_images)
+    ls, le = _logits(model, loader, logit_images), _logits(rt_model, loader, logit_images)
     d = (ls - le).abs()
-    res = {"format": fmt, "images": sim["n"], "simulated_top1": round(sim["top1"], 2), "exported_top1": round(exp["top1"], 2),
+    res = {"format": fmt_label, "runtime": runtime or ("onnxruntime" if fmt == "onnx" else "torch"), "images": sim["n"], "simulated_top1": round(sim["top1"], 2), "exported_top1": round(exp["top1"], 2),
            "top1_diff": round(exp["top1"] - sim["top1"], 2), "agreement": round(cmp.agree, 2),
            "p_value": cmp.p_value, "max_logit_diff": float(d.max()), "mean_logit_diff": float(d.mean()),
            "logit_images": int(ls.shape[0]), "max_top1_diff": max_top1_diff,
@@ -266,7 +323,7 @@ def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onn
     _write_verify(out, res)
     res["ok"] = abs(res["top1_diff"]) <= max_top1_diff
     if not res["ok"]:
-        raise ExportError(f"the {fmt} export's top-1 {res['exported_top1']:.2f}% differs from the simulated "
+        raise ExportError(f"the {fmt_label} export's top-1 {res['exported_top1']:.2f}% differs from the simulated "
                           f"{res['simulated_top1']:.2f}% by {res['top1_diff']:+.2f} points (limit {max_top1_diff}): "
                           f"{_int8_hint(out)}see the fallback sites in export.json, or raise the limit with --max-top1-diff")
     return res
@@ -286,5 +343,5 @@ def _int8_hint(out: Path) -> str:
     return "" if exact is not False else f"its int8 weights are not exact on this CPU ({why}): re-export with --weight-dtype uint8; "
 
 
-__all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "export_float", "get_backend", "register_backend",
-           "verify"]
+__all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "export_float", "float_copy", "get_backend", "load_runtime", "register_backend",
+           "time_against_float", "verify"]
