@@ -85,6 +85,8 @@ PAGES: dict[str, tuple[str, str]] = {
     "recon_new_families.md": ("reconstruction recipes (brecq, qdrop, oas, qdrop-repq, oas-repq) on the EVA-02- and "
                               "SigLIP-style reference models and their twins, W4A4 / W3A3",
                               "bench/recon.py --name recon_new_families"),
+    "openvino_profile.md": ("where OpenVINO spends its time on vitq's ONNX files and on NNCF's INT8 model, by layer "
+                            "kind (DeiT-S, batch 1)", "bench/studies/openvino_profile.py"),
     "best_a8.md": ("the default recipe at 8-bit activations: uniform 8-bit post-Softmax (all-integer files) against "
                    "its former TanQ (dopq-calib), W8A8 / W4A8, eight reference models",
                    "bench/baselines.py --name best_a8"),

@@ -149,6 +149,8 @@ def write_report(path: Path) -> None:
              "until 2026-11-28; the default is now the guarded validation, bench/results/oas_guard.md); "
              "`oas-validate` = the plain smallest-KL validation. "
              "Recipes from `bench/recipes/` are experimental compositions described in their YAML.", ""]
+    if meta.get("note"):
+        lines += [f"Note: {meta['note']}", ""]
     if meta.get("missing_models"):
         lines += [f"Missing models (not trained yet): {', '.join(meta['missing_models'])}."]
     if meta.get("missing_recipes"):
