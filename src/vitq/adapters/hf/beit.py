@@ -84,24 +84,50 @@ class HFBeitLayer(nn.Module):
 
 @register_adapter
 class HFBeitAdapter(HFAdapter):
+    """BEiT-style encoders. The module layout is data (class attributes and two hooks), so data2vec-vision - the same
+    computation in transformers' older layout - is a subclass that names its own modules."""
+
     name = "hf-beit"
     description = ("Hugging Face BeitForImageClassification / BeitModel (hf:DIR): relative position bias, layer "
                    "scale, mean-pooling head")
     MODELS = MODELS
+    #: where a layer's modules are, relative to the base model / to the layer
+    LAYERS = "layers"
+    QKV: tuple[str, ...] = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+    O_PROJ, FC1, FC2 = "attention.o_proj", "mlp.fc1", "mlp.fc2"
+    LAYER_MIXIN: type = HFBeitLayer
+
+    def _layers(self, base: Any) -> Any:
+        return base.get_submodule(self.LAYERS)
+
+    def _wrap_layer(self, layer: Any) -> None:
+        """The layer's and its attention's behaviour mixed in."""
+        mix_in(layer, HFBeitLayer)
+        att = layer.attention
+        if not isinstance(att, HFViTAttention):
+            mix_in(att, HFViTAttention)
+            att.init_core()
+
+    def _shared_bias_module(self, base: Any) -> Optional[nn.Module]:
+        """The model's relative position bias shared by every layer (None: each layer has its own, or none)."""
+        return base.shared_position_bias  # type: ignore[no-any-return]
+
+    def _mlp_modules(self, layer: Any) -> tuple[nn.Module, ...]:
+        return (layer.layernorm_after, layer.mlp, layer.add2)
 
     def is_wrapped(self, model: Any) -> bool:
-        layers = self._parts(model)[1].layers
-        return len(layers) > 0 and isinstance(layers[0], HFBeitLayer)
+        layers = self._layers(self._parts(model)[1])
+        return len(layers) > 0 and isinstance(layers[0], self.LAYER_MIXIN)
 
     def check(self, model: Any) -> None:
         act = getattr(model.config, "hidden_act", None)
         if act != "gelu":
             raise ModelError(f"MLP activation {act!r} is not supported: hidden_act 'gelu' only")
         prefix, base, head = self._parts(model)
-        for i, layer in enumerate(base.layers):
-            for attr in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                if not isinstance(getattr(layer.attention, attr, None), nn.Linear):
-                    raise ModelError(f"{at(prefix, f'layers.{i}')}.attention has no Linear {attr}: not supported")
+        for i, layer in enumerate(self._layers(base)):
+            for name in (*self.QKV, self.O_PROJ, self.FC1, self.FC2):
+                if not isinstance(layer.get_submodule(name), nn.Linear):
+                    raise ModelError(f"{at(prefix, f'{self.LAYERS}.{i}')}.{name} is not a Linear: not supported")
         if head and not isinstance(model.classifier, (nn.Linear, nn.Identity)):
             raise ModelError(f"classifier of type {type(model.classifier).__name__} is not supported: nn.Linear only")
 
@@ -109,25 +135,20 @@ class HFBeitAdapter(HFAdapter):
         self.check(model)
         _, base, head = self._parts(model)
         swap_conv(base.embeddings.patch_embeddings, "projection", Role.PATCH_EMBED)
-        if isinstance(base.layernorm, nn.LayerNorm):
-            swap_layernorm(base, "layernorm")
-        if base.pooler is not None and isinstance(getattr(base.pooler, "layernorm", None), nn.LayerNorm):
+        swap_layernorm(base, "layernorm")
+        if base.pooler is not None:
             swap_layernorm(base.pooler, "layernorm")
-        for layer in base.layers:
-            mix_in(layer, HFBeitLayer)
+        roles = [(n, Role.QKV_IN) for n in self.QKV] + [(self.O_PROJ, Role.PROJ_IN), (self.FC1, Role.FC1_IN),
+                                                       (self.FC2, Role.FC2_IN)]
+        for layer in self._layers(base):
+            self._wrap_layer(layer)
             if "add1" not in layer._modules:
                 layer.add1, layer.add2 = QAdd(), QAdd()
             swap_layernorm(layer, "layernorm_before")
             swap_layernorm(layer, "layernorm_after")
-            att = layer.attention
-            if not isinstance(att, HFViTAttention):
-                mix_in(att, HFViTAttention)
-                att.init_core()
-            for attr in ("q_proj", "k_proj", "v_proj"):
-                swap_linear(att, attr, Role.QKV_IN)
-            swap_linear(att, "o_proj", Role.PROJ_IN)
-            swap_linear(layer.mlp, "fc1", Role.FC1_IN)
-            swap_linear(layer.mlp, "fc2", Role.FC2_IN)
+            for name, role in roles:
+                parent, attr = name.rsplit(".", 1)
+                swap_linear(layer.get_submodule(parent), attr, role)
         if head and isinstance(model.classifier, nn.Linear):
             swap_linear(model, "classifier", Role.HEAD_IN)
         check_nothing_left(model)
@@ -136,18 +157,17 @@ class HFBeitAdapter(HFAdapter):
     def ln_consumers(self, model: Any) -> list[LNPair]:
         prefix, base, _ = self._parts(model)
         pairs = []
-        for i, _ in enumerate(base.layers):
-            p = at(prefix, f"layers.{i}")
-            pairs.append(LNPair(f"{p}.layernorm_before", tuple(f"{p}.attention.{a}" for a in ("q_proj", "k_proj", "v_proj")),
-                                Role.QKV_IN))
-            pairs.append(LNPair(f"{p}.layernorm_after", (f"{p}.mlp.fc1",), Role.FC1_IN))
+        for i, _ in enumerate(self._layers(base)):
+            p = at(prefix, f"{self.LAYERS}.{i}")
+            pairs.append(LNPair(f"{p}.layernorm_before", tuple(f"{p}.{q}" for q in self.QKV), Role.QKV_IN))
+            pairs.append(LNPair(f"{p}.layernorm_after", (f"{p}.{self.FC1}",), Role.FC1_IN))
         return pairs
 
     def residual_streams(self, model: Any) -> list[ResidualStream]:
         """One stream: the patch projection's rows, the class token and the absolute position embedding (when there
-        is one), then o_proj / fc2 of every layer (the lambda layer scales are per channel); read by the layer norms,
-        and at the end by the final layernorm, or by the pooler's LayerNorm after the mean (a mean commutes with a
-        per-channel scale), or the class token's classifier columns."""
+        is one), then the attention output projection / fc2 of every layer (the lambda layer scales are per channel);
+        read by the layer norms, and at the end by the final layernorm, or by the pooler's LayerNorm after the mean (a
+        mean commutes with a per-channel scale), or the class token's classifier columns."""
         prefix, base, head = self._parts(model)
         emb = at(prefix, "embeddings")
         w = [StreamWriter(f"{emb}.patch_embeddings.projection", "rows")]
@@ -155,9 +175,9 @@ class HFBeitAdapter(HFAdapter):
             if isinstance(getattr(base.embeddings, tok, None), nn.Parameter):
                 w.append(StreamWriter(f"{emb}.{tok}", "param"))
         r: list[StreamReader] = []
-        for i, _ in enumerate(base.layers):
-            p = at(prefix, f"layers.{i}")
-            w += [StreamWriter(f"{p}.attention.o_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
+        for i, _ in enumerate(self._layers(base)):
+            p = at(prefix, f"{self.LAYERS}.{i}")
+            w += [StreamWriter(f"{p}.{self.O_PROJ}", "rows"), StreamWriter(f"{p}.{self.FC2}", "rows")]
             r += [StreamReader(f"{p}.layernorm_before", "ln"), StreamReader(f"{p}.layernorm_after", "ln")]
         if isinstance(base.layernorm, nn.LayerNorm):
             r.append(StreamReader(at(prefix, "layernorm"), "ln"))
@@ -175,23 +195,22 @@ class HFBeitAdapter(HFAdapter):
         if not self.is_wrapped(model):
             self.wrap(model)
         _, base, has_head = self._parts(model)
+        shared_bias = self._shared_bias_module(base)
         res: dict[str, Any] = {}
 
         def embed(x: Tensor) -> Tensor:
             res["hw"] = tuple(x.shape[2:])
-            return base.embeddings(x)  # type: ignore[no-any-return]
-
-        def shared(x: Tensor) -> Optional[Tensor]:
-            if base.shared_position_bias is None:
-                return None
-            hw = res.get("hw") or config_image_size(model.config)
-            window = (hw[0] // model.config.patch_size, hw[1] // model.config.patch_size)
-            return base.shared_position_bias(window, interpolate_pos_encoding=False, dim_size=x.shape[1])  # type: ignore[no-any-return]
+            out = base.embeddings(x)
+            return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
 
         def attn_half(layer: Any) -> Callable[[Tensor], Tensor]:
             def f(x: Tensor) -> Tensor:
                 hw = res.get("hw") or config_image_size(model.config)
-                return layer.forward_attn(x, shared(x), False, hw)  # type: ignore[no-any-return]
+                shared = None
+                if shared_bias is not None:
+                    window = (hw[0] // model.config.patch_size, hw[1] // model.config.patch_size)
+                    shared = shared_bias(window, interpolate_pos_encoding=False, dim_size=x.shape[1])
+                return layer.forward_attn(x, shared, False, hw)  # type: ignore[no-any-return]
             return f
 
         def head(x: Tensor) -> Tensor:
@@ -200,11 +219,10 @@ class HFBeitAdapter(HFAdapter):
             return model.classifier(pooled) if has_head else pooled  # type: ignore[no-any-return]
 
         pieces = [Piece("embed", "embed", embed, (base.embeddings,))]
-        for i, layer in enumerate(base.layers):
-            pieces.append(Piece(f"layers.{i}.attn", "attn", attn_half(layer),
+        for i, layer in enumerate(self._layers(base)):
+            pieces.append(Piece(f"{self.LAYERS}.{i}.attn", "attn", attn_half(layer),
                                 (layer.layernorm_before, layer.attention, layer.add1), block=i))
-            pieces.append(Piece(f"layers.{i}.mlp", "mlp", layer.forward_mlp,
-                                (layer.layernorm_after, layer.mlp, layer.add2), block=i))
+            pieces.append(Piece(f"{self.LAYERS}.{i}.mlp", "mlp", layer.forward_mlp, self._mlp_modules(layer), block=i))
         tail = [m for m in (base.layernorm, base.pooler, model.classifier if has_head else None) if isinstance(m, nn.Module)]
         pieces.append(Piece("head", "head", head, tuple(tail)))
         return pieces
