@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .nn import FakeQuant, QConv2d, QLayerNorm, QLinear
 
 
 def file_sha256(path: "str | os.PathLike[str]") -> str:
@@ -90,9 +89,12 @@ def _unwrap_state(obj: Any, p: Path) -> dict[str, torch.Tensor]:
 
 def load_into(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict`` that names the mismatching keys in one line."""
+    # modules whose stored tensors a fresh build lacks or shapes otherwise make room first: FakeQuant (calibrated
+    # parameters), QLayerNorm (Add_alpha's scale), QLinear / QConv2d (a fold's bias)
     for name, m in model.named_modules():
-        if isinstance(m, (FakeQuant, QLayerNorm, QLinear, QConv2d)):
-            m.adopt_shapes(sd, f"{name}." if name else "")
+        adopt = getattr(m, "adopt_shapes", None)
+        if callable(adopt):
+            adopt(sd, f"{name}." if name else "")
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
