@@ -41,6 +41,9 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
     """Every weight DequantizeLinear of an exported file, evaluated: (codes - zero point) * scale."""
     g = onnx.load(str(path))
     init = {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
+    for n in g.graph.node:  # 4-bit codes: an INT4 / UINT4 initializer widened by a Cast
+        if n.op_type == "Cast" and n.input[0] in init:
+            init[n.output[0]] = init[n.input[0]].astype(np.int64)
     out = {}
     for n in g.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized"):
@@ -157,6 +160,37 @@ def test_u8s8_exact_by_cpu() -> None:
     assert u8s8_exact("x86_64", {"avx2", "avx_vnni"})[0] is True
     assert u8s8_exact("aarch64", set())[0] is True
     assert "saturates" in u8s8_exact("x86_64", {"avx2"})[1]
+
+
+@pytest.mark.parametrize("weight_dtype", ["int8", "uint8"])
+def test_4bit_weights_are_stored_in_4_bits_and_run_as_the_8bit_file(tmp_path: Path, monkeypatch,
+                                                                      weight_dtype: str) -> None:
+    """W4 codes in an 8-bit container made a W4A8 file as large as the W8A8 one: they are INT4 / UINT4 initializers
+    now, widened by a Cast that onnxruntime folds at load, so the file is smaller and runs the same integer
+    kernels with the same outputs, bit for bit."""
+    import ml_dtypes
+
+    import vitq.export.onnx as vo
+
+    assert vo.nibble_codes(np.array([0, 16]), np.array([0]), "uint8") is None  # 17 values: not 4 bits
+    assert vo.nibble_codes(np.array([-8, 7]), np.array([0]), "int8")[1].tolist() == [0]  # symmetric: zero point kept
+    q, x = quantized(recipe="minmax", bits="W4A8")
+    rep = export(q, tmp_path / "four", "onnx", weight_dtype=weight_dtype)
+    monkeypatch.setattr(vo, "nibble_codes", lambda *a: None)  # the file as it was: 4-bit codes in 8-bit containers
+    rep8 = export(q, tmp_path / "eight", "onnx", weight_dtype=weight_dtype)
+    g = onnx.load(str(tmp_path / "four" / "model.onnx"))
+    four = ml_dtypes.int4 if weight_dtype == "int8" else ml_dtypes.uint4
+    packed = [numpy_helper.to_array(i) for i in g.graph.initializer if i.name.endswith("_4bit")]
+    assert rep["weights_in_4_bits"] == rep["weights_as_codes"] == len(packed) == 10 and rep8["weights_in_4_bits"] == 0
+    assert all(p.dtype == four for p in packed)
+    assert sum(n.op_type == "Cast" for n in g.graph.node) == 10
+    a, b = dequantized_weights(tmp_path / "four" / "model.onnx"), dequantized_weights(tmp_path / "eight" / "model.onnx")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert rep["bytes"] < 0.8 * rep8["bytes"]
+    assert rep["runtime_ops"] == rep8["runtime_ops"] and "Cast" not in rep["runtime_ops"]  # folded: same kernels
+    out4, out8 = OnnxModel(tmp_path / "four" / "model.onnx")(x), OnnxModel(tmp_path / "eight" / "model.onnx")(x)
+    assert torch.equal(out4, out8)
+    assert all("stored in 4 bits" in s["note"] for s in rep["sites"] if s["how"] == "int-weight")
 
 
 def test_repq_w4a8_folds_fractional_zero_points_and_emulates_log_sqrt2(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Would 4-bit weight containers make a W4A8 ONNX file smaller *and* as fast? (issue 43, item 4)
+"""4-bit weights stored in 4 bits: is the W4A8 ONNX file smaller *and* as fast? (issue 43, item 4)
 
-vitq's W4A8 file stores each 4-bit weight code in an 8-bit container with a ``DequantizeLinear``; onnxruntime
-fuses those with the 8-bit activations' Q / DQ into integer kernels (``MatMulIntegerToFloat``). This study
-rewrites the same file's weight codes (and zero points) as ONNX ``UINT4`` tensors (opset 21; the codes and the
-dequantized values are unchanged) and measures, in one process per file and interleaved, the file size, the ops
-onnxruntime runs after its fusions, the largest output difference, and images/s at batch 1 and 32 (1 thread).
+vitq's W4A8 file stores each 4-bit weight code as an ONNX ``INT4`` / ``UINT4`` initializer widened by a ``Cast``
+to the 8-bit container its ``DequantizeLinear`` reads (since 2026-12-06); onnxruntime and OpenVINO fold the Cast
+at load time and fuse the rest with the 8-bit activations' Q / DQ into their integer kernels. This study compares
+that file with the same codes in 8-bit containers (the file before), with those codes read by an ``UINT4``
+``DequantizeLinear`` directly (opset 21; what the first try did), and with the float file: in one process per
+file and runtime, interleaved, the file size, the ops onnxruntime runs after its fusions, the largest output
+difference, and images/s at batch 1 and 32 (1 thread), in onnxruntime and in OpenVINO.
 
     python -m bench.studies.int4_weights            # fmnist-vit repq W4A8 --target onnx
 
@@ -15,6 +17,7 @@ Writes ``bench/results/int4_weights.md`` / ``.json``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,6 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, machine_line, machine_meta, md_table, write_md
+
+
+def widen(src: Path, dst: Path) -> int:
+    """``src`` with every 4-bit weight initializer and its widening ``Cast`` replaced by the 8-bit container the
+    Cast makes (the file vitq wrote before 2026-12-06); returns how many."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    p = onnx.load(str(src))
+    inits = {i.name: i for i in p.graph.initializer}
+    casts = [n for n in p.graph.node if n.op_type == "Cast" and n.input[0] in inits]
+    for n in casts:
+        to = next(a.i for a in n.attribute if a.name == "to")
+        a = numpy_helper.to_array(inits[n.input[0]]).astype(helper.tensor_dtype_to_np_dtype(to))
+        p.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(a), n.output[0]))
+        p.graph.node.remove(n)
+    keep = {i for n in p.graph.node for i in n.input}
+    live = [i for i in p.graph.initializer if i.name in keep]
+    del p.graph.initializer[:]
+    p.graph.initializer.extend(live)
+    onnx.save(p, str(dst))
+    return len(casts)
 
 
 def to_uint4(src: Path, dst: Path) -> int:
@@ -72,10 +98,31 @@ for bs in (1, 32):
 print(json.dumps({"ops": dict(ops.most_common(8)), "speed": speed}))
 """
 
+WORKER_OV = r"""
+import json, sys, time, numpy as np, openvino as ov
+path = sys.argv[1]
+core = ov.Core()
+m = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_NUM_THREADS": 1})
+x = np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32)
+req = m.create_infer_request()
+np.save(path + ".ov.npy", req.infer({0: x})[0])
+speed = {}
+for bs in (1, 32):
+    xb = x[:bs]
+    for _ in range(3):
+        req.infer({0: xb})
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 3.0:
+        req.infer({0: xb}); n += 1
+    speed[bs] = n * bs / (time.perf_counter() - t0)
+print(json.dumps({"speed": speed, "precision": str(m.get_property("INFERENCE_PRECISION_HINT"))}))
+"""
 
-def measure(path: Path, tmp: Path) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, "-c", WORKER, str(path), str(tmp / (path.stem + ".opt.onnx"))],
-                       capture_output=True, text=True, check=True)
+
+def measure(path: Path, tmp: Path, runtime: str = "onnxruntime") -> dict[str, Any]:
+    cmd = [sys.executable, "-c", WORKER, str(path), str(tmp / (path.stem + ".opt.onnx"))] if runtime == "onnxruntime" \
+        else [sys.executable, "-c", WORKER_OV, str(path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -94,41 +141,57 @@ def main() -> None:
                        check=True, capture_output=True, text=True)
         subprocess.run([sys.executable, "-m", "vitq", "export", str(run), "--format", "onnx", "--no-progress"],
                        check=True, capture_output=True, text=True)
-        u8 = run / "model.onnx"
+        now = run / "model.onnx"
+        u8 = tmp / "model_8bit.onnx"
+        n4 = widen(now, u8)
         u4 = tmp / "model_uint4.onnx"
-        n4 = to_uint4(u8, u4)
+        nu4 = to_uint4(u8, u4)
         fp = tmp / "float"
         subprocess.run([sys.executable, "-m", "vitq", "export", args.model, "--format", "onnx", "--out", str(fp),
                         "--no-progress"], check=True, capture_output=True, text=True)
-        files = {"float32": fp / "model.onnx", "W4A8, uint8 containers (vitq now)": u8,
-                 "W4A8, UINT4 weights": u4}
-        res: dict[str, dict[str, Any]] = {k: {"bytes": p.stat().st_size, "speed": {1: [], 32: []}} for k, p in files.items()}
+        files = {"float32": fp / "model.onnx", "W4A8, 8-bit containers (before)": u8,
+                 "W4A8, INT4 + Cast (vitq now)": now, "W4A8, UINT4 DequantizeLinear": u4}
+        runtimes = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+        res: dict[str, dict[str, Any]] = {k: {"bytes": p.stat().st_size, "speed": {(rt, b): [] for rt in runtimes
+                                                                                  for b in (1, 32)}}
+                                          for k, p in files.items()}
         for _ in range(args.rounds):
             for k, p in files.items():
-                m = measure(p, tmp)
-                res[k]["ops"] = m["ops"]
-                for bs, v in m["speed"].items():
-                    res[k]["speed"][int(bs)].append(v)
+                for rt in runtimes:
+                    m = measure(p, tmp, rt)
+                    if rt == "onnxruntime":
+                        res[k]["ops"] = m["ops"]
+                    for bs, v in m["speed"].items():
+                        res[k]["speed"][(rt, int(bs))].append(v)
         ref = np.load(str(u8) + ".out.npy")
         for k, p in files.items():
-            res[k]["max_diff_vs_uint8_file"] = float(np.abs(np.load(str(p) + ".out.npy") - ref).max())
-    meta = {**machine_meta(), "threads": 1, "model": args.model, "uint4_weights": n4}
+            res[k]["max_diff_vs_8bit_file"] = float(np.abs(np.load(str(p) + ".out.npy") - ref).max())
+            if "openvino" in runtimes:
+                res[k]["ov_max_diff_vs_8bit_file"] = float(np.abs(np.load(str(p) + ".ov.npy")
+                                                                  - np.load(str(u8) + ".ov.npy")).max())
+    meta = {**machine_meta(), "threads": 1, "model": args.model, "int4_weights": n4, "uint4_dq_weights": nu4}
     rows = []
     for k, r in res.items():
-        rows.append([k, f"{r['bytes'] / 1e3:.0f}", f"{r['bytes'] / res['float32']['bytes']:.2f}",
-                     f"{max(r['speed'][1]):.0f}", f"{max(r['speed'][32]):.0f}", f"{r['max_diff_vs_uint8_file']:.3g}",
-                     ", ".join(f"{v} {op}" for op, v in list(r["ops"].items())[:4])])
-    lines = [f"# 4-bit weight containers in ONNX: size and speed ({args.model}, repq W4A8 --target onnx)", "",
-             "The same quantized model three ways: the float baseline (`vitq export MODEL --format onnx`), vitq's file "
-             "(4-bit codes in 8-bit containers), and that file with its weight codes and zero points rewritten as ONNX "
-             f"UINT4 ({n4} weights; codes unchanged). onnxruntime, one thread, each file in its own process, "
-             f"{args.rounds} interleaved rounds (best shown); max diff: largest |output difference| against vitq's "
-             "file on 32 random images. Other processes on the host are not controlled: compare the rows of one page only "
-             "(this one ran beside one single-threaded benchmark on the other core).", "", machine_line(meta), "",
-             *md_table(["file", "KB", "x FP32", "img/s b1", "img/s b32", "max diff", "ops after fusion (top 4)"], rows,
-                       align="lrrrrrl")]
+        sp = [f"{max(r['speed'][(rt, b)]):.0f}" for rt in runtimes for b in (1, 32)]
+        rows.append([k, f"{r['bytes'] / 1e3:.0f}", f"{r['bytes'] / res['float32']['bytes']:.2f}", *sp,
+                     f"{r['max_diff_vs_8bit_file']:.3g}", ", ".join(f"{v} {op}" for op, v in list(r["ops"].items())[:4])])
+    heads = [f"{'ORT' if rt == 'onnxruntime' else 'OV'} img/s b{b}" for rt in runtimes for b in (1, 32)]
+    lines = [f"# 4-bit weights in ONNX files: size and speed ({args.model}, repq W4A8 --target onnx)", "",
+             "The same quantized model four ways: the float baseline (`vitq export MODEL --format onnx`); its weight codes "
+             "in 8-bit containers (vitq's file before 2026-12-06); as INT4 initializers widened by a `Cast` (vitq's file "
+             f"now, {n4} weights); and the 8-bit file's codes rewritten as `UINT4` read by `DequantizeLinear` directly "
+             f"({nu4} weights; the first try). onnxruntime and OpenVINO (its default inference precision), one thread, each "
+             f"file and runtime in its own process, {args.rounds} interleaved rounds (best shown); max diff: largest "
+             "|output difference| in onnxruntime against the 8-bit file on 32 random images"
+             + (" (OpenVINO: " + ", ".join(f"{r.get('ov_max_diff_vs_8bit_file', 0):.3g}" for r in res.values()) + ")"
+                if "openvino" in runtimes else "") + ". Other processes on the host are not controlled: compare the "
+             "rows of one page only.", "", machine_line(meta), "",
+             *md_table(["file", "KB", "x FP32", *heads, "max diff", "ops after fusion (top 4)"], rows,
+                       align="lrr" + "r" * len(heads) + "rl")]
     write_md(RESULTS / "int4_weights.md", lines, echo=True)
-    (RESULTS / "int4_weights.json").write_text(json.dumps({"meta": meta, "rows": res}, indent=1) + "\n")
+    (RESULTS / "int4_weights.json").write_text(json.dumps(
+        {"meta": meta, "rows": {k: {**r, "speed": {f"{rt} b{b}": v for (rt, b), v in r["speed"].items()}}
+                                for k, r in res.items()}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

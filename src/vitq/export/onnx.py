@@ -194,10 +194,31 @@ def container_codes(codes: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: 
     return c.astype(dt), z.astype(dt)
 
 
+def nibble_codes(codes: np.ndarray, zero_point: np.ndarray, weight_dtype: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Container codes (and zero points) moved, by one integer shift where needed, into the 4-bit range of the
+    container's signedness ([-8, 7] for int8, [0, 15] for uint8), so they can be stored as INT4 / UINT4; None
+    when they span more than 16 values. ``(code - zp)`` is unchanged; a shift is only made when the codes do not
+    fit as they are (so symmetric int8 weights keep their zero point 0, which OpenVINO's int8 kernels need)."""
+    lo, hi = (-8, 7) if weight_dtype == "int8" else (0, 15)
+    if not codes.size:
+        return None
+    c, z = codes.astype(np.int64), zero_point.astype(np.int64)
+    if c.min() < lo or c.max() > hi:
+        c, z = c - (c.min() - lo), z - (c.min() - lo)
+    info = np.iinfo(np.int8 if weight_dtype == "int8" else np.uint8)
+    if c.max() > hi or z.size and (z.min() < info.min or z.max() > info.max):
+        return None
+    return c, z
+
+
 def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]],
-                      weight_dtype: str = DEFAULT_WEIGHT_DTYPE) -> dict[str, Any]:
-    """Replace every weight constant of ``proto`` by its codes and a DequantizeLinear (in place)."""
-    from onnx import helper, numpy_helper
+                      weight_dtype: str = DEFAULT_WEIGHT_DTYPE, nibbles: bool = True) -> dict[str, Any]:
+    """Replace every weight constant of ``proto`` by its codes and a DequantizeLinear (in place). ``nibbles``:
+    codes that span at most 16 values (weights of 4 bits or fewer) are stored as INT4 / UINT4 and widened by a
+    ``Cast`` to the 8-bit container, which onnxruntime and OpenVINO fold at load time: the file holds 4 bits per
+    weight and runs the 8-bit file's integer kernels (bench/results/int4_weights.md)."""
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
 
     table: dict[bytes, tuple[LoweredWeight, bool]] = {}
     for lw, v in weights:
@@ -208,6 +229,7 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
     new_nodes: list[Any] = []
     replaced: set[str] = set()
     done: dict[str, str] = {}
+    nibble_count = 0
     for node in proto.graph.node:
         for k, name in enumerate(node.input):
             if name not in inits:
@@ -228,8 +250,20 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
                 codes = codes.T
             codes, zp = container_codes(codes, zp, lw.qmin, lw.qmax, weight_dtype)
             q = f"{name}_quantized"
+            nib = nibble_codes(codes, zp, weight_dtype) if nibbles and lw.qmax - lw.qmin < 16 else None
+            codes_name = q
+            if nib is not None:
+                codes4, zp4 = nib
+                zp = zp4.astype(codes.dtype)
+                codes_name = f"{q}_4bit"
+                four = ml_dtypes.int4 if weight_dtype == "int8" else ml_dtypes.uint4
+                proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes4.astype(four)), codes_name))
+                new_nodes.append(helper.make_node("Cast", [codes_name], [q], name=f"{q}_widen",
+                                                  to=TensorProto.INT8 if weight_dtype == "int8" else TensorProto.UINT8))
+                nibble_count += 1
+            else:
+                proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes), q))
             proto.graph.initializer.extend([
-                numpy_helper.from_array(np.ascontiguousarray(codes), q),
                 numpy_helper.from_array(lw.scale.cpu().numpy().astype(np.float32) if lw.per_channel
                                         else np.array(float(lw.scale.reshape(-1)[0]), np.float32), f"{q}_scale"),
                 numpy_helper.from_array(zp if lw.per_channel else zp.reshape(-1)[:1].reshape(()), f"{q}_zero_point"),
@@ -249,7 +283,7 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
     if missing:
         raise ModelError(f"{len(missing)} quantized weight(s) were not found in the exported graph ({missing[0]}, ...): "
                          "the exporter folded them into other constants; report this model")
-    return {"weights_as_codes": len(replaced), "weight_dtype": weight_dtype}
+    return {"weights_as_codes": len(replaced), "weight_dtype": weight_dtype, "weights_in_4_bits": nibble_count}
 
 
 #: onnxruntime session settings an exported file needs to compute what the simulated model computes. Its
