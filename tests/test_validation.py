@@ -85,6 +85,24 @@ def test_flags_that_only_make_sense_with_others(tmp_path: Path, capsys) -> None:
         _fast(["quantize", "fmnist-vit", "--out", str(tmp_path / "o2"), "--export", "onnx", "--max-top1-diff", v], capsys,
               r"--max-top1-diff \S+: give the points of top-1 the parity check allows")
     _fast(["quantize", "fmnist-vit", "--random-weights"], capsys, r"fmnist-vit is a reference model with trained weights")
+    # export and parity flags where nothing is exported or verified: they were silently ignored
+    _fast(["quantize", "fmnist-vit", "--max-top1-diff", "0.5"], capsys, r"--max-top1-diff 0.5 is the parity check's limit, "
+          r"and this command checks no file: pass --out DIR --export onnx")
+    _fast(["quantize", "fmnist-vit", "--runtime", "openvino"], capsys, r"--runtime openvino .* verifies no ONNX file")
+    _fast(["quantize", "fmnist-vit", "--out", str(tmp_path / "o3"), "--export", "vitq", "--runtime", "openvino"], capsys,
+          r"--runtime openvino .* verifies no ONNX file")
+    _fast(["export", "fmnist-vit", "--out", str(tmp_path / "f"), "--runtime", "openvino"], capsys,
+          r"--runtime openvino .* verifies nothing: pass --verify")
+    _fast(["export", "fmnist-vit", "--out", str(tmp_path / "f"), "--max-top1-diff", "1"], capsys,
+          r"checks no file: pass --verify")
+    _fast(["quantize", "fmnist-vit", "--emulate", "uniform8"], capsys, r"--emulate uniform8 .* this command exports nothing")
+    # an encoder's k-NN bank: smaller than k, or given where the head is evaluated
+    _fast(["quantize", "fmnist-dinov2", "--knn-bank", "5"], capsys, r"--knn-bank 5: the k-NN votes over the 20 nearest")
+    _fast(["quantize", "fmnist-vit", "--task", "classify", "--knn-bank", "100"], capsys,
+          r"--knn-bank sizes an encoder's k-NN memory bank and --task classify")
+    expect_error(["quantize", "fmnist-vit", "--recipe", "minmax", "--knn-bank", "100", "--eval-size", "20", "--no-progress"],
+                 capsys, r"--knn-bank 100 sizes an encoder's k-NN memory bank, and this model is evaluated by its "
+                 r"classification head")
 
 
 def test_two_when_blocks_that_both_hold_and_disagree(tmp_path: Path, capsys) -> None:

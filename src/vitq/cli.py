@@ -62,7 +62,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="classify: top-1 of the model's head; features: an image encoder - k-NN top-1 (k 20, cosine) "
                         "with a bank of train-split images, and the embeddings' agreement with the float model "
                         "(default auto: features for a model without a classification head)")
-    p.add_argument("--knn-bank", type=int, default=10000, metavar="N",
+    p.add_argument("--knn-bank", type=int, default=None, metavar="N",
                    help="encoders: train-split images in the k-NN memory bank (a seeded sample; default 10000)")
     _add_compute_args(p)
 
@@ -100,9 +100,9 @@ def _add_recipe_args(p: argparse.ArgumentParser, one: bool = True) -> None:
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-top1-diff", type=float, default=0.1, metavar="POINTS",
+    p.add_argument("--max-top1-diff", type=float, default=None, metavar="POINTS",
                    help="parity check: fail when the export's top-1 differs from the simulated one by more (default 0.1)")
-    p.add_argument("--emulate", default="exact", choices=["exact", "uniform8"],
+    p.add_argument("--emulate", default=None, choices=["exact", "uniform8"],
                    help="sites without an integer form (log2 / TanQ post-Softmax, ...): exact float emulation "
                         "(default) or 8-bit uniform post-Softmax (faster, a different quantizer)")
     p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default=None,
@@ -115,19 +115,42 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                         "it: wrong logits on x86 CPUs without VNNI)")
 
 
-def check_export_args(args: argparse.Namespace, fmt: Optional[str]) -> None:
+#: the parity check's default limit (points of top-1) and the default emulation of sites without an integer form
+MAX_TOP1_DIFF = 0.1
+EMULATE = "exact"
+
+
+def check_export_args(args: argparse.Namespace, fmt: Optional[str], verifies: bool) -> None:
     """The export flags, before anything is loaded or quantized: ``fmt`` is the file the command will write (None:
-    none, ``vitq`` or ``onnx``)."""
+    none, ``vitq`` or ``onnx``), ``verifies`` whether it checks that file's parity. A flag that would change nothing
+    is refused (it was silently ignored)."""
     from .errors import ConfigError
 
     d = getattr(args, "max_top1_diff", None)
     if d is not None and not (math.isfinite(d) and d >= 0):
         raise ConfigError(f"--max-top1-diff {d}: give the points of top-1 the parity check allows, a number >= 0")
+    how = "pass --verify" if args.command == "export" else "pass --out DIR --export onnx"
+    if d is not None and not verifies:
+        raise ConfigError(f"--max-top1-diff {d} is the parity check's limit, and this command checks no file: {how}, "
+                          "or drop --max-top1-diff")
+    rt = getattr(args, "runtime", None)
+    if rt is not None and not (verifies and fmt == "onnx"):
+        raise ConfigError(f"--runtime {rt} is the runtime an ONNX file is verified in, and this command verifies "
+                          + ("no ONNX file" if fmt != "onnx" else "nothing") + f": {how}, or drop --runtime")
+    em = getattr(args, "emulate", None)
+    if em is not None and fmt is None:
+        raise ConfigError(f"--emulate {em} decides how an export holds sites without an integer form, and this command "
+                          "exports nothing: pass --out DIR --export onnx, or drop --emulate")
     wd = getattr(args, "weight_dtype", None)
     if wd is not None and fmt != "onnx":
         raise ConfigError(f"--weight-dtype {wd} sets the weight container of an ONNX file, and this command writes "
                           + ("none" if fmt is None else f"a {fmt} export") + ": pass --export onnx (vitq export: --format "
                           "onnx), or drop --weight-dtype")
+
+
+def _limit(args: argparse.Namespace) -> float:
+    d = getattr(args, "max_top1_diff", None)
+    return MAX_TOP1_DIFF if d is None else float(d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,7 +458,7 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
                        embeddings: bool = False) -> dict[str, Any]:
     from .export.deploy import export, verify
 
-    rep = export(model, out, fmt, emulate=args.emulate, weight_dtype=getattr(args, "weight_dtype", None))
+    rep = export(model, out, fmt, emulate=args.emulate or EMULATE, weight_dtype=getattr(args, "weight_dtype", None))
     low = rep["lowering"]
     if fmt == "vitq":
         print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['bytes'] / rep['float32_state_bytes']:.3f}x "
@@ -453,7 +476,7 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
             print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
     runtime = getattr(args, "runtime", None)
     if loader is not None:
-        v = verify(model, out, loader, fmt, max_top1_diff=args.max_top1_diff, progress=not args.no_progress,
+        v = verify(model, out, loader, fmt, max_top1_diff=_limit(args), progress=not args.no_progress,
                    embeddings=embeddings, runtime=runtime)
         rep["verify"] = v
         if embeddings:
@@ -513,7 +536,7 @@ def _export_float(args: argparse.Namespace) -> int:
     spec = _spec(args)
     if args.verify:
         o = _open(spec)
-        model, loader, embeddings = o.model, o.loader, task_of(o.model, spec.task) == "features"
+        model, loader, embeddings = o.model, o.loader, task_of(o.model, spec.task, spec.knn_bank) == "features"
     else:
         model, _ = load(spec.model, checkpoint=spec.checkpoint, trust_pickle=spec.trust_pickle,
                         random_weights=spec.random_weights, num_classes=spec.num_classes, device=spec.device)
@@ -524,7 +547,7 @@ def _export_float(args: argparse.Namespace) -> int:
           "site: the baseline for a quantized file)")
     if loader is not None:
         fp = quantize(copy.deepcopy(model), load_recipe("fp"), "W8A8", calib_data=None)
-        v = verify(fp, out, loader, "onnx", max_top1_diff=args.max_top1_diff, progress=not args.no_progress,
+        v = verify(fp, out, loader, "onnx", max_top1_diff=_limit(args), progress=not args.no_progress,
                    embeddings=embeddings)
         rep["verify"] = v
         what = (f"embedding cosine {v['embedding_cosine_min']:.6f} smallest" if embeddings else
@@ -543,7 +566,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .run import is_run_folder
     from .run.inputs import load
 
-    check_export_args(args, args.format)
+    check_export_args(args, args.format, bool(args.verify))
     if not is_run_folder(args.model):
         return _export_float(args)
     spec = _spec(args)
@@ -553,7 +576,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         o = _open(spec)
         model, loader = o.model, o.loader
-        embeddings = task_of(model, spec.task) == "features"
+        embeddings = task_of(model, spec.task, spec.knn_bank) == "features"
         print(f"verifying on {o.choice.spec}{_data_line(o.choice.origin)}")
     else:
         model, _ = load(spec.model, trust_pickle=spec.trust_pickle, device=spec.device)
@@ -604,7 +627,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     o = _open(spec)
     from .run.inputs import task_of
 
-    features = task_of(o.model, spec.task) == "features"
+    features = task_of(o.model, spec.task, spec.knn_bank) == "features"
     progress = spec.progress
     before = None
     recipe: Any
@@ -663,7 +686,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .run import check_resume, default_notice, run
 
     spec = _spec(args)  # every value checked, the recipe built and edited: before anything is loaded
-    check_export_args(args, spec.export)
+    check_export_args(args, spec.export, spec.export is not None)
     if spec.export == "onnx":
         from .export.onnx import require
 

@@ -9,5 +9,8 @@ DEFAULT_RECIPE = "best"
 FAST_RECIPE = "repq"
 #: the bit-width when none is named
 DEFAULT_BITS = "W8A8"
+#: an encoder's k-NN evaluation (the DINO protocol): k nearest train-split embeddings, and the bank's default size
+KNN_K = 20
+DEFAULT_KNN_BANK = 10000
 
-__all__ = ["DEFAULT_BITS", "DEFAULT_MODEL", "DEFAULT_RECIPE", "FAST_RECIPE"]
+__all__ = ["DEFAULT_BITS", "DEFAULT_KNN_BANK", "DEFAULT_MODEL", "DEFAULT_RECIPE", "FAST_RECIPE", "KNN_K"]

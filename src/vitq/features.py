@@ -21,12 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .batches import as_embedding, batch_images, batch_labels
+from .defaults import KNN_K  # the DINO k-NN protocol (in defaults: the run spec checks --knn-bank against it)
 from .devices import model_device
 from .errors import DataError, ModelError
 from .evaluate import Predictions
 
-#: the DINO k-NN protocol
-KNN_K = 20
 KNN_TEMPERATURE = 0.07
 
 

@@ -146,7 +146,7 @@ def compare_spec(spec: RunSpec, recipes: Sequence[str], bits: Sequence[str], opt
     source = inputs.calibration_source(o.choice, o.pre, spec.calib_data, o.loader.dataset)
     sizes = sorted({r.at(b).calib_size for r in edited for b in bits})  # a size may follow the width (when)
     samples = {n: calibration_samples(source, n, spec.seeds, say, ceiling=spec.calib_size is None)[0] for n in sizes}
-    features = inputs.task_of(o.model, spec.task) == "features"
+    features = inputs.task_of(o.model, spec.task, spec.knn_bank) == "features"
     res = compare(o.model, o.loader, lambda n, s: samples[n][s], edited, bits, batch_size=spec.batch_size,
                   device=resolve(spec.device), target=spec.effective_target, progress=spec.progress,
                   seeds=list(spec.seeds), model_name=spec.model,

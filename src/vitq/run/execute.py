@@ -21,6 +21,7 @@ from .. import distributed
 from ..adapters import ModelSource, get_adapter
 from ..bits import Bits
 from ..data import make_loader
+from ..defaults import DEFAULT_KNN_BANK
 from ..devices import resolve
 from ..errors import ConfigError
 from ..evaluate import evaluate, peak_rss_mb, reset_peak_rss
@@ -125,13 +126,13 @@ def bank_loader(spec: RunSpec, choice: inputs.DataChoice, pre: Any) -> Any:
     if distributed.active():
         raise ConfigError("an encoder's k-NN evaluation under torchrun is not supported yet: run it in one process")
     train: Any = build_dataset(choice.spec, "train", pre)
-    return make_loader(calibration_subset(train, min(spec.knn_bank, len(train)), 0), batch_size=spec.batch_size,
+    return make_loader(calibration_subset(train, min(spec.knn_bank or DEFAULT_KNN_BANK, len(train)), 0), batch_size=spec.batch_size,
                        num_workers=spec.workers)
 
 
 def evaluate_opened(spec: RunSpec, o: inputs.Opened, desc: str = "eval") -> dict[str, Any]:
     """``vitq eval``: a classifier's top-1 / top-5 / log-loss, or an encoder's k-NN top-1 (``task``)."""
-    if inputs.task_of(o.model, spec.task) == "features":
+    if inputs.task_of(o.model, spec.task, spec.knn_bank) == "features":
         return features_evaluator(o.loader, bank_loader(spec, o.choice, o.pre), spec.progress)(o.model, desc)
     return evaluate(o.model, o.loader, progress=spec.progress, desc=desc, sharded=distributed.active())
 
@@ -253,7 +254,7 @@ def run(spec: Optional[RunSpec] = None, *, float_model: Optional[nn.Module] = No
     if spec.auto_bits:
         recipe, mixed = mixed_precision(spec, model, recipe, choice, pre, csource, sets[spec.seeds[0]], say)
     sharded = distributed.active()
-    features = inputs.task_of(model, spec.task) == "features"
+    features = inputs.task_of(model, spec.task, spec.knn_bank) == "features"
     evaluator: Optional[Evaluator] = None
     fp: Optional[dict[str, Any]]
     if features:

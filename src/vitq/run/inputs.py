@@ -123,15 +123,21 @@ def choose_data(model_arg: str, model: nn.Module, source: ModelSource, data: Opt
     return choice
 
 
-def task_of(model: nn.Module, task: str = "auto") -> str:
+def task_of(model: nn.Module, task: str = "auto", knn_bank: Optional[int] = None) -> str:
     """``classify`` or ``features``: ``auto`` is features for a model without a classification head (an encoder:
-    ``num_classes=0``, DINOv2 / CLIP / SigLIP towers)."""
+    ``num_classes=0``, DINOv2 / CLIP / SigLIP towers). ``knn_bank``: the --knn-bank the user gave (None: not given),
+    refused for a model evaluated by its head, where it would be ignored."""
     if task != "auto":
         if task == "classify" and get_adapter(model).num_outputs(model) is None:
             raise ConfigError("--task classify: the model has no classification head; it is an encoder: use --task "
                               "features (k-NN and embedding agreement)")
-        return task
-    return "features" if get_adapter(model).num_outputs(model) is None else "classify"
+        found = task
+    else:
+        found = "features" if get_adapter(model).num_outputs(model) is None else "classify"
+    if found == "classify" and knn_bank is not None:
+        raise ConfigError(f"--knn-bank {knn_bank} sizes an encoder's k-NN memory bank, and this model is evaluated by its "
+                          "classification head: drop --knn-bank (or pass --task features to evaluate its embeddings)")
+    return found
 
 
 def check_fit(model: nn.Module, spec: DataSpec, model_arg: str = "the model") -> None:

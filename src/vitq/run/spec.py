@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from ..bits import Bits, parse_run_bits
-from ..defaults import DEFAULT_BITS, DEFAULT_MODEL
+from ..defaults import DEFAULT_BITS, DEFAULT_KNN_BANK, DEFAULT_MODEL, KNN_K
 from ..devices import resolve
 from ..errors import ConfigError
 from ..recipes import DEFAULT_RECIPE, Recipe, edit_recipe, parse_assignments
@@ -71,7 +71,7 @@ class RunSpec:
     eval_size: Optional[int] = None
     skip_fp: bool = False
     task: str = "auto"
-    knn_bank: int = 10000
+    knn_bank: Optional[int] = None  # None: DEFAULT_KNN_BANK (given: only with an encoder, checked at load)
     out: Optional[str] = None
     export: Optional[str] = None
     progress: bool = False
@@ -88,7 +88,13 @@ class RunSpec:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"model must be a model name, folder or file, got {self.model!r}")
         for name in ("batch_size", "eval_size", "calib_size", "sensitivity_size", "knn_bank"):
-            _positive(f"--{name.replace('_', '-')}", getattr(self, name), allow_none=name not in ("batch_size", "knn_bank"))
+            _positive(f"--{name.replace('_', '-')}", getattr(self, name), allow_none=name != "batch_size")
+        if self.knn_bank is not None and self.knn_bank < KNN_K:
+            raise ConfigError(f"--knn-bank {self.knn_bank}: the k-NN votes over the {KNN_K} nearest bank images, so the bank "
+                              f"needs at least {KNN_K}: give {KNN_K} or more (default {DEFAULT_KNN_BANK})")
+        if self.knn_bank is not None and self.task == "classify":
+            raise ConfigError("--knn-bank sizes an encoder's k-NN memory bank and --task classify evaluates the model's "
+                              "head: drop --knn-bank, or use --task features")
         n = self.num_classes
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ConfigError(f"--num-classes {n!r}: give 0 (an encoder, timm's num_classes=0: no head) or more")
@@ -230,7 +236,7 @@ class RunSpec:
             exclude=tuple(get("exclude") or ()), options=tuple(sorted(sets.items())), target=get("target"),
             seeds=tuple(get("seed", (0,))), device=get("device", "cpu"), workers=get("workers", 0),
             batch_size=get("batch_size", 64), eval_size=get("eval_size"), skip_fp=bool(get("skip_fp")),
-            task=get("task", "auto"), knn_bank=get("knn_bank", 10000),
+            task=get("task", "auto"), knn_bank=get("knn_bank"),
             out=get("out") if get("command") == "quantize" else None, export=get("export"),
             progress=not get("no_progress", False))
         kw.update(extra)
