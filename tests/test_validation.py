@@ -96,6 +96,8 @@ def test_flags_that_only_make_sense_with_others(tmp_path: Path, capsys) -> None:
     _fast(["export", "fmnist-vit", "--out", str(tmp_path / "f"), "--max-top1-diff", "1"], capsys,
           r"checks no file: pass --verify")
     _fast(["quantize", "fmnist-vit", "--emulate", "uniform8"], capsys, r"--emulate uniform8 .* this command exports nothing")
+    _fast(["quantize", "fmnist-vit", "--recipe-out", str(tmp_path / "r.yaml")], capsys,
+          r"--recipe-out \S+ writes the mixed-precision recipe --bits auto chooses, and --bits W8A8 chooses none")
     # an encoder's k-NN bank: smaller than k, or given where the head is evaluated
     _fast(["quantize", "fmnist-dinov2", "--knn-bank", "5"], capsys, r"--knn-bank 5: the k-NN votes over the 20 nearest")
     _fast(["quantize", "fmnist-vit", "--task", "classify", "--knn-bank", "100"], capsys,

@@ -17,6 +17,7 @@ Writes ``bench/results/int4_weights.md`` / ``.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import subprocess
@@ -49,6 +50,27 @@ def widen(src: Path, dst: Path) -> int:
     p.graph.initializer.extend(live)
     onnx.save(p, str(dst))
     return len(casts)
+
+
+def deit_sizes() -> dict[str, int]:
+    """File bytes at DeiT-S scale (timm deit_small_patch16_224, random weights; minmax, calibration only on 8 random
+    images: the size does not depend on the ranges): the float file and W8A8 / W4A8 files as vitq writes them."""
+    import timm
+    import torch
+
+    import vitq
+    from vitq.export.deploy import export_float
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    calib = torch.randn(8, 3, 224, 224)
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        out["float32"] = export_float(model, Path(d) / "fp")["bytes"]
+        for bits in ("W8A8", "W4A8"):
+            q = vitq.quantize(copy.deepcopy(model), "minmax", bits, calib_data=calib)
+            out[bits] = vitq.export(q, Path(d) / bits, "onnx")["bytes"]
+    return out
 
 
 def to_uint4(src: Path, dst: Path) -> int:
@@ -130,7 +152,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="fmnist-vit")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per file")
+    ap.add_argument("--no-deit", action="store_true", help="skip the file sizes at DeiT-S scale")
     args = ap.parse_args()
+    deit = {} if args.no_deit else deit_sizes()
     import numpy as np
 
     with tempfile.TemporaryDirectory() as d:
@@ -169,7 +193,8 @@ def main() -> None:
             if "openvino" in runtimes:
                 res[k]["ov_max_diff_vs_8bit_file"] = float(np.abs(np.load(str(p) + ".ov.npy")
                                                                   - np.load(str(u8) + ".ov.npy")).max())
-    meta = {**machine_meta(), "threads": 1, "model": args.model, "int4_weights": n4, "uint4_dq_weights": nu4}
+    meta = {**machine_meta(), "threads": 1, "model": args.model, "int4_weights": n4, "uint4_dq_weights": nu4,
+            "deit_s_bytes": deit}
     rows = []
     for k, r in res.items():
         sp = [f"{max(r['speed'][(rt, b)]):.0f}" for rt in runtimes for b in (1, 32)]
@@ -188,6 +213,12 @@ def main() -> None:
              "rows of one page only.", "", machine_line(meta), "",
              *md_table(["file", "KB", "x FP32", *heads, "max diff", "ops after fusion (top 4)"], rows,
                        align="lrr" + "r" * len(heads) + "rl")]
+    if deit:
+        lines += ["", "At DeiT-S scale (timm `deit_small_patch16_224`, random weights, minmax, as `vitq export` writes "
+                  "it; the float parts - LayerNorms, biases, position embedding, scales - weigh more in the small "
+                  "reference model):", "",
+                  *md_table(["file", "MB", "x FP32"], [[k, f"{v / 1e6:.2f}", f"{v / deit['float32']:.3f}"]
+                                                     for k, v in deit.items()], align="lrr")]
     write_md(RESULTS / "int4_weights.md", lines, echo=True)
     (RESULTS / "int4_weights.json").write_text(json.dumps(
         {"meta": meta, "rows": {k: {**r, "speed": {f"{rt} b{b}": v for (rt, b), v in r["speed"].items()}}

@@ -310,6 +310,9 @@ def _check_args(args: argparse.Namespace) -> None:
                               "another folder")
     if getattr(args, "recipe_out", None) and Path(args.recipe_out).is_dir():
         raise ConfigError(f"--recipe-out {args.recipe_out} is a folder: give a file name (e.g. mixed.yaml)")
+    if getattr(args, "recipe_out", None) and not str(getattr(args, "bits", "") or "").lower().startswith("auto"):
+        raise ConfigError(f"--recipe-out {args.recipe_out} writes the mixed-precision recipe --bits auto chooses, and "
+                          f"--bits {args.bits or 'W8A8'} chooses none: pass --bits auto (or autoA4), or drop --recipe-out")
 
 
 def _start_distributed(args: argparse.Namespace) -> None:
