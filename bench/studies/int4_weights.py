@@ -74,7 +74,8 @@ def deit_sizes() -> dict[str, int]:
 
 
 def to_uint4(src: Path, dst: Path) -> int:
-    """``src`` with every weight code initializer of values 0..15 (and its zero point) as UINT4; returns how many."""
+    """``src`` with every weight code initializer that fits 4 bits (uint8 codes 0..15 as UINT4, int8 codes -8..7 as
+    INT4) and its zero point rewritten in 4 bits, read by the ``DequantizeLinear`` directly; returns how many."""
     import ml_dtypes
     import numpy as np
     import onnx
@@ -88,10 +89,11 @@ def to_uint4(src: Path, dst: Path) -> int:
             continue
         q, _, z = node.input
         a, zz = numpy_helper.to_array(inits[q]), numpy_helper.to_array(inits[z])
-        if a.dtype == np.uint8 and a.max() <= 15 and zz.max() <= 15:
-            inits[q].CopyFrom(numpy_helper.from_array(a.astype(ml_dtypes.uint4), q))
-            inits[z].CopyFrom(numpy_helper.from_array(zz.astype(ml_dtypes.uint4), z))
-            n += 1
+        for dt, lo, hi, four in ((np.uint8, 0, 15, ml_dtypes.uint4), (np.int8, -8, 7, ml_dtypes.int4)):
+            if a.dtype == dt and lo <= a.min() and a.max() <= hi and lo <= zz.min() and zz.max() <= hi:
+                inits[q].CopyFrom(numpy_helper.from_array(a.astype(four), q))
+                inits[z].CopyFrom(numpy_helper.from_array(zz.astype(four), z))
+                n += 1
     onnx.save(p, str(dst))
     return n
 
@@ -174,7 +176,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "vitq", "export", args.model, "--format", "onnx", "--out", str(fp),
                         "--no-progress"], check=True, capture_output=True, text=True)
         files = {"float32": fp / "model.onnx", "W4A8, 8-bit containers (before)": u8,
-                 "W4A8, INT4 + Cast (vitq now)": now, "W4A8, UINT4 DequantizeLinear": u4}
+                 "W4A8, INT4 + Cast (vitq now)": now, "W4A8, 4-bit DequantizeLinear": u4}
         runtimes = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
         res: dict[str, dict[str, Any]] = {k: {"bytes": p.stat().st_size, "speed": {(rt, b): [] for rt in runtimes
                                                                                   for b in (1, 32)}}
@@ -204,13 +206,13 @@ def main() -> None:
     lines = [f"# 4-bit weights in ONNX files: size and speed ({args.model}, repq W4A8 --target onnx)", "",
              "The same quantized model four ways: the float baseline (`vitq export MODEL --format onnx`); its weight codes "
              "in 8-bit containers (vitq's file before 2026-12-06); as INT4 initializers widened by a `Cast` (vitq's file "
-             f"now, {n4} weights); and the 8-bit file's codes rewritten as `UINT4` read by `DequantizeLinear` directly "
-             f"({nu4} weights; the first try). onnxruntime and OpenVINO (its default inference precision), one thread, each "
+             f"now, {n4} weights); and the 8-bit file's codes rewritten as `INT4` / `UINT4` read by `DequantizeLinear` "
+             f"directly ({nu4} weights; the first try). onnxruntime and OpenVINO (its default inference precision), one thread, each "
              f"file and runtime in its own process, {args.rounds} interleaved rounds (best shown); max diff: largest "
              "|output difference| in onnxruntime against the 8-bit file on 32 random images"
              + (" (OpenVINO: " + ", ".join(f"{r.get('ov_max_diff_vs_8bit_file', 0):.3g}" for r in res.values()) + ")"
-                if "openvino" in runtimes else "") + ". Other processes on the host are not controlled: compare the "
-             "rows of one page only.", "", machine_line(meta), "",
+                if "openvino" in runtimes else "") + ". Other processes on the host are not controlled (this run: two single-threaded benches "
+             "on the 2 cores beside it): compare the rows of one page only.", "", machine_line(meta), "",
              *md_table(["file", "KB", "x FP32", *heads, "max diff", "ops after fusion (top 4)"], rows,
                        align="lrr" + "r" * len(heads) + "rl")]
     if deit:
