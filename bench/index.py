@@ -26,9 +26,9 @@ PAGES: dict[str, tuple[str, str]] = {
     "best_parts.md": ("which parts make `best` at W3A3 (V-2SF post-GELU, a power-of-two attention grid, QDrop stage 3)",
                       "bench/best.py with bench/recipes/parts-*"),
     "baselines.md": ("every calibration-only baseline recipe on all six models, W8A8 to W3A3", "bench/baselines.py"),
-    "int4_weights.md": ("would ONNX UINT4 weight containers make a W4A8 file smaller and as fast? (size, ops after "
-                        "onnxruntime's fusions, images/s beside the float and the 8-bit-container files)",
-                        "bench/studies/int4_weights.py"),
+    "int4_weights.md": ("4-bit weights stored in 4 bits (INT4 + Cast, vitq's file since 2026-12-06) against 8-bit "
+                        "containers and a 4-bit DequantizeLinear: size, ops after fusion, speed in onnxruntime and "
+                        "OpenVINO; file sizes at DeiT-S scale", "bench/studies/int4_weights.py"),
     "new_families.md": ("calibration-only recipes on the EVA-02- and SigLIP-style reference models and their outlier "
                         "twins, W8A8 / W4A4 / W3A3", "bench/baselines.py --name new_families"),
     "new_families_dinov2.md": ("the same on the DINOv2-style encoder and its twin: k-NN top-1 and the embeddings' "
@@ -85,6 +85,9 @@ PAGES: dict[str, tuple[str, str]] = {
     "recon_new_families.md": ("reconstruction recipes (brecq, qdrop, oas, qdrop-repq, oas-repq) on the EVA-02- and "
                               "SigLIP-style reference models and their twins, W4A4 / W3A3",
                               "bench/recon.py --name recon_new_families"),
+    "openvino_attention.md": ("OpenVINO and vitq's attention: best, symmetric weights, symmetric q / k beside NNCF's "
+                              "INT8 (speed, attention subgraph precision, layer times; W8A8 accuracy of the recipes)",
+                              "bench/studies/openvino_attention.py"),
     "openvino_profile.md": ("where OpenVINO spends its time on vitq's ONNX files and on NNCF's INT8 model, by layer "
                             "kind (DeiT-S, batch 1)", "bench/studies/openvino_profile.py"),
     "best_a8.md": ("the default recipe at 8-bit activations: uniform 8-bit post-Softmax (all-integer files) against "
