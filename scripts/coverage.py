@@ -167,7 +167,8 @@ CASES: list[Case] = [
     Case("vit_rope", "timm", "vit_base_patch16_rope_224", _timm("vit_base_patch16_rope_224", **_VIT), True,
          "ViT with rotary embeddings (Eva with AttentionRope)"),
     Case("siglip", "timm", "vit_base_patch16_siglip_224", _timm("vit_base_patch16_siglip_224", **_VIT), True,
-         "SigLIP image tower (attention-pool head, global_pool='map')"),
+         "SigLIP image tower (attention-pool head, global_pool='map'; its latent query's projection reads a constant and "
+         "stays float)", constant_linears=1),
     Case("clip_quickgelu", "timm", "vit_base_patch16_clip_quickgelu_224",
          _timm("vit_base_patch16_clip_quickgelu_224", **_VIT), True, "OpenAI CLIP image tower (QuickGELU)"),
     Case("beit", "timm", "beit_base_patch16_224", _timm("beit_base_patch16_224", **_VIT), True,
@@ -235,7 +236,8 @@ CASES: list[Case] = [
         k: v for k, v in _HF_VIT.items() if k != "num_labels"}, projection_dim=16), True,
         "CLIP image tower + projection (image_embeds)"),
     Case("hf_siglip", "hf", "SiglipVisionModel", _hf("SiglipVisionModel", "SiglipVisionConfig", **{
-        k: v for k, v in _HF_VIT.items() if k != "num_labels"}), True, "SigLIP image tower (attention-pool head)"),
+        k: v for k, v in _HF_VIT.items() if k != "num_labels"}), True, "SigLIP image tower (attention-pool head; its probe's "
+        "projection reads a constant and stays float)", constant_linears=1),
     Case("hf_siglip_cls", "hf", "SiglipForImageClassification", _hf_siglip_cls, True,
          "SigLIP classifier (the mean token; its unused pool head removed)", unused_linears=5),
     Case("hf_beit", "hf", "BeitForImageClassification", _hf("BeitForImageClassification", "BeitConfig", **_HF_VIT,

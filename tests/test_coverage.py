@@ -65,6 +65,32 @@ def test_every_recipe_runs_on_the_new_families(key: str, recipe: str) -> None:
         assert probs and probs != {"float"}, vitq.manifest(q)[-12:]
 
 
+@pytest.mark.parametrize("key", ["siglip", "hf_siglip"])
+def test_an_attention_pool_exports_all_integer(tmp_path, key: str) -> None:
+    """SigLIP's pool head: its latent query's projection reads a constant, so it stays a float nn.Linear (the runtime
+    folds it) instead of taking QKV_IN's channel-wise input quantizer, which has no integer form and left one site
+    emulated in float in every SigLIP export; the default recipe at W8A8 now exports with no fallback."""
+    pytest.importorskip("onnxruntime")
+    from torch import nn
+
+    import vitq
+    from vitq.export.deploy import export
+
+    if key.startswith("hf"):
+        pytest.importorskip("transformers")
+    case = next(c for c in CASES if c.key == key)
+    x = case.input(8)
+    q = vitq.quantize(case.build(), "best", "W8A8", calib_data=x)
+    name = "attn_pool.q" if key == "siglip" else next(n for n, _ in q.named_modules() if n.endswith("head.q"))
+    assert type(q.get_submodule(name)) is nn.Linear
+    assert not any(m["site"].startswith(name + ".") for m in vitq.manifest(q))
+    rep = export(q, tmp_path, "onnx")
+    # Hugging Face's head reads post_layernorm, whose output is also last_hidden_state: RepQ cannot fold into it, so
+    # the head's kv input keeps its channel-wise quantizer, emulated (a copy of the LayerNorm for the head would fold)
+    left = [f["site"] for f in rep["lowering"]["fallbacks"]]
+    assert left == ([] if key == "siglip" else ["head.kv.input_quant"]), left
+
+
 @pytest.mark.parametrize("recipe", ["repq", "dopq-calib", "aocq-balance"])
 @pytest.mark.parametrize("key", ["siglip", "eva02", "eva02_base", "vit_rope", "beit", "hf_vit_headless",
                                  "hf_dinov2_cls", "hf_dinov2_swiglu", "hf_dinov2_reg_cls", "hf_clip_proj", "vit_parallel", "hf_siglip",

@@ -317,8 +317,8 @@ def check_nothing_left(model: nn.Module, keep_float: tuple[str, ...] = ()) -> No
     sub-modules (any depth) whose layers stay float by design (a constant of the model, such as Swin V2's
     position-bias MLP, which reads fixed coordinates rather than the image)."""
 
-    def kept(name: str) -> bool:
-        return any(part in keep_float for part in name.split("."))
+    def kept(name: str) -> bool:  # a name part (any depth) or a full module name
+        return name in keep_float or any(part in keep_float for part in name.split("."))
 
     left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and not kept(n)]
     if left:

@@ -154,7 +154,7 @@ class HFSiglipAdapter(HFAdapter):
             if not isinstance(tower.head, HFSiglipPoolHead):
                 tower.head = HFSiglipPoolHead(tower.head)
             h = tower.head
-            swap_linear(h, "q", Role.QKV_IN)  # the probe's projection (its input: the learned probe)
+            # h.q, the probe's projection, reads a learned constant: float by design (float_parts)
             swap_linear(h, "kv", Role.QKV_IN)
             swap_linear(h, "out_proj", Role.PROJ_IN)
             swap_layernorm(h, "layernorm")
@@ -162,8 +162,16 @@ class HFSiglipAdapter(HFAdapter):
             swap_linear(h.mlp, "fc2", Role.FC2_IN)
         if has_cls and isinstance(model.classifier, nn.Linear):
             swap_linear(model, "classifier", Role.HEAD_IN)
-        check_nothing_left(model)
+        check_nothing_left(model, keep_float=tuple(n for n, _ in self.float_parts(model)))
         return model
+
+    def float_parts(self, model: Any) -> list[tuple[str, str]]:
+        from ..timm.vit import ATTN_POOL_Q_WHY
+
+        prefix, tower, _ = self._parts(model)
+        if isinstance(getattr(tower, "head", None), HFSiglipPoolHead):
+            return [(at(prefix, "head.q"), ATTN_POOL_Q_WHY)]
+        return []
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
         """layer_norm1 -> q / k / v, layer_norm2 -> fc1 of every layer, and the head's own LayerNorm -> its MLP. The

@@ -94,6 +94,11 @@ class TimmAttention(QAttentionCore):
         return x
 
 
+#: why an attention-pooling head's query projection stays float (timm's SigLIP head here, Hugging Face's in hf/siglip.py)
+ATTN_POOL_Q_WHY = ("the attention-pooling head's query projection: it reads the learned latent (a constant), so its output "
+                   "is the same for every image; float is exact and costs one small matmul the runtimes fold to a constant")
+
+
 class TimmAttentionPool(QAttentionCore):
     """Replacement for timm's ``AttentionPoolLatent`` (``global_pool='map'``: SigLIP's head): a learned latent query
     cross-attends to the tokens through the attention core, in timm's non-fused order, then ``proj`` and a residual
@@ -296,7 +301,7 @@ class TimmViTAdapter(TimmAdapter):
             if not isinstance(model.attn_pool, TimmAttentionPool):
                 model.attn_pool = TimmAttentionPool(model.attn_pool)
             pool = model.attn_pool
-            swap_linear(pool, "q", Role.QKV_IN)  # the latent query's projection (its input: the learned latent)
+            # pool.q, the latent query's projection, reads a learned constant: float by design (float_parts)
             swap_linear(pool, "kv", Role.QKV_IN)
             swap_linear(pool, "proj", Role.PROJ_IN)
             swap_layernorm(pool, "norm")
@@ -305,13 +310,17 @@ class TimmViTAdapter(TimmAdapter):
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
                 swap_linear(model, head, Role.HEAD_IN)
-        check_nothing_left(model, keep_float=("backbone",) if _hybrid(model) else ())
+        check_nothing_left(model, keep_float=(("backbone",) if _hybrid(model) else ())
+                           + (("attn_pool.q",) if getattr(model, "attn_pool", None) is not None else ()))
         return model
 
     def float_parts(self, model: Any) -> list[tuple[str, str]]:
+        parts = []
+        if getattr(model, "attn_pool", None) is not None:
+            parts.append(("attn_pool.q", ATTN_POOL_Q_WHY))
         if not _hybrid(model):
-            return []
-        return [("patch_embed.backbone", f"a hybrid ViT's CNN stem ({type(model.patch_embed.backbone).__name__}): it "
+            return parts
+        return parts + [("patch_embed.backbone", f"a hybrid ViT's CNN stem ({type(model.patch_embed.backbone).__name__}): it "
                  "runs in float; the projection that reads its features has a quantized weight (its input float, as "
                  "an image patch embedding's)")]
 
