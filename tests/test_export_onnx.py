@@ -263,6 +263,14 @@ def test_verify_reports_parity_and_refuses_a_drifted_export(tmp_path: Path) -> N
         q.head.weight.neg_()
     with pytest.raises(ExportError, match="differs from the simulated"):
         verify(q, tmp_path, loader, max_top1_diff=0.0)
+    from vitq.export.deploy import parity_failure  # one image of 500 is 0.2 points: the limit 0.1 is not resolvable
+
+    one = {"images": 500, "top1_diff": -0.2, "exported_top1": 88.4, "simulated_top1": 88.6}
+    assert "1 of 500 images, and one image is 0.20 points on 500: verify on at least 1000 images" in \
+        parity_failure(one, "onnx", 0.1)
+    many = {**one, "images": 10000, "top1_diff": -0.5}  # 50 images: a real difference, no such hint
+    assert "verify on at least" not in parity_failure(many, "onnx", 0.1)
+    assert "verify on at least" not in parity_failure(one, "onnx", 0.0)
 
 
 def test_export_refusals(tmp_path: Path, monkeypatch) -> None:
