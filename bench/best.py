@@ -72,7 +72,10 @@ def run(models: list[str], recipes: list[str], bits: list[str], seeds: list[int]
 
 def render() -> None:
     results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
-    results.sort(key=lambda r: MODELS.index(r["model"]) if r["model"] in MODELS else 99)
+    from vitq.reference import list_reference_models
+
+    order = MODELS + [m for m in list_reference_models() if m not in MODELS]
+    results.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else 99)
     if not results:
         raise SystemExit("no results in bench/results/best/: run the models first")
     recipes = results[0]["recipes"]
@@ -91,7 +94,9 @@ def render() -> None:
              "bench/recipes/best-1204.yaml). The W4A4 repq column is repq before its post-Softmax zero code "
              "(2026-12-03, docs/methods/baselines.md); the W3A3 repq rows were re-measured with it beside `best`. A "
              "`vs repq` test is made only between rows of one run ('-' otherwise). How far more iterations take "
-             "best where it misses: bench/results/best_budget.md.", ""]
+             "best where it misses: bench/results/best_budget.md. The EVA-02- and SigLIP-style models (issue 42) were "
+             "measured on 2026-12-06 beside other benches (their seconds inflated), with SigLIP's pool query projection "
+             "still quantized (it stays float since that night: expect noise-level moves).", ""]
     machines: set[str] = set()
     for b in bits:
         lines += [f"## {b}", "", "| model | FP | " + " | ".join(f"{r} top-1 (drop)" for r in recipes)
