@@ -115,11 +115,6 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                         "it: wrong logits on x86 CPUs without VNNI)")
 
 
-#: the parity check's default limit (points of top-1) and the default emulation of sites without an integer form
-MAX_TOP1_DIFF = 0.1
-EMULATE = "exact"
-
-
 def check_export_args(args: argparse.Namespace, fmt: Optional[str], verifies: bool) -> None:
     """The export flags, before anything is loaded or quantized: ``fmt`` is the file the command will write (None:
     none, ``vitq`` or ``onnx``), ``verifies`` whether it checks that file's parity. A flag that would change nothing
@@ -149,8 +144,10 @@ def check_export_args(args: argparse.Namespace, fmt: Optional[str], verifies: bo
 
 
 def _limit(args: argparse.Namespace) -> float:
+    from .export.deploy import DEFAULT_MAX_TOP1_DIFF
+
     d = getattr(args, "max_top1_diff", None)
-    return MAX_TOP1_DIFF if d is None else float(d)
+    return DEFAULT_MAX_TOP1_DIFF if d is None else float(d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse what the arguments alone show to be wrong about outputs and flags a command ignores, before any
     model or data is loaded (the run's own values are checked by RunSpec, also before loading)."""
+    from .bits import parse_run_bits
+    from .defaults import DEFAULT_BITS
     from .errors import ConfigError
     from .run.outputs import check_output_dir, check_output_file
 
@@ -310,9 +309,9 @@ def _check_args(args: argparse.Namespace) -> None:
                               "another folder")
     if getattr(args, "recipe_out", None) and Path(args.recipe_out).is_dir():
         raise ConfigError(f"--recipe-out {args.recipe_out} is a folder: give a file name (e.g. mixed.yaml)")
-    if getattr(args, "recipe_out", None) and not str(getattr(args, "bits", "") or "").lower().startswith("auto"):
+    if getattr(args, "recipe_out", None) and not parse_run_bits(getattr(args, "bits", None) or DEFAULT_BITS)[1]:
         raise ConfigError(f"--recipe-out {args.recipe_out} writes the mixed-precision recipe --bits auto chooses, and "
-                          f"--bits {args.bits or 'W8A8'} chooses none: pass --bits auto (or autoA4), or drop --recipe-out")
+                          f"--bits {args.bits or DEFAULT_BITS} chooses none: pass --bits auto (or autoA4), or drop --recipe-out")
 
 
 def _start_distributed(args: argparse.Namespace) -> None:
@@ -459,9 +458,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace, loader: Any = None,
                        embeddings: bool = False) -> dict[str, Any]:
-    from .export.deploy import export, verify
+    from .export.deploy import DEFAULT_EMULATE, export, verify
 
-    rep = export(model, out, fmt, emulate=args.emulate or EMULATE, weight_dtype=getattr(args, "weight_dtype", None))
+    rep = export(model, out, fmt, emulate=args.emulate or DEFAULT_EMULATE, weight_dtype=getattr(args, "weight_dtype", None))
     low = rep["lowering"]
     if fmt == "vitq":
         print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['bytes'] / rep['float32_state_bytes']:.3f}x "

@@ -301,6 +301,11 @@ def require_type(module: Optional[nn.Module], types: tuple[type, ...], what: str
         )
 
 
+#: why an attention-pooling head's query projection stays float (timm's SigLIP attn_pool.q, Hugging Face's head.q)
+ATTN_POOL_Q_WHY = ("the attention-pooling head's query projection: it reads the learned latent (a constant), so its output "
+                   "is the same for every image; float is exact and costs one small matmul the runtimes fold to a constant")
+
+
 def float_modules(model: nn.Module, names: tuple[str, ...], why: str) -> list[tuple[str, str]]:
     """``(name, why)`` of each outermost sub-module called one of ``names`` (the last part of its name): an adapter's
     :meth:`Adapter.float_parts` for the modules it keeps float by name (``check_nothing_left(keep_float=names)``)."""

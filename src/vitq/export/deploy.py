@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "export.json"
 DEFAULT_MAX_TOP1_DIFF = 0.1
+#: sites without an integer form: emulated exactly in float ops (``uniform8``: an 8-bit uniform post-Softmax)
+DEFAULT_EMULATE = "exact"
 #: an encoder's parity: the smallest image-by-image cosine of the file's embeddings against the simulated ones
 DEFAULT_MIN_COSINE = 0.999
 
@@ -151,7 +153,7 @@ def export_float(model: nn.Module, out_dir: "str | Path", example: Optional[Tens
 
 
 def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: Optional[Tensor] = None,
-           emulate: str = "exact", source: Any = None, weight_dtype: Optional[str] = None,
+           emulate: str = DEFAULT_EMULATE, source: Any = None, weight_dtype: Optional[str] = None,
            _float: bool = False) -> dict[str, Any]:
     """Write ``model`` (quantized by vitq) in format ``fmt`` to ``out_dir``; returns the report (also
     written to ``out_dir/export.json``). ``source``: the :class:`~vitq.adapters.ModelSource` of the
@@ -355,5 +357,5 @@ def _int8_hint(out: Path) -> str:
     return "" if exact is not False else f"its int8 weights are not exact on this CPU ({why}): re-export with --weight-dtype uint8; "
 
 
-__all__ = ["BACKENDS", "Backend", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "export_float", "float_copy", "get_backend", "load_runtime", "register_backend",
+__all__ = ["BACKENDS", "Backend", "DEFAULT_EMULATE", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "export_float", "float_copy", "get_backend", "load_runtime", "register_backend",
            "time_against_float", "verify"]

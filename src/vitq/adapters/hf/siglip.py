@@ -25,6 +25,7 @@ from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
+    ATTN_POOL_Q_WHY,
     LNPair,
     Piece,
     ResidualStream,
@@ -166,8 +167,6 @@ class HFSiglipAdapter(HFAdapter):
         return model
 
     def float_parts(self, model: Any) -> list[tuple[str, str]]:
-        from ..timm.vit import ATTN_POOL_Q_WHY
-
         prefix, tower, _ = self._parts(model)
         if isinstance(getattr(tower, "head", None), HFSiglipPoolHead):
             return [(at(prefix, "head.q"), ATTN_POOL_Q_WHY)]

@@ -24,6 +24,7 @@ from ...errors import ModelError
 from ...nn import QAdd, QAttentionCore
 from ...roles import Role
 from ..base import (
+    ATTN_POOL_Q_WHY,
     LNPair,
     Piece,
     ResidualStream,
@@ -92,11 +93,6 @@ class TimmAttention(QAttentionCore):
         x = self.proj(x)
         x = self.proj_drop(x)
         return x
-
-
-#: why an attention-pooling head's query projection stays float (timm's SigLIP head here, Hugging Face's in hf/siglip.py)
-ATTN_POOL_Q_WHY = ("the attention-pooling head's query projection: it reads the learned latent (a constant), so its output "
-                   "is the same for every image; float is exact and costs one small matmul the runtimes fold to a constant")
 
 
 class TimmAttentionPool(QAttentionCore):
