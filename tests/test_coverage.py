@@ -85,10 +85,10 @@ def test_an_attention_pool_exports_all_integer(tmp_path, key: str) -> None:
     assert type(q.get_submodule(name)) is nn.Linear
     assert not any(m["site"].startswith(name + ".") for m in vitq.manifest(q))
     rep = export(q, tmp_path, "onnx")
-    # Hugging Face's head reads post_layernorm, whose output is also last_hidden_state: RepQ cannot fold into it, so
-    # the head's kv input keeps its channel-wise quantizer, emulated (a copy of the LayerNorm for the head would fold)
+    # Hugging Face's head reads the encoder through its own copy of post_layernorm (whose output is also
+    # last_hidden_state), so RepQ folds the kv input's channel-wise quantizer into the copy: no fallback there either
     left = [f["site"] for f in rep["lowering"]["fallbacks"]]
-    assert left == ([] if key == "siglip" else ["head.kv.input_quant"]), left
+    assert left == [], left
 
 
 @pytest.mark.parametrize("recipe", ["repq", "dopq-calib", "aocq-balance"])
@@ -120,8 +120,8 @@ def test_reparameterizing_the_new_families_keeps_the_float_function(key: str, re
     r = (vitq.Recipe.from_dict({"extends": "aocq", "passes": [{"pass": "aocq_balance"}, {"pass": "calibrate"}]}, "t")
          if recipe == "aocq-balance" else _short(recipe))
     q = vitq.quantize(m, r, "W4A4", calib_data=x)
-    with torch.no_grad(), vitq.disabled(q):
-        torch.testing.assert_close(_logits(q(x)), ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), vitq.disabled(q):  # float32 rounding of the folds (x20 outliers): ~2e-5 at most
+        torch.testing.assert_close(_logits(q(x)), ref, rtol=1e-4, atol=5e-5)
     st = vitq.state_of(q)
     if recipe == "aocq-balance":
         assert sum(v["channels_scaled"] for part in ("add_alpha", "ln_alpha") for v in st.balance[part].values()) > 0
@@ -392,3 +392,42 @@ def test_the_cli_groups_float_parts_by_reason() -> None:
 
     parts = [{"module": "a.cpb", "why": "constant"}, {"module": "stem", "why": "cnn"}, {"module": "b.cpb", "why": "constant"}]
     assert _group_float_parts(parts) == [("constant", ["a.cpb", "b.cpb"]), ("cnn", ["stem"])]
+
+
+def test_hf_siglip_pool_folds_into_its_own_norm_and_leaves_the_patch_features(tmp_path) -> None:
+    """Hugging Face's SigLIP pool head reads the encoder through its own copy of post_layernorm, so RepQ-ViT folds the
+    kv input's channel-wise quantizer into the copy: the pooled embedding is the float one with quantization disabled,
+    ``last_hidden_state`` (the patch features, post_layernorm's output) is untouched by the fold, and the run saves and
+    loads with the copy."""
+    import json
+
+    import torch
+
+    import vitq
+
+    pytest.importorskip("transformers")
+    case = next(c for c in CASES if c.key == "hf_siglip")
+    hf = case.build()
+    with torch.no_grad():
+        hf.post_layernorm.weight[:3] *= 20  # outlier channels, so that the fold has something to do
+    folder = tmp_path / "siglip"
+    hf.save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 32, "width": 32},
+                                                                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    model, source = vitq.load_model(f"hf:{folder}")
+    x = case.input(8)
+    with torch.no_grad():
+        ref = model(x)
+    post = {k: v.clone() for k, v in model.post_layernorm.state_dict().items()}
+    q = vitq.quantize(model, "repq", "W8A8", calib_data=x)
+    head = q.get_submodule("head")
+    assert not torch.allclose(head.norm.weight, post["weight"])  # folded into the copy ...
+    assert all(torch.equal(q.post_layernorm.state_dict()[k], v) for k, v in post.items())  # ... not the shared norm
+    with torch.no_grad(), vitq.disabled(q):
+        out = q(x)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=1e-4, atol=5e-5)
+    vitq.save_quantized(q, tmp_path / "run", source)
+    back = vitq.load_quantized(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(back(x).pooler_output, q(x).pooler_output)

@@ -9,12 +9,20 @@
   matmul, ``q * sqrt(1 / head_dim)``), through the attention core; then ``out_proj`` and the residual MLP on its
   own LayerNorm. Bit-exact with torch's path; the parameter names change (``head.q`` / ``head.kv`` /
   ``head.out_proj`` for ``head.attention.*``): a checkpoint loads into the float model before it is wrapped.
+* The head reads the encoder's output through its **own copy of** ``post_layernorm`` (``head.norm``):
+  :class:`HFSiglipTower` is mixed into the tower so that ``post_layernorm`` gives ``last_hidden_state`` (the patch
+  features a vision-language model reads) and ``head.norm`` the pool's keys / values. The two are the same function
+  until RepQ-ViT / MOSF fold the pool's channel-wise kv input quantizer into ``head.norm``, which leaves
+  ``last_hidden_state`` as it was and lets the kv input be per-tensor (an integer matmul in ONNX; folded into the
+  shared norm it would have rescaled the patch features). ``output_hidden_states`` / ``output_attentions`` are not
+  returned by the wrapped tower.
 * ``SiglipForImageClassification`` reads the mean token: the pool head it does not use is removed when it is wrapped
   (its output reaches nothing).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -69,8 +77,9 @@ class HFSiglipPoolHead(QAttentionCore):
     if TYPE_CHECKING:  # takes over a library's module: its attributes are the library's, untyped here
         def __getattr__(self, name: str) -> Any: ...
 
-    def __init__(self, head: Any) -> None:
+    def __init__(self, head: Any, post_layernorm: nn.Module) -> None:
         super().__init__()
+        self.norm = copy.deepcopy(post_layernorm)
         mha = head.attention
         e = mha.embed_dim
         self.num_heads, self.head_dim = mha.num_heads, mha.head_dim
@@ -85,6 +94,8 @@ class HFSiglipPoolHead(QAttentionCore):
         self.init_core()
 
     def forward(self, hidden_state: Tensor) -> Tensor:
+        """``hidden_state``: the encoder's output *before* ``post_layernorm`` (the head normalizes it itself)."""
+        hidden_state = self.norm(hidden_state)
         B, N, E = hidden_state.shape
         probe = self.probe.repeat(B, 1, 1)
         L = probe.shape[1]
@@ -96,6 +107,21 @@ class HFSiglipPoolHead(QAttentionCore):
         x = self.out_proj(x.transpose(1, 2).reshape(B, L, E))
         x = self.add(x, self.mlp(self.layernorm(x)))
         return x[:, 0]
+
+
+class HFSiglipTower:
+    """Mixed into the SigLIP vision tower when it keeps its pool head: ``post_layernorm`` for ``last_hidden_state``,
+    the head on the encoder's output through its own norm (module docstring)."""
+
+    if TYPE_CHECKING:  # mixed into a library's module: its attributes are the library's, untyped here
+        def __getattr__(self, name: str) -> Any: ...
+
+    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: Optional[bool] = False, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        h = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        h = self.encoder(inputs_embeds=h, **kwargs)[0]
+        return BaseModelOutputWithPooling(last_hidden_state=self.post_layernorm(h), pooler_output=self.head(h))
 
 
 @register_adapter
@@ -153,9 +179,11 @@ class HFSiglipAdapter(HFAdapter):
             tower.head, tower.use_head = None, False
         if getattr(tower, "head", None) is not None:
             if not isinstance(tower.head, HFSiglipPoolHead):
-                tower.head = HFSiglipPoolHead(tower.head)
+                tower.head = HFSiglipPoolHead(tower.head, tower.post_layernorm)
+                mix_in(tower, HFSiglipTower)
             h = tower.head
             # h.q, the probe's projection, reads a learned constant: float by design (float_parts)
+            swap_layernorm(h, "norm")
             swap_linear(h, "kv", Role.QKV_IN)
             swap_linear(h, "out_proj", Role.PROJ_IN)
             swap_layernorm(h, "layernorm")
@@ -173,8 +201,12 @@ class HFSiglipAdapter(HFAdapter):
         return []
 
     def ln_consumers(self, model: Any) -> list[LNPair]:
-        """layer_norm1 -> q / k / v, layer_norm2 -> fc1 of every layer, and the head's own LayerNorm -> its MLP. The
-        post-LayerNorm is not folded: its output is also the model's ``last_hidden_state`` (patch features)."""
+        """layer_norm1 -> q / k / v, layer_norm2 -> fc1 of every layer, and the head's two LayerNorms: its copy of the
+        post-LayerNorm -> kv and its own -> its MLP. ``post_layernorm`` itself is not folded: it gives
+        ``last_hidden_state`` (patch features), and a classifier reads its mean token. The copy is made when the model is
+        wrapped, so an unwrapped model is wrapped first (as for :meth:`chain`)."""
+        if not self.is_wrapped(model):
+            self.wrap(model)
         prefix, tower, has_cls = self._parts(model)
         pairs = []
         for i, _ in enumerate(tower.encoder.layers):
@@ -183,12 +215,13 @@ class HFSiglipAdapter(HFAdapter):
                                 Role.QKV_IN))
             pairs.append(LNPair(f"{p}.layer_norm2", (f"{p}.mlp.fc1",), Role.FC1_IN))
         if getattr(tower, "head", None) is not None and not has_cls:  # a classifier's pool head is removed
+            pairs.append(LNPair(at(prefix, "head.norm"), (at(prefix, "head.kv"),), Role.QKV_IN))
             pairs.append(LNPair(at(prefix, "head.layernorm"), (at(prefix, "head.mlp.fc1"),), Role.FC1_IN))
         return pairs
 
     def residual_streams(self, model: Any) -> list[ResidualStream]:
         """One stream: the patch projection's rows and the position embedding, then out_proj / fc2 of every layer;
-        read by layer_norm1 / layer_norm2 and the post-LayerNorm."""
+        read by layer_norm1 / layer_norm2, the post-LayerNorm and the pool head's copy of it."""
         prefix, tower, _ = self._parts(model)
         emb = at(prefix, "embeddings")
         w = [StreamWriter(f"{emb}.patch_embedding", "rows"), StreamWriter(f"{emb}.position_embedding.weight", "param")]
@@ -198,6 +231,8 @@ class HFSiglipAdapter(HFAdapter):
             w += [StreamWriter(f"{p}.self_attn.out_proj", "rows"), StreamWriter(f"{p}.mlp.fc2", "rows")]
             r += [StreamReader(f"{p}.layer_norm1", "ln"), StreamReader(f"{p}.layer_norm2", "ln")]
         r.append(StreamReader(at(prefix, "post_layernorm"), "ln"))
+        if isinstance(getattr(tower, "head", None), HFSiglipPoolHead):
+            r.append(StreamReader(at(prefix, "head.norm"), "ln"))
         return [ResidualStream("stream", int(_vision_config(model).hidden_size), tuple(w), tuple(r))]
 
     def chain(self, model: Any) -> list[Piece]:
@@ -208,10 +243,11 @@ class HFSiglipAdapter(HFAdapter):
         _, tower, has_cls = self._parts(model)
 
         def head(x: Tensor) -> Tensor:
-            x = tower.post_layernorm(x)
+            y = tower.post_layernorm(x)  # last_hidden_state: computed as the model does, so its quantizers see data
             if has_cls:
-                return model.classifier(x.mean(dim=1))  # type: ignore[no-any-return]
-            return tower.head(x) if getattr(tower, "head", None) is not None else x[:, 0]  # type: ignore[no-any-return]
+                return model.classifier(y.mean(dim=1))  # type: ignore[no-any-return]
+            # the pool head reads the encoder's output through its own norm
+            return tower.head(x) if getattr(tower, "head", None) is not None else y[:, 0]  # type: ignore[no-any-return]
 
         pieces = [Piece("embed", "embed", tower.embeddings, (tower.embeddings,))]
         for i, layer in enumerate(tower.encoder.layers):
