@@ -98,6 +98,22 @@ def test_when_rules_extend_and_yield_to_exclusions(tmp_path: Path) -> None:
     assert {e["quantizer"] for e in _roles(m, "FC2_IN")} == {"float"}
 
 
+def test_when_rules_on_the_weight_width(tmp_path: Path) -> None:
+    """``W==n`` / ``W<=n`` / ``W>=n`` hold on the run's weight bits, beside ``A`` conditions (best's symmetric weights
+    at W8, whatever the activation width)."""
+    f = tmp_path / "w.yaml"
+    f.write_text("extends: minmax\nwhen:\n  W==8:\n    rules:\n"
+                 "      'weight:*': {quantizer: uniform, bits: W, symmetric: true, granularity: channel0}\n"
+                 "  W<=4:\n    rules:\n      'act:FC2_IN': null\n")
+    r = load_recipe(str(f))
+    assert Recipe.from_dict(r.to_dict()) == r
+    sym = {b: dict(r.at(b).rules)["weight:*"].symmetric for b in ("W8A8", "W8A4", "W4A8", "W6A6")}
+    assert sym == {"W8A8": True, "W8A4": True, "W4A8": False, "W6A6": False}
+    assert dict(r.at("W4A8").rules)["act:FC2_IN"] is None and "act:FC2_IN" not in dict(r.at("W6A6").rules)
+    m = vitq.quantize(tiny_vit(), r, "W4A8", calib_data=torch.randn(4, 3, 16, 16))
+    assert {e["quantizer"] for e in _roles(m, "FC2_IN")} == {"float"}
+
+
 def test_when_passes_replace_the_recipes_passes_at_their_width(tmp_path: Path) -> None:
     from vitq.recipes import set_pass_options
 
@@ -124,7 +140,7 @@ def test_when_passes_replace_the_recipes_passes_at_their_width(tmp_path: Path) -
     assert st8.reconstruction == [] and len(st4.reconstruction) == 1
 
 
-@pytest.mark.parametrize("cond", ["A<3", "W<=3", "A<=9", "bits3"])
+@pytest.mark.parametrize("cond", ["A<3", "W<3", "A<=9", "W==1", "B<=3", "bits3"])
 def test_when_condition_errors(tmp_path: Path, cond: str) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text(f"extends: minmax\nwhen:\n  '{cond}':\n    rules:\n      'act:FC2_IN': null\n")

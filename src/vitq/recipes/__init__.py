@@ -11,7 +11,8 @@ fully-quantized roles (LN_IN, SOFTMAX_IN, RESIDUAL), which a recipe must name - 
 value of ``null`` means "leave this site in float". A rule's ``bits`` is ``W``, ``A`` (taken from the
 run's WxAy) or an int. ``softmax`` names the :class:`~vitq.nn.QSoftmax` implementation (``float``, or
 ``int_exp``: FQ-ViT / I-BERT integer exponent). ``when`` adds rules that hold only at some activation
-widths - ``when: {"A<=3": {rules: {...}}}`` (conditions ``A<=n``, ``A>=n``, ``A==n``) - because the best
+or weight widths - ``when: {"A<=3": {rules: {...}}}`` (conditions ``A<=n``, ``A>=n``, ``A==n``, and ``W<=n``,
+``W>=n``, ``W==n`` on the weight bits) - because the best
 quantizer for a site can change with its width (post-GELU / post-Softmax at 3 bits, ``best``); they win over
 ``rules`` where they apply. A ``when`` block may also give ``passes``, which replace the recipe's passes at
 those widths (``best`` reconstructs only below 6-bit activations), and ``calib_size``. :meth:`Recipe.at` folds the blocks in
@@ -298,24 +299,26 @@ def _parse_rules(rules_in: Mapping[str, Any], source: str) -> list[tuple[str, Op
     return rules
 
 
-_CONDITION = re.compile(r"^A(<=|>=|==)(\d+)$")
+_CONDITION = re.compile(r"^([AW])(<=|>=|==)(\d+)$")
 
 
-def _condition(cond: Any, source: str) -> tuple[str, int]:
+def _condition(cond: Any, source: str) -> tuple[str, str, int]:
+    """``(A or W, operator, n)`` of a ``when`` condition."""
     m = _CONDITION.match(str(cond).replace(" ", ""))
     if not m:
-        raise ConfigError(f"{source}: when condition {cond!r} is not understood: use A<=n, A>=n or A==n "
-                          f"(the run's activation bits, n in {MIN_BITS}..{MAX_BITS})")
+        raise ConfigError(f"{source}: when condition {cond!r} is not understood: use A<=n, A>=n, A==n (the run's "
+                          f"activation bits) or W<=n, W>=n, W==n (its weight bits), n in {MIN_BITS}..{MAX_BITS}")
     try:
-        n = check_width(int(m.group(2)), f"when condition {cond!r}:")
+        n = check_width(int(m.group(3)), f"when condition {cond!r}:")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return m.group(1), n
+    return m.group(1), m.group(2), n
 
 
 def _holds(cond: str, bits: Bits) -> bool:
-    op, n = _condition(cond, "recipe")
-    return {"<=": bits.a <= n, ">=": bits.a >= n, "==": bits.a == n}[op]
+    which, op, n = _condition(cond, "recipe")
+    v = bits.a if which == "A" else bits.w
+    return {"<=": v <= n, ">=": v >= n, "==": v == n}[op]
 
 
 def _merge_when(base: Any, mine: Any) -> dict[str, Any]:
