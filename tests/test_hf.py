@@ -309,8 +309,12 @@ def test_a_folder_whose_weights_do_not_match_its_config_is_refused(tmp_path: Pat
     one = variant("one_missing", edit_weights=lambda sd: sd.pop(next(k for k in sd if k.endswith("1.output.dense.weight"))))
     more = variant("more_layers", edit_config=lambda c: c.update(num_hidden_layers=3))
     extra = variant("extra", edit_weights=lambda sd: sd.update({"vit.extra.weight": torch.zeros(2)}))
+    # a config whose image size or channels differ from the weights': transformers raised with a multi-line report
+    bigger = variant("bigger", edit_config=lambda c: c.update(image_size=64))
     for d, what in ((one, r"missing weights vit\.layers\.1\.mlp\.fc2\.weight"), (more, r"missing weights vit\.layers\.2\."),
-                    (extra, r"unexpected weights vit\.extra\.weight")):
+                    (extra, r"unexpected weights vit\.extra\.weight"),
+                    (bigger, r"another shape: vit\.embeddings\.position_embeddings \[1, 17, 32\] in the weights, "
+                             r"\[1, 65, 32\] by the config")):
         with pytest.raises(ModelError, match=what):
             vitq.load_model(f"hf:{d}")
         assert main(["quantize", f"hf:{d}", "--recipe", "minmax", "--bits", "W8A8", "--no-progress"]) == 2

@@ -112,16 +112,21 @@ class HFLibrary(ModelLibrary):
                              "save_pretrained, or pass --random-weights for cost measurements only")
         bars = tf.utils.logging.is_progress_bar_enabled()
         tf.utils.logging.disable_progress_bar()  # vitq shows its own progress; no per-file bars
+        verbosity = tf.utils.logging.get_verbosity()
+        # weights that do not fit the config are vitq's one-line error (check_loading_info), not transformers'
+        # multi-line report: it loads with ignore_mismatched_sizes so that it returns them instead of raising
+        tf.utils.logging.set_verbosity_error()
         try:
             if random_weights:
                 m = cls(config)
             else:
                 m, info = cls.from_pretrained(str(folder), config=config, local_files_only=True,
-                                              output_loading_info=True)
-        except Exception as e:  # truncated weights, mismatching shapes
+                                              output_loading_info=True, ignore_mismatched_sizes=True)
+        except Exception as e:  # truncated weights
             raise ModelError(f"transformers cannot load {folder} as {arch} ({short_error(e)}): "
                              "re-save the folder with save_pretrained") from None
         finally:
+            tf.utils.logging.set_verbosity(verbosity)
             if bars:
                 tf.utils.logging.enable_progress_bar()
         if not random_weights:
@@ -169,12 +174,18 @@ def check_loading_info(folder: Path, arch: str, info: dict[str, Any]) -> None:
     if info.get("unexpected_keys"):
         parts.append(f"unexpected weights {few(info['unexpected_keys'])}")
     if info.get("mismatched_keys"):
-        parts.append(f"weights of another shape {few(k[0] if isinstance(k, tuple) else k for k in info['mismatched_keys'])}")
+        def shape(k: Any) -> str:  # transformers gives (name, shape in the weights, shape the config makes)
+            if isinstance(k, tuple) and len(k) == 3:
+                return f"{k[0]} {list(k[1])} in the weights, {list(k[2])} by the config"
+            return str(k[0] if isinstance(k, tuple) else k)
+
+        parts.append(f"weights of another shape: {few(shape(k) for k in info['mismatched_keys'])}")
     if info.get("error_msgs"):
         parts.append(str(info["error_msgs"][0]).splitlines()[0])
     if parts:
-        raise ModelError(f"{folder}: the weights do not match its config.json ({arch}): {'; '.join(parts)}: re-save "
-                         "the folder with save_pretrained (transformers would fill missing weights at random)")
+        raise ModelError(f"{folder}: the weights do not match its config.json ({arch}): {'; '.join(parts)}: fix "
+                         "config.json or re-save the folder with save_pretrained (transformers would fill missing or "
+                         "misshapen weights at random)")
 
 
 def _architecture(config: Any, where: Path) -> str:
