@@ -52,6 +52,15 @@ def test_image_files_reads_every_image_and_skips_the_unreadable(tmp_path: Path) 
     assert calibration_subset(ds, 12, seed=0).indices == cs.indices  # seeded
     with pytest.raises(Exception, match="only 12 of the 14 files .* are readable"):
         calibration_subset(ds, 13, seed=0)
+    # a folder of files none of which opens: the fix is other files, not a smaller --calib-size (it said "<= 0")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"{i}.png").write_bytes(b"")
+    bad = ImageFiles(junk, transforms(load_model("fmnist-vit")[0]).image)
+    for size, at_most in ((2, False), (3, True)):
+        with pytest.raises(Exception, match=r"none of the 3 files under .* is a readable image \(e\.g\. .*png\): pass a"):
+            calibration_subset(bad, size, seed=0, at_most=at_most)
 
 
 def test_cli_calibrates_on_a_folder_and_evaluates_on_val_alone(tmp_path: Path) -> None:

@@ -261,7 +261,10 @@ def calibration_subset(ds: Any, size: int, seed: int, at_most: bool = False) -> 
             idx.append(i)
         else:
             skipped.append(str(ds.files[i]))
-    if len(idx) < size and not (at_most and idx):
+    if not idx:
+        raise DataError(f"none of the {n} files under {ds.root} is a readable image (e.g. {skipped[0]}): pass a folder "
+                        "of images PIL can open (JPEG, PNG, ...)")
+    if len(idx) < size and not at_most:
         raise DataError(f"only {len(idx)} of the {n} files under {ds.root} are readable images ({len(skipped)} "
                         f"skipped), fewer than the {size} calibration images asked for: pass --calib-size <= {len(idx)} "
                         "or add images")
