@@ -220,6 +220,11 @@ class Adapter:
         the CLI name them, so that nothing float goes unsaid. Default: none."""
         return []
 
+    def check_wrapped(self, model: nn.Module) -> None:
+        """The end of :meth:`wrap`: every plain Linear / Conv2d left must be one of :meth:`float_parts` (one list for
+        the check and the run record), else the model variant is refused (:func:`check_nothing_left`)."""
+        check_nothing_left(model, tuple(n for n, _ in self.float_parts(model)))
+
     def ln_consumers(self, model: nn.Module) -> list[LNPair]:
         raise NotImplementedError
 
@@ -308,7 +313,7 @@ ATTN_POOL_Q_WHY = ("the attention-pooling head's query projection: it reads the 
 
 def float_modules(model: nn.Module, names: tuple[str, ...], why: str) -> list[tuple[str, str]]:
     """``(name, why)`` of each outermost sub-module called one of ``names`` (the last part of its name): an adapter's
-    :meth:`Adapter.float_parts` for the modules it keeps float by name (``check_nothing_left(keep_float=names)``)."""
+    :meth:`Adapter.float_parts` for the modules it keeps float by name."""
     found: list[tuple[str, str]] = []
     for n, m in model.named_modules():
         if n.split(".")[-1] in names and any(True for _ in m.parameters()) and \
@@ -318,12 +323,14 @@ def float_modules(model: nn.Module, names: tuple[str, ...], why: str) -> list[tu
 
 
 def check_nothing_left(model: nn.Module, keep_float: tuple[str, ...] = ()) -> None:
-    """After wrapping, any plain Linear / Conv2d left would silently stay float: refuse. ``keep_float``: names of
-    sub-modules (any depth) whose layers stay float by design (a constant of the model, such as Swin V2's
-    position-bias MLP, which reads fixed coordinates rather than the image)."""
+    """After wrapping, any plain Linear / Conv2d left would silently stay float: refuse. ``keep_float``: full names
+    of the sub-modules whose layers stay float by design, the adapter's :meth:`Adapter.float_parts` (a constant of
+    the model, such as Swin V2's position-bias MLP, which reads fixed coordinates rather than the image): what the
+    run record names as float is exactly what this check lets through. Adapters call it through
+    :meth:`Adapter.check_wrapped`."""
 
-    def kept(name: str) -> bool:  # a name part (any depth) or a full module name
-        return name in keep_float or any(part in keep_float for part in name.split("."))
+    def kept(name: str) -> bool:  # the module itself or anything inside it
+        return any(name == f or name.startswith(f + ".") for f in keep_float)
 
     left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and not kept(n)]
     if left:

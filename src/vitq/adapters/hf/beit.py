@@ -26,7 +26,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     register_adapter,
     swap_conv,
@@ -151,7 +150,7 @@ class HFBeitAdapter(HFAdapter):
                 swap_linear(layer.get_submodule(parent), attr, role)
         if head and isinstance(model.classifier, nn.Linear):
             swap_linear(model, "classifier", Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

@@ -24,7 +24,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     register_adapter,
     swap_conv,
@@ -130,7 +129,7 @@ class HFCLIPAdapter(HFAdapter):
             swap_linear(layer.mlp, "fc2", Role.FC2_IN)
         if proj:
             swap_linear(model, proj, Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

@@ -27,7 +27,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     register_adapter,
     swap_conv,
@@ -137,7 +136,7 @@ class HFDinov2Adapter(HFAdapter):
                 swap_linear(layer.mlp, "fc2", Role.FC2_IN)
         if head and isinstance(model.classifier, nn.Linear):
             swap_linear(model, "classifier", Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

@@ -39,7 +39,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     register_adapter,
     swap_conv,
@@ -191,7 +190,7 @@ class HFSiglipAdapter(HFAdapter):
             swap_linear(h.mlp, "fc2", Role.FC2_IN)
         if has_cls and isinstance(model.classifier, nn.Linear):
             swap_linear(model, "classifier", Role.HEAD_IN)
-        check_nothing_left(model, keep_float=tuple(n for n, _ in self.float_parts(model)))
+        self.check_wrapped(model)
         return model
 
     def float_parts(self, model: Any) -> list[tuple[str, str]]:

@@ -28,7 +28,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     register_adapter,
     require_type,
@@ -171,7 +170,7 @@ class HFSwinAdapter(HFAdapter):
                 swap_linear(stage.downsample, "reduction", Role.REDUCTION_IN)
         if has_head and isinstance(model.classifier, nn.Linear):
             swap_linear(model, "classifier", Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

@@ -35,7 +35,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     float_modules,
     mix_in,
     register_adapter,
@@ -196,7 +195,7 @@ class HFSwinv2Adapter(HFAdapter):
                 swap_layernorm(stage.downsample, "norm")
         if has_head and isinstance(model.classifier, nn.Linear):
             swap_linear(model, "classifier", Role.HEAD_IN)
-        check_nothing_left(model, keep_float=(FLOAT_MODULE,))
+        self.check_wrapped(model)
         return model
 
     def float_parts(self, model: Any) -> list[tuple[str, str]]:

@@ -29,7 +29,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     register_adapter,
     require_type,
@@ -169,7 +168,7 @@ class HFViTAdapter(HFAdapter):
                 swap_linear(model, h, Role.HEAD_IN)
         if getattr(base, "pooler", None) is not None:  # an encoder's pooler: its output is the embedding
             swap_linear(base.pooler, "dense", Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

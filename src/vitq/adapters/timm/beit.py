@@ -23,7 +23,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     mixed_class,
     register_adapter,
@@ -156,7 +155,7 @@ class TimmBeitAdapter(TimmAdapter):
             swap_linear(blk.mlp, "fc2", Role.FC1_IN if isinstance(blk.mlp.norm, nn.LayerNorm) else Role.FC2_IN)
         if isinstance(getattr(model, "head", None), nn.Linear):
             swap_linear(model, "head", Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

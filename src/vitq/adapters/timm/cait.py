@@ -35,7 +35,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     float_modules,
     mix_in,
     mixed_class,
@@ -212,7 +211,7 @@ class TimmCaitAdapter(TimmAdapter):
             swap_linear(blk.mlp, "fc2", Role.FC2_IN)
         if isinstance(model.head, nn.Linear):
             swap_linear(model, "head", Role.HEAD_IN)
-        check_nothing_left(model, keep_float=FLOAT_MODULES)
+        self.check_wrapped(model)
         return model
 
     def float_parts(self, model: Any) -> list[tuple[str, str]]:

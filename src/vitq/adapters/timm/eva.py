@@ -31,7 +31,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     mixed_class,
     register_adapter,
@@ -237,7 +236,7 @@ class TimmEvaAdapter(TimmAdapter):
             swap_linear(blk.mlp, "fc2", role)
         if isinstance(getattr(model, "head", None), nn.Linear):
             swap_linear(model, "head", Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

@@ -35,7 +35,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     mixed_class,
     register_adapter,
@@ -190,7 +189,7 @@ class TimmPvtAdapter(TimmAdapter):
                 swap_linear(blk.mlp, "fc2", Role.FC2_IN)
         if isinstance(model.head, nn.Linear):
             swap_linear(model, "head", Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

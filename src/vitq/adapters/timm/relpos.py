@@ -28,7 +28,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     float_modules,
     mix_in,
     mixed_class,
@@ -156,7 +155,7 @@ class TimmRelPosAdapter(TimmAdapter):
             swap_linear(blk.mlp, "fc2", Role.FC2_IN)
         if isinstance(model.head, nn.Linear):
             swap_linear(model, "head", Role.HEAD_IN)
-        check_nothing_left(model, keep_float=FLOAT_MODULES)
+        self.check_wrapped(model)
         return model
 
     def float_parts(self, model: Any) -> list[tuple[str, str]]:

@@ -23,7 +23,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     mixed_class,
     register_adapter,
@@ -165,7 +164,7 @@ class TimmSwinAdapter(TimmAdapter):
                 swap_linear(blk.mlp, "fc2", Role.FC2_IN)
         if isinstance(getattr(model.head, "fc", None), nn.Linear):
             swap_linear(model.head, "fc", Role.HEAD_IN)
-        check_nothing_left(model)
+        self.check_wrapped(model)
         return model
 
     def ln_consumers(self, model: Any) -> list[LNPair]:

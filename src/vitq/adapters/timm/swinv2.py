@@ -37,7 +37,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     float_modules,
     mix_in,
     mixed_class,
@@ -181,7 +180,7 @@ class TimmSwinV2Adapter(TimmAdapter):
                 swap_linear(blk.mlp, "fc2", Role.FC2_IN)
         if isinstance(getattr(model.head, "fc", None), nn.Linear):
             swap_linear(model.head, "fc", Role.HEAD_IN)
-        check_nothing_left(model, keep_float=(FLOAT_MODULE,))
+        self.check_wrapped(model)
         return model
 
     def float_parts(self, model: Any) -> list[tuple[str, str]]:

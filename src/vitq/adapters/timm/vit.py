@@ -30,7 +30,6 @@ from ..base import (
     ResidualStream,
     StreamReader,
     StreamWriter,
-    check_nothing_left,
     mix_in,
     mixed_class,
     register_adapter,
@@ -306,8 +305,7 @@ class TimmViTAdapter(TimmAdapter):
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
                 swap_linear(model, head, Role.HEAD_IN)
-        check_nothing_left(model, keep_float=(("backbone",) if _hybrid(model) else ())
-                           + (("attn_pool.q",) if getattr(model, "attn_pool", None) is not None else ()))
+        self.check_wrapped(model)
         return model
 
     def float_parts(self, model: Any) -> list[tuple[str, str]]:
