@@ -340,6 +340,10 @@ def test_a_folder_without_its_image_processor_or_with_another_models_is_refused(
     (d / "preprocessor_config.json").write_text(json.dumps({**pre, "image_mean": 0.3, "image_std": [0.2]}))
     c = vitq.data_config(vitq.load_model(f"hf:{d}")[0])
     assert c.mean == (0.3,) and c.std == (0.2,) and c.input_size == (1, 28, 28)
+    # a zero std divided the images by zero: "NaN values reached a quantization site" during calibration
+    (d / "preprocessor_config.json").write_text(json.dumps({**pre, "image_mean": 0.3, "image_std": [0.0]}))
+    with pytest.raises(ModelError, match=r"image_std in preprocessor_config.json is \[0.0\]: give positive numbers"):
+        vitq.data_config(vitq.load_model(f"hf:{d}")[0])
 
 
 def test_shipped_hf_dinov2_reference_is_the_timm_encoder(tmp_path: Path, capsys) -> None:

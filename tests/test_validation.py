@@ -148,3 +148,19 @@ def test_a_folder_another_run_is_writing_is_refused(tmp_path: Path, capsys) -> N
     assert main(["quantize", "fmnist-vit", "--recipe", "minmax", "--bits", "W8A8", "--out", str(out), "--eval-size", "50",
                  "--skip-fp", "--no-progress"]) == 0, capsys.readouterr().err
     assert (out / "vitq.json").is_file() and not lock.exists()
+
+
+def test_a_negative_seed_is_refused(capsys) -> None:
+    """A seed below 0 ran (torch wraps it) while numpy's generators refuse it: one rule for every command."""
+    _fast(["quantize", "--seed", "-1"], capsys, r"--seed -1: give one or more whole numbers from 0 up")
+
+
+@pytest.mark.parametrize("key,value,said", [("symmetric", "'yes'", "symmetric must be true or false"),
+                                            ("symmetric", "1", "symmetric must be true or false"),
+                                            ("observer", "[minmax]", "observer must be a name"),
+                                            ("percentile", "'0.99'", "percentile must be a number")])
+def test_a_rule_value_of_the_wrong_type_is_refused(tmp_path: Path, capsys, key: str, value: str, said: str) -> None:
+    """A quoted 'yes' for symmetric is a string, and truthy: it quantized symmetrically without a word."""
+    y = tmp_path / "r.yaml"
+    y.write_text(f"extends: minmax\nrules:\n  'weight:*': {{quantizer: uniform, bits: W, {key}: {value}}}\n")
+    _fast(["quantize", "fmnist-vit", "--recipe", str(y)], capsys, said)

@@ -73,6 +73,13 @@ class SiteRule:
                 raise ConfigError(f"{where}: options must be a mapping of option names to values, got {d['options']!r}")
             d["options"] = tuple(sorted(dict(d["options"] or {}).items()))
         rule = cls(**d)
+        if not isinstance(rule.symmetric, bool):  # YAML's 'yes' in quotes is a string, and truthy
+            raise ConfigError(f"{where}: symmetric must be true or false, got {rule.symmetric!r}")
+        for key in ("quantizer", "granularity", "observer"):
+            if not isinstance(getattr(rule, key), str):
+                raise ConfigError(f"{where}: {key} must be a name, got {getattr(rule, key)!r}")
+        if isinstance(rule.percentile, bool) or not isinstance(rule.percentile, (int, float)):
+            raise ConfigError(f"{where}: percentile must be a number, got {rule.percentile!r}")
         if isinstance(rule.bits, bool) or not (rule.bits in ("W", "A") or isinstance(rule.bits, int)):
             raise ConfigError(f"{where}: bits must be 'W', 'A' or an integer, got {rule.bits!r}")
         if rule.bits not in ("W", "A"):

@@ -103,8 +103,9 @@ class RunSpec:
                               "classification head)")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError(f"--workers {self.workers!r}: give 0 (decode in the main process) or more worker processes")
-        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
-            raise ConfigError(f"--seed {' '.join(map(str, self.seeds)) or '(none)'}: give one or more whole numbers")
+        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ConfigError(f"--seed {' '.join(map(str, self.seeds)) or '(none)'}: give one or more whole numbers "
+                              "from 0 up")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seed {' '.join(map(str, self.seeds))}: a seed is given twice, so the spread over seeds "
                               "would be over identical runs: give each seed once")

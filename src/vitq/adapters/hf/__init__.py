@@ -12,6 +12,7 @@ settings), kept on the model as ``vitq_preprocessor`` and in an export's build c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
@@ -244,6 +245,9 @@ def _per_channel(pre: dict[str, Any], key: str, default: Any, channels: int) -> 
     if len(vals) not in (1, channels):
         raise ModelError(f"{key} in preprocessor_config.json has {len(vals)} values for a model of {channels} input "
                          f"channel(s): it is another model's image processor; give {channels} value(s)")
+    if not all(math.isfinite(x) for x in vals) or (key == "image_std" and not all(x > 0 for x in vals)):
+        want = "positive numbers (images are divided by them)" if key == "image_std" else "finite numbers"
+        raise ModelError(f"{key} in preprocessor_config.json is {list(vals)}: give {want}")
     return tuple(float(x) for x in vals) * (channels if len(vals) == 1 else 1)
 
 
