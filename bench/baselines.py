@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--reuse-from", nargs="+", default=[], metavar="TABLE",
                     help="copy rows (same model, recipe, bits, eval size, seed) from bench/results/TABLE.json "
                          "instead of recomputing them (name the output table itself to skip rows already done)")
+    ap.add_argument("--note", default=None, help="a paragraph under the table's note (kept in the file)")
     ap.add_argument("--title", default=None,
                     help="table title (default: the file's own, else the baselines title)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: benches can run side by side)")
@@ -177,18 +178,22 @@ def main() -> None:
                                    args.batch_size, reusable(args.reuse_from))
         failed += errors
         for table in args.name:
-            write(RESULTS / f"{table}.json", rows, args.title)
+            write(RESULTS / f"{table}.json", rows, args.title, args.note)
     if failed:
         raise SystemExit(f"{failed} row(s) failed (see the FAILED lines above); the other rows were written")
 
 
-def write(jpath: Path, rows: list[dict[str, Any]], title: str | None) -> None:
-    old_title = json.loads(jpath.read_text())["meta"].get("title") if jpath.is_file() else None
-    meta = {"title": title or old_title or "Baseline recipes on the Fashion-MNIST reference models",
+def write(jpath: Path, rows: list[dict[str, Any]], title: str | None, extra: str | None = None) -> None:
+    """Merge ``rows`` into the table and re-render it. ``extra``: a paragraph under the standard note (kept from the
+    file when not given), e.g. what the rows show."""
+    old = json.loads(jpath.read_text())["meta"] if jpath.is_file() else {}
+    meta = {"title": title or old.get("title") or "Baseline recipes on the Fashion-MNIST reference models",
             "note": "Fashion-MNIST test split, top-1 %. Calibration images: a seeded sample of the train split. "
                     "drop = FP - quantized. Sites: inputs and weights of every Linear, both operands of both "
                     "attention matmuls, patch-embed weight (its input, the image, stays float), head. "
-                    "Each model's rows: `vitq.run.compare` (what `vitq compare` runs), one recipe at a time."}
+                    "Each model's rows: `vitq.run.compare` (what `vitq compare` runs), one recipe at a time."
+                    + (f"\n\n{extra or old.get('extra')}" if (extra or old.get("extra")) else ""),
+            **({"extra": extra or old.get("extra")} if (extra or old.get("extra")) else {})}
     save_rows(jpath, rows, meta, key=("model", "recipe", "bits"), indent=1)
     write_md(jpath.with_suffix(".md"), render(merge(jpath, []), json.loads(jpath.read_text())["meta"]))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")

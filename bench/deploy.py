@@ -12,8 +12,9 @@ resident memory of the process that ran it, for
 * ``vitq repq W8A8``    - ``repq`` as the recipe is (its log-sqrt2 post-Softmax emulated in float: exact, no integer
                           kernel for probs x V), and ``repq@onnx`` quantized for onnx (``--target onnx``);
 * ``... u8w``           - the same file with uint8 weight containers (u8 x u8 kernels) instead of auto's choice;
-* ``vitq best-symw``    - best with symmetric weights (bench/recipes/best-symw.yaml), the form OpenVINO's INT8
-                          kernels take;
+* ``vitq best-asym8``   - best as it was until 2026-12-07 (bench/recipes/best-asym8.yaml: asymmetric 8-bit
+                          weights and q / k), beside today's ``best`` (symmetric: the form OpenVINO's INT8
+                          kernels and its int8 attention take);
 * ``ort dynamic W8``    - onnxruntime's ``quantize_dynamic`` (what its docs recommend for transformers);
 * ``ov fp32`` / ``ov nncf int8`` / ``ov vitq ...`` - OpenVINO (when installed: ``pip install 'vitq[openvino]'``)
                           reading the float ONNX file, NNCF's own INT8 of it, and vitq's ONNX files;
@@ -64,9 +65,9 @@ MODELS = ("deit-s", "fmnist-vit", "fmnist-vit-outlier", "fmnist-deit", "fmnist-d
 #: or quantized for onnx; uint8 weights (the default) or int8 (u8 x s8 kernels)
 VITQ = (("best", "W8A8", None, "auto"), ("best", "W4A8", None, "auto"), ("best", "W8A8", None, "uint8"),
         ("best", "W4A8", None, "uint8"), ("repq", "W8A8", None, "auto"), ("repq", "W8A8", "onnx", "auto"),
-        ("best-symw", "W8A8", None, "auto"))
+        ("best-asym8", "W8A8", None, "auto"))
 #: vitq files OpenVINO also reads (its ONNX frontend: QuantizeLinear / DequantizeLinear -> FakeQuantize)
-OV_VITQ = ("vitq best W8A8", "vitq best-symw W8A8")
+OV_VITQ = ("vitq best W8A8", "vitq best W4A8", "vitq best-asym8 W8A8")
 KEY = ("model", "runtime", "batch")
 
 
@@ -310,8 +311,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "`ov nncf int8` = NNCF's `nncf.quantize` (ModelType.TRANSFORMER) on the same images; `ov vitq ...` = "
              "OpenVINO reading vitq's ONNX file. `vitq best WxA8` = the default recipe, exported as `vitq export` "
              "does by default (`--weight-dtype auto`: int8 containers here when exact, see `weight_dtype`); `u8w` = "
-             "the same with uint8 weight containers; `best-symw` = best with symmetric weights "
-             "(bench/recipes/best-symw.yaml: the form OpenVINO's INT8 kernels take).", "",
+             "the same with uint8 weight containers; `best-asym8` = best until 2026-12-07 "
+             "(bench/recipes/best-asym8.yaml: asymmetric 8-bit weights and q / k; today's best has them symmetric, the "
+             "form OpenVINO's INT8 kernels and its int8 attention take; rows measured before then name that recipe "
+             "`best`, and `best-symw` its symmetric-weights edit).", "",
              "`vitq RECIPE@onnx` is what `vitq quantize --export onnx` ships (`--target onnx`: post-Softmax on the",
              "8-bit uniform grid, calibrated); `vitq RECIPE` the recipe as it is (its log-sqrt2 post-Softmax emulated",
              "exactly in float: no integer kernel for probs x V). Speed: compare on `deit-s`. The reference models",
