@@ -207,6 +207,8 @@ def test_repq_w4a8_folds_fractional_zero_points_and_emulates_log_sqrt2(tmp_path:
     folded = [s for s in rep["sites"] if "folded" in s["note"]]
     assert folded and all(s["how"] == "qdq" for s in folded)
     assert {f["role"] for f in rep["lowering"]["fallbacks"]} == {"ATTN_PROBS"}  # log-sqrt2: emulated, exact
+    # each fallback's line says what that kind was measured to cost (bench/results/fallback_cost.md)
+    assert all("measured: this kind at every block cost 50-66 %" in f["note"] for f in rep["lowering"]["fallbacks"])
     ref, out = logits(q, x), OnnxModel(tmp_path / "model.onnx")(x)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     assert (out - ref).abs().mean() < 0.02 * ref.abs().max()
@@ -376,6 +378,7 @@ def test_the_default_recipe_exports_with_parity(tmp_path: Path, bits: str) -> No
     # 3- and 4-bit uniform activations are QDQ in 8-bit containers (clipped to their code range): integer kernels
     assert rep["lowering"]["counts"]["qdq"] >= 14 and rep["runtime_ops"].get("MatMulIntegerToFloat", 0) >= 6
     assert ("FC2_IN" in emulated) == (bits == "W3A3")  # V-2SF has no QuantizeLinear form: emulated exactly, in float
+    assert all("cost 86-89 %" in f["note"] for f in rep["lowering"]["fallbacks"] if f["role"] == "FC2_IN")
     # a float activation meets integer weights there: onnxruntime's default MatMulNBits fusion would quantize it
     # again to int8 (20-30 % of the largest logit here); the session (and export.json) set accuracy level 1
     assert rep["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "1"}

@@ -83,15 +83,32 @@ def _weight_lowerable(spec: QuantSpec) -> tuple[bool, str]:
     return True, f"{spec.bits}-bit codes in an 8-bit container"
 
 
+#: what a kind of fallback cost where measured (bench/results/fallback_cost.md: DeiT-S, W8A8, onnxruntime, the
+#: kind emulated at every block against the all-integer file, batch 1 / 32), cited in its note
+MEASURED_COST = {
+    "post-softmax": "50-66 %",   # TanQ (dopq-calib) and log-sqrt2 (repq), 12 sites
+    "two-scale": "86-89 %",      # V-2SF after GELU, 12 sites
+    "channel-wise": "56-59 %",   # q / k / v and fc1 inputs without RepQ's fold, 24 sites
+}
+
+
+def _cost(kind: str) -> str:
+    return (f"; measured: this kind at every block cost {MEASURED_COST[kind]} of a DeiT-S file's images/s in "
+            "onnxruntime (bench/results/fallback_cost.md)")
+
+
 def _act_note(fq: FakeQuant) -> str:
     spec = fq.spec
     if spec.dynamic:
         return "dynamic per-token ranges: emulated in float (exact)"
     if spec.quantizer != "uniform":
         how = "its code formula and a table of its levels" if lut_lowerable(fq) else "float"
-        return f"{spec.quantizer} has no QuantizeLinear form: emulated in {how} (exact)"
+        kind = "post-softmax" if fq.role in POST_SOFTMAX else "two-scale" if spec.quantizer in ("v2sf", "twin_uniform") \
+            else None
+        return f"{spec.quantizer} has no QuantizeLinear form: emulated in {how} (exact)" + (_cost(kind) if kind else "")
     if not isinstance(spec.granularity, PerTensor):
-        return f"{spec.granularity} activations: emulated in float (exact; integer kernels take per-tensor inputs)"
+        return (f"{spec.granularity} activations: emulated in float (exact; integer kernels take per-tensor inputs)"
+                + _cost("channel-wise"))
     return f"{spec.bits}-bit activations: emulated in float (exact; integer kernels take at most 8-bit inputs)"
 
 
