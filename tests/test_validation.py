@@ -118,6 +118,10 @@ def test_two_when_blocks_that_both_hold_and_disagree(tmp_path: Path, capsys) -> 
         r.at("W4A4")
     same = vitq.Recipe.from_dict({"extends": "minmax", "when": {"A<=4": {"calib_size": 64}, "A<=6": {"calib_size": 64}}}, "t")
     assert same.at("W4A4").calib_size == 64  # agreeing blocks are fine
+    wa = vitq.Recipe.from_dict({"extends": "minmax", "when": {"W==8": {"calib_size": 16}, "A==8": {"calib_size": 64}}}, "t")
+    assert wa.at("W4A8").calib_size == 64 and wa.at("W8A4").calib_size == 16
+    with pytest.raises(ConfigError, match=r"when blocks 'W==8' and 'A==8' both hold at W8A8 and give different calib_size"):
+        wa.at("W8A8")
     y = tmp_path / "r.yaml"
     y.write_text("extends: minmax\nwhen:\n  A<=4: {rules: {'act:FC2_IN': {quantizer: uniform, bits: A, granularity: tensor, "
                  "observer: percentile}}}\n  A==4: {rules: {'act:FC2_IN': {quantizer: uniform, bits: A, granularity: tensor, "
