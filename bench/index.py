@@ -71,6 +71,10 @@ PAGES: dict[str, tuple[str, str]] = {
     "o2sf_layernorm.md": ("O-2SF against per-tensor and PTF on real LayerNorm inputs", "bench/studies/two_scale_ln.py"),
     "aocq.md": ("AOCQ (Add_alpha, LN_alpha, two-stage optimisation) on all six models, 2000 test images",
                 "bench/aocq.py"),
+    "aocq_new_families.md": ("FQ-ViT and AOCQ (fully quantized) at W8A8 / W4A4 / W3A3 on the EVA-02- and SigLIP-style "
+                             "models and their twins, 10 000 test images",
+                             "bench/aocq.py table --models fmnist-eva fmnist-siglip ... --bits W8A8 W4A4 W3A3 "
+                             "--eval-size 10000 --name aocq_new_families"),
     "aocq_eval10k.md": ("AOCQ on the plain models, all 10 000 test images", "bench/aocq.py table --eval-size 10000 --name aocq_eval10k"),
     "fqvit_collapse.md": ("why fqvit falls to chance at 4 / 3 bits: which fully-quantized site breaks it",
                           "bench/studies/fqvit_collapse.py"),
