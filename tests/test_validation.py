@@ -168,3 +168,22 @@ def test_a_rule_value_of_the_wrong_type_is_refused(tmp_path: Path, capsys, key: 
     y = tmp_path / "r.yaml"
     y.write_text(f"extends: minmax\nrules:\n  'weight:*': {{quantizer: uniform, bits: W, {key}: {value}}}\n")
     _fast(["quantize", "fmnist-vit", "--recipe", str(y)], capsys, said)
+
+
+@pytest.mark.parametrize("given,said", [(["--bits", "W8A8,w8a8"], r"--bits W8A8,W8A8: W8A8 is given twice"),
+                                        (["--recipes", "minmax,repq,minmax"], r"--recipes minmax,repq,minmax: minmax is given twice")])
+def test_compare_refuses_a_row_given_twice(given: list[str], capsys, said: str) -> None:
+    """`compare --bits W8A8,W8A8` ran both rows (a comparison of a run with itself) after loading everything."""
+    _fast(["compare", "fmnist-vit", *(["--recipes", "minmax"] if given[0] == "--bits" else []), *given], capsys, said)
+
+
+def test_the_compare_api_refuses_a_width_given_twice() -> None:
+    import torch
+    from conftest import tiny_vit
+
+    from vitq.errors import ConfigError
+    from vitq.run.compare import compare
+
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(ConfigError, match="bit-width given twice in W8A8, W8A8"):
+        compare(tiny_vit(), [(x, torch.zeros(4, dtype=torch.long))], {0: x}, ["minmax"], ["W8A8", "W8A8"])

@@ -76,6 +76,8 @@ def compare(model: nn.Module, eval_data: Iterable[Any], calib: "Mapping[int, Cal
     if len(set(names)) != len(names):
         raise ConfigError(f"recipe given twice in {', '.join(names)}: list each once")
     bits_l = [Bits.parse(b) for b in bits]
+    if len(set(map(str, bits_l))) != len(bits_l):
+        raise ConfigError(f"bit-width given twice in {', '.join(map(str, bits_l))}: list each once")
     seeds = list(seeds)
     device = device if device is not None else model_device(model)
     data = cache_batches(eval_data)
