@@ -171,10 +171,12 @@ def test_a_rule_value_of_the_wrong_type_is_refused(tmp_path: Path, capsys, key: 
 
 
 @pytest.mark.parametrize("given,said", [(["--bits", "W8A8,w8a8"], r"--bits W8A8,W8A8: W8A8 is given twice"),
-                                        (["--recipes", "minmax,repq,minmax"], r"--recipes minmax,repq,minmax: minmax is given twice")])
+                                        (["--recipes", "minmax,repq,minmax"], r"--recipes minmax,repq,minmax: minmax is given twice"),
+                                        (["--seeds", "0,0"], r"--seeds 0,0: 0 is given twice"),  # said "--seed 0 0"
+                                        (["--seed", "1", "1"], r"--seed 1 1: 1 is given twice")])
 def test_compare_refuses_a_row_given_twice(given: list[str], capsys, said: str) -> None:
     """`compare --bits W8A8,W8A8` ran both rows (a comparison of a run with itself) after loading everything."""
-    _fast(["compare", "fmnist-vit", *(["--recipes", "minmax"] if given[0] == "--bits" else []), *given], capsys, said)
+    _fast(["compare", "fmnist-vit", *(["--recipes", "minmax"] if given[0] != "--recipes" else []), *given], capsys, said)
 
 
 def test_the_compare_api_refuses_a_width_given_twice() -> None:

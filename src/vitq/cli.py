@@ -422,10 +422,13 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     if args.iters is not None:
         sets["iters"] = args.iters
     names, bits = _csv_list(args.recipes, "--recipes"), _csv_list(args.bits, "--bits")
-    for what, items in (("--recipes", names), ("--bits", [b.upper() for b in bits])):
+    given = [str(x) for x in seeds]
+    for what, items in (("--recipes", names), ("--bits", [b.upper() for b in bits]),
+                        ("--seeds" if args.seeds else "--seed", given)):
         twice = sorted({i for i in items if items.count(i) > 1})
         if twice:  # two identical rows: a comparison of a run with itself
-            raise ConfigError(f"{what} {','.join(items)}: {', '.join(twice)} is given twice: list each once")
+            raise ConfigError(f"{what} {(' ' if what == '--seed' else ',').join(items)}: {', '.join(twice)} is given "
+                              "twice: list each once")
     spec = _spec(args, recipe=names[0], bits=bits[0], seeds=tuple(seeds), options=())
     res = compare_spec(spec, names, bits, sets, say=print)
     print(f"{args.model} on {res['fp']['images']} images of {res['data']}{_data_line(res['data_origin'])}, "
