@@ -24,14 +24,14 @@ import torch
 from bench.common import RESULTS, FashionData, machine_line, md_table, save_rows, setup, write_md
 from vitq.bits import Bits
 from vitq.data import calibration_subset, make_loader, stack_images
+from vitq.defaults import DEFAULT_KNN_BANK
 from vitq.errors import VitqError
 from vitq.reference import list_reference_models, load_reference, weights_path
 from vitq.run.compare import cache_batches, compare
 from vitq.run.inputs import task_of
-from vitq.run.spec import RunSpec
 
 #: an encoder's k-NN memory bank: the CLI's default size (``--knn-bank``), the same seeded sample
-KNN_BANK = RunSpec.__dataclass_fields__["knn_bank"].default
+KNN_BANK = DEFAULT_KNN_BANK
 
 DEFAULT_RECIPES = ["minmax", "percentile", "omse", "ptq4vit", "repq", "fqvit"]
 #: fully-quantized variants (FQ-ViT Table 2 protocol), benchmarked at W8A8: --recipes ... --bits W8A8

@@ -26,6 +26,8 @@ PAGES: dict[str, tuple[str, str]] = {
     "best_parts.md": ("which parts make `best` at W3A3 (V-2SF post-GELU, a power-of-two attention grid, QDrop stage 3)",
                       "bench/best.py with bench/recipes/parts-*"),
     "baselines.md": ("every calibration-only baseline recipe on all six models, W8A8 to W3A3", "bench/baselines.py"),
+    "fallback_cost.md": ("what a float fallback costs in onnxruntime: each kind at every block of DeiT-S against the "
+                         "all-integer file (the CLI's fallback lines cite it)", "bench/studies/fallback_cost.py"),
     "glu_out.md": ("quantizers on a SwiGLU's gated product (GLU_OUT): why no recipe puts a post-GELU quantizer there",
                    "bench/studies/glu_out.py"),
     "int4_weights.md": ("4-bit weights stored in 4 bits (INT4 + Cast, vitq's file since 2026-12-06) against 8-bit "

@@ -274,3 +274,13 @@ def test_every_results_page_is_in_the_index_as_current_or_superseded():
     for p in current + archived:
         if p.name != "README.md":
             assert f"[{p.name}]" in readme, f"bench/results/README.md does not list {p.name}: python -m bench.index"
+
+
+def test_baselines_bench_an_encoder_with_the_clis_knn_bank():
+    """bench.baselines read the k-NN bank size from RunSpec's default, which became None (the CLI decides it): every
+    encoder row then failed with a TypeError. It takes the CLI's default size."""
+    from bench.baselines import KNN_BANK
+
+    from vitq.defaults import DEFAULT_KNN_BANK, KNN_K
+
+    assert isinstance(KNN_BANK, int) and KNN_BANK == DEFAULT_KNN_BANK >= KNN_K
