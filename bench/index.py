@@ -98,8 +98,9 @@ PAGES: dict[str, tuple[str, str]] = {
                               "bench/studies/openvino_attention.py"),
     "openvino_profile.md": ("where OpenVINO spends its time on vitq's ONNX files and on NNCF's INT8 model, by layer "
                             "kind (DeiT-S, batch 1)", "bench/studies/openvino_profile.py"),
-    "best_a8.md": ("the default recipe at 8-bit activations: uniform 8-bit post-Softmax (all-integer files) against "
-                   "its former TanQ (dopq-calib), W8A8 / W4A8, eight reference models",
+    "best_a8.md": ("the default recipe at 8-bit activations: uniform 8-bit post-Softmax and symmetric q / k / 8-bit "
+                   "weights (all-integer files OpenVINO runs on its INT8 kernels) against its former forms "
+                   "(best-asym8, dopq-calib's TanQ), W8A8 / W4A8, ten reference models",
                    "bench/baselines.py --name best_a8"),
     "export_parity_new_families.md": ("export parity on the EVA-02- and SigLIP-style reference models and their twins "
                                       "(onnx, uniform8, packed, @onnx)", "bench/export_parity.py --out"),
