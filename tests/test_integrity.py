@@ -195,19 +195,42 @@ def test_a_resealed_packed_export_with_a_wrong_quantization_map(exported, edit, 
 
 
 def test_an_overwrite_interrupted_half_way_is_incomplete_not_the_old_export(exported, tmp_path: Path, monkeypatch) -> None:
-    """Re-exporting into a folder removes its vitq.json (the completion marker, written last) first: a write that
-    dies after the tensors leaves an export named incomplete, never the previous configuration over new tensors."""
-    import vitq.export as vexp
+    """A re-export stages its files in a hidden folder and moves them in, vitq.json (the completion marker) removed
+    first and written last: a write that dies while the files are written leaves the previous export intact (it
+    loads, the same model); one that dies while they are moved in reads as incomplete, never as the previous
+    configuration over new tensors; the next write removes what the killed one staged."""
+    import vitq.export.integrity as integ
+    from vitq.export.integrity import STAGING
 
     d = _copy(exported["plain"], tmp_path / "o")
     q = load_quantized(d)
+    before = (d / "vitq.json").read_bytes()
 
     def die(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vexp, "finish_write", die)
+    monkeypatch.setattr(integ, "seal", die)  # killed after the tensors were staged, before anything moved
     with pytest.raises(KeyboardInterrupt):
         save_quantized(q, d, vitq.state_of(q).source)
+    monkeypatch.undo()
+    assert (d / "vitq.json").read_bytes() == before and list(d.glob(STAGING + "*"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(d)(x), q(x))  # the previous export, whole
+
+    real = integ.os.replace
+
+    def dies_at_the_marker(src, dst):
+        if Path(dst).name == "vitq.json":
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(integ.os, "replace", dies_at_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(q, d, vitq.state_of(q).source)
+    monkeypatch.undo()
     assert not (d / "vitq.json").exists()
     with pytest.raises(ModelError, match="is an incomplete vitq export"):
         vitq.load_model(str(d))
+    save_quantized(q, d, vitq.state_of(q).source)  # a new write completes it and removes the staged leftovers
+    assert (d / "vitq.json").is_file() and not list(d.glob(STAGING + "*"))

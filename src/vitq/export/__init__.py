@@ -76,24 +76,21 @@ def save_quantized(model: nn.Module, out_dir: "str | Path", source: Optional[Mod
     source = source_of(model, source)
     from safetensors.torch import save_file
 
-    out = begin_write(out_dir)
+    if source.kind == "pickle" and not Path(source.name).is_file():
+        raise ModelError(f"the pickled model {source.name} this model was loaded from is gone, so the export could "
+                         "not rebuild its architecture: save from the run that loaded it")
+    stage = begin_write(out_dir)  # the files are staged, then moved into out_dir (vitq.json last)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / "model.safetensors"))
+    save_file(sd, str(stage / "model.safetensors"))
     files = ["model.safetensors"]
     if source.kind == "pickle":  # the export holds its own copy of the architecture: no path to the user's file
-        src = Path(source.name)
-        if not src.is_file():
-            raise ModelError(f"the pickled model {source.name} this model was loaded from is gone, so the export could "
-                             "not rebuild its architecture: save from the run that loaded it")
-        if src.resolve() != (out / PICKLE_FILE).resolve():
-            shutil.copyfile(src, out / PICKLE_FILE)
+        shutil.copyfile(source.name, stage / PICKLE_FILE)
         source = replace(source, name=PICKLE_FILE, checkpoint=PICKLE_IN_EXPORT)
         files.append(PICKLE_FILE)
     meta = {"format": EXPORT_FORMAT, "source": source.to_dict(), "recipe": recipe.to_dict(), "bits": str(bits),
             "pretrained_cfg": _jsonable(getattr(model, "pretrained_cfg", {}) or {}),
             **({"run": st.run} if st is not None and st.run else {}), **(extra or {})}
-    finish_write(out, meta, files)
-    return out
+    return finish_write(stage, meta, files)
 
 
 def load_quantized(path: "str | Path", trust_pickle: bool = False) -> nn.Module:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -72,18 +74,46 @@ def read_meta(folder: "str | Path") -> dict[str, Any]:
     return meta
 
 
+#: the hidden folder inside an export that a write stages its files in (same filesystem: the renames are atomic)
+STAGING = ".vitq-staging-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
 def begin_write(folder: "str | Path") -> Path:
-    """Start (re)writing an export in ``folder``: its ``vitq.json`` - the completion marker, written last by
-    :func:`finish_write` - is removed first, so an export interrupted half-way is recognised as incomplete rather than
-    as a damaged one (or, worse, as the previous export)."""
+    """Start (re)writing an export in ``folder``; returns the staging folder to write its files into (a hidden
+    folder inside ``folder``). Nothing in ``folder`` changes until :func:`finish_write`: an export interrupted while
+    its files are written leaves the previous export as it was (and a staging folder the next write removes)."""
     p = Path(folder)
     p.mkdir(parents=True, exist_ok=True)
-    (p / "vitq.json").unlink(missing_ok=True)
-    return p
+    for old in p.glob(STAGING + "*"):  # left by a write that was killed; another process's live one is kept
+        pid = old.name[len(STAGING):]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = p / f"{STAGING}{os.getpid()}"
+    stage.mkdir()
+    return stage
 
 
-def finish_write(folder: Path, meta: dict[str, Any], files: Sequence[str]) -> None:
-    """Seal ``meta`` over ``files`` and write ``vitq.json`` whole (a temporary file renamed into place), last."""
-    tmp = folder / ".vitq.json.tmp"
-    tmp.write_text(json.dumps(seal(meta, folder, files), indent=2) + "\n")
-    tmp.replace(folder / "vitq.json")
+def finish_write(stage: Path, meta: dict[str, Any], files: Sequence[str]) -> Path:
+    """Seal ``meta`` over the staged ``files`` and move them into the export folder: its ``vitq.json`` - the
+    completion marker - is removed first and written last (whole, by a rename), so only an interruption between the
+    two reads as "incomplete", and never as the previous export's configuration over new files. Returns the folder."""
+    folder = stage.parent
+    sealed = seal(meta, stage, files)
+    (folder / "vitq.json").unlink(missing_ok=True)
+    for f in files:
+        os.replace(stage / f, folder / f)
+    tmp = stage / "vitq.json"
+    tmp.write_text(json.dumps(sealed, indent=2) + "\n")
+    os.replace(tmp, folder / "vitq.json")
+    shutil.rmtree(stage, ignore_errors=True)
+    return folder

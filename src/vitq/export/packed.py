@@ -116,14 +116,14 @@ def save_packed(model: nn.Module, out_dir: "str | Path", source: Any) -> dict[st
     not_ready = [k for k in flags if not bool(sd[k])]
     for k in flags:
         sd.pop(k)
-    out = begin_write(out_dir)
-    save_file(sd, str(out / "model.safetensors"))
+    stage = begin_write(out_dir)  # staged, then moved into out_dir (vitq.json last)
+    save_file(sd, str(stage / "model.safetensors"))
     meta = {"format": PACKED_FORMAT, "integral_tensors": integral, "initialized_keys": flags,
             "uninitialized_keys": not_ready, "source": source.to_dict(), "recipe": st.recipe.to_dict(), "bits": str(st.bits),
             "pretrained_cfg": {k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
                                if isinstance(v, (str, int, float, bool, list, tuple)) or v is None},
             "quantization_map": qmap, **({"run": st.run} if st.run else {})}
-    finish_write(out, meta, ["model.safetensors"])
+    out = finish_write(stage, meta, ["model.safetensors"])
     # the float model's size: its own tensors in float32 (the quantizers' buffers are not part of it)
     float_bytes = sum(t.numel() * 4 for k, t in model.state_dict().items()
                       if t.is_floating_point() and "_quant." not in k and not k.startswith(("weight_quant", "input_quant")))
