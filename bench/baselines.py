@@ -5,6 +5,7 @@
     python -m bench.baselines --recipes repq ptq4vit --bits W4A4 --eval-size 10000
     python -m bench.baselines --name baselines                  # results file stem
     python -m bench.baselines --recipes fq --bits W8A8 --name baselines tsptq   # rows into both tables
+    python -m bench.baselines --models fmnist-dinov2 --recipes brecq qdrop oas --iters 200   # reconstruction, CPU budget
 
 Rows are merged into ``bench/results/<name>.json`` (keyed by model, recipe, bits) and the whole
 table is re-rendered to ``bench/results/<name>.md``: FP top-1, quantized top-1, drop, calibration
@@ -21,7 +22,17 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, FashionData, machine_line, md_table, save_rows, setup, write_md
+from bench.common import (
+    RESULTS,
+    FashionData,
+    bench_recipe,
+    machine_line,
+    md_table,
+    save_rows,
+    scaled_recipe,
+    setup,
+    write_md,
+)
 from vitq.bits import Bits
 from vitq.data import calibration_subset, make_loader, stack_images
 from vitq.defaults import DEFAULT_KNN_BANK
@@ -63,8 +74,10 @@ def reusable(tables: list[str]) -> dict[tuple[str, str, str], list[dict[str, Any
 
 def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: int | None, calib_size: int | None,
                 seed: int, batch_size: int, reuse: dict[tuple[str, str, str], list[dict[str, Any]]] | None = None,
-                ) -> tuple[list[dict[str, Any]], int]:
-    """Rows of one model, and how many failed (a failing recipe is reported on one line and skipped)."""
+                recon: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Rows of one model, and how many failed (a failing recipe is reported on one line and skipped). ``recon``:
+    ``{"iters": N, "lr_scale": S}`` for the reconstruction recipes' CPU budget (:func:`bench.common.scaled_recipe`,
+    as bench/recon.py runs them: N iterations per unit, learning rates x S), recorded in each row."""
     reuse = reuse or {}
     rows = []
     todo = []
@@ -98,14 +111,21 @@ def bench_model(name: str, recipes: list[str], bits_list: list[str], eval_size: 
         if not bits_todo:
             continue
         try:
-            res = compare(model, eval_batches, source, [rname], bits_todo, batch_size=batch_size, seeds=[seed],
-                          knn_bank=knn_bank)
+            if recon:  # the scaled recipe of each width (its `when` passes): one comparison per width
+                got = [r for b in bits_todo
+                       for r in compare(model, eval_batches, source, [scaled_recipe(bench_recipe(rname) or rname, recon, b)],
+                                        [b], batch_size=batch_size, seeds=[seed], knn_bank=knn_bank)["rows"]]
+            else:
+                got = compare(model, eval_batches, source, [rname], bits_todo, batch_size=batch_size, seeds=[seed],
+                              knn_bank=knn_bank)["rows"]
         except VitqError as e:
             print(f"{name:<22} {rname:<12} {','.join(bits_todo)}: FAILED: {e}", flush=True)
             errors += 1
             continue
-        for row in res["rows"]:  # run records (vitq.run.record), as `vitq compare` and `vitq quantize --json` write
+        for row in got:  # run records (vitq.run.record), as `vitq compare` and `vitq quantize --json` write
             row["model"] = name
+            if recon:
+                row.update(recipe=rname, **recon)
             log.info("%s", {k: v for k, v in row.items() if k not in ("per_seed", "vs_fp", "vs_fp_pooled")})
             print(f"{name:<22} {rname:<12} {row['bits']}: FP {row['fp_top1']:6.2f}  Q {row['q_top1']:6.2f}  "
                   f"drop {row['drop']:+6.2f}  calib {row['calib_seconds']:6.1f}s  rss {row['peak_rss_mb']:.0f} MB",
@@ -166,6 +186,9 @@ def main() -> None:
     ap.add_argument("--title", default=None,
                     help="table title (default: the file's own, else the baselines title)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: benches can run side by side)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="reconstruction iterations per unit (a CPU budget, as bench/recon.py: with --lr-scale)")
+    ap.add_argument("--lr-scale", type=float, default=10.0, help="with --iters: learning rates multiplied by this")
     args = ap.parse_args()
     setup(threads=args.threads)
     logging.getLogger().setLevel(logging.WARNING)
@@ -175,7 +198,8 @@ def main() -> None:
     failed = 0
     for name in available_models(args.models):  # written after every model: a later failure loses nothing
         rows, errors = bench_model(name, args.recipes, args.bits, args.eval_size, args.calib_size, args.seed,
-                                   args.batch_size, reusable(args.reuse_from))
+                                   args.batch_size, reusable(args.reuse_from),
+                                   None if args.iters is None else {"iters": args.iters, "lr_scale": args.lr_scale})
         failed += errors
         for table in args.name:
             write(RESULTS / f"{table}.json", rows, args.title, args.note)
