@@ -68,9 +68,9 @@ def test_compare_equals_quantize_on_the_same_seed() -> None:
 def test_compare_bad_inputs(capsys) -> None:
     expect_error(["compare", "fmnist-vit"], capsys, "needs MODEL_B")
     expect_error(["compare", "fmnist-vit", "fmnist-deit", "--recipes", "minmax"], capsys, "not both")
-    expect_error(["compare", "fmnist-vit", "--recipes", "minmax,minmax"], capsys, "recipe given twice")
+    expect_error(["compare", "fmnist-vit", "--recipes", "minmax,minmax"], capsys, "minmax is given twice")
     expect_error(["compare", "fmnist-vit", "--recipes", "minmax", "--seeds", "0,x"], capsys, "give integers")
-    expect_error(["compare", "fmnist-vit", "--recipes", "minmax", "--seeds", "0,0"], capsys, "a seed is given twice")
+    expect_error(["compare", "fmnist-vit", "--recipes", "minmax", "--seeds", "0,0"], capsys, "--seeds 0,0: 0 is given twice")
     expect_error(["compare", "fmnist-vit", "--recipes", "minmax,repq", "--set", "lr_round=0.1"], capsys,
                  r"no recipe of minmax, repq has a pass with option\(s\) lr_round")
     expect_error(["compare", "fmnist-vit", "--recipes", "minmax", "--bits", "W4A4,W9A9"], capsys, "weight bit-width 9 is out of range")
