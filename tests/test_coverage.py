@@ -431,3 +431,7 @@ def test_hf_siglip_pool_folds_into_its_own_norm_and_leaves_the_patch_features(tm
     back = vitq.load_quantized(tmp_path / "run")
     with torch.no_grad():
         assert torch.equal(back(x).pooler_output, q(x).pooler_output)
+    from vitq.errors import ModelError
+
+    with pytest.raises(ModelError, match="output_hidden_states: the quantized SigLIP tower returns last_hidden_state"):
+        q(x, output_hidden_states=True)  # not a silent None

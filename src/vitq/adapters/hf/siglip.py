@@ -118,6 +118,10 @@ class HFSiglipTower:
     def forward(self, pixel_values: Tensor, interpolate_pos_encoding: Optional[bool] = False, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        asked = [k for k in ("output_hidden_states", "output_attentions") if kwargs.get(k)]
+        if asked:  # transformers collects them with hooks around its own forward, which this one replaces
+            raise ModelError(f"{', '.join(asked)}: the quantized SigLIP tower returns last_hidden_state and "
+                             "pooler_output only; hook the encoder layers (model.encoder.layers) for per-layer outputs")
         h = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         h = self.encoder(inputs_embeds=h, **kwargs)[0]
         return BaseModelOutputWithPooling(last_hidden_state=self.post_layernorm(h), pooler_output=self.head(h))
