@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._os import pid_alive
 from ..checkpoints import file_sha256
 from ..errors import ModelError
 
@@ -78,16 +79,6 @@ def read_meta(folder: "str | Path") -> dict[str, Any]:
 STAGING = ".vitq-staging-"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
-
-
 def begin_write(folder: "str | Path") -> Path:
     """Start (re)writing an export in ``folder``; returns the staging folder to write its files into (a hidden
     folder inside ``folder``). Nothing in ``folder`` changes until :func:`finish_write`: an export interrupted while
@@ -96,7 +87,7 @@ def begin_write(folder: "str | Path") -> Path:
     p.mkdir(parents=True, exist_ok=True)
     for old in p.glob(STAGING + "*"):  # left by a write that was killed; another process's live one is kept
         pid = old.name[len(STAGING):]
-        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     stage = p / f"{STAGING}{os.getpid()}"
     stage.mkdir()

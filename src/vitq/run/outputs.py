@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .._os import pid_alive
 from ..errors import ConfigError
 
 
@@ -68,16 +69,6 @@ def write_text(path: "str | Path", text: str) -> None:
 LOCK_FILE = ".vitq.lock"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 @contextmanager
 def folder_lock(flag: str, folder: "str | Path") -> Iterator[None]:
     """Hold ``folder`` for this run: a second vitq run writing the same folder is refused in one line (both saved,
@@ -97,7 +88,7 @@ def folder_lock(flag: str, folder: "str | Path") -> Iterator[None]:
                 pid, host = int(holder["pid"]), str(holder["host"])
             except (OSError, ValueError, KeyError, TypeError):
                 holder, pid, host = {}, -1, ""
-            if host == me["host"] and pid > 0 and not _alive(pid):
+            if host == me["host"] and pid > 0 and not pid_alive(pid):
                 lock.unlink(missing_ok=True)  # its run was killed: the folder is free
                 continue
             if not holder:  # being written this instant, or damaged
