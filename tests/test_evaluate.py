@@ -235,3 +235,36 @@ def test_compare_pooled() -> None:
         o = _preds(torch.rand(len(other), generator=gen), other)
         with pytest.raises(ConfigError, match="seeds' predictions were made on different images"):
             compare_pooled([seeds[0], (o, o)])
+
+
+def test_outputs_that_are_not_finite_are_counted_and_said(caplog) -> None:
+    """fqvit at W4A4 gives NaN logits for every image; the run reported "quantized top-1 9.00 %" as an accuracy,
+    with no word that the outputs were NaN. Evaluation counts such images, and a trial says so in one warning."""
+    import logging
+
+    import torch
+    from conftest import tiny_vit
+    from torch import nn
+
+    from vitq.evaluate import evaluate
+    from vitq.run.execute import trial
+
+    class HalfNaN(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = x.flatten(1)[:, :4].clone()
+            out[::2] = float("nan")
+            return out
+
+    x, y = torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)
+    assert evaluate(HalfNaN(), (x, y))["nonfinite"] == 4
+    assert evaluate(tiny_vit(), (x, y))["nonfinite"] == 0
+    from vitq.features import evaluate_features
+
+    yl = torch.arange(8) % 2
+    assert evaluate_features(HalfNaN(), [(x, yl)], [(x, yl)])["nonfinite"] == 4  # an encoder's NaN embeddings too
+    caplog.set_level(logging.WARNING, logger="vitq.run")
+    trial(tiny_vit(), "minmax", "W8A8", x, 0, [(x, y)], evaluator=lambda m, d: {**evaluate(HalfNaN(), (x, y)), "n": 8})
+    assert "4 of 8 evaluation images gave NaN / inf outputs from the model quantized with minmax at W8A8" in caplog.text
+    caplog.clear()
+    trial(tiny_vit(), "minmax", "W8A8", x, 0, [(x, y)])
+    assert "NaN" not in caplog.text

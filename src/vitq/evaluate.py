@@ -56,6 +56,7 @@ class Predictions:
     labels: Tensor
     seconds: float
     nll: Optional[Tensor] = None
+    nonfinite: int = 0  # images whose outputs hold NaN / inf (their predictions mean nothing)
 
     @property
     def top1(self) -> Tensor:
@@ -74,6 +75,7 @@ def predict(model: nn.Module, loader: "DataLoader | Iterable[Any]", k: int = 5, 
     tops: list[Tensor] = []
     labels: list[Tensor] = []
     nlls: Optional[list[Tensor]] = []
+    nonfinite = 0
     t0 = time.perf_counter()
     it: Iterable[Any] = loader
     if progress:
@@ -88,6 +90,7 @@ def predict(model: nn.Module, loader: "DataLoader | Iterable[Any]", k: int = 5, 
         if device.type != "cpu" or x.device != device:
             x, y = x.to(device, non_blocking=True), y.to(device)
         logits = forward_logits(model, x)
+        nonfinite += int((~torch.isfinite(logits)).reshape(len(logits), -1).any(-1).sum())
         y = y.reshape(-1)
         tops.append(logits.topk(min(k, logits.shape[-1]), dim=-1).indices.cpu())
         labels.append(y.cpu())
@@ -100,7 +103,7 @@ def predict(model: nn.Module, loader: "DataLoader | Iterable[Any]", k: int = 5, 
     dt = time.perf_counter() - t0
     if not tops:
         return Predictions(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, dtype=torch.long), dt)
-    return Predictions(torch.cat(tops), torch.cat(labels), dt, None if nlls is None else torch.cat(nlls))
+    return Predictions(torch.cat(tops), torch.cat(labels), dt, None if nlls is None else torch.cat(nlls), nonfinite)
 
 
 def gather(p: Predictions) -> Predictions:
@@ -108,9 +111,10 @@ def gather(p: Predictions) -> Predictions:
     gives each rank a contiguous block, so this is the dataset's order); ``p`` with one process."""
     if not distributed.active():
         return p
-    parts = distributed.all_gather_objects((p.topk, p.labels, p.seconds, p.nll))
+    parts = distributed.all_gather_objects((p.topk, p.labels, p.seconds, p.nll, p.nonfinite))
     nll = None if any(q[3] is None for q in parts) else torch.cat([q[3] for q in parts])
-    return Predictions(torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]), max(q[2] for q in parts), nll)
+    return Predictions(torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]), max(q[2] for q in parts), nll,
+                       sum(q[4] for q in parts))
 
 
 def batches_of(data: Any, batch_size: int = 64) -> "DataLoader | Iterable[Any]":
@@ -150,7 +154,7 @@ def evaluate(model: nn.Module, loader: Any, progress: bool = False, desc: str = 
     c5 = int((p.topk == p.labels.unsqueeze(-1)).any(-1).sum()) if n else 0
     nll = float(p.nll.double().mean()) if p.nll is not None and n else None
     return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "nll": nll, "n": n,
-            "seconds": p.seconds, "predictions": p}
+            "seconds": p.seconds, "predictions": p, "nonfinite": p.nonfinite}
 
 
 # ---------------------------------------------------------------------------------- paired test

@@ -96,8 +96,10 @@ def evaluate_features(model: nn.Module, data: Iterable[Any], bank_data: Iterable
     n = len(labels)
     top1 = 100.0 * float((topk[:, 0] == labels).double().mean())
     top5 = 100.0 * float((topk == labels.unsqueeze(1)).any(1).double().mean())
+    bad = int((~torch.isfinite(feats)).any(1).sum())  # embeddings holding NaN / inf: their neighbours mean nothing
     res: dict[str, Any] = {"top1": top1, "top5": top5, "nll": None, "n": n, "seconds": time.perf_counter() - t0,
-                           "predictions": Predictions(topk, labels, time.perf_counter() - t0), "features": feats,
+                           "predictions": Predictions(topk, labels, time.perf_counter() - t0, None, bad),
+                           "nonfinite": bad, "features": feats,
                            "bank_size": len(bank)}
     if reference is not None:
         res.update(agreement(reference["features"], feats))

@@ -81,6 +81,11 @@ def trial(model: nn.Module, recipe: "Recipe | str", bits: "Bits | str", calib: C
     desc = desc or f"eval quantized (seed {seed})"
     res = evaluator(qm, desc) if evaluator is not None else evaluate(qm, eval_data, progress=progress, desc=desc,
                                                                         sharded=sharded)
+    bad = int(res.get("nonfinite") or 0)
+    if bad:  # a top-1 of NaN outputs is whatever argmax makes of them: say so rather than report it as an accuracy
+        log.warning("%d of %d evaluation images gave NaN / inf outputs from the model quantized with %s at %s, so its "
+                    "accuracy here measures nothing: the quantized arithmetic overflows; try wider activations or "
+                    "another recipe", bad, res.get("n", 0), getattr(recipe, "name", recipe), bits)
     t = Trial(seed, qm, res, secs, calib_count(calib), max(rss, peak_rss_mb()), manifest_digest(qm))
     if not keep_model:
         t.model = None  # type: ignore[assignment]
