@@ -129,6 +129,9 @@ def check_export_args(args: argparse.Namespace, fmt: Optional[str], verifies: bo
         raise ConfigError(f"--max-top1-diff {d} is the parity check's limit, and this command checks no file: {how}, "
                           "or drop --max-top1-diff")
     rt = getattr(args, "runtime", None)
+    if rt is not None and fmt == "openvino":
+        raise ConfigError(f"--runtime {rt}: the OpenVINO form runs in OpenVINO (its --verify too): drop --runtime, or "
+                          "export --format onnx to verify in onnxruntime or OpenVINO")
     if rt is not None and not (verifies and fmt == "onnx"):
         raise ConfigError(f"--runtime {rt} is the runtime an ONNX file is verified in, and this command verifies "
                           + ("no ONNX file" if fmt != "onnx" else "nothing") + f": {how}, or drop --runtime")
@@ -137,8 +140,8 @@ def check_export_args(args: argparse.Namespace, fmt: Optional[str], verifies: bo
         raise ConfigError(f"--emulate {em} decides how an export holds sites without an integer form, and this command "
                           "exports nothing: pass --out DIR --export onnx, or drop --emulate")
     wd = getattr(args, "weight_dtype", None)
-    if wd is not None and fmt != "onnx":
-        raise ConfigError(f"--weight-dtype {wd} sets the weight container of an ONNX file, and this command writes "
+    if wd is not None and fmt not in ("onnx", "openvino"):
+        raise ConfigError(f"--weight-dtype {wd} sets the weight container of an ONNX / OpenVINO file, and this command writes "
                           + ("none" if fmt is None else f"a {fmt} export") + ": pass --export onnx (vitq export: --format "
                           "onnx), or drop --weight-dtype")
 
@@ -176,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget of reconstruction caches; larger caches stream from disk")
     q.add_argument("--resume-dir", metavar="DIR",
                    help="save reconstruction state here after every unit; rerun with the same arguments to resume")
-    q.add_argument("--export", choices=["onnx", "vitq"], metavar="FORMAT",
+    q.add_argument("--export", choices=["onnx", "openvino", "vitq"], metavar="FORMAT",
                    help="also write a deployment export into the --out folder (onnx: QDQ graph for onnxruntime, "
-                        "model.onnx; vitq: packed integer weights, packed/), verified against the simulated model "
-                        "on the evaluation images")
+                        "model.onnx; openvino: OpenVINO IR, openvino/model.xml; vitq: packed integer weights, "
+                        "packed/), verified against the simulated model on the evaluation images")
     _add_export_args(q)
 
     e = sub.add_parser("eval", help="evaluate a model (float, or a vitq run folder on its recorded data) on a dataset")
@@ -188,10 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="lower a vitq quantize --out folder to a deployment format (onnx) and verify it; "
                                           "a float MODEL (not a run folder) exports as the float ONNX baseline (--out DIR)")
     _add_model_args(x)
-    x.add_argument("--format", default="onnx", choices=["onnx", "vitq"],
-                   help="onnx: QDQ graph for onnxruntime (default); vitq: packed integer weight codes")
+    x.add_argument("--format", default="onnx", choices=["onnx", "openvino", "vitq"],
+                   help="onnx: QDQ graph for onnxruntime (default); openvino: OpenVINO IR (model.xml + model.bin) "
+                        "on its INT8 kernels (the openvino extra); vitq: packed integer weight codes")
     x.add_argument("--out", help="folder for the exported file and export.json (default: the run folder; "
-                                 "for vitq its packed/ subfolder)")
+                                 "for openvino its openvino/ subfolder, for vitq its packed/ subfolder)")
     x.add_argument("--verify", action="store_true",
                    help="evaluate the export in its runtime beside the simulated model on the run's data (parity check)")
     _add_export_args(x)
@@ -472,6 +476,14 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
     if fmt == "vitq":
         print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['bytes'] / rep['float32_state_bytes']:.3f}x "
               f"the float32 state): {rep['packed_weights']} weights as packed integer codes")
+    elif fmt == "openvino":
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
+        print(f"exported {out / rep['file']} + model.bin ({rep['bytes'] / 1e6:.2f} MB, OpenVINO {rep['openvino']}, "
+              f"{rep['weight_dtype']} weights): sites {counts}; {rep['fake_quantize']} activation quantizers as "
+              f"FakeQuantize ({rep['merged_projections']} fused q / k / v projections, {rep['hoisted']} moved onto the "
+              "op computing their values)")
+        for fb in low["fallbacks"]:
+            print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
     else:
         from .export.onnx import INTEGER_OPS
 
@@ -496,17 +508,17 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
             print(f"  verified on {v['images']} images: {v['format']} top-1 {v['exported_top1']:.2f}% vs simulated "
                   f"{v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f}), predictions agree on {v['agreement']:.2f}%, "
                   f"max |logit diff| {v['max_logit_diff']:.3g} (mean {v['mean_logit_diff']:.3g})")
-        if fmt == "onnx":
-            _print_speed(model, out, runtime, rep)
+        if fmt in ("onnx", "openvino"):
+            _print_speed(model, out, runtime, rep, fmt)
     return rep
 
 
-def _print_speed(model: Any, out: Path, runtime: Optional[str], rep: dict[str, Any]) -> None:
+def _print_speed(model: Any, out: Path, runtime: Optional[str], rep: dict[str, Any], fmt: str = "onnx") -> None:
     """--verify's timing: the file against the float ONNX of the same model, same runtime, this host."""
     from .export.deploy import time_against_float
     from .export.onnx import cpu_flags
 
-    sp = time_against_float(model, out, runtime)
+    sp = time_against_float(model, out, runtime, fmt=fmt)
     rep["speed"] = sp
     flags = cpu_flags() or set()
     isa = next((f for f in ("amx_int8", "avx512_vnni", "avx_vnni", "avx2") if f in flags), "no x86 SIMD flags read")
@@ -535,13 +547,13 @@ def _export_float(args: argparse.Namespace) -> int:
     from .recipes import load_recipe
     from .run.inputs import load, task_of
 
-    if args.format != "onnx":
+    if args.format not in ("onnx", "openvino"):
         raise ConfigError(f"{args.model} is a float model (not a vitq quantize --out folder): the {args.format} format "
-                          "stores quantized weights; export it with --format onnx (the float baseline), or quantize it "
-                          "first (vitq quantize MODEL ... --out DIR)")
+                          "stores quantized weights; export it with --format onnx or openvino (the float baseline), or "
+                          "quantize it first (vitq quantize MODEL ... --out DIR)")
     if not args.out:
-        raise ConfigError(f"{args.model} is a float model: pass --out DIR for its ONNX file (a run folder's export goes "
-                          "into the run folder)")
+        raise ConfigError(f"{args.model} is a float model: pass --out DIR for its {args.format} file (a run folder's "
+                          "export goes into the run folder)")
     spec = _spec(args)
     if args.verify:
         o = _open(spec)
@@ -551,24 +563,24 @@ def _export_float(args: argparse.Namespace) -> int:
                         random_weights=spec.random_weights, num_classes=spec.num_classes, device=spec.device)
         loader, embeddings = None, False
     out = Path(args.out)
-    rep = export_float(model, out)
+    rep = export_float(model, out, fmt=args.format)
     print(f"exported the float model {args.model} to {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, no quantized "
           "site: the baseline for a quantized file)")
     if loader is not None:
         fp = quantize(copy.deepcopy(model), load_recipe("fp"), "W8A8", calib_data=None)
-        v = verify(fp, out, loader, "onnx", max_top1_diff=_limit(args), progress=not args.no_progress,
-                   embeddings=embeddings)
+        v = verify(fp, out, loader, args.format, max_top1_diff=_limit(args), progress=not args.no_progress,
+                   embeddings=embeddings, runtime=getattr(args, "runtime", None))
         rep["verify"] = v
         what = (f"embedding cosine {v['embedding_cosine_min']:.6f} smallest" if embeddings else
                 f"top-1 {v['exported_top1']:.2f}% vs PyTorch {v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f})")
-        print(f"  verified on {v['images']} images: onnx {what}")
+        print(f"  verified on {v['images']} images: {v['format']} {what}")
     write_json(args.json, rep)
     return 0
 
 
 def _subdir(fmt: str) -> str:
     """Where a format goes inside a run folder (the packed format would replace the run's own files)."""
-    return "packed" if fmt == "vitq" else ""
+    return {"vitq": "packed", "openvino": "openvino"}.get(fmt, "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -696,11 +708,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     spec = _spec(args)  # every value checked, the recipe built and edited: before anything is loaded
     check_export_args(args, spec.export, spec.export is not None)
-    if spec.export == "onnx":
+    if spec.export in ("onnx", "openvino"):
         from .export.onnx import require
 
         for pkg in ("onnx", "onnxruntime", "onnxscript"):
             require(pkg)  # a missing package is one line now, not after calibration
+        if spec.export == "openvino":
+            from .export.openvino import require_openvino
+
+            require_openvino("--export openvino")
     if spec.option("run_dir"):
         check_resume(spec, str(spec.option("run_dir")))
     notice = default_notice(spec)

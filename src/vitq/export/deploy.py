@@ -37,6 +37,9 @@ DEFAULT_MAX_TOP1_DIFF = 0.1
 DEFAULT_EMULATE = "exact"
 #: an encoder's parity: the smallest image-by-image cosine of the file's embeddings against the simulated ones
 DEFAULT_MIN_COSINE = 0.999
+#: formats a runtime executes (a graph of integer kernels and QDQ / FakeQuantize sites), as opposed to vitq's packed
+#: weights
+RUNTIME_FORMATS = ("onnx", "openvino")
 
 
 class ExportError(VitqError):
@@ -51,6 +54,8 @@ class Backend:
     #: builds a callable model from the written file, for the parity check
     load: Callable[[Path], Any]
     description: str
+    #: other files the written one reads (sealed in export.json beside it)
+    companions: tuple[str, ...] = ()
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -97,6 +102,26 @@ def _onnx_load(out: Path) -> Any:
     return OnnxModel(out / "model.onnx")
 
 
+def _openvino_write(model: nn.Module, out: Path, example: Tensor, lowering: list[Any], source: Any,
+                    weight_dtype: Optional[str] = None) -> dict[str, Any]:
+    from .onnx import check_weight_dtype
+    from .openvino import to_openvino
+
+    # OpenVINO runs a MatMul on its INT8 kernels when the weights are int8 codes with a zero point of 0 (symmetric:
+    # vitq's default at 8 bits); uint8 containers hold the same codes shifted by 128, which it runs in float
+    wd = check_weight_dtype(weight_dtype or "auto")
+    wd, why = ("int8", "auto: OpenVINO's INT8 MatMul reads int8 weight codes") if wd == "auto" else (wd, "asked for")
+    stats = to_openvino(model, out, example, lowering, wd)
+    stats["weight_dtype_why"] = why
+    return stats
+
+
+def _openvino_load(out: Path) -> Any:
+    from .openvino import OpenVinoModel
+
+    return OpenVinoModel(out / "model.xml")
+
+
 register_backend(Backend("onnx", "model.onnx", _onnx_write, _onnx_load,
                          "ONNX QDQ graph (opset 21) for onnxruntime: 8-bit weight codes (uint8, or int8 for VNNI / ARM "
                          "targets), QuantizeLinear / DequantizeLinear activations, integer kernels after onnxruntime's "
@@ -122,6 +147,10 @@ def _packed_load(out: Path) -> Any:
     return load_quantized(out)
 
 
+register_backend(Backend("openvino", "model.xml", _openvino_write, _openvino_load,
+                         "OpenVINO IR (model.xml + model.bin): the ONNX graph's activation quantizers as FakeQuantize "
+                         "nodes, int8 weight codes; OpenVINO's INT8 kernels", companions=("model.bin",)))
+
 register_backend(Backend("vitq", "model.safetensors", _packed_write, _packed_load,
                          "packed safetensors: weight codes at their bit-width, loadable without the float weights"))
 
@@ -139,17 +168,21 @@ def example_input(model: nn.Module, batch: int = 2) -> Tensor:
     return torch.randn(batch, *data_config(model).input_size)
 
 
-def export_float(model: nn.Module, out_dir: "str | Path", example: Optional[Tensor] = None) -> dict[str, Any]:
-    """The float model as an ONNX file with the conventions of a quantized export (vitq's wrapped graph: the input
-    ``pixel_values``, the same attention order, ``export.json`` with its sha256), so a user compares a quantized
-    file with its float model like with like. ``model`` is not changed (a wrapped copy is exported)."""
+def export_float(model: nn.Module, out_dir: "str | Path", example: Optional[Tensor] = None,
+                 fmt: str = "onnx") -> dict[str, Any]:
+    """The float model as an ONNX file (``fmt="openvino"``: OpenVINO IR) with the conventions of a quantized export
+    (vitq's wrapped graph: the input ``pixel_values``, the same attention order, ``export.json`` with its sha256), so
+    a user compares a quantized file with its float model like with like. ``model`` is not changed (a wrapped copy is
+    exported)."""
     import copy
 
     from ..pipeline import quantize
     from ..recipes import load_recipe
 
     fp = quantize(copy.deepcopy(model).cpu(), load_recipe("fp"), "W8A8", calib_data=None)
-    return export(fp, out_dir, "onnx", example=example, _float=True)
+    if fmt not in RUNTIME_FORMATS:
+        raise ConfigError(f"a float model exports as {' or '.join(RUNTIME_FORMATS)}, not {fmt}")
+    return export(fp, out_dir, fmt, example=example, _float=True)
 
 
 def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: Optional[Tensor] = None,
@@ -176,7 +209,7 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
     if model_device(model).type != "cpu":  # the files are device-neutral: trace a CPU copy
         model = copy.deepcopy(model).cpu()
     lowering = plan(model, emulate)
-    if fmt == "onnx" and not _float:
+    if fmt in RUNTIME_FORMATS and not _float:
         check_lowerable(lowering, fmt)
     t0 = time.perf_counter()
     st = state_of(model)
@@ -186,6 +219,7 @@ def export(model: nn.Module, out_dir: "str | Path", fmt: str = "onnx", example: 
     from .integrity import file_sha256
 
     report = {"format": fmt, "file": backend.file, "sha256": file_sha256(out / backend.file),
+              **({"companions": {c: file_sha256(out / c) for c in backend.companions}} if backend.companions else {}),
               "emulate": emulate, "seconds": round(time.perf_counter() - t0, 2),
               "recipe": None if st is None or st.recipe is None else st.recipe.name,
               "bits": None if st is None or st.bits is None else str(st.bits),
@@ -246,6 +280,11 @@ def load_runtime(out: Path, fmt: str, runtime: Optional[str] = None) -> Any:
     """The written file as a callable model in ``runtime`` (None: the format's own: onnxruntime for onnx, PyTorch for
     the packed format; ``openvino``: an ONNX file compiled by OpenVINO)."""
     backend = get_backend(fmt)
+    if fmt == "openvino":
+        if runtime not in (None, "openvino"):
+            raise ConfigError(f"the OpenVINO form runs in OpenVINO, not {runtime}: drop --runtime, or export "
+                              "--format onnx for onnxruntime")
+        return backend.load(out)
     if runtime in (None, "onnxruntime") or fmt != "onnx":
         if runtime not in (None, "onnxruntime"):
             raise ConfigError(f"--runtime {runtime} runs ONNX files: use it with --format onnx")
@@ -268,11 +307,16 @@ def float_copy(model: nn.Module) -> nn.Module:
     return fp
 
 
+#: the runtime that executes each runtime format when --runtime is not given
+_RUNTIME_OF = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
 def time_against_float(model: nn.Module, out: Path, runtime: Optional[str] = None, batch: int = 1,
-                       seconds: float = 3.0) -> dict[str, Any]:
-    """The exported file's images / s against the float ONNX of the same model (:func:`float_copy`, exported with the
-    same conventions to a temporary folder), both in ``runtime`` on this host, timed in alternating rounds (so a
-    busy neighbour slows both alike): medians of ``seconds`` each at ``batch``."""
+                       seconds: float = 3.0, fmt: str = "onnx") -> dict[str, Any]:
+    """The exported file (format ``fmt``)'s images / s against the float ONNX of the same model (:func:`float_copy`,
+    exported with the same conventions to a temporary folder), both in ``runtime`` (the format's own when None) on
+    this host, timed in alternating rounds (so a busy neighbour slows both alike): medians of ``seconds`` each at
+    ``batch``."""
     import numpy as np
 
     from ..models import data_config
@@ -280,7 +324,8 @@ def time_against_float(model: nn.Module, out: Path, runtime: Optional[str] = Non
     x = torch.randn(batch, *data_config(model).input_size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         export(float_copy(model), tmp, "onnx", _float=True)
-        q, f = load_runtime(out, "onnx", runtime), load_runtime(Path(tmp), "onnx", runtime)
+        runtime = runtime or _RUNTIME_OF.get(fmt, "onnxruntime")
+        q, f = load_runtime(out, fmt, runtime if fmt == "onnx" else None), load_runtime(Path(tmp), "onnx", runtime)
         times: dict[str, list[float]] = {"q": [], "f": []}
         for m in (q, f):
             m(x)  # warm-up
@@ -291,7 +336,7 @@ def time_against_float(model: nn.Module, out: Path, runtime: Optional[str] = Non
                 m(x)
                 times[k].append(time.perf_counter() - t0)
     ips = {k: batch / float(np.median(v)) for k, v in times.items()}
-    res = {"runtime": runtime or "onnxruntime", "batch": batch, "quantized_ips": round(ips["q"], 2),
+    res = {"runtime": runtime, "batch": batch, "quantized_ips": round(ips["q"], 2),
            "float_ips": round(ips["f"], 2), "speedup": round(ips["q"] / ips["f"], 3),
            "threads": torch.get_num_threads()}
     _write_verify(out, res, key="speed")
@@ -310,7 +355,7 @@ def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onn
         raise ConfigError(f"--max-top1-diff {max_top1_diff} must be >= 0 (points of top-1)")
     out = Path(out_dir)
     rt_model = load_runtime(out, fmt, runtime)
-    fmt_label = fmt if runtime in (None, "onnxruntime") else f"{fmt} in {runtime}"
+    fmt_label = fmt if runtime in (None, "onnxruntime") or fmt == runtime else f"{fmt} in {runtime}"
     if embeddings:
         return verify_embeddings(model, rt_model, out, loader, fmt_label)
     sim = evaluate(model, loader, progress=progress, desc="eval simulated")
@@ -318,7 +363,7 @@ def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onn
     cmp = compare_paired(sim["predictions"], exp["predictions"])
     ls, le = _logits(model, loader, logit_images), _logits(rt_model, loader, logit_images)
     d = (ls - le).abs()
-    res = {"format": fmt_label, "runtime": runtime or ("onnxruntime" if fmt == "onnx" else "torch"), "images": sim["n"], "simulated_top1": round(sim["top1"], 2), "exported_top1": round(exp["top1"], 2),
+    res = {"format": fmt_label, "runtime": runtime or _RUNTIME_OF.get(fmt, "torch"), "images": sim["n"], "simulated_top1": round(sim["top1"], 2), "exported_top1": round(exp["top1"], 2),
            "top1_diff": round(exp["top1"] - sim["top1"], 2), "agreement": round(cmp.agree, 2),
            "p_value": cmp.p_value, "max_logit_diff": float(d.max()), "mean_logit_diff": float(d.mean()),
            "logit_images": int(ls.shape[0]), "max_top1_diff": max_top1_diff,
@@ -357,5 +402,5 @@ def _int8_hint(out: Path) -> str:
     return "" if exact is not False else f"its int8 weights are not exact on this CPU ({why}): re-export with --weight-dtype uint8; "
 
 
-__all__ = ["BACKENDS", "Backend", "DEFAULT_EMULATE", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "export_float", "float_copy", "get_backend", "load_runtime", "register_backend",
+__all__ = ["BACKENDS", "Backend", "RUNTIME_FORMATS", "DEFAULT_EMULATE", "DEFAULT_MAX_TOP1_DIFF", "DEFAULT_MIN_COSINE", "ExportError", "verify_embeddings", "export", "export_float", "float_copy", "get_backend", "load_runtime", "register_backend",
            "time_against_float", "verify"]

@@ -142,9 +142,10 @@ class LogitsOnly(nn.Module):
 
 
 def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: list[SiteLowering],
-            weight_dtype: str = DEFAULT_WEIGHT_DTYPE) -> dict[str, Any]:
+            weight_dtype: str = DEFAULT_WEIGHT_DTYPE, centered: bool = False) -> dict[str, Any]:
     """Export ``model`` (calibrated, eval mode) to ``path`` with its weight codes in ``weight_dtype``
-    containers; returns what was written (weights as codes, sizes)."""
+    containers; returns what was written (weights as codes, sizes). ``centered`` (int8 only): weights of at most 7
+    bits are stored as ``code - zero_point`` with a zero point of 0 (:func:`centered_codes`)."""
     weight_dtype = resolve_weight_dtype(weight_dtype)[0]
     onnx = require("onnx")
     require("onnxscript")
@@ -167,7 +168,7 @@ def to_onnx(model: nn.Module, path: "str | Path", example: Tensor, lowering: lis
         assert prog is not None  # dynamo=True returns the program
         prog.save(str(path))
     proto = onnx.load(str(path))
-    stats = _weights_to_codes(proto, values, weight_dtype)
+    stats = _weights_to_codes(proto, values, weight_dtype, nibbles=not centered, centered=centered)
     for n in proto.graph.node:
         del n.metadata_props[:]
     del proto.graph.value_info[:]
@@ -211,8 +212,22 @@ def nibble_codes(codes: np.ndarray, zero_point: np.ndarray, weight_dtype: str) -
     return c, z
 
 
+def centered_codes(codes: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> Optional[np.ndarray]:
+    """``code - zero_point`` as int8 with a zero point of 0 - the same dequantized weights, symmetric in form - when
+    it fits int8 (codes of at most 7 bits: a 4-bit asymmetric code minus its zero point lies in [-15, 15]); None
+    otherwise. OpenVINO runs a MatMul on its INT8 kernels only for weights without a zero point: asymmetric 4-bit
+    weights, stored as 4-bit codes and zero points, run in bf16 / f32 there (bench/results/openvino_fq.md)."""
+    if qmax - qmin > 127:
+        return None
+    d = codes.astype(np.int64) - zero_point.astype(np.int64)
+    if d.size and (d.min() < -128 or d.max() > 127):
+        return None
+    return d.astype(np.int8)
+
+
 def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]],
-                      weight_dtype: str = DEFAULT_WEIGHT_DTYPE, nibbles: bool = True) -> dict[str, Any]:
+                      weight_dtype: str = DEFAULT_WEIGHT_DTYPE, nibbles: bool = True,
+                      centered: bool = False) -> dict[str, Any]:
     """Replace every weight constant of ``proto`` by its codes and a DequantizeLinear (in place). ``nibbles``:
     codes that span at most 16 values (weights of 4 bits or fewer) are stored as INT4 / UINT4 and widened by a
     ``Cast`` to the 8-bit container, which onnxruntime and OpenVINO fold at load time: the file holds 4 bits per
@@ -229,7 +244,7 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
     new_nodes: list[Any] = []
     replaced: set[str] = set()
     done: dict[str, str] = {}
-    nibble_count = 0
+    nibble_count = n_centered = 0
     for node in proto.graph.node:
         for k, name in enumerate(node.input):
             if name not in inits:
@@ -248,7 +263,13 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
             zp = np.round(lw.zero_point.cpu().numpy()).astype(np.int64)
             if transposed:
                 codes = codes.T
-            codes, zp = container_codes(codes, zp, lw.qmin, lw.qmax, weight_dtype)
+            cen = centered_codes(codes, zp.reshape((1, -1) if transposed else (-1,) + (1,) * (codes.ndim - 1))
+                                 if lw.per_channel else zp.reshape(-1)[:1], lw.qmin, lw.qmax) if centered else None
+            if cen is not None:
+                codes, zp = cen, np.zeros_like(zp, dtype=np.int8)
+                n_centered += 1
+            else:
+                codes, zp = container_codes(codes, zp, lw.qmin, lw.qmax, weight_dtype)
             q = f"{name}_quantized"
             nib = nibble_codes(codes, zp, weight_dtype) if nibbles and lw.qmax - lw.qmin < 16 else None
             codes_name = q
@@ -283,7 +304,8 @@ def _weights_to_codes(proto: Any, weights: list[tuple[LoweredWeight, np.ndarray]
     if missing:
         raise ModelError(f"{len(missing)} quantized weight(s) were not found in the exported graph ({missing[0]}, ...): "
                          "the exporter folded them into other constants; report this model")
-    return {"weights_as_codes": len(replaced), "weight_dtype": weight_dtype, "weights_in_4_bits": nibble_count}
+    return {"weights_as_codes": len(replaced), "weight_dtype": weight_dtype, "weights_in_4_bits": nibble_count,
+            **({"weights_centered": n_centered} if centered else {})}
 
 
 #: onnxruntime session settings an exported file needs to compute what the simulated model computes. Its
@@ -339,6 +361,12 @@ def check_digest(path: Path) -> None:
     if want is not None and file_sha256(path) != want:
         raise ModelError(f"{path} does not match the sha256 recorded in {rep.name} (changed or damaged): export the "
                          "model again")
+    # files the main one reads (the OpenVINO form's weights, model.bin): sealed alike
+    for name, sha in (rec.get("companions") or {}).items() if want is not None else ():
+        other = path.parent / name
+        if not other.is_file() or file_sha256(other) != sha:
+            raise ModelError(f"{other} is " + ("missing" if not other.is_file() else "changed or damaged") +
+                             f" (its sha256 is recorded in {rep.name}): export the model again")
 
 
 class OnnxModel:
@@ -358,5 +386,5 @@ class OnnxModel:
 
 
 __all__ = ["DEFAULT_WEIGHT_DTYPE", "INPUT_NAME", "INTEGER_OPS", "OPSET", "OUTPUT_NAME", "WEIGHT_DTYPES", "LogitsOnly",
-           "OnnxModel", "SESSION_CONFIG", "check_digest", "check_weight_dtype", "resolve_weight_dtype", "SAFE_INT8_WEIGHT_BITS", "container_codes", "cpu_flags", "runtime_ops", "session", "to_onnx",
+           "OnnxModel", "SESSION_CONFIG", "check_digest", "check_weight_dtype", "resolve_weight_dtype", "SAFE_INT8_WEIGHT_BITS", "centered_codes", "container_codes", "cpu_flags", "runtime_ops", "session", "to_onnx",
            "u8s8_exact"]

@@ -22,7 +22,7 @@ from ..recipes import DEFAULT_RECIPE, Recipe, edit_recipe, parse_assignments
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 TARGETS = ("onnx", "none")
 TASKS = ("auto", "classify", "features")
-EXPORTS = ("onnx", "vitq")
+EXPORTS = ("onnx", "openvino", "vitq")
 #: pass options the CLI also takes as flags (``--iters N`` is ``--set iters=N``)
 FLAG_OPTIONS = {"iters": "--iters", "max_cache_gb": "--max-cache-gb", "run_dir": "--resume-dir"}
 
@@ -166,8 +166,9 @@ class RunSpec:
 
     @property
     def effective_target(self) -> Optional[str]:
-        """``target``, or ``onnx`` when the run exports to onnx and no target is named (``None``: none)."""
-        t = self.target or ("onnx" if self.export == "onnx" else None)
+        """``target``, or ``onnx`` when the run exports to onnx or OpenVINO (which reads the same graph) and no target
+        is named (``None``: none)."""
+        t = self.target or ("onnx" if self.export in ("onnx", "openvino") else None)
         return None if t == "none" else t
 
     @property
