@@ -18,6 +18,8 @@ resident memory of the process that ran it, for
 * ``ort dynamic W8``    - onnxruntime's ``quantize_dynamic`` (what its docs recommend for transformers);
 * ``ov fp32`` / ``ov nncf int8`` / ``ov vitq ...`` - OpenVINO (when installed: ``pip install 'vitq[openvino]'``)
                           reading the float ONNX file, NNCF's own INT8 of it, and vitq's ONNX files;
+* ``ov vitq ... ir``    - vitq's OpenVINO form (``vitq export --format openvino``: OpenVINO IR, the activation
+                          quantizers as FakeQuantize where OpenVINO fuses them);
 * ``torch pt2e int8``   - PyTorch's own integer path: PT2E with the X86 Inductor quantizer, torch.compile
                           (torchao), where it runs on this host.
 
@@ -68,6 +70,8 @@ VITQ = (("best", "W8A8", None, "auto"), ("best", "W4A8", None, "auto"), ("best",
         ("best-asym8", "W8A8", None, "auto"))
 #: vitq files OpenVINO also reads (its ONNX frontend: QuantizeLinear / DequantizeLinear -> FakeQuantize)
 OV_VITQ = ("vitq best W8A8", "vitq best W4A8", "vitq best-asym8 W8A8")
+#: vitq models also exported in the OpenVINO form (``--format openvino``: OpenVINO IR, rows ``ov ... ir``)
+OV_IR = ("vitq best W8A8", "vitq best W4A8")
 KEY = ("model", "runtime", "batch")
 
 
@@ -195,10 +199,14 @@ def prepare(name: str, threads: int) -> tuple[list[dict[str, Any]], dict[str, An
         if tag in OV_VITQ and has_openvino():
             runs.append({"runtime": f"ov {tag}", "kind": "ov", "file": str(folder / "model.onnx"),
                          "fallbacks": len(rep["lowering"]["fallbacks"]), "weight_dtype": rep["weight_dtype"]})
+        if tag in OV_IR and has_openvino():
+            ir = export(q, folder.with_name(folder.name + "_ir"), "openvino")
+            runs.append({"runtime": f"ov {tag} ir", "kind": "ov", "file": str(folder.with_name(folder.name + "_ir") / "model.xml"),
+                         "fallbacks": len(ir["lowering"]["fallbacks"]), "weight_dtype": ir["weight_dtype"]})
         if data is not None:  # one simulated evaluation per quantized model, whatever its file's weight container
             if key not in sim_of:
                 sim_of[key] = round(evaluate(q, data.eval_loader)["top1"], 2)
-            sims[tag] = sims[f"ov {tag}"] = sim_of[key]
+            sims[tag] = sims[f"ov {tag}"] = sims[f"ov {tag} ir"] = sim_of[key]
     runs.append({"runtime": "torch pt2e int8", "kind": "pt2e", "model": name})
     acc: dict[str, Any] = {}
     if data is not None:
@@ -309,7 +317,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "weights per channel, activations quantized at run time); `ov fp32` = OpenVINO reading the float ONNX file "
              "(on a CPU with AMX / AVX512-BF16 OpenVINO runs it in bf16 by default: see the note column in the JSON); "
              "`ov nncf int8` = NNCF's `nncf.quantize` (ModelType.TRANSFORMER) on the same images; `ov vitq ...` = "
-             "OpenVINO reading vitq's ONNX file. `vitq best WxA8` = the default recipe, exported as `vitq export` "
+             "OpenVINO reading vitq's ONNX file; `ov vitq ... ir` = vitq's OpenVINO form (`vitq export --format "
+             "openvino`: IR with the quantizers where OpenVINO fuses them, weights as int8 codes without zero points, "
+             "so a W4A8 IR is as large as a W8A8 one). `vitq best WxA8` = the default recipe, exported as `vitq export` "
              "does by default (`--weight-dtype auto`: int8 containers here when exact, see `weight_dtype`); `u8w` = "
              "the same with uint8 weight containers; `best-asym8` = best until 2026-12-07 "
              "(bench/recipes/best-asym8.yaml: asymmetric 8-bit weights and q / k; today's best has them symmetric, the "

@@ -96,8 +96,8 @@ PAGES: dict[str, tuple[str, str]] = {
     "openvino_attention.md": ("OpenVINO and vitq's attention: best, symmetric weights, symmetric q / k beside NNCF's "
                               "INT8 (speed, attention subgraph precision, layer times; W8A8 accuracy of the recipes)",
                               "bench/studies/openvino_attention.py"),
-    "openvino_fq.md": ("OpenVINO: vitq's activation quantizers rewritten as FakeQuantize nodes (NNCF's form) beside the "
-                       "QDQ file and NNCF's INT8, DeiT-S W8A8 (a prototype export form)", "bench/studies/openvino_fq.py"),
+    "openvino_fq.md": ("OpenVINO: vitq's OpenVINO form (--format openvino) step by step against NNCF's INT8, DeiT-S "
+                       "W8A8 / W4A8", "bench/studies/openvino_fq.py"),
     "openvino_profile.md": ("where OpenVINO spends its time on vitq's ONNX files and on NNCF's INT8 model, by layer "
                             "kind (DeiT-S, batch 1)", "bench/studies/openvino_profile.py"),
     "best_a8.md": ("the default recipe at 8-bit activations: uniform 8-bit post-Softmax and symmetric q / k / 8-bit "

@@ -5,6 +5,7 @@
     qmodel = vitq.quantize(model, recipe="repq", bits="W4A4", calib_data=images)   # in memory, in place
     vitq.evaluate(qmodel, (images, labels))                                         # top-1, top-5, log-loss
     vitq.export(qmodel, "out/", format="onnx")                                      # model.onnx for onnxruntime
+    vitq.export(qmodel, "ov/", format="openvino")                                   # model.xml for OpenVINO
 
     result = vitq.run(model="fmnist-vit", recipe="repq", bits="W4A4")              # what `vitq quantize` runs
 """

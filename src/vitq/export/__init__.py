@@ -122,7 +122,8 @@ def export(model: nn.Module, path: "str | Path", format: str = "onnx", *, weight
            progress: bool = False, embeddings: bool = False) -> dict[str, Any]:
     """``vitq.export(qmodel, "out/", format="onnx")``: write a quantized model for a runtime, as ``vitq export``
     does, and return its report (also in ``out/export.json``). ``format``: ``onnx`` (a QDQ graph for onnxruntime,
-    ``model.onnx``) or ``vitq`` (packed integer weight codes). ``weight_dtype`` (onnx): ``auto`` (default: int8 where
+    ``model.onnx``), ``openvino`` (OpenVINO IR, ``model.xml`` + ``model.bin``, on OpenVINO's INT8 kernels) or ``vitq``
+    (packed integer weight codes). ``weight_dtype`` (onnx): ``auto`` (default: int8 where
     this CPU runs it exactly - VNNI, AMX, ARM -, else uint8), ``uint8`` (exact on every CPU) or ``int8``. ``verify_data``: evaluation batches (any form ``vitq.evaluate`` takes):
     the file is run in its runtime beside the simulated model and refused when their top-1 differ by more than
     ``max_top1_diff`` points (``embeddings=True``, an encoder: when an image's embedding cosine against the simulated
