@@ -279,6 +279,8 @@ def _cli_checks(tmp: str) -> None:
     rec = json.loads((tmp_path / "r.json").read_text())
     assert rec["export"]["format"] == "openvino" and abs(rec["export"]["verify"]["top1_diff"]) <= 1.0
     assert (run / "openvino" / "model.xml").is_file() and not (run / "model.onnx").exists()
+    speed = json.loads((run / "openvino" / "export.json").read_text())["speed"]  # timed against the float file, in OV
+    assert speed["runtime"] == "openvino" and speed["float_precision"] in ("f32", "bf16") and speed["float_ips"] > 0
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["export", str(run), "--format", "openvino", "--out", str(tmp_path / "again"), "--no-progress"]) == 0
         assert main(["export", "fmnist-vit", "--format", "openvino", "--out", str(tmp_path / "fp"), "--verify",

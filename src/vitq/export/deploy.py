@@ -338,7 +338,9 @@ def time_against_float(model: nn.Module, out: Path, runtime: Optional[str] = Non
     ips = {k: batch / float(np.median(v)) for k, v in times.items()}
     res = {"runtime": runtime, "batch": batch, "quantized_ips": round(ips["q"], 2),
            "float_ips": round(ips["f"], 2), "speedup": round(ips["q"] / ips["f"], 3),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(),
+           # OpenVINO computes a float model in bf16 on CPUs with AMX / AVX512-BF16: the float baseline is a bf16 one
+           **({"float_precision": f.precision} if getattr(f, "precision", None) else {})}
     _write_verify(out, res, key="speed")
     return res
 

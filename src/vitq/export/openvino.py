@@ -90,7 +90,8 @@ class OpenVinoModel:
         core = ov.Core()
         config = {} if threads is None else {"INFERENCE_NUM_THREADS": int(threads)}
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        #: what OpenVINO computes float ops in here: "f32", or "bf16" on CPUs with AMX / AVX512-BF16
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
     def __call__(self, x: Tensor) -> Tensor:
         out = self.compiled(x.detach().cpu().float().numpy())[0]
