@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +94,11 @@ def test_flags_that_only_make_sense_with_others(tmp_path: Path, capsys) -> None:
           r"--runtime openvino .* verifies no ONNX file")
     _fast(["export", "fmnist-vit", "--out", str(tmp_path / "f"), "--runtime", "openvino"], capsys,
           r"--runtime openvino .* verifies nothing: pass --verify")
+    # the OpenVINO form runs in OpenVINO only: --runtime cannot choose another
+    _fast(["quantize", "fmnist-vit", "--out", str(tmp_path / "o4"), "--export", "openvino", "--runtime", "onnxruntime"],
+          capsys, r"--runtime onnxruntime: the OpenVINO form runs in OpenVINO .*drop --runtime")
+    _fast(["export", "fmnist-vit", "--format", "openvino", "--out", str(tmp_path / "f"), "--verify", "--runtime",
+           "openvino"], capsys, r"--runtime openvino: the OpenVINO form runs in OpenVINO")
     _fast(["export", "fmnist-vit", "--out", str(tmp_path / "f"), "--max-top1-diff", "1"], capsys,
           r"checks no file: pass --verify")
     _fast(["quantize", "fmnist-vit", "--emulate", "uniform8"], capsys, r"--emulate uniform8 .* this command exports nothing")
@@ -189,3 +195,10 @@ def test_the_compare_api_refuses_a_width_given_twice() -> None:
     x = torch.randn(4, 3, 16, 16)
     with pytest.raises(ConfigError, match="bit-width given twice in W8A8, W8A8"):
         compare(tiny_vit(), [(x, torch.zeros(4, dtype=torch.long))], {0: x}, ["minmax"], ["W8A8", "W8A8"])
+
+
+def test_export_openvino_without_openvino_is_one_line_before_loading(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--export openvino where the openvino package is missing: one line naming the extra, before calibration."""
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    _fast(["quantize", "fmnist-vit", "--out", str(tmp_path / "o"), "--export", "openvino"], capsys,
+          r"--export openvino needs the openvino package: install the OpenVINO extra: pip install 'vitq\[openvino\]'")
