@@ -271,7 +271,7 @@ def verify_embeddings(model: nn.Module, runtime: Any, out: Path, loader: Any, fm
     res["ok"] = worst >= min_cosine
     if not res["ok"]:
         raise ExportError(f"the {fmt} export's embeddings differ from the simulated ones: cosine down to "
-                          f"{worst:.5f} (limit {min_cosine}): {_int8_hint(out)}see the fallback "
+                          f"{worst:.5f} (limit {min_cosine}): {_int8_hint(out)}{_bf16_hint(runtime)}see the fallback "
                           "sites in export.json")
     return res
 
@@ -373,7 +373,7 @@ def verify(model: nn.Module, out_dir: "str | Path", loader: Any, fmt: str = "onn
     _write_verify(out, res)
     res["ok"] = abs(res["top1_diff"]) <= max_top1_diff
     if not res["ok"]:
-        raise ExportError(parity_failure(res, fmt_label, max_top1_diff, _int8_hint(out)))
+        raise ExportError(parity_failure(res, fmt_label, max_top1_diff, _int8_hint(out) + _bf16_hint(rt_model)))
     return res
 
 
@@ -388,6 +388,15 @@ def parity_failure(res: dict[str, Any], fmt_label: str, limit: float, hint: str 
     return (f"the {fmt_label} export's top-1 {res['exported_top1']:.2f}% differs from the simulated "
             f"{res['simulated_top1']:.2f}% by {res['top1_diff']:+.2f} points (limit {limit}): {small}{hint}see the "
             "fallback sites in export.json, or raise the limit with --max-top1-diff")
+
+
+def _bf16_hint(runtime: Any) -> str:
+    """The likely cause when OpenVINO's file fails its parity check on a CPU with AMX / AVX512-BF16: OpenVINO computes
+    the float operations (LayerNorm, softmax, GELU, the float sites) in bf16 there by default."""
+    if getattr(runtime, "precision", None) != "bf16":
+        return ""
+    return ("OpenVINO computed its float operations in bf16 here (its default on CPUs with AMX / AVX512-BF16): compile "
+            "the file with {'INFERENCE_PRECISION_HINT': 'f32'} for f32; ")
 
 
 def _int8_hint(out: Path) -> str:
