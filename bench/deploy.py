@@ -40,6 +40,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -161,8 +162,9 @@ def has_openvino() -> bool:
     return True
 
 
-def prepare(name: str, threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Write every file of ``name`` and return the runtimes to time, and the accuracy rows' inputs."""
+def prepare(name: str, threads: int, only: Optional[str] = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Write every file of ``name`` and return the runtimes to time, and the accuracy rows' inputs (``only``: a regular
+    expression; the runtimes whose name it does not match are neither evaluated nor timed)."""
     torch.set_num_threads(threads)
     d = CACHE / name
     d.mkdir(parents=True, exist_ok=True)
@@ -208,6 +210,8 @@ def prepare(name: str, threads: int) -> tuple[list[dict[str, Any]], dict[str, An
                 sim_of[key] = round(evaluate(q, data.eval_loader)["top1"], 2)
             sims[tag] = sims[f"ov {tag}"] = sims[f"ov {tag} ir"] = sim_of[key]
     runs.append({"runtime": "torch pt2e int8", "kind": "pt2e", "model": name})
+    if only:
+        runs = [r for r in runs if re.search(only, r["runtime"])]
     acc: dict[str, Any] = {}
     if data is not None:
         acc["fp32"] = round(evaluate(model, data.eval_loader)["top1"], 2)
@@ -362,6 +366,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per runtime and batch")
     ap.add_argument("--out", type=Path, default=OUT, help="result file (one host per file: its meta names the CPU)")
     ap.add_argument("--note", help="a line for the report (e.g. what else ran on the host)")
+    ap.add_argument("--only", metavar="REGEX", help="evaluate and time only the runtimes whose name matches (the other "
+                                                      "rows of the result file stay as they were: say so in --note)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # child process: one JSON run description
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -379,7 +385,7 @@ def main() -> None:
             "threads": args.threads,
             **({"note": args.note} if args.note else {})}
     for name in args.models.split(","):
-        runs, acc = prepare(name, args.threads)
+        runs, acc = prepare(name, args.threads, args.only)
         for order, run in enumerate(runs):
             for b in (int(v) for v in args.batches.split(",")):
                 row = {"model": name, "runtime": run["runtime"], "batch": b, "order": order,
