@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 from .defaults import DEFAULT_MODEL, DEFAULT_RECIPE
 from .errors import VitqError
+from .export.deploy import RUNTIME_FORMATS
 from .run.outputs import folder_lock, write_json, write_text
 
 log = logging.getLogger("vitq")
@@ -140,7 +141,7 @@ def check_export_args(args: argparse.Namespace, fmt: Optional[str], verifies: bo
         raise ConfigError(f"--emulate {em} decides how an export holds sites without an integer form, and this command "
                           "exports nothing: pass --out DIR --export onnx, or drop --emulate")
     wd = getattr(args, "weight_dtype", None)
-    if wd is not None and fmt not in ("onnx", "openvino"):
+    if wd is not None and fmt not in RUNTIME_FORMATS:
         raise ConfigError(f"--weight-dtype {wd} sets the weight container of an ONNX / OpenVINO file, and this command writes "
                           + ("none" if fmt is None else f"a {fmt} export") + ": pass --export onnx (vitq export: --format "
                           "onnx), or drop --weight-dtype")
@@ -476,23 +477,21 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
     if fmt == "vitq":
         print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {rep['bytes'] / rep['float32_state_bytes']:.3f}x "
               f"the float32 state): {rep['packed_weights']} weights as packed integer codes")
-    elif fmt == "openvino":
-        counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
-        print(f"exported {out / rep['file']} + model.bin ({rep['bytes'] / 1e6:.2f} MB, OpenVINO {rep['openvino']}, "
-              f"{rep['weight_dtype']} weights): sites {counts}; {rep['fake_quantize']} activation quantizers as "
-              f"FakeQuantize ({rep['merged_projections']} fused q / k / v projections, {rep['hoisted']} moved onto the "
-              "op computing their values)")
-        for fb in low["fallbacks"]:
-            print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
     else:
-        from .export.onnx import INTEGER_OPS
-
         counts = ", ".join(f"{n} {k}" for k, n in sorted(low["counts"].items()))
-        kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in INTEGER_OPS}
-        wd = rep["weight_dtype"] + (f" weights, {rep['weight_dtype_why'].split(',')[0]}"
-                                    if rep.get("weight_dtype_why", "").startswith("auto") else " weights")
-        print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {wd}): sites {counts}; "
-              f"integer kernels after onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
+        if fmt == "openvino":
+            print(f"exported {out / rep['file']} + model.bin ({rep['bytes'] / 1e6:.2f} MB, OpenVINO {rep['openvino']}, "
+                  f"{rep['weight_dtype']} weights): sites {counts}; {rep['fake_quantize']} activation quantizers as "
+                  f"FakeQuantize ({rep['merged_projections']} fused q / k / v projections, {rep['hoisted']} moved onto "
+                  "the op computing their values)")
+        else:
+            from .export.onnx import INTEGER_OPS
+
+            kernels = {k: v for k, v in rep.get("runtime_ops", {}).items() if k in INTEGER_OPS}
+            wd = rep["weight_dtype"] + (f" weights, {rep['weight_dtype_why'].split(',')[0]}"
+                                        if rep.get("weight_dtype_why", "").startswith("auto") else " weights")
+            print(f"exported {out / rep['file']} ({rep['bytes'] / 1e6:.2f} MB, {wd}): sites {counts}; integer kernels "
+                  f"after onnxruntime's fusions: {', '.join(f'{v} {k}' for k, v in kernels.items()) or 'none'}")
         for fb in low["fallbacks"]:
             print(f"  fallback {fb['site']} ({fb['role']}): {fb['note']}")
     runtime = getattr(args, "runtime", None)
@@ -508,7 +507,7 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
             print(f"  verified on {v['images']} images: {v['format']} top-1 {v['exported_top1']:.2f}% vs simulated "
                   f"{v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f}), predictions agree on {v['agreement']:.2f}%, "
                   f"max |logit diff| {v['max_logit_diff']:.3g} (mean {v['mean_logit_diff']:.3g})")
-        if fmt in ("onnx", "openvino"):
+        if fmt in RUNTIME_FORMATS:
             _print_speed(model, out, runtime, rep, fmt)
     return rep
 
@@ -553,7 +552,7 @@ def _export_float(args: argparse.Namespace) -> int:
     from .recipes import load_recipe
     from .run.inputs import load, task_of
 
-    if args.format not in ("onnx", "openvino"):
+    if args.format not in RUNTIME_FORMATS:
         raise ConfigError(f"{args.model} is a float model (not a vitq quantize --out folder): the {args.format} format "
                           "stores quantized weights; export it with --format onnx or openvino (the float baseline), or "
                           "quantize it first (vitq quantize MODEL ... --out DIR)")
@@ -714,7 +713,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     spec = _spec(args)  # every value checked, the recipe built and edited: before anything is loaded
     check_export_args(args, spec.export, spec.export is not None)
-    if spec.export in ("onnx", "openvino"):
+    if spec.export in RUNTIME_FORMATS:
         from .export.onnx import require
 
         for pkg in ("onnx", "onnxruntime", "onnxscript"):
