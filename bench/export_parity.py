@@ -18,6 +18,11 @@ Each row: simulated top-1, each export's top-1, the difference, the share of ide
 Targets (the deployment issue): |onnx - simulated| <= 0.1 points; at W4A8 on the outlier twins, the
 exported top-1 within 1 point of FP.
 
+An encoder (no classification head: the DINOv2-style model) is judged as ``vitq eval`` judges it: k-NN
+top-1 (k 20, cosine; each model's own embeddings of 10 000 train images as the bank) in place of top-1,
+and each export's embeddings against the simulated ones image by image (cosine mean and 5th
+percentile: what ``vitq export --verify`` checks for an encoder).
+
     python -m bench.export_parity                   # about 1.5 h on 2 cores
     python -m bench.export_parity --models fmnist-vit --recipes repq --bits W8A8
 """
@@ -32,11 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import vitq
-from bench.common import FashionData, fp_top1, machine_meta, save_rows, scaled_recipe, setup, write_md
+from bench.common import FashionData, machine_meta, save_rows, scaled_recipe, setup, write_md
+from vitq.data import calibration_subset, make_loader
+from vitq.defaults import DEFAULT_KNN_BANK
 from vitq.evaluate import compare_paired, evaluate
 from vitq.export.deploy import BACKENDS, export
+from vitq.features import agreement, evaluate_features
 from vitq.recipes import for_target
 from vitq.reference import list_reference_models, load_reference
+from vitq.run.compare import cache_batches
+from vitq.run.inputs import task_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +56,30 @@ RECIPES = ("repq", "dopq-calib", "qdrop")
 BITS = ("W8A8", "W4A8")
 EXPORTS = (("onnx", "onnx", "exact"), ("onnx uniform8", "onnx", "uniform8"), ("vitq", "vitq", "exact"))
 KEY = ("model", "recipe", "bits")
+
+
+class Judge:
+    """How one reference model is scored: top-1 of its head, or (an encoder) k-NN top-1 with its own embeddings of
+    10 000 train images as the bank; ``vs`` adds, for an encoder, the embeddings' agreement with a reference
+    result (``emb_cosine_mean`` / ``emb_cosine_p5`` / ``emb_sqnr_db``)."""
+
+    def __init__(self, model: Any, data: FashionData) -> None:
+        self.data = data
+        self.encoder = task_of(model) == "features"
+        self.bank = cache_batches(make_loader(calibration_subset(data.train, DEFAULT_KNN_BANK, 0), batch_size=256)) \
+            if self.encoder else None
+
+    def __call__(self, model: Any, reference: "dict[str, Any] | None" = None) -> dict[str, Any]:
+        if self.bank is not None:
+            return evaluate_features(model, self.data.eval_loader, self.bank, reference=reference)
+        return evaluate(model, self.data.eval_loader)
+
+    def versus(self, sim: dict[str, Any], res: dict[str, Any], key: str) -> dict[str, Any]:
+        """An export's embeddings against the simulated model's (encoders only)."""
+        if not self.encoder:
+            return {}
+        a = agreement(sim["features"], res["features"])
+        return {f"{key}_cos_mean": a["emb_cosine_mean"], f"{key}_cos_p5": a["emb_cosine_p5"]}
 
 
 def quantize(name: str, recipe: str, bits: str, data: FashionData, iters: int,
@@ -64,36 +98,40 @@ def quantize(name: str, recipe: str, bits: str, data: FashionData, iters: int,
     return q, source, time.perf_counter() - t0, changed
 
 
-def onnx_row(q: Any, source: Any, sim: dict[str, Any], data: FashionData, key: str) -> dict[str, Any]:
+def onnx_row(q: Any, source: Any, sim: dict[str, Any], judge: Judge, key: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         rep = export(q, tmp, "onnx", source=source)
-        res = evaluate(BACKENDS["onnx"].load(Path(tmp)), data.eval_loader)
+        res = judge(BACKENDS["onnx"].load(Path(tmp)))
     return {f"{key}_top1": round(res["top1"], 2), f"{key}_diff": round(res["top1"] - sim["top1"], 2),
             f"{key}_agree": round(compare_paired(sim["predictions"], res["predictions"]).agree, 2),
-            f"{key}_fallbacks": len(rep["lowering"]["fallbacks"])}
+            f"{key}_fallbacks": len(rep["lowering"]["fallbacks"]), **judge.versus(sim, res, key)}
 
 
-def row(name: str, recipe: str, bits: str, data: FashionData, iters: int, fp: float) -> dict[str, Any]:
+def row(name: str, recipe: str, bits: str, data: FashionData, iters: int, fp: dict[str, Any],
+        judge: Judge) -> dict[str, Any]:
     q, source, secs, _ = quantize(name, recipe, bits, data, iters)
-    sim = evaluate(q, data.eval_loader)
-    out: dict[str, Any] = {"model": name, "recipe": recipe, "bits": bits, "fp_top1": fp,
+    sim = judge(q, fp)
+    out: dict[str, Any] = {"model": name, "recipe": recipe, "bits": bits, "fp_top1": round(fp["top1"], 2),
                            "sim_top1": round(sim["top1"], 2),
                            "quantize_seconds": round(secs, 1), "iters": iters if recipe == "qdrop" else None}
+    if judge.encoder:  # the simulated model's embeddings against the float model's
+        out.update(task="features", sim_cos_mean=sim["emb_cosine_mean"], sim_cos_p5=sim["emb_cosine_p5"])
     tq, tsource, _, changed = quantize(name, recipe, bits, data, iters, "onnx") if for_target(
         vitq.load_recipe(recipe), bits, "onnx")[1] else (q, source, secs, False)
-    tsim = evaluate(tq, data.eval_loader) if changed else sim
+    tsim = judge(tq, fp) if changed else sim
     out["target_changed"] = changed
     out["target_sim_top1"] = round(tsim["top1"], 2)
-    out.update(onnx_row(tq, tsource, tsim, data, "target_onnx"))
+    out.update(onnx_row(tq, tsource, tsim, judge, "target_onnx"))
     for label, fmt, emulate in EXPORTS:
         with tempfile.TemporaryDirectory() as tmp:
             rep = export(q, tmp, fmt, emulate=emulate, source=source)
-            res = evaluate(BACKENDS[fmt].load(Path(tmp)), data.eval_loader)
+            res = judge(BACKENDS[fmt].load(Path(tmp)))
             cmp = compare_paired(sim["predictions"], res["predictions"])
         key = label.replace(" ", "_")
         out[f"{key}_top1"] = round(res["top1"], 2)
         out[f"{key}_diff"] = round(res["top1"] - sim["top1"], 2)
         out[f"{key}_agree"] = round(cmp.agree, 2)
+        out.update(judge.versus(sim, res, key))
         if fmt == "onnx":
             out[f"{key}_fallbacks"] = len(rep["lowering"]["fallbacks"])
         else:
@@ -101,29 +139,8 @@ def row(name: str, recipe: str, bits: str, data: FashionData, iters: int, fp: fl
     return out
 
 
-def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    ok = [r for r in rows if abs(r["onnx_diff"]) <= 0.1]
-    ok_t = [r for r in rows if abs(r["target_onnx_diff"]) <= 0.1]
-    twins = [r for r in rows if r["bits"] == "W4A8" and "outlier" in r["model"]]
-    near = [r for r in twins if r["fp_top1"] - r["target_onnx_top1"] <= 1.0]
-    lines = ["# Export parity: simulated top-1 against the exported files in their runtimes", "",
-             "Generated by `bench/export_parity.py`: each quantized model evaluated simulated (PyTorch fake-quant)",
-             "and as exported - ONNX in onnxruntime (exact emulation of sites without an integer form; and with",
-             "`--emulate uniform8`: post-Softmax on an 8-bit uniform grid), and the packed `vitq` format reloaded",
-             "in PyTorch - on the 10 000 Fashion-MNIST test images. Reconstruction rows (`qdrop`) run the README's",
-             "shortcut (`--iters` per unit, learning rates x10). `agree`: identical predictions, %.",
-             "",
-             f"Machine: {meta.get('machine')} ({meta.get('cpu_capability')}), onnxruntime {meta.get('onnxruntime')}.",
-             "",
-             f"**ONNX within 0.1 points of the simulated top-1 on {len(ok)} of {len(rows)} rows** (recipe as it is) and "
-             f"on {len(ok_t)} of {len(rows)} quantized for onnx (`@onnx`); at W4A8 on the outlier twins the `@onnx` export "
-             f"is within 1 point of FP on {len(near)} of {len(twins)}; the packed format is exact on "
-             f"{sum(r['vitq_diff'] == 0 and r['vitq_agree'] == 100 for r in rows)} of {len(rows)}.",
-             "",
-             "`@onnx` = `--target onnx` (what `vitq quantize --export onnx` does); `=` where the recipe needs no change "
-             "(its post-Softmax already uniform 8-bit, or A < 8). `fb`: sites without an integer form (emulated).",
-             "",
-             "| model | recipe | bits | FP | simulated | onnx | Δ | agree | fb | onnx uniform8 | Δ | vitq (packed) | Δ "
+def _head_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | recipe | bits | FP | simulated | onnx | Δ | agree | fb | onnx uniform8 | Δ | vitq (packed) | Δ "
              "| size / fp32 | @onnx simulated | @onnx onnx | Δ | agree | fb |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -133,7 +150,69 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"{r['onnx_uniform8_top1']:.2f} | {r['onnx_uniform8_diff']:+.2f} | {r['vitq_top1']:.2f} | "
                      f"{r['vitq_diff']:+.2f} | {r['vitq_size_ratio']:.3f} | {tsim} | {r['target_onnx_top1']:.2f} | "
                      f"{r['target_onnx_diff']:+.2f} | {r['target_onnx_agree']:.2f} | {r['target_onnx_fallbacks']} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _encoder_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | recipe | bits | FP k-NN | simulated k-NN | sim cos vs FP (mean / p5) | onnx k-NN | Δ | agree "
+             "| onnx cos vs sim (mean / p5) | fb | onnx uniform8 k-NN | Δ | cos (mean / p5) | vitq (packed) k-NN | Δ "
+             "| cos (mean / p5) | size / fp32 | @onnx simulated | @onnx onnx | Δ | cos (mean / p5) | fb |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+             "|---:|"]
+    for r in rows:
+        tsim = f"{r['target_sim_top1']:.2f}" if r["target_changed"] else "="
+
+        def cos(k: str, r: dict[str, Any] = r) -> str:
+            return f"{r[k + '_cos_mean']:.5f} / {r[k + '_cos_p5']:.5f}"
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['fp_top1']:.2f} | {r['sim_top1']:.2f} | "
+                     f"{cos('sim')} | {r['onnx_top1']:.2f} | {r['onnx_diff']:+.2f} | {r['onnx_agree']:.2f} | "
+                     f"{cos('onnx')} | {r['onnx_fallbacks']} | {r['onnx_uniform8_top1']:.2f} | "
+                     f"{r['onnx_uniform8_diff']:+.2f} | {cos('onnx_uniform8')} | {r['vitq_top1']:.2f} | "
+                     f"{r['vitq_diff']:+.2f} | {cos('vitq')} | {r['vitq_size_ratio']:.3f} | {tsim} | "
+                     f"{r['target_onnx_top1']:.2f} | {r['target_onnx_diff']:+.2f} | {cos('target_onnx')} | "
+                     f"{r['target_onnx_fallbacks']} |")
+    return lines
+
+
+def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    heads = [r for r in rows if r.get("task", "classify") != "features"]
+    encoders = [r for r in rows if r.get("task") == "features"]
+    lines = ["# Export parity: simulated top-1 against the exported files in their runtimes", "",
+             "Generated by `bench/export_parity.py`: each quantized model evaluated simulated (PyTorch fake-quant)",
+             "and as exported - ONNX in onnxruntime (exact emulation of sites without an integer form; and with",
+             "`--emulate uniform8`: post-Softmax on an 8-bit uniform grid), and the packed `vitq` format reloaded",
+             "in PyTorch - on the 10 000 Fashion-MNIST test images. Reconstruction rows (`qdrop`) run the README's",
+             "shortcut (`--iters` per unit, learning rates x10). `agree`: identical predictions, %.",
+             "",
+             f"Machine: {meta.get('machine')} ({meta.get('cpu_capability')}), onnxruntime {meta.get('onnxruntime')}.",
+             ""]
+    if heads:
+        ok = [r for r in heads if abs(r["onnx_diff"]) <= 0.1]
+        ok_t = [r for r in heads if abs(r["target_onnx_diff"]) <= 0.1]
+        twins = [r for r in heads if r["bits"] == "W4A8" and "outlier" in r["model"]]
+        near = [r for r in twins if r["fp_top1"] - r["target_onnx_top1"] <= 1.0]
+        lines += [f"**ONNX within 0.1 points of the simulated top-1 on {len(ok)} of {len(heads)} rows** (recipe as it is) "
+                  f"and on {len(ok_t)} of {len(heads)} quantized for onnx (`@onnx`); at W4A8 on the outlier twins the "
+                  f"`@onnx` export is within 1 point of FP on {len(near)} of {len(twins)}; the packed format is exact on "
+                  f"{sum(r['vitq_diff'] == 0 and r['vitq_agree'] == 100 for r in heads)} of {len(heads)}.",
+                  "",
+                  "`@onnx` = `--target onnx` (what `vitq quantize --export onnx` does); `=` where the recipe needs no "
+                  "change (its post-Softmax already uniform 8-bit, or A < 8). `fb`: sites without an integer form "
+                  "(emulated).",
+                  "", *_head_table(heads), ""]
+    if encoders:
+        ok = [r for r in encoders if abs(r["onnx_diff"]) <= 0.1]
+        worst = min(r["onnx_cos_p5"] for r in encoders)
+        lines += ["## Encoders (no head)", "",
+                  "k-NN top-1 (k 20, cosine, the DINO protocol; each model's own embeddings of 10 000 train images as "
+                  "the bank) in place of top-1; `agree`: identical k-NN predictions, %. `cos vs sim`: each export's "
+                  "embeddings against the simulated model's, image by image (mean / 5th percentile), what `vitq export "
+                  "--verify` checks for an encoder; `sim cos vs FP`: the simulated model against the float one.",
+                  "",
+                  f"**ONNX k-NN within 0.1 points of the simulated on {len(ok)} of {len(encoders)} rows**; the ONNX "
+                  f"embeddings' 5th-percentile cosine against the simulated ones is at least {worst:.5f}.",
+                  "", *_encoder_table(encoders), ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -154,10 +233,11 @@ def main() -> None:
     for name in args.models.split(","):
         model = load_reference(name)
         data = FashionData(model)
-        fp = fp_top1(model, data)
+        judge = Judge(model, data)
+        fp = judge(model)
         for recipe in args.recipes.split(","):
             for bits in args.bits.split(","):
-                r = row(name, recipe, bits, data, args.iters, fp)
+                r = row(name, recipe, bits, data, args.iters, fp, judge)
                 print(json.dumps(r), flush=True)
                 save_rows(out, [r], meta, key=KEY)
     d = json.loads(out.read_text())
