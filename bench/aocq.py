@@ -9,7 +9,8 @@
     python -m bench.aocq table --eval-size 10000 --name aocq_eval10k  # a separate table (rows keyed without eval size)
 
 Every row is one ``run_recipe`` on a fresh copy of a reference model, top-1 on the first
-``--eval-size`` Fashion-MNIST test images; calibration images are a seeded sample of the train
+``--eval-size`` Fashion-MNIST test images (an encoder, the DINOv2-style model: k-NN top-1, k 20, with its
+own embeddings of 10 000 train images as the bank, and the embeddings' cosine against the float model's); calibration images are a seeded sample of the train
 split, as many as the recipe's ``calib_size``. ``minmax`` and ``ptq4vit`` run as shipped
 (LayerNorm, Softmax and residual additions in float, like the seed's starred rows); ``fqvit`` and
 ``aocq`` are fully quantized. ``aocq`` runs with CPU-sized settings (``--iters`` AdaRound iterations
@@ -30,10 +31,9 @@ from typing import Any, Optional
 
 import torch
 
-from bench.common import RESULTS, ROOT, FashionData, write_md
+from bench.common import RESULTS, ROOT, FashionData, Judge, write_md
 from bench.common import save_rows as shared_save_rows  # noqa: E402
 from vitq.bits import Bits  # noqa: E402
-from vitq.evaluate import evaluate  # noqa: E402
 from vitq.pipeline import Context, run_recipe  # noqa: E402
 from vitq.recipes import PassConfig, Recipe, load_recipe  # noqa: E402
 from vitq.reference import list_reference_models, load_reference, weights_path  # noqa: E402
@@ -116,33 +116,38 @@ def done(part: str, model: str, recipe: str, bits: str, variant: str) -> bool:
     return any([r.get(k) for k in KEY] == want for r in load_rows())
 
 
-def run_one(part: str, name: str, model: torch.nn.Module, data: Data, recipe: Recipe, rname: str, bits: str,
-            variant: str, fp: float, settings: dict[str, Any]) -> dict[str, Any]:
+def run_one(part: str, name: str, model: torch.nn.Module, data: FashionData, recipe: Recipe, rname: str, bits: str,
+            variant: str, fp: dict[str, Any], settings: dict[str, Any], judge: Judge) -> dict[str, Any]:
     q = copy.deepcopy(model)
     n_cal = recipe.calib_size
     t0 = time.perf_counter()
     run_recipe(q, recipe, Context(calib=data.calib(n_cal), bits=Bits.parse(bits), seed=data.seed, batch_size=64))
     secs = time.perf_counter() - t0
-    res = evaluate(q, data.eval_loader)
+    res = judge(q, fp)
+    fp_top1 = round(fp["top1"], 2)
     row: dict[str, Any] = {
         "part": part, "model": name, "recipe": rname, "bits": bits, "variant": variant,
-        "fp_top1": fp, "q_top1": round(res["top1"], 2), "delta": round(res["top1"] - fp, 2),
+        "fp_top1": fp_top1, "q_top1": round(res["top1"], 2), "delta": round(res["top1"] - fp_top1, 2),
         "eval_size": res["n"], "calib_size": n_cal, "seconds": round(secs, 1),
         "size_mb": round(model_size_mb(model, Bits.parse(bits).w), 4), "fp_size_mb": round(model_size_mb(model, 32), 4),
         "full_quant": recipe.full_quant,
     }
+    if judge.encoder:
+        row.update(task="features", emb_cosine_mean=res["emb_cosine_mean"], emb_cosine_p5=res["emb_cosine_p5"])
     if rname == "aocq":
         row["settings"] = settings
-        s1 = state_of(q).act_scales
+        st = state_of(q)
+        assert st is not None  # run_recipe left its state on the model
+        s1 = st.act_scales
         if s1:
             units = [u for u in s1["units"] if u["sites"] > 0 and u["losses"][0] > 0]
             row["stage1_loss_ratio"] = round(sum(u["losses"][-1] / u["losses"][0] for u in units) / max(len(units), 1), 4)
             row["stage1_seconds"] = s1["seconds"]
-        rec = state_of(q).reconstruction
+        rec = st.reconstruction
         if rec:
             row["stage2_seconds"] = rec[-1]["seconds"]
     log.info("%s", row)
-    print(f"{part:<8} {name:<22} {rname:<8} {variant:<14} {bits}: FP {fp:6.2f}  Q {row['q_top1']:6.2f}  "
+    print(f"{part:<8} {name:<22} {rname:<8} {variant:<14} {bits}: FP {fp_top1:6.2f}  Q {row['q_top1']:6.2f}  "
           f"δ {row['delta']:+6.2f}  {secs:6.1f}s", flush=True)
     return row
 
@@ -156,7 +161,8 @@ def bench(part: str, models: list[str], recipes: list[str], variants: list[str],
             continue
         model = load_reference(name)
         data = Data(model, args.eval_size, args.seed)
-        fp: Optional[float] = None
+        judge = Judge(model, data)
+        fp: Optional[dict[str, Any]] = None
         for rname in recipes:
             for variant in (variants if rname == "aocq" else ["-"]):
                 for bits in bits_list:
@@ -169,10 +175,10 @@ def bench(part: str, models: list[str], recipes: list[str], variants: list[str],
                             save_rows([{**same[0], "part": "ablation"}])
                             continue
                     if fp is None:
-                        fp = round(evaluate(model, data.eval_loader)["top1"], 2)
+                        fp = judge(model)
                     recipe = aocq_variant(variant, args.iters, args.search_samples, args.recon_samples) \
                         if rname == "aocq" else load_recipe(rname)
-                    save_rows([run_one(part, name, model, data, recipe, rname, bits, variant, fp, settings)])
+                    save_rows([run_one(part, name, model, data, recipe, rname, bits, variant, fp, settings, judge)])
     render()
 
 
@@ -291,6 +297,10 @@ def render() -> None:
              "multiplications only (LayerNorm, Softmax, residual add in float: the seed's starred rows); `fqvit` and "
              "`aocq` are fully quantized (LayerNorm input, Softmax input, residual-add output at A bits too). "
              "Model size: every parameter at W bits (the seed's convention).", ""]
+    if any(r.get("task") == "features" for r in rows):
+        lines += ["Models marked (k-NN) are encoders without a head: their Top-1 is k-NN top-1 (k 20, cosine, the DINO "
+                  "protocol; each model's own embeddings of 10 000 train images as the bank); the embeddings' cosine "
+                  "against the float model's, image by image, is in the last table.", ""]
     aocq_rows = [r for r in rows if r["recipe"] == "aocq" and r.get("settings")]
     if aocq_rows:
         s = aocq_rows[0]["settings"]
@@ -310,7 +320,8 @@ def render() -> None:
         for model in dict.fromkeys(r["model"] for r in tab):
             mr = [r for r in tab if r["model"] == model]
             fp, fps = mr[0]["fp_top1"], mr[0]["fp_size_mb"]
-            lines.append(f"| {model} | FP | " + "| ".join(f"32/32 | {fps:.3f} | {fp:.2f} | " for _ in widths) + "|")
+            label = f"{model} (k-NN)" if mr[0].get("task") == "features" else model
+            lines.append(f"| {label} | FP | " + "| ".join(f"32/32 | {fps:.3f} | {fp:.2f} | " for _ in widths) + "|")
             for rec in RECIPES:
                 if not any(r["recipe"] == rec for r in mr) and held - {"W8A8", "W4A8"}:
                     continue  # a table of other widths shows the recipes it ran
@@ -338,6 +349,20 @@ def render() -> None:
                     cells.append("–" if r is None else f"{r['seconds']:.0f}")
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
+        enc = [r for r in tab if r.get("task") == "features"]
+        if enc:
+            lines += ["Encoders: the quantized embeddings against the float ones, image by image (cosine mean / 5th "
+                      "percentile):", "", "| model | " + " | ".join(f"{r} {b}" for r in RECIPES for b in widths) + " |",
+                      "|---|" + "---:|" * (len(widths) * len(RECIPES))]
+            for model in dict.fromkeys(r["model"] for r in enc):
+                cells = []
+                for rec in RECIPES:
+                    for bits in widths:
+                        r = next((r for r in enc if r["model"] == model and r["recipe"] == rec and r["bits"] == bits),
+                                 None)
+                        cells.append("–" if r is None else f"{r['emb_cosine_mean']:.4f} / {r['emb_cosine_p5']:.4f}")
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
+            lines.append("")
     abl = [r for r in rows if r["part"] == "ablation"]
     if abl:
         lines += ["## Ablation: each level switched off", "",

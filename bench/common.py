@@ -39,12 +39,16 @@ from vitq.data import (  # noqa: E402
     make_loader,
     stack_images,
 )
+from vitq.defaults import DEFAULT_KNN_BANK  # noqa: E402
 from vitq.evaluate import evaluate, peak_rss_mb, reset_peak_rss  # noqa: E402
+from vitq.features import agreement, evaluate_features  # noqa: E402
 from vitq.models import data_config  # noqa: E402
 from vitq.pipeline import Context, run_passes, run_recipe  # noqa: E402
 from vitq.recipes import list_recipes, load_recipe, override_pass_options  # noqa: E402
 from vitq.reference import load_reference, weights_path  # noqa: E402
 from vitq.run import Trial, make_record, trial  # noqa: E402
+from vitq.run.compare import cache_batches  # noqa: E402
+from vitq.run.inputs import task_of  # noqa: E402
 from vitq.state import state_of  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -112,6 +116,31 @@ class FashionData:
         if self._eval is None:
             self._eval = stack_images(self.eval_set)
         return self._eval
+
+
+class Judge:
+    """How a bench that evaluates outside ``vitq.run`` scores one reference model: top-1 of its head, or (an
+    encoder) k-NN top-1 with the model's own embeddings of 10 000 train images as the bank (``vitq eval``'s
+    protocol); with a ``reference`` result also the embeddings' agreement with it (``emb_cosine_mean`` /
+    ``emb_cosine_p5`` / ``emb_sqnr_db``). ``versus``: an export's embeddings against the simulated model's."""
+
+    def __init__(self, model: Any, data: FashionData) -> None:
+        self.data = data
+        self.encoder = task_of(model) == "features"
+        self.bank = cache_batches(make_loader(calibration_subset(data.train, DEFAULT_KNN_BANK, 0), batch_size=256)) \
+            if self.encoder else None
+
+    def __call__(self, model: Any, reference: "dict[str, Any] | None" = None) -> dict[str, Any]:
+        if self.bank is not None:
+            return evaluate_features(model, self.data.eval_loader, self.bank, reference=reference)
+        return evaluate(model, self.data.eval_loader)
+
+    def versus(self, sim: dict[str, Any], res: dict[str, Any], key: str) -> dict[str, Any]:
+        """An export's embeddings against the simulated model's (encoders only)."""
+        if not self.encoder:
+            return {}
+        a = agreement(sim["features"], res["features"])
+        return {f"{key}_cos_mean": a["emb_cosine_mean"], f"{key}_cos_p5": a["emb_cosine_p5"]}
 
 
 class Data:

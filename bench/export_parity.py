@@ -37,16 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import vitq
-from bench.common import FashionData, machine_meta, save_rows, scaled_recipe, setup, write_md
-from vitq.data import calibration_subset, make_loader
-from vitq.defaults import DEFAULT_KNN_BANK
-from vitq.evaluate import compare_paired, evaluate
+from bench.common import FashionData, Judge, machine_meta, save_rows, scaled_recipe, setup, write_md
+from vitq.evaluate import compare_paired
 from vitq.export.deploy import BACKENDS, export
-from vitq.features import agreement, evaluate_features
 from vitq.recipes import for_target
 from vitq.reference import list_reference_models, load_reference
-from vitq.run.compare import cache_batches
-from vitq.run.inputs import task_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,30 +51,6 @@ RECIPES = ("repq", "dopq-calib", "qdrop")
 BITS = ("W8A8", "W4A8")
 EXPORTS = (("onnx", "onnx", "exact"), ("onnx uniform8", "onnx", "uniform8"), ("vitq", "vitq", "exact"))
 KEY = ("model", "recipe", "bits")
-
-
-class Judge:
-    """How one reference model is scored: top-1 of its head, or (an encoder) k-NN top-1 with its own embeddings of
-    10 000 train images as the bank; ``vs`` adds, for an encoder, the embeddings' agreement with a reference
-    result (``emb_cosine_mean`` / ``emb_cosine_p5`` / ``emb_sqnr_db``)."""
-
-    def __init__(self, model: Any, data: FashionData) -> None:
-        self.data = data
-        self.encoder = task_of(model) == "features"
-        self.bank = cache_batches(make_loader(calibration_subset(data.train, DEFAULT_KNN_BANK, 0), batch_size=256)) \
-            if self.encoder else None
-
-    def __call__(self, model: Any, reference: "dict[str, Any] | None" = None) -> dict[str, Any]:
-        if self.bank is not None:
-            return evaluate_features(model, self.data.eval_loader, self.bank, reference=reference)
-        return evaluate(model, self.data.eval_loader)
-
-    def versus(self, sim: dict[str, Any], res: dict[str, Any], key: str) -> dict[str, Any]:
-        """An export's embeddings against the simulated model's (encoders only)."""
-        if not self.encoder:
-            return {}
-        a = agreement(sim["features"], res["features"])
-        return {f"{key}_cos_mean": a["emb_cosine_mean"], f"{key}_cos_p5": a["emb_cosine_p5"]}
 
 
 def quantize(name: str, recipe: str, bits: str, data: FashionData, iters: int,
