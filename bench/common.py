@@ -127,8 +127,8 @@ class Judge:
     def __init__(self, model: Any, data: FashionData) -> None:
         self.data = data
         self.encoder = task_of(model) == "features"
-        self.bank = cache_batches(make_loader(calibration_subset(data.train, DEFAULT_KNN_BANK, 0), batch_size=256)) \
-            if self.encoder else None
+        self.bank = cache_batches(make_loader(calibration_subset(data.train, min(DEFAULT_KNN_BANK, len(data.train)), 0),
+                                             batch_size=256)) if self.encoder else None
 
     def __call__(self, model: Any, reference: "dict[str, Any] | None" = None) -> dict[str, Any]:
         if self.bank is not None:

@@ -33,10 +33,11 @@ PAGES: dict[str, tuple[str, str]] = {
     "int4_weights.md": ("4-bit weights stored in 4 bits (INT4 + Cast, vitq's file since 2026-12-06) against 8-bit "
                         "containers and a 4-bit DequantizeLinear: size, ops after fusion, speed in onnxruntime and "
                         "OpenVINO; file sizes at DeiT-S scale", "bench/studies/int4_weights.py"),
-    "new_families.md": ("calibration-only recipes on the EVA-02- and SigLIP-style reference models and their outlier "
-                        "twins, W8A8 / W4A4 / W3A3", "bench/baselines.py --name new_families"),
-    "new_families_dinov2.md": ("the same on the DINOv2-style encoder and its twin: k-NN top-1 and the embeddings' "
-                               "agreement with the float model", "bench/baselines.py --name new_families_dinov2"),
+    "new_families.md": ("calibration-only recipes (and dopq at W8A8) on the EVA-02- and SigLIP-style reference models "
+                        "and their outlier twins, W8A8 / W4A4 / W3A3", "bench/baselines.py --name new_families"),
+    "new_families_dinov2.md": ("every recipe (reconstruction at 200 iterations per unit) on the DINOv2-style encoder "
+                               "and its twin, W8A8 / W4A4 / W3A3: k-NN top-1 and the embeddings' agreement with the "
+                               "float model", "bench/baselines.py --name new_families_dinov2"),
     "peers.md": ("vitq's baselines beside the peers' own code (RepQ-ViT, PTQ4ViT, FQ-ViT), 3 seeds, paired tests",
                  "bench/peers.py"),
     "peers_ablation.md": ("the peers' code with one quantizer left out: the causes of the remaining gaps",
@@ -73,8 +74,8 @@ PAGES: dict[str, tuple[str, str]] = {
     "o2sf_layernorm.md": ("O-2SF against per-tensor and PTF on real LayerNorm inputs", "bench/studies/two_scale_ln.py"),
     "aocq.md": ("AOCQ (Add_alpha, LN_alpha, two-stage optimisation) on all six models, 2000 test images",
                 "bench/aocq.py"),
-    "aocq_new_families.md": ("FQ-ViT and AOCQ (fully quantized) at W8A8 / W4A4 / W3A3 on the EVA-02- and SigLIP-style "
-                             "models and their twins, 10 000 test images",
+    "aocq_new_families.md": ("FQ-ViT and AOCQ (fully quantized) at W8A8 / W4A4 / W3A3 on the EVA-02-, SigLIP- and "
+                             "DINOv2-style models (the encoder by k-NN) and their twins, 10 000 test images",
                              "bench/aocq.py table --models fmnist-eva fmnist-siglip ... --bits W8A8 W4A4 W3A3 "
                              "--eval-size 10000 --name aocq_new_families"),
     "aocq_eval10k.md": ("AOCQ on the plain models, all 10 000 test images", "bench/aocq.py table --eval-size 10000 --name aocq_eval10k"),
@@ -104,8 +105,9 @@ PAGES: dict[str, tuple[str, str]] = {
                    "weights (all-integer files OpenVINO runs on its INT8 kernels) against its former forms "
                    "(best-asym8, dopq-calib's TanQ), W8A8 / W4A8, ten reference models",
                    "bench/baselines.py --name best_a8"),
-    "export_parity_new_families.md": ("export parity on the EVA-02- and SigLIP-style reference models and their twins "
-                                      "(onnx, uniform8, packed, @onnx)", "bench/export_parity.py --out"),
+    "export_parity_new_families.md": ("export parity on the EVA-02-, SigLIP- and DINOv2-style reference models and "
+                                      "their twins (onnx, uniform8, packed, @onnx; the encoder by k-NN and embedding "
+                                      "cosine)", "bench/export_parity.py --out"),
     "deploy_avx2.md": ("the same on an AVX2-only host, with int8-weight rows", "bench/deploy.py --out"),
     "peers_before.md": ("vitq repq beside RepQ-ViT's code before repq's post-Softmax zero code", "bench/peers.py"),
     "recon_cost.md": ("reconstruction seconds per 1k iterations per unit kind, and a DeiT-S sized model",

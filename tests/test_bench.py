@@ -284,3 +284,53 @@ def test_baselines_bench_an_encoder_with_the_clis_knn_bank():
     from vitq.defaults import DEFAULT_KNN_BANK, KNN_K
 
     assert isinstance(KNN_BANK, int) and KNN_BANK == DEFAULT_KNN_BANK >= KNN_K
+
+
+def test_bench_judge_scores_an_encoder_by_knn_and_its_exports_by_embedding_cosine():
+    """The benches that evaluate outside vitq.run (export_parity, aocq) score an encoder as `vitq eval` does: k-NN
+    top-1 against its own embeddings of the train split, the embeddings' agreement with a reference; a classifier
+    by its head. export_parity renders encoder rows in their own table."""
+    from types import SimpleNamespace
+
+    import torch
+    from bench.common import Judge
+    from bench.export_parity import render
+    from conftest import tiny_vit
+    from torch.utils.data import TensorDataset
+
+    from vitq.data import make_loader
+    from vitq.features import evaluate_features
+
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(40, 3, 16, 16, generator=g), torch.arange(40) % 4)
+    test = TensorDataset(torch.randn(24, 3, 16, 16, generator=g), torch.arange(24) % 4)
+    data = SimpleNamespace(train=train, eval_loader=make_loader(test, batch_size=8))
+
+    enc = tiny_vit(num_classes=0)
+    judge = Judge(enc, data)
+    assert judge.encoder and sum(len(b[0]) for b in judge.bank) == 40  # the whole (small) train split is the bank
+    fp = judge(enc)
+    want = evaluate_features(enc, data.eval_loader, judge.bank)
+    assert fp["top1"] == want["top1"] and torch.equal(fp["features"], want["features"])
+    noisy = tiny_vit(num_classes=0)
+    with torch.no_grad():
+        noisy.blocks[0].mlp.fc1.weight.add_(0.3 * torch.randn_like(noisy.blocks[0].mlp.fc1.weight))
+    q = judge(noisy, fp)
+    assert q["emb_cosine_mean"] < 0.9999 and q["emb_cosine_p5"] <= q["emb_cosine_mean"]
+    v = judge.versus(fp, q, "onnx")
+    assert set(v) == {"onnx_cos_mean", "onnx_cos_p5"} and v["onnx_cos_mean"] == q["emb_cosine_mean"]
+
+    head = tiny_vit()
+    hj = Judge(head, data)
+    assert not hj.encoder and hj.bank is None and hj.versus(fp, q, "onnx") == {}
+    assert "features" not in hj(head)
+
+    row = {"model": "m", "recipe": "repq", "bits": "W8A8", "task": "features", "fp_top1": 50.0, "sim_top1": 49.0,
+           "sim_cos_mean": 0.99, "sim_cos_p5": 0.98, "target_changed": False, "target_sim_top1": 49.0}
+    for k, d in (("onnx", 0.05), ("onnx_uniform8", 0.3), ("vitq", 0.0), ("target_onnx", 0.05)):
+        row.update({f"{k}_top1": 49.0 + d, f"{k}_diff": d, f"{k}_agree": 99.0, f"{k}_cos_mean": 0.9999,
+                    f"{k}_cos_p5": 0.9995, f"{k}_fallbacks": 0})
+    row["vitq_size_ratio"] = 0.3
+    page = render([row, {**row, "model": "m2", "onnx_diff": 0.2, "onnx_cos_p5": 0.97}], {})
+    assert "## Encoders (no head)" in page and "on 1 of 2 rows" in page and "at least 0.97000" in page
+    assert "| m | repq | W8A8 | 50.00 | 49.00 | 0.99000 / 0.98000 | 49.05 | +0.05 |" in page
