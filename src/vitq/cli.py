@@ -507,9 +507,28 @@ def _export_and_verify(model: Any, out: Path, fmt: str, args: argparse.Namespace
             print(f"  verified on {v['images']} images: {v['format']} top-1 {v['exported_top1']:.2f}% vs simulated "
                   f"{v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f}), predictions agree on {v['agreement']:.2f}%, "
                   f"max |logit diff| {v['max_logit_diff']:.3g} (mean {v['mean_logit_diff']:.3g})")
+        _print_default_precision(v)
         if fmt in RUNTIME_FORMATS:
             _print_speed(model, out, runtime, rep, fmt)
     return rep
+
+
+def _print_default_precision(v: dict[str, Any]) -> None:
+    """--verify where the runtime computes float operations below f32 by default (OpenVINO: bf16 with AMX /
+    AVX512-BF16, f16 on ARM): the check above ran in f32; what the default gives, and a warning outside the limit."""
+    d = v.get("default_precision")
+    if not d:
+        return
+    p = d["precision"]
+    if "embedding_cosine_min" in d:
+        got = (f"embedding cosine {d['embedding_cosine_mean']:.6f} mean, {d['embedding_cosine_min']:.6f} smallest "
+               f"(limit {v['min_cosine']})")
+    else:
+        got = f"top-1 {d['exported_top1']:.2f}% ({d['top1_diff']:+.2f}, limit {v['max_top1_diff']})"
+    print(f"  (the check ran in f32; in OpenVINO's default {p} on this CPU: {got})")
+    if not d["within_limit"]:
+        log.warning("in OpenVINO's default %s on this CPU the file is outside the parity limit (%s): compile it with "
+                    "{'INFERENCE_PRECISION_HINT': 'f32'} for the verified f32 result; see docs/deploy.md", p, got)
 
 
 def _print_speed(model: Any, out: Path, runtime: Optional[str], rep: dict[str, Any], fmt: str = "onnx") -> None:
@@ -579,6 +598,7 @@ def _export_float(args: argparse.Namespace) -> int:
         what = (f"embedding cosine {v['embedding_cosine_min']:.6f} smallest" if embeddings else
                 f"top-1 {v['exported_top1']:.2f}% vs PyTorch {v['simulated_top1']:.2f}% ({v['top1_diff']:+.2f})")
         print(f"  verified on {v['images']} images: {v['format']} {what}")
+        _print_default_precision(v)
     write_json(args.json, rep)
     return 0
 

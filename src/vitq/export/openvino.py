@@ -84,11 +84,13 @@ class OpenVinoModel:
     """An exported file (ONNX, or the OpenVINO form's ``model.xml``) compiled by OpenVINO for the CPU, callable like a
     model on image batches."""
 
-    def __init__(self, path: "str | Path", threads: Optional[int] = None) -> None:
+    def __init__(self, path: "str | Path", threads: Optional[int] = None, precision: Optional[str] = None) -> None:
         ov = require_openvino()
         check_digest(Path(path))
         core = ov.Core()
-        config = {} if threads is None else {"INFERENCE_NUM_THREADS": int(threads)}
+        config: dict[str, Any] = {} if threads is None else {"INFERENCE_NUM_THREADS": int(threads)}
+        if precision is not None:  # "f32": float operations in f32 even where OpenVINO's default is bf16
+            config["INFERENCE_PRECISION_HINT"] = precision
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         #: what OpenVINO computes float ops in here: "f32", or "bf16" on CPUs with AMX / AVX512-BF16
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
