@@ -92,7 +92,7 @@ PAGES: dict[str, tuple[str, str]] = {
     "deploy_epyc_2026-12-05.md": ("speed and accuracy in onnxruntime beside its own quantize_static and PT2E, an "
                                   "AVX-512 VNNI AMD host (the uint8-default era)", "bench/deploy.py"),
     "recon_new_families.md": ("reconstruction recipes (brecq, qdrop, oas, qdrop-repq, oas-repq) on the EVA-02- and "
-                              "SigLIP-style reference models and their twins, W4A4 / W3A3",
+                              "SigLIP-style reference models and their twins, W8A8 / W4A4 / W3A3",
                               "bench/recon.py --name recon_new_families"),
     "openvino_attention.md": ("OpenVINO and vitq's attention: best, symmetric weights, symmetric q / k beside NNCF's "
                               "INT8 (speed, attention subgraph precision, layer times; W8A8 accuracy of the recipes)",
